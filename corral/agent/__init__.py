@@ -1,0 +1,1 @@
+"""The agent: one per instance. Registers, heartbeats, runs job attempts."""

@@ -1,0 +1,67 @@
+"""`corral agent`: the daemon that runs on every instance."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from corral import logsetup
+from corral.agent.daemon import Agent, AgentConfig
+from corral.domain.api import NAME_PATTERN
+
+
+def default_name() -> str:
+    name = re.sub(r"[^a-z0-9._-]", "-", socket.gethostname().lower()).strip("-._")
+    return (name or "agent")[:63]
+
+
+def agent(
+    server: list[str] = typer.Option(..., "--server", envvar="CORRAL_SERVER",
+                                     help="server URL (repeat for failover)"),
+    join_token: Optional[str] = typer.Option(None, "--join-token", envvar="CORRAL_JOIN_TOKEN",
+                                             help="the server's join token (first start only)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="agent state: identity, attempts "
+                                  "(default ~/.corral/agent)"),
+    name: Optional[str] = typer.Option(None, help="instance name (default: host name)"),
+    fleet: Optional[str] = typer.Option(None, help="fleet this instance belongs to"),
+    cpus: Optional[float] = typer.Option(None, help="cpus to offer (default: all)"),
+    memory: Optional[int] = typer.Option(None, help="memory to offer in MB (default: all)"),
+    exit_with_parent: bool = typer.Option(False, hidden=True),
+    log_level: str = typer.Option("info", help="debug, info, warning, error"),
+) -> None:
+    """Run the agent: register with the server, run the job attempts it is given.
+
+    Exit codes: 0 stopped, 2 bad configuration, 3 retired (a supervisor must not
+    restart it; the data dir holds a tombstone).
+    """
+    logsetup.setup(log_level)
+    from corral.client.config import data_dir as base_dir
+
+    name = name or default_name()
+    if not re.match(NAME_PATTERN, name):
+        raise typer.BadParameter(f"--name {name!r}: use lowercase letters, digits, . _ -")
+    config = AgentConfig(
+        servers=[s for url in server for s in url.split(",") if s],
+        data_dir=(data_dir or base_dir() / "agent").expanduser().resolve(),
+        name=name, join_token=join_token, fleet=fleet, exit_with_parent=exit_with_parent,
+    )
+    if cpus is not None:
+        config.cpus = cpus
+    if memory is not None:
+        config.memory_mb = memory
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> int:
+        a = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, a.stop)
+        return await a.run()
+
+    raise typer.Exit(asyncio.run(main()))

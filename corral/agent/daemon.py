@@ -1,0 +1,255 @@
+"""The agent daemon: register, then heartbeat forever.
+
+Each heartbeat carries the observed state up (the attempts this instance runs, with
+their tokens) and brings the desired state down (attempts to start, attempts to kill,
+or `exit`). An agent told to exit writes a tombstone and exits with
+AGENT_EXIT_RETIRED, so no supervisor brings it back. If the server is unreachable the
+agent keeps its jobs running and reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+import corral
+from corral.agent.identity import (
+    Identity,
+    load_identity,
+    read_tombstone,
+    save_identity,
+    write_tombstone,
+)
+from corral.agent.supervisor import Supervisor
+from corral.agent.upstream import AsyncServer, Unreachable
+from corral.domain.api import HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest
+from corral.domain.backoff import Backoff
+from corral.domain.instances import AGENT_EXIT_RETIRED
+
+log = logging.getLogger("corral.agent")
+
+RECONNECT = Backoff(base=0.5, factor=2.0, maximum=10.0, jitter=0.5)
+ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
+
+
+class AgentExit(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class AgentConfig:
+    servers: list[str]
+    data_dir: Path
+    name: str
+    join_token: str | None = None
+    fleet: str | None = None
+    cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
+    memory_mb: int = field(default_factory=lambda: psutil.virtual_memory().total // 2**20)
+    exit_with_parent: bool = False
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.data_dir = config.data_dir
+        self.identity: Identity | None = None
+        self.incarnation: int | None = None
+        self.interval = 2.0
+        self.server: AsyncServer | None = None
+        self.supervisor = Supervisor(self.data_dir, config.servers)
+        self.stopping = asyncio.Event()
+        self._parent = os.getppid()
+
+    # -- registration ----------------------------------------------------------------------
+
+    def _register_body(self) -> dict:
+        ident = self.identity
+        return RegisterRequest(
+            name=ident.name if ident else self.config.name,
+            instance_id=ident.instance_id if ident else None,
+            cpus=self.config.cpus, memory_mb=self.config.memory_mb,
+            host=socket.gethostname(), agent_version=corral.__version__,
+            fleet=self.config.fleet,
+        ).model_dump()
+
+    async def register(self) -> None:
+        """Register (first time, with the join token) or re-register (with the
+        instance's credential) until the server answers."""
+        failures = 0
+        while not self.stopping.is_set():
+            ident = self.identity
+            secret = ident.credential if ident else self.config.join_token
+            if not secret:
+                raise AgentExit(2, "no join token and no identity: pass --join-token")
+            try:
+                resp = await self.server.request(
+                    "POST", "/api/v1/agents/register", json=self._register_body(),
+                    headers={"Authorization": f"Bearer {secret}"}, deadline=time.monotonic() + 30,
+                )
+            except Unreachable as exc:
+                failures += 1
+                delay = RECONNECT.delay(failures, random.random())
+                log.warning("cannot reach a server (%s); retrying in %.1fs", exc, delay)
+                await self._sleep(delay)
+                continue
+            if resp.status_code == 401 and ident is not None:
+                # the database no longer knows this instance: never join as a new one
+                raise AgentExit(AGENT_EXIT_RETIRED, "the server does not know this instance")
+            if resp.status_code >= 400:
+                raise AgentExit(2, f"registration refused: HTTP {resp.status_code} {resp.text}")
+            reply = RegisterReply.model_validate(resp.json())
+            if reply.action == "exit":
+                raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)
+            if ident is None:
+                self.identity = Identity(reply.instance_id, reply.credential, self.config.name)
+                save_identity(self.data_dir, self.identity)
+            self.incarnation = reply.incarnation
+            self.interval = reply.interval
+            self.supervisor.instance_id = reply.instance_id
+            log.info("registered as %s (%s), incarnation %s, state %s", self.identity.name,
+                     reply.instance_id, reply.incarnation, reply.state)
+            return
+
+    # -- the heartbeat loop ------------------------------------------------------------------
+
+    async def heartbeat(self) -> HeartbeatReply | None:
+        body = HeartbeatRequest(
+            instance_id=self.identity.instance_id, incarnation=self.incarnation,
+            attempts=self.supervisor.observed(), wait=self.interval,
+        ).model_dump()
+        resp = await self.server.request(
+            "POST", "/api/v1/agents/heartbeat", json=body, timeout=self.interval + 30,
+            headers={"Authorization": f"Bearer {self.identity.credential}"},
+            deadline=time.monotonic() + self.interval,
+        )
+        if resp.status_code == 401:
+            return None  # credential unknown: re-register decides what that means
+        if resp.status_code >= 400:
+            raise Unreachable(f"heartbeat: HTTP {resp.status_code} {resp.text[:200]}")
+        return HeartbeatReply.model_validate(resp.json())
+
+    async def report_ended(self) -> None:
+        for ended in self.supervisor.reap():
+            if ended.report_lost:
+                try:
+                    resp = await self.server.request(
+                        "POST", f"/api/v1/jobs/{ended.job_id}/attempts/{ended.attempt}/lost",
+                        json={"reason": ended.reason},
+                        headers={ATTEMPT_TOKEN_HEADER: ended.token},
+                        deadline=time.monotonic() + 5,
+                    )
+                except Unreachable:
+                    continue  # keep it; report on the next round
+                log.warning("attempt %s/%s lost (%s): HTTP %s", ended.job_id, ended.attempt,
+                            ended.reason, resp.status_code)
+            self.supervisor.forget(ended.job_id, ended.attempt)
+
+    async def apply(self, reply: HeartbeatReply) -> None:
+        for k in reply.kill:
+            await asyncio.to_thread(self.supervisor.kill, k.job_id, k.attempt, k.reason)
+        for s in reply.start:
+            self.supervisor.start(s)
+
+    async def run(self) -> int:
+        tomb = read_tombstone(self.data_dir)
+        if tomb is not None:
+            log.error("this instance was retired (%s); it will not run again. Remove %s to "
+                      "join as a new instance.", tomb.get("reason"), self.data_dir)
+            return AGENT_EXIT_RETIRED
+        self.identity = load_identity(self.data_dir)
+        self.server = AsyncServer(self.config.servers, timeout=30)
+        self.supervisor.adopt()
+        watchdog = asyncio.get_running_loop().create_task(self._watch_parent())
+        try:
+            await self.register()
+            failures = 0
+            while not self.stopping.is_set():
+                await self.report_ended()
+                started = time.monotonic()
+                try:
+                    reply = await self.heartbeat()
+                except Unreachable as exc:
+                    failures += 1
+                    delay = RECONNECT.delay(failures, random.random())
+                    log.warning("heartbeat failed (%s); jobs keep running; retry in %.1fs",
+                                exc, delay)
+                    await self._sleep(delay)
+                    continue
+                failures = 0
+                if reply is None:
+                    await self.register()
+                    continue
+                if reply.action == "exit":
+                    raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)
+                self.interval = reply.interval
+                await self.apply(reply)
+                if not (reply.start or reply.kill):
+                    # the server holds idle heartbeats; never spin if it did not
+                    await self._sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+            return 0
+        except AgentExit as exc:
+            if exc.code == AGENT_EXIT_RETIRED:
+                log.warning("told to exit: %s; writing tombstone", exc.reason)
+                await asyncio.to_thread(self._kill_all, f"agent exiting: {exc.reason}")
+                write_tombstone(self.data_dir, self.identity.instance_id if self.identity
+                                else None, exc.reason)
+            else:
+                log.error("%s", exc.reason)
+            return exc.code
+        finally:
+            watchdog.cancel()
+            if self.stopping.is_set():
+                await self._shutdown()
+            await self.server.close()
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _watch_parent(self) -> None:
+        if not self.config.exit_with_parent:
+            return
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != self._parent:
+                log.warning("parent process %d is gone; stopping", self._parent)
+                self.stop()
+                return
+
+    def _kill_all(self, reason: str) -> list:
+        tracked = list(self.supervisor.tracked.values())
+        for t in tracked:
+            self.supervisor.kill(t.job_id, t.attempt, reason)
+        return tracked
+
+    async def _shutdown(self) -> None:
+        """A stopping agent kills its runners and tells the server their attempts are
+        lost, so the jobs are requeued at once rather than after the grace period."""
+        tracked = await asyncio.to_thread(self._kill_all, "agent stopped")
+        for t in tracked:
+            try:
+                await self.server.request(
+                    "POST", f"/api/v1/jobs/{t.job_id}/attempts/{t.attempt}/lost",
+                    json={"reason": "agent stopped"}, headers={ATTEMPT_TOKEN_HEADER: t.token},
+                    deadline=time.monotonic() + 2,
+                )
+            except Unreachable:
+                pass

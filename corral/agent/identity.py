@@ -1,0 +1,61 @@
+"""The agent's identity on disk, and the tombstone that keeps a retired agent down."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from corral.domain.instances import TOMBSTONE_FILE
+
+IDENTITY_FILE = "identity.json"
+
+
+@dataclass
+class Identity:
+    instance_id: str
+    credential: str
+    name: str
+
+
+def write_json_atomic(path: Path, data: dict, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_identity(data_dir: Path) -> Identity | None:
+    path = data_dir / IDENTITY_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return Identity(data["instance_id"], data["credential"], data["name"])
+
+
+def save_identity(data_dir: Path, identity: Identity) -> None:
+    write_json_atomic(data_dir / IDENTITY_FILE, asdict(identity))
+
+
+def read_tombstone(data_dir: Path) -> dict | None:
+    path = data_dir / TOMBSTONE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"reason": "unreadable tombstone"}
+
+
+def write_tombstone(data_dir: Path, instance_id: str | None, reason: str) -> None:
+    write_json_atomic(
+        data_dir / TOMBSTONE_FILE,
+        {"instance_id": instance_id, "reason": reason, "at": time.time()},
+        mode=0o644,
+    )

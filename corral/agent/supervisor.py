@@ -1,0 +1,167 @@
+"""Runner supervision: start, watch, kill and reap one runner process per attempt.
+
+Everything needed to find a runner again lives in its attempt directory, so an agent
+that restarts (even after SIGKILL) adopts the runners its previous incarnation
+started instead of losing track of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from corral.agent.identity import write_json_atomic
+from corral.agent.proctree import kill_tree, same_process
+from corral.domain.api import ObservedAttempt, StartOrder
+
+log = logging.getLogger("corral.agent.supervisor")
+
+
+@dataclass
+class Tracked:
+    job_id: int
+    attempt: int
+    token: str
+    dir: Path
+    popen: subprocess.Popen | None = None  # None when adopted from an earlier incarnation
+
+
+@dataclass
+class Ended:
+    """A runner that is gone. `report_lost` when it ended without telling the server."""
+
+    job_id: int
+    attempt: int
+    token: str
+    report_lost: bool
+    reason: str
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Supervisor:
+    def __init__(self, data_dir: Path, servers: list[str], instance_id: str | None = None):
+        self.data_dir = data_dir
+        self.attempts_dir = data_dir / "attempts"
+        self.locks_dir = data_dir / "locks"
+        self.servers = servers
+        self.instance_id = instance_id
+        self.tracked: dict[tuple[int, int], Tracked] = {}
+        self.attempts_dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def dirname(job_id: int, attempt: int) -> str:
+        return f"{job_id}-{attempt}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Take over the runners an earlier incarnation of this agent left running."""
+        for d in sorted(self.attempts_dir.iterdir()):
+            spec = _read_json(d / "spec.json")
+            if spec is None:
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            key = (spec["job_id"], spec["attempt"])
+            self.tracked[key] = Tracked(spec["job_id"], spec["attempt"], spec["token"], d)
+            log.info("adopted attempt %s/%s", *key)
+
+    def start(self, order: StartOrder) -> None:
+        key = (order.job_id, order.attempt)
+        if key in self.tracked:
+            return
+        d = self.attempts_dir / self.dirname(*key)
+        d.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(d / "spec.json", {
+            "job_id": order.job_id, "attempt": order.attempt, "token": order.token,
+            "command": order.command, "env": order.env, "servers": self.servers,
+            "instance_id": self.instance_id,
+            "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
+        })
+        with open(d / "runner.log", "ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "corral.agent.runner", str(d)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            )
+        self.tracked[key] = Tracked(order.job_id, order.attempt, order.token, d, popen)
+        log.info("started runner for attempt %s/%s (pid %d)", *key, popen.pid)
+
+    def observed(self) -> list[ObservedAttempt]:
+        return [ObservedAttempt(job_id=t.job_id, attempt=t.attempt, token=t.token)
+                for t in self.tracked.values()]
+
+    def _runner(self, t: Tracked) -> psutil.Process | None:
+        if t.popen is not None:
+            if t.popen.poll() is not None:
+                return None
+            return same_process(t.popen.pid, None)
+        info = _read_json(t.dir / "runner.pid")
+        if info is None:
+            return None
+        return same_process(info["pid"], info.get("create_time"))
+
+    def _command_pgid(self, t: Tracked) -> int | None:
+        info = _read_json(t.dir / "command.json")
+        return info["pgid"] if info else None
+
+    def reap(self) -> list[Ended]:
+        """Collect runners that are gone; say which ended without reporting."""
+        ended = []
+        for key, t in list(self.tracked.items()):
+            if self._runner(t) is not None:
+                continue
+            done = _read_json(t.dir / "done.json")
+            # the command may outlive a runner that was SIGKILLed: take it down too
+            pgid = self._command_pgid(t)
+            if pgid is not None:
+                kill_tree([], pgid, grace=2.0)
+            if done is None:
+                code = t.popen.returncode if t.popen is not None else None
+                ended.append(Ended(t.job_id, t.attempt, t.token, True,
+                                   f"runner exited unexpectedly (code {code})"))
+            else:
+                ended.append(Ended(t.job_id, t.attempt, t.token, False, done.get("status", "")))
+        return ended
+
+    def forget(self, job_id: int, attempt: int) -> None:
+        t = self.tracked.pop((job_id, attempt), None)
+        if t is not None:
+            shutil.rmtree(t.dir, ignore_errors=True)
+
+    def kill(self, job_id: int, attempt: int, reason: str) -> bool:
+        """Kill the attempt's runner and its command's whole process tree; its result
+        is never reported. Blocking: call it off the event loop."""
+        t = self.tracked.get((job_id, attempt))
+        if t is None:
+            return False
+        write_json_atomic(t.dir / "done.json", {"status": "killed", "reason": reason}, 0o644)
+        runner = self._runner(t)
+        if runner is not None:
+            # the runner takes its command's tree down on SIGTERM; give it the chance
+            try:
+                runner.send_signal(signal.SIGTERM)
+                runner.wait(timeout=8)
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
+        kill_tree([runner] if runner is not None else [], self._command_pgid(t), grace=2.0)
+        if t.popen is not None:
+            try:
+                t.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.forget(job_id, attempt)
+        log.info("killed attempt %s/%s: %s", job_id, attempt, reason)
+        return True

@@ -1,0 +1,1 @@
+"""Instance providers: they create and terminate instances, nothing else."""

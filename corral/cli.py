@@ -1,0 +1,20 @@
+"""The `corral` entry point: user commands plus the daemons (server, agent, up)."""
+
+from __future__ import annotations
+
+from corral.agent.cli import agent
+from corral.client.cli import app
+from corral.server.cli import server
+from corral.up import up
+
+app.command(name="up")(up)
+app.command(name="server")(server)
+app.command(name="agent")(agent)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

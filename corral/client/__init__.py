@@ -1,0 +1,1 @@
+"""The Python SDK (corral.client.sdk.Client) and the `corral` user commands."""

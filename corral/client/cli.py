@@ -1,0 +1,335 @@
+"""The `corral` user commands: jobs, logs, instances, events, servers.
+
+Every command talks to the server's REST API through the SDK; `--json` prints what
+the API returned, for scripts.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from typing import Optional
+
+import typer
+
+from corral.client.render import ago, console, err_console, print_json, styled, table
+from corral.client.sdk import Client, CorralError
+from corral.domain.jobs import FINAL_JOB_STATES
+
+app = typer.Typer(
+    name="corral",
+    help="corral: run batch and ML jobs on a fleet of machines.\n\n"
+    "Start a local cluster with `corral up`, then submit with `corral run -- CMD`. "
+    "Commands find the server through --server / CORRAL_SERVER and authenticate with "
+    "--token / CORRAL_TOKEN (default: the files `corral up` writes in ~/.corral).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+ServerOpt = typer.Option(None, "--server", envvar="CORRAL_SERVER", help="server URL",
+                         show_envvar=True)
+TokenOpt = typer.Option(None, "--token", envvar="CORRAL_TOKEN", help="admin token",
+                        show_envvar=True)
+JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def client(server: str | None, token: str | None) -> Client:
+    return Client(server=server, token=token)
+
+
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+
+
+def parse_memory(text: str) -> int:
+    """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
+    m = _MEM.match(text)
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a size (examples: 512M, 2G)")
+    value, unit = float(m.group(1)), (m.group(2) or "m")[0].lower()
+    factor = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
+    return int(value * factor)
+
+
+def exit_code_of(job) -> int:  # noqa: ANN001
+    if job.job_state == "succeeded":
+        return 0
+    if job.exit_code is not None:
+        return job.exit_code
+    return 1
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+def run(
+    command: list[str] = typer.Argument(..., help="the command and its arguments (after --)"),
+    fleet: Optional[str] = typer.Option(None, help="run only on this fleet's instances"),
+    cpus: float = typer.Option(1.0, help="cpus the job needs"),
+    memory: Optional[str] = typer.Option(None, help="memory the job needs, e.g. 512M, 2G"),
+    max_attempts: int = typer.Option(3, help="attempts before the job fails for good"),
+    name: Optional[str] = typer.Option(None, help="a name to recognise the job by"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE for the job (repeatable)"),
+    detach: bool = typer.Option(False, "--detach", "-d", help="print the job id and return"),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Submit a job. Without --detach, stream its output and exit with its exit code.
+
+    Example: corral run --cpus 2 -- python train.py --epochs 3
+
+    Ctrl-C stops following; the job keeps running (cancel it with `corral cancel ID`).
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        fail("no command given: corral run -- CMD [ARGS...]", 2)
+    envs = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--env {item!r}: expected KEY=VALUE", 2)
+        envs[key] = value
+    options = dict(fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs)
+    if memory is not None:
+        options["memory_mb"] = parse_memory(memory)
+    with client(server, token) as c:
+        try:
+            job = c.submit(command, **{k: v for k, v in options.items() if v is not None})
+        except CorralError as exc:
+            fail(exc.message)
+        except ValueError as exc:  # pydantic validation on the client side
+            fail(str(exc), 2)
+        if detach:
+            print(job.id)
+            return
+        if sys.stderr.isatty():
+            err_console.print(f"[dim]job {job.id} submitted; following its output "
+                              "(Ctrl-C stops following)[/dim]")
+        code = _follow(c, job.id)
+    raise typer.Exit(code)
+
+
+def _follow(c: Client, job_id: int, until_final: bool = True,
+            attempt: int | None = None) -> int:
+    def out(stream: str, data: bytes) -> None:
+        target = sys.stdout if stream == "out" else sys.stderr
+        target.buffer.write(data)
+        target.flush()
+
+    def notice(text: str) -> None:
+        err_console.print(f"[yellow]corral:[/yellow] job {job_id}: {text}", highlight=False)
+
+    try:
+        page = c.follow(job_id, on_output=out, on_notice=notice, attempt=attempt,
+                        until_final=until_final)
+    except KeyboardInterrupt:
+        err_console.print(f"\nstopped following; job {job_id} keeps running "
+                          f"(corral cancel {job_id} to stop it)")
+        return 130
+    except CorralError as exc:
+        fail(exc.message)
+    if page.job_state in FINAL_JOB_STATES and page.job_state != "succeeded":
+        why = page.reason or page.job_state
+        err_console.print(f"[red]corral:[/red] job {job_id} {page.job_state}: {why}",
+                          highlight=False)
+    return exit_code_of(page)
+
+
+@app.command()
+def jobs(
+    state: list[str] = typer.Option([], "--state", "-s", help="filter by state (repeatable)"),
+    limit: int = typer.Option(50, help="how many (newest first)"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """List jobs, newest first."""
+    with client(server, token) as c:
+        try:
+            rows = c.jobs(states=state or None, limit=limit)
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(rows)
+    table(None, ["ID", "STATE", "COMMAND", "ATTEMPT", "INSTANCE", "EXIT", "CREATED"],
+          [(j.id, styled(j.state), _cmd(j.command), f"{j.attempt}/{j.max_attempts}",
+            j.instance_id, j.exit_code, ago(j.created_at)) for j in rows],
+          empty="no jobs yet: corral run -- echo hello")
+
+
+def _cmd(argv: list[str], width: int = 60) -> str:
+    text = shlex.join(argv)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
+def job(
+    job_id: int = typer.Argument(..., help="job id"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Show one job: state, result, reason, and every attempt."""
+    with client(server, token) as c:
+        try:
+            j = c.job(job_id)
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(j)
+    console.print(f"[bold]job {j.id}[/bold]{' (' + j.name + ')' if j.name else ''}: "
+                  f"{styled(j.state)}")
+    console.print(f"  command   {shlex.join(j.command)}", highlight=False)
+    console.print(f"  needs     {j.cpus:g} cpus, {j.memory_mb} MB"
+                  + (f", fleet {j.fleet}" if j.fleet else ""))
+    console.print(f"  attempts  {j.attempt} of max {j.max_attempts}")
+    if j.exit_code is not None:
+        console.print(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")
+    if j.reason:
+        console.print(f"  reason    {j.reason}", highlight=False)
+    console.print(f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
+                  f"finished {ago(j.finished_at)}")
+    if j.attempts:
+        table(None, ["ATTEMPT", "STATE", "INSTANCE", "EXIT", "REASON", "STARTED"],
+              [(a.number, styled(a.state), a.instance_id, a.exit_code, a.reason,
+                ago(a.started_at)) for a in j.attempts])
+
+
+@app.command()
+def logs(
+    job_id: int = typer.Argument(..., help="job id"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends"),
+    attempt: Optional[int] = typer.Option(None, help="an earlier attempt's output"),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Print a job's output (stdout to stdout, stderr to stderr)."""
+    with client(server, token) as c:
+        code = _follow(c, job_id, until_final=follow, attempt=attempt)
+    if follow:
+        raise typer.Exit(code)
+
+
+@app.command()
+def cancel(
+    job_id: int = typer.Argument(..., help="job id"),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Cancel a job; its processes (the whole tree) are killed."""
+    with client(server, token) as c:
+        try:
+            j = c.cancel(job_id)
+        except CorralError as exc:
+            fail(exc.message)
+    console.print(f"job {j.id} {styled(j.state)}")
+
+
+@app.command()
+def requeue(
+    job_id: int = typer.Argument(..., help="job id"),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Revoke a running job's current attempt and queue it again (uses an attempt).
+
+    The old attempt's runner can no longer change the job; its agent kills it."""
+    with client(server, token) as c:
+        try:
+            j = c.requeue(job_id)
+        except CorralError as exc:
+            fail(exc.message)
+    console.print(f"job {j.id} {styled(j.state)} (attempt {j.attempt} revoked)")
+
+
+@app.command()
+def instances(
+    all: bool = typer.Option(False, "--all", "-a", help="include terminated instances"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """List the fleet's instances."""
+    with client(server, token) as c:
+        try:
+            rows = c.instances(include_terminated=all)
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(rows)
+    table(None, ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT"],
+          [(i.name, i.id, i.fleet, styled(i.state) + (" [red]lost[/red]" if i.lost else ""),
+            f"{i.cpus:g}", f"{i.memory_mb} MB", i.running_attempts, ago(i.last_heartbeat_at))
+           for i in rows],
+          empty="no instances: start some with `corral up --agents N` or `corral agent`")
+
+
+@app.command()
+def events(
+    level: str = typer.Option("info", help="minimum level: debug, info, warning, error"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events"),
+    limit: int = typer.Option(50, help="how many recent events"),
+    job_id: Optional[int] = typer.Option(None, "--job", help="only this job's events"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """What the control plane decided and why (requeues, lost instances, warnings)."""
+    with client(server, token) as c:
+        try:
+            rows = c.events(level=level, limit=limit, job=job_id)
+            if as_json and not follow:
+                return print_json(rows)
+            for e in rows:
+                _print_event(e, as_json)
+            after = rows[-1].id if rows else 0
+            while follow:
+                rows = c.events(level=level, after=after, wait=20, job=job_id)
+                for e in rows:
+                    _print_event(e, as_json)
+                    after = e.id
+        except CorralError as exc:
+            fail(exc.message)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_event(e, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        sys.stdout.write(e.model_dump_json() + "\n")
+        sys.stdout.flush()
+        return
+    console.print(f"[dim]{ago(e.ts):>9}[/dim] {styled(e.level):<7} [bold]{e.kind}[/bold] "
+                  f"{e.message}", highlight=False)
+
+
+@app.command()
+def servers(
+    all: bool = typer.Option(False, "--all", "-a", help="include servers stopped long ago"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """The API servers sharing this database, with their builds."""
+    with client(server, token) as c:
+        try:
+            rows = c.servers(include_stopped=all)
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(rows)
+    builds = {s.build_version for s in rows if s.alive}
+    table(None, ["ID", "BUILD", "HOST", "PID", "URL", "STARTED", "LAST SEEN", "ALIVE"],
+          [(s.id, s.build_version, s.host, s.pid, s.url, ago(s.started_at),
+            ago(s.last_seen_at), "yes" if s.alive else "no") for s in rows])
+    if len(builds) > 1:
+        err_console.print(f"[yellow]warning:[/yellow] servers of different builds are running: "
+                          f"{', '.join(sorted(builds))}")

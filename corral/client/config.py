@@ -1,0 +1,43 @@
+"""Where the server is and which token to use: flags, then CORRAL_SERVER /
+CORRAL_TOKEN, then the files `corral up` / `corral server` write in the data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SERVER = "http://127.0.0.1:8470"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("CORRAL_DATA_DIR") or Path.home() / ".corral").expanduser()
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str
+    token: str | None
+    token_source: str
+
+
+def resolve(server: str | None = None, token: str | None = None) -> ClientConfig:
+    d = data_dir()
+    if not server:
+        server = os.environ.get("CORRAL_SERVER")
+    if not server:
+        try:
+            server = json.loads((d / "server.json").read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            server = DEFAULT_SERVER
+    source = "--token"
+    if not token:
+        token, source = os.environ.get("CORRAL_TOKEN"), "CORRAL_TOKEN"
+    if not token:
+        path = d / "admin.token"
+        try:
+            token, source = path.read_text().strip(), str(path)
+        except OSError:
+            token, source = None, "none"
+    return ClientConfig(server.rstrip("/"), token, source)

@@ -1,0 +1,163 @@
+"""The Python SDK: everything the CLI does, as method calls.
+
+    from corral.client.sdk import Client
+    c = Client()                      # CORRAL_SERVER / CORRAL_TOKEN or ~/.corral
+    job = c.submit(["python", "-c", "print(42)"])
+    final = c.follow(job.id, on_output=lambda stream, data: print(data.decode(), end=""))
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import httpx
+
+from corral.client.config import resolve
+from corral.domain.api import (
+    EventView,
+    InstanceView,
+    JobSubmit,
+    JobView,
+    LogPage,
+    ServerView,
+)
+from corral.domain.jobs import FINAL_JOB_STATES
+
+
+class CorralError(Exception):
+    """An error answer from the server, or no answer at all."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Client:
+    def __init__(self, server: str | None = None, token: str | None = None,
+                 timeout: float = 30.0):
+        cfg = resolve(server, token)
+        self.server = cfg.server
+        self.token_source = cfg.token_source
+        headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
+        self._http = httpx.Client(base_url=cfg.server, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.close()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, *, json=None, params=None, timeout=None):  # noqa: ANN001
+        try:
+            kwargs = {"json": json, "params": params}
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise CorralError(
+                f"cannot reach the corral server at {self.server} ({exc.__class__.__name__}). "
+                "Is it running? Start one with `corral up`, or set CORRAL_SERVER."
+            ) from None
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+                message, code = err["message"], err["code"]
+            except (ValueError, KeyError, TypeError):
+                message, code = resp.text[:500] or resp.reason_phrase, None
+            if resp.status_code == 401:
+                message += (f" (token from {self.token_source}; set CORRAL_TOKEN or pass "
+                            "--token with the server's admin token)")
+            raise CorralError(message, status=resp.status_code, code=code)
+        return resp.json()
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def submit(self, command: list[str], **options) -> JobView:
+        spec = JobSubmit(command=command, **options)
+        return JobView.model_validate(
+            self._call("POST", "/api/v1/jobs", json=spec.model_dump(exclude_defaults=True))
+        )
+
+    def jobs(self, states: list[str] | None = None, limit: int = 100,
+             before: int | None = None) -> list[JobView]:
+        params = {"limit": limit, "state": states or []}
+        if before is not None:
+            params["before"] = before
+        return [JobView.model_validate(j) for j in self._call("GET", "/api/v1/jobs",
+                                                               params=params)]
+
+    def job(self, job_id: int) -> JobView:
+        return JobView.model_validate(self._call("GET", f"/api/v1/jobs/{job_id}"))
+
+    def cancel(self, job_id: int) -> JobView:
+        return JobView.model_validate(self._call("POST", f"/api/v1/jobs/{job_id}/cancel"))
+
+    def requeue(self, job_id: int) -> JobView:
+        return JobView.model_validate(self._call("POST", f"/api/v1/jobs/{job_id}/requeue"))
+
+    def logs(self, job_id: int, *, attempt: int | None = None, after: int = -1,
+             wait: float = 0) -> LogPage:
+        params = {"after": after, "wait": wait}
+        if attempt:
+            params["attempt"] = attempt
+        return LogPage.model_validate(
+            self._call("GET", f"/api/v1/jobs/{job_id}/logs", params=params, timeout=wait + 30)
+        )
+
+    def follow(
+        self, job_id: int, *, on_output: Callable[[str, bytes], None],
+        on_notice: Callable[[str], None] | None = None, attempt: int | None = None,
+        until_final: bool = True, wait: float = 10.0,
+    ) -> LogPage:
+        """Stream a job's output as it is produced, following it from attempt to
+        attempt (or only `attempt`), until the job ends; with until_final=False, only
+        what is there now. Returns the last page (it carries the job's state)."""
+        following, after = attempt or 0, -1
+        while True:
+            page = self.logs(job_id, attempt=following or None, after=after,
+                             wait=wait if until_final else 0)
+            if not following and page.attempt:
+                following = page.attempt
+            for chunk in page.chunks:
+                on_output(chunk.stream, base64.b64decode(chunk.data))
+            after = page.next_seq
+            if page.chunks:
+                continue
+            moved_on = page.current_attempt and page.current_attempt != following
+            if attempt is None and moved_on:
+                if following and on_notice:
+                    on_notice(f"attempt {following} ended; following attempt "
+                              f"{page.current_attempt}")
+                following, after = page.current_attempt, -1
+                continue
+            if not until_final or page.job_state in FINAL_JOB_STATES or moved_on:
+                return page
+
+    # -- fleet and control plane ------------------------------------------------------------
+
+    def instances(self, include_terminated: bool = False) -> list[InstanceView]:
+        return [InstanceView.model_validate(i) for i in
+                self._call("GET", "/api/v1/instances", params={"all": include_terminated})]
+
+    def events(self, level: str = "info", after: int = 0, limit: int = 100,
+               wait: float = 0, job: int | None = None) -> list[EventView]:
+        params = {"level": level, "after": after, "limit": limit, "wait": wait}
+        if job is not None:
+            params["job"] = job
+        return [EventView.model_validate(e) for e in
+                self._call("GET", "/api/v1/events", params=params, timeout=wait + 30)]
+
+    def servers(self, include_stopped: bool = False) -> list[ServerView]:
+        return [ServerView.model_validate(s) for s in
+                self._call("GET", "/api/v1/servers", params={"all": include_stopped})]
+
+    def health(self) -> dict:
+        return self._call("GET", "/health")

@@ -1,0 +1,71 @@
+"""Placement: which instance runs which queued job. Pure best-fit bin packing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class JobDemand:
+    job_id: int
+    cpus: float
+    memory_mb: int
+    fleet: str | None = None
+
+
+@dataclass
+class Capacity:
+    instance_id: str
+    fleet: str | None
+    cpus: float
+    memory_mb: int
+    used_cpus: float = 0.0
+    used_memory_mb: int = 0
+    running: int = 0
+    order: tuple = field(default=())
+
+    @property
+    def free_cpus(self) -> float:
+        return self.cpus - self.used_cpus
+
+    @property
+    def free_memory_mb(self) -> int:
+        return self.memory_mb - self.used_memory_mb
+
+    def fits(self, job: JobDemand) -> bool:
+        if job.fleet is not None and job.fleet != self.fleet:
+            return False
+        return job.cpus <= self.free_cpus + 1e-9 and job.memory_mb <= self.free_memory_mb
+
+
+def fits_anywhere(job: JobDemand, instances: list[Capacity]) -> bool:
+    """Could the job ever run on one of these instances, were they idle?"""
+    return any(
+        (job.fleet is None or job.fleet == c.fleet)
+        and job.cpus <= c.cpus + 1e-9
+        and job.memory_mb <= c.memory_mb
+        for c in instances
+    )
+
+
+def place(jobs: list[JobDemand], instances: list[Capacity]) -> list[tuple[int, str]]:
+    """Assign jobs (in the given priority order) to instances.
+
+    Idle instances are preferred (spreading work), then the instance that leaves the
+    least cpu free (packing). A job that fits nowhere now is skipped, not blocking
+    later, smaller jobs. The capacities are updated in place.
+    """
+    out: list[tuple[int, str]] = []
+    for job in jobs:
+        candidates = [c for c in instances if c.fits(job)]
+        if not candidates:
+            continue
+        best = min(
+            candidates,
+            key=lambda c: (c.running > 0, c.free_cpus - job.cpus, c.order, c.instance_id),
+        )
+        best.used_cpus += job.cpus
+        best.used_memory_mb += job.memory_mb
+        best.running += 1
+        out.append((job.job_id, best.instance_id))
+    return out

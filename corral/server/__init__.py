@@ -1,0 +1,1 @@
+"""The API server: FastAPI routers plus background loops."""

@@ -1,0 +1,119 @@
+"""The agent protocol: register, then heartbeat (observed state up, desired state down)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends
+
+from corral.domain.api import HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest
+from corral.domain.heartbeat import heartbeat_interval
+from corral.domain.instances import Admission
+from corral.server.auth import Principal, require_agent, require_joiner
+from corral.server.context import ServerContext, get_ctx
+from corral.server.errors import ApiError
+from corral.store import dispatch, instances, tokens
+from corral.store.schema import instances as instances_t
+
+router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
+
+
+def instance_key(instance_id: str) -> tuple[str, str]:
+    return ("instance", instance_id)
+
+
+async def current_interval(ctx: ServerContext) -> float:
+    cached = ctx.extras.get("interval")
+    now = ctx.now()
+    if cached and now - cached[1] < 10:
+        return cached[0]
+
+    async def count(conn):  # noqa: ANN001
+        q = sa.select(sa.func.count()).select_from(instances_t).where(
+            instances_t.c.state.in_(["running", "draining", "pending"])
+        )
+        return (await conn.execute(q)).scalar_one()
+
+    n = await ctx.db.query(count)
+    interval = heartbeat_interval(
+        n, base=ctx.config.heartbeat_base, max_per_second=ctx.config.heartbeat_max_rate
+    )
+    ctx.extras["interval"] = (interval, now)
+    return interval
+
+
+@router.post("/register", response_model=RegisterReply, summary="Join, or rejoin after a restart")
+async def register(
+    body: RegisterRequest,
+    who: Principal = Depends(require_joiner),
+    ctx: ServerContext = Depends(get_ctx),
+) -> RegisterReply:
+    if who.kind == tokens.AGENT:
+        if body.instance_id is None or body.instance_id != who.instance_id:
+            raise ApiError(403, "forbidden", "this credential belongs to another instance")
+        instance_id = body.instance_id
+    else:
+        if body.instance_id is not None:
+            raise ApiError(
+                422, "invalid_request",
+                "instance_id: rejoining needs the instance's own credential, not a join token",
+            )
+        instance_id = None
+    try:
+        reg = await ctx.db.transact(
+            instances.register, name=body.name, instance_id=instance_id, cpus=body.cpus,
+            memory_mb=body.memory_mb, host=body.host, agent_version=body.agent_version,
+            fleet=body.fleet, peer_url=body.peer_url, now=ctx.now(),
+        )
+    except instances.NameInUse as exc:
+        raise ApiError(409, "name_in_use", str(exc)) from None
+    interval = await current_interval(ctx)
+    if reg.decision.admission is Admission.EXIT:
+        return RegisterReply(action="exit", reason=reg.decision.reason, interval=interval,
+                             instance_id=reg.instance["id"] if reg.instance else None)
+    ctx.notifier.wake("dispatch")
+    return RegisterReply(
+        action="welcome", reason=reg.decision.reason, instance_id=reg.instance["id"],
+        incarnation=reg.instance["incarnation"], credential=reg.credential,
+        interval=interval, state=reg.instance["state"],
+    )
+
+
+@router.post("/heartbeat", response_model=HeartbeatReply,
+             summary="Report observed state; get desired state (long-polls up to `wait`)")
+async def heartbeat(
+    body: HeartbeatRequest,
+    who: Principal = Depends(require_agent),
+    ctx: ServerContext = Depends(get_ctx),
+) -> HeartbeatReply:
+    if body.instance_id != who.instance_id:
+        raise ApiError(403, "forbidden", "this credential belongs to another instance")
+    interval = await current_interval(ctx)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(body.wait, interval)
+    key = instance_key(body.instance_id)
+    first = True
+    while True:
+        gen = ctx.notifier.generation(key)
+
+        async def exchange(conn):  # noqa: ANN001
+            now = ctx.now()
+            decision, row = await instances.heartbeat(
+                conn, body.instance_id, body.incarnation, now, touch=first
+            )
+            if decision.admission is Admission.EXIT:
+                return HeartbeatReply(action="exit", reason=decision.reason, interval=interval)
+            kills = await dispatch.kills_for(conn, body.instance_id, body.attempts)
+            starts = await dispatch.deliver_attempts(conn, body.instance_id, now)
+            return HeartbeatReply(
+                action="continue", interval=interval, state=row["state"], start=starts,
+                kill=kills,
+            )
+
+        reply = await ctx.db.transact(exchange)
+        first = False
+        remaining = deadline - loop.time()
+        if reply.action == "exit" or reply.start or reply.kill or remaining <= 0:
+            return reply
+        await ctx.notifier.wait(key, gen, ctx.recheck(remaining))

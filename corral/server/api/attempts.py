@@ -1,0 +1,80 @@
+"""What runners (and agents on their behalf) send about one attempt, fenced by its token.
+
+Every route here carries the attempt's token in the X-Corral-Attempt-Token header. A
+token that is not the job's current one gets 409 and changes nothing, logs included.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from corral.domain.api import AttemptAck, AttemptFinish, AttemptLost, LogBatch
+from corral.server.api.jobs import job_key
+from corral.server.auth import attempt_token
+from corral.server.context import ServerContext, get_ctx
+from corral.server.errors import ApiError
+from corral.store import jobs as repo
+
+router = APIRouter(prefix="/api/v1/jobs/{job_id}/attempts/{number}", tags=["attempts"])
+
+
+def _ack(job_id: int, number: int, state: str, recorded: bool = True) -> AttemptAck:
+    return AttemptAck(job_id=job_id, attempt=number, job_state=state, recorded=recorded)
+
+
+@router.post("/start", response_model=AttemptAck, summary="The runner started the command")
+async def start(
+    job_id: int, number: int, token: str = Depends(attempt_token),
+    ctx: ServerContext = Depends(get_ctx),
+) -> AttemptAck:
+    state = await ctx.db.transact(repo.start_attempt, job_id, number, token, ctx.now())
+    ctx.notifier.wake(job_key(job_id))
+    return _ack(job_id, number, state)
+
+
+@router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
+async def heartbeat(
+    job_id: int, number: int, token: str = Depends(attempt_token),
+    ctx: ServerContext = Depends(get_ctx),
+) -> AttemptAck:
+    await ctx.db.transact(repo.touch_attempt, job_id, number, token, ctx.now())
+    return _ack(job_id, number, "running")
+
+
+@router.post("/logs", response_model=AttemptAck, summary="Append log chunks (idempotent by seq)")
+async def logs(
+    job_id: int, number: int, batch: LogBatch, token: str = Depends(attempt_token),
+    ctx: ServerContext = Depends(get_ctx),
+) -> AttemptAck:
+    try:
+        chunks = repo.decode_chunks(batch.chunks)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    await ctx.db.transact(repo.append_logs, job_id, number, token, chunks, ctx.now())
+    ctx.notifier.wake(job_key(job_id))
+    return _ack(job_id, number, "running")
+
+
+@router.post("/finish", response_model=AttemptAck, summary="The command exited")
+async def finish(
+    job_id: int, number: int, body: AttemptFinish, token: str = Depends(attempt_token),
+    ctx: ServerContext = Depends(get_ctx),
+) -> AttemptAck:
+    state, recorded = await ctx.db.transact(
+        repo.finish_attempt, job_id, number, token, body.exit_code, body.reason, ctx.now()
+    )
+    ctx.notifier.wake(job_key(job_id), "dispatch")
+    return _ack(job_id, number, state, recorded)
+
+
+@router.post("/lost", response_model=AttemptAck,
+             summary="The attempt ended without a result (runner died, could not start)")
+async def lost(
+    job_id: int, number: int, body: AttemptLost, token: str = Depends(attempt_token),
+    ctx: ServerContext = Depends(get_ctx),
+) -> AttemptAck:
+    state = await ctx.db.transact(
+        repo.lose_attempt, job_id, number, body.reason, ctx.now(), token=token
+    )
+    ctx.notifier.wake(job_key(job_id), "dispatch")
+    return _ack(job_id, number, state or "unchanged")

@@ -1,0 +1,123 @@
+"""Jobs as users see them: submit, list, inspect, follow logs, cancel, requeue."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from fastapi import APIRouter, Depends, Query
+
+from corral.domain.api import JobSubmit, JobView, LogChunkView, LogPage
+from corral.domain.jobs import FINAL_JOB_STATES, JobState
+from corral.server.auth import require_admin
+from corral.server.context import ServerContext, get_ctx
+from corral.server.errors import ApiError
+from corral.server.views import job_view
+from corral.store import jobs as repo
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
+
+_STATES = [s.value for s in JobState]
+
+
+def job_key(job_id: int) -> tuple[str, int]:
+    return ("job", job_id)
+
+
+async def _view(ctx: ServerContext, job_id: int) -> JobView:
+    async def q(conn):  # noqa: ANN001
+        row = await repo.require_job(conn, job_id)
+        return job_view(row, await repo.list_attempts(conn, job_id))
+
+    return await ctx.db.query(q)
+
+
+@router.post("", status_code=201, response_model=JobView, summary="Submit a job")
+async def submit(spec: JobSubmit, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+    job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
+    ctx.notifier.wake("dispatch")
+    return await _view(ctx, job_id)
+
+
+@router.get("", response_model=list[JobView], summary="List jobs, newest first")
+async def list_jobs(
+    state: list[str] | None = Query(default=None, description="filter by state (repeatable)"),
+    limit: int = Query(default=100, ge=1, le=5000),
+    before: int | None = Query(default=None, description="only jobs with id < before"),
+    ctx: ServerContext = Depends(get_ctx),
+) -> list[JobView]:
+    for s in state or []:
+        if s not in _STATES:
+            raise ApiError(422, "invalid_request", f"state: unknown job state {s!r}",
+                           fields=[{"field": "state", "message": f"one of {', '.join(_STATES)}"}])
+    rows = await ctx.db.query(repo.list_jobs, states=state, limit=limit, before_id=before)
+    return [job_view(r) for r in rows]
+
+
+@router.get("/{job_id}", response_model=JobView, summary="One job with its attempts")
+async def get_job(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+    return await _view(ctx, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobView, summary="Cancel; kills its processes")
+async def cancel(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+    row = await ctx.db.transact(repo.cancel, job_id, ctx.now())
+    ctx.notifier.wake(job_key(job_id), "dispatch")
+    if row["instance_id"]:
+        ctx.notifier.wake(("instance", row["instance_id"]))
+    return await _view(ctx, job_id)
+
+
+@router.post(
+    "/{job_id}/requeue", response_model=JobView,
+    summary="Revoke the current attempt and queue the job again (counts as an attempt)",
+)
+async def requeue(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+    before = await _view(ctx, job_id)
+    await ctx.db.transact(repo.requeue, job_id, ctx.now(), "requested by user")
+    ctx.notifier.wake(job_key(job_id), "dispatch")
+    if before.instance_id:
+        ctx.notifier.wake(("instance", before.instance_id))
+    return await _view(ctx, job_id)
+
+
+@router.get("/{job_id}/logs", response_model=LogPage, summary="Read or follow a job's logs")
+async def logs(
+    job_id: int,
+    attempt: int | None = Query(default=None, ge=1, description="default: the current attempt"),
+    after: int = Query(default=-1, ge=-1, description="return chunks with seq > after"),
+    wait: float = Query(default=0, ge=0, le=60, description="hold the reply until new output"),
+    limit: int = Query(default=500, ge=1, le=5000),
+    ctx: ServerContext = Depends(get_ctx),
+) -> LogPage:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    key = job_key(job_id)
+    n = attempt
+    while True:
+        gen = ctx.notifier.generation(key)
+
+        async def page(conn, n=n):  # noqa: ANN001
+            job = await repo.require_job(conn, job_id)
+            n = n or job["current_attempt"]
+            chunks = await repo.read_logs(conn, job_id, n, after, limit) if n else []
+            return job, n, chunks
+
+        job, n, chunks = await ctx.db.query(page)
+        remaining = deadline - loop.time()
+        moved_on = n != job["current_attempt"]  # a newer attempt exists (or this one's gone)
+        if chunks or moved_on or job["state"] in FINAL_JOB_STATES or remaining <= 0:
+            return LogPage(
+                job_id=job_id, attempt=n,
+                chunks=[
+                    LogChunkView(seq=c["seq"], stream=c["stream"],
+                                 data=base64.b64encode(c["data"]).decode())
+                    for c in chunks
+                ],
+                next_seq=chunks[-1]["seq"] if chunks else after,
+                job_state=job["state"], current_attempt=job["current_attempt"],
+                exit_code=job["exit_code"], reason=job["reason"],
+            )
+        if n == 0:
+            n = None  # not started yet: pick the attempt up once there is one
+        await ctx.notifier.wait(key, gen, ctx.recheck(remaining))

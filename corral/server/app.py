@@ -1,0 +1,179 @@
+"""Server assembly: open the store, bootstrap credentials, build the FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from fastapi import FastAPI
+
+import corral
+from corral.server import errors
+from corral.server.api import agents, attempts, fleet, health, jobs
+from corral.server.config import ServerConfig
+from corral.server.context import ServerContext
+from corral.server.loops.dispatcher import dispatch_once
+from corral.server.loops.fleets import provision_once
+from corral.server.loops.presence import presence_once
+from corral.server.loops.reaper import reap_once
+from corral.server.loops.runner import run_loop
+from corral.store import events, servers, tokens
+from corral.store.db import Database
+from corral.store.migrate import migrate
+from corral.store.sqlite_lock import SqliteServerLock
+
+log = logging.getLogger("corral.server")
+
+ADMIN_TOKEN_FILE = "admin.token"
+JOIN_TOKEN_FILE = "join.token"
+SERVER_FILE = "server.json"
+
+
+def write_secret_file(path: Path, secret: str) -> None:
+    """Write a credential readable by its owner only (0600), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (secret + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+async def _ensure_token(db: Database, kind: str, path: Path, now: float, note: str) -> str:
+    """Reuse the token in `path` if the database knows it; otherwise mint one."""
+    if path.exists():
+        secret = path.read_text().strip()
+        if await db.query(tokens.lookup, secret) is not None:
+            os.chmod(path, 0o600)
+            return secret
+    secret = await db.transact(tokens.create_token, kind, now, note=note)
+    write_secret_file(path, secret)
+    return secret
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+async def open_context(
+    config: ServerConfig, *, clock: Callable[[], float] = time.time, backends=None  # noqa: ANN001
+) -> ServerContext:
+    """Everything a server needs before it accepts a request. Raises StartupError
+    with a message for people (e.g. a second server on one SQLite file)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.database_url)
+    server_id = f"srv-{secrets.token_hex(4)}"
+    lock = None
+    if db.is_sqlite and db.sqlite_path:
+        from corral.store.sqlite_lock import DatabaseInUse
+
+        lock = SqliteServerLock(db.sqlite_path)
+        try:
+            lock.acquire(f"server {server_id}, pid {os.getpid()}, {config.url}")
+        except DatabaseInUse as exc:
+            await db.dispose()
+            raise StartupError(str(exc)) from None
+    try:
+        revision = await migrate(db)
+    except Exception as exc:
+        await db.dispose()
+        if lock:
+            lock.release()
+        raise StartupError(f"cannot open database {db.display_url()}: {exc}") from exc
+    now = clock()
+    admin = await _ensure_token(db, tokens.ADMIN, config.data_dir / ADMIN_TOKEN_FILE, now,
+                                "admin (created on first start)")
+    join = await _ensure_token(db, tokens.JOIN, config.data_dir / JOIN_TOKEN_FILE, now,
+                               "join (created on first start)")
+    await db.transact(
+        servers.register_server, id=server_id, build_version=config.build_version,
+        host=socket.gethostname(), pid=os.getpid(), url=config.url, now=now,
+    )
+    await db.transact(
+        events.record, now, "info", "server.started",
+        f"server {server_id} (build {config.build_version}) started on {config.url}, "
+        f"database {db.display_url()} at revision {revision}",
+        server_id=server_id,
+    )
+    ctx = ServerContext(config=config, db=db, server_id=server_id, clock=clock,
+                        backends=dict(backends or {}), started_at=now)
+    ctx.extras.update(admin_token=admin, join_token=join, sqlite_lock=lock)
+    return ctx
+
+
+async def close_context(ctx: ServerContext) -> None:
+    for backend in ctx.backends.values():
+        try:
+            await backend.close()
+        except Exception:
+            log.exception("backend %s did not close cleanly", backend.name)
+    try:
+        await ctx.db.transact(servers.stop_server, ctx.server_id, ctx.now())
+    except Exception:
+        log.exception("could not mark server %s stopped", ctx.server_id)
+    await ctx.db.dispose()
+    lock = ctx.extras.get("sqlite_lock")
+    if lock:
+        lock.release()
+
+
+def start_loops(ctx: ServerContext) -> list[asyncio.Task]:
+    cfg = ctx.config
+    specs = [
+        ("dispatcher", dispatch_once, cfg.dispatch_interval, "dispatch"),
+        ("reaper", reap_once, cfg.reaper_interval, None),
+        ("presence", presence_once, cfg.presence_interval, None),
+        ("fleets", provision_once, 2.0, "fleets"),
+    ]
+    loop = asyncio.get_running_loop()
+    return [
+        loop.create_task(run_loop(ctx, name, body, interval, key), name=f"corral-{name}")
+        for name, body, interval, key in specs
+    ]
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = start_loops(ctx)
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(
+        title="corral",
+        version=corral.__version__,
+        description="Control plane for batch and ML jobs on a fleet of machines.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    errors.install(app)
+    for module in (jobs, attempts, agents, fleet, health):
+        app.include_router(module.router)
+    from corral.server import dashboard
+
+    app.include_router(dashboard.router)
+    return app
+
+
+def write_server_file(config: ServerConfig, ctx: ServerContext) -> None:
+    path = config.data_dir / SERVER_FILE
+    tmp = path.with_name(f".{SERVER_FILE}.tmp")
+    tmp.write_text(json.dumps({"url": config.url, "server_id": ctx.server_id,
+                               "pid": os.getpid()}))
+    os.replace(tmp, path)

@@ -1,0 +1,58 @@
+"""Bearer-token authentication: admin (users), join (new agents), agent (one instance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+
+from corral.server.context import ServerContext, get_ctx
+from corral.server.errors import ApiError
+from corral.store import tokens
+
+ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str
+    token_id: str
+    instance_id: str | None = None
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer ...)")
+    return value.strip()
+
+
+async def _principal(request: Request, ctx: ServerContext, kinds: tuple[str, ...]) -> Principal:
+    secret = _bearer(request)
+    row = await ctx.db.query(tokens.lookup, secret)
+    if row is None:
+        raise ApiError(401, "unauthorized", "unknown or revoked token")
+    if row["kind"] not in kinds:
+        raise ApiError(403, "forbidden", f"a {row['kind']} token cannot do this")
+    return Principal(row["kind"], row["id"], row["instance_id"])
+
+
+async def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> Principal:
+    return await _principal(request, ctx, (tokens.ADMIN,))
+
+
+async def require_agent(request: Request, ctx: ServerContext = Depends(get_ctx)) -> Principal:
+    return await _principal(request, ctx, (tokens.AGENT,))
+
+
+async def require_joiner(request: Request, ctx: ServerContext = Depends(get_ctx)) -> Principal:
+    """Registration: a join token (new agent) or an agent credential (restart)."""
+    return await _principal(request, ctx, (tokens.JOIN, tokens.AGENT, tokens.ADMIN))
+
+
+def attempt_token(request: Request) -> str:
+    value = request.headers.get(ATTEMPT_TOKEN_HEADER)
+    if not value:
+        raise ApiError(401, "unauthorized", f"missing {ATTEMPT_TOKEN_HEADER} header")
+    return value

@@ -1,0 +1,77 @@
+"""`corral server`: one API server (several may share a PostgreSQL database)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from corral import logsetup
+from corral.server.app import StartupError
+from corral.server.config import DEFAULT_PORT, ServerConfig, default_data_dir
+from corral.store.db import DatabaseUrlError
+
+
+def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt_grace,  # noqa: ANN001
+                       heartbeat_interval) -> ServerConfig:
+    if agent_grace is not None:
+        config.agent_grace = agent_grace
+    if start_timeout is not None:
+        config.start_timeout = start_timeout
+    if attempt_grace is not None:
+        config.attempt_grace = attempt_grace
+    if heartbeat_interval is not None:
+        config.heartbeat_base = heartbeat_interval
+    return config
+
+
+def server(
+    db: Optional[str] = typer.Option(
+        None, "--db", envvar="CORRAL_DB",
+        help="database URL: sqlite:///PATH (default: DATA_DIR/corral.db) or "
+        "postgresql://USER@HOST:PORT/DB (needed for several servers)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(DEFAULT_PORT, help="port to listen on (0: any free port)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="where tokens and the SQLite "
+                                  "database live (default ~/.corral or CORRAL_DATA_DIR)"),
+    public_url: Optional[str] = typer.Option(None, help="URL agents and clients use to reach "
+                                             "this server, if not http://HOST:PORT"),
+    agent_grace: Optional[float] = typer.Option(None, help="seconds without a heartbeat "
+                                                "before an instance counts as lost [20]"),
+    start_timeout: Optional[float] = typer.Option(None, help="seconds an attempt may take "
+                                                  "to start before it is requeued [60]"),
+    attempt_grace: Optional[float] = typer.Option(None, help="seconds a running attempt's "
+                                                  "runner may be silent [60]"),
+    heartbeat_interval: Optional[float] = typer.Option(None, help="agent heartbeat interval "
+                                                       "for small fleets, seconds [2]"),
+    log_level: str = typer.Option("info", help="debug, info, warning, error"),
+) -> None:
+    """Run an API server with its background loops (dispatcher, reaper, ...).
+
+    On first start it creates an admin token (DATA_DIR/admin.token, for users) and a
+    join token (DATA_DIR/join.token, for agents), both mode 0600.
+    """
+    logsetup.setup(log_level)
+    from corral.server.main import serve
+
+    try:
+        config = ServerConfig(data_dir=data_dir or default_data_dir(), db_url=db, host=host,
+                              port=port, public_url=public_url)
+        add_timing_options(config, agent_grace, start_timeout, attempt_grace,
+                           heartbeat_interval)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    def ready(ctx) -> None:  # noqa: ANN001
+        typer.echo(f"corral server {ctx.server_id} listening on {config.url} "
+                   f"(database {ctx.db.display_url()})", err=True)
+        typer.echo(f"admin token: {config.data_dir / 'admin.token'}; "
+                   f"join token: {config.data_dir / 'join.token'}", err=True)
+
+    try:
+        asyncio.run(serve(config, on_ready=ready))
+    except (StartupError, DatabaseUrlError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,52 @@
+"""Server settings. Defaults suit a real fleet; tests shorten the timings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import corral
+
+DEFAULT_PORT = 8470
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CORRAL_DATA_DIR") or Path.home() / ".corral").expanduser()
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    db_url: str | None = None  # None: SQLite in the data dir
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    # what this server reports as its build (servers of different builds are flagged)
+    build_version: str = field(
+        default_factory=lambda: os.environ.get("CORRAL_BUILD_VERSION", corral.__version__)
+    )
+    heartbeat_base: float = 2.0  # seconds between one agent's heartbeats, small fleets
+    heartbeat_max_rate: float = 50.0  # heartbeats per second the whole fleet may send
+    agent_grace: float = 20.0  # silence after which an instance counts as lost
+    start_timeout: float = 60.0  # an issued attempt must start within this
+    attempt_grace: float = 60.0  # a running attempt's runner must be heard from within this
+    dispatch_interval: float = 1.0
+    reaper_interval: float = 1.0
+    presence_interval: float = 5.0
+    server_grace: float = 30.0  # a server unseen this long counts as gone
+    public_url: str | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_dir / 'corral.db').resolve()}"
+
+    @property
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        for name in ("heartbeat_base", "agent_grace", "start_timeout", "attempt_grace",
+                     "dispatch_interval", "reaper_interval", "presence_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")

@@ -1,0 +1,74 @@
+"""One JSON error shape for every failure: {"error": {"code", "message", "fields"?}}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral.domain.errors import IllegalTransition, StaleToken
+from corral.store.jobs import JobConflict, JobNotFound
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def error_body(code: str, message: str, **extra) -> dict:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or ".".join(str(p) for p in loc)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(
+            error_body(exc.code, exc.message, **exc.extra), status_code=exc.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError):
+        fields = [
+            {"field": _field_path(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+        return JSONResponse(
+            error_body("invalid_request", summary or "invalid request", fields=fields),
+            status_code=422,
+        )
+
+    @app.exception_handler(StaleToken)
+    async def _stale(_req: Request, exc: StaleToken):
+        return JSONResponse(error_body("stale_token", str(exc)), status_code=409)
+
+    @app.exception_handler(JobNotFound)
+    async def _no_job(_req: Request, exc: JobNotFound):
+        return JSONResponse(error_body("not_found", f"job {exc.args[0]} not found"), 404)
+
+    @app.exception_handler(JobConflict)
+    async def _conflict(_req: Request, exc: JobConflict):
+        return JSONResponse(error_body("conflict", str(exc)), status_code=409)
+
+    @app.exception_handler(IllegalTransition)
+    async def _illegal(_req: Request, exc: IllegalTransition):
+        return JSONResponse(error_body("illegal_transition", str(exc)), status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )

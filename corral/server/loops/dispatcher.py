@@ -1,0 +1,17 @@
+"""Dispatcher: lock queued jobs onto instances with room (several servers at once)."""
+
+from __future__ import annotations
+
+from corral.server.context import ServerContext
+from corral.store import dispatch
+
+BATCH = 200
+
+
+async def dispatch_once(ctx: ServerContext) -> bool:
+    if ctx.extras.get("stopping"):
+        return False
+    placements = await ctx.db.transact(dispatch.lock_jobs, ctx.db, ctx.now(), batch=BATCH)
+    for p in placements:
+        ctx.notifier.wake(("instance", p.instance_id), ("job", p.job_id))
+    return len(placements) == BATCH

@@ -1,0 +1,56 @@
+"""Fleet provisioning: keep each fleet this server can provision at its target size,
+and bring back the machines of live instances after a restart."""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+
+from corral.domain.instances import InstanceState
+from corral.server.context import ServerContext
+from corral.store import events, fleets, instances
+from corral.store.schema import instances as instances_t
+
+log = logging.getLogger("corral.fleets")
+
+
+async def provision_once(ctx: ServerContext) -> bool:
+    if not ctx.backends or ctx.extras.get("stopping"):
+        return False
+    now = ctx.now()
+    created: list[tuple[str, str, str, str]] = []  # (backend, instance id, name, fleet)
+    live: list[tuple[str, dict]] = []
+
+    async def plan(conn):  # noqa: ANN001
+        for fleet in await fleets.claim_fleets(conn, ctx.db, list(ctx.backends)):
+            members = await fleets.fleet_instances(conn, fleet["name"], fleets.LIVE)
+            active = [m for m in members if m["state"] != InstanceState.DRAINING]
+            missing = fleet["target_size"] - len(active)
+            for name in await fleets.next_instance_names(conn, fleet["name"], max(0, missing)):
+                instance_id = await instances.create_pending(
+                    conn, name=name, fleet=fleet["name"], now=now
+                )
+                created.append((fleet["backend"], instance_id, name, fleet["name"]))
+                await events.record(
+                    conn, now, "info", "instance.created",
+                    f"fleet {fleet['name']}: creating instance {name} ({instance_id}) "
+                    f"on backend {fleet['backend']} (target {fleet['target_size']})",
+                    instance_id=instance_id,
+                )
+            live.extend((fleet["backend"], dict(m)) for m in members)
+
+    await ctx.db.transact(plan)
+    for backend_name, instance_id, name, fleet in created:
+        ref = await ctx.backends[backend_name].create(instance_id, name, fleet)
+
+        async def save_ref(conn, instance_id=instance_id, ref=ref):  # noqa: ANN001
+            await conn.execute(
+                sa.update(instances_t).where(instances_t.c.id == instance_id)
+                .values(backend_ref=ref)
+            )
+
+        await ctx.db.transact(save_ref)
+    for backend_name, m in live:
+        await ctx.backends[backend_name].ensure(m["id"], m["name"], m["fleet"], m["backend_ref"])
+    return False

@@ -1,0 +1,41 @@
+"""Run a loop body forever: on a timer, sooner when woken, never dying of one error."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from corral.server.context import ServerContext
+
+log = logging.getLogger("corral.loops")
+
+
+async def run_loop(
+    ctx: ServerContext,
+    name: str,
+    body: Callable[[ServerContext], Awaitable[bool]],
+    interval: float,
+    wake_key: str | None = None,
+) -> None:
+    """`body` returns True when it has more work right away (e.g. a full batch)."""
+    failures = 0
+    while True:
+        gen = ctx.notifier.generation(wake_key) if wake_key else 0
+        try:
+            more = await body(ctx)
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a loop must survive a database hiccup
+            failures += 1
+            log.exception("%s loop failed (%d in a row)", name, failures)
+            more = False
+            await asyncio.sleep(min(30.0, interval * 2**min(failures, 5)))
+        if more:
+            await asyncio.sleep(0)
+            continue
+        if wake_key:
+            await ctx.notifier.wait(wake_key, gen, interval)
+        else:
+            await asyncio.sleep(interval)

@@ -1,0 +1,52 @@
+"""Database rows to API models."""
+
+from __future__ import annotations
+
+from corral.domain.api import AttemptView, EventView, InstanceView, JobView, ServerView
+
+
+def job_view(row, attempts=()) -> JobView:  # noqa: ANN001
+    return JobView(
+        id=row["id"], name=row["name"], state=row["state"], command=row["command"],
+        fleet=row["fleet"], cpus=row["cpus"], memory_mb=row["memory_mb"],
+        max_attempts=row["max_attempts"], attempt=row["current_attempt"],
+        instance_id=row["instance_id"], exit_code=row["exit_code"], reason=row["reason"],
+        created_at=row["created_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], result_attempt=row["result_attempt"],
+        attempts=[attempt_view(a) for a in attempts],
+    )
+
+
+def attempt_view(a) -> AttemptView:  # noqa: ANN001
+    return AttemptView(
+        number=a["number"], instance_id=a["instance_id"], state=a["state"],
+        exit_code=a["exit_code"], reason=a["reason"], created_at=a["created_at"],
+        started_at=a["started_at"], finished_at=a["finished_at"],
+    )
+
+
+def instance_view(row) -> InstanceView:  # noqa: ANN001
+    return InstanceView(
+        id=row["id"], name=row["name"], fleet=row["fleet"], state=row["state"],
+        lost=row["lost_at"] is not None, incarnation=row["incarnation"], cpus=row["cpus"],
+        memory_mb=row["memory_mb"], running_attempts=row.get("running_attempts", 0) or 0,
+        host=row["host"], agent_version=row["agent_version"],
+        registered_at=row["registered_at"], last_heartbeat_at=row["last_heartbeat_at"],
+        message=row["message"],
+    )
+
+
+def event_view(row) -> EventView:  # noqa: ANN001
+    return EventView(
+        id=row["id"], ts=row["ts"], level=row["level"], kind=row["kind"],
+        message=row["message"], job_id=row["job_id"], instance_id=row["instance_id"],
+        server_id=row["server_id"],
+    )
+
+
+def server_view(row, now: float, grace: float) -> ServerView:  # noqa: ANN001
+    return ServerView(
+        id=row["id"], build_version=row["build_version"], host=row["host"], pid=row["pid"],
+        url=row["url"], started_at=row["started_at"], last_seen_at=row["last_seen_at"],
+        alive=row["stopped_at"] is None and now - row["last_seen_at"] <= grace,
+    )

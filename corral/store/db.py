@@ -1,0 +1,167 @@
+"""The database handle: one way to read, one way to write, one way to claim rows.
+
+SQLite (the embedded default) gets WAL, a busy timeout, and write transactions that
+start with BEGIN IMMEDIATE behind an in-process lock, so a single server never sees
+"database is locked". PostgreSQL gets row claims with FOR UPDATE SKIP LOCKED so
+several servers never process one row at once, and deadlock retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RETRYABLE_PG_CODES = {"40P01", "40001"}  # deadlock_detected, serialization_failure
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def normalize_url(url: str) -> str:
+    """Accept `sqlite:///path`, a bare file path, or `postgresql://...`; return the
+    async-driver URL SQLAlchemy needs."""
+    if not url:
+        raise DatabaseUrlError("database URL is empty")
+    if url.startswith(("postgresql+asyncpg://",)):
+        return url
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix):]
+    if url.startswith("sqlite+aiosqlite://"):
+        return url
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://"):]
+    if "://" in url:
+        raise DatabaseUrlError(
+            f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
+    return "sqlite+aiosqlite:///" + str(Path(url).expanduser().resolve())
+
+
+def _pg_code(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if code:
+            return code
+    return None
+
+
+class Database:
+    def __init__(self, url: str, *, echo: bool = False):
+        self.url = normalize_url(url)
+        self.is_postgres = self.url.startswith("postgresql")
+        self.is_sqlite = not self.is_postgres
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        if self.is_sqlite:
+            path = self.sqlite_path
+            if path is not None:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(
+                self.url, echo=echo, pool_size=8, max_overflow=8, pool_timeout=60
+            )
+            _install_sqlite_hooks(self.engine)
+        else:
+            self.engine = create_async_engine(
+                self.url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                pool_timeout=60,
+            )
+
+    @property
+    def sqlite_path(self) -> str | None:
+        if not self.is_sqlite:
+            return None
+        path = self.url.split(":///", 1)[1] if ":///" in self.url else ""
+        if not path or path == ":memory:":
+            return None
+        return os.path.abspath(path)
+
+    def display_url(self) -> str:
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _write_once(self) -> AsyncIterator[AsyncConnection]:
+        if self._write_lock is not None:
+            async with self._write_lock:
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(corral_write=True)
+                    async with conn.begin():
+                        yield conn
+        else:
+            async with self.engine.begin() as conn:
+                yield conn
+
+    async def transact(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(conn, *args, **kwargs)` in one write transaction; retry on deadlock."""
+        attempt = 0
+        while True:
+            try:
+                async with self._write_once() as conn:
+                    return await fn(conn, *args, **kwargs)
+            except DBAPIError as exc:
+                attempt += 1
+                if self.is_postgres and _pg_code(exc) in _RETRYABLE_PG_CODES and attempt < 8:
+                    log.debug("retrying transaction after %s", _pg_code(exc))
+                    await asyncio.sleep(0.01 * 2**attempt)
+                    continue
+                raise
+
+    async def query(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(conn, ...)` on a read connection."""
+        async with self.read() as conn:
+            return await fn(conn, *args, **kwargs)
+
+    def claim(self, stmt: sa.Select) -> sa.Select:
+        """Make a select claim its rows: on PostgreSQL skip rows another server holds."""
+        if self.is_postgres:
+            return stmt.with_for_update(skip_locked=True)
+        return stmt
+
+    def lock(self, stmt: sa.Select) -> sa.Select:
+        """Make a select wait for and hold its rows until the transaction ends."""
+        if self.is_postgres:
+            return stmt.with_for_update()
+        return stmt
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _install_sqlite_hooks(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        # take over transaction control from the driver so BEGIN can be IMMEDIATE
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        if conn.get_execution_options().get("corral_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

@@ -1,0 +1,271 @@
+"""Placing queued jobs, handing attempts to agents, and reaping the ones that died.
+
+Rows are claimed with FOR UPDATE SKIP LOCKED on PostgreSQL (Database.claim), so
+several servers' dispatchers and reapers never process one job or instance at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.domain.api import KillOrder, ObservedAttempt, StartOrder
+from corral.domain.instances import InstanceState
+from corral.domain.jobs import LIVE_ATTEMPT_STATES, AttemptState, JobState
+from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
+from corral.domain.tokens import hash_secret, same_hash
+from corral.store import jobs as jobs_repo
+from corral.store.db import Database
+from corral.store.schema import instances, job_attempts, jobs
+
+_LIVE = [s.value for s in LIVE_ATTEMPT_STATES]
+
+
+@dataclass(frozen=True)
+class Placement:
+    job_id: int
+    attempt: int
+    instance_id: str
+
+
+async def lock_jobs(
+    conn: AsyncConnection, db: Database, now: float, *, batch: int = 200
+) -> list[Placement]:
+    """Lock up to `batch` queued jobs onto instances with room for them.
+
+    Each lock bumps the job's attempt number and creates the attempt row; its token
+    is issued later, when the instance's agent collects it (see deliver_attempts)."""
+    queued = (
+        await conn.execute(
+            db.claim(
+                sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
+                .where(jobs.c.state == JobState.QUEUED)
+                .order_by(jobs.c.id)
+                .limit(batch)
+            )
+        )
+    ).mappings().all()
+    if not queued:
+        return []
+    candidates = (
+        await conn.execute(
+            db.claim(
+                sa.select(instances.c.id, instances.c.fleet, instances.c.cpus,
+                          instances.c.memory_mb, instances.c.created_at)
+                .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
+                .order_by(instances.c.created_at, instances.c.id)
+            )
+        )
+    ).mappings().all()
+    used = {
+        row.instance_id: row
+        for row in (
+            await conn.execute(
+                sa.select(
+                    job_attempts.c.instance_id,
+                    sa.func.sum(job_attempts.c.cpus).label("cpus"),
+                    sa.func.sum(job_attempts.c.memory_mb).label("memory_mb"),
+                    sa.func.count().label("n"),
+                )
+                .where(job_attempts.c.state.in_(_LIVE))
+                .group_by(job_attempts.c.instance_id)
+            )
+        ).all()
+    }
+    capacities = []
+    for i, inst in enumerate(candidates):
+        u = used.get(inst["id"])
+        capacities.append(
+            Capacity(
+                instance_id=inst["id"], fleet=inst["fleet"], cpus=inst["cpus"],
+                memory_mb=inst["memory_mb"],
+                used_cpus=float(u.cpus or 0) if u else 0.0,
+                used_memory_mb=int(u.memory_mb or 0) if u else 0,
+                running=int(u.n) if u else 0, order=(i,),
+            )
+        )
+    demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
+    placements: list[Placement] = []
+    for job_id, instance_id in place(demands, capacities):
+        result = await conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED)
+            .values(
+                state=JobState.LOCKED, current_attempt=jobs.c.current_attempt + 1,
+                instance_id=instance_id, updated_at=now, reason=None,
+            )
+            .returning(jobs.c.current_attempt, jobs.c.cpus, jobs.c.memory_mb)
+        )
+        row = result.first()
+        if row is None:
+            continue
+        await conn.execute(
+            sa.insert(job_attempts).values(
+                job_id=job_id, number=row.current_attempt, instance_id=instance_id,
+                state=AttemptState.ISSUED, cpus=row.cpus, memory_mb=row.memory_mb,
+                created_at=now, updated_at=now,
+            )
+        )
+        placements.append(Placement(job_id, row.current_attempt, instance_id))
+    await _explain_waiting(conn, demands, capacities, {p.job_id for p in placements}, queued)
+    return placements
+
+
+async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:  # noqa: ANN001
+    """A job no instance could ever hold says so in its reason, instead of waiting mutely."""
+    reasons = {q["id"]: q["reason"] for q in queued}
+    for d in demands:
+        if d.job_id in placed:
+            continue
+        if capacities and fits_anywhere(d, capacities):
+            why = None
+        else:
+            where = f"in fleet {d.fleet!r} " if d.fleet else ""
+            why = (
+                f"waiting: no running instance {where}has {d.cpus:g} cpus and "
+                f"{d.memory_mb} MB memory"
+            )
+        if why != reasons.get(d.job_id) and (why or reasons.get(d.job_id, "").startswith("waiting")):
+            await conn.execute(sa.update(jobs).where(jobs.c.id == d.job_id).values(reason=why))
+
+
+def new_attempt_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+async def deliver_attempts(
+    conn: AsyncConnection, instance_id: str, now: float
+) -> list[StartOrder]:
+    """Issue tokens for the attempts placed on this instance and not yet handed out.
+
+    A token is issued exactly once (`WHERE token_hash IS NULL`) and only its hash is
+    kept. If the reply carrying it is lost, the attempt never starts and the reaper
+    requeues it after the start timeout, with a new attempt and a new token."""
+    rows = (
+        await conn.execute(
+            sa.select(
+                job_attempts.c.job_id, job_attempts.c.number, jobs.c.command, jobs.c.env,
+                jobs.c.cpus, jobs.c.memory_mb,
+            )
+            .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+            .where(
+                job_attempts.c.instance_id == instance_id,
+                job_attempts.c.state == AttemptState.ISSUED,
+                job_attempts.c.token_hash.is_(None),
+                jobs.c.current_attempt == job_attempts.c.number,
+                jobs.c.state == JobState.LOCKED,
+            )
+            .order_by(job_attempts.c.job_id)
+        )
+    ).mappings().all()
+    orders = []
+    for r in rows:
+        secret = new_attempt_secret()
+        result = await conn.execute(
+            sa.update(job_attempts)
+            .where(
+                job_attempts.c.job_id == r["job_id"],
+                job_attempts.c.number == r["number"],
+                job_attempts.c.state == AttemptState.ISSUED,
+                job_attempts.c.token_hash.is_(None),
+            )
+            .values(token_hash=hash_secret(secret), delivered_at=now, updated_at=now)
+        )
+        if result.rowcount == 1:
+            orders.append(
+                StartOrder(
+                    job_id=r["job_id"], attempt=r["number"], token=secret,
+                    command=r["command"], env=r["env"], cpus=r["cpus"],
+                    memory_mb=r["memory_mb"],
+                )
+            )
+    return orders
+
+
+async def kills_for(
+    conn: AsyncConnection, instance_id: str, observed: list[ObservedAttempt]
+) -> list[KillOrder]:
+    """Which of the attempts an agent says it runs must die: any whose token is no
+    longer the job's current one, or that is not this instance's to run."""
+    if not observed:
+        return []
+    keys = [(o.job_id, o.attempt) for o in observed]
+    rows = (
+        await conn.execute(
+            sa.select(
+                job_attempts.c.job_id, job_attempts.c.number, job_attempts.c.state,
+                job_attempts.c.token_hash, job_attempts.c.instance_id,
+                jobs.c.current_attempt, jobs.c.state.label("job_state"),
+            )
+            .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+            .where(sa.tuple_(job_attempts.c.job_id, job_attempts.c.number).in_(keys))
+        )
+    ).mappings().all()
+    by_key = {(r["job_id"], r["number"]): r for r in rows}
+    kills = []
+    for o in observed:
+        r = by_key.get((o.job_id, o.attempt))
+        if r is None:
+            why = "no such attempt"
+        elif r["instance_id"] != instance_id:
+            why = f"attempt belongs to instance {r['instance_id']}"
+        elif not same_hash(r["token_hash"], hash_secret(o.token)):
+            why = "token does not match"
+        elif r["current_attempt"] != o.attempt:
+            why = f"stale: job is on attempt {r['current_attempt']}"
+        elif r["state"] not in _LIVE:
+            why = f"attempt is {r['state']}" + (
+                " (job cancelled)" if r["job_state"] == JobState.CANCELLED else ""
+            )
+        else:
+            continue
+        kills.append(KillOrder(job_id=o.job_id, attempt=o.attempt, reason=why))
+    return kills
+
+
+async def live_attempts_on(conn: AsyncConnection, instance_id: str):
+    q = sa.select(job_attempts).where(
+        job_attempts.c.instance_id == instance_id, job_attempts.c.state.in_(_LIVE)
+    )
+    return (await conn.execute(q)).mappings().all()
+
+
+async def claim_unstarted(conn: AsyncConnection, db: Database, cutoff: float):
+    """Attempts handed out (or placed) before `cutoff` whose runner never started."""
+    q = db.claim(
+        sa.select(job_attempts.c.job_id, job_attempts.c.number, job_attempts.c.instance_id)
+        .where(
+            job_attempts.c.state == AttemptState.ISSUED,
+            sa.func.coalesce(job_attempts.c.delivered_at, job_attempts.c.created_at) < cutoff,
+        )
+        .limit(500)
+    )
+    return (await conn.execute(q)).mappings().all()
+
+
+async def claim_silent(conn: AsyncConnection, db: Database, cutoff: float):
+    """Running attempts whose runner has not been heard from since `cutoff`."""
+    q = db.claim(
+        sa.select(job_attempts.c.job_id, job_attempts.c.number, job_attempts.c.instance_id)
+        .where(
+            job_attempts.c.state == AttemptState.RUNNING,
+            job_attempts.c.updated_at < cutoff,
+        )
+        .limit(500)
+    )
+    return (await conn.execute(q)).mappings().all()
+
+
+async def lose_all_on(
+    conn: AsyncConnection, instance_id: str, why: str, now: float
+) -> list[tuple[int, int, str | None]]:
+    out = []
+    for a in await live_attempts_on(conn, instance_id):
+        state = await jobs_repo.lose_attempt(
+            conn, a["job_id"], a["number"], why, now, instance_id=instance_id
+        )
+        out.append((a["job_id"], a["number"], state))
+    return out

@@ -1,0 +1,64 @@
+"""Fleets: a backend, a size range and a target size."""
+
+from __future__ import annotations
+
+import re
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.domain.instances import InstanceState
+from corral.store.schema import fleets, instances
+
+
+async def upsert_fleet(
+    conn: AsyncConnection, *, name: str, backend: str, min_size: int, max_size: int,
+    target_size: int, now: float, idle_timeout: float = 300.0, cpus: float | None = None,
+    memory_mb: int | None = None, spec: dict | None = None,
+) -> None:
+    exists = (
+        await conn.execute(sa.select(fleets.c.name).where(fleets.c.name == name))
+    ).first()
+    values = dict(
+        backend=backend, min_size=min_size, max_size=max_size, target_size=target_size,
+        idle_timeout=idle_timeout, cpus=cpus, memory_mb=memory_mb, spec=spec or {},
+        updated_at=now,
+    )
+    if exists:
+        await conn.execute(sa.update(fleets).where(fleets.c.name == name).values(**values))
+    else:
+        await conn.execute(sa.insert(fleets).values(name=name, created_at=now, **values))
+
+
+async def get_fleet(conn: AsyncConnection, name: str):
+    return (await conn.execute(sa.select(fleets).where(fleets.c.name == name))).mappings().first()
+
+
+async def list_fleets(conn: AsyncConnection):
+    return (await conn.execute(sa.select(fleets).order_by(fleets.c.name))).mappings().all()
+
+
+async def claim_fleets(conn: AsyncConnection, db, backends: list[str]):  # noqa: ANN001
+    q = db.claim(sa.select(fleets).where(fleets.c.backend.in_(backends)).order_by(fleets.c.name))
+    return (await conn.execute(q)).mappings().all()
+
+
+async def fleet_instances(conn: AsyncConnection, fleet: str, states: list[str] | None = None):
+    q = sa.select(instances).where(instances.c.fleet == fleet).order_by(instances.c.created_at)
+    if states:
+        q = q.where(instances.c.state.in_(states))
+    return (await conn.execute(q)).mappings().all()
+
+
+async def next_instance_names(conn: AsyncConnection, fleet: str, count: int) -> list[str]:
+    """Fresh names `<fleet>-<n>`: never one an instance ever had (a retired name is
+    refused for good, so it must not be handed out again)."""
+    names = (
+        await conn.execute(sa.select(instances.c.name).where(instances.c.name.like(f"{fleet}-%")))
+    ).scalars().all()
+    pattern = re.compile(rf"^{re.escape(fleet)}-(\d+)$")
+    highest = max((int(m.group(1)) for n in names if (m := pattern.match(n))), default=0)
+    return [f"{fleet}-{highest + i}" for i in range(1, count + 1)]
+
+
+LIVE = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]

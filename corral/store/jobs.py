@@ -1,0 +1,420 @@
+"""Jobs, attempts and logs.
+
+Every update a runner or agent makes is fenced: it names (job, attempt, token) and
+is applied by a single conditional UPDATE on the attempt row
+(`... WHERE job_id = :id AND number = :n AND token_hash = :h AND state IN (...)`),
+never read-then-write. Whatever else the update writes happens after that fence in
+the same transaction, so a stale token changes nothing at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.domain.api import JobSubmit, LogChunkIn
+from corral.domain.errors import StaleToken
+from corral.domain.jobs import (
+    ACTIVE_JOB_STATES,
+    FINAL_JOB_STATES,
+    LIVE_ATTEMPT_STATES,
+    AttemptState,
+    JobState,
+    after_command_exit,
+    after_lost_attempt,
+    attempt_sources,
+    job_sources,
+)
+from corral.domain.tokens import hash_secret, well_formed
+from corral.store import events
+from corral.store.schema import job_attempts, jobs, log_chunks
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class JobConflict(Exception):
+    """The request is well-formed but the job's state forbids it (HTTP 409)."""
+
+
+def _values(states: Iterable) -> list[str]:
+    return [str(s) for s in states]
+
+
+def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table):
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+
+async def get_job(conn: AsyncConnection, job_id: int) -> sa.RowMapping | None:
+    return (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
+
+
+async def require_job(conn: AsyncConnection, job_id: int) -> sa.RowMapping:
+    row = await get_job(conn, job_id)
+    if row is None:
+        raise JobNotFound(job_id)
+    return row
+
+
+async def list_attempts(conn: AsyncConnection, job_id: int):
+    q = (
+        sa.select(job_attempts)
+        .where(job_attempts.c.job_id == job_id)
+        .order_by(job_attempts.c.number)
+    )
+    return (await conn.execute(q)).mappings().all()
+
+
+async def get_attempt(conn: AsyncConnection, job_id: int, number: int) -> sa.RowMapping | None:
+    q = sa.select(job_attempts).where(
+        job_attempts.c.job_id == job_id, job_attempts.c.number == number
+    )
+    return (await conn.execute(q)).mappings().first()
+
+
+async def list_jobs(
+    conn: AsyncConnection, *, states: list[str] | None = None, limit: int = 100,
+    before_id: int | None = None,
+):
+    q = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+    if states:
+        q = q.where(jobs.c.state.in_(states))
+    if before_id is not None:
+        q = q.where(jobs.c.id < before_id)
+    return (await conn.execute(q)).mappings().all()
+
+
+async def count_jobs_by_state(conn: AsyncConnection) -> dict[str, int]:
+    q = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+    return {state: n for state, n in (await conn.execute(q)).all()}
+
+
+async def read_logs(
+    conn: AsyncConnection, job_id: int, attempt: int, after_seq: int, limit: int = 500
+):
+    q = (
+        sa.select(log_chunks.c.seq, log_chunks.c.stream, log_chunks.c.data)
+        .where(
+            log_chunks.c.job_id == job_id,
+            log_chunks.c.attempt == attempt,
+            log_chunks.c.seq > after_seq,
+        )
+        .order_by(log_chunks.c.seq)
+        .limit(limit)
+    )
+    return (await conn.execute(q)).mappings().all()
+
+
+# ---- user actions ----------------------------------------------------------------------
+
+
+async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
+    result = await conn.execute(
+        sa.insert(jobs)
+        .values(
+            name=spec.name, state=JobState.QUEUED, command=spec.command, env=spec.env,
+            inputs=spec.inputs, fleet=spec.fleet, cpus=spec.cpus, memory_mb=spec.memory_mb,
+            max_attempts=spec.max_attempts, current_attempt=0, created_at=now, updated_at=now,
+        )
+        .returning(jobs.c.id)
+    )
+    return result.scalar_one()
+
+
+async def _end_live_attempt(
+    conn: AsyncConnection, job_id: int, number: int, target: AttemptState, reason: str,
+    now: float,
+) -> bool:
+    result = await conn.execute(
+        sa.update(job_attempts)
+        .where(
+            job_attempts.c.job_id == job_id,
+            job_attempts.c.number == number,
+            job_attempts.c.state.in_(_values(attempt_sources(target))),
+        )
+        .values(state=target, reason=reason, finished_at=now, updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+async def cancel(conn: AsyncConnection, job_id: int, now: float) -> sa.RowMapping:
+    job = await require_job(conn, job_id)
+    if job["state"] in FINAL_JOB_STATES:
+        raise JobConflict(f"job {job_id} is already {job['state']}")
+    result = await conn.execute(
+        sa.update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.state.in_(_values(job_sources(JobState.CANCELLED))))
+        .values(state=JobState.CANCELLED, reason="cancelled by user", finished_at=now,
+                updated_at=now)
+        .returning(*jobs.c)
+    )
+    row = result.mappings().first()
+    if row is None:
+        fresh = await require_job(conn, job_id)
+        raise JobConflict(f"job {job_id} is already {fresh['state']}")
+    if row["current_attempt"]:
+        await _end_live_attempt(
+            conn, job_id, row["current_attempt"], AttemptState.REVOKED, "job cancelled", now
+        )
+    await events.record(
+        conn, now, "info", "job.cancelled", f"job {job_id} cancelled (was {job['state']})",
+        job_id=job_id, instance_id=job["instance_id"],
+    )
+    return row
+
+
+async def requeue(conn: AsyncConnection, job_id: int, now: float, why: str) -> sa.RowMapping:
+    """Revoke the current attempt's token at once and queue the job for a new attempt."""
+    job = await require_job(conn, job_id)
+    if job["state"] not in ACTIVE_JOB_STATES:
+        raise JobConflict(f"job {job_id} is {job['state']}; only locked or running jobs requeue")
+    if job["current_attempt"] >= job["max_attempts"]:
+        raise JobConflict(
+            f"job {job_id} has used {job['current_attempt']} of max_attempts="
+            f"{job['max_attempts']}; a requeue would exceed it"
+        )
+    n = job["current_attempt"]
+    row = await _move_job(conn, job_id, n, JobState.QUEUED, now, reason=None, instance_id=None)
+    if row is None:
+        raise JobConflict(f"job {job_id} changed state; try again")
+    await _end_live_attempt(conn, job_id, n, AttemptState.REVOKED, f"requeued: {why}", now)
+    await events.record(
+        conn, now, "info", "job.requeued",
+        f"job {job_id} attempt {n} revoked and requeued: {why}",
+        job_id=job_id, instance_id=job["instance_id"],
+    )
+    return row
+
+
+async def _move_job(
+    conn: AsyncConnection, job_id: int, attempt: int, target: JobState, now: float, **values
+) -> sa.RowMapping | None:
+    """Move the job to `target` only if `attempt` is still its current one and the
+    transition table allows it from the state it is in — one statement."""
+    if target in FINAL_JOB_STATES:
+        values.setdefault("finished_at", now)
+    result = await conn.execute(
+        sa.update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.current_attempt == attempt,
+            jobs.c.state.in_(_values(job_sources(target) & ACTIVE_JOB_STATES)),
+        )
+        .values(state=target, updated_at=now, **values)
+        .returning(*jobs.c)
+    )
+    return result.mappings().first()
+
+
+# ---- fenced updates from runners and agents ---------------------------------------------
+
+
+async def _stale(conn: AsyncConnection, job_id: int, number: int) -> StaleToken:
+    """Explain why a fence did not pass (read only for the message)."""
+    job = await get_job(conn, job_id)
+    if job is None:
+        return StaleToken(f"job {job_id} does not exist")
+    attempt = await get_attempt(conn, job_id, number)
+    if attempt is None:
+        return StaleToken(f"job {job_id} has no attempt {number}")
+    if job["current_attempt"] != number:
+        return StaleToken(
+            f"attempt {number} of job {job_id} is stale: the current attempt is "
+            f"{job['current_attempt']} (this one is {attempt['state']})"
+        )
+    return StaleToken(
+        f"attempt {number} of job {job_id} does not accept this update "
+        f"(attempt {attempt['state']}, job {job['state']}, or the token does not match)"
+    )
+
+
+async def fence(
+    conn: AsyncConnection, job_id: int, number: int, token: str | None, now: float,
+    states: Iterable[AttemptState], **values,
+) -> sa.RowMapping:
+    """The one fencing primitive: a conditional UPDATE of the attempt row that passes
+    only for the current token in an allowed state. Raises StaleToken otherwise."""
+    if not token or not well_formed(token):
+        raise StaleToken(f"attempt {number} of job {job_id}: malformed attempt token")
+    result = await conn.execute(
+        sa.update(job_attempts)
+        .where(
+            job_attempts.c.job_id == job_id,
+            job_attempts.c.number == number,
+            job_attempts.c.token_hash == hash_secret(token),
+            job_attempts.c.state.in_(_values(states)),
+        )
+        .values(updated_at=now, **values)
+        .returning(*job_attempts.c)
+    )
+    row = result.mappings().first()
+    if row is None:
+        raise await _stale(conn, job_id, number)
+    return row
+
+
+async def start_attempt(
+    conn: AsyncConnection, job_id: int, number: int, token: str, now: float
+) -> str:
+    try:
+        await fence(
+            conn, job_id, number, token, now, [AttemptState.ISSUED],
+            state=AttemptState.RUNNING, started_at=now,
+        )
+    except StaleToken:
+        # a retried start (the reply was lost) is fine if this token already runs
+        await fence(conn, job_id, number, token, now, [AttemptState.RUNNING])
+        return JobState.RUNNING
+    row = await _move_job(
+        conn, job_id, number, JobState.RUNNING, now,
+        started_at=sa.func.coalesce(jobs.c.started_at, now),
+    )
+    if row is None:
+        raise await _stale(conn, job_id, number)
+    return row["state"]
+
+
+async def touch_attempt(
+    conn: AsyncConnection, job_id: int, number: int, token: str, now: float
+) -> None:
+    await fence(conn, job_id, number, token, now, LIVE_ATTEMPT_STATES)
+
+
+def decode_chunks(chunks: list[LogChunkIn]) -> list[tuple[int, str, bytes]]:
+    out = []
+    for c in chunks:
+        try:
+            out.append((c.seq, c.stream, base64.b64decode(c.data, validate=True)))
+        except (binascii.Error, ValueError):
+            raise ValueError(f"chunks[seq={c.seq}].data is not valid base64") from None
+    return out
+
+
+async def append_logs(
+    conn: AsyncConnection, job_id: int, number: int, token: str,
+    chunks: list[tuple[int, str, bytes]], now: float,
+) -> None:
+    await fence(conn, job_id, number, token, now, LIVE_ATTEMPT_STATES)
+    if not chunks:
+        return
+    stmt = insert_ignoring_duplicates(conn, log_chunks).values(
+        [
+            {"job_id": job_id, "attempt": number, "seq": seq, "stream": stream, "data": data,
+             "created_at": now}
+            for seq, stream, data in chunks
+        ]
+    )
+    await conn.execute(stmt.on_conflict_do_nothing())
+
+
+async def finish_attempt(
+    conn: AsyncConnection, job_id: int, number: int, token: str,
+    exit_code: int | None, reason: str | None, now: float,
+) -> tuple[str, bool]:
+    """Record the command's result. Returns (job state, recorded now?). A retry of the
+    same finish (its reply was lost) is answered without writing anything again."""
+    target_attempt = (
+        AttemptState.SUCCEEDED if exit_code == 0 else AttemptState.FAILED
+    )
+    target_job = after_command_exit(exit_code) if exit_code is not None else JobState.FAILED
+    if exit_code is None and not reason:
+        reason = "the command did not run"
+    elif exit_code not in (None, 0) and not reason:
+        reason = f"exited with code {exit_code}"
+    try:
+        await fence(
+            conn, job_id, number, token, now, [AttemptState.RUNNING],
+            state=target_attempt, exit_code=exit_code, reason=reason, finished_at=now,
+        )
+    except StaleToken:
+        attempt = await get_attempt(conn, job_id, number)
+        job = await get_job(conn, job_id)
+        if (
+            attempt is not None and job is not None
+            and attempt["token_hash"] == hash_secret(token or "")
+            and attempt["state"] == target_attempt and attempt["exit_code"] == exit_code
+            and job["result_attempt"] == number
+        ):
+            return job["state"], False
+        raise
+    row = await _move_job(
+        conn, job_id, number, target_job, now,
+        exit_code=exit_code, reason=reason, result_attempt=number,
+    )
+    if row is None:
+        raise await _stale(conn, job_id, number)
+    if target_job is JobState.FAILED:
+        await events.record(
+            conn, now, "info", "job.failed", f"job {job_id} failed: {reason}",
+            job_id=job_id, instance_id=row["instance_id"],
+        )
+    return row["state"], True
+
+
+async def lose_attempt(
+    conn: AsyncConnection, job_id: int, number: int, why: str, now: float,
+    *, token: str | None = None, instance_id: str | None = None,
+) -> str | None:
+    """The attempt ended without its command finishing (runner crash, instance lost,
+    never started). The job is requeued while attempts remain, else fails saying why.
+
+    With `token` (runner or agent reporting) the update is fenced by it; without
+    (the reaper) it applies only while the attempt is live and still the job's
+    current one. Returns the job's new state, or None if nothing changed."""
+    if token is not None:
+        await fence(
+            conn, job_id, number, token, now, LIVE_ATTEMPT_STATES,
+            state=AttemptState.LOST, reason=why, finished_at=now,
+        )
+    else:
+        result = await conn.execute(
+            sa.update(job_attempts)
+            .where(
+                job_attempts.c.job_id == job_id,
+                job_attempts.c.number == number,
+                job_attempts.c.state.in_(_values(LIVE_ATTEMPT_STATES)),
+            )
+            .values(state=AttemptState.LOST, reason=why, finished_at=now, updated_at=now)
+        )
+        if result.rowcount != 1:
+            return None
+    job = await require_job(conn, job_id)
+    outcome = after_lost_attempt(number, job["max_attempts"], why)
+    if outcome.job_state is JobState.QUEUED:
+        row = await _move_job(
+            conn, job_id, number, JobState.QUEUED, now, instance_id=None,
+            reason=f"requeued after attempt {number}: {why}",
+        )
+    else:
+        row = await _move_job(
+            conn, job_id, number, JobState.FAILED, now, reason=outcome.reason,
+            result_attempt=number,
+        )
+    if row is None:
+        if token is not None:
+            raise await _stale(conn, job_id, number)
+        return None
+    if outcome.job_state is JobState.QUEUED:
+        await events.record(
+            conn, now, "warning", "job.requeued",
+            f"job {job_id} attempt {number} lost ({why}); requeued, "
+            f"{job['max_attempts'] - number} attempt(s) left",
+            job_id=job_id, instance_id=instance_id or job["instance_id"],
+        )
+    else:
+        await events.record(
+            conn, now, "warning", "job.failed", f"job {job_id} failed: {outcome.reason}",
+            job_id=job_id, instance_id=instance_id or job["instance_id"],
+        )
+    return row["state"]
+

@@ -1,0 +1,43 @@
+"""Bring the schema to head. The server runs this on every start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from corral.store.db import Database
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_MIGRATION_LOCK = 0x636F7272  # "corr": one migrator at a time across servers
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def migrate(db: Database) -> str:
+    """Upgrade to head; return the revision the database is now at."""
+
+    def _upgrade(sync_conn: sa.Connection) -> str:
+        if sync_conn.dialect.name == "postgresql":
+            sync_conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        cfg = alembic_config()
+        cfg.attributes["connection"] = sync_conn
+        command.upgrade(cfg, "head")
+        return MigrationContext.configure(sync_conn).get_current_revision()
+
+    async def _run(conn) -> str:  # noqa: ANN001
+        return await conn.run_sync(_upgrade)
+
+    return await db.transact(_run)

@@ -1,0 +1,156 @@
+"""Tables. Times are epoch seconds (float) so the clock can be injected everywhere."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Time = sa.Float(precision=53).with_variant(sa.Double(), "postgresql")
+
+servers = sa.Table(
+    "servers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("build_version", sa.String(100), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("url", sa.String(500)),
+    sa.Column("started_at", Time, nullable=False),
+    sa.Column("last_seen_at", Time, nullable=False),
+    sa.Column("stopped_at", Time),
+)
+
+fleets = sa.Table(
+    "fleets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("backend", sa.String(32), nullable=False),
+    sa.Column("min_size", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_size", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("target_size", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("idle_timeout", Time, nullable=False, server_default="300"),
+    sa.Column("cpus", sa.Float, nullable=True),
+    sa.Column("memory_mb", sa.Integer, nullable=True),
+    sa.Column("spec", sa.JSON, nullable=False, server_default="{}"),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("fleet", sa.String(64), sa.ForeignKey("fleets.name"), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("incarnation", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cpus", sa.Float, nullable=False, server_default="0"),
+    sa.Column("memory_mb", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("host", sa.String(255)),
+    sa.Column("peer_url", sa.String(500)),
+    sa.Column("agent_version", sa.String(100)),
+    sa.Column("backend_ref", sa.String(255)),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("registered_at", Time),
+    sa.Column("last_heartbeat_at", Time),
+    sa.Column("lost_at", Time),
+    sa.Column("drain_requested_at", Time),
+    sa.Column("drain_force", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("retired_at", Time),
+    sa.Column("terminated_at", Time),
+    sa.Column("message", sa.Text),
+    sa.Index("ix_instances_state", "state"),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("command", sa.JSON, nullable=False),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("inputs", sa.JSON, nullable=False),
+    sa.Column("fleet", sa.String(64)),
+    sa.Column("cpus", sa.Float, nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("current_attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("instance_id", sa.String(64)),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("reason", sa.Text),
+    sa.Column("result_attempt", sa.Integer),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("started_at", Time),
+    sa.Column("finished_at", Time),
+    sa.Index("ix_jobs_state_id", "state", "id"),
+)
+
+job_attempts = sa.Table(
+    "job_attempts",
+    metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("instance_id", sa.String(64), sa.ForeignKey("instances.id"), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("token_hash", sa.String(64)),
+    sa.Column("cpus", sa.Float, nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("delivered_at", Time),
+    sa.Column("started_at", Time),
+    sa.Column("finished_at", Time),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("reason", sa.Text),
+    sa.Index("ix_job_attempts_instance_id_state", "instance_id", "state"),
+    sa.Index("ix_job_attempts_state", "state"),
+)
+
+log_chunks = sa.Table(
+    "log_chunks",
+    metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("stream", sa.String(3), nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("ts", Time, nullable=False),
+    sa.Column("level", sa.String(10), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Integer),
+    sa.Column("instance_id", sa.String(64)),
+    sa.Column("server_id", sa.String(64)),
+    sa.Column("data", sa.JSON),
+    sa.Index("ix_events_level_id", "level", "id"),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # admin | join | agent
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("instance_id", sa.String(64)),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("revoked_at", Time),
+    sa.Column("note", sa.String(200)),
+)

@@ -1,0 +1,255 @@
+"""A throwaway cluster of real processes on loopback, for tests and benchmarks.
+
+    with Cluster(tmp_path) as c:
+        server = c.server()                  # `corral server` on SQLite, a free port
+        c.agent(server, name="a1")           # `corral agent`
+        job = c.client(server).submit(["echo", "hi"])
+
+Every process it starts runs in its own session; on exit it stops them, then kills
+anything still running whose command line or working directory lies under the
+cluster's directory (runners and the commands they ran), so nothing outlives a test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import psutil
+
+from corral.client.sdk import Client
+
+T = TypeVar("T")
+
+
+class Timeout(AssertionError):
+    pass
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str,
+             interval: float = 0.05) -> T:
+    """Poll until `predicate()` is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise Timeout(f"timed out after {timeout:g}s waiting for {what}"
+                          + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(self.env or {})}
+        env.pop("CORRAL_SERVER", None)
+        env.pop("CORRAL_TOKEN", None)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def corral_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "corral", *args]
+
+
+class ServerProc(Proc):
+    def __init__(self, data_dir: Path, port: int, db_url: str | None,
+                 extra: list[str], env: dict[str, str] | None):
+        args = corral_cmd("server", "--data-dir", str(data_dir), "--port", str(port),
+                          "--log-level", "info", *extra)
+        if db_url:
+            args += ["--db", db_url]
+        super().__init__(args, data_dir / "server.log", env)
+        self.data_dir = data_dir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> "ServerProc":
+        def up() -> bool:
+            if not self.alive():
+                raise AssertionError(f"server exited with {self.popen.returncode}:\n{self.log()}")
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+
+        wait_for(up, timeout, f"server on {self.url}", interval=0.1)
+        return self
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    @property
+    def join_token(self) -> str:
+        return (self.data_dir / "join.token").read_text().strip()
+
+    def restart(self, timeout: float = 30.0) -> "ServerProc":
+        self.stop()
+        self.start()
+        return self.wait_ready(timeout)
+
+
+class AgentProc(Proc):
+    def __init__(self, data_dir: Path, servers: list[str], join_token: str, name: str,
+                 extra: list[str], env: dict[str, str] | None):
+        args = corral_cmd("agent", "--data-dir", str(data_dir), "--name", name,
+                          "--join-token", join_token, "--log-level", "info", *extra)
+        for s in servers:
+            args += ["--server", s]
+        super().__init__(args, data_dir / "agent.log", env)
+        self.data_dir = data_dir
+        self.name = name
+
+
+class Cluster:
+    """Owns every process it starts; `close()` leaves nothing running."""
+
+    # fast timings so failures are detected in seconds, not minutes
+    FAST = ["--agent-grace", "4", "--start-timeout", "15", "--attempt-grace", "20",
+            "--heartbeat-interval", "1"]
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.procs: list[Proc] = []
+        self.servers: list[ServerProc] = []
+        self.agents: list[AgentProc] = []
+        self._clients: list[Client] = []
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.close()
+
+    def server(self, *, db_url: str | None = None, name: str | None = None,
+               extra: list[str] | None = None, env: dict[str, str] | None = None,
+               fast: bool = True, wait: bool = True) -> ServerProc:
+        name = name or f"server{len(self.servers) + 1}"
+        extra = (self.FAST if fast else []) + (extra or [])
+        proc = ServerProc(self.base / name, free_port(), db_url, extra, env)
+        proc.start()
+        self.procs.append(proc)
+        self.servers.append(proc)
+        return proc.wait_ready() if wait else proc
+
+    def agent(self, server: ServerProc | list[ServerProc], *, name: str | None = None,
+              cpus: float | None = 2, extra: list[str] | None = None,
+              env: dict[str, str] | None = None) -> AgentProc:
+        servers = server if isinstance(server, list) else [server]
+        name = name or f"agent{len(self.agents) + 1}"
+        extra = list(extra or [])
+        if cpus is not None:
+            extra += ["--cpus", str(cpus)]
+        proc = AgentProc(self.base / "agents" / name, [s.url for s in servers],
+                         servers[0].join_token, name, extra, env)
+        proc.start()
+        self.procs.append(proc)
+        self.agents.append(proc)
+        return proc
+
+    def client(self, server: ServerProc) -> Client:
+        c = Client(server=server.url, token=server.admin_token)
+        self._clients.append(c)
+        return c
+
+    def wait_agents_running(self, client: Client, n: int, timeout: float = 30) -> list:
+        def ready():  # noqa: ANN202
+            running = [i for i in client.instances() if i.state == "running" and not i.lost]
+            return running if len(running) >= n else None
+
+        return wait_for(ready, timeout, f"{n} running instance(s)")
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes under this cluster's directory that are still alive (runners,
+        and the commands they ran, found by command line or working directory)."""
+        base = str(self.base.resolve())
+        mine = {p.pid for p in self.procs if p.alive()}
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+            try:
+                if p.pid == os.getpid() or p.pid in mine:
+                    continue
+                if p.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                cmd = " ".join(p.info["cmdline"] or [])
+                cwd = p.info["cwd"] or ""
+                if base in cmd or cwd.startswith(base):
+                    out.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return out
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        for proc in reversed(self.agents):
+            proc.stop(timeout=20)
+        for proc in self.servers:
+            proc.stop(timeout=20)
+        for p in self.leftovers():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

@@ -1,0 +1,81 @@
+"""Shared fixtures: a throwaway PostgreSQL database per run, and database URLs for
+tests that must pass on both SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from corral.testing import Cluster
+
+PG_ENV = "CORRAL_TEST_PG_URL"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _asyncpg_dsn(url: str) -> str:
+    for prefix in ("postgresql+asyncpg://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix):]
+    return url
+
+
+async def _admin(url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_asyncpg_dsn(url), timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _with_db(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if _in_ci():
+            pytest.fail(f"{PG_ENV} is not set; CI must test against PostgreSQL")
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
+    try:
+        asyncio.run(_admin(url, "SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        if _in_ci():
+            pytest.fail(f"PostgreSQL at {url} is not reachable in CI: {exc!r}")
+        pytest.skip(f"PostgreSQL at {url} is not reachable: {exc!r}")
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str):
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"corral_test_{secrets.token_hex(6)}"
+    asyncio.run(_admin(pg_server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_db(pg_server_url, name)
+    finally:
+        asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'corral.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    with Cluster(tmp_path / "cluster") as c:
+        yield c

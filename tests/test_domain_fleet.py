@@ -1,0 +1,166 @@
+"""Instance lifecycle, admission, placement, heartbeat pacing and backoff (pure)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corral.domain.backoff import Backoff
+from corral.domain.errors import IllegalTransition
+from corral.domain.heartbeat import grace_period, heartbeat_interval, is_lost
+from corral.domain.instances import (
+    INSTANCE_TRANSITIONS,
+    Admission,
+    InstanceState,
+    accepts_jobs,
+    accepts_replicas,
+    check_instance_transition,
+    decide_heartbeat,
+    decide_register,
+)
+from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
+
+P, RUN, D, RET, T = (InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING,
+                     InstanceState.RETIRED, InstanceState.TERMINATED)
+ALLOWED = {(P, RUN), (P, D), (P, T), (RUN, D), (D, RUN), (D, RET), (RET, T)}
+
+
+def test_instance_table_is_the_contract():
+    assert {(a, b) for a, ts in INSTANCE_TRANSITIONS.items() for b in ts} == ALLOWED
+
+
+@pytest.mark.parametrize(
+    "current,target", sorted(set(itertools.product(InstanceState, InstanceState)) - ALLOWED)
+)
+def test_illegal_instance_transitions_are_refused(current, target):
+    with pytest.raises(IllegalTransition):
+        check_instance_transition(current, target)
+
+
+def test_retired_never_comes_back():
+    for target in InstanceState:
+        if target is not T:
+            with pytest.raises(IllegalTransition):
+                check_instance_transition(RET, target)
+
+
+@pytest.mark.parametrize("state", [RET, T, None])
+def test_register_of_gone_or_unknown_instance_is_told_to_exit(state):
+    decision = decide_register(state)
+    assert decision.admission is Admission.EXIT
+
+
+def test_register_keeps_draining_draining():
+    assert decide_register(D).state_after is D
+    assert decide_register(RUN).state_after is RUN
+    assert decide_register(P).state_after is RUN
+
+
+def test_heartbeat_from_superseded_incarnation_exits():
+    assert decide_heartbeat(RUN, 4, 3).admission is Admission.EXIT
+    assert decide_heartbeat(RUN, 4, 4).admission is Admission.WELCOME
+    assert decide_heartbeat(RET, 4, 4).admission is Admission.EXIT
+    assert decide_heartbeat(None, None, 1).admission is Admission.EXIT
+
+
+def test_only_running_reachable_instances_take_jobs_or_replicas():
+    for s in InstanceState:
+        assert accepts_jobs(s, lost=False) == (s is RUN)
+        assert accepts_replicas(s, lost=False) == (s is RUN)
+        assert not accepts_jobs(s, lost=True)
+        assert not accepts_replicas(s, lost=True)
+
+
+def cap(i, cpus=2.0, mem=1000, fleet=None, used=0.0, running=0):  # noqa: ANN001
+    return Capacity(i, fleet, cpus, mem, used_cpus=used, running=running)
+
+
+def test_place_prefers_idle_then_packs():
+    a, b = cap("a", used=1.0, running=1), cap("b")
+    out = place([JobDemand(1, 1.0, 0)], [a, b])
+    assert out == [(1, "b")]  # idle b before half-busy a
+
+
+def test_place_respects_cpu_memory_and_fleet():
+    insts = [cap("a", cpus=1, mem=100, fleet="x"), cap("b", cpus=4, mem=4000, fleet="y")]
+    out = place([JobDemand(1, 2, 0), JobDemand(2, 1, 200), JobDemand(3, 1, 0, "x"),
+                 JobDemand(4, 8, 0)], insts)
+    assert dict(out) == {1: "b", 2: "b", 3: "a"}  # job 4 fits nowhere
+
+
+def test_place_never_overcommits():
+    insts = [cap("a", cpus=2), cap("b", cpus=1)]
+    out = place([JobDemand(i, 1, 0) for i in range(10)], insts)
+    assert len(out) == 3
+    assert sum(1 for _, i in out if i == "a") == 2
+
+
+def test_fits_anywhere_ignores_current_load():
+    busy = cap("a", cpus=2, used=2, running=2)
+    assert fits_anywhere(JobDemand(1, 2, 0), [busy])
+    assert not fits_anywhere(JobDemand(1, 3, 0), [busy])
+
+
+@given(st.lists(st.tuples(st.floats(0.1, 4), st.integers(0, 2000)), max_size=40),
+       st.lists(st.tuples(st.floats(0.5, 8), st.integers(0, 8000)), min_size=1, max_size=6))
+def test_placement_respects_capacity_for_any_input(jobs, insts):
+    caps = [cap(f"i{k}", cpus=c, mem=m) for k, (c, m) in enumerate(insts)]
+    totals = {c.instance_id: (c.cpus, c.memory_mb) for c in caps}
+    demands = [JobDemand(k, c, m) for k, (c, m) in enumerate(jobs)]
+    out = place(demands, caps)
+    used: dict[str, list[float]] = {}
+    for job_id, inst in out:
+        d = demands[job_id]
+        u = used.setdefault(inst, [0.0, 0])
+        u[0] += d.cpus
+        u[1] += d.memory_mb
+    for inst, (c, m) in used.items():
+        assert c <= totals[inst][0] + 1e-6 and m <= totals[inst][1]
+    assert len({j for j, _ in out}) == len(out)
+
+
+def test_heartbeat_interval_caps_total_rate():
+    assert heartbeat_interval(1) == 2.0
+    assert heartbeat_interval(100) == 2.0
+    assert heartbeat_interval(1000) == 20.0  # 1000 agents / 20 s = 50/s
+    assert heartbeat_interval(100000) == 30.0  # never rarer than the ceiling
+    for n in (10, 500, 1500):
+        assert n / heartbeat_interval(n) <= 50.0 + 1e-9
+    with pytest.raises(ValueError):
+        heartbeat_interval(-1)
+
+
+def test_grace_is_at_least_three_intervals():
+    assert grace_period(2.0, 1.0) == 7.0
+    assert grace_period(2.0, 20.0) == 20.0
+
+
+def test_is_lost_uses_the_time_passed_in():
+    assert not is_lost(100.0, now=105.0, grace=10.0)
+    assert is_lost(100.0, now=111.0, grace=10.0)
+    assert not is_lost(None, now=1e9, grace=1.0)
+
+
+def test_backoff_schedule_on_a_fake_clock():
+    b = Backoff(base=30, factor=2, maximum=3600, jitter=0.0)
+    assert [b.delay(n, 0.5) for n in range(1, 9)] == [30, 60, 120, 240, 480, 960, 1920, 3600]
+    assert b.delay(50, 0.0) == 3600  # capped, no overflow
+
+
+@given(st.integers(1, 200), st.floats(0, 0.999999))
+def test_backoff_jitter_stays_within_bounds(failures, rand):
+    b = Backoff(base=30, factor=2, maximum=3600, jitter=0.2)
+    top = b.ceiling(failures)
+    assert top * 0.8 - 1e-9 <= b.delay(failures, rand) <= top + 1e-9
+
+
+def test_backoff_rejects_nonsense():
+    with pytest.raises(ValueError):
+        Backoff(base=0)
+    with pytest.raises(ValueError):
+        Backoff(jitter=2)
+    with pytest.raises(ValueError):
+        Backoff().delay(1, 1.0)
