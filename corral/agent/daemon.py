@@ -29,7 +29,8 @@ from corral.agent.identity import (
     write_tombstone,
 )
 from corral.agent.supervisor import Supervisor
-from corral.agent.upstream import AsyncServer, Unreachable
+from corral.agent.upstream import Unreachable
+from corral.agent.upstream_async import AsyncServer
 from corral.domain.api import HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest
 from corral.domain.backoff import Backoff
 from corral.domain.instances import AGENT_EXIT_RETIRED

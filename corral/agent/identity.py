@@ -20,14 +20,17 @@ class Identity:
     name: str
 
 
-def write_json_atomic(path: Path, data: dict, mode: int = 0o600) -> None:
+def write_json_atomic(path: Path, data: dict, mode: int = 0o600, durable: bool = True) -> None:
+    """Readers see the old file or the whole new one, never a torn one. `durable`
+    also survives a power cut (fsync); per-attempt bookkeeping does without."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

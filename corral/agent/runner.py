@@ -196,7 +196,8 @@ class Runner:
                 pass
 
     def done(self, status: str, **extra) -> None:
-        write_json_atomic(self.dir / "done.json", {"status": status, **extra}, mode=0o644)
+        write_json_atomic(self.dir / "done.json", {"status": status, **extra}, mode=0o644,
+                          durable=False)
 
     # -- the whole attempt ----------------------------------------------------------------------
 
@@ -204,17 +205,13 @@ class Runner:
         write_json_atomic(
             self.dir / "runner.pid",
             {"pid": os.getpid(), "create_time": psutil.Process().create_time()},
-            mode=0o644,
+            mode=0o644, durable=False,
         )
         if not self.acquire_job_lock():
-            if self.terminated.is_set():
-                return 0
-            try:
-                self.call("lost", {"reason": "another runner of this job holds its lock on "
-                                             "this instance"})
-            except (Stale, Unreachable):
-                pass
-            self.done("lost", reason="job lock held by another runner")
+            # Another runner of this job is alive here. Report nothing: if that one
+            # holds this very attempt, a report would hurt it; if not, this attempt
+            # never started and the reaper requeues it after the start timeout.
+            self.done("lock_timeout", reason="another runner of this job holds its lock")
             return EXIT_STALE
         try:
             self.call("start")
@@ -242,7 +239,7 @@ class Runner:
             self.dir / "command.json",
             {"pid": self.proc.pid, "pgid": self.proc.pid,
              "create_time": psutil.Process(self.proc.pid).create_time()},
-            mode=0o644,
+            mode=0o644, durable=False,
         )
         readers = [
             threading.Thread(target=self.read_stream, args=(self.proc.stdout, "out"), daemon=True),

@@ -90,7 +90,7 @@ class Supervisor:
             "command": order.command, "env": order.env, "servers": self.servers,
             "instance_id": self.instance_id,
             "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
-        })
+        }, durable=False)
         with open(d / "runner.log", "ab") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "corral.agent.runner", str(d)],
@@ -147,7 +147,8 @@ class Supervisor:
         t = self.tracked.get((job_id, attempt))
         if t is None:
             return False
-        write_json_atomic(t.dir / "done.json", {"status": "killed", "reason": reason}, 0o644)
+        write_json_atomic(t.dir / "done.json", {"status": "killed", "reason": reason}, 0o644,
+                          durable=False)
         runner = self._runner(t)
         if runner is not None:
             # the runner takes its command's tree down on SIGTERM; give it the chance

@@ -1,23 +1,29 @@
-"""HTTP to the servers, for the agent (async) and the runner (sync).
+"""HTTP to the servers with failover: the retry policy shared by the agent and the
+runner, and the runner's small synchronous client.
 
 Requests go to one server; on a connection error or a 5xx the next server is tried,
 with exponential backoff, until the caller's deadline. Every request the agent and
 runner make is idempotent, so retrying is always safe.
+
+The runner's client is built on the standard library's http.client on purpose: a
+runner process starts for every job attempt, and importing httpx would triple its
+start-up time. The agent (one long-lived process) uses httpx (upstream_async.py).
 """
 
 from __future__ import annotations
 
-import asyncio
+import http.client
+import json as jsonlib
 import random
 import time
+import urllib.parse
 from collections.abc import Callable
-
-import httpx
+from dataclasses import dataclass
 
 from corral.domain.backoff import Backoff
 
 RETRY = Backoff(base=0.2, factor=2.0, maximum=5.0, jitter=0.5)
-_RETRY_STATUSES = {500, 502, 503, 504}
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class Unreachable(Exception):
@@ -37,22 +43,18 @@ class Upstream:
     def current(self) -> str:
         return self.urls[self._index]
 
-    def retry(self, deadline: float | None) -> "_Retry":
-        return _Retry(self, deadline)
+    def retry(self, deadline: float | None) -> "Retry":
+        return Retry(self, deadline)
 
 
-class _Retry:
-    """One request's retries: classify a response, and after a failure move to the
-    next server and say how long to wait (or give up at the deadline)."""
+class Retry:
+    """One request's retries: after a failure, move to the next server and say how
+    long to wait, or give up (Unreachable) when the deadline would pass."""
 
     def __init__(self, upstream: Upstream, deadline: float | None):
         self.upstream = upstream
         self.deadline = deadline
         self.failures = 0
-
-    @staticmethod
-    def retryable(resp: httpx.Response) -> bool:
-        return resp.status_code in _RETRY_STATUSES
 
     def failed(self, error: str) -> float:
         self.failures += 1
@@ -63,59 +65,70 @@ class _Retry:
         return delay
 
 
-def _describe(exc: httpx.TransportError) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
+@dataclass
+class Response:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self):  # noqa: ANN201
+        return jsonlib.loads(self.content)
 
 
 class SyncServer:
+    """Keep-alive JSON requests over http.client, with failover and retries."""
+
     def __init__(self, urls: list[str], headers: dict[str, str], timeout: float = 30.0):
         self.upstream = Upstream(urls)
-        self.client = httpx.Client(headers=headers, timeout=timeout)
+        self.headers = {"Content-Type": "application/json", **headers}
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self._conn_url: str | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        url = self.upstream.current
+        if self._conn is None or self._conn_url != url:
+            self.close()
+            parts = urllib.parse.urlsplit(url)
+            cls = (http.client.HTTPSConnection if parts.scheme == "https"
+                   else http.client.HTTPConnection)
+            self._conn = cls(parts.hostname, parts.port, timeout=self.timeout)
+            self._conn_url = url
+        return self._conn
+
+    def _once(self, method: str, path: str, body: bytes | None) -> Response:
+        conn = self._connection()
+        prefix = urllib.parse.urlsplit(self.upstream.current).path
+        try:
+            conn.request(method, prefix + path, body=body, headers=self.headers)
+            resp = conn.getresponse()
+            return Response(resp.status, resp.read())
+        except (OSError, http.client.HTTPException):
+            self.close()  # a broken keep-alive connection is not reused
+            raise
 
     def request(
         self, method: str, path: str, *, json: object = None, deadline: float | None = None,
         stop: Callable[[], bool] | None = None,
-    ) -> httpx.Response:
+    ) -> Response:
+        body = None if json is None else jsonlib.dumps(json).encode()
         retry = self.upstream.retry(deadline)
         while True:
             try:
-                resp = self.client.request(method, self.upstream.current + path, json=json)
-                if not retry.retryable(resp):
+                resp = self._once(method, path, body)
+                if resp.status_code not in RETRY_STATUSES:
                     return resp
                 delay = retry.failed(f"HTTP {resp.status_code}")
-            except httpx.TransportError as exc:
-                delay = retry.failed(_describe(exc))
+            except (OSError, http.client.HTTPException) as exc:
+                delay = retry.failed(f"{exc.__class__.__name__}: {exc}")
             if stop is not None and stop():
                 raise Unreachable("stopped")
             time.sleep(delay)
 
     def close(self) -> None:
-        self.client.close()
-
-
-class AsyncServer:
-    def __init__(self, urls: list[str], headers: dict[str, str] | None = None,
-                 timeout: float = 30.0):
-        self.upstream = Upstream(urls)
-        self.client = httpx.AsyncClient(headers=headers or {}, timeout=timeout)
-
-    async def request(
-        self, method: str, path: str, *, json: object = None, deadline: float | None = None,
-        timeout: float | None = None, headers: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        retry = self.upstream.retry(deadline)
-        extra = {"timeout": timeout} if timeout is not None else {}
-        while True:
-            try:
-                resp = await self.client.request(
-                    method, self.upstream.current + path, json=json, headers=headers, **extra
-                )
-                if not retry.retryable(resp):
-                    return resp
-                delay = retry.failed(f"HTTP {resp.status_code}")
-            except httpx.TransportError as exc:
-                delay = retry.failed(_describe(exc))
-            await asyncio.sleep(delay)
-
-    async def close(self) -> None:
-        await self.client.aclose()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,184 @@
+"""End to end with real processes on loopback: `corral server`, two `corral agent`s,
+the `corral` CLI, runners and the commands they run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from corral.testing import Cluster, corral_cmd, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(server, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:  # noqa: ANN001
+    env = {**os.environ, "CORRAL_SERVER": server.url, "CORRAL_TOKEN": server.admin_token}
+    return subprocess.run(corral_cmd(*args), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def two_agents(cluster: Cluster, db_url: str):
+    server = cluster.server(db_url=db_url)
+    cluster.agent(server, name="a1")
+    cluster.agent(server, name="a2")
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 2)
+    return server, client
+
+
+def test_run_streams_output_and_exits_with_the_job_code(two_agents):
+    server, client = two_agents
+    r = cli(server, "run", "--", sys.executable, "-c", "print(42)")
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
+    r = cli(server, "run", "--", "sh", "-c", "echo to-err >&2; exit 3")
+    assert r.returncode == 3
+    assert r.stdout == ""
+    assert "to-err" in r.stderr and "exited with code 3" in r.stderr
+    jobs = client.jobs()
+    assert [(j.state, j.exit_code) for j in jobs] == [("failed", 3), ("succeeded", 0)]
+
+
+def test_jobs_spread_over_both_agents(two_agents):
+    _server, client = two_agents
+    ids = [client.submit(["sleep", "1"], cpus=2).id for _ in range(4)]
+    wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids), 60, "4 jobs to finish")
+    used = {client.job(i).instance_id for i in ids}
+    assert len(used) == 2  # each agent offers 2 cpus: one such job at a time each
+
+
+TREE = textwrap.dedent("""
+    import os, subprocess, sys, time
+    pids = []
+    pids.append(subprocess.Popen(["sleep", "300"]).pid)             # a child
+    pids.append(subprocess.Popen(["sh", "-c", "sleep 300 & wait"]).pid)  # a grandchild
+    # a daemonised grandchild in its own session, escaping the process group
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        p = subprocess.Popen(["sleep", "300"])
+        os.write(w, str(p.pid).encode()); os._exit(0)
+    pids.append(int(os.read(r, 20)))
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids + [os.getpid()])))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    print("tree ready", flush=True)
+    time.sleep(300)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_cancel_kills_the_whole_process_tree(two_agents, tmp_path: Path):
+    server, client = two_agents
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    pid_file = tmp_path / "pids"
+    job = client.submit([sys.executable, str(script), str(pid_file)])
+    wait_for(pid_file.exists, 30, "the job to start its process tree")
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert all(_alive(p) for p in pids)
+    r = cli(server, "cancel", str(job.id))
+    assert r.returncode == 0 and "cancelled" in r.stdout
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, f"processes {pids} to be killed")
+    j = client.job(job.id)
+    assert j.state == "cancelled" and j.attempts[0].state == "revoked"
+
+
+def test_command_not_found_fails_the_attempt_with_a_reason(two_agents):
+    server, client = two_agents
+    r = cli(server, "run", "--", "no-such-command-xyz", "arg")
+    assert r.returncode == 127
+    (job,) = client.jobs()
+    assert job.state == "failed"
+    assert job.reason == "command not found: no-such-command-xyz"
+    r = cli(server, "job", str(job.id))
+    assert "command not found: no-such-command-xyz" in r.stdout
+
+
+def test_server_restart_while_a_job_runs(cluster: Cluster, db_url: str, tmp_path: Path):
+    """The server dies (SIGKILL) while a job runs and comes back on the same
+    database; the agent keeps the job running, reconnects, and the result lands."""
+    server = cluster.server(db_url=db_url)
+    cluster.agent(server, name="a1")
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 1)
+    gate = tmp_path / "gate"
+    job = client.submit(["sh", "-c", f"echo before; while [ ! -e {gate} ]; do sleep 0.1; done;"
+                                     " echo after; exit 5"])
+    wait_for(lambda: client.job(job.id).state == "running", 30, "the job to run")
+    server.kill()
+    gate.touch()  # the command finishes while no server is up
+    server.start()
+    server.wait_ready()
+    j = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 60,
+                 "the result to be recorded after the restart")
+    assert (j.exit_code, j.result_attempt, j.attempt) == (5, 1, 1)
+    out = []
+    client.follow(job.id, on_output=lambda s, d: out.append(d))
+    assert b"".join(out) == b"before\nafter\n"
+
+
+def test_second_server_on_one_sqlite_file_is_refused(cluster: Cluster):
+    first = cluster.server()
+    second = cluster.server(extra=[], fast=False, wait=False, name="second")
+    # same data dir (and so the same SQLite file) as the first
+    second.stop()
+    second.args[second.args.index("--data-dir") + 1] = str(first.data_dir)
+    second.log_path = first.data_dir.parent / "second.log"
+    second.start()
+    code = second.popen.wait(timeout=30)
+    assert code == 1
+    assert "already used by another corral server" in second.log()
+    assert first.alive()
+    assert httpx.get(first.url + "/health").status_code == 200
+
+
+def test_bad_input_gets_clear_4xx_and_writes_nothing(cluster: Cluster, db_url: str):
+    server = cluster.server(db_url=db_url)
+    h = {"Authorization": f"Bearer {server.admin_token}"}
+    api = server.url + "/api/v1"
+    r = httpx.post(api + "/jobs", json={"command": []}, headers=h)
+    assert r.status_code == 422
+    body = r.json()["error"]
+    assert body["code"] == "invalid_request" and body["fields"][0]["field"] == "command"
+    r = httpx.post(api + "/jobs", json={"command": ["x"], "cpus": "lots"}, headers=h)
+    assert r.status_code == 422 and "cpus" in r.json()["error"]["message"]
+    r = httpx.post(api + "/jobs", json={"command": ["x"], "bogus": 1}, headers=h)
+    assert r.status_code == 422 and "bogus" in r.json()["error"]["message"]
+    assert httpx.get(api + "/jobs", headers=h).json() == []  # nothing half-written
+    assert httpx.get(api + "/jobs/424242", headers=h).status_code == 404
+    assert httpx.get(api + "/jobs/notanumber", headers=h).status_code == 422
+    assert httpx.get(api + "/jobs").status_code == 401
+    r = httpx.get(api + "/jobs", headers={"Authorization": "Bearer cra_wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = httpx.get(api + "/jobs", headers={"Authorization": f"Bearer {server.join_token}"})
+    assert r.status_code == 403
+    # runner endpoints: a malformed or unknown attempt token is 409 or 401, never 500
+    job = httpx.post(api + "/jobs", json={"command": ["true"]}, headers=h).json()
+    for headers in ({}, {"X-Corral-Attempt-Token": "x"},
+                    {"X-Corral-Attempt-Token": "A" * 32}, {"X-Corral-Attempt-Token": "é".encode("latin-1") * 40}):
+        r = httpx.post(f"{api}/jobs/{job['id']}/attempts/1/finish", json={"exit_code": 0},
+                       headers=headers)
+        assert r.status_code in (401, 409), (headers, r.status_code, r.text)
+    assert httpx.get(f"{api}/jobs/{job['id']}", headers=h).json()["state"] == "queued"
+    assert httpx.get(server.url + "/openapi.json").json()["info"]["title"] == "corral"
+
+
+def test_corral_servers_lists_this_server(cluster: Cluster):
+    server = cluster.server()
+    r = cli(server, "servers", "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"alive": true' in r.stdout and '"build_version"' in r.stdout
