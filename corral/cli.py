@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from corral.agent.cli import agent
 from corral.client.cli import app
+from corral.client import components_cli  # noqa: F401  (registers its commands)
 from corral.server.cli import server
 from corral.up import up
 

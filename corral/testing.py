@@ -253,3 +253,100 @@ class Cluster:
                 p.kill()
             except psutil.Error:
                 pass
+
+
+class ArtifactServer:
+    """Serves blobs over real HTTP on loopback, honours If-None-Match, counts every
+    request and every body byte, and can misbehave on purpose (403, 500, truncated
+    bodies) to prove such answers are never installed.
+
+        with ArtifactServer() as a:
+            url = a.put("/runner-1.0", b"...")
+            ...
+            assert a.body_bytes("/runner-1.0") == len(data)
+    """
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.blobs: dict[str, bytes] = {}
+        self.etags: dict[str, str | None] = {}
+        self.modes: dict[str, str] = {}
+        self.log: list[tuple[str, int, int]] = []  # (path, status, body bytes)
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None,
+                      declared: int | None = None) -> None:
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if declared is None
+                                                       else declared))
+                if declared is not None:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                with outer._lock:
+                    outer.log.append((self.path, status, len(body)))
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path
+                mode = outer.modes.get(path, "ok")
+                if path not in outer.blobs:
+                    return self._send(404, b"not found")
+                if mode == "403":
+                    return self._send(403, b"<html><body>403 Forbidden</body></html>\n")
+                if mode == "500":
+                    return self._send(500, b"<html><body>Internal Server Error</body></html>\n")
+                data, etag = outer.blobs[path], outer.etags.get(path)
+                headers = {"ETag": etag} if etag else {}
+                if etag and self.headers.get("If-None-Match") == etag:
+                    return self._send(304, b"", headers)
+                if mode == "truncate":
+                    self._send(200, data[: len(data) // 2], headers, declared=len(data))
+                    self.close_connection = True
+                    return None
+                return self._send(200, data, headers)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ArtifactServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._server.shutdown()
+        self._server.server_close()
+
+    def put(self, path: str, data: bytes, *, etag: str | None = "auto", mode: str = "ok") -> str:
+        import hashlib
+
+        self.blobs[path] = data
+        self.etags[path] = (f'"{hashlib.sha256(data).hexdigest()[:16]}"' if etag == "auto"
+                            else etag)
+        self.modes[path] = mode
+        return self.base + path
+
+    def requests(self, path: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for p, _s, _b in self.log if path is None or p == path)
+
+    def body_bytes(self, path: str | None = None) -> int:
+        with self._lock:
+            return sum(b for p, _s, b in self.log if path is None or p == path)
+
+    def statuses(self, path: str | None = None) -> list[int]:
+        with self._lock:
+            return [s for p, s, _b in self.log if path is None or p == path]

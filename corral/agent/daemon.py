@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 
 import corral
@@ -28,10 +29,19 @@ from corral.agent.identity import (
     save_identity,
     write_tombstone,
 )
+from corral.agent.artifacts import Artifact, ArtifactCache, InstallError, Installer
+from corral.agent.runner import SELF_TEST_OK
 from corral.agent.supervisor import Supervisor
 from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
-from corral.domain.api import HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest
+from corral.domain.api import (
+    HeartbeatReply,
+    HeartbeatRequest,
+    InstallOrder,
+    ObservedComponent,
+    RegisterReply,
+    RegisterRequest,
+)
 from corral.domain.backoff import Backoff
 from corral.domain.instances import AGENT_EXIT_RETIRED
 
@@ -39,6 +49,23 @@ log = logging.getLogger("corral.agent")
 
 RECONNECT = Backoff(base=0.5, factor=2.0, maximum=10.0, jitter=0.5)
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
+
+
+def verify_runner(path: Path) -> None:
+    """A new runner must pass its self-test before any job runs on it."""
+    import subprocess
+
+    try:
+        r = subprocess.run([str(path), "--self-test"], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"the new runner cannot run: {exc}") from None
+    if r.returncode != 0 or SELF_TEST_OK not in r.stdout:
+        raise InstallError(f"the new runner failed its self-test (exit {r.returncode}): "
+                           f"{(r.stderr or r.stdout).strip()[:300]}")
+
+
+VERIFIERS = {"runner": verify_runner}
 
 
 class AgentExit(Exception):
@@ -68,7 +95,11 @@ class Agent:
         self.incarnation: int | None = None
         self.interval = 2.0
         self.server: AsyncServer | None = None
-        self.supervisor = Supervisor(self.data_dir, config.servers)
+        self.installer = Installer(self.data_dir, ArtifactCache(self.data_dir / "cache"))
+        self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
+        self.installing: dict[str, asyncio.Task] = {}
+        self.install_errors: dict[str, tuple[str, str]] = {}  # name -> (sha256, error)
+        self.wake = asyncio.Event()  # heartbeat again now (an install finished)
         self.stopping = asyncio.Event()
         self._parent = os.getppid()
 
@@ -124,11 +155,21 @@ class Agent:
 
     # -- the heartbeat loop ------------------------------------------------------------------
 
+    def observed_components(self) -> list[ObservedComponent]:
+        out = {i.name: ObservedComponent(name=i.name, version=i.version, sha256=i.sha256)
+               for i in self.installer.all_installed()}
+        for name, (sha, error) in self.install_errors.items():
+            o = out.get(name) or ObservedComponent(name=name)
+            out[name] = o.model_copy(update={"error": error[:4000], "error_sha256": sha})
+        return list(out.values())
+
     async def heartbeat(self) -> HeartbeatReply | None:
         body = HeartbeatRequest(
             instance_id=self.identity.instance_id, incarnation=self.incarnation,
-            attempts=self.supervisor.observed(), wait=self.interval,
+            attempts=self.supervisor.observed(), components=self.observed_components(),
+            wait=0.0 if self.wake.is_set() else self.interval,
         ).model_dump()
+        self.wake.clear()
         resp = await self.server.request(
             "POST", "/api/v1/agents/heartbeat", json=body, timeout=self.interval + 30,
             headers={"Authorization": f"Bearer {self.identity.credential}"},
@@ -161,6 +202,35 @@ class Agent:
             await asyncio.to_thread(self.supervisor.kill, k.job_id, k.attempt, k.reason)
         for s in reply.start:
             self.supervisor.start(s)
+        for order in reply.install:
+            task = self.installing.get(order.component)
+            if task is None or task.done():
+                self.installing[order.component] = asyncio.get_running_loop().create_task(
+                    self._install(order))
+
+    def _auth_for(self, url: str) -> dict[str, str]:
+        """Artifacts a corral server stores need this instance's credential."""
+        if any(url.startswith(s.rstrip("/") + "/") for s in self.config.servers):
+            return {"Authorization": f"Bearer {self.identity.credential}"}
+        return {}
+
+    async def _install(self, order: InstallOrder) -> None:
+        art = Artifact(order.component, order.version, order.url, order.sha256, order.size)
+
+        def work() -> None:
+            with httpx.Client(timeout=httpx.Timeout(30, read=120), follow_redirects=True) as c:
+                self.installer.install(art, c, self._auth_for(order.url),
+                                       verify=VERIFIERS.get(order.component))
+
+        try:
+            await asyncio.to_thread(work)
+            self.install_errors.pop(order.component, None)
+            log.info("%s %s installed", order.component, order.version)
+        except (InstallError, OSError) as exc:
+            self.install_errors[order.component] = (order.sha256, str(exc))
+            log.warning("install of %s %s failed (order %d): %s", order.component,
+                        order.version, order.order, exc)
+        self.wake.set()
 
     async def run(self) -> int:
         tomb = read_tombstone(self.data_dir)

@@ -38,6 +38,7 @@ MAX_BUFFERED = 64 * 1024 * 1024  # past this, the command blocks on its pipe
 HEARTBEAT_EVERY = 5.0
 LOCK_WAIT = 60.0
 EXIT_STALE = 75
+SELF_TEST_OK = "corral-runner ok"
 
 
 class Stale(Exception):
@@ -302,6 +303,9 @@ def _become_subreaper() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
+    if argv == ["--self-test"]:
+        print(SELF_TEST_OK)
+        return 0
     if len(argv) != 1:
         print("usage: python -m corral.agent.runner ATTEMPT_DIR", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from corral.agent.artifacts import Installer
 from corral.agent.identity import write_json_atomic
 from corral.agent.proctree import kill_tree, same_process
 from corral.domain.api import ObservedAttempt, StartOrder
@@ -53,12 +54,14 @@ def _read_json(path: Path) -> dict | None:
 
 
 class Supervisor:
-    def __init__(self, data_dir: Path, servers: list[str], instance_id: str | None = None):
+    def __init__(self, data_dir: Path, servers: list[str], instance_id: str | None = None,
+                 installer: Installer | None = None):
         self.data_dir = data_dir
         self.attempts_dir = data_dir / "attempts"
         self.locks_dir = data_dir / "locks"
         self.servers = servers
         self.instance_id = instance_id
+        self.installer = installer
         self.tracked: dict[tuple[int, int], Tracked] = {}
         self.attempts_dir.mkdir(parents=True, exist_ok=True)
 
@@ -93,11 +96,18 @@ class Supervisor:
         }, durable=False)
         with open(d / "runner.log", "ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "corral.agent.runner", str(d)],
+                [*self.runner_command(), str(d)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             )
         self.tracked[key] = Tracked(order.job_id, order.attempt, order.token, d, popen)
         log.info("started runner for attempt %s/%s (pid %d)", *key, popen.pid)
+
+    def runner_command(self) -> list[str]:
+        """The installed `runner` component if there is one, else the built-in runner."""
+        installed = self.installer.installed("runner") if self.installer else None
+        if installed is not None:
+            return [str(installed.path)]
+        return [sys.executable, "-m", "corral.agent.runner"]
 
     def observed(self) -> list[ObservedAttempt]:
         return [ObservedAttempt(job_id=t.job_id, attempt=t.attempt, token=t.token)

@@ -15,11 +15,16 @@ import httpx
 
 from corral.client.config import resolve
 from corral.domain.api import (
+    ComponentPublish,
+    ComponentView,
     EventView,
+    InstanceComponentView,
     InstanceView,
     JobSubmit,
     JobView,
     LogPage,
+    RolloutRequest,
+    RolloutView,
     ServerView,
 )
 from corral.domain.jobs import FINAL_JOB_STATES
@@ -55,9 +60,12 @@ class Client:
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, *, json=None, params=None, timeout=None):  # noqa: ANN001
+    def _call(self, method: str, path: str, *, json=None, params=None, timeout=None,  # noqa: ANN001
+              content=None):  # noqa: ANN001
         try:
             kwargs = {"json": json, "params": params}
+            if content is not None:
+                kwargs["content"] = content
             if timeout is not None:
                 kwargs["timeout"] = timeout
             resp = self._http.request(method, path, **kwargs)
@@ -161,3 +169,48 @@ class Client:
 
     def health(self) -> dict:
         return self._call("GET", "/health")
+
+    # -- components and rollouts -------------------------------------------------------------
+
+    def components(self) -> list[ComponentView]:
+        return [ComponentView.model_validate(c) for c in self._call("GET", "/api/v1/components")]
+
+    def publish(self, name: str, version: str, url: str, sha256: str,
+                size: int | None = None) -> ComponentView:
+        spec = ComponentPublish(name=name, version=version, url=url, sha256=sha256, size=size)
+        return ComponentView.model_validate(
+            self._call("POST", "/api/v1/components", json=spec.model_dump()))
+
+    def upload(self, path, on_progress: Callable[[int], None] | None = None) -> dict:  # noqa: ANN001
+        """Store a file on the server; returns {sha256, size, url}."""
+        def chunks():  # noqa: ANN202
+            with open(path, "rb") as f:
+                while chunk := f.read(1024 * 1024):
+                    if on_progress:
+                        on_progress(len(chunk))
+                    yield chunk
+
+        return self._call("PUT", "/api/v1/artifacts", content=chunks(), timeout=600)
+
+    def component_status(self, component: str | None = None) -> list[InstanceComponentView]:
+        params = {"component": component} if component else None
+        return [InstanceComponentView.model_validate(r) for r in
+                self._call("GET", "/api/v1/components/status", params=params)]
+
+    def rollout(self, component: str, version: str, **options) -> RolloutView:
+        req = RolloutRequest(component=component, version=version, **options)
+        return RolloutView.model_validate(
+            self._call("POST", "/api/v1/rollouts", json=req.model_dump()))
+
+    def rollouts(self, limit: int = 50) -> list[RolloutView]:
+        return [RolloutView.model_validate(r) for r in
+                self._call("GET", "/api/v1/rollouts", params={"limit": limit})]
+
+    def resume_rollout(self, rollout_id: int) -> RolloutView:
+        return RolloutView.model_validate(
+            self._call("POST", f"/api/v1/rollouts/{rollout_id}/resume"))
+
+    def rollback(self, component: str, fleet: str | None = None) -> RolloutView:
+        params = {"component": component, **({"fleet": fleet} if fleet else {})}
+        return RolloutView.model_validate(
+            self._call("POST", "/api/v1/rollouts/rollback", params=params))

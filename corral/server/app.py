@@ -17,14 +17,18 @@ from fastapi import FastAPI
 
 import corral
 from corral.server import errors
-from corral.server.api import agents, attempts, fleet, health, jobs
+from corral.server.api import agents, attempts, components, fleet, health, jobs
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.fleets import provision_once
 from corral.server.loops.presence import presence_once
 from corral.server.loops.reaper import reap_once
+from corral.server.loops.reconciler import reconcile_once
 from corral.server.loops.runner import run_loop
+from corral.domain.backoff import Backoff
+from corral.domain.reconcile import InstallPolicy
+from corral.server.health import install_health
 from corral.store import events, servers, tokens
 from corral.store.db import Database
 from corral.store.migrate import migrate
@@ -109,7 +113,15 @@ async def open_context(
     )
     ctx = ServerContext(config=config, db=db, server_id=server_id, clock=clock,
                         backends=dict(backends or {}), started_at=now)
-    ctx.extras.update(admin_token=admin, join_token=join, sqlite_lock=lock)
+    ctx.extras.update(
+        admin_token=admin, join_token=join, sqlite_lock=lock,
+        install_policy=InstallPolicy(
+            backoff=Backoff(base=config.install_backoff, factor=2.0,
+                            maximum=max(config.install_backoff_max, config.install_backoff),
+                            jitter=0.2),
+            cap=config.install_cap),
+        health_providers=[install_health],
+    )
     return ctx
 
 
@@ -136,6 +148,7 @@ def start_loops(ctx: ServerContext) -> list[asyncio.Task]:
         ("reaper", reap_once, cfg.reaper_interval, None),
         ("presence", presence_once, cfg.presence_interval, None),
         ("fleets", provision_once, 2.0, "fleets"),
+        ("reconciler", reconcile_once, cfg.reconcile_interval, "reconcile"),
     ]
     loop = asyncio.get_running_loop()
     return [
@@ -163,7 +176,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
-    for module in (jobs, attempts, agents, fleet, health):
+    for module in (jobs, attempts, agents, components, fleet, health):
         app.include_router(module.router)
     from corral.server import dashboard
 

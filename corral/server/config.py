@@ -34,6 +34,10 @@ class ServerConfig:
     reaper_interval: float = 1.0
     presence_interval: float = 5.0
     server_grace: float = 30.0  # a server unseen this long counts as gone
+    reconcile_interval: float = 2.0
+    install_backoff: float = 30.0  # first retry of an install order after this; doubles
+    install_backoff_max: float = 3600.0
+    install_cap: int = 5  # orders per instance and target before install_failed
     public_url: str | None = None
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from corral.server.context import ServerContext
-from corral.store import servers
+from corral.store import components, servers
 
 
 async def health_report(ctx: ServerContext) -> dict:
@@ -36,3 +36,14 @@ async def health_report(ctx: ServerContext) -> dict:
         "servers_alive": len(alive),
         "flags": flags,
     }
+
+
+async def install_health(ctx: ServerContext) -> list[dict]:
+    """Components that did not install after the cap: a person has to look."""
+    rows = await ctx.db.query(components.failed_installs)
+    return [{
+        "flag": "install_failed",
+        "message": f"{r['instance_name']}: {r['component']} {r['target_version']} did not "
+                   f"install after {r['attempts']} orders ({r['last_error'] or 'no error'})",
+        "instance_id": r["instance_id"], "component": r["component"],
+    } for r in rows]

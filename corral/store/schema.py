@@ -154,3 +154,64 @@ tokens = sa.Table(
     sa.Column("revoked_at", Time),
     sa.Column("note", sa.String(200)),
 )
+
+# ---- components and rollouts (migration 0002) ------------------------------------------
+
+components = sa.Table(
+    "components",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(128), primary_key=True),
+    sa.Column("scheme", sa.String(16), nullable=False),
+    sa.Column("url", sa.String(2000), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("created_at", Time, nullable=False),
+)
+
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("component", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("fleet", sa.String(64), nullable=False),  # '*': every fleet without its own
+    sa.Column("previous_version", sa.String(128)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("max_unavailable", sa.Integer, nullable=False),
+    sa.Column("failure_threshold", sa.Integer, nullable=False),
+    sa.Column("allow_downgrade", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("message", sa.Text),
+    sa.Index("ix_rollouts_state", "state"),
+)
+
+desired_components = sa.Table(
+    "desired_components",
+    metadata,
+    sa.Column("fleet", sa.String(64), primary_key=True),
+    sa.Column("component", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("rollout_id", sa.Integer, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+instance_components = sa.Table(
+    "instance_components",
+    metadata,
+    sa.Column("instance_id", sa.String(64), sa.ForeignKey("instances.id"), primary_key=True),
+    sa.Column("component", sa.String(64), primary_key=True),
+    sa.Column("observed_version", sa.String(128)),
+    sa.Column("observed_sha256", sa.String(64)),
+    sa.Column("target_version", sa.String(128)),
+    sa.Column("target_sha256", sa.String(64)),
+    sa.Column("rollout_id", sa.Integer),
+    sa.Column("allow_downgrade", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("orders_total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", Time, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text),
+    sa.Column("updated_at", Time, nullable=False),
+)

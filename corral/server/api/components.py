@@ -1,0 +1,167 @@
+"""Components (artifacts with versions), rollouts, and artifacts the server stores."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from corral.domain.api import (
+    ComponentPublish,
+    ComponentView,
+    InstanceComponentView,
+    RolloutRequest,
+    RolloutView,
+)
+from corral.domain.reconcile import InstallPolicy
+from corral.server.auth import require_admin, require_joiner
+from corral.server.context import ServerContext, get_ctx
+from corral.server.errors import ApiError
+from corral.store import components as repo
+
+router = APIRouter(prefix="/api/v1", tags=["components"])
+admin = [Depends(require_admin)]
+MAX_ARTIFACT = 8 * 2**30
+
+
+def install_policy(ctx: ServerContext) -> InstallPolicy:
+    return ctx.extras["install_policy"]
+
+
+def component_view(r) -> ComponentView:  # noqa: ANN001
+    return ComponentView(name=r["name"], version=r["version"], scheme=r["scheme"], url=r["url"],
+                         sha256=r["sha256"], size=r["size"], created_at=r["created_at"])
+
+
+async def rollout_view(conn, r) -> RolloutView:  # noqa: ANN001
+    return RolloutView(
+        id=r["id"], component=r["component"], version=r["version"], fleet=r["fleet"],
+        previous_version=r["previous_version"], state=r["state"],
+        max_unavailable=r["max_unavailable"], failure_threshold=r["failure_threshold"],
+        allow_downgrade=r["allow_downgrade"], created_at=r["created_at"],
+        updated_at=r["updated_at"], message=r["message"],
+        progress=await repo.rollout_progress(conn, r),
+    )
+
+
+async def _run(ctx: ServerContext, fn, *args):  # noqa: ANN001, ANN202
+    try:
+        return await ctx.db.transact(fn, *args)
+    except repo.ComponentError as exc:
+        raise ApiError(exc.status, "conflict" if exc.status == 409 else "not_found",
+                       exc.message) from None
+
+
+@router.get("/components", response_model=list[ComponentView], dependencies=admin)
+async def list_components(ctx: ServerContext = Depends(get_ctx)) -> list[ComponentView]:
+    return [component_view(r) for r in await ctx.db.query(repo.list_components)]
+
+
+@router.post("/components", response_model=ComponentView, status_code=201, dependencies=admin,
+             summary="Publish a component version (an artifact URL and its sha256)")
+async def publish(spec: ComponentPublish, ctx: ServerContext = Depends(get_ctx)) -> ComponentView:
+    return component_view(await _run(ctx, repo.publish, spec, ctx.now()))
+
+
+@router.get("/components/status", response_model=list[InstanceComponentView],
+            dependencies=admin, summary="Per instance: observed and target versions")
+async def status(component: str | None = Query(default=None),
+                 ctx: ServerContext = Depends(get_ctx)) -> list[InstanceComponentView]:
+    rows = await ctx.db.query(repo.instance_status, component)
+    return [InstanceComponentView(
+        instance_id=r["instance_id"], instance_name=r["instance_name"],
+        component=r["component"], observed_version=r["observed_version"],
+        observed_sha256=r["observed_sha256"], target_version=r["target_version"],
+        state=r["state"], attempts=r["attempts"], orders_total=r["orders_total"],
+        last_error=r["last_error"]) for r in rows]
+
+
+@router.post("/rollouts", response_model=RolloutView, status_code=201, dependencies=admin,
+             summary="Set the desired version of a component for a fleet (or all)")
+async def start_rollout(req: RolloutRequest, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
+    async def go(conn):  # noqa: ANN001
+        return await rollout_view(conn, await repo.start_rollout(conn, req, ctx.now()))
+
+    view = await _run(ctx, go)
+    ctx.notifier.wake("reconcile")
+    return view
+
+
+@router.get("/rollouts", response_model=list[RolloutView], dependencies=admin)
+async def list_rollouts(limit: int = Query(default=50, ge=1, le=1000),
+                        ctx: ServerContext = Depends(get_ctx)) -> list[RolloutView]:
+    async def q(conn):  # noqa: ANN001
+        return [await rollout_view(conn, r) for r in await repo.list_rollouts(conn, limit)]
+
+    return await ctx.db.query(q)
+
+
+@router.post("/rollouts/{rollout_id}/resume", response_model=RolloutView, dependencies=admin)
+async def resume(rollout_id: int, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
+    async def go(conn):  # noqa: ANN001
+        return await rollout_view(conn, await repo.resume(conn, rollout_id, ctx.now()))
+
+    view = await _run(ctx, go)
+    ctx.notifier.wake("reconcile")
+    return view
+
+
+@router.post("/rollouts/rollback", response_model=RolloutView, dependencies=admin,
+             summary="Return a component to the version before its last rollout")
+async def rollback(component: str = Query(...), fleet: str | None = Query(default=None),
+                   ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
+    async def go(conn):  # noqa: ANN001
+        return await rollout_view(conn, await repo.rollback(conn, component, fleet, ctx.now()))
+
+    view = await _run(ctx, go)
+    ctx.notifier.wake("reconcile")
+    return view
+
+
+# ---- artifacts stored by the server ---------------------------------------------------------
+
+
+def artifacts_dir(ctx: ServerContext) -> Path:
+    d = ctx.config.data_dir / "artifacts"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@router.put("/artifacts", dependencies=admin, summary="Upload an artifact; returns its sha256")
+async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dict:
+    d = artifacts_dir(ctx)
+    tmp = d / f".upload-{secrets.token_hex(8)}"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_ARTIFACT:
+                    raise ApiError(413, "too_large", f"artifacts are limited to {MAX_ARTIFACT} bytes")
+                digest.update(chunk)
+                f.write(chunk)
+        if size == 0:
+            raise ApiError(422, "invalid_request", "body: the artifact is empty")
+        sha = digest.hexdigest()
+        os.replace(tmp, d / sha)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"sha256": sha, "size": size, "url": f"{ctx.config.url}/api/v1/artifacts/{sha}"}
+
+
+@router.get("/artifacts/{sha256}", dependencies=[Depends(require_joiner)],
+            summary="Download an artifact (ETag is its sha256; If-None-Match gets 304)")
+async def download(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ApiError(422, "invalid_request", "sha256: expected 64 lowercase hex digits")
+    path = artifacts_dir(ctx) / sha256
+    if not path.exists():
+        raise ApiError(404, "not_found", f"artifact {sha256} not found")
+    etag = f'"{sha256}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(path, media_type="application/octet-stream", headers={"ETag": etag})
