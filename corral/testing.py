@@ -194,16 +194,20 @@ class Cluster:
         self.servers.append(proc)
         return proc.wait_ready() if wait else proc
 
-    def agent(self, server: ServerProc | list[ServerProc], *, name: str | None = None,
-              cpus: float | None = 2, extra: list[str] | None = None,
-              env: dict[str, str] | None = None) -> AgentProc:
+    def agent(self, server: ServerProc | str | list[ServerProc | str], *,
+              name: str | None = None, cpus: float | None = 2,
+              extra: list[str] | None = None, env: dict[str, str] | None = None,
+              join_token: str | None = None) -> AgentProc:
+        """An agent of these servers (ServerProcs or URLs, e.g. a load balancer's)."""
         servers = server if isinstance(server, list) else [server]
+        urls = [s if isinstance(s, str) else s.url for s in servers]
+        if join_token is None:
+            join_token = next(s.join_token for s in servers if isinstance(s, ServerProc))
         name = name or f"agent{len(self.agents) + 1}"
         extra = list(extra or [])
         if cpus is not None:
             extra += ["--cpus", str(cpus)]
-        proc = AgentProc(self.base / "agents" / name, [s.url for s in servers],
-                         servers[0].join_token, name, extra, env)
+        proc = AgentProc(self.base / "agents" / name, urls, join_token, name, extra, env)
         proc.start()
         self.procs.append(proc)
         self.agents.append(proc)
@@ -350,3 +354,73 @@ class ArtifactServer:
     def statuses(self, path: str | None = None) -> list[int]:
         with self._lock:
             return [s for p, s, _b in self.log if path is None or p == path]
+
+
+class RoundRobinProxy:
+    """A load balancer on loopback: each HTTP request goes to the next backend in
+    turn, so one agent's heartbeats are answered by every server alternately."""
+
+    def __init__(self, backends: list[str]):
+        import asyncio
+        import threading
+
+        import uvicorn
+
+        self.backends = backends
+        self.counts = [0] * len(backends)
+        self._next = 0
+        outer = self
+
+        async def app(scope, receive, send):  # noqa: ANN001
+            if scope["type"] == "lifespan":
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif msg["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            body = b""
+            while True:
+                msg = await receive()
+                body += msg.get("body", b"")
+                if not msg.get("more_body"):
+                    break
+            k = outer._next % len(outer.backends)
+            outer._next += 1
+            outer.counts[k] += 1
+            url = outer.backends[k] + scope["path"]
+            if scope.get("query_string"):
+                url += "?" + scope["query_string"].decode()
+            headers = [(n.decode(), v.decode()) for n, v in scope["headers"]
+                       if n.lower() not in (b"host", b"content-length")]
+            try:
+                async with httpx.AsyncClient(timeout=120) as client:
+                    r = await client.request(scope["method"], url, content=body,
+                                             headers=headers)
+                status, content = r.status_code, r.content
+                out_headers = [(n.encode(), v.encode()) for n, v in r.headers.items()
+                               if n.lower() not in ("content-length", "transfer-encoding",
+                                                    "content-encoding", "connection")]
+            except httpx.HTTPError:
+                status, content, out_headers = 502, b'{"error": "backend down"}', []
+            out_headers.append((b"content-length", str(len(content)).encode()))
+            await send({"type": "http.response.start", "status": status,
+                        "headers": out_headers})
+            await send({"type": "http.response.body", "body": content})
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                     log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()),
+                                        daemon=True)
+
+    def __enter__(self) -> "RoundRobinProxy":
+        self._thread.start()
+        wait_for(lambda: self._server.started, 10, "the proxy to listen")
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

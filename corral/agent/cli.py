@@ -21,7 +21,17 @@ def default_name() -> str:
     return (name or "agent")[:63]
 
 
+def _self_test(value: bool) -> None:
+    if value:
+        from corral.agent.selfupdate import SELF_TEST_OK
+
+        typer.echo(SELF_TEST_OK)
+        raise typer.Exit(0)
+
+
 def agent(
+    self_test: bool = typer.Option(False, "--self-test", is_eager=True, callback=_self_test,
+                                   hidden=True, help="check this build can run, and exit"),
     server: list[str] = typer.Option(..., "--server", envvar="CORRAL_SERVER",
                                      help="server URL (repeat for failover)"),
     join_token: Optional[str] = typer.Option(None, "--join-token", envvar="CORRAL_JOIN_TOKEN",
@@ -33,6 +43,8 @@ def agent(
     cpus: Optional[float] = typer.Option(None, help="cpus to offer (default: all)"),
     memory: Optional[int] = typer.Option(None, help="memory to offer in MB (default: all)"),
     exit_with_parent: bool = typer.Option(False, hidden=True),
+    switch_timeout: float = typer.Option(60.0, hidden=True,
+                                         help="seconds a new agent build has to heartbeat"),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent: register with the server, run the job attempts it is given.
@@ -50,6 +62,7 @@ def agent(
         servers=[s for url in server for s in url.split(",") if s],
         data_dir=(data_dir or base_dir() / "agent").expanduser().resolve(),
         name=name, join_token=join_token, fleet=fleet, exit_with_parent=exit_with_parent,
+        log_level=log_level, switch_timeout=switch_timeout,
     )
     if cpus is not None:
         config.cpus = cpus

@@ -30,7 +30,9 @@ from corral.agent.identity import (
     write_tombstone,
 )
 from corral.agent.artifacts import Artifact, ArtifactCache, InstallError, Installer
-from corral.agent.runner import SELF_TEST_OK
+from corral.agent.runner import SELF_TEST_OK as RUNNER_OK
+from corral.agent.selfupdate import SELF_TEST_OK as AGENT_OK
+from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
 from corral.agent.supervisor import Supervisor
 from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
@@ -51,21 +53,25 @@ RECONNECT = Backoff(base=0.5, factor=2.0, maximum=10.0, jitter=0.5)
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
 
 
-def verify_runner(path: Path) -> None:
-    """A new runner must pass its self-test before any job runs on it."""
-    import subprocess
+def self_test(what: str, expected: str):  # noqa: ANN201
+    """A verifier: the new build must run `--self-test` and say `expected`."""
 
-    try:
-        r = subprocess.run([str(path), "--self-test"], capture_output=True, text=True,
-                           timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InstallError(f"the new runner cannot run: {exc}") from None
-    if r.returncode != 0 or SELF_TEST_OK not in r.stdout:
-        raise InstallError(f"the new runner failed its self-test (exit {r.returncode}): "
-                           f"{(r.stderr or r.stdout).strip()[:300]}")
+    def verify(path: Path) -> None:
+        import subprocess
+
+        try:
+            r = subprocess.run([str(path), "--self-test"], capture_output=True, text=True,
+                               timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise InstallError(f"the new {what} cannot run: {exc}") from None
+        if r.returncode != 0 or expected not in r.stdout:
+            raise InstallError(f"the new {what} failed its self-test (exit {r.returncode}): "
+                               f"{(r.stderr or r.stdout).strip()[:300]}")
+
+    return verify
 
 
-VERIFIERS = {"runner": verify_runner}
+VERIFIERS = {"runner": self_test("runner", RUNNER_OK), "agent": self_test("agent", AGENT_OK)}
 
 
 class AgentExit(Exception):
@@ -85,6 +91,21 @@ class AgentConfig:
     cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
     memory_mb: int = field(default_factory=lambda: psutil.virtual_memory().total // 2**20)
     exit_with_parent: bool = False
+    log_level: str = "info"
+    switch_timeout: float = 60.0  # a new agent build must heartbeat within this
+
+    def argv(self) -> list[str]:
+        """The options that start this same agent again (after a switch of builds)."""
+        args = ["--data-dir", str(self.data_dir), "--name", self.name,
+                "--cpus", str(self.cpus), "--memory", str(self.memory_mb),
+                "--log-level", self.log_level]
+        for s in self.servers:
+            args += ["--server", s]
+        if self.fleet:
+            args += ["--fleet", self.fleet]
+        if self.exit_with_parent:
+            args.append("--exit-with-parent")
+        return args + ["--switch-timeout", str(self.switch_timeout)]
 
 
 class Agent:
@@ -100,6 +121,8 @@ class Agent:
         self.installing: dict[str, asyncio.Task] = {}
         self.install_errors: dict[str, tuple[str, str]] = {}  # name -> (sha256, error)
         self.wake = asyncio.Event()  # heartbeat again now (an install finished)
+        self.selfupdate = SelfUpdate(self.data_dir, self.installer, config.argv(),
+                                     config.switch_timeout)
         self.stopping = asyncio.Event()
         self._parent = os.getppid()
 
@@ -111,7 +134,8 @@ class Agent:
             name=ident.name if ident else self.config.name,
             instance_id=ident.instance_id if ident else None,
             cpus=self.config.cpus, memory_mb=self.config.memory_mb,
-            host=socket.gethostname(), agent_version=corral.__version__,
+            host=socket.gethostname(),
+            agent_version=os.environ.get(VERSION_ENV) or corral.__version__,
             fleet=self.config.fleet,
         ).model_dump()
 
@@ -158,7 +182,10 @@ class Agent:
     def observed_components(self) -> list[ObservedComponent]:
         out = {i.name: ObservedComponent(name=i.name, version=i.version, sha256=i.sha256)
                for i in self.installer.all_installed()}
-        for name, (sha, error) in self.install_errors.items():
+        errors = dict(self.install_errors)
+        if self.selfupdate.rollback_error:
+            errors["agent"] = self.selfupdate.rollback_error
+        for name, (sha, error) in errors.items():
             o = out.get(name) or ObservedComponent(name=name)
             out[name] = o.model_copy(update={"error": error[:4000], "error_sha256": sha})
         return list(out.values())
@@ -226,6 +253,8 @@ class Agent:
             await asyncio.to_thread(work)
             self.install_errors.pop(order.component, None)
             log.info("%s %s installed", order.component, order.version)
+            if order.component == "agent":
+                self.selfupdate.switch_if_needed()  # re-executes; does not return
         except (InstallError, OSError) as exc:
             self.install_errors[order.component] = (order.sha256, str(exc))
             log.warning("install of %s %s failed (order %d): %s", order.component,
@@ -238,6 +267,7 @@ class Agent:
             log.error("this instance was retired (%s); it will not run again. Remove %s to "
                       "join as a new instance.", tomb.get("reason"), self.data_dir)
             return AGENT_EXIT_RETIRED
+        self.selfupdate.on_start()  # may re-execute into the committed agent build
         self.identity = load_identity(self.data_dir)
         self.server = AsyncServer(self.config.servers, timeout=30)
         self.supervisor.adopt()
@@ -246,6 +276,7 @@ class Agent:
             await self.register()
             failures = 0
             while not self.stopping.is_set():
+                self.selfupdate.check_deadline()
                 await self.report_ended()
                 started = time.monotonic()
                 try:
@@ -263,6 +294,9 @@ class Agent:
                     continue
                 if reply.action == "exit":
                     raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)
+                self.selfupdate.heartbeat_ok()
+                if self.selfupdate.rollback_error:
+                    self.selfupdate.error_reported()
                 self.interval = reply.interval
                 await self.apply(reply)
                 if not (reply.start or reply.kill):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,15 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _reap_if_child(pid: int) -> None:
+    """A runner adopted across a re-exec is still our child: collect its exit status
+    so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 class Supervisor:
@@ -121,7 +131,10 @@ class Supervisor:
         info = _read_json(t.dir / "runner.pid")
         if info is None:
             return None
-        return same_process(info["pid"], info.get("create_time"))
+        proc = same_process(info["pid"], info.get("create_time"))
+        if proc is None:
+            _reap_if_child(info["pid"])
+        return proc
 
     def _command_pgid(self, t: Tracked) -> int | None:
         info = _read_json(t.dir / "command.json")

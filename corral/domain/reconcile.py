@@ -85,12 +85,13 @@ def reconcile(status: ComponentStatus, now: float, policy: InstallPolicy, rand: 
         except (IncomparableVersions, InvalidVersion) as exc:
             return Decision(Action.HOLD, ComponentState.HELD, s.attempts, s.next_attempt_at,
                             f"{exc}; replace it with an explicit rollout (--force)")
+    if now < s.next_attempt_at:
+        # the last order gets its whole window to land before anything else happens
+        return Decision(Action.WAIT, s.state, s.attempts, s.next_attempt_at)
     if s.attempts >= policy.cap:
         return Decision(Action.GIVE_UP, ComponentState.INSTALL_FAILED, s.attempts,
                         s.next_attempt_at,
                         f"{s.attempts} install orders did not converge on {s.target_version}")
-    if now < s.next_attempt_at:
-        return Decision(Action.WAIT, s.state, s.attempts, s.next_attempt_at)
     attempts = s.attempts + 1
     return Decision(Action.INSTALL, ComponentState.INSTALLING, attempts,
                     now + policy.backoff.delay(attempts, rand),

@@ -15,7 +15,7 @@ from corral.store.db import DatabaseUrlError
 
 
 def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt_grace,  # noqa: ANN001
-                       heartbeat_interval) -> ServerConfig:
+                       heartbeat_interval, install_backoff=None, install_cap=None) -> ServerConfig:
     if agent_grace is not None:
         config.agent_grace = agent_grace
     if start_timeout is not None:
@@ -24,6 +24,10 @@ def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt
         config.attempt_grace = attempt_grace
     if heartbeat_interval is not None:
         config.heartbeat_base = heartbeat_interval
+    if install_backoff is not None:
+        config.install_backoff = install_backoff
+    if install_cap is not None:
+        config.install_cap = install_cap
     return config
 
 
@@ -46,6 +50,10 @@ def server(
                                                   "runner may be silent [60]"),
     heartbeat_interval: Optional[float] = typer.Option(None, help="agent heartbeat interval "
                                                        "for small fleets, seconds [2]"),
+    install_backoff: Optional[float] = typer.Option(None, help="seconds before an install "
+                                                    "order is repeated; doubles each time [30]"),
+    install_cap: Optional[int] = typer.Option(None, min=1, help="install orders per instance "
+                                              "and version before giving up [5]"),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run an API server with its background loops (dispatcher, reaper, ...).
@@ -60,7 +68,7 @@ def server(
         config = ServerConfig(data_dir=data_dir or default_data_dir(), db_url=db, host=host,
                               port=port, public_url=public_url)
         add_timing_options(config, agent_grace, start_timeout, attempt_grace,
-                           heartbeat_interval)
+                           heartbeat_interval, install_backoff, install_cap)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
