@@ -64,7 +64,7 @@ def test_changed_etag_downloads_once_more_and_unchanged_url_costs_no_body(env, t
     # the URL now flips back to serving v2 while a v3 is wanted: revalidation says
     # "unchanged", no body is sent, and nothing is installed
     v3 = os.urandom(50_000)
-    with pytest.raises(InstallError, match="unchanged since it was downloaded"):
+    with pytest.raises(InstallError, match="unchanged since it was last downloaded"):
         inst.install(art(url, v3, "1.2.0"), client)
     assert srv.statuses("/runner")[-1] == 304
     assert srv.body_bytes("/runner") == len(v1) + len(v2)
@@ -119,9 +119,24 @@ def test_short_body_without_declared_size_fails_on_the_hash(env):
     url = srv.put("/runner", data[:5000])  # the server simply has the wrong bytes
     with pytest.raises(InstallError, match="does not match"):
         inst.install(art(url, data, size=False), client)
+    url = srv.put("/runner-sized", data[:5000])
     with pytest.raises(InstallError, match="short body"):
         inst.install(art(url, data), client)
     assert inst.installed("runner") is None and not cache.has(sha(data))
+
+
+def test_wrong_bytes_at_a_url_are_downloaded_once_however_often_ordered(env):
+    srv, client, inst, cache = env
+    data, other = os.urandom(40_000), os.urandom(40_000)
+    url = srv.put("/runner", other)
+    for _ in range(5):
+        with pytest.raises(InstallError):
+            inst.install(art(url, data), client)
+    assert srv.statuses("/runner") == [200, 304, 304, 304, 304]
+    assert srv.body_bytes("/runner") == len(other)
+    srv.put("/runner", data)  # fixed at the source: a new ETag, downloaded once
+    assert inst.install(art(url, data), client).path.read_bytes() == data
+    assert srv.body_bytes("/runner") == len(other) + len(data)
 
 
 def test_wrong_hash_is_never_installed(env):

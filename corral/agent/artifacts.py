@@ -1,9 +1,10 @@
 """Artifacts on the agent: a content-addressed cache and an atomic installer.
 
 Cache (DATA_DIR/cache, never beside installed components): files named by their
-sha256, plus the ETag each URL last answered with. If the sha256 an order wants is
-cached, no request is made at all; otherwise the GET carries If-None-Match with the
-URL's cached ETag, so an unchanged URL costs a 304 and no body. A download streams
+sha256, plus the ETag each URL last answered with and the sha256 of that body. If
+the sha256 an order wants is cached, no request is made at all; otherwise the GET
+carries If-None-Match with the URL's ETag when that names other bytes, so a URL that
+still serves what was already fetched (or rejected) costs a 304 and no body. A download streams
 to a temp file and is kept only if its size and sha256 match: an HTTP error page, a
 short body or wrong bytes never enter the cache, let alone get installed. The
 newest `keep` artifacts stay cached.
@@ -103,14 +104,15 @@ class ArtifactCache:
             return target
         headers = dict(headers or {})
         known = self._etags().get(art.url)
-        if known and self.has(known["sha256"]):
+        if known and known["sha256"] != art.sha256:
+            # a 304 then means "still the bytes you rejected or already have": no body
             headers["If-None-Match"] = known["etag"]
         tmp = self.root / f".partial-{secrets.token_hex(6)}"
         try:
             with client.stream("GET", art.url, headers=headers) as resp:
                 if resp.status_code == 304:
                     raise InstallError(
-                        f"{art.url} is unchanged since it was downloaded (sha256 "
+                        f"{art.url} is unchanged since it was last downloaded (sha256 "
                         f"{known['sha256'][:12]}…), but {art.name} {art.version} should have "
                         f"sha256 {art.sha256[:12]}…; not downloading it again")
                 if not 200 <= resp.status_code < 300:
@@ -139,12 +141,14 @@ class ArtifactCache:
         if art.size is not None and size != art.size:
             tmp.unlink(missing_ok=True)
             raise InstallError(f"{art.url}: short body, {size} of {art.size} bytes")
+        # a complete body: its ETag names these bytes, wanted or not, so an unchanged
+        # URL is never downloaded twice
+        self._remember(art.url, etag, got)
         if got != art.sha256:
             tmp.unlink(missing_ok=True)
             raise InstallError(f"{art.url}: sha256 {got[:12]}… does not match the expected "
                                f"{art.sha256[:12]}…; not installed")
         os.replace(tmp, target)
-        self._remember(art.url, etag, got)
         self.prune()
         return target
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 import corral
 from corral.server import errors
-from corral.server.api import agents, attempts, components, fleet, health, jobs
+from corral.server.api import agents, attempts, bootstrap, components, fleet, health, jobs
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.loops.dispatcher import dispatch_once
@@ -176,7 +176,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
-    for module in (jobs, attempts, agents, components, fleet, health):
+    for module in (jobs, attempts, agents, components, fleet, health, bootstrap):
         app.include_router(module.router)
     from corral.server import dashboard
 

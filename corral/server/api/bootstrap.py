@@ -1,0 +1,46 @@
+"""GET /api/v1/bootstrap.sh: install an agent on a fresh host, safely."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import jinja2
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import PlainTextResponse
+
+from corral.domain.api import NAME_PATTERN
+from corral.server.context import ServerContext, get_ctx
+from corral.store import components
+
+router = APIRouter(prefix="/api/v1", tags=["agents"])
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).parent.parent / "templates")),
+    autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+)
+_env.filters["shq"] = lambda v: shlex.quote(str(v or ""))
+UNIT = Path(__file__).parent.parent.parent / "deploy" / "corral-agent.service"
+
+
+@router.get("/bootstrap.sh", response_class=PlainTextResponse,
+            summary="Shell script that installs the fleet's agent build on a fresh host")
+async def bootstrap(
+    fleet: str | None = Query(default=None, pattern=NAME_PATTERN),
+    ctx: ServerContext = Depends(get_ctx),
+) -> PlainTextResponse:
+    async def desired(conn):  # noqa: ANN001
+        d = None
+        if fleet:
+            d = await components.current_desired(conn, fleet, "agent")
+        d = d or await components.current_desired(conn, components.ALL_FLEETS, "agent")
+        return await components.get_component(conn, "agent", d["version"]) if d else None
+
+    art = await ctx.db.query(desired)
+    script = _env.get_template("bootstrap.sh").render(
+        server=ctx.config.url, where=f"fleet {fleet}" if fleet else "any fleet",
+        query=f"?fleet={fleet}" if fleet else "",
+        url=art["url"] if art else "", sha256=art["sha256"] if art else "",
+        version=art["version"] if art else "", fleet=fleet or "", unit=UNIT.read_text(),
+    )
+    return PlainTextResponse(script, media_type="text/x-shellscript")
