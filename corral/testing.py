@@ -289,6 +289,8 @@ class ArtifactServer:
 
             def _send(self, status: int, body: bytes, headers: dict | None = None,
                       declared: int | None = None) -> None:
+                with outer._lock:  # counted before the client can see the answer
+                    outer.log.append((self.path, status, len(body)))
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -299,8 +301,6 @@ class ArtifactServer:
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
-                with outer._lock:
-                    outer.log.append((self.path, status, len(body)))
 
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path
