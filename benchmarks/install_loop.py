@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe  # noqa: E402
-from corral.testing import ArtifactServer, Cluster, RoundRobinProxy, wait_for  # noqa: E402
+from corral.testing import ArtifactServer, Cluster, Proxy, wait_for  # noqa: E402
 
 
 def sha(data: bytes) -> str:
@@ -83,7 +83,7 @@ def corral(art: ArtifactServer, db_url: str, base: Path, builds: dict[str, bytes
                       env={"CORRAL_BUILD_VERSION": "0.20.18"})
         s2 = c.server(db_url=db_url, name="s2", fast=False,
                       env={"CORRAL_BUILD_VERSION": "0.20.23"})
-        with RoundRobinProxy([s1.url, s2.url]) as lb:
+        with Proxy([s1.url, s2.url]) as lb:
             for k in range(agents):
                 c.agent(lb.url, name=f"a{k + 1}", join_token=s1.join_token)
             client = c.client(s1)

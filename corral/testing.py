@@ -213,6 +213,25 @@ class Cluster:
         self.agents.append(proc)
         return proc
 
+    def up(self, *, agents: int, agent_cpus: float = 1, public_url: str | None = None,
+           port: int | None = None, extra: list[str] | None = None,
+           env: dict[str, str] | None = None) -> ServerProc:
+        """`corral up`: a server on SQLite that runs a local fleet of `agents` agents
+        (real processes, supervised by the server's local backend)."""
+        data_dir = self.base / "up"
+        port = port or free_port()
+        args = ["--agents", str(agents), "--agent-cpus", str(agent_cpus), *self.FAST,
+                *(extra or [])]
+        if public_url:
+            args += ["--public-url", public_url]
+        proc = ServerProc(data_dir, port, None, [], env)
+        proc.args = corral_cmd("up", "--data-dir", str(data_dir), "--port", str(port),
+                               "--log-level", "info", *args)
+        proc.start()
+        self.procs.append(proc)
+        self.servers.append(proc)
+        return proc.wait_ready()
+
     def client(self, server: ServerProc) -> Client:
         c = Client(server=server.url, token=server.admin_token)
         self._clients.append(c)
@@ -356,19 +375,28 @@ class ArtifactServer:
             return [s for p, s, _b in self.log if path is None or p == path]
 
 
-class RoundRobinProxy:
-    """A load balancer on loopback: each HTTP request goes to the next backend in
-    turn, so one agent's heartbeats are answered by every server alternately."""
+class Proxy:
+    """An HTTP proxy on loopback between agents and servers.
+
+    Each request goes to the next backend in turn (a round-robin load balancer, so one
+    agent's heartbeats are answered by every server alternately). `hold(instance_id)`
+    delays that instance's heartbeats, as a slow network would, until `release`."""
+
+    HEARTBEAT = "/api/v1/agents/heartbeat"
 
     def __init__(self, backends: list[str]):
         import asyncio
+        import json
         import threading
 
         import uvicorn
 
         self.backends = backends
         self.counts = [0] * len(backends)
+        self.held: dict[str, asyncio.Event] = {}
+        self.delayed: list[str] = []
         self._next = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         outer = self
 
         async def app(scope, receive, send):  # noqa: ANN001
@@ -376,6 +404,7 @@ class RoundRobinProxy:
                 while True:
                     msg = await receive()
                     if msg["type"] == "lifespan.startup":
+                        outer._loop = asyncio.get_running_loop()
                         await send({"type": "lifespan.startup.complete"})
                     elif msg["type"] == "lifespan.shutdown":
                         await send({"type": "lifespan.shutdown.complete"})
@@ -386,6 +415,15 @@ class RoundRobinProxy:
                 body += msg.get("body", b"")
                 if not msg.get("more_body"):
                     break
+            if scope["path"] == outer.HEARTBEAT:
+                try:
+                    iid = json.loads(body).get("instance_id")
+                except ValueError:
+                    iid = None
+                gate = outer.held.get(iid)
+                if gate is not None:
+                    outer.delayed.append(iid)
+                    await gate.wait()
             k = outer._next % len(outer.backends)
             outer._next += 1
             outer.counts[k] += 1
@@ -416,11 +454,31 @@ class RoundRobinProxy:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()),
                                         daemon=True)
 
-    def __enter__(self) -> "RoundRobinProxy":
+    def hold(self, instance_id: str) -> None:
+        """Delay this instance's heartbeats (each waits at the proxy) until release."""
+        import asyncio
+
+        def make() -> None:
+            self.held[instance_id] = asyncio.Event()
+
+        self._loop.call_soon_threadsafe(make)
+        wait_for(lambda: instance_id in self.held, 5, "the hold to take effect")
+
+    def release(self, instance_id: str) -> None:
+        def free() -> None:
+            gate = self.held.pop(instance_id, None)
+            if gate is not None:
+                gate.set()
+
+        self._loop.call_soon_threadsafe(free)
+
+    def __enter__(self) -> "Proxy":
         self._thread.start()
         wait_for(lambda: self._server.started, 10, "the proxy to listen")
         return self
 
     def __exit__(self, *exc) -> None:  # noqa: ANN002
+        for iid in list(self.held):
+            self.release(iid)
         self._server.should_exit = True
         self._thread.join(timeout=10)

@@ -10,6 +10,7 @@ import typer
 from corral import logsetup
 from corral.backends.local import LocalBackend
 from corral.server.app import StartupError
+from corral.server.cli import add_timing_options
 from corral.server.config import DEFAULT_PORT, ServerConfig, default_data_dir
 from corral.store import fleets
 
@@ -24,6 +25,12 @@ def up(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(DEFAULT_PORT, help="port to listen on (0: any free port)"),
     agent_cpus: float = typer.Option(None, help="cpus each agent offers (default: all)"),
+    public_url: str = typer.Option(None, hidden=True, help="URL the agents use to reach the "
+                                   "server, if not http://HOST:PORT"),
+    agent_grace: float = typer.Option(None, hidden=True),
+    start_timeout: float = typer.Option(None, hidden=True),
+    attempt_grace: float = typer.Option(None, hidden=True),
+    heartbeat_interval: float = typer.Option(None, hidden=True),
     log_level: str = typer.Option("warning", help="debug, info, warning, error"),
 ) -> None:
     """Start a server on SQLite and a local fleet of N agents; Ctrl-C stops them all.
@@ -33,17 +40,27 @@ def up(
     logsetup.setup(log_level)
     from corral.server.main import serve
 
-    config = ServerConfig(data_dir=data_dir or default_data_dir(), host=host, port=port)
+    config = ServerConfig(data_dir=data_dir or default_data_dir(), host=host, port=port,
+                          public_url=public_url)
+    add_timing_options(config, agent_grace, start_timeout, attempt_grace, heartbeat_interval)
 
     async def prepare(ctx) -> None:  # noqa: ANN001
         ctx.backends["local"] = LocalBackend(
             config.data_dir, server_urls=[config.url], join_token=ctx.extras["join_token"],
             cpus=agent_cpus,
         )
-        await ctx.db.transact(
-            fleets.upsert_fleet, name=LOCAL_FLEET, backend="local", min_size=agents,
-            max_size=max(agents, 1), target_size=agents, now=ctx.now(),
-        )
+        async def fleet(conn) -> None:  # noqa: ANN001
+            f = await fleets.get_fleet(conn, LOCAL_FLEET)
+            lo, hi = (min(f["min_size"], agents), max(f["max_size"], agents)) if f else (
+                agents, agents)
+            await fleets.upsert_fleet(
+                conn, name=LOCAL_FLEET, backend="local", min_size=lo, max_size=hi,
+                target_size=agents, now=ctx.now(),
+                idle_timeout=f["idle_timeout"] if f else 300.0,
+                cpus=f["cpus"] if f else None, memory_mb=f["memory_mb"] if f else None,
+                spec=f["spec"] if f else None)
+
+        await ctx.db.transact(fleet)
 
     def ready(ctx) -> None:  # noqa: ANN001
         admin = ctx.extras["admin_token"]

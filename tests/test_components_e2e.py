@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.testing import ArtifactServer, Cluster, RoundRobinProxy, wait_for
+from corral.testing import ArtifactServer, Cluster, Proxy, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -40,7 +40,7 @@ def test_two_builds_converge_once_and_then_stay_quiet(pg_url: str, tmp_path: Pat
     with ArtifactServer() as art, Cluster(tmp_path / "c") as c:
         s1 = c.server(db_url=pg_url, name="s1", env={"CORRAL_BUILD_VERSION": "0.20.18"})
         s2 = c.server(db_url=pg_url, name="s2", env={"CORRAL_BUILD_VERSION": "0.20.23"})
-        with RoundRobinProxy([s1.url, s2.url]) as lb:
+        with Proxy([s1.url, s2.url]) as lb:
             c.agent(lb.url, name="a1", join_token=s1.join_token)
             client = c.client(s1)
             c.wait_agents_running(client, 1)

@@ -45,6 +45,11 @@ def agent(
     exit_with_parent: bool = typer.Option(False, hidden=True),
     switch_timeout: float = typer.Option(60.0, hidden=True,
                                          help="seconds a new agent build has to heartbeat"),
+    peer_host: str = typer.Option("127.0.0.1", help="address the peer data endpoint listens "
+                                  "on (0.0.0.0 for a multi-host fleet)"),
+    peer_port: int = typer.Option(0, help="its port (0: any free port)"),
+    peer_url: Optional[str] = typer.Option(None, help="how other agents reach it, if not "
+                                           "http://PEER_HOST:PORT"),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent: register with the server, run the job attempts it is given.
@@ -62,7 +67,8 @@ def agent(
         servers=[s for url in server for s in url.split(",") if s],
         data_dir=(data_dir or base_dir() / "agent").expanduser().resolve(),
         name=name, join_token=join_token, fleet=fleet, exit_with_parent=exit_with_parent,
-        log_level=log_level, switch_timeout=switch_timeout,
+        log_level=log_level, switch_timeout=switch_timeout, peer_host=peer_host,
+        peer_port=peer_port, peer_url=peer_url,
     )
     if cpus is not None:
         config.cpus = cpus

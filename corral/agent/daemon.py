@@ -29,7 +29,10 @@ from corral.agent.identity import (
     save_identity,
     write_tombstone,
 )
+from corral.agent import transfer
 from corral.agent.artifacts import Artifact, ArtifactCache, InstallError, Installer
+from corral.agent.objects import ObjectStore
+from corral.agent.peer import PeerServer
 from corral.agent.runner import SELF_TEST_OK as RUNNER_OK
 from corral.agent.selfupdate import SELF_TEST_OK as AGENT_OK
 from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
@@ -37,9 +40,11 @@ from corral.agent.supervisor import Supervisor
 from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
 from corral.domain.api import (
+    Fetch,
     HeartbeatReply,
     HeartbeatRequest,
     InstallOrder,
+    ObjectError,
     ObservedComponent,
     RegisterReply,
     RegisterRequest,
@@ -93,6 +98,9 @@ class AgentConfig:
     exit_with_parent: bool = False
     log_level: str = "info"
     switch_timeout: float = 60.0  # a new agent build must heartbeat within this
+    peer_host: str = "127.0.0.1"
+    peer_port: int = 0
+    peer_url: str | None = None  # how other agents reach this one (default from host:port)
 
     def argv(self) -> list[str]:
         """The options that start this same agent again (after a switch of builds)."""
@@ -105,6 +113,9 @@ class AgentConfig:
             args += ["--fleet", self.fleet]
         if self.exit_with_parent:
             args.append("--exit-with-parent")
+        args += ["--peer-host", self.peer_host, "--peer-port", str(self.peer_port)]
+        if self.peer_url:
+            args += ["--peer-url", self.peer_url]
         return args + ["--switch-timeout", str(self.switch_timeout)]
 
 
@@ -117,6 +128,13 @@ class Agent:
         self.interval = 2.0
         self.server: AsyncServer | None = None
         self.installer = Installer(self.data_dir, ArtifactCache(self.data_dir / "cache"))
+        self.objects = ObjectStore(self.data_dir)
+        self.peer: PeerServer | None = None
+        self.peer_url: str | None = None
+        self.fetching: dict[str, asyncio.Task] = {}
+        self.fetch_slots = asyncio.Semaphore(4)
+        self.object_errors: dict[str, str] = {}
+        self._last_objects: tuple[list[str], float] | None = None
         self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
         self.installing: dict[str, asyncio.Task] = {}
         self.install_errors: dict[str, tuple[str, str]] = {}  # name -> (sha256, error)
@@ -136,7 +154,7 @@ class Agent:
             cpus=self.config.cpus, memory_mb=self.config.memory_mb,
             host=socket.gethostname(),
             agent_version=os.environ.get(VERSION_ENV) or corral.__version__,
-            fleet=self.config.fleet,
+            fleet=self.config.fleet, peer_url=self.peer_url,
         ).model_dump()
 
     async def register(self) -> None:
@@ -190,10 +208,21 @@ class Agent:
             out[name] = o.model_copy(update={"error": error[:4000], "error_sha256": sha})
         return list(out.values())
 
+    def observed_objects(self) -> list[str] | None:
+        """The objects held, when that changed (or every 30 s); else None."""
+        held = self.objects.list()
+        last = self._last_objects
+        if last is not None and last[0] == held and time.monotonic() - last[1] < 30:
+            return None
+        return held
+
     async def heartbeat(self) -> HeartbeatReply | None:
+        held = self.observed_objects()
+        errors = [ObjectError(sha256=s, error=e[:4000]) for s, e in self.object_errors.items()]
         body = HeartbeatRequest(
             instance_id=self.identity.instance_id, incarnation=self.incarnation,
             attempts=self.supervisor.observed(), components=self.observed_components(),
+            objects=held, object_errors=errors,
             wait=0.0 if self.wake.is_set() else self.interval,
         ).model_dump()
         self.wake.clear()
@@ -206,6 +235,10 @@ class Agent:
             return None  # credential unknown: re-register decides what that means
         if resp.status_code >= 400:
             raise Unreachable(f"heartbeat: HTTP {resp.status_code} {resp.text[:200]}")
+        if held is not None:
+            self._last_objects = (held, time.monotonic())
+        for e in errors:
+            self.object_errors.pop(e.sha256, None)
         return HeartbeatReply.model_validate(resp.json())
 
     async def report_ended(self) -> None:
@@ -234,6 +267,50 @@ class Agent:
             if task is None or task.done():
                 self.installing[order.component] = asyncio.get_running_loop().create_task(
                     self._install(order))
+        for fetch in reply.replicate:
+            task = self.fetching.get(fetch.sha256)
+            if task is None or task.done():
+                self.fetching[fetch.sha256] = asyncio.get_running_loop().create_task(
+                    self._replicate(fetch))
+
+    async def _replicate(self, order: Fetch) -> None:
+        """Copy an object from a peer, as ordered (the server only orders running
+        instances, and the source checks that with the server again)."""
+        async with self.fetch_slots:
+            try:
+                await asyncio.to_thread(transfer.fetch, self.objects, order.sha256, order.size,
+                                        order.sources, order.token)
+                log.info("replicated object %s", order.sha256[:12])
+            except (transfer.TransferError, OSError) as exc:
+                self.object_errors[order.sha256] = str(exc)
+                log.warning("replication of %s failed: %s", order.sha256[:12], exc)
+        self.wake.set()
+
+    async def verify_peer(self, sha256: str, token: str) -> str | None:
+        """Ask the server whether `token` lets its bearer fetch `sha256` from us."""
+        try:
+            resp = await self.server.request(
+                "POST", "/api/v1/agents/peer/verify", json={"sha256": sha256, "token": token},
+                headers={"Authorization": f"Bearer {self.identity.credential}"},
+                deadline=time.monotonic() + 10)
+        except Unreachable as exc:
+            return f"cannot check the token with a server: {exc}"
+        if resp.status_code == 200:
+            return None
+        try:
+            return resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return f"HTTP {resp.status_code}"
+
+    async def start_peer(self) -> None:
+        self.peer = PeerServer(self.objects, self.verify_peer, self.config.peer_host,
+                               self.config.peer_port)
+        host = self.config.peer_host
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        self.peer_url = self.config.peer_url or f"http://{host}:{self.peer.port}"
+        self.config.peer_port = self.peer.port  # a re-exec keeps the same address
+        asyncio.get_running_loop().create_task(self.peer.serve())
 
     def _auth_for(self, url: str) -> dict[str, str]:
         """Artifacts a corral server stores need this instance's credential."""
@@ -270,6 +347,7 @@ class Agent:
         self.selfupdate.on_start()  # may re-execute into the committed agent build
         self.identity = load_identity(self.data_dir)
         self.server = AsyncServer(self.config.servers, timeout=30)
+        await self.start_peer()
         self.supervisor.adopt()
         watchdog = asyncio.get_running_loop().create_task(self._watch_parent())
         try:
@@ -316,6 +394,8 @@ class Agent:
             watchdog.cancel()
             if self.stopping.is_set():
                 await self._shutdown()
+            if self.peer is not None:
+                self.peer.stop()
             await self.server.close()
 
     # -- stopping ------------------------------------------------------------------------------

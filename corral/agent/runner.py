@@ -18,6 +18,7 @@ import ctypes
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,10 @@ from pathlib import Path
 
 import psutil
 
+from corral.agent import transfer
 from corral.agent.identity import write_json_atomic
+from corral.agent.objects import ObjectStore
+from corral.agent.transfer import TransferError
 from corral.agent.proctree import kill_tree
 from corral.agent.upstream import SyncServer, Unreachable
 
@@ -219,11 +223,26 @@ class Runner:
         except (Stale, Unreachable) as exc:
             self.done("stale", reason=str(exc))
             return EXIT_STALE
-        work = self.dir / "work"
-        work.mkdir(exist_ok=True)
+        shipper = threading.Thread(target=self.ship_logs, daemon=True)
+        shipper.start()  # it also heartbeats the attempt while inputs arrive
+        work, outputs, inputs = (self.dir / d for d in ("work", "outputs", "inputs"))
+        for d in (work, outputs, inputs):
+            d.mkdir(exist_ok=True)
+        try:
+            self.fetch_inputs(inputs)
+        except (TransferError, OSError) as exc:
+            self.stale.set()
+            shipper.join()
+            try:
+                self.call_anyway("lost", {"reason": f"inputs unavailable: {exc}"[:4000]})
+            except (Stale, Unreachable):
+                pass
+            self.done("lost", reason=str(exc))
+            return EXIT_STALE
         env = {**os.environ, **self.spec.get("env", {}),
                "CORRAL_JOB_ID": str(self.job_id), "CORRAL_ATTEMPT": str(self.attempt),
-               "CORRAL_INSTANCE_ID": self.spec.get("instance_id", "")}
+               "CORRAL_INSTANCE_ID": self.spec.get("instance_id") or "",
+               "CORRAL_OUTPUT_DIR": str(outputs), "CORRAL_INPUT_DIR": str(inputs)}
         command = self.spec["command"]
         try:
             self.proc = subprocess.Popen(
@@ -246,8 +265,7 @@ class Runner:
             threading.Thread(target=self.read_stream, args=(self.proc.stdout, "out"), daemon=True),
             threading.Thread(target=self.read_stream, args=(self.proc.stderr, "err"), daemon=True),
         ]
-        shipper = threading.Thread(target=self.ship_logs, daemon=True)
-        for t in (*readers, shipper):
+        for t in readers:
             t.start()
         while True:
             try:
@@ -277,13 +295,57 @@ class Runner:
         if self.stale.is_set():
             self.done("stale", reason="the server refused this attempt's token")
             return EXIT_STALE
-        if code < 0:
-            return self.finish(128 - code, f"killed by signal {signal.Signals(-code).name}")
-        return self.finish(code, None)
-
-    def finish(self, exit_code: int, reason: str | None) -> int:
         try:
-            reply = self.call("finish", {"exit_code": exit_code, "reason": reason})
+            produced = self.collect_outputs(outputs)
+        except OSError as exc:
+            return self.finish(code if code >= 0 else 128 - code,
+                               f"could not store the job's outputs: {exc}")
+        if code < 0:
+            return self.finish(128 - code, f"killed by signal {signal.Signals(-code).name}",
+                               produced)
+        return self.finish(code, None, produced)
+
+    def fetch_inputs(self, into: Path) -> None:
+        """Each input object into the input dir (a copy: the job may not change the
+        stored object), fetched from a peer if this instance does not hold it."""
+        store = ObjectStore(Path(self.spec["data_dir"]))
+        taken: set[str] = set()
+        for inp in self.spec.get("inputs", []):
+            src = transfer.fetch(store, inp["sha256"], inp["size"], inp["sources"],
+                                 inp.get("token"))
+            name = inp["name"].replace("/", "_") or inp["sha256"]
+            if name in taken:
+                name = f"{inp['sha256'][:12]}-{name}"
+            taken.add(name)
+            shutil.copyfile(src, into / name)
+
+    def collect_outputs(self, outputs: Path) -> list[dict]:
+        """Every regular file under the output dir becomes an object in the store."""
+        store = ObjectStore(Path(self.spec["data_dir"]))
+        produced = []
+        for root, dirs, files in os.walk(outputs, followlinks=False):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(root) / name
+                rel = path.relative_to(outputs).as_posix()
+                if path.is_symlink() or not path.is_file():
+                    print(f"runner: output {rel} is not a regular file; skipped",
+                          file=sys.stderr)
+                    continue
+                sha, size = store.add_file(path)
+                produced.append({"path": rel, "sha256": sha, "size": size})
+        return produced
+
+    def call_anyway(self, action: str, body: dict) -> dict:
+        """A call made after this runner stopped shipping (it clears the stale flag
+        it set to stop the shipper; a real 409 sets it again)."""
+        self.stale.clear()
+        return self.call(action, body, deadline=time.monotonic() + 30)
+
+    def finish(self, exit_code: int, reason: str | None, outputs: list | None = None) -> int:
+        try:
+            reply = self.call("finish", {"exit_code": exit_code, "reason": reason,
+                                         "outputs": outputs or []})
         except (Stale, Unreachable) as exc:
             self.done("stale", reason=str(exc))
             return EXIT_STALE

@@ -101,7 +101,8 @@ class Supervisor:
         write_json_atomic(d / "spec.json", {
             "job_id": order.job_id, "attempt": order.attempt, "token": order.token,
             "command": order.command, "env": order.env, "servers": self.servers,
-            "instance_id": self.instance_id,
+            "instance_id": self.instance_id, "data_dir": str(self.data_dir),
+            "inputs": [i.model_dump() for i in order.inputs],
             "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
         }, durable=False)
         with open(d / "runner.log", "ab") as out:

@@ -9,11 +9,14 @@ class Backend(ABC):
     name: str
 
     @abstractmethod
-    async def create(self, instance_id: str, name: str, fleet: str) -> str:
-        """Start a machine whose agent will register as `name`; return a reference."""
+    async def create(self, instance_id: str, name: str, fleet: str, *,
+                     cpus: float | None = None, memory_mb: int | None = None) -> str:
+        """Start a machine (of this many cpus and MB, if given) whose agent will register
+        as `name`; return a reference."""
 
     @abstractmethod
-    async def ensure(self, instance_id: str, name: str, fleet: str, ref: str | None) -> None:
+    async def ensure(self, instance_id: str, name: str, fleet: str, ref: str | None, *,
+                     cpus: float | None = None, memory_mb: int | None = None) -> None:
         """Make sure the machine of a live instance is up (after a restart of the server)."""
 
     @abstractmethod

@@ -29,6 +29,8 @@ class _Agent:
     name: str
     fleet: str
     data_dir: Path
+    cpus: float | None = None
+    memory_mb: int | None = None
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -58,17 +60,20 @@ class LocalBackend(Backend):
 
     # -- Backend ---------------------------------------------------------------------------
 
-    async def create(self, instance_id: str, name: str, fleet: str) -> str:
-        agent = self._agents.get(name) or _Agent(name, fleet, self.base_dir / "agents" / name)
+    async def create(self, instance_id: str, name: str, fleet: str, *,
+                     cpus: float | None = None, memory_mb: int | None = None) -> str:
+        agent = self._agents.get(name) or _Agent(name, fleet, self.base_dir / "agents" / name,
+                                                 cpus, memory_mb)
         self._agents[name] = agent
         self._spawn(agent)
         self._ensure_monitor()
         return f"local:{name}"
 
-    async def ensure(self, instance_id: str, name: str, fleet: str, ref: str | None) -> None:
+    async def ensure(self, instance_id: str, name: str, fleet: str, ref: str | None, *,
+                     cpus: float | None = None, memory_mb: int | None = None) -> None:
         agent = self._agents.get(name)
         if agent is None:
-            agent = _Agent(name, fleet, self.base_dir / "agents" / name)
+            agent = _Agent(name, fleet, self.base_dir / "agents" / name, cpus, memory_mb)
             self._agents[name] = agent
             if (agent.data_dir / TOMBSTONE_FILE).exists():
                 agent.retired = True
@@ -119,10 +124,12 @@ class LocalBackend(Backend):
             cmd += ["--server", url]
         if self.join_token:
             cmd += ["--join-token", self.join_token]
-        if self.cpus is not None:
-            cmd += ["--cpus", str(self.cpus)]
-        if self.memory_mb is not None:
-            cmd += ["--memory", str(self.memory_mb)]
+        cpus = agent.cpus if agent.cpus is not None else self.cpus
+        memory = agent.memory_mb if agent.memory_mb is not None else self.memory_mb
+        if cpus is not None:
+            cmd += ["--cpus", str(cpus)]
+        if memory is not None:
+            cmd += ["--memory", str(memory)]
         return cmd + self.extra_args
 
     def _spawn(self, agent: _Agent) -> None:

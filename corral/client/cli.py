@@ -77,6 +77,9 @@ def run(
     max_attempts: int = typer.Option(3, help="attempts before the job fails for good"),
     name: Optional[str] = typer.Option(None, help="a name to recognise the job by"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE for the job (repeatable)"),
+    inputs: list[str] = typer.Option([], "--input", "-i",
+                                     help="object id (from corral put) the job reads from "
+                                          "$CORRAL_INPUT_DIR (repeatable)"),
     detach: bool = typer.Option(False, "--detach", "-d", help="print the job id and return"),
     server: Optional[str] = ServerOpt,
     token: Optional[str] = TokenOpt,
@@ -84,6 +87,8 @@ def run(
     """Submit a job. Without --detach, stream its output and exit with its exit code.
 
     Example: corral run --cpus 2 -- python train.py --epochs 3
+
+    Files the job writes to $CORRAL_OUTPUT_DIR become its outputs (corral outputs ID).
 
     Ctrl-C stops following; the job keeps running (cancel it with `corral cancel ID`).
     """
@@ -97,7 +102,8 @@ def run(
         if not sep or not key:
             fail(f"--env {item!r}: expected KEY=VALUE", 2)
         envs[key] = value
-    options = dict(fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs)
+    options = dict(fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs,
+                   inputs=inputs)
     if memory is not None:
         options["memory_mb"] = parse_memory(memory)
     with client(server, token) as c:

@@ -17,17 +17,30 @@ from corral.client.config import resolve
 from corral.domain.api import (
     ComponentPublish,
     ComponentView,
+    DrainView,
     EventView,
+    FleetSpec,
+    FleetView,
     InstanceComponentView,
     InstanceView,
     JobSubmit,
     JobView,
     LogPage,
+    ObjectView,
+    OutputView,
     RolloutRequest,
     RolloutView,
     ServerView,
 )
 from corral.domain.jobs import FINAL_JOB_STATES
+
+
+def _file_chunks(path, on_progress: Callable[[int], None] | None):  # noqa: ANN001, ANN202
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            if on_progress:
+                on_progress(len(chunk))
+            yield chunk
 
 
 class CorralError(Exception):
@@ -170,6 +183,77 @@ class Client:
     def health(self) -> dict:
         return self._call("GET", "/health")
 
+    # -- outputs, uploads, instances and fleets ----------------------------------------------
+
+    def outputs(self, job_id: int) -> list[OutputView]:
+        return [OutputView.model_validate(o) for o in
+                self._call("GET", f"/api/v1/jobs/{job_id}/outputs")]
+
+    def object(self, sha256: str) -> ObjectView:
+        return ObjectView.model_validate(self._call("GET", f"/api/v1/objects/{sha256}"))
+
+    def download(self, sha256: str, dest, on_progress: Callable[[int], None] | None = None):  # noqa: ANN001, ANN201
+        """Stream an object to `dest`, verifying its sha256; `dest` appears only
+        complete and verified."""
+        import hashlib
+        import os
+        from pathlib import Path
+
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        digest = hashlib.sha256()
+        try:
+            with self._http.stream("GET", f"/api/v1/objects/{sha256}/content",
+                                   timeout=httpx.Timeout(30, read=600)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    try:
+                        message = resp.json()["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        message = resp.text[:300]
+                    raise CorralError(message, status=resp.status_code)
+                with open(tmp, "wb") as f:
+                    for chunk in resp.iter_bytes(1024 * 1024):
+                        digest.update(chunk)
+                        f.write(chunk)
+                        if on_progress:
+                            on_progress(len(chunk))
+            if digest.hexdigest() != sha256:
+                raise CorralError(f"downloaded bytes have sha256 {digest.hexdigest()}, not "
+                                  f"{sha256}; nothing written to {dest}")
+            os.replace(tmp, dest)
+        except httpx.TransportError as exc:
+            raise CorralError(f"download of {sha256[:12]}… failed: {exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def put(self, path, name: str | None = None,  # noqa: ANN001
+            on_progress: Callable[[int], None] | None = None) -> ObjectView:
+        """Upload a file as an object that lives on the instances (a job input)."""
+        from pathlib import Path
+
+        return ObjectView.model_validate(self._call(
+            "PUT", "/api/v1/objects", params={"name": name or Path(path).name},
+            content=_file_chunks(path, on_progress), timeout=900))
+
+    def drain(self, instance: str, force: bool = False) -> DrainView:
+        return DrainView.model_validate(self._call(
+            "POST", f"/api/v1/instances/{instance}/drain", json={"force": force}))
+
+    def fleets(self) -> list[FleetView]:
+        return [FleetView.model_validate(f) for f in self._call("GET", "/api/v1/fleets")]
+
+    def apply_fleet(self, spec: dict) -> FleetView:
+        fleet = FleetSpec.model_validate(spec)
+        return FleetView.model_validate(self._call(
+            "PUT", f"/api/v1/fleets/{fleet.name}", json=fleet.model_dump()))
+
+    def scale(self, fleet: str, size: int) -> FleetView:
+        return FleetView.model_validate(self._call(
+            "POST", f"/api/v1/fleets/{fleet}/scale", json={"size": size}))
+
     # -- components and rollouts -------------------------------------------------------------
 
     def components(self) -> list[ComponentView]:
@@ -182,15 +266,9 @@ class Client:
             self._call("POST", "/api/v1/components", json=spec.model_dump()))
 
     def upload(self, path, on_progress: Callable[[int], None] | None = None) -> dict:  # noqa: ANN001
-        """Store a file on the server; returns {sha256, size, url}."""
-        def chunks():  # noqa: ANN202
-            with open(path, "rb") as f:
-                while chunk := f.read(1024 * 1024):
-                    if on_progress:
-                        on_progress(len(chunk))
-                    yield chunk
-
-        return self._call("PUT", "/api/v1/artifacts", content=chunks(), timeout=600)
+        """Store a file on the server as a component artifact; returns {sha256, size, url}."""
+        return self._call("PUT", "/api/v1/artifacts", content=_file_chunks(path, on_progress),
+                          timeout=600)
 
     def component_status(self, component: str | None = None) -> list[InstanceComponentView]:
         params = {"component": component} if component else None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62})$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
 class Strict(BaseModel):
@@ -24,13 +25,24 @@ class JobSubmit(Strict):
     memory_mb: int = Field(default=0, ge=0, le=16 * 1024 * 1024)
     max_attempts: int = Field(default=3, ge=1, le=100)
     env: dict[str, str] = Field(default_factory=dict)
-    inputs: list[str] = Field(default_factory=list, description="object ids fetched before start")
+    inputs: list[str] = Field(default_factory=list, max_length=1000,
+                              description="object ids (sha256) fetched before the command starts")
 
     @field_validator("command")
     @classmethod
     def _argv0(cls, v: list[str]) -> list[str]:
         if not v[0].strip():
             raise ValueError("command[0] must not be empty")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        import re
+
+        for ref in v:
+            if not re.match(SHA256_PATTERN, ref):
+                raise ValueError(f"{ref!r} is not an object id (64 lowercase hex digits)")
         return v
 
     @field_validator("env")
@@ -107,6 +119,8 @@ class InstanceView(BaseModel):
     agent_version: str | None
     registered_at: float | None
     last_heartbeat_at: float | None
+    drain_requested_at: float | None = None
+    retired_at: float | None = None
     message: str | None = None
 
 
@@ -134,6 +148,97 @@ class EventView(BaseModel):
 
 class DrainRequest(Strict):
     force: bool = False
+
+
+class AtRisk(BaseModel):
+    sha256: str
+    size: int
+    names: list[str]
+
+
+class DrainView(BaseModel):
+    instance: "InstanceView"
+    at_risk: list[AtRisk] = Field(default_factory=list,
+                                  description="objects only this instance holds right now")
+
+
+class ReplicaView(BaseModel):
+    instance_id: str
+    instance_name: str
+    instance_state: str
+    state: str
+    created_at: float
+
+
+class ObjectView(BaseModel):
+    sha256: str
+    size: int
+    name: str | None
+    origin: str
+    state: str
+    durable: bool
+    replicas: list[ReplicaView] = Field(default_factory=list)
+
+
+class OutputView(BaseModel):
+    path: str
+    sha256: str
+    size: int
+    attempt: int
+    state: str
+    copies: int = Field(description="present replicas on instances not retired (+1 if durable)")
+
+
+class FleetSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    backend: str = Field(default="local", pattern=NAME_PATTERN)
+    min_size: int = Field(default=0, ge=0, le=10000)
+    max_size: int = Field(default=1, ge=0, le=10000)
+    idle_timeout: float = Field(default=300.0, gt=0)
+    cpus: float | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, ge=0)
+    durable: dict[str, str] | None = Field(
+        default=None, description="S3-compatible store for outputs no instance can take: "
+        "endpoint, bucket, access_key, secret_key, region")
+
+    @model_validator(mode="after")
+    def _range(self) -> "FleetSpec":
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) is above max_size ({self.max_size})")
+        if self.durable is not None:
+            missing = {"endpoint", "bucket"} - self.durable.keys()
+            if missing:
+                raise ValueError(f"durable: missing {', '.join(sorted(missing))}")
+        return self
+
+
+class FleetView(BaseModel):
+    name: str
+    backend: str
+    min_size: int
+    max_size: int
+    target_size: int
+    idle_timeout: float
+    cpus: float | None
+    memory_mb: int | None
+    durable: bool
+    pending: int
+    running: int
+    draining: int
+
+
+class ScaleRequest(Strict):
+    size: int = Field(ge=0, le=10000)
+
+
+class PeerVerify(Strict):
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    token: str = Field(max_length=200)
+
+
+class ObjectError(Strict):
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    error: str = Field(max_length=4000)
 
 
 # ---- agent protocol -------------------------------------------------------------------
@@ -171,7 +276,21 @@ class HeartbeatRequest(Strict):
     incarnation: int
     attempts: list[ObservedAttempt] = Field(default_factory=list)
     components: list["ObservedComponent"] = Field(default_factory=list)
+    objects: list[str] | None = Field(default=None, description="sha256 of every object held; "
+                                      "None: unchanged since the last heartbeat")
+    object_errors: list["ObjectError"] = Field(default_factory=list)
     wait: float = Field(default=0.0, ge=0, le=60, description="hold the reply this long if idle")
+
+
+class Fetch(BaseModel):
+    """Where to get an object: peer URLs of instances holding it, and a one-time
+    token the holder checks with the server (None when it is already local)."""
+
+    sha256: str
+    size: int
+    name: str
+    sources: list[str] = Field(default_factory=list)
+    token: str | None = None
 
 
 class StartOrder(BaseModel):
@@ -182,6 +301,7 @@ class StartOrder(BaseModel):
     env: dict[str, str]
     cpus: float
     memory_mb: int
+    inputs: list[Fetch] = Field(default_factory=list)
 
 
 class KillOrder(BaseModel):
@@ -198,6 +318,7 @@ class HeartbeatReply(BaseModel):
     start: list[StartOrder] = Field(default_factory=list)
     kill: list[KillOrder] = Field(default_factory=list)
     install: list["InstallOrder"] = Field(default_factory=list)
+    replicate: list[Fetch] = Field(default_factory=list)
 
 
 # ---- runner protocol (fenced by the attempt token) -------------------------------------
@@ -213,9 +334,24 @@ class LogBatch(Strict):
     chunks: list[LogChunkIn] = Field(max_length=1000)
 
 
+class OutputFile(Strict):
+    path: str = Field(min_length=1, max_length=1000, description="relative to the output dir")
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        parts = v.split("/")
+        if v.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in v:
+            raise ValueError(f"{v!r} must be a plain relative path")
+        return v
+
+
 class AttemptFinish(Strict):
     exit_code: int | None = None
     reason: str | None = Field(default=None, max_length=4000)
+    outputs: list[OutputFile] = Field(default_factory=list, max_length=100_000)
 
 
 class AttemptLost(Strict):
@@ -230,9 +366,6 @@ class AttemptAck(BaseModel):
 
 
 # ---- components and rollouts -------------------------------------------------------------
-
-SHA256_PATTERN = r"^[0-9a-f]{64}$"
-
 
 class ComponentPublish(Strict):
     name: str = Field(pattern=NAME_PATTERN)
@@ -332,3 +465,4 @@ class InstallOrder(BaseModel):
 
 HeartbeatRequest.model_rebuild()
 HeartbeatReply.model_rebuild()
+DrainView.model_rebuild()

@@ -17,10 +17,22 @@ from fastapi import FastAPI
 
 import corral
 from corral.server import errors
-from corral.server.api import agents, attempts, bootstrap, components, fleet, health, jobs
+from corral.server.api import (
+    agents,
+    attempts,
+    bootstrap,
+    components,
+    fleet,
+    health,
+    instances_admin,
+    jobs,
+    objects,
+)
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
+from corral.server.loops.autoscaler import autoscale_once
 from corral.server.loops.dispatcher import dispatch_once
+from corral.server.loops.drainer import drain_once
 from corral.server.loops.fleets import provision_once
 from corral.server.loops.presence import presence_once
 from corral.server.loops.reaper import reap_once
@@ -149,6 +161,8 @@ def start_loops(ctx: ServerContext) -> list[asyncio.Task]:
         ("presence", presence_once, cfg.presence_interval, None),
         ("fleets", provision_once, 2.0, "fleets"),
         ("reconciler", reconcile_once, cfg.reconcile_interval, "reconcile"),
+        ("drainer", drain_once, cfg.drain_interval, "drain"),
+        ("autoscaler", autoscale_once, cfg.autoscale_interval, None),
     ]
     loop = asyncio.get_running_loop()
     return [
@@ -176,7 +190,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
-    for module in (jobs, attempts, agents, components, fleet, health, bootstrap):
+    for module in (jobs, attempts, agents, components, objects, instances_admin, fleet, health,
+                   bootstrap):
         app.include_router(module.router)
     from corral.server import dashboard
 

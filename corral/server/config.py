@@ -38,6 +38,12 @@ class ServerConfig:
     install_backoff: float = 30.0  # first retry of an install order after this; doubles
     install_backoff_max: float = 3600.0
     install_cap: int = 5  # orders per instance and target before install_failed
+    drain_interval: float = 1.0
+    drain_grace: float = 600.0  # a draining instance's attempts are requeued after this
+    transfer_timeout: float = 600.0  # a copy not done by then is ordered again elsewhere
+    retire_grace: float = 5.0  # between retirement and termination: the agent exits first
+    autoscale_interval: float = 5.0
+    autoscale_checks: int = 3  # consecutive checks that must agree before scaling
     public_url: str | None = None
 
     @property

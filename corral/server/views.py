@@ -32,6 +32,7 @@ def instance_view(row) -> InstanceView:  # noqa: ANN001
         memory_mb=row["memory_mb"], running_attempts=row.get("running_attempts", 0) or 0,
         host=row["host"], agent_version=row["agent_version"],
         registered_at=row["registered_at"], last_heartbeat_at=row["last_heartbeat_at"],
+        drain_requested_at=row["drain_requested_at"], retired_at=row["retired_at"],
         message=row["message"],
     )
 

@@ -147,6 +147,13 @@ class Database:
         await self.engine.dispose()
 
 
+def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table):
+    """An INSERT for this connection's dialect; add .on_conflict_do_nothing()."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
+
+
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001

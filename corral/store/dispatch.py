@@ -18,6 +18,7 @@ from corral.domain.jobs import LIVE_ATTEMPT_STATES, AttemptState, JobState
 from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
 from corral.domain.tokens import hash_secret, same_hash
 from corral.store import jobs as jobs_repo
+from corral.store import objects
 from corral.store.db import Database
 from corral.store.schema import instances, job_attempts, jobs
 
@@ -137,7 +138,7 @@ def new_attempt_secret() -> str:
 
 
 async def deliver_attempts(
-    conn: AsyncConnection, instance_id: str, now: float
+    conn: AsyncConnection, instance_id: str, now: float, server_url: str = ""
 ) -> list[StartOrder]:
     """Issue tokens for the attempts placed on this instance and not yet handed out.
 
@@ -148,7 +149,7 @@ async def deliver_attempts(
         await conn.execute(
             sa.select(
                 job_attempts.c.job_id, job_attempts.c.number, jobs.c.command, jobs.c.env,
-                jobs.c.cpus, jobs.c.memory_mb,
+                jobs.c.cpus, jobs.c.memory_mb, jobs.c.inputs,
             )
             .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
             .where(
@@ -175,11 +176,13 @@ async def deliver_attempts(
             .values(token_hash=hash_secret(secret), delivered_at=now, updated_at=now)
         )
         if result.rowcount == 1:
+            inputs = (await objects.fetches_for(conn, instance_id, r["inputs"], now, server_url)
+                      if r["inputs"] else [])
             orders.append(
                 StartOrder(
                     job_id=r["job_id"], attempt=r["number"], token=secret,
                     command=r["command"], env=r["env"], cpus=r["cpus"],
-                    memory_mb=r["memory_mb"],
+                    memory_mb=r["memory_mb"], inputs=inputs,
                 )
             )
     return orders
@@ -216,6 +219,8 @@ async def kills_for(
             why = "token does not match"
         elif r["current_attempt"] != o.attempt:
             why = f"stale: job is on attempt {r['current_attempt']}"
+        elif r["state"] in (AttemptState.SUCCEEDED, AttemptState.FAILED):
+            continue  # its result is recorded; the runner is on its way out
         elif r["state"] not in _LIVE:
             why = f"attempt is {r['state']}" + (
                 " (job cancelled)" if r["job_state"] == JobState.CANCELLED else ""

@@ -62,3 +62,40 @@ async def next_instance_names(conn: AsyncConnection, fleet: str, count: int) -> 
 
 
 LIVE = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
+
+
+async def set_target(conn: AsyncConnection, name: str, size: int, now: float, why: str) -> None:
+    """Set a fleet's target size; shrinking drains the excess instances at once."""
+    from corral.store import events
+
+    await conn.execute(sa.update(fleets).where(fleets.c.name == name)
+                       .values(target_size=size, updated_at=now))
+    active = await fleet_instances(conn, name, [InstanceState.PENDING, InstanceState.RUNNING])
+    await events.record(conn, now, "info", "fleet.scaled",
+                        f"fleet {name}: target size {size} ({why}); {len(active)} active")
+    if size < len(active):
+        await shrink(conn, name, len(active) - size, now, why)
+
+
+async def shrink(conn: AsyncConnection, name: str, count: int, now: float, why: str,
+                 candidates: list[str] | None = None) -> list[str]:
+    """Drain `count` instances of the fleet: idle ones before busy ones, and among
+    those the ones holding the least unique data."""
+    from corral.domain.drain import retire_first
+    from corral.store import dispatch, drain, events
+
+    active = await fleet_instances(conn, name, [InstanceState.PENDING, InstanceState.RUNNING])
+    ids = [m["id"] for m in active if candidates is None or m["id"] in candidates]
+    unique = await drain.unique_bytes(conn, ids)
+    busy = {i for i in ids if await dispatch.live_attempts_on(conn, i)}
+    # busy instances sort after idle ones, whatever their data
+    weights = {i: unique[i] + (2**62 if i in busy else 0) for i in ids}
+    chosen = retire_first(weights, count)
+    names = {m["id"]: m["name"] for m in active}
+    for iid in chosen:
+        await drain.request_drain(conn, iid, False, now)
+    if chosen:
+        await events.record(conn, now, "info", "fleet.shrinking",
+                            f"fleet {name}: draining {', '.join(names[i] for i in chosen)} "
+                            f"({why}; idle and least unique data first)")
+    return chosen

@@ -14,10 +14,9 @@ import binascii
 from collections.abc import Iterable
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.domain.api import JobSubmit, LogChunkIn
+from corral.domain.api import JobSubmit, LogChunkIn, OutputFile
 from corral.domain.errors import StaleToken
 from corral.domain.jobs import (
     ACTIVE_JOB_STATES,
@@ -31,7 +30,8 @@ from corral.domain.jobs import (
     job_sources,
 )
 from corral.domain.tokens import hash_secret, well_formed
-from corral.store import events
+from corral.store import events, objects
+from corral.store.db import insert_ignoring_duplicates
 from corral.store.schema import job_attempts, jobs, log_chunks
 
 
@@ -45,11 +45,6 @@ class JobConflict(Exception):
 
 def _values(states: Iterable) -> list[str]:
     return [str(s) for s in states]
-
-
-def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table):
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -320,9 +315,11 @@ async def append_logs(
 async def finish_attempt(
     conn: AsyncConnection, job_id: int, number: int, token: str,
     exit_code: int | None, reason: str | None, now: float,
+    outputs: list[OutputFile] | None = None,
 ) -> tuple[str, bool]:
-    """Record the command's result. Returns (job state, recorded now?). A retry of the
-    same finish (its reply was lost) is answered without writing anything again."""
+    """Record the command's result and its outputs, together. Returns (job state,
+    recorded now?). A retry of the same finish (its reply was lost) is answered
+    without writing anything again."""
     target_attempt = (
         AttemptState.SUCCEEDED if exit_code == 0 else AttemptState.FAILED
     )
@@ -332,7 +329,7 @@ async def finish_attempt(
     elif exit_code not in (None, 0) and not reason:
         reason = f"exited with code {exit_code}"
     try:
-        await fence(
+        attempt_row = await fence(
             conn, job_id, number, token, now, [AttemptState.RUNNING],
             state=target_attempt, exit_code=exit_code, reason=reason, finished_at=now,
         )
@@ -353,6 +350,9 @@ async def finish_attempt(
     )
     if row is None:
         raise await _stale(conn, job_id, number)
+    if outputs:
+        await objects.record_outputs(conn, job_id, number, attempt_row["instance_id"], outputs,
+                                     now)
     if target_job is JobState.FAILED:
         await events.record(
             conn, now, "info", "job.failed", f"job {job_id} failed: {reason}",

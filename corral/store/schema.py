@@ -215,3 +215,64 @@ instance_components = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", Time, nullable=False),
 )
+
+# ---- outputs, replicas and transfers (migration 0003) -----------------------------------
+
+objects = sa.Table(
+    "objects",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("origin", sa.String(16), nullable=False),  # output | upload
+    sa.Column("name", sa.String(1000)),
+    sa.Column("state", sa.String(16), nullable=False),  # live | lost
+    sa.Column("durable_url", sa.String(2000)),
+    sa.Column("staged_on", sa.String(64)),  # server holding an upload not yet placed
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("objects.sha256"), primary_key=True),
+    sa.Column("instance_id", sa.String(64), sa.ForeignKey("instances.id"), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # pending|present|failed|missing|dropped
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("delivered_at", Time),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Index("ix_replicas_instance_id_state", "instance_id", "state"),
+    sa.Index("ix_replicas_state", "state"),
+)
+
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("recipient_id", sa.String(64)),  # an instance, or NULL for a server
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+    sa.Index("ix_grants_expires_at", "expires_at"),
+)
+
+job_outputs = sa.Table(
+    "job_outputs",
+    metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("path", sa.String(1000), primary_key=True),
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("objects.sha256"), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+)
+
+fleet_scaling = sa.Table(
+    "fleet_scaling",
+    metadata,
+    sa.Column("fleet", sa.String(64), sa.ForeignKey("fleets.name"), primary_key=True),
+    sa.Column("direction", sa.String(8)),
+    sa.Column("count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("updated_at", Time, nullable=False),
+)

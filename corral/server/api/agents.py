@@ -13,7 +13,7 @@ from corral.domain.instances import Admission
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.store import components, dispatch, instances, tokens
+from corral.store import components, dispatch, instances, objects, tokens
 from corral.store.schema import instances as instances_t
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -105,18 +105,21 @@ async def heartbeat(
             if decision.admission is Admission.EXIT:
                 return HeartbeatReply(action="exit", reason=decision.reason, interval=interval)
             kills = await dispatch.kills_for(conn, body.instance_id, body.attempts)
-            starts = await dispatch.deliver_attempts(conn, body.instance_id, now)
+            starts = await dispatch.deliver_attempts(conn, body.instance_id, now, ctx.config.url)
             installs = await components.sync(
                 conn, row, body.components, now, ctx.extras["install_policy"])
+            replicate = await objects.sync(
+                conn, row, body.objects if first else None,
+                body.object_errors if first else [], now, ctx.config.url)
             return HeartbeatReply(
                 action="continue", interval=interval, state=row["state"], start=starts,
-                kill=kills, install=installs,
+                kill=kills, install=installs, replicate=replicate,
             )
 
         reply = await ctx.db.transact(exchange)
         first = False
         remaining = deadline - loop.time()
         if (reply.action == "exit" or reply.start or reply.kill or reply.install
-                or remaining <= 0):
+                or reply.replicate or remaining <= 0):
             return reply
         await ctx.notifier.wait(key, gen, ctx.recheck(remaining))

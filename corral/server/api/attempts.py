@@ -61,7 +61,8 @@ async def finish(
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     state, recorded = await ctx.db.transact(
-        repo.finish_attempt, job_id, number, token, body.exit_code, body.reason, ctx.now()
+        repo.finish_attempt, job_id, number, token, body.exit_code, body.reason, ctx.now(),
+        body.outputs,
     )
     ctx.notifier.wake(job_key(job_id), "dispatch")
     return _ack(job_id, number, state, recorded)

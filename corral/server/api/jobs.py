@@ -14,6 +14,7 @@ from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.views import job_view
 from corral.store import jobs as repo
+from corral.store import objects
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
 
@@ -34,6 +35,14 @@ async def _view(ctx: ServerContext, job_id: int) -> JobView:
 
 @router.post("", status_code=201, response_model=JobView, summary="Submit a job")
 async def submit(spec: JobSubmit, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+    if spec.inputs:
+        missing = await ctx.db.query(objects.unavailable, spec.inputs)
+        if missing:
+            raise ApiError(422, "invalid_request",
+                           f"inputs: object {missing[0]} is unknown or lost "
+                           f"(upload it with corral put)",
+                           fields=[{"field": "inputs", "message": f"unknown object {m}"}
+                                   for m in missing])
     job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
     ctx.notifier.wake("dispatch")
     return await _view(ctx, job_id)

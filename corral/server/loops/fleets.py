@@ -19,8 +19,8 @@ async def provision_once(ctx: ServerContext) -> bool:
     if not ctx.backends or ctx.extras.get("stopping"):
         return False
     now = ctx.now()
-    created: list[tuple[str, str, str, str]] = []  # (backend, instance id, name, fleet)
-    live: list[tuple[str, dict]] = []
+    created: list[tuple[dict, str, str]] = []  # (fleet, instance id, name)
+    live: list[tuple[dict, dict]] = []
 
     async def plan(conn):  # noqa: ANN001
         for fleet in await fleets.claim_fleets(conn, ctx.db, list(ctx.backends)):
@@ -31,18 +31,19 @@ async def provision_once(ctx: ServerContext) -> bool:
                 instance_id = await instances.create_pending(
                     conn, name=name, fleet=fleet["name"], now=now
                 )
-                created.append((fleet["backend"], instance_id, name, fleet["name"]))
+                created.append((dict(fleet), instance_id, name))
                 await events.record(
                     conn, now, "info", "instance.created",
                     f"fleet {fleet['name']}: creating instance {name} ({instance_id}) "
                     f"on backend {fleet['backend']} (target {fleet['target_size']})",
                     instance_id=instance_id,
                 )
-            live.extend((fleet["backend"], dict(m)) for m in members)
+            live.extend((dict(fleet), dict(m)) for m in members)
 
     await ctx.db.transact(plan)
-    for backend_name, instance_id, name, fleet in created:
-        ref = await ctx.backends[backend_name].create(instance_id, name, fleet)
+    for fleet, instance_id, name in created:
+        ref = await ctx.backends[fleet["backend"]].create(
+            instance_id, name, fleet["name"], cpus=fleet["cpus"], memory_mb=fleet["memory_mb"])
 
         async def save_ref(conn, instance_id=instance_id, ref=ref):  # noqa: ANN001
             await conn.execute(
@@ -51,6 +52,8 @@ async def provision_once(ctx: ServerContext) -> bool:
             )
 
         await ctx.db.transact(save_ref)
-    for backend_name, m in live:
-        await ctx.backends[backend_name].ensure(m["id"], m["name"], m["fleet"], m["backend_ref"])
+    for fleet, m in live:
+        await ctx.backends[fleet["backend"]].ensure(
+            m["id"], m["name"], m["fleet"], m["backend_ref"], cpus=fleet["cpus"],
+            memory_mb=fleet["memory_mb"])
     return False

@@ -1,0 +1,68 @@
+"""Fetch an object from whoever holds it, verified by sha256 on the way in.
+
+Sources are peer URLs (another agent's /objects/SHA256, or a server's staged upload);
+each is tried in turn with the one-time token the server issued for this transfer.
+Standard-library HTTP, so the runner (which fetches a job's inputs) starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import urllib.parse
+from pathlib import Path
+
+from corral.agent.objects import ObjectStore
+
+PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
+CHUNK = 1024 * 1024
+
+
+class TransferError(Exception):
+    pass
+
+
+def _get(url: str, token: str | None, timeout: float) -> tuple[http.client.HTTPConnection,
+                                                                 http.client.HTTPResponse]:
+    parts = urllib.parse.urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    conn.request("GET", path, headers={PEER_TOKEN_HEADER: token} if token else {})
+    return conn, conn.getresponse()
+
+
+def fetch(store: ObjectStore, sha256: str, size: int | None, sources: list[str],
+          token: str | None, timeout: float = 60.0) -> Path:
+    """The object in `store`, fetched if it is not there yet."""
+    if store.has(sha256):
+        return store.path(sha256)
+    errors = []
+    for url in sources:
+        tmp = store.temp()
+        try:
+            conn, resp = _get(url, token, timeout)
+            try:
+                if resp.status != 200:
+                    errors.append(f"{url}: HTTP {resp.status} {resp.read(300).decode(errors='replace')}")
+                    continue
+                h, got = hashlib.sha256(), 0
+                with open(tmp, "wb") as f:
+                    while chunk := resp.read(CHUNK):
+                        got += len(chunk)
+                        if size is not None and got > size:
+                            raise TransferError(f"{url}: more than the expected {size} bytes")
+                        h.update(chunk)
+                        f.write(chunk)
+            finally:
+                conn.close()
+            if size is not None and got != size:
+                raise TransferError(f"{url}: short body, {got} of {size} bytes")
+            if h.hexdigest() != sha256:
+                raise TransferError(f"{url}: sha256 {h.hexdigest()[:12]}… is not {sha256[:12]}…")
+            return store.accept(tmp, sha256)
+        except (OSError, http.client.HTTPException, TransferError) as exc:
+            errors.append(str(exc) if isinstance(exc, TransferError) else f"{url}: {exc}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise TransferError("; ".join(errors) or "no source holds it")

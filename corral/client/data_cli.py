@@ -1,0 +1,234 @@
+"""`corral outputs`, `corral put`, `corral drain`, `corral fleets`, `corral fleet apply`,
+`corral scale`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail, parse_memory
+from corral.client.render import console, err_console, print_json, styled, table
+from corral.client.sdk import CorralError
+
+
+def _bar(description: str, total: int | None) -> tuple[Progress, int]:
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), transient=True, console=err_console)
+    return bar, bar.add_task(description, total=total)
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def outputs(
+    args: list[str] = typer.Argument(..., metavar="[get] JOB_ID [PATH]",
+                                     help="JOB_ID lists; get JOB_ID [PATH] downloads"),
+    dest: Optional[Path] = typer.Option(None, "-o", "--output",
+                                        help="where to write (a file for one PATH, a directory "
+                                             "otherwise; default ./job-ID/)"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """List a job's outputs, or download them (verified by sha256).
+
+    corral outputs 42;  corral outputs get 42 -o results/;  corral outputs get 42 model.pt -o m.pt
+    """
+    get = args[0] == "get"
+    rest = args[1:] if get else args
+    if not rest or not rest[0].isdigit() or len(rest) > (2 if get else 1):
+        fail("usage: corral outputs JOB_ID  |  corral outputs get JOB_ID [PATH] [-o DEST]", 2)
+    job_id = int(rest[0])
+    with client(server, token) as c:
+        try:
+            files = c.outputs(job_id)
+        except CorralError as exc:
+            fail(exc.message)
+        if not get:
+            if as_json:
+                return print_json(files)
+            table(None, ["PATH", "SIZE", "SHA256", "COPIES", "STATE"],
+                  [(o.path, human(o.size), o.sha256[:16] + "…", o.copies, styled(o.state))
+                   for o in files], empty=f"job {job_id} has no outputs")
+            return
+        if len(rest) == 2:
+            files = [o for o in files if o.path == rest[1]]
+            if not files:
+                fail(f"job {job_id} has no output {rest[1]!r} (see corral outputs {job_id})")
+            target = {files[0].path: dest or Path(Path(rest[1]).name)}
+        else:
+            base = dest or Path(f"job-{job_id}")
+            target = {o.path: base / o.path for o in files}
+        total = sum(o.size for o in files)
+        bar, task = _bar(f"job {job_id} outputs", total)
+        with bar:
+            for o in files:
+                try:
+                    c.download(o.sha256, target[o.path], lambda n: bar.advance(task, n))
+                except CorralError as exc:
+                    fail(f"{o.path}: {exc.message}")
+    for o in files:
+        console.print(f"{target[o.path]}  {human(o.size)}  sha256 ok", highlight=False)
+
+
+@app.command()
+def put(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="file to upload"),
+    name: Optional[str] = typer.Option(None, help="its name as a job input (default: file name)"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Upload input data; prints its object id. It lives on the instances like job
+    outputs; a job takes it with `corral run --input ID` (in $CORRAL_INPUT_DIR)."""
+    with client(server, token) as c:
+        bar, task = _bar(f"uploading {file.name}", file.stat().st_size)
+        try:
+            with bar:
+                obj = c.put(file, name, lambda n: bar.advance(task, n))
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(obj)
+    placed = [r.instance_name for r in obj.replicas if r.state == "present"]
+    err_console.print(f"stored {human(obj.size)} as {obj.name}"
+                      + (f" on {', '.join(placed)}" if placed else " (placement pending)"),
+                      highlight=False)
+    print(obj.sha256)
+
+
+@app.command()
+def drain(
+    instance: str = typer.Argument(..., help="instance name or id"),
+    force: bool = typer.Option(False, "--force", help="retire even if outputs only it holds "
+                               "would be lost (they are listed)"),
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Stop giving an instance jobs, copy its unique outputs to running instances, then
+    retire it. Without a place for its data it stays draining and says so."""
+    with client(server, token) as c:
+        try:
+            view = c.drain(instance, force=force)
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(view)
+    i = view.instance
+    console.print(f"instance {i.name} ({i.id}) {styled(i.state)}", highlight=False)
+    if view.at_risk:
+        verb = "will be LOST" if force else "only it holds (copying them first)"
+        (err_console if force else console).print(
+            f"{len(view.at_risk)} object(s) {verb}:", highlight=False)
+        for a in view.at_risk[:50]:
+            console.print(f"  {human(a.size):>9}  {', '.join(a.names)}", highlight=False)
+
+
+@app.command()
+def fleets(
+    as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Fleets: backend, size range, target, instances."""
+    with client(server, token) as c:
+        try:
+            rows = c.fleets()
+        except CorralError as exc:
+            fail(exc.message)
+    if as_json:
+        return print_json(rows)
+    table(None, ["NAME", "BACKEND", "MIN", "MAX", "TARGET", "RUNNING", "PENDING", "DRAINING",
+                 "IDLE TIMEOUT", "DURABLE"],
+          [(f.name, f.backend, f.min_size, f.max_size, f.target_size, f.running, f.pending,
+            f.draining, f"{f.idle_timeout:g}s", "yes" if f.durable else "no") for f in rows],
+          empty="no fleets: corral fleet apply fleet.yml")
+
+
+fleet_app = typer.Typer(help="Manage fleets (see `corral fleets` to list them).",
+                        no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("apply")
+def fleet_apply(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="fleet file (YAML)"),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Create or update a fleet from a file:
+
+    \b
+      name: gpu
+      backend: local
+      min: 0
+      max: 8
+      idle_timeout: 300      # seconds before an idle instance is retired
+      instance: {cpus: 4, memory: 16G}
+      durable:               # optional: where outputs go when no instance can take them
+        endpoint: http://127.0.0.1:9000
+        bucket: corral-outputs
+    """
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        fail(f"{file}: not valid YAML: {exc}", 2)
+    if not isinstance(data, dict):
+        fail(f"{file}: expected a mapping of fleet settings", 2)
+    instance = data.pop("instance", {}) or {}
+    spec = {"name": data.pop("name", None), "backend": data.pop("backend", "local"),
+            "min_size": data.pop("min", 0), "max_size": data.pop("max", 1)}
+    if "idle_timeout" in data:
+        spec["idle_timeout"] = data.pop("idle_timeout")
+    if "durable" in data:
+        spec["durable"] = data.pop("durable")
+    if "cpus" in instance:
+        spec["cpus"] = instance.pop("cpus")
+    if "memory" in instance:
+        spec["memory_mb"] = parse_memory(str(instance.pop("memory")))
+    unknown = list(data) + [f"instance.{k}" for k in instance]
+    if unknown:
+        fail(f"{file}: unknown setting(s): {', '.join(unknown)}", 2)
+    with client(server, token) as c:
+        try:
+            f = c.apply_fleet(spec)
+        except CorralError as exc:
+            fail(exc.message)
+        except ValueError as exc:
+            fail(f"{file}: {exc}", 2)
+    console.print(f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances, "
+                  f"target {f.target_size}", highlight=False)
+
+
+@app.command()
+def scale(
+    fleet: str = typer.Argument(..., help="fleet name"),
+    size: int = typer.Argument(..., min=0, help="instances wanted"),
+    server: Optional[str] = ServerOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Set a fleet's size. Shrinking drains the instances holding the least unique data
+    first; none is terminated before its data has a copy elsewhere."""
+    with client(server, token) as c:
+        try:
+            f = c.scale(fleet, size)
+        except CorralError as exc:
+            fail(exc.message)
+    console.print(f"fleet {f.name}: target {f.target_size} ({f.running} running, "
+                  f"{f.draining} draining)", highlight=False)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,123 @@
+"""Drain planning: which objects are at risk, where their copies go, and when an
+instance may retire. Pure functions over snapshots the store passes in.
+
+An object is safe when it has a present replica on a `running`, reachable instance
+other than the one leaving, or a copy in durable storage. An instance retires only
+when nothing of it is unsafe and no attempt of it is live; recipients are always
+running, reachable instances, the emptiest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corral.domain.instances import InstanceState, accepts_replicas
+
+
+@dataclass(frozen=True)
+class Holder:
+    instance_id: str
+    state: InstanceState
+    lost: bool
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    sha256: str
+    size: int
+    holders: tuple[Holder, ...]  # instances with a present replica
+    pending: tuple[str, ...] = ()  # instances a replica is on its way to
+    durable: bool = False
+
+
+def safe_without(obj: ObjectInfo, leaving: str) -> bool:
+    """Would `obj` survive `leaving` going away?"""
+    if obj.durable:
+        return True
+    return any(h.instance_id != leaving and accepts_replicas(h.state, h.lost)
+               for h in obj.holders)
+
+
+def at_risk(objects: list[ObjectInfo], leaving: str) -> list[ObjectInfo]:
+    """Objects held by `leaving` that would be lost without it."""
+    return [o for o in objects
+            if any(h.instance_id == leaving for h in o.holders) and not safe_without(o, leaving)]
+
+
+@dataclass
+class Recipient:
+    instance_id: str
+    bytes_held: int = 0
+    planned: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Copy:
+    sha256: str
+    recipient: str
+
+
+def plan_copies(risky: list[ObjectInfo], recipients: list[Recipient],
+                max_in_flight: int | None = None) -> tuple[list[Copy], list[ObjectInfo]]:
+    """One new replica for each object at risk that has none on its way, on the
+    recipient holding the fewest bytes. Returns (copies, objects with no recipient).
+    `recipients` must already be filtered to running, reachable instances."""
+    copies: list[Copy] = []
+    stranded: list[ObjectInfo] = []
+    in_flight = sum(1 for o in risky if o.pending)
+    for obj in sorted(risky, key=lambda o: (-o.size, o.sha256)):
+        if obj.pending:
+            continue  # a copy is already on its way
+        holders = {h.instance_id for h in obj.holders}
+        options = [r for r in recipients if r.instance_id not in holders]
+        if not options:
+            stranded.append(obj)
+            continue
+        if max_in_flight is not None and in_flight >= max_in_flight:
+            break
+        best = min(options, key=lambda r: (r.bytes_held, r.instance_id))
+        best.bytes_held += obj.size
+        best.planned.append(obj.sha256)
+        copies.append(Copy(obj.sha256, best.instance_id))
+        in_flight += 1
+    return copies, stranded
+
+
+def may_retire(live_attempts: int, risky: list[ObjectInfo], force: bool) -> bool:
+    if live_attempts:
+        return False
+    return force or not risky
+
+
+def retire_first(unique_bytes: dict[str, int], count: int) -> list[str]:
+    """Which instances to retire when shrinking by `count`: least unique data first."""
+    return [i for i, _ in sorted(unique_bytes.items(), key=lambda kv: (kv[1], kv[0]))][:count]
+
+
+# ---- autoscaling ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaleVote:
+    direction: str | None  # "up", "down" or None
+    count: int = 0
+
+
+def vote(previous: ScaleVote, direction: str | None) -> ScaleVote:
+    """Consecutive checks that agree on a direction; any disagreement resets."""
+    if direction is None:
+        return ScaleVote(None, 0)
+    if previous.direction == direction:
+        return ScaleVote(direction, previous.count + 1)
+    return ScaleVote(direction, 1)
+
+
+def desired_size(*, active: int, minimum: int, maximum: int, waiting_cpus: float,
+                 instance_cpus: float, idle: int) -> tuple[int, str | None]:
+    """What the fleet's size should be now, and which way that moves it."""
+    if waiting_cpus > 0 and active < maximum:
+        need = int(-(-waiting_cpus // max(instance_cpus, 1e-9)))  # ceil
+        return min(maximum, active + max(1, need)), "up"
+    if idle > 0 and active > minimum and waiting_cpus <= 0:
+        return max(minimum, active - idle), "down"
+    return max(minimum, min(active, maximum)), None

@@ -1,0 +1,173 @@
+"""Outputs and uploads: list, download (streamed from an instance holding a replica),
+upload (`corral put`), and the peer-token check agents make before serving data."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import httpx
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+
+from corral.domain.api import ObjectView, OutputView, PeerVerify, ReplicaView
+from corral.server.auth import Principal, require_admin, require_agent
+from corral.server.context import ServerContext, get_ctx
+from corral.server.errors import ApiError
+from corral.store import jobs as jobs_repo
+from corral.store import objects as repo
+
+router = APIRouter(prefix="/api/v1", tags=["outputs"])
+admin = [Depends(require_admin)]
+PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
+MAX_UPLOAD = 64 * 2**30
+
+
+def staging_dir(ctx: ServerContext) -> Path:
+    d = ctx.config.data_dir / "staging"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _check_sha(sha256: str) -> None:
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ApiError(422, "invalid_request", "sha256: expected 64 lowercase hex digits")
+
+
+async def object_view(ctx: ServerContext, sha256: str) -> ObjectView:
+    async def q(conn):  # noqa: ANN001
+        return await repo.get_object(conn, sha256), await repo.object_replicas(conn, sha256)
+
+    obj, reps = await ctx.db.query(q)
+    if obj is None:
+        raise ApiError(404, "not_found", f"object {sha256} not found")
+    return ObjectView(
+        sha256=obj["sha256"], size=obj["size"], name=obj["name"], origin=obj["origin"],
+        state=obj["state"], durable=bool(obj["durable_url"]),
+        replicas=[ReplicaView(instance_id=r["instance_id"], instance_name=r["instance_name"],
+                              instance_state=r["instance_state"], state=r["state"],
+                              created_at=r["created_at"])
+                  for r in reps])
+
+
+@router.get("/jobs/{job_id}/outputs", response_model=list[OutputView], dependencies=admin)
+async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> list[OutputView]:
+    async def q(conn):  # noqa: ANN001
+        await jobs_repo.require_job(conn, job_id)
+        return await repo.list_outputs(conn, job_id)
+
+    return [OutputView(path=r["path"], sha256=r["sha256"], size=r["size"], attempt=r["attempt"],
+                       state=r["state"], copies=r["copies"] + (1 if r["durable_url"] else 0))
+            for r in await ctx.db.query(q)]
+
+
+@router.get("/objects/{sha256}", response_model=ObjectView, dependencies=admin)
+async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
+    _check_sha(sha256)
+    return await object_view(ctx, sha256)
+
+
+@router.get("/objects/{sha256}/content", dependencies=admin,
+            summary="Download an object, streamed from an instance that holds it")
+async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
+    _check_sha(sha256)
+
+    async def plan(conn):  # noqa: ANN001
+        obj = await repo.get_object(conn, sha256)
+        if obj is None:
+            return None, [], None
+        urls = await repo.sources(conn, sha256)
+        token = await repo.grant(conn, sha256, None, ctx.now()) if urls else None
+        return obj, urls, token
+
+    obj, urls, token = await ctx.db.transact(plan)
+    if obj is None:
+        raise ApiError(404, "not_found", f"object {sha256} not found")
+    headers = {"X-Corral-Sha256": sha256, "Content-Length": str(obj["size"])}
+    staged = staging_dir(ctx) / sha256
+    if not urls and staged.exists():
+        return FileResponse(staged, headers={"X-Corral-Sha256": sha256})
+    client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300))
+    for url in urls:
+        try:
+            req = client.build_request("GET", url, headers={PEER_TOKEN_HEADER: token})
+            resp = await client.send(req, stream=True)
+        except httpx.HTTPError:
+            continue
+        if resp.status_code != 200:
+            await resp.aclose()
+            continue
+
+        async def body(resp=resp):  # noqa: ANN001, ANN202
+            try:
+                async for chunk in resp.aiter_bytes(1024 * 1024):
+                    yield chunk
+            finally:
+                await resp.aclose()
+                await client.aclose()
+
+        return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+    await client.aclose()
+    raise ApiError(503, "unavailable", f"no instance holding {sha256[:12]}… answered "
+                                       f"({len(urls)} tried); its state is {obj['state']}")
+
+
+@router.put("/objects", response_model=ObjectView, status_code=201, dependencies=admin,
+            summary="Upload a file as an object; answers once an instance holds it")
+async def put_object(request: Request, name: str | None = Query(default=None, max_length=1000),
+                     wait: float = Query(default=60, ge=0, le=600),
+                     ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
+    d = staging_dir(ctx)
+    tmp = d / f".upload-{secrets.token_hex(8)}"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_UPLOAD:
+                    raise ApiError(413, "too_large", f"uploads are limited to {MAX_UPLOAD} bytes")
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = digest.hexdigest()
+        os.replace(tmp, d / sha)
+    finally:
+        tmp.unlink(missing_ok=True)
+    target = await ctx.db.transact(repo.stage_upload, sha, size, name, ctx.server_id, ctx.now())
+    if target:
+        ctx.notifier.wake(("instance", target))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        view = await object_view(ctx, sha)
+        if any(r.state == "present" for r in view.replicas) or loop.time() > deadline:
+            return view
+        await asyncio.sleep(0.2)
+
+
+@router.get("/objects/{sha256}/staged", include_in_schema=False)
+async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
+    """An upload not yet on any instance, fetched by the instance it was placed on."""
+    _check_sha(sha256)
+    token = request.headers.get(PEER_TOKEN_HEADER, "")
+    why = await ctx.db.query(repo.verify_grant, sha256, token, ctx.now())
+    if why:
+        raise ApiError(403, "forbidden", why)
+    path = staging_dir(ctx) / sha256
+    if not path.exists():
+        raise ApiError(404, "not_found", f"object {sha256} is not staged here")
+    return FileResponse(path)
+
+
+@router.post("/agents/peer/verify", tags=["agents"],
+             summary="An agent asks whether a peer token lets its bearer fetch an object")
+async def verify(body: PeerVerify, who: Principal = Depends(require_agent),
+                 ctx: ServerContext = Depends(get_ctx)) -> dict:
+    why = await ctx.db.query(repo.verify_grant, body.sha256, body.token, ctx.now())
+    if why:
+        raise ApiError(403, "forbidden", why)
+    return {"ok": True}

@@ -1,0 +1,89 @@
+"""Drainer: move draining instances' unique data to running ones, retire them when
+nothing is at risk, then have their backend terminate them."""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+
+from corral.domain.instances import InstanceState
+from corral.server.context import ServerContext
+from corral.store import drain, events, fleets, instances
+from corral.store import objects as objs
+from corral.store.schema import objects as objects_t
+from corral.store.schema import replicas
+
+log = logging.getLogger("corral.drainer")
+
+
+async def drain_once(ctx: ServerContext) -> bool:
+    cfg = ctx.config
+    now = ctx.now()
+    results: list[drain.DrainResult] = []
+
+    async def step(conn):  # noqa: ANN001
+        await drain.cancel_doomed_copies(conn, now, cfg.transfer_timeout)
+        for inst in await drain.claim_draining(conn, ctx.db):
+            results.append(await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace))
+
+    await ctx.db.transact(step)
+    for r in results:
+        for _sha, recipient in r.copies:
+            ctx.notifier.wake(("instance", recipient))
+        if r.retired:
+            ctx.notifier.wake(("instance", r.instance_id))  # its held heartbeat: exit
+        if r.requeued:
+            ctx.notifier.wake("dispatch")
+    await terminate_retired(ctx, now)
+    await clean_staging(ctx)
+    return False
+
+
+async def terminate_retired(ctx: ServerContext, now: float) -> None:
+    """Retired instances whose backend this server has are terminated after the
+    retire grace (time for the agent to hear `exit` and write its tombstone)."""
+    if not ctx.backends:
+        return
+    due = await ctx.db.query(drain.claim_terminable, ctx.db, now - ctx.config.retire_grace)
+    for inst in due:
+        fleet = await ctx.db.query(fleets.get_fleet, inst["fleet"]) if inst["fleet"] else None
+        backend = ctx.backends.get(fleet["backend"]) if fleet else None
+        if backend is None or not inst["backend_ref"]:
+            continue
+        try:
+            await backend.terminate(inst["backend_ref"])
+        except Exception as exc:  # a backend failure is reported, and retried next tick
+            log.exception("terminating %s failed", inst["name"])
+            await ctx.db.transact(events.record, ctx.now(), "warning", "instance.terminate_failed",
+                                  f"terminating {inst['name']} failed: {exc}",
+                                  instance_id=inst["id"])
+            continue
+
+        async def mark(conn, inst=inst):  # noqa: ANN001
+            row = await instances.get_instance(conn, inst["id"])
+            if row["state"] == InstanceState.RETIRED:
+                await instances.transition(conn, inst["id"], InstanceState.TERMINATED, ctx.now())
+                await events.record(conn, ctx.now(), "info", "instance.terminated",
+                                    f"instance {inst['name']} ({inst['id']}) terminated",
+                                    instance_id=inst["id"])
+
+        await ctx.db.transact(mark)
+
+
+async def clean_staging(ctx: ServerContext) -> None:
+    """Uploads staged here are deleted once a running instance holds them."""
+    from corral.server.api.objects import staging_dir
+
+    async def placed(conn):  # noqa: ANN001
+        q = (sa.select(objects_t.c.sha256).where(objects_t.c.staged_on == ctx.server_id)
+             .where(objects_t.c.sha256.in_(
+                 sa.select(replicas.c.sha256).where(replicas.c.state == objs.PRESENT))))
+        shas = (await conn.execute(q)).scalars().all()
+        if shas:
+            await conn.execute(sa.update(objects_t).where(objects_t.c.sha256.in_(shas))
+                               .values(staged_on=None))
+        return shas
+
+    for sha in await ctx.db.transact(placed):
+        (staging_dir(ctx) / sha).unlink(missing_ok=True)
