@@ -31,6 +31,7 @@ def up(
     start_timeout: float = typer.Option(None, hidden=True),
     attempt_grace: float = typer.Option(None, hidden=True),
     heartbeat_interval: float = typer.Option(None, hidden=True),
+    autoscale_interval: float = typer.Option(None, hidden=True),
     log_level: str = typer.Option("warning", help="debug, info, warning, error"),
 ) -> None:
     """Start a server on SQLite and a local fleet of N agents; Ctrl-C stops them all.
@@ -42,7 +43,8 @@ def up(
 
     config = ServerConfig(data_dir=data_dir or default_data_dir(), host=host, port=port,
                           public_url=public_url)
-    add_timing_options(config, agent_grace, start_timeout, attempt_grace, heartbeat_interval)
+    add_timing_options(config, agent_grace, start_timeout, attempt_grace, heartbeat_interval,
+                       autoscale_interval=autoscale_interval)
 
     async def prepare(ctx) -> None:  # noqa: ANN001
         ctx.backends["local"] = LocalBackend(

@@ -15,7 +15,8 @@ from corral.store.db import DatabaseUrlError
 
 
 def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt_grace,  # noqa: ANN001
-                       heartbeat_interval, install_backoff=None, install_cap=None) -> ServerConfig:
+                       heartbeat_interval, install_backoff=None, install_cap=None,
+                       autoscale_interval=None) -> ServerConfig:
     if agent_grace is not None:
         config.agent_grace = agent_grace
     if start_timeout is not None:
@@ -28,6 +29,8 @@ def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt
         config.install_backoff = install_backoff
     if install_cap is not None:
         config.install_cap = install_cap
+    if autoscale_interval is not None:
+        config.autoscale_interval = autoscale_interval
     return config
 
 
