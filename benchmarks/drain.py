@@ -1,0 +1,148 @@
+"""Drain benchmark: time to retire N instances holding M bytes of unique outputs,
+next to the raw loopback copy throughput of the same bytes (the physical limit).
+
+Jobs pinned to fleet `work` write the outputs; a one-instance fleet `keep` is the
+only place they can go. Then `work` is scaled to 0 and the clock runs until every
+work instance is retired (all data safe) and terminated.
+
+    python benchmarks/drain.py [--instances 4] [--mb 400]
+
+Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.machine import describe  # noqa: E402
+from corral.testing import Cluster, wait_for  # noqa: E402
+
+WRITER = textwrap.dedent("""
+    import os, sys
+    out = os.environ["CORRAL_OUTPUT_DIR"]
+    size = int(sys.argv[1])
+    with open(os.path.join(out, "part.bin"), "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 << 20)
+            f.write(os.urandom(n))
+            left -= n
+""")
+
+
+def loopback_throughput(total: int, tmp: Path) -> float:
+    """Bytes per second of one HTTP transfer of `total` bytes on loopback, hashed on
+    the way in like corral hashes every copy."""
+    blob = tmp / "blob"
+    with open(blob, "wb") as f:
+        left = total
+        while left:
+            n = min(left, 8 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a) -> None:  # noqa: ANN002
+            pass
+
+    handler = lambda *a, **k: Quiet(*a, directory=str(tmp), **k)  # noqa: E731
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1])
+            conn.request("GET", "/blob")
+            resp = conn.getresponse()
+            h = hashlib.sha256()
+            with open(tmp / "copy", "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
+            conn.close()
+            best = max(best, total / (time.perf_counter() - t0))
+        return best
+    finally:
+        srv.shutdown()
+        blob.unlink()
+        (tmp / "copy").unlink(missing_ok=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", type=int, default=4)
+    ap.add_argument("--mb", type=float, default=400, help="total unique output, MB")
+    ap.add_argument("--jobs-per-instance", type=int, default=4)
+    args = ap.parse_args()
+    total = int(args.mb * 2**20)
+    n_jobs = args.instances * args.jobs_per_instance
+    per_job = total // n_jobs
+    with tempfile.TemporaryDirectory(prefix="corral-drain-") as tmp:
+        tmp = Path(tmp)
+        raw = loopback_throughput(per_job * n_jobs, tmp)
+        writer = tmp / "writer.py"
+        writer.write_text(WRITER)
+        with Cluster(tmp / "c") as c:
+            server = c.up(agents=0)
+            client = c.client(server)
+            client.apply_fleet({"name": "work", "backend": "local", "min_size": 0,
+                                "max_size": args.instances, "cpus": 1})
+            client.apply_fleet({"name": "keep", "backend": "local", "min_size": 1,
+                                "max_size": 1, "cpus": 1})
+            client.scale("work", args.instances)
+            c.wait_agents_running(client, args.instances + 1, timeout=60)
+            ids = [client.submit([sys.executable, str(writer), str(per_job)], fleet="work",
+                                 cpus=1).id for _ in range(n_jobs)]
+            wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids), 600,
+                     "the jobs writing the outputs")
+            work = [i.id for i in client.instances() if i.fleet == "work"]
+            t0 = time.time()
+            client.scale("work", 0)
+
+            def states() -> dict[str, object]:
+                return {i.id: i for i in client.instances(include_terminated=True)
+                        if i.id in work}
+
+            wait_for(lambda: all(i.state in ("retired", "terminated")
+                                 for i in states().values()), 1800, "retirement", 0.2)
+            retired = states()
+            t_safe = max(i.retired_at for i in retired.values()) - min(
+                i.drain_requested_at for i in retired.values())
+            wait_for(lambda: all(i.state == "terminated" for i in states().values()), 600,
+                     "termination", 0.2)
+            t_gone = time.time() - t0
+            moved = sum(o.size for j in ids for o in client.outputs(j))
+            assert all(o.copies >= 1 for j in ids for o in client.outputs(j))
+    raw_seconds = moved / raw
+    print(json.dumps({
+        "benchmark": "drain",
+        "instances_retired": args.instances,
+        "unique_bytes": moved,
+        "outputs": n_jobs,
+        "seconds_until_all_retired": round(t_safe, 2),
+        "seconds_until_all_terminated": round(t_gone, 2),
+        "effective_mb_per_s": round(moved / 2**20 / t_safe, 1),
+        "raw_loopback_mb_per_s": round(raw / 2**20, 1),
+        "raw_copy_seconds": round(raw_seconds, 2),
+        "ratio_to_raw": round(t_safe / raw_seconds, 1),
+        "note": "terminated includes the retire grace (5 s) before hosts are terminated",
+        "machine": describe(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
