@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from corral.testing import Cluster
+from outputs import WRITER
 
 PG_ENV = "CORRAL_TEST_PG_URL"
 
@@ -79,3 +80,11 @@ def db_url(request, tmp_path: Path) -> str:
 def cluster(tmp_path: Path):
     with Cluster(tmp_path / "cluster") as c:
         yield c
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> str:
+    """A script that writes outputs of known content (see tests/outputs.py)."""
+    p = tmp_path / "writer.py"
+    p.write_text(WRITER)
+    return str(p)

@@ -10,7 +10,7 @@ import pytest
 from corral.domain.api import JobSubmit, ObjectError, OutputFile
 from corral.domain.errors import StaleToken
 from corral.domain.instances import InstanceState
-from corral.store import dispatch, drain, events, instances, objects
+from corral.store import dispatch, drain, events, fleets, instances, objects, offloads
 from corral.store import jobs as jobs_repo
 from corral.store.db import Database
 from corral.store.migrate import migrate
@@ -146,6 +146,68 @@ def test_a_held_object_that_disappears_is_a_warning(db_url):
                           T0, "http://s")
         warn = await db.query(events.list_events, min_level="warning", kind="object.missing")
         assert len(warn) == 1
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_stranded_object_goes_to_the_durable_store_and_counts_only_once_confirmed(db_url):
+    async def main():
+        db = Database(db_url)
+        await migrate(db)
+        await db.transact(fleets.upsert_fleet, name="f", backend="local", min_size=0,
+                          max_size=1, target_size=1, now=T0,
+                          spec={"durable": {"endpoint": "http://127.0.0.1:9", "bucket": "b"}})
+        await db.transact(instances.register, name="w0", instance_id=None, cpus=1,
+                          memory_mb=1, host=None, agent_version=None, fleet="f",
+                          peer_url="http://127.0.0.1:9000", now=T0)
+        _, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        await db.transact(drain.request_drain, holder, False, T0)
+
+        async def step(t: float) -> drain.DrainResult:
+            inst = await db.query(instances.get_instance, holder)
+            return await db.transact(drain.drain_step, inst, t, drain_grace=600)
+
+        first = await step(T0)
+        assert (first.offloads, first.retired, first.copies) == (1, False, [])
+        assert await db.query(events.list_events, min_level="warning") == []  # not at risk
+        (row,) = await db.transact(offloads.deliver, holder, T0)
+        assert row.sha256 == sha("o") and row.fleet == "f" and row.size == 5
+        assert await db.transact(offloads.deliver, holder, T0) == []  # handed over once
+
+        # the upload failed: a warning, and a new order only after the retry delay
+        await db.transact(offloads.report, holder, [], [ObjectError(sha256=sha("o"),
+                                                                    error="HTTP 503")], T0 + 1)
+        (warn,) = await db.query(events.list_events, min_level="warning")
+        assert warn["kind"] == "object.offload_failed" and "HTTP 503" in warn["message"]
+        assert (await step(T0 + 2)).offloads == 0
+        assert (await step(T0 + 1 + offloads.RETRY_AFTER)).offloads == 1
+        await db.transact(offloads.deliver, holder, T0 + 12)
+
+        # the agent says it uploaded: not safe until a server has seen it in the bucket
+        await db.transact(offloads.report, holder, [sha("o")], [], T0 + 13)
+        assert not (await step(T0 + 14)).retired
+        (claimed,) = await db.transact(offloads.claim_uploaded, db)
+        await db.transact(offloads.confirmed, claimed.sha256, claimed.fleet, "s3://b/o", T0 + 15)
+        assert (await step(T0 + 16)).retired
+        obj = await db.query(objects.get_object, sha("o"))
+        assert (obj["state"], obj["durable_fleet"], obj["durable_url"]) == ("live", "f", "s3://b/o")
+        await db.dispose()
+
+    run(main())
+
+
+def test_an_offload_never_reported_expires_and_is_ordered_again(db_url):
+    async def main():
+        db, (inst,) = await setup(db_url, 1)
+        await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        assert await db.transact(offloads.order, [sha("o")], "f", inst["id"], T0) == 1
+        assert await db.transact(offloads.order, [sha("o")], "f", inst["id"], T0) == 0
+        await db.transact(offloads.deliver, inst["id"], T0)
+        assert await db.transact(offloads.expire, T0 + 30, 60) == 0
+        assert await db.transact(offloads.expire, T0 + 61, 60) == 1
+        later = T0 + 61 + offloads.RETRY_AFTER
+        assert await db.transact(offloads.order, [sha("o")], "f", inst["id"], later) == 1
         await db.dispose()
 
     run(main())

@@ -4,10 +4,7 @@ back, and nothing holding the only copy of an output is terminated."""
 
 from __future__ import annotations
 
-import hashlib
 import random
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,54 +13,9 @@ import pytest
 
 from corral.testing import Cluster, Proxy, free_port, wait_for
 
+from outputs import submit, verify_all_outputs
+
 pytestmark = pytest.mark.e2e
-
-# Writes NAME:SIZE files of deterministic bytes (seeded by job id and name) to
-# $CORRAL_OUTPUT_DIR, so the test can recompute what every output must be.
-WRITER = textwrap.dedent("""
-    import os, random, sys, time
-    job = os.environ["CORRAL_JOB_ID"]
-    out = os.environ["CORRAL_OUTPUT_DIR"]
-    for spec in sys.argv[2:]:
-        name, size = spec.split(":")
-        path = os.path.join(out, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(random.Random(f"{job}/{name}").randbytes(int(size)))
-    time.sleep(float(sys.argv[1]))
-""")
-
-
-def expected_sha(job_id: int, name: str, size: int) -> str:
-    return hashlib.sha256(random.Random(f"{job_id}/{name}").randbytes(size)).hexdigest()
-
-
-@pytest.fixture
-def writer(tmp_path: Path) -> str:
-    p = tmp_path / "writer.py"
-    p.write_text(WRITER)
-    return str(p)
-
-
-def submit(client, writer: str, files: dict[str, int], hold: float = 0.5) -> int:  # noqa: ANN001
-    argv = [sys.executable, writer, str(hold), *(f"{n}:{s}" for n, s in files.items())]
-    return client.submit(argv, cpus=1).id
-
-
-def verify_all_outputs(client, jobs: dict[int, dict[str, int]], into: Path) -> int:  # noqa: ANN001
-    """Download every output (the client checks its sha256) and compare it with the
-    bytes the job must have written."""
-    n = 0
-    for job_id, files in jobs.items():
-        outputs = {o.path: o for o in client.outputs(job_id)}
-        assert set(outputs) == set(files), job_id
-        for name, size in files.items():
-            o = outputs[name]
-            assert o.sha256 == expected_sha(job_id, name, size)
-            dest = client.download(o.sha256, into / str(job_id) / name)
-            assert dest.stat().st_size == size
-            n += 1
-    return n
 
 
 def assert_no_replica_placed_on_leaving(client, jobs, leaving: dict[str, float]) -> None:  # noqa: ANN001
@@ -106,7 +58,7 @@ def test_retiring_worker_whose_heartbeat_arrives_after_removal_never_comes_back(
                 2: {"big.bin": 1_000_000, "note.txt": 102}}
         ids = {k: submit(client, writer, files, hold=2.0) for k, files in plan.items()}
         jobs = {ids[k]: files for k, files in plan.items()}
-        done = wait_for(lambda: all((j := client.job(i)).state == "succeeded" for i in ids.values())
+        done = wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids.values())
                         and [client.job(i) for i in ids.values()], 60, "the three jobs")
         holders = [j.instance_id for j in done]
         assert len(set(holders)) == 3  # one job, and so unique outputs, on each instance

@@ -46,6 +46,7 @@ from corral.domain.api import (
     InstallOrder,
     ObjectError,
     ObservedComponent,
+    OffloadOrder,
     RegisterReply,
     RegisterRequest,
 )
@@ -134,6 +135,9 @@ class Agent:
         self.fetching: dict[str, asyncio.Task] = {}
         self.fetch_slots = asyncio.Semaphore(4)
         self.object_errors: dict[str, str] = {}
+        self.offloading: dict[str, asyncio.Task] = {}
+        self.offloaded: set[str] = set()
+        self.offload_errors: dict[str, str] = {}
         self._last_objects: tuple[list[str], float] | None = None
         self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
         self.installing: dict[str, asyncio.Task] = {}
@@ -219,10 +223,14 @@ class Agent:
     async def heartbeat(self) -> HeartbeatReply | None:
         held = self.observed_objects()
         errors = [ObjectError(sha256=s, error=e[:4000]) for s, e in self.object_errors.items()]
+        offloaded = sorted(self.offloaded)
+        offload_errors = [ObjectError(sha256=s, error=e[:4000])
+                          for s, e in self.offload_errors.items()]
         body = HeartbeatRequest(
             instance_id=self.identity.instance_id, incarnation=self.incarnation,
             attempts=self.supervisor.observed(), components=self.observed_components(),
-            objects=held, object_errors=errors,
+            objects=held, object_errors=errors, offloaded=offloaded,
+            offload_errors=offload_errors,
             wait=0.0 if self.wake.is_set() else self.interval,
         ).model_dump()
         self.wake.clear()
@@ -239,6 +247,9 @@ class Agent:
             self._last_objects = (held, time.monotonic())
         for e in errors:
             self.object_errors.pop(e.sha256, None)
+        self.offloaded.difference_update(offloaded)
+        for e in offload_errors:
+            self.offload_errors.pop(e.sha256, None)
         return HeartbeatReply.model_validate(resp.json())
 
     async def report_ended(self) -> None:
@@ -272,6 +283,27 @@ class Agent:
             if task is None or task.done():
                 self.fetching[fetch.sha256] = asyncio.get_running_loop().create_task(
                     self._replicate(fetch))
+
+        for order in reply.offload:
+            task = self.offloading.get(order.sha256)
+            if task is None or task.done():
+                self.offloading[order.sha256] = asyncio.get_running_loop().create_task(
+                    self._offload(order))
+
+    async def _offload(self, order: OffloadOrder) -> None:
+        """Upload an object to the durable store, as ordered; the server checks the
+        bucket itself before it counts the copy."""
+        async with self.fetch_slots:
+            try:
+                await asyncio.to_thread(transfer.upload, self.objects, order.sha256,
+                                        order.size, order.url, order.headers)
+                self.offloaded.add(order.sha256)
+                log.info("uploaded object %s to the durable store", order.sha256[:12])
+            except (transfer.TransferError, OSError) as exc:
+                self.offload_errors[order.sha256] = str(exc)
+                log.warning("upload of %s to the durable store failed: %s",
+                            order.sha256[:12], exc)
+        self.wake.set()
 
     async def _replicate(self, order: Fetch) -> None:
         """Copy an object from a peer, as ordered (the server only orders running

@@ -1,4 +1,5 @@
-"""Fetch an object from whoever holds it, verified by sha256 on the way in.
+"""Move objects: fetch one from whoever holds it, verified by sha256 on the way in,
+or upload one to a durable store through a URL the server signed for it.
 
 Sources are peer URLs (another agent's /objects/SHA256, or a server's staged upload);
 each is tried in turn with the one-time token the server issued for this transfer.
@@ -22,14 +23,44 @@ class TransferError(Exception):
     pass
 
 
-def _get(url: str, token: str | None, timeout: float) -> tuple[http.client.HTTPConnection,
-                                                                 http.client.HTTPResponse]:
+def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=timeout)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    conn = cls(parts.hostname, parts.port, timeout=timeout, blocksize=CHUNK)
+    return conn, parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _get(url: str, token: str | None, timeout: float) -> tuple[http.client.HTTPConnection,
+                                                                 http.client.HTTPResponse]:
+    conn, path = _connect(url, timeout)
     conn.request("GET", path, headers={PEER_TOKEN_HEADER: token} if token else {})
     return conn, conn.getresponse()
+
+
+def upload(store: ObjectStore, sha256: str, size: int, url: str, headers: dict[str, str],
+           timeout: float = 60.0) -> None:
+    """PUT an object held here to `url` (a signed durable-store URL), streamed from disk."""
+    path = store.path(sha256)
+    if not store.has(sha256):
+        raise TransferError(f"object {sha256[:12]}… is not held here")
+    if path.stat().st_size != size:
+        raise TransferError(f"object {sha256[:12]}… is {path.stat().st_size} bytes here, "
+                            f"not {size}")
+    where = urllib.parse.urlsplit(url).netloc
+    try:
+        conn, target = _connect(url, timeout)
+        try:
+            with open(path, "rb") as f:
+                conn.request("PUT", target, body=f,
+                             headers={**headers, "Content-Length": str(size)})
+                resp = conn.getresponse()
+                detail = resp.read(500).decode(errors="replace")
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        raise TransferError(f"uploading to {where}: {exc}") from None
+    if resp.status not in (200, 201, 204):
+        raise TransferError(f"uploading to {where}: HTTP {resp.status} {detail[:300]}")
 
 
 def fetch(store: ObjectStore, sha256: str, size: int | None, sources: list[str],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62})$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 
 
 class Strict(BaseModel):
@@ -189,6 +190,9 @@ class OutputView(BaseModel):
     copies: int = Field(description="present replicas on instances not retired (+1 if durable)")
 
 
+DURABLE_KEYS = {"endpoint", "bucket", "access_key", "secret_key", "region"}
+
+
 class FleetSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     backend: str = Field(default="local", pattern=NAME_PATTERN)
@@ -209,6 +213,12 @@ class FleetSpec(Strict):
             missing = {"endpoint", "bucket"} - self.durable.keys()
             if missing:
                 raise ValueError(f"durable: missing {', '.join(sorted(missing))}")
+            unknown = self.durable.keys() - DURABLE_KEYS
+            if unknown:
+                raise ValueError(f"durable: unknown setting(s) {', '.join(sorted(unknown))}; "
+                                 f"known: {', '.join(sorted(DURABLE_KEYS))}")
+            if not self.durable["endpoint"].startswith(("http://", "https://")):
+                raise ValueError("durable.endpoint: must be an http:// or https:// URL")
         return self
 
 
@@ -279,6 +289,10 @@ class HeartbeatRequest(Strict):
     objects: list[str] | None = Field(default=None, description="sha256 of every object held; "
                                       "None: unchanged since the last heartbeat")
     object_errors: list["ObjectError"] = Field(default_factory=list)
+    offloaded: list[Sha256] = Field(default_factory=list, max_length=10_000,
+                                 description="sha256 of objects uploaded to a durable store "
+                                 "as ordered, since the last heartbeat")
+    offload_errors: list["ObjectError"] = Field(default_factory=list, max_length=10_000)
     wait: float = Field(default=0.0, ge=0, le=60, description="hold the reply this long if idle")
 
 
@@ -310,6 +324,16 @@ class KillOrder(BaseModel):
     reason: str
 
 
+class OffloadOrder(BaseModel):
+    """Upload an object held here to a durable store: PUT its bytes to `url` (signed,
+    short-lived) with exactly `headers`."""
+
+    sha256: str
+    size: int
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
 class HeartbeatReply(BaseModel):
     action: Literal["continue", "exit"]
     reason: str = ""
@@ -319,6 +343,7 @@ class HeartbeatReply(BaseModel):
     kill: list[KillOrder] = Field(default_factory=list)
     install: list["InstallOrder"] = Field(default_factory=list)
     replicate: list[Fetch] = Field(default_factory=list)
+    offload: list[OffloadOrder] = Field(default_factory=list)
 
 
 # ---- runner protocol (fenced by the attempt token) -------------------------------------

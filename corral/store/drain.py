@@ -2,7 +2,8 @@
 
 running -> draining: no new jobs, not a recipient. Its live attempts finish (or are
 requeued after the drain grace); every object it holds that has no present replica
-on another running instance (or in durable storage) is copied to one. Only when the
+on another running instance (or in durable storage) is copied to one, or, when no
+instance can take it and the fleet has a durable store, uploaded there. Only when the
 database shows nothing at risk does it become retired, in the same transaction that
 checks it; then, after a short grace, its backend terminates it. With no recipient
 it stays draining, with a WARNING naming the outputs at risk, until a person forces
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from corral.domain.api import AtRisk
 from corral.domain.drain import Holder, ObjectInfo, Recipient, at_risk, may_retire, plan_copies
 from corral.domain.instances import InstanceState
-from corral.store import dispatch, events, instances, jobs
+from corral.store import dispatch, events, fleets, instances, jobs, offloads
 from corral.store import objects as objs
 from corral.store.db import Database
 from corral.store.schema import instances as instances_t
@@ -33,6 +34,7 @@ class DrainResult:
     retired: bool = False
     stranded: int = 0
     requeued: int = 0
+    offloads: int = 0  # new uploads ordered to the fleet's durable store
 
 
 RETRY_FAILED_COPY_AFTER = 10.0
@@ -125,7 +127,11 @@ async def drain_step(conn: AsyncConnection, inst, now: float, *, drain_grace: fl
         await objs.set_replica(conn, c.sha256, c.recipient, objs.PENDING, now)
         result.copies.append((c.sha256, c.recipient))
     result.stranded = len(stranded)
-    if stranded and not inst["drain_force"]:
+    durable_fleet = await _durable_fleet(conn, inst)
+    if stranded and durable_fleet:
+        result.offloads = await offloads.order(conn, [o.sha256 for o in stranded],
+                                               durable_fleet, iid, now)
+    elif stranded and not inst["drain_force"]:
         described = await describe_risk(conn, stranded)
         message = (f"instance {inst['name']} ({iid}) cannot retire: no running instance can "
                    f"take {len(stranded)} output(s) only it holds: "
@@ -141,6 +147,14 @@ async def drain_step(conn: AsyncConnection, inst, now: float, *, drain_grace: fl
         await retire(conn, inst, risky, now)
         result.retired = True
     return result
+
+
+async def _durable_fleet(conn: AsyncConnection, inst) -> str | None:  # noqa: ANN001
+    """The instance's fleet, if that fleet has a durable store."""
+    if not inst["fleet"]:
+        return None
+    fleet = await fleets.get_fleet(conn, inst["fleet"])
+    return fleet["name"] if fleet and (fleet["spec"] or {}).get("durable") else None
 
 
 async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: float) -> None:  # noqa: ANN001

@@ -16,10 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.domain.api import Fetch, ObjectError, OutputFile
 from corral.domain.instances import InstanceState
+from corral.domain.presign import DurableStore
 from corral.domain.tokens import hash_secret, well_formed
 from corral.store import events
 from corral.store.db import insert_ignoring_duplicates
-from corral.store.schema import grants, instances, job_outputs, objects, replicas
+from corral.store.schema import fleets, grants, instances, job_outputs, objects, replicas
 
 PENDING, PRESENT, FAILED, MISSING, DROPPED = "pending", "present", "failed", "missing", "dropped"
 LIVE_HOLDER_STATES = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
@@ -108,6 +109,16 @@ async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None
     return [f"{r.peer_url}/objects/{sha256}" for r in rows]
 
 
+async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:  # noqa: ANN001
+    """A signed, short-lived GET URL of the object's durable copy, if it has one."""
+    if not obj["durable_fleet"]:
+        return None
+    spec = (await conn.execute(sa.select(fleets.c.spec).where(
+        fleets.c.name == obj["durable_fleet"]))).scalar()
+    durable = (spec or {}).get("durable")
+    return DurableStore.from_spec(durable).get_url(obj["sha256"], now) if durable else None
+
+
 async def holds(conn: AsyncConnection, instance_id: str, sha256: str) -> bool:
     return (await conn.execute(sa.select(replicas.c.state).where(
         replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id,
@@ -131,6 +142,8 @@ async def fetches_for(conn: AsyncConnection, instance_id: str, shas: list[str], 
         urls = await sources(conn, sha, exclude=instance_id)
         if obj["staged_on"]:
             urls.append(f"{server_url}/api/v1/objects/{sha}/staged")
+        if durable := await durable_source(conn, obj, now):
+            urls.append(durable)
         token = await grant(conn, sha, instance_id, now)
         out.append(Fetch(sha256=sha, size=obj["size"], name=name, sources=urls, token=token))
     return out

@@ -226,10 +226,25 @@ objects = sa.Table(
     sa.Column("origin", sa.String(16), nullable=False),  # output | upload
     sa.Column("name", sa.String(1000)),
     sa.Column("state", sa.String(16), nullable=False),  # live | lost
-    sa.Column("durable_url", sa.String(2000)),
+    sa.Column("durable_url", sa.String(2000)),  # where the durable copy is, for people
     sa.Column("staged_on", sa.String(64)),  # server holding an upload not yet placed
     sa.Column("created_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
+    sa.Column("durable_fleet", sa.String(64)),  # whose durable store holds the copy
+)
+
+offloads = sa.Table(
+    "offloads",
+    metadata,
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("objects.sha256"), primary_key=True),
+    sa.Column("fleet", sa.String(64), nullable=False),  # whose durable store receives it
+    sa.Column("instance_id", sa.String(64), sa.ForeignKey("instances.id"), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | uploaded | failed
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("delivered_at", Time),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Index("ix_offloads_instance_id_state", "instance_id", "state"),
 )
 
 replicas = sa.Table(

@@ -7,13 +7,15 @@ import asyncio
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends
 
-from corral.domain.api import HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest
+from corral.domain.api import (HeartbeatReply, HeartbeatRequest, OffloadOrder, RegisterReply,
+                               RegisterRequest)
 from corral.domain.heartbeat import heartbeat_interval
 from corral.domain.instances import Admission
+from corral.domain.presign import DurableStore
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.store import components, dispatch, instances, objects, tokens
+from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 from corral.store.schema import instances as instances_t
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -98,6 +100,7 @@ async def heartbeat(
         gen = ctx.notifier.generation(key)
 
         async def exchange(conn):  # noqa: ANN001
+            nonlocal uploaded
             now = ctx.now()
             decision, row = await instances.heartbeat(
                 conn, body.instance_id, body.incarnation, now, touch=first
@@ -111,15 +114,42 @@ async def heartbeat(
             replicate = await objects.sync(
                 conn, row, body.objects if first else None,
                 body.object_errors if first else [], now, ctx.config.url)
+            if first:
+                uploaded = await offloads.report(conn, body.instance_id, body.offloaded,
+                                                 body.offload_errors, now)
+            offload = await offload_orders(conn, body.instance_id, now)
             return HeartbeatReply(
                 action="continue", interval=interval, state=row["state"], start=starts,
-                kill=kills, install=installs, replicate=replicate,
+                kill=kills, install=installs, replicate=replicate, offload=offload,
             )
 
+        uploaded = False
         reply = await ctx.db.transact(exchange)
+        if uploaded:
+            ctx.notifier.wake("drain")  # a server checks the bucket; then it may retire
         first = False
         remaining = deadline - loop.time()
         if (reply.action == "exit" or reply.start or reply.kill or reply.install
-                or reply.replicate or remaining <= 0):
+                or reply.replicate or reply.offload or remaining <= 0):
             return reply
         await ctx.notifier.wait(key, gen, ctx.recheck(remaining))
+
+
+OFFLOAD_URL_TTL = 3600
+
+
+async def offload_orders(conn, instance_id: str, now: float) -> list[OffloadOrder]:  # noqa: ANN001
+    """Uploads ordered on this instance, each with a URL signed for that one object."""
+    out = []
+    stores: dict[str, DurableStore | None] = {}
+    for row in await offloads.deliver(conn, instance_id, now):
+        if row.fleet not in stores:
+            fleet = await fleets.get_fleet(conn, row.fleet)
+            spec = (fleet["spec"] or {}).get("durable") if fleet else None
+            stores[row.fleet] = DurableStore.from_spec(spec) if spec else None
+        store = stores[row.fleet]
+        if store is None:
+            continue  # the fleet lost its store: the order expires and is planned afresh
+        url, headers = store.put_order(row.sha256, now, OFFLOAD_URL_TTL)
+        out.append(OffloadOrder(sha256=row.sha256, size=row.size, url=url, headers=headers))
+    return out

@@ -71,7 +71,8 @@ async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> Obje
 
 
 @router.get("/objects/{sha256}/content", dependencies=admin,
-            summary="Download an object, streamed from an instance that holds it")
+            summary="Download an object, streamed from an instance that holds it "
+                    "(or from its fleet's durable store)")
 async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
     _check_sha(sha256)
 
@@ -81,6 +82,8 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
             return None, [], None
         urls = await repo.sources(conn, sha256)
         token = await repo.grant(conn, sha256, None, ctx.now()) if urls else None
+        if durable := await repo.durable_source(conn, obj, ctx.now()):
+            urls.append(durable)  # last: instances first, the bucket if none answers
         return obj, urls, token
 
     obj, urls, token = await ctx.db.transact(plan)
@@ -93,7 +96,8 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
     client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300))
     for url in urls:
         try:
-            req = client.build_request("GET", url, headers={PEER_TOKEN_HEADER: token})
+            req = client.build_request("GET", url,
+                                       headers={PEER_TOKEN_HEADER: token} if token else {})
             resp = await client.send(req, stream=True)
         except httpx.HTTPError:
             continue
@@ -111,7 +115,7 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
 
         return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
     await client.aclose()
-    raise ApiError(503, "unavailable", f"no instance holding {sha256[:12]}… answered "
+    raise ApiError(503, "unavailable", f"no holder of {sha256[:12]}… answered "
                                        f"({len(urls)} tried); its state is {obj['state']}")
 
 

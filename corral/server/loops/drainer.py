@@ -1,5 +1,6 @@
-"""Drainer: move draining instances' unique data to running ones, retire them when
-nothing is at risk, then have their backend terminate them."""
+"""Drainer: move draining instances' unique data to running ones (or to their fleet's
+durable store, confirmed here), retire them when nothing is at risk, then have their
+backend terminate them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import logging
 
 import sqlalchemy as sa
 
+from corral.backends import durable
 from corral.domain.instances import InstanceState
+from corral.domain.presign import DurableStore
 from corral.server.context import ServerContext
-from corral.store import drain, events, fleets, instances
+from corral.store import drain, events, fleets, instances, offloads
 from corral.store import objects as objs
 from corral.store.schema import objects as objects_t
 from corral.store.schema import replicas
@@ -24,6 +27,7 @@ async def drain_once(ctx: ServerContext) -> bool:
 
     async def step(conn):  # noqa: ANN001
         await drain.cancel_doomed_copies(conn, now, cfg.transfer_timeout)
+        await offloads.expire(conn, now, cfg.transfer_timeout)
         for inst in await drain.claim_draining(conn, ctx.db):
             results.append(await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace))
 
@@ -31,13 +35,35 @@ async def drain_once(ctx: ServerContext) -> bool:
     for r in results:
         for _sha, recipient in r.copies:
             ctx.notifier.wake(("instance", recipient))
-        if r.retired:
-            ctx.notifier.wake(("instance", r.instance_id))  # its held heartbeat: exit
+        if r.retired or r.offloads:  # its held heartbeat: exit, or upload these
+            ctx.notifier.wake(("instance", r.instance_id))
         if r.requeued:
             ctx.notifier.wake("dispatch")
+    confirmed = await confirm_offloads(ctx)
     await terminate_retired(ctx, now)
     await clean_staging(ctx)
-    return False
+    return confirmed  # run again at once: the instance may retire now
+
+
+async def confirm_offloads(ctx: ServerContext) -> bool:
+    """Check in the bucket itself each upload an agent reported; only a copy seen
+    there, with the right size and sha256, makes the object safe."""
+    done = False
+    for row in await ctx.db.transact(offloads.claim_uploaded, ctx.db):
+        fleet = await ctx.db.query(fleets.get_fleet, row.fleet)
+        spec = (fleet["spec"] or {}).get("durable") if fleet else None
+        if not spec:
+            why: str | None = f"fleet {row.fleet} no longer has a durable store"
+        else:
+            store = DurableStore.from_spec(spec)
+            why = await durable.confirm(store, row.sha256, row.size, ctx.now())
+        if why:
+            await ctx.db.transact(offloads.rejected, row.sha256, row.instance_id, why, ctx.now())
+        else:
+            await ctx.db.transact(offloads.confirmed, row.sha256, row.fleet,
+                                  store.url_of(row.sha256), ctx.now())
+            done = True
+    return done
 
 
 async def terminate_retired(ctx: ServerContext, now: float) -> None:
