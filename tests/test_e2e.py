@@ -182,3 +182,16 @@ def test_corral_servers_lists_this_server(cluster: Cluster):
     r = cli(server, "servers", "--json")
     assert r.returncode == 0, r.stderr
     assert '"alive": true' in r.stdout and '"build_version"' in r.stdout
+
+
+def test_cli_errors_are_one_clear_line_not_a_traceback(cluster: Cluster):
+    server = cluster.server()
+    r = cli(server, "job", "424242")
+    assert r.returncode == 1 and "error:" in r.stderr and "424242" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    env = {**os.environ, "CORRAL_SERVER": "http://127.0.0.1:9", "CORRAL_TOKEN": "x"}
+    r = subprocess.run(corral_cmd("jobs"), env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot reach the corral server" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli(server, "fleet", "apply", "/nonexistent.yml")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -151,18 +151,11 @@ def test_job_lock_keeps_a_second_runner_of_the_same_job_out(one_agent):
 
 
 def test_lost_instance_requeues_and_the_old_runner_is_killed_when_it_returns(
-    cluster: Cluster, db_url: str, tmp_path: Path
+    cluster: Cluster, one_agent
 ):
     """An agent silent past the grace period loses its attempts (requeue is an event);
     when it comes back, it is told to kill the stale attempt."""
-    server = cluster.server(db_url=db_url)
-    a1 = cluster.agent(server, name="a1")
-    client = cluster.client(server)
-    cluster.wait_agents_running(client, 1)
-    script = tmp_path / "job.py"
-    script.write_text(JOB)
-    work = tmp_path / "work"
-    work.mkdir()
+    server, a1, client, script, work = one_agent
     job = client.submit([sys.executable, str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     (pid1,) = _pids(work, 1)

@@ -6,10 +6,11 @@ the API returned, for scripts.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -41,8 +42,15 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def client(server: str | None, token: str | None) -> Client:
-    return Client(server=server, token=token)
+@contextlib.contextmanager
+def client(server: str | None, token: str | None) -> Iterator[Client]:
+    """A client for one command; an API error it does not handle itself ends the
+    command with the server's message."""
+    with Client(server=server, token=token) as c:
+        try:
+            yield c
+        except CorralError as exc:
+            fail(exc.message)
 
 
 _MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
@@ -109,8 +117,6 @@ def run(
     with client(server, token) as c:
         try:
             job = c.submit(command, **{k: v for k, v in options.items() if v is not None})
-        except CorralError as exc:
-            fail(exc.message)
         except ValueError as exc:  # pydantic validation on the client side
             fail(str(exc), 2)
         if detach:
@@ -159,10 +165,7 @@ def jobs(
 ) -> None:
     """List jobs, newest first."""
     with client(server, token) as c:
-        try:
-            rows = c.jobs(states=state or None, limit=limit)
-        except CorralError as exc:
-            fail(exc.message)
+        rows = c.jobs(states=state or None, limit=limit)
     if as_json:
         return print_json(rows)
     table(None, ["ID", "STATE", "COMMAND", "ATTEMPT", "INSTANCE", "EXIT", "CREATED"],
@@ -185,10 +188,7 @@ def job(
 ) -> None:
     """Show one job: state, result, reason, and every attempt."""
     with client(server, token) as c:
-        try:
-            j = c.job(job_id)
-        except CorralError as exc:
-            fail(exc.message)
+        j = c.job(job_id)
     if as_json:
         return print_json(j)
     console.print(f"[bold]job {j.id}[/bold]{' (' + j.name + ')' if j.name else ''}: "
@@ -232,10 +232,7 @@ def cancel(
 ) -> None:
     """Cancel a job; its processes (the whole tree) are killed."""
     with client(server, token) as c:
-        try:
-            j = c.cancel(job_id)
-        except CorralError as exc:
-            fail(exc.message)
+        j = c.cancel(job_id)
     console.print(f"job {j.id} {styled(j.state)}")
 
 
@@ -249,10 +246,7 @@ def requeue(
 
     The old attempt's runner can no longer change the job; its agent kills it."""
     with client(server, token) as c:
-        try:
-            j = c.requeue(job_id)
-        except CorralError as exc:
-            fail(exc.message)
+        j = c.requeue(job_id)
     console.print(f"job {j.id} {styled(j.state)} (attempt {j.attempt} revoked)")
 
 
@@ -265,10 +259,7 @@ def instances(
 ) -> None:
     """List the fleet's instances."""
     with client(server, token) as c:
-        try:
-            rows = c.instances(include_terminated=all)
-        except CorralError as exc:
-            fail(exc.message)
+        rows = c.instances(include_terminated=all)
     if as_json:
         return print_json(rows)
     table(None, ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT"],
@@ -326,10 +317,7 @@ def servers(
 ) -> None:
     """The API servers sharing this database, with their builds."""
     with client(server, token) as c:
-        try:
-            rows = c.servers(include_stopped=all)
-        except CorralError as exc:
-            fail(exc.message)
+        rows = c.servers(include_stopped=all)
     if as_json:
         return print_json(rows)
     builds = {s.build_version for s in rows if s.alive}

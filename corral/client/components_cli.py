@@ -31,10 +31,7 @@ def components_list(
     if ctx.invoked_subcommand is not None:
         return
     with client(server, token) as c:
-        try:
-            published, status = c.components(), c.component_status()
-        except CorralError as exc:
-            fail(exc.message)
+        published, status = c.components(), c.component_status()
     if as_json:
         return print_json({"components": [p.model_dump() for p in published],
                            "instances": [s.model_dump() for s in status]})
@@ -112,17 +109,14 @@ def rollout(
     if chosen != 1:
         fail("give a VERSION, or --rollback, or --resume ID", 2)
     with client(server, token) as c:
-        try:
-            if rollback:
-                r = c.rollback(name, fleet)
-            elif resume is not None:
-                r = c.resume_rollout(resume)
-            else:
-                r = c.rollout(name, version, fleet=fleet, max_unavailable=max_unavailable,
-                              failure_threshold=failure_threshold, downgrade=downgrade,
-                              force=force)
-        except CorralError as exc:
-            fail(exc.message)
+        if rollback:
+            r = c.rollback(name, fleet)
+        elif resume is not None:
+            r = c.resume_rollout(resume)
+        else:
+            r = c.rollout(name, version, fleet=fleet, max_unavailable=max_unavailable,
+                          failure_threshold=failure_threshold, downgrade=downgrade,
+                          force=force)
     if as_json:
         return print_json(r)
     where = "every fleet" if r.fleet == "*" else f"fleet {r.fleet}"
@@ -138,10 +132,7 @@ def rollouts(
 ) -> None:
     """Rollouts, newest first, with their progress."""
     with client(server, token) as c:
-        try:
-            rows = c.rollouts()
-        except CorralError as exc:
-            fail(exc.message)
+        rows = c.rollouts()
     if as_json:
         return print_json(rows)
     table(None, ["ID", "COMPONENT", "FROM", "TO", "FLEET", "STATE", "PROGRESS", "MESSAGE"],

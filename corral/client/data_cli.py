@@ -51,10 +51,7 @@ def outputs(
         fail("usage: corral outputs JOB_ID  |  corral outputs get JOB_ID [PATH] [-o DEST]", 2)
     job_id = int(rest[0])
     with client(server, token) as c:
-        try:
-            files = c.outputs(job_id)
-        except CorralError as exc:
-            fail(exc.message)
+        files = c.outputs(job_id)
         if not get:
             if as_json:
                 return print_json(files)
@@ -94,11 +91,8 @@ def put(
     outputs; a job takes it with `corral run --input ID` (in $CORRAL_INPUT_DIR)."""
     with client(server, token) as c:
         bar, task = _bar(f"uploading {file.name}", file.stat().st_size)
-        try:
-            with bar:
-                obj = c.put(file, name, lambda n: bar.advance(task, n))
-        except CorralError as exc:
-            fail(exc.message)
+        with bar:
+            obj = c.put(file, name, lambda n: bar.advance(task, n))
     if as_json:
         return print_json(obj)
     placed = [r.instance_name for r in obj.replicas if r.state == "present"]
@@ -120,10 +114,7 @@ def drain(
     """Stop giving an instance jobs, copy its unique outputs to running instances, then
     retire it. Without a place for its data it stays draining and says so."""
     with client(server, token) as c:
-        try:
-            view = c.drain(instance, force=force)
-        except CorralError as exc:
-            fail(exc.message)
+        view = c.drain(instance, force=force)
     if as_json:
         return print_json(view)
     i = view.instance
@@ -144,10 +135,7 @@ def fleets(
 ) -> None:
     """Fleets: backend, size range, target, instances."""
     with client(server, token) as c:
-        try:
-            rows = c.fleets()
-        except CorralError as exc:
-            fail(exc.message)
+        rows = c.fleets()
     if as_json:
         return print_json(rows)
     table(None, ["NAME", "BACKEND", "MIN", "MAX", "TARGET", "RUNNING", "PENDING", "DRAINING",
@@ -204,8 +192,6 @@ def fleet_apply(
     with client(server, token) as c:
         try:
             f = c.apply_fleet(spec)
-        except CorralError as exc:
-            fail(exc.message)
         except ValueError as exc:
             fail(f"{file}: {exc}", 2)
     console.print(f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances, "
@@ -222,10 +208,7 @@ def scale(
     """Set a fleet's size. Shrinking drains the instances holding the least unique data
     first; none is terminated before its data has a copy elsewhere."""
     with client(server, token) as c:
-        try:
-            f = c.scale(fleet, size)
-        except CorralError as exc:
-            fail(exc.message)
+        f = c.scale(fleet, size)
     console.print(f"fleet {f.name}: target {f.target_size} ({f.running} running, "
                   f"{f.draining} draining)", highlight=False)
 

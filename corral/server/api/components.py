@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import secrets
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,6 +17,7 @@ from corral.domain.api import (
 from corral.domain.reconcile import InstallPolicy
 from corral.server.auth import require_admin, require_joiner
 from corral.server.context import ServerContext, get_ctx
+from corral.server import uploads
 from corral.server.errors import ApiError
 from corral.store import components as repo
 
@@ -133,31 +131,14 @@ def artifacts_dir(ctx: ServerContext) -> Path:
 
 @router.put("/artifacts", dependencies=admin, summary="Upload an artifact; returns its sha256")
 async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dict:
-    d = artifacts_dir(ctx)
-    tmp = d / f".upload-{secrets.token_hex(8)}"
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_ARTIFACT:
-                    raise ApiError(413, "too_large", f"artifacts are limited to {MAX_ARTIFACT} bytes")
-                digest.update(chunk)
-                f.write(chunk)
-        if size == 0:
-            raise ApiError(422, "invalid_request", "body: the artifact is empty")
-        sha = digest.hexdigest()
-        os.replace(tmp, d / sha)
-    finally:
-        tmp.unlink(missing_ok=True)
+    sha, size = await uploads.receive(request, artifacts_dir(ctx), MAX_ARTIFACT, "artifact")
     return {"sha256": sha, "size": size, "url": f"{ctx.config.url}/api/v1/artifacts/{sha}"}
 
 
 @router.get("/artifacts/{sha256}", dependencies=[Depends(require_joiner)],
             summary="Download an artifact (ETag is its sha256; If-None-Match gets 304)")
 async def download(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise ApiError(422, "invalid_request", "sha256: expected 64 lowercase hex digits")
+    uploads.check_sha256(sha256)
     path = artifacts_dir(ctx) / sha256
     if not path.exists():
         raise ApiError(404, "not_found", f"artifact {sha256} not found")

@@ -4,9 +4,6 @@ upload (`corral put`), and the peer-token check agents make before serving data.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import secrets
 from pathlib import Path
 
 import httpx
@@ -16,6 +13,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from corral.domain.api import ObjectView, OutputView, PeerVerify, ReplicaView
 from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
+from corral.server import uploads
 from corral.server.errors import ApiError
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
@@ -30,11 +28,6 @@ def staging_dir(ctx: ServerContext) -> Path:
     d = ctx.config.data_dir / "staging"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _check_sha(sha256: str) -> None:
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise ApiError(422, "invalid_request", "sha256: expected 64 lowercase hex digits")
 
 
 async def object_view(ctx: ServerContext, sha256: str) -> ObjectView:
@@ -66,7 +59,7 @@ async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> lis
 
 @router.get("/objects/{sha256}", response_model=ObjectView, dependencies=admin)
 async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
-    _check_sha(sha256)
+    uploads.check_sha256(sha256)
     return await object_view(ctx, sha256)
 
 
@@ -74,7 +67,7 @@ async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> Obje
             summary="Download an object, streamed from an instance that holds it "
                     "(or from its fleet's durable store)")
 async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
-    _check_sha(sha256)
+    uploads.check_sha256(sha256)
 
     async def plan(conn):  # noqa: ANN001
         obj = await repo.get_object(conn, sha256)
@@ -124,23 +117,8 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
 async def put_object(request: Request, name: str | None = Query(default=None, max_length=1000),
                      wait: float = Query(default=60, ge=0, le=600),
                      ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
-    d = staging_dir(ctx)
-    tmp = d / f".upload-{secrets.token_hex(8)}"
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_UPLOAD:
-                    raise ApiError(413, "too_large", f"uploads are limited to {MAX_UPLOAD} bytes")
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        sha = digest.hexdigest()
-        os.replace(tmp, d / sha)
-    finally:
-        tmp.unlink(missing_ok=True)
+    sha, size = await uploads.receive(request, staging_dir(ctx), MAX_UPLOAD, "upload",
+                                      allow_empty=True)
     target = await ctx.db.transact(repo.stage_upload, sha, size, name, ctx.server_id, ctx.now())
     if target:
         ctx.notifier.wake(("instance", target))
@@ -156,7 +134,7 @@ async def put_object(request: Request, name: str | None = Query(default=None, ma
 @router.get("/objects/{sha256}/staged", include_in_schema=False)
 async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
     """An upload not yet on any instance, fetched by the instance it was placed on."""
-    _check_sha(sha256)
+    uploads.check_sha256(sha256)
     token = request.headers.get(PEER_TOKEN_HEADER, "")
     why = await ctx.db.query(repo.verify_grant, sha256, token, ctx.now())
     if why:
