@@ -109,7 +109,7 @@ def test_last_holder_offloads_to_the_durable_store_then_retires(
                           "the failed upload's warning")
         assert inst.name in failed[0].message
         (now,) = client.instances(include_terminated=True)
-        assert now.state == "draining"
+        assert now.state == "draining" and "durable store" in now.message
         assert not [e for e in client.events(level="info") if e.kind == "object.offloaded"]
 
         # once the store can take them, the retried uploads land and are confirmed
@@ -123,7 +123,7 @@ def test_last_holder_offloads_to_the_durable_store_then_retires(
                     if e.kind in ("instance.at_risk", "instance.retired_forced")]
 
         for out in client.outputs(job_id):
-            assert out.state == "live" and out.copies == 1  # the durable copy alone
+            assert (out.state, out.copies, out.durable) == ("live", 1, True)  # the bucket's copy
             assert client.object(out.sha256).durable
             stored = httpx.get(DurableStore.from_spec(durable).get_url(out.sha256, time.time()),
                                timeout=30)

@@ -56,7 +56,8 @@ def outputs(
             if as_json:
                 return print_json(files)
             table(None, ["PATH", "SIZE", "SHA256", "COPIES", "STATE"],
-                  [(o.path, human(o.size), o.sha256[:16] + "…", o.copies, styled(o.state))
+                  [(o.path, human(o.size), o.sha256[:16] + "…",
+                    f"{o.copies} (1 durable)" if o.durable else o.copies, styled(o.state))
                    for o in files], empty=f"job {job_id} has no outputs")
             return
         if len(rest) == 2:

@@ -188,6 +188,7 @@ class OutputView(BaseModel):
     attempt: int
     state: str
     copies: int = Field(description="present replicas on instances not retired (+1 if durable)")
+    durable: bool = Field(default=False, description="a copy is in the fleet's durable store")
 
 
 DURABLE_KEYS = {"endpoint", "bucket", "access_key", "secret_key", "region"}

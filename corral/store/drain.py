@@ -131,6 +131,11 @@ async def drain_step(conn: AsyncConnection, inst, now: float, *, drain_grace: fl
     if stranded and durable_fleet:
         result.offloads = await offloads.order(conn, [o.sha256 for o in stranded],
                                                durable_fleet, iid, now)
+        message = (f"uploading {len(stranded)} object(s) only it holds to fleet "
+                   f"{durable_fleet}'s durable store; retires once they are confirmed there")
+        if inst["message"] != message:
+            await conn.execute(sa.update(instances_t).where(instances_t.c.id == iid)
+                               .values(message=message))
     elif stranded and not inst["drain_force"]:
         described = await describe_risk(conn, stranded)
         message = (f"instance {inst['name']} ({iid}) cannot retire: no running instance can "

@@ -53,7 +53,8 @@ async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> lis
         return await repo.list_outputs(conn, job_id)
 
     return [OutputView(path=r["path"], sha256=r["sha256"], size=r["size"], attempt=r["attempt"],
-                       state=r["state"], copies=r["copies"] + (1 if r["durable_url"] else 0))
+                       state=r["state"], copies=r["copies"] + (1 if r["durable_url"] else 0),
+                       durable=bool(r["durable_url"]))
             for r in await ctx.db.query(q)]
 
 
