@@ -195,3 +195,21 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(cluster: Cluster):
     assert "Traceback" not in r.stderr
     r = cli(server, "fleet", "apply", "/nonexistent.yml")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_dashboard_needs_the_admin_token_and_shows_the_fleet(cluster: Cluster):
+    server = cluster.server()
+    cluster.agent(server, name="a1")
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 1)
+    client.apply_fleet({"name": "gpu", "backend": "local", "min_size": 0, "max_size": 2})
+    job = client.submit(["true"])
+    assert httpx.get(server.url + "/").status_code == 401
+    assert httpx.get(server.url + "/", cookies={"corral_token": server.join_token}
+                     ).status_code == 401
+    with httpx.Client(base_url=server.url, follow_redirects=True) as browser:
+        page = browser.get("/", params={"token": server.admin_token})
+        assert page.status_code == 200 and browser.cookies.get("corral_token")
+        html = page.text
+    assert "a1" in html and f"<td>{job.id}</td>" in html
+    assert "<h2>Fleets</h2>" in html and "<td>gpu</td>" in html

@@ -15,8 +15,9 @@ from fastapi.templating import Jinja2Templates
 
 from corral.server.context import ServerContext, get_ctx
 from corral.server.health import health_report
-from corral.server.views import event_view, instance_view, job_view, server_view
-from corral.store import events, instances, servers, tokens
+from corral.server.views import (event_view, fleet_views, instance_view, job_view,
+                                 rollout_view, server_view)
+from corral.store import components, events, instances, servers, tokens
 from corral.store import jobs as jobs_repo
 
 router = APIRouter(include_in_schema=False)
@@ -55,9 +56,12 @@ async def dashboard(request: Request, ctx: ServerContext = Depends(get_ctx)):
             await instances.list_instances(conn, include_terminated=False),
             await events.list_events(conn, min_level="info", limit=30, newest=True),
             await servers.list_servers(conn, include_stopped_since=now - 3600),
+            await fleet_views(conn),
+            [await rollout_view(conn, r) for r in await components.list_rollouts(conn, 10)],
         )
 
-    job_rows, counts, inst_rows, event_rows, server_rows = await ctx.db.query(gather)
+    (job_rows, counts, inst_rows, event_rows, server_rows, fleet_rows,
+     rollout_rows) = await ctx.db.query(gather)
     return templates.TemplateResponse(
         request,
         "dashboard.html",
@@ -68,5 +72,7 @@ async def dashboard(request: Request, ctx: ServerContext = Depends(get_ctx)):
             "events": list(reversed([event_view(r) for r in event_rows])),
             "servers": [server_view(r, now, ctx.config.server_grace) for r in server_rows],
             "health": await health_report(ctx),
+            "fleets": fleet_rows,
+            "rollouts": rollout_rows,
         },
     )

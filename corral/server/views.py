@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from corral.domain.api import AttemptView, EventView, InstanceView, JobView, ServerView
+from corral.domain.api import (AttemptView, EventView, FleetView, InstanceView, JobView,
+                               RolloutView, ServerView)
+from corral.store import components, fleets
 
 
 def job_view(row, attempts=()) -> JobView:  # noqa: ANN001
@@ -50,4 +52,34 @@ def server_view(row, now: float, grace: float) -> ServerView:  # noqa: ANN001
         id=row["id"], build_version=row["build_version"], host=row["host"], pid=row["pid"],
         url=row["url"], started_at=row["started_at"], last_seen_at=row["last_seen_at"],
         alive=row["stopped_at"] is None and now - row["last_seen_at"] <= grace,
+    )
+
+
+def fleet_view(f, counts: dict[str, int]) -> FleetView:  # noqa: ANN001
+    return FleetView(name=f["name"], backend=f["backend"], min_size=f["min_size"],
+                     max_size=f["max_size"], target_size=f["target_size"],
+                     idle_timeout=f["idle_timeout"], cpus=f["cpus"], memory_mb=f["memory_mb"],
+                     durable=bool((f["spec"] or {}).get("durable")),
+                     pending=counts.get("pending", 0), running=counts.get("running", 0),
+                     draining=counts.get("draining", 0))
+
+
+async def fleet_views(conn) -> list[FleetView]:  # noqa: ANN001
+    out = []
+    for f in await fleets.list_fleets(conn):
+        counts: dict[str, int] = {}
+        for m in await fleets.fleet_instances(conn, f["name"], fleets.LIVE):
+            counts[m["state"]] = counts.get(m["state"], 0) + 1
+        out.append(fleet_view(f, counts))
+    return out
+
+
+async def rollout_view(conn, r) -> RolloutView:  # noqa: ANN001
+    return RolloutView(
+        id=r["id"], component=r["component"], version=r["version"], fleet=r["fleet"],
+        previous_version=r["previous_version"], state=r["state"],
+        max_unavailable=r["max_unavailable"], failure_threshold=r["failure_threshold"],
+        allow_downgrade=r["allow_downgrade"], created_at=r["created_at"],
+        updated_at=r["updated_at"], message=r["message"],
+        progress=await components.rollout_progress(conn, r),
     )

@@ -19,6 +19,7 @@ from corral.server.auth import require_admin, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server import uploads
 from corral.server.errors import ApiError
+from corral.server.views import rollout_view
 from corral.store import components as repo
 
 router = APIRouter(prefix="/api/v1", tags=["components"])
@@ -33,17 +34,6 @@ def install_policy(ctx: ServerContext) -> InstallPolicy:
 def component_view(r) -> ComponentView:  # noqa: ANN001
     return ComponentView(name=r["name"], version=r["version"], scheme=r["scheme"], url=r["url"],
                          sha256=r["sha256"], size=r["size"], created_at=r["created_at"])
-
-
-async def rollout_view(conn, r) -> RolloutView:  # noqa: ANN001
-    return RolloutView(
-        id=r["id"], component=r["component"], version=r["version"], fleet=r["fleet"],
-        previous_version=r["previous_version"], state=r["state"],
-        max_unavailable=r["max_unavailable"], failure_threshold=r["failure_threshold"],
-        allow_downgrade=r["allow_downgrade"], created_at=r["created_at"],
-        updated_at=r["updated_at"], message=r["message"],
-        progress=await repo.rollout_progress(conn, r),
-    )
 
 
 async def _run(ctx: ServerContext, fn, *args):  # noqa: ANN001, ANN202

@@ -9,7 +9,7 @@ from corral.domain.instances import InstanceState
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.server.views import instance_view
+from corral.server.views import fleet_views, instance_view
 from corral.store import drain, fleets, instances
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_admin)])
@@ -58,28 +58,9 @@ async def undrain_instance(ref: str, ctx: ServerContext = Depends(get_ctx)):
     return view
 
 
-def fleet_view(f, counts: dict[str, int]) -> FleetView:  # noqa: ANN001
-    return FleetView(name=f["name"], backend=f["backend"], min_size=f["min_size"],
-                     max_size=f["max_size"], target_size=f["target_size"],
-                     idle_timeout=f["idle_timeout"], cpus=f["cpus"], memory_mb=f["memory_mb"],
-                     durable=bool((f["spec"] or {}).get("durable")),
-                     pending=counts.get("pending", 0), running=counts.get("running", 0),
-                     draining=counts.get("draining", 0))
-
-
-async def _fleet_views(conn) -> list[FleetView]:  # noqa: ANN001
-    out = []
-    for f in await fleets.list_fleets(conn):
-        counts: dict[str, int] = {}
-        for m in await fleets.fleet_instances(conn, f["name"], fleets.LIVE):
-            counts[m["state"]] = counts.get(m["state"], 0) + 1
-        out.append(fleet_view(f, counts))
-    return out
-
-
 @router.get("/fleets", response_model=list[FleetView], tags=["fleets"])
 async def list_fleets(ctx: ServerContext = Depends(get_ctx)) -> list[FleetView]:
-    return await ctx.db.query(_fleet_views)
+    return await ctx.db.query(fleet_views)
 
 
 @router.put("/fleets/{name}", response_model=FleetView, tags=["fleets"],
@@ -102,7 +83,7 @@ async def apply_fleet(name: str, spec: FleetSpec, ctx: ServerContext = Depends(g
             spec={"durable": spec.durable} if spec.durable else {})
         if target < active:
             await fleets.shrink(conn, name, active - target, ctx.now(), "fleet file applied")
-        return [v for v in await _fleet_views(conn) if v.name == name][0]
+        return [v for v in await fleet_views(conn) if v.name == name][0]
 
     view = await ctx.db.transact(go)
     ctx.notifier.wake("fleets", "drain")
@@ -123,7 +104,7 @@ async def scale_fleet(name: str, body: ScaleRequest, ctx: ServerContext = Depend
                            f"{f['min_size']}..{f['max_size']} (change it with corral fleet apply)",
                            fields=[{"field": "size", "message": "out of range"}])
         await fleets.set_target(conn, name, body.size, ctx.now(), "scaled by user")
-        return [v for v in await _fleet_views(conn) if v.name == name][0]
+        return [v for v in await fleet_views(conn) if v.name == name][0]
 
     view = await ctx.db.transact(go)
     ctx.notifier.wake("fleets", "drain")
