@@ -3,9 +3,12 @@ next to the raw loopback copy throughput of the same bytes (the physical limit).
 
 Jobs pinned to fleet `work` write the outputs; a one-instance fleet `keep` is the
 only place they can go. Then `work` is scaled to 0 and the clock runs until every
-work instance is retired (all data safe) and terminated.
+work instance is retired (all data safe) and terminated. With --durable there is no
+`keep`: the outputs go to `work`'s durable store (moto's S3-compatible server on
+loopback, from the test extra), and the clock runs until the server has confirmed
+every upload in the bucket and retired the instances.
 
-    python benchmarks/drain.py [--instances 4] [--mb 400]
+    python benchmarks/drain.py [--instances 4] [--mb 400] [--durable]
 
 Prints JSON.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe  # noqa: E402
-from corral.testing import Cluster, wait_for  # noqa: E402
+from corral.testing import Cluster, S3Server, wait_for  # noqa: E402
 
 WRITER = textwrap.dedent("""
     import os, sys
@@ -87,7 +90,11 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=4)
     ap.add_argument("--mb", type=float, default=400, help="total unique output, MB")
     ap.add_argument("--jobs-per-instance", type=int, default=4)
+    ap.add_argument("--durable", action="store_true",
+                    help="offload to an S3-compatible store instead of a running instance")
     args = ap.parse_args()
+    if args.durable and S3Server.executable() is None:
+        sys.exit("--durable needs moto_server: pip install -e '.[test]'")
     total = int(args.mb * 2**20)
     n_jobs = args.instances * args.jobs_per_instance
     per_job = total // n_jobs
@@ -99,23 +106,32 @@ def main() -> None:
         with Cluster(tmp / "c") as c:
             server = c.up(agents=0)
             client = c.client(server)
-            client.apply_fleet({"name": "work", "backend": "local", "min_size": 0,
-                                "max_size": args.instances, "cpus": 1})
-            client.apply_fleet({"name": "keep", "backend": "local", "min_size": 1,
-                                "max_size": 1, "cpus": 1})
+            work = {"name": "work", "backend": "local", "min_size": 0,
+                    "max_size": args.instances, "cpus": 1}
+            if args.durable:
+                s3 = S3Server(tmp)
+                c.procs.append(s3.start())  # the cluster stops it with the rest
+                s3.wait_ready().create_bucket("bench")
+                work["durable"] = {"endpoint": s3.url, "bucket": "bench",
+                                   "access_key": "bench", "secret_key": "bench"}
+            else:
+                client.apply_fleet({"name": "keep", "backend": "local", "min_size": 1,
+                                    "max_size": 1, "cpus": 1})
+            client.apply_fleet(work)
             client.scale("work", args.instances)
-            c.wait_agents_running(client, args.instances + 1, timeout=60)
+            c.wait_agents_running(client, args.instances + (0 if args.durable else 1),
+                                  timeout=60)
             ids = [client.submit([sys.executable, str(writer), str(per_job)], fleet="work",
                                  cpus=1).id for _ in range(n_jobs)]
             wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids), 600,
                      "the jobs writing the outputs")
-            work = [i.id for i in client.instances() if i.fleet == "work"]
+            leaving = [i.id for i in client.instances() if i.fleet == "work"]
             t0 = time.time()
             client.scale("work", 0)
 
             def states() -> dict[str, object]:
                 return {i.id: i for i in client.instances(include_terminated=True)
-                        if i.id in work}
+                        if i.id in leaving}
 
             wait_for(lambda: all(i.state in ("retired", "terminated")
                                  for i in states().values()), 1800, "retirement", 0.2)
@@ -130,6 +146,8 @@ def main() -> None:
     raw_seconds = moved / raw
     print(json.dumps({
         "benchmark": "drain",
+        "destination": "durable store (moto S3 on loopback)" if args.durable
+                       else "a running instance",
         "instances_retired": args.instances,
         "unique_bytes": moved,
         "outputs": n_jobs,

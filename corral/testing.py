@@ -13,6 +13,7 @@ cluster's directory (runners and the commands they ran), so nothing outlives a t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -482,3 +483,34 @@ class Proxy:
             self.release(iid)
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+class S3Server(Proc):
+    """An S3-compatible server (moto's server mode) on a loopback port, for tests and
+    benchmarks of durable offload."""
+
+    @staticmethod
+    def executable() -> str | None:
+        """moto_server beside this Python (installed by the project's test extra)."""
+        return shutil.which("moto_server", path=str(Path(sys.executable).parent))
+
+    def __init__(self, base: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([self.executable() or "moto_server", "-H", "127.0.0.1",
+                          "-p", str(self.port)], base / "s3.log")
+
+    def wait_ready(self) -> "S3Server":
+        def up() -> bool:
+            if not self.alive():
+                raise AssertionError(f"moto_server exited:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/", timeout=2).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 30, "the S3-compatible server", interval=0.2)
+        return self
+
+    def create_bucket(self, name: str) -> None:
+        assert httpx.put(f"{self.url}/{name}", timeout=10).status_code == 200

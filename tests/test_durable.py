@@ -8,8 +8,6 @@ from __future__ import annotations
 import calendar
 import hashlib
 import re
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 
 from corral.domain.api import FleetSpec
 from corral.domain.presign import DurableStore, presign
-from corral.testing import Cluster, Proc, free_port, wait_for
+from corral.testing import Cluster, S3Server, wait_for
 
 from outputs import submit, verify_all_outputs
 
@@ -47,35 +45,9 @@ def test_signed_headers_change_the_signature():
     assert url.split("X-Amz-Signature=")[1] != plain.split("X-Amz-Signature=")[1]
 
 
-class S3Server(Proc):
-    """moto's S3-compatible server on a loopback port."""
-
-    def __init__(self, base: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-        super().__init__([exe, "-H", "127.0.0.1", "-p", str(self.port)], base / "s3.log")
-
-    def wait_ready(self) -> "S3Server":
-        def up() -> bool:
-            if not self.alive():
-                raise AssertionError(f"moto_server exited:\n{self.log()}")
-            try:
-                return httpx.get(self.url + "/", timeout=2).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 30, "the S3-compatible server", interval=0.2)
-        return self
-
-    def create_bucket(self, name: str) -> None:
-        assert httpx.put(f"{self.url}/{name}", timeout=10).status_code == 200
-
-
-
 @pytest.fixture
 def s3(tmp_path: Path):
-    if shutil.which("moto_server", path=str(Path(sys.executable).parent)) is None:
+    if S3Server.executable() is None:
         pytest.skip("moto_server is not installed (pip install -e '.[test]')")
     server = S3Server(tmp_path)
     server.start()
