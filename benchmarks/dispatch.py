@@ -11,6 +11,7 @@ throughput, and the latency of a queue being worked off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe  # noqa: E402
+from benchmarks.pg import throwaway_database  # noqa: E402
 from corral.testing import Cluster, wait_for  # noqa: E402
 
 ACTIVE = ["queued", "locked", "running"]
@@ -48,13 +50,17 @@ def main() -> None:
     ap.add_argument("--idle-jobs", type=int, default=20)
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--slots", type=float, default=8, help="concurrent jobs per agent")
-    ap.add_argument("--db", default=None, help="database URL (default: SQLite)")
+    ap.add_argument("--db", default=None, help="database URL (default: SQLite); on PostgreSQL a "
+                    "throwaway database is created on that server")
     ap.add_argument("--submitters", type=int, default=8, help="concurrent submitting clients")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp, Cluster(Path(tmp)) as c:
-        server = c.server(db_url=args.db, fast=False)
+    with contextlib.ExitStack() as stack:
+        db_url = stack.enter_context(throwaway_database(args.db)) if args.db else None
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-bench-"))
+        c = stack.enter_context(Cluster(Path(tmp)))
+        server = c.server(db_url=db_url, fast=False)
         for k in range(args.agents):
             c.agent(server, name=f"bench{k + 1}", cpus=args.slots)
         client = c.client(server)

@@ -17,11 +17,9 @@ in a throwaway database). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -32,21 +30,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe  # noqa: E402
-from corral.testing import ArtifactServer, Cluster, Proxy, wait_for  # noqa: E402
+from benchmarks.pg import throwaway_database  # noqa: E402
+from corral.testing import ArtifactServer, Cluster, Proxy  # noqa: E402
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-async def _admin(url: str, sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def runner_build(version: str, size: int) -> bytes:
@@ -133,17 +122,11 @@ def main() -> None:
                           lands=False)
         n = {k: v * args.agents for k, v in n.items()}  # one naive loop per instance
         row["naive"] = n
-        name = f"corral_bench_{secrets.token_hex(4)}"
-        base_url = args.db.rsplit("/", 1)[0]
-        asyncio.run(_admin(args.db, f'CREATE DATABASE "{name}"'))
-        try:
-            with ArtifactServer() as art, tempfile.TemporaryDirectory() as tmp:
-                urls = {v: art.put(f"/runner/{v}", b) for v, b in builds.items()}
-                row["corral"] = corral(art, f"{base_url}/{name}", Path(tmp), builds, urls,
-                                       args.seconds, args.agents,
-                                       serve_wrong=scenario == "never_lands")
-        finally:
-            asyncio.run(_admin(args.db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        with (throwaway_database(args.db) as db_url, ArtifactServer() as art,
+              tempfile.TemporaryDirectory() as tmp):
+            urls = {v: art.put(f"/runner/{v}", b) for v, b in builds.items()}
+            row["corral"] = corral(art, db_url, Path(tmp), builds, urls, args.seconds,
+                                   args.agents, serve_wrong=scenario == "never_lands")
         per = args.agents
         row["per_instance"] = {
             who: {k: round(row[who][k] / per, 1) for k in ("requests", "bytes", "install_orders")}
