@@ -156,10 +156,7 @@ async def drain_step(conn: AsyncConnection, inst, now: float, *, drain_grace: fl
 
 async def _durable_fleet(conn: AsyncConnection, inst) -> str | None:  # noqa: ANN001
     """The instance's fleet, if that fleet has a durable store."""
-    if not inst["fleet"]:
-        return None
-    fleet = await fleets.get_fleet(conn, inst["fleet"])
-    return fleet["name"] if fleet and (fleet["spec"] or {}).get("durable") else None
+    return inst["fleet"] if await fleets.durable_store(conn, inst["fleet"]) else None
 
 
 async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: float) -> None:  # noqa: ANN001

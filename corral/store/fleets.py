@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.domain.instances import InstanceState
+from corral.domain.presign import DurableStore
 from corral.store.schema import fleets, instances
 
 
@@ -32,6 +33,15 @@ async def upsert_fleet(
 
 async def get_fleet(conn: AsyncConnection, name: str):
     return (await conn.execute(sa.select(fleets).where(fleets.c.name == name))).mappings().first()
+
+
+async def durable_store(conn: AsyncConnection, name: str | None) -> DurableStore | None:
+    """The fleet's durable store, if it has one."""
+    if not name:
+        return None
+    spec = (await conn.execute(sa.select(fleets.c.spec).where(fleets.c.name == name))).scalar()
+    durable = (spec or {}).get("durable")
+    return DurableStore.from_spec(durable) if durable else None
 
 
 async def list_fleets(conn: AsyncConnection):

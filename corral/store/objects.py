@@ -16,11 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.domain.api import Fetch, ObjectError, OutputFile
 from corral.domain.instances import InstanceState
-from corral.domain.presign import DurableStore
 from corral.domain.tokens import hash_secret, well_formed
-from corral.store import events
+from corral.store import events, fleets
 from corral.store.db import insert_ignoring_duplicates
-from corral.store.schema import fleets, grants, instances, job_outputs, objects, replicas
+from corral.store.schema import grants, instances, job_outputs, objects, replicas
 
 PENDING, PRESENT, FAILED, MISSING, DROPPED = "pending", "present", "failed", "missing", "dropped"
 LIVE_HOLDER_STATES = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
@@ -111,12 +110,8 @@ async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None
 
 async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:  # noqa: ANN001
     """A signed, short-lived GET URL of the object's durable copy, if it has one."""
-    if not obj["durable_fleet"]:
-        return None
-    spec = (await conn.execute(sa.select(fleets.c.spec).where(
-        fleets.c.name == obj["durable_fleet"]))).scalar()
-    durable = (spec or {}).get("durable")
-    return DurableStore.from_spec(durable).get_url(obj["sha256"], now) if durable else None
+    store = await fleets.durable_store(conn, obj["durable_fleet"])
+    return store.get_url(obj["sha256"], now) if store else None
 
 
 async def holds(conn: AsyncConnection, instance_id: str, sha256: str) -> bool:

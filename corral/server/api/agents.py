@@ -144,9 +144,7 @@ async def offload_orders(conn, instance_id: str, now: float) -> list[OffloadOrde
     stores: dict[str, DurableStore | None] = {}
     for row in await offloads.deliver(conn, instance_id, now):
         if row.fleet not in stores:
-            fleet = await fleets.get_fleet(conn, row.fleet)
-            spec = (fleet["spec"] or {}).get("durable") if fleet else None
-            stores[row.fleet] = DurableStore.from_spec(spec) if spec else None
+            stores[row.fleet] = await fleets.durable_store(conn, row.fleet)
         store = stores[row.fleet]
         if store is None:
             continue  # the fleet lost its store: the order expires and is planned afresh

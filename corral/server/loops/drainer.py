@@ -10,7 +10,6 @@ import sqlalchemy as sa
 
 from corral.backends import durable
 from corral.domain.instances import InstanceState
-from corral.domain.presign import DurableStore
 from corral.server.context import ServerContext
 from corral.store import drain, events, fleets, instances, offloads
 from corral.store import objects as objs
@@ -50,12 +49,10 @@ async def confirm_offloads(ctx: ServerContext) -> bool:
     there, with the right size and sha256, makes the object safe."""
     done = False
     for row in await ctx.db.transact(offloads.claim_uploaded, ctx.db):
-        fleet = await ctx.db.query(fleets.get_fleet, row.fleet)
-        spec = (fleet["spec"] or {}).get("durable") if fleet else None
-        if not spec:
+        store = await ctx.db.query(fleets.durable_store, row.fleet)
+        if store is None:
             why: str | None = f"fleet {row.fleet} no longer has a durable store"
         else:
-            store = DurableStore.from_spec(spec)
             why = await durable.confirm(store, row.sha256, row.size, ctx.now())
         if why:
             await ctx.db.transact(offloads.rejected, row.sha256, row.instance_id, why, ctx.now())
