@@ -272,6 +272,8 @@ class Cluster:
             proc.stop(timeout=20)
         for proc in self.servers:
             proc.stop(timeout=20)
+        for proc in self.procs:  # anything else it was given to own (e.g. an S3Server)
+            proc.stop(timeout=20)
         for p in self.leftovers():
             try:
                 p.kill()
