@@ -105,7 +105,6 @@ class Ledger:
     starts_to_retired: list[str] = field(default_factory=list)
     copies_to_leaving: list[str] = field(default_factory=list)
     second_runner: list[str] = field(default_factory=list)
-    restarted_after_exit: list[str] = field(default_factory=list)
     faults: dict[str, int] = field(default_factory=dict)
     trace: list[tuple] = field(default_factory=list)
 
