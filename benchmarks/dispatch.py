@@ -23,9 +23,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import describe  # noqa: E402
-from benchmarks.pg import throwaway_database  # noqa: E402
-from corral.testing import Cluster, wait_for  # noqa: E402
+from benchmarks.machine import describe
+from benchmarks.pg import throwaway_database
+from corral.testing import Cluster, wait_for
 
 ACTIVE = ["queued", "locked", "running"]
 
@@ -36,7 +36,7 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def cpu_of(procs) -> float:  # noqa: ANN001
+def cpu_of(procs) -> float:
     total = 0.0
     for p in procs:
         t = psutil.Process(p.pid).cpu_times()
@@ -50,8 +50,12 @@ def main() -> None:
     ap.add_argument("--idle-jobs", type=int, default=20)
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--slots", type=float, default=8, help="concurrent jobs per agent")
-    ap.add_argument("--db", default=None, help="database URL (default: SQLite); on PostgreSQL a "
-                    "throwaway database is created on that server")
+    ap.add_argument(
+        "--db",
+        default=None,
+        help="database URL (default: SQLite); on PostgreSQL a "
+        "throwaway database is created on that server",
+    )
     ap.add_argument("--submitters", type=int, default=8, help="concurrent submitting clients")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
@@ -70,8 +74,11 @@ def main() -> None:
         idle = []
         for _ in range(args.idle_jobs):
             job = client.submit(["true"])
-            done = wait_for(lambda: (j := client.job(job.id)).state == "succeeded" and j, 60,
-                            "an idle-phase job")
+            done = wait_for(
+                lambda job=job: (j := client.job(job.id)).state == "succeeded" and j,
+                60,
+                "an idle-phase job",
+            )
             idle.append(done.started_at - done.created_at)
 
         # burst: N jobs at once
@@ -80,15 +87,23 @@ def main() -> None:
         t0 = time.time()
         clients = [c.client(server) for _ in range(args.submitters)]
         with ThreadPoolExecutor(args.submitters) as pool:
-            ids = set(pool.map(lambda k: clients[k % len(clients)].submit(["true"]).id,
-                               range(args.jobs)))
+            ids = set(
+                pool.map(lambda k: clients[k % len(clients)].submit(["true"]).id, range(args.jobs))
+            )
         submitted = time.time()
-        wait_for(lambda: not client.jobs(states=ACTIVE, limit=1), args.timeout,
-                 f"{args.jobs} jobs to finish", interval=0.5)
+        wait_for(
+            lambda: not client.jobs(states=ACTIVE, limit=1),
+            args.timeout,
+            f"{args.jobs} jobs to finish",
+            interval=0.5,
+        )
         cpu1 = psutil.cpu_times()
         busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-        cpu = {"total": busy, "server": cpu_of(c.servers) - srv0,
-               "agents_runners_commands": cpu_of(c.agents) - ag0}
+        cpu = {
+            "total": busy,
+            "server": cpu_of(c.servers) - srv0,
+            "agents_runners_commands": cpu_of(c.agents) - ag0,
+        }
         cpu["benchmark_clients"] = busy - cpu["server"] - cpu["agents_runners_commands"]
         jobs = [j for j in client.jobs(limit=args.jobs + args.idle_jobs) if j.id in ids]
         first = min(j.created_at for j in jobs)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import describe  # noqa: E402
-from corral.testing import Cluster, S3Server, wait_for  # noqa: E402
+from benchmarks.machine import describe
+from corral.testing import Cluster, S3Server, wait_for
 
 WRITER = textwrap.dedent("""
     import os, sys
@@ -58,7 +58,7 @@ def loopback_throughput(total: int, tmp: Path) -> float:
             left -= n
 
     class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *a) -> None:  # noqa: ANN002
+        def log_message(self, *a) -> None:
             pass
 
     handler = lambda *a, **k: Quiet(*a, directory=str(tmp), **k)  # noqa: E731
@@ -90,8 +90,11 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=4)
     ap.add_argument("--mb", type=float, default=400, help="total unique output, MB")
     ap.add_argument("--jobs-per-instance", type=int, default=4)
-    ap.add_argument("--durable", action="store_true",
-                    help="offload to an S3-compatible store instead of a running instance")
+    ap.add_argument(
+        "--durable",
+        action="store_true",
+        help="offload to an S3-compatible store instead of a running instance",
+    )
     args = ap.parse_args()
     if args.durable and S3Server.executable() is None:
         sys.exit("--durable needs moto_server: pip install -e '.[test]'")
@@ -106,60 +109,90 @@ def main() -> None:
         with Cluster(tmp / "c") as c:
             server = c.up(agents=0)
             client = c.client(server)
-            work = {"name": "work", "backend": "local", "min_size": 0,
-                    "max_size": args.instances, "cpus": 1}
+            work = {
+                "name": "work",
+                "backend": "local",
+                "min_size": 0,
+                "max_size": args.instances,
+                "cpus": 1,
+            }
             if args.durable:
                 s3 = S3Server(tmp)
                 c.procs.append(s3.start())  # the cluster stops it with the rest
                 s3.wait_ready().create_bucket("bench")
-                work["durable"] = {"endpoint": s3.url, "bucket": "bench",
-                                   "access_key": "bench", "secret_key": "bench"}
+                work["durable"] = {
+                    "endpoint": s3.url,
+                    "bucket": "bench",
+                    "access_key": "bench",
+                    "secret_key": "bench",
+                }
             else:
-                client.apply_fleet({"name": "keep", "backend": "local", "min_size": 1,
-                                    "max_size": 1, "cpus": 1})
+                client.apply_fleet(
+                    {"name": "keep", "backend": "local", "min_size": 1, "max_size": 1, "cpus": 1}
+                )
             client.apply_fleet(work)
             client.scale("work", args.instances)
-            c.wait_agents_running(client, args.instances + (0 if args.durable else 1),
-                                  timeout=60)
-            ids = [client.submit([sys.executable, str(writer), str(per_job)], fleet="work",
-                                 cpus=1).id for _ in range(n_jobs)]
-            wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids), 600,
-                     "the jobs writing the outputs")
+            c.wait_agents_running(client, args.instances + (0 if args.durable else 1), timeout=60)
+            ids = [
+                client.submit([sys.executable, str(writer), str(per_job)], fleet="work", cpus=1).id
+                for _ in range(n_jobs)
+            ]
+            wait_for(
+                lambda: all(client.job(i).state == "succeeded" for i in ids),
+                600,
+                "the jobs writing the outputs",
+            )
             leaving = [i.id for i in client.instances() if i.fleet == "work"]
             t0 = time.time()
             client.scale("work", 0)
 
             def states() -> dict[str, object]:
-                return {i.id: i for i in client.instances(include_terminated=True)
-                        if i.id in leaving}
+                return {
+                    i.id: i for i in client.instances(include_terminated=True) if i.id in leaving
+                }
 
-            wait_for(lambda: all(i.state in ("retired", "terminated")
-                                 for i in states().values()), 1800, "retirement", 0.2)
+            wait_for(
+                lambda: all(i.state in ("retired", "terminated") for i in states().values()),
+                1800,
+                "retirement",
+                0.2,
+            )
             retired = states()
             t_safe = max(i.retired_at for i in retired.values()) - min(
-                i.drain_requested_at for i in retired.values())
-            wait_for(lambda: all(i.state == "terminated" for i in states().values()), 600,
-                     "termination", 0.2)
+                i.drain_requested_at for i in retired.values()
+            )
+            wait_for(
+                lambda: all(i.state == "terminated" for i in states().values()),
+                600,
+                "termination",
+                0.2,
+            )
             t_gone = time.time() - t0
             moved = sum(o.size for j in ids for o in client.outputs(j))
             assert all(o.copies >= 1 for j in ids for o in client.outputs(j))
     raw_seconds = moved / raw
-    print(json.dumps({
-        "benchmark": "drain",
-        "destination": "durable store (moto S3 on loopback)" if args.durable
-                       else "a running instance",
-        "instances_retired": args.instances,
-        "unique_bytes": moved,
-        "outputs": n_jobs,
-        "seconds_until_all_retired": round(t_safe, 2),
-        "seconds_until_all_terminated": round(t_gone, 2),
-        "effective_mb_per_s": round(moved / 2**20 / t_safe, 1),
-        "raw_loopback_mb_per_s": round(raw / 2**20, 1),
-        "raw_copy_seconds": round(raw_seconds, 2),
-        "ratio_to_raw": round(t_safe / raw_seconds, 1),
-        "note": "terminated includes the retire grace (5 s) before hosts are terminated",
-        "machine": describe(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "drain",
+                "destination": "durable store (moto S3 on loopback)"
+                if args.durable
+                else "a running instance",
+                "instances_retired": args.instances,
+                "unique_bytes": moved,
+                "outputs": n_jobs,
+                "seconds_until_all_retired": round(t_safe, 2),
+                "seconds_until_all_terminated": round(t_gone, 2),
+                "effective_mb_per_s": round(moved / 2**20 / t_safe, 1),
+                "raw_loopback_mb_per_s": round(raw / 2**20, 1),
+                "raw_copy_seconds": round(raw_seconds, 2),
+                "ratio_to_raw": round(t_safe / raw_seconds, 1),
+                "note": "terminated includes the retire grace (5 s) before hosts are terminated",
+                "machine": describe(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

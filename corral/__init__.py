@@ -1,3 +1,14 @@
 """corral: a control plane for batch and ML jobs on a fleet of machines."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
+
+
+def default_data_dir() -> Path:
+    """Where corral keeps its state unless told otherwise: $CORRAL_DATA_DIR or ~/.corral.
+    Server, agent and client share this one rule."""
+    return Path(os.environ.get("CORRAL_DATA_DIR") or Path.home() / ".corral").expanduser()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from corral.agent.cli import agent
-from corral.client.cli import app
 from corral.client import components_cli, data_cli  # noqa: F401  (register their commands)
+from corral.client.cli import app
 from corral.server.cli import server
 from corral.up import up
 

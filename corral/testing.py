@@ -12,6 +12,7 @@ cluster's directory (runners and the commands they ran), so nothing outlives a t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import httpx
 import psutil
@@ -35,8 +36,7 @@ class Timeout(AssertionError):
     pass
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str,
-             interval: float = 0.05) -> T:
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll until `predicate()` is truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -45,11 +45,13 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str,
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() > deadline:
-            raise Timeout(f"timed out after {timeout:g}s waiting for {what}"
-                          + (f" (last error: {last_exc!r})" if last_exc else ""))
+            raise Timeout(
+                f"timed out after {timeout:g}s waiting for {what}"
+                + (f" (last error: {last_exc!r})" if last_exc else "")
+            )
         time.sleep(interval)
 
 
@@ -66,27 +68,38 @@ class Proc:
         self.env = env
         self.popen: subprocess.Popen | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **(self.env or {})}
         env.pop("CORRAL_SERVER", None)
         env.pop("CORRAL_TOKEN", None)
         with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         return self
 
     @property
+    def process(self) -> subprocess.Popen[bytes]:
+        if self.popen is None:
+            raise RuntimeError(f"{self.args[:3]} was never started")
+        return self.popen
+
+    @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.process.pid
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
     def signal(self, sig: int) -> None:
         if self.alive():
-            os.kill(self.popen.pid, sig)
+            os.kill(self.process.pid, sig)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait, then SIGKILL. Returns the exit code."""
@@ -103,8 +116,8 @@ class Proc:
 
     def kill(self) -> None:
         if self.alive():
-            self.popen.kill()
-            self.popen.wait(timeout=10)
+            self.process.kill()
+            self.process.wait(timeout=10)
 
     def log(self) -> str:
         try:
@@ -118,10 +131,24 @@ def corral_cmd(*args: str) -> list[str]:
 
 
 class ServerProc(Proc):
-    def __init__(self, data_dir: Path, port: int, db_url: str | None,
-                 extra: list[str], env: dict[str, str] | None):
-        args = corral_cmd("server", "--data-dir", str(data_dir), "--port", str(port),
-                          "--log-level", "info", *extra)
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        db_url: str | None,
+        extra: list[str],
+        env: dict[str, str] | None,
+    ):
+        args = corral_cmd(
+            "server",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+            *extra,
+        )
         if db_url:
             args += ["--db", db_url]
         super().__init__(args, data_dir / "server.log", env)
@@ -129,10 +156,10 @@ class ServerProc(Proc):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
 
-    def wait_ready(self, timeout: float = 30.0) -> "ServerProc":
+    def wait_ready(self, timeout: float = 30.0) -> ServerProc:
         def up() -> bool:
             if not self.alive():
-                raise AssertionError(f"server exited with {self.popen.returncode}:\n{self.log()}")
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
             return httpx.get(self.url + "/health", timeout=2).status_code == 200
 
         wait_for(up, timeout, f"server on {self.url}", interval=0.1)
@@ -146,17 +173,34 @@ class ServerProc(Proc):
     def join_token(self) -> str:
         return (self.data_dir / "join.token").read_text().strip()
 
-    def restart(self, timeout: float = 30.0) -> "ServerProc":
+    def restart(self, timeout: float = 30.0) -> ServerProc:
         self.stop()
         self.start()
         return self.wait_ready(timeout)
 
 
 class AgentProc(Proc):
-    def __init__(self, data_dir: Path, servers: list[str], join_token: str, name: str,
-                 extra: list[str], env: dict[str, str] | None):
-        args = corral_cmd("agent", "--data-dir", str(data_dir), "--name", name,
-                          "--join-token", join_token, "--log-level", "info", *extra)
+    def __init__(
+        self,
+        data_dir: Path,
+        servers: list[str],
+        join_token: str,
+        name: str,
+        extra: list[str],
+        env: dict[str, str] | None,
+    ):
+        args = corral_cmd(
+            "agent",
+            "--data-dir",
+            str(data_dir),
+            "--name",
+            name,
+            "--join-token",
+            join_token,
+            "--log-level",
+            "info",
+            *extra,
+        )
         for s in servers:
             args += ["--server", s]
         super().__init__(args, data_dir / "agent.log", env)
@@ -168,8 +212,16 @@ class Cluster:
     """Owns every process it starts; `close()` leaves nothing running."""
 
     # fast timings so failures are detected in seconds, not minutes
-    FAST = ["--agent-grace", "4", "--start-timeout", "15", "--attempt-grace", "20",
-            "--heartbeat-interval", "1"]
+    FAST: ClassVar[list[str]] = [
+        "--agent-grace",
+        "4",
+        "--start-timeout",
+        "15",
+        "--attempt-grace",
+        "20",
+        "--heartbeat-interval",
+        "1",
+    ]
 
     def __init__(self, base: Path):
         self.base = Path(base)
@@ -178,15 +230,22 @@ class Cluster:
         self.agents: list[AgentProc] = []
         self._clients: list[Client] = []
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.close()
 
-    def server(self, *, db_url: str | None = None, name: str | None = None,
-               extra: list[str] | None = None, env: dict[str, str] | None = None,
-               fast: bool = True, wait: bool = True) -> ServerProc:
+    def server(
+        self,
+        *,
+        db_url: str | None = None,
+        name: str | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        fast: bool = True,
+        wait: bool = True,
+    ) -> ServerProc:
         name = name or f"server{len(self.servers) + 1}"
         extra = (self.FAST if fast else []) + (extra or [])
         proc = ServerProc(self.base / name, free_port(), db_url, extra, env)
@@ -195,10 +254,16 @@ class Cluster:
         self.servers.append(proc)
         return proc.wait_ready() if wait else proc
 
-    def agent(self, server: ServerProc | str | list[ServerProc | str], *,
-              name: str | None = None, cpus: float | None = 2,
-              extra: list[str] | None = None, env: dict[str, str] | None = None,
-              join_token: str | None = None) -> AgentProc:
+    def agent(
+        self,
+        server: ServerProc | str | list[ServerProc | str],
+        *,
+        name: str | None = None,
+        cpus: float | None = 2,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        join_token: str | None = None,
+    ) -> AgentProc:
         """An agent of these servers (ServerProcs or URLs, e.g. a load balancer's)."""
         servers = server if isinstance(server, list) else [server]
         urls = [s if isinstance(s, str) else s.url for s in servers]
@@ -214,20 +279,34 @@ class Cluster:
         self.agents.append(proc)
         return proc
 
-    def up(self, *, agents: int, agent_cpus: float = 1, public_url: str | None = None,
-           port: int | None = None, extra: list[str] | None = None,
-           env: dict[str, str] | None = None) -> ServerProc:
+    def up(
+        self,
+        *,
+        agents: int,
+        agent_cpus: float = 1,
+        public_url: str | None = None,
+        port: int | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> ServerProc:
         """`corral up`: a server on SQLite that runs a local fleet of `agents` agents
         (real processes, supervised by the server's local backend)."""
         data_dir = self.base / "up"
         port = port or free_port()
-        args = ["--agents", str(agents), "--agent-cpus", str(agent_cpus), *self.FAST,
-                *(extra or [])]
+        args = [
+            "--agents",
+            str(agents),
+            "--agent-cpus",
+            str(agent_cpus),
+            *self.FAST,
+            *(extra or []),
+        ]
         if public_url:
             args += ["--public-url", public_url]
         proc = ServerProc(data_dir, port, None, [], env)
-        proc.args = corral_cmd("up", "--data-dir", str(data_dir), "--port", str(port),
-                               "--log-level", "info", *args)
+        proc.args = corral_cmd(
+            "up", "--data-dir", str(data_dir), "--port", str(port), "--log-level", "info", *args
+        )
         proc.start()
         self.procs.append(proc)
         self.servers.append(proc)
@@ -239,7 +318,7 @@ class Cluster:
         return c
 
     def wait_agents_running(self, client: Client, n: int, timeout: float = 30) -> list:
-        def ready():  # noqa: ANN202
+        def ready():
             running = [i for i in client.instances() if i.state == "running" and not i.lost]
             return running if len(running) >= n else None
 
@@ -268,11 +347,9 @@ class Cluster:
     def close(self) -> None:
         for c in self._clients:
             c.close()
-        for proc in reversed(self.agents):
-            proc.stop(timeout=20)
-        for proc in self.servers:
-            proc.stop(timeout=20)
-        for proc in self.procs:  # anything else it was given to own (e.g. an S3Server)
+        # agents first, then servers, then anything else it was given (e.g. an S3Server)
+        owned: list[Proc] = [*reversed(self.agents), *self.servers, *self.procs]
+        for proc in owned:
             proc.stop(timeout=20)
         for p in self.leftovers():
             try:
@@ -306,25 +383,29 @@ class ArtifactServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args) -> None:  # noqa: ANN002
+            def log_message(self, *args) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes, headers: dict | None = None,
-                      declared: int | None = None) -> None:
+            def _send(
+                self,
+                status: int,
+                body: bytes,
+                headers: dict | None = None,
+                declared: int | None = None,
+            ) -> None:
                 with outer._lock:  # counted before the client can see the answer
                     outer.log.append((self.path, status, len(body)))
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body) if declared is None
-                                                       else declared))
+                self.send_header("Content-Length", str(len(body) if declared is None else declared))
                 if declared is not None:
                     self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 path = self.path
                 mode = outer.modes.get(path, "ok")
                 if path not in outer.blobs:
@@ -348,11 +429,11 @@ class ArtifactServer:
         self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "ArtifactServer":
+    def __enter__(self) -> ArtifactServer:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
 
@@ -360,8 +441,7 @@ class ArtifactServer:
         import hashlib
 
         self.blobs[path] = data
-        self.etags[path] = (f'"{hashlib.sha256(data).hexdigest()[:16]}"' if etag == "auto"
-                            else etag)
+        self.etags[path] = f'"{hashlib.sha256(data).hexdigest()[:16]}"' if etag == "auto" else etag
         self.modes[path] = mode
         return self.base + path
 
@@ -388,7 +468,6 @@ class Proxy:
     HEARTBEAT = "/api/v1/agents/heartbeat"
 
     def __init__(self, backends: list[str]):
-        import asyncio
         import json
         import threading
 
@@ -402,7 +481,7 @@ class Proxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         outer = self
 
-        async def app(scope, receive, send):  # noqa: ANN001
+        async def app(scope, receive, send):
             if scope["type"] == "lifespan":
                 while True:
                     msg = await receive()
@@ -433,38 +512,49 @@ class Proxy:
             url = outer.backends[k] + scope["path"]
             if scope.get("query_string"):
                 url += "?" + scope["query_string"].decode()
-            headers = [(n.decode(), v.decode()) for n, v in scope["headers"]
-                       if n.lower() not in (b"host", b"content-length")]
+            headers = [
+                (n.decode(), v.decode())
+                for n, v in scope["headers"]
+                if n.lower() not in (b"host", b"content-length")
+            ]
             try:
                 async with httpx.AsyncClient(timeout=120) as client:
-                    r = await client.request(scope["method"], url, content=body,
-                                             headers=headers)
+                    r = await client.request(scope["method"], url, content=body, headers=headers)
                 status, content = r.status_code, r.content
-                out_headers = [(n.encode(), v.encode()) for n, v in r.headers.items()
-                               if n.lower() not in ("content-length", "transfer-encoding",
-                                                    "content-encoding", "connection")]
+                out_headers = [
+                    (n.encode(), v.encode())
+                    for n, v in r.headers.items()
+                    if n.lower()
+                    not in ("content-length", "transfer-encoding", "content-encoding", "connection")
+                ]
             except httpx.HTTPError:
                 status, content, out_headers = 502, b'{"error": "backend down"}', []
             out_headers.append((b"content-length", str(len(content)).encode()))
-            await send({"type": "http.response.start", "status": status,
-                        "headers": out_headers})
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
             await send({"type": "http.response.body", "body": content})
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                     log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()),
-                                        daemon=True)
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._server.serve()), daemon=True
+        )
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the proxy is not running")
+        return self._loop
 
     def hold(self, instance_id: str) -> None:
         """Delay this instance's heartbeats (each waits at the proxy) until release."""
-        import asyncio
 
         def make() -> None:
             self.held[instance_id] = asyncio.Event()
 
-        self._loop.call_soon_threadsafe(make)
+        self.loop.call_soon_threadsafe(make)
         wait_for(lambda: instance_id in self.held, 5, "the hold to take effect")
 
     def release(self, instance_id: str) -> None:
@@ -473,14 +563,14 @@ class Proxy:
             if gate is not None:
                 gate.set()
 
-        self._loop.call_soon_threadsafe(free)
+        self.loop.call_soon_threadsafe(free)
 
-    def __enter__(self) -> "Proxy":
+    def __enter__(self) -> Proxy:
         self._thread.start()
         wait_for(lambda: self._server.started, 10, "the proxy to listen")
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         for iid in list(self.held):
             self.release(iid)
         self._server.should_exit = True
@@ -499,10 +589,12 @@ class S3Server(Proc):
     def __init__(self, base: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([self.executable() or "moto_server", "-H", "127.0.0.1",
-                          "-p", str(self.port)], base / "s3.log")
+        super().__init__(
+            [self.executable() or "moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+            base / "s3.log",
+        )
 
-    def wait_ready(self) -> "S3Server":
+    def wait_ready(self) -> S3Server:
         def up() -> bool:
             if not self.alive():
                 raise AssertionError(f"moto_server exited:\n{self.log()}")

@@ -9,9 +9,9 @@ import secrets
 from pathlib import Path
 
 import pytest
+from outputs import WRITER
 
 from corral.testing import Cluster
-from outputs import WRITER
 
 PG_ENV = "CORRAL_TEST_PG_URL"
 
@@ -23,7 +23,7 @@ def _in_ci() -> bool:
 def _asyncpg_dsn(url: str) -> str:
     for prefix in ("postgresql+asyncpg://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix):]
+            return "postgresql://" + url[len(prefix) :]
     return url
 
 
@@ -42,16 +42,25 @@ def _with_db(url: str, name: str) -> str:
     return f"{base}/{name}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test is slow: the fast lane (`-m "not slow"`) runs none."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
     url = os.environ.get(PG_ENV)
     if not url:
         if _in_ci():
             pytest.fail(f"{PG_ENV} is not set; CI must test against PostgreSQL")
-        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
+        pytest.skip(
+            f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres)"
+        )
     try:
         asyncio.run(_admin(url, "SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if _in_ci():
             pytest.fail(f"PostgreSQL at {url} is not reachable in CI: {exc!r}")
         pytest.skip(f"PostgreSQL at {url} is not reachable: {exc!r}")

@@ -29,12 +29,12 @@ def expected_sha(job_id: int, name: str, size: int) -> str:
     return hashlib.sha256(random.Random(f"{job_id}/{name}").randbytes(size)).hexdigest()
 
 
-def submit(client, writer: str, files: dict[str, int], hold: float = 0.5) -> int:  # noqa: ANN001
+def submit(client, writer: str, files: dict[str, int], hold: float = 0.5) -> int:
     argv = [sys.executable, writer, str(hold), *(f"{n}:{s}" for n, s in files.items())]
     return client.submit(argv, cpus=1).id
 
 
-def verify_all_outputs(client, jobs: dict[int, dict[str, int]], into: Path) -> int:  # noqa: ANN001
+def verify_all_outputs(client, jobs: dict[int, dict[str, int]], into: Path) -> int:
     """Download every output (the client checks its sha256) and compare it with the
     bytes the job must have written."""
     n = 0

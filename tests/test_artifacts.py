@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.agent.artifacts import Artifact, ArtifactCache, InstallError, Installer
+from corral.agent.artifacts import Artifact, ArtifactCache, Installer, InstallError
 from corral.testing import ArtifactServer
 
 
@@ -53,7 +53,7 @@ def test_already_installed_sha256_makes_no_request(env):
 
 
 def test_changed_etag_downloads_once_more_and_unchanged_url_costs_no_body(env, tmp_path):
-    srv, client, inst, cache = env
+    srv, client, inst, _cache = env
     v1, v2 = os.urandom(50_000), os.urandom(50_000)
     url = srv.put("/runner", v1)
     inst.install(art(url, v1), client)
@@ -96,8 +96,9 @@ def test_same_size_different_bytes_are_told_apart(env):
     assert srv.requests() == 2
 
 
-@pytest.mark.parametrize("mode,message", [("403", "HTTP 403"), ("500", "HTTP 500"),
-                                          ("truncate", "download of")])
+@pytest.mark.parametrize(
+    ("mode", "message"), [("403", "HTTP 403"), ("500", "HTTP 500"), ("truncate", "download of")]
+)
 def test_error_pages_and_truncated_bodies_are_never_installed(env, mode, message):
     srv, client, inst, cache = env
     good = os.urandom(20_000)
@@ -126,7 +127,7 @@ def test_short_body_without_declared_size_fails_on_the_hash(env):
 
 
 def test_wrong_bytes_at_a_url_are_downloaded_once_however_often_ordered(env):
-    srv, client, inst, cache = env
+    srv, client, inst, _cache = env
     data, other = os.urandom(40_000), os.urandom(40_000)
     url = srv.put("/runner", other)
     for _ in range(5):
@@ -147,7 +148,7 @@ def test_wrong_hash_is_never_installed(env):
     with pytest.raises(InstallError, match="does not match"):
         inst.install(wrong, client)
     assert inst.installed("runner") is None
-    assert list(p for p in cache.root.iterdir() if len(p.name) == 64) == []
+    assert [p for p in cache.root.iterdir() if len(p.name) == 64] == []
 
 
 def test_cache_lives_apart_from_installs_and_keeps_the_newest(env):

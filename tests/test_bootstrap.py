@@ -15,18 +15,32 @@ from corral.testing import ArtifactServer, Cluster
 
 pytestmark = pytest.mark.e2e
 
-BUILD = (f"#!/bin/sh\nexec {sys.executable} -m corral agent \"$@\"\n").encode()
+BUILD = (f'#!/bin/sh\nexec {sys.executable} -m corral agent "$@"\n').encode()
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run_script(server, prefix: Path, *extra: str) -> subprocess.CompletedProcess:  # noqa: ANN001
+def run_script(server, prefix: Path, *extra: str) -> subprocess.CompletedProcess:
     script = httpx.get(server.url + "/api/v1/bootstrap.sh").text
-    return subprocess.run(["sh", "-s", "--", "--join-token", server.join_token, "--prefix",
-                           str(prefix), "--no-service", *extra], input=script, text=True,
-                          capture_output=True, timeout=120)
+    return subprocess.run(
+        [
+            "sh",
+            "-s",
+            "--",
+            "--join-token",
+            server.join_token,
+            "--prefix",
+            str(prefix),
+            "--no-service",
+            *extra,
+        ],
+        input=script,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -60,8 +74,15 @@ def test_server_stored_artifact_needs_and_gets_the_join_token(setup, tmp_path):
     assert (tmp_path / "bin" / "corral-agent").read_bytes() == BUILD
 
 
-@pytest.mark.parametrize("mode,why", [("403", "download of"), ("500", "download of"),
-                                      ("truncate", "download of"), ("wrong", "sha256")])
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("403", "download of"),
+        ("500", "download of"),
+        ("truncate", "download of"),
+        ("wrong", "sha256"),
+    ],
+)
 def test_never_installs_an_error_page_or_other_bytes(setup, tmp_path, mode, why):
     server, client, art = setup
     prefix = tmp_path / "bin"

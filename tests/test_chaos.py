@@ -49,7 +49,7 @@ class Chaos:
     instant; a killed or frozen agent recovers on a timer while other faults go on
     (at most two agents are down or frozen at once)."""
 
-    def __init__(self, rng: random.Random, cluster: Cluster, victim_server, grace: float):  # noqa: ANN001
+    def __init__(self, rng: random.Random, cluster: Cluster, victim_server, grace: float):
         self.rng = rng
         self.cluster = cluster
         self.victim_server = victim_server
@@ -72,7 +72,7 @@ class Chaos:
                     continue
         return pids
 
-    def later(self, delay: float, agent, fn) -> None:  # noqa: ANN001
+    def later(self, delay: float, agent, fn) -> None:
         def recover() -> None:
             with self.lock:
                 fn()
@@ -112,14 +112,15 @@ class Chaos:
             else:
                 agent.signal(signal.SIGSTOP)
                 self.log.append(f"SIGSTOP agent {agent.name} (heartbeats delayed)")
-                self.later(self.grace + rng.uniform(1.0, 4.0), agent,
-                           lambda: agent.signal(signal.SIGCONT))
+                self.later(
+                    self.grace + rng.uniform(1.0, 4.0), agent, lambda: agent.signal(signal.SIGCONT)
+                )
 
-    def run(self, progress) -> None:  # noqa: ANN001
+    def run(self, progress) -> None:
         try:
             while not self.stop.wait(self.rng.uniform(0.3, 0.9)):
                 self.act(progress())
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+        except BaseException as exc:
             self.error = exc
         finally:
             for t in self.recoveries:  # recover everything at once, never leave one down
@@ -147,8 +148,14 @@ def test_chaos(seed: int, pg_url: str, tmp_path: Path):
         client = cluster.client(s1)
         cluster.wait_agents_running(client, 3)
 
-        ids = [client.submit([sys.executable, str(script), f"{rng.uniform(0.1, 1.5):.2f}"],
-                             max_attempts=MAX_ATTEMPTS, cpus=1).id for _ in range(JOBS)]
+        ids = [
+            client.submit(
+                [sys.executable, str(script), f"{rng.uniform(0.1, 1.5):.2f}"],
+                max_attempts=MAX_ATTEMPTS,
+                cpus=1,
+            ).id
+            for _ in range(JOBS)
+        ]
         done = {"n": 0}
 
         def progress() -> float:
@@ -193,9 +200,12 @@ def test_chaos(seed: int, pg_url: str, tmp_path: Path):
                 assert j.state == "failed" and "gave up after" in j.reason, where
                 assert j.attempt == MAX_ATTEMPTS and j.result_attempt == j.attempt, where
         # no runner (or the command it ran) outlives its attempt
-        wait_for(lambda: not cluster.leftovers(), 30,
-                 f"no runner or command left behind ({context})")
+        wait_for(
+            lambda: not cluster.leftovers(), 30, f"no runner or command left behind ({context})"
+        )
         succeeded = sum(j.state == "succeeded" for j in jobs)
-        print(f"\nseed {seed}: {len(chaos.log)} faults, {succeeded} succeeded, "
-              f"{sum(j.attempt > 1 for j in jobs)} retried, "
-              f"{sum('gave up' in (j.reason or '') for j in jobs)} gave up")
+        print(
+            f"\nseed {seed}: {len(chaos.log)} faults, {succeeded} succeeded, "
+            f"{sum(j.attempt > 1 for j in jobs)} retried, "
+            f"{sum('gave up' in (j.reason or '') for j in jobs)} gave up"
+        )

@@ -22,15 +22,17 @@ OBSERVE = float(os.environ.get("CORRAL_E2E_OBSERVE", "45"))
 
 def runner_artifact(version: str) -> bytes:
     """A real runner component: a wrapper that marks its build and runs corral's runner."""
-    return (f"#!/bin/sh\n# corral runner {version}\nexport CORRAL_RUNNER_BUILD={version}\n"
-            f"exec {sys.executable} -m corral.agent.runner \"$@\"\n").encode()
+    return (
+        f"#!/bin/sh\n# corral runner {version}\nexport CORRAL_RUNNER_BUILD={version}\n"
+        f'exec {sys.executable} -m corral.agent.runner "$@"\n'
+    ).encode()
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def status_of(client, name: str = "runner"):  # noqa: ANN001
+def status_of(client, name: str = "runner"):
     rows = [r for r in client.component_status() if r.component == name]
     return rows[0] if rows else None
 
@@ -46,9 +48,13 @@ def test_two_builds_converge_once_and_then_stay_quiet(pg_url: str, tmp_path: Pat
             c.wait_agents_running(client, 1)
 
             # servers of different builds are detected and reported
-            warn = wait_for(lambda: [e for e in client.events(level="warning")
-                                     if e.kind == "servers.mixed_builds"], 30,
-                            "the mixed-builds warning")
+            warn = wait_for(
+                lambda: [
+                    e for e in client.events(level="warning") if e.kind == "servers.mixed_builds"
+                ],
+                30,
+                "the mixed-builds warning",
+            )
             assert "0.20.18" in warn[0].message and "0.20.23" in warn[0].message
             health = httpx.get(s2.url + "/health").json()
             flag = [f for f in health["flags"] if f["flag"] == "mixed_server_builds"]
@@ -57,14 +63,18 @@ def test_two_builds_converge_once_and_then_stay_quiet(pg_url: str, tmp_path: Pat
             url1 = art.put("/runner/1.0.0", v1)
             client.publish("runner", "1.0.0", url1, sha(v1), len(v1))
             client.rollout("runner", "1.0.0")
-            wait_for(lambda: (s := status_of(client)) and s.state == "converged", 60,
-                     "the agent to converge on runner 1.0.0")
+            wait_for(
+                lambda: (s := status_of(client)) and s.state == "converged",
+                60,
+                "the agent to converge on runner 1.0.0",
+            )
             assert art.requests() == 1 and art.body_bytes() == len(v1)
 
             # both servers answer the agent in turn; neither orders anything more
             orders, hits = status_of(client).orders_total, list(lb.counts)
             time.sleep(OBSERVE)
-            assert min(b - a for a, b in zip(hits, lb.counts)) >= OBSERVE / 4, lb.counts
+            gained = [b - a for a, b in zip(hits, lb.counts, strict=True)]
+            assert min(gained) >= OBSERVE / 4, lb.counts
             assert art.requests() == 1 and art.body_bytes() == len(v1)
             assert status_of(client).orders_total == orders == 1
             assert status_of(client).observed_version == "1.0.0"
@@ -79,8 +89,11 @@ def test_two_builds_converge_once_and_then_stay_quiet(pg_url: str, tmp_path: Pat
             url2 = art.put("/runner/1.1.0", v2)
             client.publish("runner", "1.1.0", url2, sha(v2), len(v2))
             client.rollout("runner", "1.1.0")
-            wait_for(lambda: status_of(client).observed_version == "1.1.0", 60,
-                     "the agent to converge on runner 1.1.0")
+            wait_for(
+                lambda: status_of(client).observed_version == "1.1.0",
+                60,
+                "the agent to converge on runner 1.1.0",
+            )
             assert art.body_bytes() == len(v1) + len(v2) and art.requests() == 2
 
 
@@ -94,11 +107,13 @@ def test_an_install_that_never_lands_is_capped_warned_and_flagged(pg_url: str, t
         url = art.put("/runner/2.0.0", data, mode="403")  # an error page, every time
         client.publish("runner", "2.0.0", url, sha(data), len(data))
         client.rollout("runner", "2.0.0")
-        failed = wait_for(lambda: (s := status_of(client)) and s.state == "install_failed" and s,
-                          60, "the install to be given up")
+        failed = wait_for(
+            lambda: (s := status_of(client)) and s.state == "install_failed" and s,
+            60,
+            "the install to be given up",
+        )
         assert failed.orders_total == 3 and "HTTP 403" in (failed.last_error or "")
-        events = [e for e in client.events(level="warning")
-                  if e.kind == "component.install_failed"]
+        events = [e for e in client.events(level="warning") if e.kind == "component.install_failed"]
         assert len(events) == 1 and "HTTP 403" in events[0].message
         health = client.health()
         assert health["status"] == "degraded"

@@ -23,9 +23,10 @@ from corral.domain.instances import InstanceState as S
 RUN, DRAIN, RET = S.RUNNING, S.DRAINING, S.RETIRED
 
 
-def obj(sha, *holders, size=10, durable=False, pending=()):  # noqa: ANN001, ANN002
-    return ObjectInfo(sha, size, tuple(Holder(i, st, lost) for i, st, lost in holders),
-                      tuple(pending), durable)
+def obj(sha, *holders, size=10, durable=False, pending=()):
+    return ObjectInfo(
+        sha, size, tuple(Holder(i, st, lost) for i, st, lost in holders), tuple(pending), durable
+    )
 
 
 def test_a_copy_on_a_draining_or_retired_or_lost_instance_does_not_count():
@@ -59,11 +60,11 @@ def test_an_object_with_a_copy_on_its_way_is_not_copied_twice():
     assert copies == [] and stranded == []
 
 
-@given(st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 4)), max_size=40),
-       st.integers(0, 4))
+@given(
+    st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 4)), max_size=40), st.integers(0, 4)
+)
 def test_every_risky_object_gets_a_running_recipient_or_is_stranded(objs, n_recipients):
-    risky = [obj(f"o{k}", ("leaving", DRAIN, False), size=size)
-             for k, (size, _) in enumerate(objs)]
+    risky = [obj(f"o{k}", ("leaving", DRAIN, False), size=size) for k, (size, _) in enumerate(objs)]
     rs = [Recipient(f"r{k}") for k in range(n_recipients)]
     copies, stranded = plan_copies(risky, rs)
     assert {c.sha256 for c in copies} | {o.sha256 for o in stranded} == {o.sha256 for o in risky}
@@ -85,11 +86,15 @@ def test_votes_need_consecutive_agreement():
 
 
 def test_desired_size():
-    assert desired_size(active=1, minimum=0, maximum=5, waiting_cpus=5, instance_cpus=2,
-                        idle=0) == (4, "up")
-    assert desired_size(active=5, minimum=0, maximum=5, waiting_cpus=5, instance_cpus=2,
-                        idle=0) == (5, None)
-    assert desired_size(active=4, minimum=1, maximum=5, waiting_cpus=0, instance_cpus=2,
-                        idle=4) == (1, "down")
-    assert desired_size(active=2, minimum=2, maximum=5, waiting_cpus=0, instance_cpus=2,
-                        idle=2) == (2, None)
+    assert desired_size(
+        active=1, minimum=0, maximum=5, waiting_cpus=5, instance_cpus=2, idle=0
+    ) == (4, "up")
+    assert desired_size(
+        active=5, minimum=0, maximum=5, waiting_cpus=5, instance_cpus=2, idle=0
+    ) == (5, None)
+    assert desired_size(
+        active=4, minimum=1, maximum=5, waiting_cpus=0, instance_cpus=2, idle=4
+    ) == (1, "down")
+    assert desired_size(
+        active=2, minimum=2, maximum=5, waiting_cpus=0, instance_cpus=2, idle=2
+    ) == (2, None)

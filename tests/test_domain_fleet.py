@@ -23,8 +23,13 @@ from corral.domain.instances import (
 )
 from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
 
-P, RUN, D, RET, T = (InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING,
-                     InstanceState.RETIRED, InstanceState.TERMINATED)
+P, RUN, D, RET, T = (
+    InstanceState.PENDING,
+    InstanceState.RUNNING,
+    InstanceState.DRAINING,
+    InstanceState.RETIRED,
+    InstanceState.TERMINATED,
+)
 ALLOWED = {(P, RUN), (P, D), (P, T), (RUN, D), (D, RUN), (D, RET), (RET, T)}
 
 
@@ -33,7 +38,7 @@ def test_instance_table_is_the_contract():
 
 
 @pytest.mark.parametrize(
-    "current,target", sorted(set(itertools.product(InstanceState, InstanceState)) - ALLOWED)
+    ("current", "target"), sorted(set(itertools.product(InstanceState, InstanceState)) - ALLOWED)
 )
 def test_illegal_instance_transitions_are_refused(current, target):
     with pytest.raises(IllegalTransition):
@@ -74,7 +79,7 @@ def test_only_running_reachable_instances_take_jobs_or_replicas():
         assert not accepts_replicas(s, lost=True)
 
 
-def cap(i, cpus=2.0, mem=1000, fleet=None, used=0.0, running=0):  # noqa: ANN001
+def cap(i, cpus=2.0, mem=1000, fleet=None, used=0.0, running=0):
     return Capacity(i, fleet, cpus, mem, used_cpus=used, running=running)
 
 
@@ -86,8 +91,10 @@ def test_place_prefers_idle_then_packs():
 
 def test_place_respects_cpu_memory_and_fleet():
     insts = [cap("a", cpus=1, mem=100, fleet="x"), cap("b", cpus=4, mem=4000, fleet="y")]
-    out = place([JobDemand(1, 2, 0), JobDemand(2, 1, 200), JobDemand(3, 1, 0, "x"),
-                 JobDemand(4, 8, 0)], insts)
+    out = place(
+        [JobDemand(1, 2, 0), JobDemand(2, 1, 200), JobDemand(3, 1, 0, "x"), JobDemand(4, 8, 0)],
+        insts,
+    )
     assert dict(out) == {1: "b", 2: "b", 3: "a"}  # job 4 fits nowhere
 
 
@@ -104,8 +111,10 @@ def test_fits_anywhere_ignores_current_load():
     assert not fits_anywhere(JobDemand(1, 3, 0), [busy])
 
 
-@given(st.lists(st.tuples(st.floats(0.1, 4), st.integers(0, 2000)), max_size=40),
-       st.lists(st.tuples(st.floats(0.5, 8), st.integers(0, 8000)), min_size=1, max_size=6))
+@given(
+    st.lists(st.tuples(st.floats(0.1, 4), st.integers(0, 2000)), max_size=40),
+    st.lists(st.tuples(st.floats(0.5, 8), st.integers(0, 8000)), min_size=1, max_size=6),
+)
 def test_placement_respects_capacity_for_any_input(jobs, insts):
     caps = [cap(f"i{k}", cpus=c, mem=m) for k, (c, m) in enumerate(insts)]
     totals = {c.instance_id: (c.cpus, c.memory_mb) for c in caps}

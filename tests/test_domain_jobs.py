@@ -24,9 +24,17 @@ S, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
 
 # The contract, written out independently of the table in corral.domain.jobs.
 ALLOWED_JOB = {
-    (Q, L), (Q, F), (Q, C),
-    (L, R), (L, Q), (L, F), (L, C),
-    (R, S), (R, F), (R, C), (R, Q),
+    (Q, L),
+    (Q, F),
+    (Q, C),
+    (L, R),
+    (L, Q),
+    (L, F),
+    (L, C),
+    (R, S),
+    (R, F),
+    (R, C),
+    (R, Q),
 }
 ALL_JOB_PAIRS = list(itertools.product(JobState, JobState))
 
@@ -36,7 +44,7 @@ def test_table_is_exactly_the_contract():
     assert table == ALLOWED_JOB
 
 
-@pytest.mark.parametrize("current,target", sorted(ALLOWED_JOB))
+@pytest.mark.parametrize(("current", "target"), sorted(ALLOWED_JOB))
 def test_allowed_job_transitions_pass(current, target):
     check_job_transition(current, target)
 
@@ -44,7 +52,7 @@ def test_allowed_job_transitions_pass(current, target):
 ILLEGAL_JOB = sorted(set(ALL_JOB_PAIRS) - ALLOWED_JOB)
 
 
-@pytest.mark.parametrize("current,target", ILLEGAL_JOB)
+@pytest.mark.parametrize(("current", "target"), ILLEGAL_JOB)
 def test_every_illegal_job_transition_is_refused(current, target):
     with pytest.raises(IllegalTransition) as exc:
         check_job_transition(current, target)
@@ -69,12 +77,22 @@ def test_sources_are_the_inverse_of_the_table():
         assert job_sources(target) == expected
 
 
-I, AR = AttemptState.ISSUED, AttemptState.RUNNING
-AS, AF, AL, AV = (AttemptState.SUCCEEDED, AttemptState.FAILED, AttemptState.LOST,
-                  AttemptState.REVOKED)
+AI, AR = AttemptState.ISSUED, AttemptState.RUNNING
+AS, AF, AL, AV = (
+    AttemptState.SUCCEEDED,
+    AttemptState.FAILED,
+    AttemptState.LOST,
+    AttemptState.REVOKED,
+)
 ALLOWED_ATTEMPT = {
-    (I, AR), (I, AV), (I, AL), (I, AF),
-    (AR, AS), (AR, AF), (AR, AL), (AR, AV),
+    (AI, AR),
+    (AI, AV),
+    (AI, AL),
+    (AI, AF),
+    (AR, AS),
+    (AR, AF),
+    (AR, AL),
+    (AR, AV),
 }
 
 
@@ -84,7 +102,8 @@ def test_attempt_table_is_exactly_the_contract():
 
 
 @pytest.mark.parametrize(
-    "current,target", sorted(set(itertools.product(AttemptState, AttemptState)) - ALLOWED_ATTEMPT)
+    ("current", "target"),
+    sorted(set(itertools.product(AttemptState, AttemptState)) - ALLOWED_ATTEMPT),
 )
 def test_every_illegal_attempt_transition_is_refused(current, target):
     with pytest.raises(IllegalTransition):

@@ -18,10 +18,11 @@ from corral.testing import Cluster, corral_cmd, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def cli(server, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:  # noqa: ANN001
+def cli(server, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "CORRAL_SERVER": server.url, "CORRAL_TOKEN": server.admin_token}
-    return subprocess.run(corral_cmd(*args), env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        corral_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -116,15 +117,19 @@ def test_server_restart_while_a_job_runs(cluster: Cluster, db_url: str, tmp_path
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1)
     gate = tmp_path / "gate"
-    job = client.submit(["sh", "-c", f"echo before; while [ ! -e {gate} ]; do sleep 0.1; done;"
-                                     " echo after; exit 5"])
+    job = client.submit(
+        ["sh", "-c", f"echo before; while [ ! -e {gate} ]; do sleep 0.1; done; echo after; exit 5"]
+    )
     wait_for(lambda: client.job(job.id).state == "running", 30, "the job to run")
     server.kill()
     gate.touch()  # the command finishes while no server is up
     server.start()
     server.wait_ready()
-    j = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 60,
-                 "the result to be recorded after the restart")
+    j = wait_for(
+        lambda: (j := client.job(job.id)).state == "failed" and j,
+        60,
+        "the result to be recorded after the restart",
+    )
     assert (j.exit_code, j.result_attempt, j.attempt) == (5, 1, 1)
     out = []
     client.follow(job.id, on_output=lambda s, d: out.append(d))
@@ -168,10 +173,15 @@ def test_bad_input_gets_clear_4xx_and_writes_nothing(cluster: Cluster, db_url: s
     assert r.status_code == 403
     # runner endpoints: a malformed or unknown attempt token is 409 or 401, never 500
     job = httpx.post(api + "/jobs", json={"command": ["true"]}, headers=h).json()
-    for headers in ({}, {"X-Corral-Attempt-Token": "x"},
-                    {"X-Corral-Attempt-Token": "A" * 32}, {"X-Corral-Attempt-Token": "é".encode("latin-1") * 40}):
-        r = httpx.post(f"{api}/jobs/{job['id']}/attempts/1/finish", json={"exit_code": 0},
-                       headers=headers)
+    for headers in (
+        {},
+        {"X-Corral-Attempt-Token": "x"},
+        {"X-Corral-Attempt-Token": "A" * 32},
+        {"X-Corral-Attempt-Token": "é".encode("latin-1") * 40},
+    ):
+        r = httpx.post(
+            f"{api}/jobs/{job['id']}/attempts/1/finish", json={"exit_code": 0}, headers=headers
+        )
         assert r.status_code in (401, 409), (headers, r.status_code, r.text)
     assert httpx.get(f"{api}/jobs/{job['id']}", headers=h).json()["state"] == "queued"
     assert httpx.get(server.url + "/openapi.json").json()["info"]["title"] == "corral"
@@ -205,8 +215,9 @@ def test_dashboard_needs_the_admin_token_and_shows_the_fleet(cluster: Cluster):
     client.apply_fleet({"name": "gpu", "backend": "local", "min_size": 0, "max_size": 2})
     job = client.submit(["true"])
     assert httpx.get(server.url + "/").status_code == 401
-    assert httpx.get(server.url + "/", cookies={"corral_token": server.join_token}
-                     ).status_code == 401
+    assert (
+        httpx.get(server.url + "/", cookies={"corral_token": server.join_token}).status_code == 401
+    )
     with httpx.Client(base_url=server.url, follow_redirects=True) as browser:
         page = browser.get("/", params={"token": server.admin_token})
         assert page.status_code == 200 and browser.cookies.get("corral_token")

@@ -47,7 +47,7 @@ def _pids(d: Path, n: int) -> list[int]:
     return [int(x) for x in f.read_text().split()] if f.exists() else []
 
 
-def _attempt_dir(agent, job_id: int, n: int) -> Path:  # noqa: ANN001
+def _attempt_dir(agent, job_id: int, n: int) -> Path:
     return agent.data_dir / "attempts" / f"{job_id}-{n}"
 
 
@@ -64,9 +64,12 @@ def one_agent(cluster: Cluster, db_url: str, tmp_path: Path):
     return server, agent, client, script, work
 
 
-def _finish_with(server, job_id: int, n: int, token: str) -> httpx.Response:  # noqa: ANN001
-    return httpx.post(f"{server.url}/api/v1/jobs/{job_id}/attempts/{n}/finish",
-                      json={"exit_code": 0}, headers={"X-Corral-Attempt-Token": token})
+def _finish_with(server, job_id: int, n: int, token: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/api/v1/jobs/{job_id}/attempts/{n}/finish",
+        json={"exit_code": 0},
+        headers={"X-Corral-Attempt-Token": token},
+    )
 
 
 def test_requeued_attempt_is_fenced_killed_and_superseded(one_agent):
@@ -84,8 +87,9 @@ def test_requeued_attempt_is_fenced_killed_and_superseded(one_agent):
     wait_for(lambda: not _alive(pid1), 30, "attempt 1's process to be killed")
     wait_for(lambda: _pids(work, 2), 30, "attempt 2 to start")
     (work / "gate-2").touch()
-    final = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 30,
-                     "attempt 2 to finish")
+    final = wait_for(
+        lambda: (j := client.job(job.id)).state == "failed" and j, 30, "attempt 2 to finish"
+    )
     assert (final.exit_code, final.result_attempt, final.attempt) == (42, 2, 2)
     states = {a.number: (a.state, a.exit_code) for a in final.attempts}
     assert states == {1: ("revoked", None), 2: ("failed", 42)}
@@ -100,7 +104,7 @@ def test_requeued_attempt_is_fenced_killed_and_superseded(one_agent):
 def test_stale_runner_cannot_record_even_if_its_agent_is_frozen(one_agent):
     """The agent cannot kill the stale attempt (it is stopped); the stale runner's
     own finish is refused (409), it records nothing, and kills its leftovers."""
-    server, agent, client, script, work = one_agent
+    _server, agent, client, script, work = one_agent
     job = client.submit([sys.executable, str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     attempt1 = _attempt_dir(agent, job.id, 1)
@@ -109,9 +113,14 @@ def test_stale_runner_cannot_record_even_if_its_agent_is_frozen(one_agent):
         client.requeue(job.id)
         wait_for(lambda: client.job(job.id).attempt == 2, 30, "attempt 2 to be locked")
         (work / "gate-1").touch()  # attempt 1's command finishes, its runner reports
-        done = wait_for(lambda: (attempt1 / "done.json").exists()
-                        and json.loads((attempt1 / "done.json").read_text()), 30,
-                        "the stale runner to give up")
+        done = wait_for(
+            lambda: (
+                (attempt1 / "done.json").exists()
+                and json.loads((attempt1 / "done.json").read_text())
+            ),
+            30,
+            "the stale runner to give up",
+        )
         assert done["status"] == "stale"
         j = client.job(job.id)
         assert (j.state, j.exit_code, j.result_attempt) == ("locked", None, None)
@@ -120,15 +129,16 @@ def test_stale_runner_cannot_record_even_if_its_agent_is_frozen(one_agent):
         agent.signal(signal.SIGCONT)
     wait_for(lambda: _pids(work, 2), 30, "attempt 2 to start once the agent is back")
     (work / "gate-2").touch()
-    final = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 30,
-                     "attempt 2 to finish")
+    final = wait_for(
+        lambda: (j := client.job(job.id)).state == "failed" and j, 30, "attempt 2 to finish"
+    )
     assert (final.exit_code, final.result_attempt) == (42, 2)
 
 
 def test_job_lock_keeps_a_second_runner_of_the_same_job_out(one_agent):
     """Even if the agent is confused and starts a second runner for a job this
     instance already runs, the per-job lock file keeps its command from running."""
-    server, agent, client, script, work = one_agent
+    _server, agent, client, script, work = one_agent
     job = client.submit([sys.executable, str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     original = _attempt_dir(agent, job.id, 1)
@@ -137,16 +147,21 @@ def test_job_lock_keeps_a_second_runner_of_the_same_job_out(one_agent):
     spec = json.loads((original / "spec.json").read_text())
     spec["lock_wait"] = 2.0
     (clone / "spec.json").write_text(json.dumps(spec))
-    r = subprocess.run([sys.executable, "-m", "corral.agent.runner", str(clone)],
-                       timeout=60, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "corral.agent.runner", str(clone)],
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert json.loads((clone / "done.json").read_text())["status"] == "lock_timeout"
     assert len(_pids(work, 1)) == 1  # the command ran once
     assert client.job(job.id).state == "running"  # and the real attempt is untouched
     shutil.rmtree(clone.parent)
     (work / "gate-1").touch()
-    final = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 30,
-                     "attempt 1 to finish")
+    final = wait_for(
+        lambda: (j := client.job(job.id)).state == "failed" and j, 30, "attempt 1 to finish"
+    )
     assert (final.exit_code, final.result_attempt) == (41, 1)
 
 
@@ -172,8 +187,9 @@ def test_lost_instance_requeues_and_the_old_runner_is_killed_when_it_returns(
     finally:
         a1.signal(signal.SIGCONT)
     (work / "gate-2").touch()
-    final = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 30,
-                     "attempt 2 to finish")
+    final = wait_for(
+        lambda: (j := client.job(job.id)).state == "failed" and j, 30, "attempt 2 to finish"
+    )
     assert (final.exit_code, final.result_attempt) == (42, 2)
     assert final.attempts[0].state == "lost"
     assert a2.alive() and a1.alive()
@@ -189,11 +205,15 @@ def test_max_attempts_then_fail_with_the_reason(cluster: Cluster, tmp_path: Path
     job = client.submit(["sleep", "300"], max_attempts=2)
     for n in (1, 2):
         pid_file = _attempt_dir(agent, job.id, n) / "runner.pid"
-        wait_for(lambda: client.job(job.id).state == "running" and pid_file.exists(), 30,
-                 f"attempt {n} to run")
+        wait_for(
+            lambda pid_file=pid_file: client.job(job.id).state == "running" and pid_file.exists(),
+            30,
+            f"attempt {n} to run",
+        )
         os.kill(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
-    final = wait_for(lambda: (j := client.job(job.id)).state == "failed" and j, 30,
-                     "the job to give up")
+    final = wait_for(
+        lambda: (j := client.job(job.id)).state == "failed" and j, 30, "the job to give up"
+    )
     assert final.attempt == 2
     assert "gave up after 2 attempts (max_attempts=2)" in final.reason
     assert "runner exited unexpectedly" in final.reason

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from corral.domain.api import JobSubmit, ObjectError, OutputFile
+from corral.api import JobSubmit, ObjectError, OutputFile
 from corral.domain.errors import StaleToken
 from corral.domain.instances import InstanceState
 from corral.store import dispatch, drain, events, fleets, instances, objects, offloads
@@ -32,14 +32,22 @@ async def setup(url: str, n: int = 2):
     insts = []
     for k in range(n):
         reg = await db.transact(
-            instances.register, name=f"w{k}", instance_id=None, cpus=1, memory_mb=1,
-            host=None, agent_version=None, fleet=None, peer_url=f"http://127.0.0.1:{9000 + k}",
-            now=T0)
+            instances.register,
+            name=f"w{k}",
+            instance_id=None,
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=f"http://127.0.0.1:{9000 + k}",
+            now=T0,
+        )
         insts.append(reg.instance)
     return db, insts
 
 
-async def finished_job(db, outputs):  # noqa: ANN001
+async def finished_job(db, outputs):
     job_id = await db.transact(jobs_repo.submit, JobSubmit(command=["true"]), T0)
     (p,) = await db.transact(dispatch.lock_jobs, db, T0)
     (order,) = await db.transact(dispatch.deliver_attempts, p.instance_id, T0)
@@ -52,7 +60,7 @@ def test_outputs_are_recorded_with_the_finish_and_a_stale_finish_records_none(db
     async def main():
         db, _ = await setup(db_url, 1)
         out = [OutputFile(path="a/b.txt", sha256=sha("b"), size=1)]
-        job_id, inst, token = await finished_job(db, out)
+        job_id, inst, _token = await finished_job(db, out)
         rows = await db.query(objects.list_outputs, job_id)
         assert [(r["path"], r["copies"]) for r in rows] == [("a/b.txt", 1)]
         # a requeued job's old attempt reports outputs: refused, nothing recorded
@@ -62,8 +70,16 @@ def test_outputs_are_recorded_with_the_finish_and_a_stale_finish_records_none(db
         await db.transact(jobs_repo.start_attempt, job2, 1, o1.token, T0)
         await db.transact(jobs_repo.requeue, job2, T0, "test")
         with pytest.raises(StaleToken):
-            await db.transact(jobs_repo.finish_attempt, job2, 1, o1.token, 0, None, T0,
-                              [OutputFile(path="x", sha256=sha("x"), size=1)])
+            await db.transact(
+                jobs_repo.finish_attempt,
+                job2,
+                1,
+                o1.token,
+                0,
+                None,
+                T0,
+                [OutputFile(path="x", sha256=sha("x"), size=1)],
+            )
         assert await db.query(objects.list_outputs, job2) == []
         assert await db.query(objects.get_object, sha("x")) is None
         await db.dispose()
@@ -73,7 +89,7 @@ def test_outputs_are_recorded_with_the_finish_and_a_stale_finish_records_none(db
 
 def test_grants_are_one_object_short_lived_and_only_for_running_recipients(db_url):
     async def main():
-        db, (a, b) = await setup(db_url)
+        db, (_a, b) = await setup(db_url)
         await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=1)])
         token = await db.transact(objects.grant, sha("o"), b["id"], T0)
         assert await db.query(objects.verify_grant, sha("o"), token, T0) is None
@@ -93,21 +109,25 @@ def test_grants_are_one_object_short_lived_and_only_for_running_recipients(db_ur
 def test_replication_orders_reach_only_running_recipients(db_url):
     async def main():
         db, (a, b) = await setup(db_url)
-        job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"),
-                                                               size=5)])
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         other = b if holder == a["id"] else a
         holder_row = await db.query(instances.get_instance, holder)
         await db.transact(drain.request_drain, holder, False, T0)
-        result = await db.transact(drain.drain_step, await db.query(
-            instances.get_instance, holder), T0, drain_grace=600)
+        result = await db.transact(
+            drain.drain_step, await db.query(instances.get_instance, holder), T0, drain_grace=600
+        )
         assert result.copies == [(sha("o"), other["id"])] and not result.retired
         other_row = await db.query(instances.get_instance, other["id"])
         (order,) = await db.transact(objects.sync, other_row, [], [], T0, "http://s")
         assert order.sources == [f"{holder_row['peer_url']}/objects/{sha('o')}"]
         # the copy lands: reported by the recipient, after which the holder retires
         await db.transact(objects.sync, other_row, [sha("o")], [], T0 + 1, "http://s")
-        result = await db.transact(drain.drain_step, await db.query(
-            instances.get_instance, holder), T0 + 2, drain_grace=600)
+        result = await db.transact(
+            drain.drain_step,
+            await db.query(instances.get_instance, holder),
+            T0 + 2,
+            drain_grace=600,
+        )
         assert result.retired
         assert (await db.query(instances.get_instance, holder))["state"] == "retired"
         await db.dispose()
@@ -118,18 +138,22 @@ def test_replication_orders_reach_only_running_recipients(db_url):
 def test_a_draining_recipient_gets_no_orders_and_its_pending_copy_is_cancelled(db_url):
     async def main():
         db, insts = await setup(db_url, 3)
-        job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"),
-                                                               size=5)])
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         await db.transact(drain.request_drain, holder, False, T0)
-        result = await db.transact(drain.drain_step, await db.query(
-            instances.get_instance, holder), T0, drain_grace=600)
+        result = await db.transact(
+            drain.drain_step, await db.query(instances.get_instance, holder), T0, drain_grace=600
+        )
         ((_, recipient),) = result.copies
         await db.transact(drain.request_drain, recipient, False, T0)  # it starts leaving too
         rec = await db.query(instances.get_instance, recipient)
         assert await db.transact(objects.sync, rec, [], [], T0, "http://s") == []
         assert await db.transact(drain.cancel_doomed_copies, T0, 600) == 1
-        result = await db.transact(drain.drain_step, await db.query(
-            instances.get_instance, holder), T0 + 20, drain_grace=600)
+        result = await db.transact(
+            drain.drain_step,
+            await db.query(instances.get_instance, holder),
+            T0 + 20,
+            drain_grace=600,
+        )
         third = [i["id"] for i in insts if i["id"] not in (holder, recipient)]
         assert [r for _, r in result.copies] == third  # re-planned on a running instance
         await db.dispose()
@@ -142,8 +166,9 @@ def test_a_held_object_that_disappears_is_a_warning(db_url):
         db, _ = await setup(db_url, 1)
         _, inst, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         row = await db.query(instances.get_instance, inst)
-        await db.transact(objects.sync, row, [], [ObjectError(sha256=sha("o"), error="x")],
-                          T0, "http://s")
+        await db.transact(
+            objects.sync, row, [], [ObjectError(sha256=sha("o"), error="x")], T0, "http://s"
+        )
         warn = await db.query(events.list_events, min_level="warning", kind="object.missing")
         assert len(warn) == 1
         await db.dispose()
@@ -155,12 +180,28 @@ def test_a_stranded_object_goes_to_the_durable_store_and_counts_only_once_confir
     async def main():
         db = Database(db_url)
         await migrate(db)
-        await db.transact(fleets.upsert_fleet, name="f", backend="local", min_size=0,
-                          max_size=1, target_size=1, now=T0,
-                          spec={"durable": {"endpoint": "http://127.0.0.1:9", "bucket": "b"}})
-        await db.transact(instances.register, name="w0", instance_id=None, cpus=1,
-                          memory_mb=1, host=None, agent_version=None, fleet="f",
-                          peer_url="http://127.0.0.1:9000", now=T0)
+        await db.transact(
+            fleets.upsert_fleet,
+            name="f",
+            backend="local",
+            min_size=0,
+            max_size=1,
+            target_size=1,
+            now=T0,
+            spec={"durable": {"endpoint": "http://127.0.0.1:9", "bucket": "b"}},
+        )
+        await db.transact(
+            instances.register,
+            name="w0",
+            instance_id=None,
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet="f",
+            peer_url="http://127.0.0.1:9000",
+            now=T0,
+        )
         _, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         await db.transact(drain.request_drain, holder, False, T0)
 
@@ -176,8 +217,9 @@ def test_a_stranded_object_goes_to_the_durable_store_and_counts_only_once_confir
         assert await db.transact(offloads.deliver, holder, T0) == []  # handed over once
 
         # the upload failed: a warning, and a new order only after the retry delay
-        await db.transact(offloads.report, holder, [], [ObjectError(sha256=sha("o"),
-                                                                    error="HTTP 503")], T0 + 1)
+        await db.transact(
+            offloads.report, holder, [], [ObjectError(sha256=sha("o"), error="HTTP 503")], T0 + 1
+        )
         (warn,) = await db.query(events.list_events, min_level="warning")
         assert warn["kind"] == "object.offload_failed" and "HTTP 503" in warn["message"]
         assert (await step(T0 + 2)).offloads == 0

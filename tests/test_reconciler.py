@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
 
 import pytest
 
-from corral.domain.api import ComponentPublish, ObservedComponent, RolloutRequest
+from corral.api import ComponentPublish, ObservedComponent, RolloutRequest
 from corral.domain.backoff import Backoff
 from corral.domain.reconcile import ComponentState, InstallPolicy
 from corral.store import components, events, instances
@@ -35,22 +36,41 @@ async def setup(url: str, n_instances: int = 1):
     insts = []
     for k in range(n_instances):
         reg = await db.transact(
-            instances.register, name=f"w{k}", instance_id=None, cpus=1, memory_mb=1,
-            host=None, agent_version=None, fleet=None, peer_url=None, now=T0)
+            instances.register,
+            name=f"w{k}",
+            instance_id=None,
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=None,
+            now=T0,
+        )
         insts.append(reg.instance)
     for v in ("1.0.0", "1.1.0", "1.2.0", "main.7"):
-        await db.transact(components.publish, ComponentPublish(
-            name="runner", version=v, url=f"http://127.0.0.1:1/runner-{v}", sha256=sha(v)), T0)
+        await db.transact(
+            components.publish,
+            ComponentPublish(
+                name="runner", version=v, url=f"http://127.0.0.1:1/runner-{v}", sha256=sha(v)
+            ),
+            T0,
+        )
     return db, insts
 
 
-async def heartbeat(db, inst, observed_version, now, rng=None):  # noqa: ANN001
-    obs = [] if observed_version is None else [ObservedComponent(
-        name="runner", version=observed_version, sha256=sha(observed_version))]
-    return await db.transact(components.sync, inst, obs, now, POLICY,
-                             rng or random.Random(1))
+async def heartbeat(db, inst, observed_version, now, rng=None):
+    obs = (
+        []
+        if observed_version is None
+        else [
+            ObservedComponent(name="runner", version=observed_version, sha256=sha(observed_version))
+        ]
+    )
+    return await db.transact(components.sync, inst, obs, now, POLICY, rng or random.Random(1))
 
 
+@pytest.mark.slow
 def test_persistent_mismatch_gets_at_most_cap_orders_on_a_backoff_schedule(db_url):
     """The install never lands (the agent keeps reporting 1.0.0): orders are capped
     at 5, spaced 30 s, 60 s, 120 s, 240 s (minus up to 20% jitter), followed by one
@@ -58,12 +78,14 @@ def test_persistent_mismatch_gets_at_most_cap_orders_on_a_backoff_schedule(db_ur
 
     async def main():
         db, (inst,) = await setup(db_url)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.0.0"), T0)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.0.0"), T0
+        )
         await db.transact(components.advance, db, T0)
         await heartbeat(db, inst, "1.0.0", T0)  # converged on 1.0.0
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.1.0"), T0)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.1.0"), T0
+        )
         await db.transact(components.advance, db, T0)
         order_times = []
         now = T0
@@ -72,12 +94,13 @@ def test_persistent_mismatch_gets_at_most_cap_orders_on_a_backoff_schedule(db_ur
             order_times += [now] * len(orders)
             now += 4.0
         assert len(order_times) == POLICY.cap
-        gaps = [b - a for a, b in zip(order_times, order_times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(order_times)]
         for k, gap in enumerate(gaps, start=1):
             ceiling = POLICY.backoff.ceiling(k)
             assert ceiling * 0.8 - 4 <= gap <= ceiling + 4, (k, gap)
-        warnings = await db.query(events.list_events, min_level="warning",
-                                  kind="component.install_failed")
+        warnings = await db.query(
+            events.list_events, min_level="warning", kind="component.install_failed"
+        )
         assert len(warnings) == 1 and "not installed after 5 orders" in warnings[0]["message"]
         (failed,) = await db.query(components.failed_installs)
         assert failed["component"] == "runner" and failed["state"] == "install_failed"
@@ -87,11 +110,13 @@ def test_persistent_mismatch_gets_at_most_cap_orders_on_a_backoff_schedule(db_ur
     run(main())
 
 
+@pytest.mark.slow
 def test_converged_instance_gets_no_orders_at_all(db_url):
     async def main():
         db, (inst,) = await setup(db_url)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.1.0"), T0)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.1.0"), T0
+        )
         await db.transact(components.advance, db, T0)
         first = await heartbeat(db, inst, None, T0)
         assert [o.version for o in first] == ["1.1.0"]
@@ -109,12 +134,16 @@ def test_converged_instance_gets_no_orders_at_all(db_url):
 def test_agent_errors_are_recorded_with_the_order(db_url):
     async def main():
         db, (inst,) = await setup(db_url)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.1.0"), T0)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.1.0"), T0
+        )
         await db.transact(components.advance, db, T0)
         await heartbeat(db, inst, None, T0)
-        obs = [ObservedComponent(name="runner", error="http://x answered HTTP 403",
-                                 error_sha256=sha("1.1.0"))]
+        obs = [
+            ObservedComponent(
+                name="runner", error="http://x answered HTTP 403", error_sha256=sha("1.1.0")
+            )
+        ]
         await db.transact(components.sync, inst, obs, T0 + 1, POLICY, random.Random(1))
         (row,) = await db.query(components.instance_status)
         assert row["last_error"] == "http://x answered HTTP 403"
@@ -126,8 +155,11 @@ def test_agent_errors_are_recorded_with_the_order(db_url):
 def test_rollout_goes_in_batches_and_completes(db_url):
     async def main():
         db, insts = await setup(db_url, n_instances=5)
-        r = await db.transact(components.start_rollout, RolloutRequest(
-            component="runner", version="1.1.0", max_unavailable=2), T0)
+        r = await db.transact(
+            components.start_rollout,
+            RolloutRequest(component="runner", version="1.1.0", max_unavailable=2),
+            T0,
+        )
         targeted = await db.transact(components.advance, db, T0)
         assert len(targeted) == 2
         assert await db.transact(components.advance, db, T0 + 1) == []  # batch is full
@@ -135,8 +167,9 @@ def test_rollout_goes_in_batches_and_completes(db_url):
         converged: set[str] = set()
         while len(converged) < 5:
             for inst in insts:
-                orders = await heartbeat(db, inst, "1.1.0" if inst["id"] in converged
-                                         else None, now)
+                orders = await heartbeat(
+                    db, inst, "1.1.0" if inst["id"] in converged else None, now
+                )
                 converged |= {inst["id"]} if orders else set()
             in_flight = (await db.query(components.rollout_progress, r)).in_flight
             assert in_flight <= 2
@@ -153,11 +186,15 @@ def test_rollout_goes_in_batches_and_completes(db_url):
     run(main())
 
 
+@pytest.mark.slow
 def test_rollout_pauses_when_failures_pass_the_threshold(db_url):
     async def main():
         db, insts = await setup(db_url, n_instances=3)
-        r = await db.transact(components.start_rollout, RolloutRequest(
-            component="runner", version="1.1.0", max_unavailable=1), T0)
+        r = await db.transact(
+            components.start_rollout,
+            RolloutRequest(component="runner", version="1.1.0", max_unavailable=1),
+            T0,
+        )
         await db.transact(components.advance, db, T0)
         now = T0
         for _ in range(600):  # the first instance never installs
@@ -181,25 +218,39 @@ def test_rollout_pauses_when_failures_pass_the_threshold(db_url):
 def test_no_downgrade_without_saying_so(db_url):
     async def main():
         db, (inst,) = await setup(db_url)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.2.0"), T0)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.2.0"), T0
+        )
         with pytest.raises(components.ComponentError, match="--downgrade"):
-            await db.transact(components.start_rollout,
-                              RolloutRequest(component="runner", version="1.1.0"), T0)
+            await db.transact(
+                components.start_rollout, RolloutRequest(component="runner", version="1.1.0"), T0
+            )
         with pytest.raises(components.ComponentError, match="different schemes"):
-            await db.transact(components.start_rollout,
-                              RolloutRequest(component="runner", version="main.7"), T0)
+            await db.transact(
+                components.start_rollout, RolloutRequest(component="runner", version="main.7"), T0
+            )
         with pytest.raises(components.ComponentError, match="not published"):
-            await db.transact(components.start_rollout,
-                              RolloutRequest(component="runner", version="9.9.9"), T0)
+            await db.transact(
+                components.start_rollout, RolloutRequest(component="runner", version="9.9.9"), T0
+            )
         with pytest.raises(components.ComponentError, match="immutable"):
-            await db.transact(components.publish, ComponentPublish(
-                name="runner", version="1.2.0", url="http://127.0.0.1:1/other",
-                sha256=sha("other")), T0)
+            await db.transact(
+                components.publish,
+                ComponentPublish(
+                    name="runner",
+                    version="1.2.0",
+                    url="http://127.0.0.1:1/other",
+                    sha256=sha("other"),
+                ),
+                T0,
+            )
         # an instance that runs something newer than desired is held, not downgraded
         await db.transact(components.advance, db, T0)
-        await db.transact(components.start_rollout, RolloutRequest(
-            component="runner", version="1.1.0", downgrade=True), T0)
+        await db.transact(
+            components.start_rollout,
+            RolloutRequest(component="runner", version="1.1.0", downgrade=True),
+            T0,
+        )
         # ...unless the rollout is an explicit downgrade: this one is
         await db.transact(components.advance, db, T0)
         orders = await heartbeat(db, inst, "1.2.0", T0)
@@ -212,8 +263,9 @@ def test_no_downgrade_without_saying_so(db_url):
 def test_newer_installed_version_is_held_with_a_warning(db_url):
     async def main():
         db, (inst,) = await setup(db_url)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.1.0"), T0)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.1.0"), T0
+        )
         await db.transact(components.advance, db, T0)
         for k in range(10):
             assert await heartbeat(db, inst, "1.2.0", T0 + k) == []
@@ -228,11 +280,13 @@ def test_newer_installed_version_is_held_with_a_warning(db_url):
 
 def test_rollback_returns_to_the_previous_version(db_url):
     async def main():
-        db, (inst,) = await setup(db_url)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.1.0"), T0)
-        await db.transact(components.start_rollout,
-                          RolloutRequest(component="runner", version="1.2.0"), T0)
+        db, (_inst,) = await setup(db_url)
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.1.0"), T0
+        )
+        await db.transact(
+            components.start_rollout, RolloutRequest(component="runner", version="1.2.0"), T0
+        )
         back = await db.transact(components.rollback, "runner", None, T0)
         assert back["version"] == "1.1.0" and back["allow_downgrade"]
         desired = await db.query(components.current_desired, "*", "runner")

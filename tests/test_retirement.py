@@ -10,15 +10,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from outputs import submit, verify_all_outputs
 
 from corral.testing import Cluster, Proxy, free_port, wait_for
-
-from outputs import submit, verify_all_outputs
 
 pytestmark = pytest.mark.e2e
 
 
-def assert_no_replica_placed_on_leaving(client, jobs, leaving: dict[str, float]) -> None:  # noqa: ANN001
+def assert_no_replica_placed_on_leaving(client, jobs, leaving: dict[str, float]) -> None:
     """No replica row on an instance was created after its drain began."""
     for job_id in jobs:
         for o in client.outputs(job_id):
@@ -32,8 +31,11 @@ def agent_processes(base: Path, name: str) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and "agent" in (p.info["cmdline"] or []) \
-                    and marker in " ".join(p.info["cmdline"]):
+            if (
+                p.info["status"] != psutil.STATUS_ZOMBIE
+                and "agent" in (p.info["cmdline"] or [])
+                and marker in " ".join(p.info["cmdline"])
+            ):
                 out.append(p)
         except psutil.Error:
             continue
@@ -53,13 +55,21 @@ def test_retiring_worker_whose_heartbeat_arrives_after_removal_never_comes_back(
         client = c.client(server)
         c.wait_agents_running(client, 3)
         client.apply_fleet({"name": "local", "backend": "local", "min_size": 1, "max_size": 3})
-        plan = {0: {"big.bin": 3_000_000, "note.txt": 100},
-                1: {"big.bin": 1_000_000, "note.txt": 101},
-                2: {"big.bin": 1_000_000, "note.txt": 102}}
+        plan = {
+            0: {"big.bin": 3_000_000, "note.txt": 100},
+            1: {"big.bin": 1_000_000, "note.txt": 101},
+            2: {"big.bin": 1_000_000, "note.txt": 102},
+        }
         ids = {k: submit(client, writer, files, hold=2.0) for k, files in plan.items()}
         jobs = {ids[k]: files for k, files in plan.items()}
-        done = wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids.values())
-                        and [client.job(i) for i in ids.values()], 60, "the three jobs")
+        done = wait_for(
+            lambda: (
+                all(client.job(i).state == "succeeded" for i in ids.values())
+                and [client.job(i) for i in ids.values()]
+            ),
+            60,
+            "the three jobs",
+        )
         holders = [j.instance_id for j in done]
         assert len(set(holders)) == 3  # one job, and so unique outputs, on each instance
         survivor, retiring = holders[0], holders[1:]  # the most unique data stays
@@ -68,9 +78,15 @@ def test_retiring_worker_whose_heartbeat_arrives_after_removal_never_comes_back(
 
         proxy.hold(late)  # its heartbeats now wait at the proxy
         client.scale("local", 1)
-        wait_for(lambda: all(i.state in ("retired", "terminated")
-                             for i in client.instances(include_terminated=True)
-                             if i.id in retiring), 90, "both workers to retire")
+        wait_for(
+            lambda: all(
+                i.state in ("retired", "terminated")
+                for i in client.instances(include_terminated=True)
+                if i.id in retiring
+            ),
+            90,
+            "both workers to retire",
+        )
         assert late in proxy.delayed  # it did try to heartbeat while being removed
         proxy.release(late)  # the late heartbeat reaches the server after the removal
 
@@ -78,9 +94,15 @@ def test_retiring_worker_whose_heartbeat_arrives_after_removal_never_comes_back(
             tomb = server.data_dir / "agents" / names[iid] / "tombstone.json"
             wait_for(tomb.exists, 30, f"{names[iid]} to write its tombstone")
             assert "retired" in tomb.read_text()
-        wait_for(lambda: all(i.state == "terminated"
-                             for i in client.instances(include_terminated=True)
-                             if i.id in retiring), 30, "the hosts to be terminated")
+        wait_for(
+            lambda: all(
+                i.state == "terminated"
+                for i in client.instances(include_terminated=True)
+                if i.id in retiring
+            ),
+            30,
+            "the hosts to be terminated",
+        )
         for iid in retiring:
             assert agent_processes(server.data_dir, names[iid]) == []
             assert f"agent {names[iid]} exited as retired; not restarting" in server.log()
@@ -104,23 +126,32 @@ def test_no_recipient_leaves_the_last_holder_draining_and_never_terminates_it(
         job_id = submit(client, writer, {"model.bin": 200_000})
         wait_for(lambda: client.job(job_id).state == "succeeded", 30, "the job")
         client.scale("local", 0)
-        warning = wait_for(lambda: [e for e in client.events(level="warning")
-                                    if e.kind == "instance.at_risk"], 30, "the at-risk warning")
+        warning = wait_for(
+            lambda: [e for e in client.events(level="warning") if e.kind == "instance.at_risk"],
+            30,
+            "the at-risk warning",
+        )
         assert f"job {job_id}: model.bin" in warning[0].message
         assert "stays draining" in warning[0].message
         time.sleep(7)  # longer than the retire grace: a wrongly retired host would be gone
         (now,) = client.instances(include_terminated=True)
         assert now.state == "draining"
-        assert not [e for e in client.events(level="info") if e.kind in
-                    ("instance.retired", "instance.terminated")]
+        assert not [
+            e
+            for e in client.events(level="info")
+            if e.kind in ("instance.retired", "instance.terminated")
+        ]
         assert agent_processes(server.data_dir, inst.name)
         verify_all_outputs(client, {job_id: {"model.bin": 200_000}}, tmp_path / "got")
 
         # only a person can force it, and is told what is lost
         view = client.drain(inst.name, force=True)
         assert [a.names for a in view.at_risk] == [[f"job {job_id}: model.bin"]]
-        wait_for(lambda: client.instances(include_terminated=True)[0].state == "terminated",
-                 30, "the forced retirement")
+        wait_for(
+            lambda: client.instances(include_terminated=True)[0].state == "terminated",
+            30,
+            "the forced retirement",
+        )
         lost = [e for e in client.events(level="warning") if e.kind == "instance.retired_forced"]
         assert lost and "model.bin" in lost[0].message
         assert client.outputs(job_id)[0].state == "lost"
@@ -141,19 +172,29 @@ def test_scale_from_five_to_one_keeps_every_output_byte_identical(tmp_path: Path
             plan[k] = files
         ids = {k: submit(client, writer, files, hold=0.2) for k, files in plan.items()}
         jobs = {ids[k]: files for k, files in plan.items()}
-        wait_for(lambda: all(client.job(i).state == "succeeded" for i in ids.values()), 180,
-                 "40 jobs to finish")
+        wait_for(
+            lambda: all(client.job(i).state == "succeeded" for i in ids.values()),
+            180,
+            "40 jobs to finish",
+        )
         assert sum(len(f) for f in jobs.values()) == 203
         assert len({client.job(i).instance_id for i in ids.values()}) >= 4
 
         client.scale("local", 1)
-        wait_for(lambda: sum(i.state == "terminated"
-                             for i in client.instances(include_terminated=True)) == 4, 240,
-                 "four instances to be terminated")
+        wait_for(
+            lambda: (
+                sum(i.state == "terminated" for i in client.instances(include_terminated=True)) == 4
+            ),
+            240,
+            "four instances to be terminated",
+        )
         final = client.instances(include_terminated=True)
         assert sum(i.state == "running" for i in final) == 1
         leaving = {i.id: i.drain_requested_at for i in final if i.state == "terminated"}
         assert_no_replica_placed_on_leaving(client, jobs, leaving)
         assert verify_all_outputs(client, jobs, tmp_path / "got") == 203
-        assert not [e for e in client.events(level="warning")
-                    if e.kind in ("instance.at_risk", "instance.retired_forced")]
+        assert not [
+            e
+            for e in client.events(level="warning")
+            if e.kind in ("instance.at_risk", "instance.retired_forced")
+        ]

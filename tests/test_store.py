@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from corral.domain.api import JobSubmit, ObservedAttempt
+from corral.api import JobSubmit, ObservedAttempt
 from corral.domain.errors import StaleToken
 from corral.domain.jobs import AttemptState, JobState
 from corral.store import dispatch, instances, tokens
@@ -34,8 +34,16 @@ async def open_db(url: str) -> Database:
 
 async def add_instance(db: Database, name: str = "i1", cpus: float = 4) -> str:
     reg = await db.transact(
-        instances.register, name=name, instance_id=None, cpus=cpus, memory_mb=8000,
-        host="h", agent_version="t", fleet=None, peer_url=None, now=NOW,
+        instances.register,
+        name=name,
+        instance_id=None,
+        cpus=cpus,
+        memory_mb=8000,
+        host="h",
+        agent_version="t",
+        fleet=None,
+        peer_url=None,
+        now=NOW,
     )
     return reg.instance["id"]
 
@@ -62,9 +70,15 @@ def test_migrations_reach_head_and_match_the_models(db_url):
 
         def diff(sync_conn):
             ctx = MigrationContext.configure(sync_conn, opts={"compare_type": False})
-            return [d for d in compare_metadata(ctx, metadata)
-                    if not (isinstance(d, tuple) and d[0] == "remove_table"
-                            and d[1].name == "alembic_version")]
+            return [
+                d
+                for d in compare_metadata(ctx, metadata)
+                if not (
+                    isinstance(d, tuple)
+                    and d[0] == "remove_table"
+                    and d[1].name == "alembic_version"
+                )
+            ]
 
         async with db.read() as conn:
             differences = await conn.run_sync(diff)
@@ -81,8 +95,7 @@ def test_happy_path_records_the_result_of_the_attempt(db_url):
         assert (await job_row(db, job_id))["state"] == JobState.LOCKED
         assert await db.transact(repo.start_attempt, job_id, n, token, NOW + 1) == "running"
         await db.transact(repo.append_logs, job_id, n, token, [(0, "out", b"hi\n")], NOW + 2)
-        state, recorded = await db.transact(repo.finish_attempt, job_id, n, token, 0, None,
-                                            NOW + 3)
+        state, recorded = await db.transact(repo.finish_attempt, job_id, n, token, 0, None, NOW + 3)
         assert (state, recorded) == ("succeeded", True)
         row = await job_row(db, job_id)
         assert (row["state"], row["exit_code"], row["result_attempt"]) == ("succeeded", 0, 1)
@@ -90,7 +103,9 @@ def test_happy_path_records_the_result_of_the_attempt(db_url):
         assert [bytes(c["data"]) for c in logs] == [b"hi\n"]
         # a retried finish (lost reply) is answered without writing again
         assert await db.transact(repo.finish_attempt, job_id, n, token, 0, None, NOW + 9) == (
-            "succeeded", False)
+            "succeeded",
+            False,
+        )
         assert (await job_row(db, job_id))["finished_at"] == NOW + 3
         await db.dispose()
 
@@ -126,17 +141,32 @@ def test_stale_token_changes_nothing(db_url):
         row = await job_row(db, job_id)
         assert (row["state"], row["current_attempt"], row["exit_code"]) == ("locked", 2, None)
         async with db.read() as conn:
-            n_logs = (await conn.execute(sa.select(sa.func.count()).select_from(log_chunks)))
+            n_logs = await conn.execute(sa.select(sa.func.count()).select_from(log_chunks))
             assert n_logs.scalar_one() == 0
-            attempt1 = (await conn.execute(sa.select(job_attempts).where(
-                job_attempts.c.job_id == job_id, job_attempts.c.number == 1))).mappings().one()
+            attempt1 = (
+                (
+                    await conn.execute(
+                        sa.select(job_attempts).where(
+                            job_attempts.c.job_id == job_id, job_attempts.c.number == 1
+                        )
+                    )
+                )
+                .mappings()
+                .one()
+            )
         assert attempt1["state"] == AttemptState.REVOKED
         # the agent still reporting attempt 1 is told to kill it
-        kills = await db.transact(dispatch.kills_for, inst, [
-            ObservedAttempt(job_id=job_id, attempt=1, token=token1),
-            ObservedAttempt(job_id=job_id, attempt=2, token=token2)])
+        kills = await db.transact(
+            dispatch.kills_for,
+            inst,
+            [
+                ObservedAttempt(job_id=job_id, attempt=1, token=token1),
+                ObservedAttempt(job_id=job_id, attempt=2, token=token2),
+            ],
+        )
         assert [(k.attempt, "stale" in k.reason or "revoked" in k.reason) for k in kills] == [
-            (1, True)]
+            (1, True)
+        ]
         # attempt 2 is the one whose result is recorded
         await db.transact(repo.start_attempt, job_id, 2, token2, NOW + 4)
         await db.transact(repo.finish_attempt, job_id, 2, token2, 7, None, NOW + 5)
@@ -173,8 +203,10 @@ def test_lost_attempts_requeue_until_max_attempts_then_fail(db_url):
         db = await open_db(db_url)
         job_id, n, inst, token = await locked_job(db, max_attempts=2)
         await db.transact(repo.start_attempt, job_id, n, token, NOW)
-        assert await db.transact(repo.lose_attempt, job_id, 1, "runner crashed", NOW,
-                                 token=token) == "queued"
+        assert (
+            await db.transact(repo.lose_attempt, job_id, 1, "runner crashed", NOW, token=token)
+            == "queued"
+        )
         await db.transact(dispatch.lock_jobs, db, NOW)
         (order,) = await db.transact(dispatch.deliver_attempts, inst, NOW)
         assert order.attempt == 2
@@ -193,7 +225,7 @@ def test_lost_attempts_requeue_until_max_attempts_then_fail(db_url):
 def test_token_is_issued_once_and_stored_hashed(db_url):
     async def main():
         db = await open_db(db_url)
-        job_id, n, inst, token = await locked_job(db)
+        _job_id, _n, inst, token = await locked_job(db)
         assert await db.transact(dispatch.deliver_attempts, inst, NOW) == []
         async with db.read() as conn:
             stored = (await conn.execute(sa.select(job_attempts.c.token_hash))).scalar_one()
@@ -211,8 +243,9 @@ def test_cancel_revokes_the_running_attempt(db_url):
         await db.transact(repo.cancel, job_id, NOW)
         with pytest.raises(StaleToken):
             await db.transact(repo.finish_attempt, job_id, n, token, 0, None, NOW)
-        kills = await db.transact(dispatch.kills_for, inst,
-                                  [ObservedAttempt(job_id=job_id, attempt=n, token=token)])
+        kills = await db.transact(
+            dispatch.kills_for, inst, [ObservedAttempt(job_id=job_id, attempt=n, token=token)]
+        )
         assert len(kills) == 1 and "cancelled" in kills[0].reason
         assert (await job_row(db, job_id))["state"] == "cancelled"
         await db.dispose()
@@ -242,12 +275,30 @@ def test_retired_name_can_never_register_again(db_url):
         await db.transact(instances.transition, inst, InstanceState.DRAINING, NOW)
         await db.transact(instances.transition, inst, InstanceState.RETIRED, NOW)
         reg = await db.transact(
-            instances.register, name="old", instance_id=None, cpus=1, memory_mb=1,
-            host=None, agent_version=None, fleet=None, peer_url=None, now=NOW)
+            instances.register,
+            name="old",
+            instance_id=None,
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=None,
+            now=NOW,
+        )
         assert reg.decision.admission.value == "exit"
         reg = await db.transact(
-            instances.register, name="old", instance_id=inst, cpus=1, memory_mb=1,
-            host=None, agent_version=None, fleet=None, peer_url=None, now=NOW)
+            instances.register,
+            name="old",
+            instance_id=inst,
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=None,
+            now=NOW,
+        )
         assert reg.decision.admission.value == "exit"
         await db.dispose()
 
@@ -280,15 +331,25 @@ def test_concurrent_dispatchers_never_lock_a_job_twice(pg_url):
         assert len(placed) == len(set(placed)) == 200  # 4 instances x 50 cpus
         assert sum(1 for r in results if r) >= 2  # really concurrent
         async with db.read() as conn:
-            per_job = (await conn.execute(
-                sa.select(job_attempts.c.job_id, sa.func.count())
-                .group_by(job_attempts.c.job_id)
-                .having(sa.func.count() > 1))).all()
-            locked = (await conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
-                jobs.c.state == "locked"))).scalar_one()
-            load = (await conn.execute(
-                sa.select(job_attempts.c.instance_id, sa.func.sum(job_attempts.c.cpus))
-                .group_by(job_attempts.c.instance_id))).all()
+            per_job = (
+                await conn.execute(
+                    sa.select(job_attempts.c.job_id, sa.func.count())
+                    .group_by(job_attempts.c.job_id)
+                    .having(sa.func.count() > 1)
+                )
+            ).all()
+            locked = (
+                await conn.execute(
+                    sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == "locked")
+                )
+            ).scalar_one()
+            load = (
+                await conn.execute(
+                    sa.select(
+                        job_attempts.c.instance_id, sa.func.sum(job_attempts.c.cpus)
+                    ).group_by(job_attempts.c.instance_id)
+                )
+            ).all()
         assert per_job == [] and locked == 200
         assert all(cpus <= 50 for _i, cpus in load)
         for d in (*dispatchers, db):

@@ -110,21 +110,24 @@ class ArtifactCache:
         tmp = self.root / f".partial-{secrets.token_hex(6)}"
         try:
             with client.stream("GET", art.url, headers=headers) as resp:
-                if resp.status_code == 304:
+                if resp.status_code == 304 and known:
                     raise InstallError(
                         f"{art.url} is unchanged since it was last downloaded (sha256 "
                         f"{known['sha256'][:12]}…), but {art.name} {art.version} should have "
-                        f"sha256 {art.sha256[:12]}…; not downloading it again")
+                        f"sha256 {art.sha256[:12]}…; not downloading it again"
+                    )
                 if not 200 <= resp.status_code < 300:
-                    raise InstallError(f"{art.url} answered HTTP {resp.status_code}; "
-                                       "nothing installed")
+                    raise InstallError(
+                        f"{art.url} answered HTTP {resp.status_code}; nothing installed"
+                    )
                 digest, size = hashlib.sha256(), 0
                 with open(tmp, "wb") as f:
                     for chunk in resp.iter_bytes(CHUNK):
                         size += len(chunk)
                         if art.size is not None and size > art.size:
                             raise InstallError(
-                                f"{art.url} sent more than the expected {art.size} bytes")
+                                f"{art.url} sent more than the expected {art.size} bytes"
+                            )
                         digest.update(chunk)
                         f.write(chunk)
                     f.flush()
@@ -132,8 +135,9 @@ class ArtifactCache:
                 etag = resp.headers.get("etag")
         except httpx.HTTPError as exc:
             tmp.unlink(missing_ok=True)
-            raise InstallError(f"download of {art.url} failed: {exc.__class__.__name__}: "
-                               f"{exc}") from None
+            raise InstallError(
+                f"download of {art.url} failed: {exc.__class__.__name__}: {exc}"
+            ) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -146,17 +150,25 @@ class ArtifactCache:
         self._remember(art.url, etag, got)
         if got != art.sha256:
             tmp.unlink(missing_ok=True)
-            raise InstallError(f"{art.url}: sha256 {got[:12]}… does not match the expected "
-                               f"{art.sha256[:12]}…; not installed")
+            raise InstallError(
+                f"{art.url}: sha256 {got[:12]}… does not match the expected "
+                f"{art.sha256[:12]}…; not installed"
+            )
         os.replace(tmp, target)
         self.prune()
         return target
 
     def prune(self) -> None:
-        files = sorted((p for p in self.root.iterdir()
-                        if p.is_file() and len(p.name) == 64 and not p.name.startswith(".")),
-                       key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in files[self.keep:]:
+        files = sorted(
+            (
+                p
+                for p in self.root.iterdir()
+                if p.is_file() and len(p.name) == 64 and not p.name.startswith(".")
+            ),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in files[self.keep :]:
             old.unlink(missing_ok=True)
 
 
@@ -188,8 +200,13 @@ class Installer:
                 out.append(inst)
         return out
 
-    def install(self, art: Artifact, client: httpx.Client, headers: dict | None = None,
-                verify: Callable[[Path], None] | None = None) -> Installed:
+    def install(
+        self,
+        art: Artifact,
+        client: httpx.Client,
+        headers: dict | None = None,
+        verify: Callable[[Path], None] | None = None,
+    ) -> Installed:
         """Install `art` unless its sha256 is already installed. `verify(path)` may
         reject the new file (raise InstallError) before it becomes current."""
         current = self.installed(art.name)
@@ -207,7 +224,7 @@ class Installer:
                     os.fsync(f.fileno())
                 if sha256_of(tmp) != art.sha256:  # the cache file changed under us
                     raise InstallError(f"cached {art.sha256[:12]}… is corrupt; removed")
-                os.chmod(tmp, 0o755)
+                os.chmod(tmp, 0o755)  # noqa: S103 - an installed component is an executable
                 os.replace(tmp, dest)
             except InstallError:
                 self.cache.path(art.sha256).unlink(missing_ok=True)
@@ -216,19 +233,27 @@ class Installer:
                 tmp.unlink(missing_ok=True)
         if verify is not None:
             verify(dest)
-        write_json_atomic(self.root / art.name / "current.json", {
-            "version": art.version, "sha256": art.sha256, "path": str(dest),
-            "installed_at": time.time(),
-            "previous": current.sha256 if current else None,
-        }, mode=0o644)
+        write_json_atomic(
+            self.root / art.name / "current.json",
+            {
+                "version": art.version,
+                "sha256": art.sha256,
+                "path": str(dest),
+                "installed_at": time.time(),
+                "previous": current.sha256 if current else None,
+            },
+            mode=0o644,
+        )
         self._prune(art.name, keep={art.sha256, current.sha256 if current else ""})
         log.info("installed %s %s (sha256 %s)", art.name, art.version, art.sha256[:12])
-        return self.installed(art.name)
+        return Installed(art.name, art.version, art.sha256, dest)
 
     def _prune(self, name: str, keep: set[str]) -> None:
-        dirs = sorted((d for d in (self.root / name).iterdir()
-                       if d.is_dir() and len(d.name) == 64),
-                      key=lambda d: d.stat().st_mtime, reverse=True)
+        dirs = sorted(
+            (d for d in (self.root / name).iterdir() if d.is_dir() and len(d.name) == 64),
+            key=lambda d: d.stat().st_mtime,
+            reverse=True,
+        )
         kept = 0
         for d in dirs:
             if d.name in keep or kept < self.keep_versions:

@@ -7,13 +7,12 @@ import re
 import signal
 import socket
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from corral import logsetup
+from corral import default_data_dir, logsetup
 from corral.agent.daemon import Agent, AgentConfig
-from corral.domain.api import NAME_PATTERN
+from corral.api import NAME_PATTERN
 
 
 def default_name() -> str:
@@ -30,26 +29,42 @@ def _self_test(value: bool) -> None:
 
 
 def agent(
-    self_test: bool = typer.Option(False, "--self-test", is_eager=True, callback=_self_test,
-                                   hidden=True, help="check this build can run, and exit"),
-    server: list[str] = typer.Option(..., "--server", envvar="CORRAL_SERVER",
-                                     help="server URL (repeat for failover)"),
-    join_token: Optional[str] = typer.Option(None, "--join-token", envvar="CORRAL_JOIN_TOKEN",
-                                             help="the server's join token (first start only)"),
-    data_dir: Path = typer.Option(None, "--data-dir", help="agent state: identity, attempts "
-                                  "(default ~/.corral/agent)"),
-    name: Optional[str] = typer.Option(None, help="instance name (default: host name)"),
-    fleet: Optional[str] = typer.Option(None, help="fleet this instance belongs to"),
-    cpus: Optional[float] = typer.Option(None, help="cpus to offer (default: all)"),
-    memory: Optional[int] = typer.Option(None, help="memory to offer in MB (default: all)"),
+    self_test: bool = typer.Option(
+        False,
+        "--self-test",
+        is_eager=True,
+        callback=_self_test,
+        hidden=True,
+        help="check this build can run, and exit",
+    ),
+    server: list[str] = typer.Option(
+        ..., "--server", envvar="CORRAL_SERVER", help="server URL (repeat for failover)"
+    ),
+    join_token: str | None = typer.Option(
+        None,
+        "--join-token",
+        envvar="CORRAL_JOIN_TOKEN",
+        help="the server's join token (first start only)",
+    ),
+    data_dir: Path = typer.Option(
+        None, "--data-dir", help="agent state: identity, attempts (default ~/.corral/agent)"
+    ),
+    name: str | None = typer.Option(None, help="instance name (default: host name)"),
+    fleet: str | None = typer.Option(None, help="fleet this instance belongs to"),
+    cpus: float | None = typer.Option(None, help="cpus to offer (default: all)"),
+    memory: int | None = typer.Option(None, help="memory to offer in MB (default: all)"),
     exit_with_parent: bool = typer.Option(False, hidden=True),
-    switch_timeout: float = typer.Option(60.0, hidden=True,
-                                         help="seconds a new agent build has to heartbeat"),
-    peer_host: str = typer.Option("127.0.0.1", help="address the peer data endpoint listens "
-                                  "on (0.0.0.0 for a multi-host fleet)"),
+    switch_timeout: float = typer.Option(
+        60.0, hidden=True, help="seconds a new agent build has to heartbeat"
+    ),
+    peer_host: str = typer.Option(
+        "127.0.0.1",
+        help="address the peer data endpoint listens on (0.0.0.0 for a multi-host fleet)",
+    ),
     peer_port: int = typer.Option(0, help="its port (0: any free port)"),
-    peer_url: Optional[str] = typer.Option(None, help="how other agents reach it, if not "
-                                           "http://PEER_HOST:PORT"),
+    peer_url: str | None = typer.Option(
+        None, help="how other agents reach it, if not http://PEER_HOST:PORT"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent: register with the server, run the job attempts it is given.
@@ -58,17 +73,22 @@ def agent(
     restart it; the data dir holds a tombstone).
     """
     logsetup.setup(log_level)
-    from corral.client.config import data_dir as base_dir
 
     name = name or default_name()
     if not re.match(NAME_PATTERN, name):
         raise typer.BadParameter(f"--name {name!r}: use lowercase letters, digits, . _ -")
     config = AgentConfig(
         servers=[s for url in server for s in url.split(",") if s],
-        data_dir=(data_dir or base_dir() / "agent").expanduser().resolve(),
-        name=name, join_token=join_token, fleet=fleet, exit_with_parent=exit_with_parent,
-        log_level=log_level, switch_timeout=switch_timeout, peer_host=peer_host,
-        peer_port=peer_port, peer_url=peer_url,
+        data_dir=(data_dir or default_data_dir() / "agent").expanduser().resolve(),
+        name=name,
+        join_token=join_token,
+        fleet=fleet,
+        exit_with_parent=exit_with_parent,
+        log_level=log_level,
+        switch_timeout=switch_timeout,
+        peer_host=peer_host,
+        peer_port=peer_port,
+        peer_url=peer_url,
     )
     if cpus is not None:
         config.cpus = cpus

@@ -22,6 +22,8 @@ import httpx
 import psutil
 
 import corral
+from corral.agent import transfer
+from corral.agent.artifacts import Artifact, ArtifactCache, Installer, InstallError
 from corral.agent.identity import (
     Identity,
     load_identity,
@@ -29,8 +31,6 @@ from corral.agent.identity import (
     save_identity,
     write_tombstone,
 )
-from corral.agent import transfer
-from corral.agent.artifacts import Artifact, ArtifactCache, InstallError, Installer
 from corral.agent.objects import ObjectStore
 from corral.agent.peer import PeerServer
 from corral.agent.runner import SELF_TEST_OK as RUNNER_OK
@@ -39,7 +39,7 @@ from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
 from corral.agent.supervisor import Supervisor
 from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
-from corral.domain.api import (
+from corral.api import (
     Fetch,
     HeartbeatReply,
     HeartbeatRequest,
@@ -59,20 +59,23 @@ RECONNECT = Backoff(base=0.5, factor=2.0, maximum=10.0, jitter=0.5)
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
 
 
-def self_test(what: str, expected: str):  # noqa: ANN201
+def self_test(what: str, expected: str):
     """A verifier: the new build must run `--self-test` and say `expected`."""
 
     def verify(path: Path) -> None:
         import subprocess
 
         try:
-            r = subprocess.run([str(path), "--self-test"], capture_output=True, text=True,
-                               timeout=60)
+            r = subprocess.run(
+                [str(path), "--self-test"], check=False, capture_output=True, text=True, timeout=60
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise InstallError(f"the new {what} cannot run: {exc}") from None
         if r.returncode != 0 or expected not in r.stdout:
-            raise InstallError(f"the new {what} failed its self-test (exit {r.returncode}): "
-                               f"{(r.stderr or r.stdout).strip()[:300]}")
+            raise InstallError(
+                f"the new {what} failed its self-test (exit {r.returncode}): "
+                f"{(r.stderr or r.stdout).strip()[:300]}"
+            )
 
     return verify
 
@@ -105,9 +108,18 @@ class AgentConfig:
 
     def argv(self) -> list[str]:
         """The options that start this same agent again (after a switch of builds)."""
-        args = ["--data-dir", str(self.data_dir), "--name", self.name,
-                "--cpus", str(self.cpus), "--memory", str(self.memory_mb),
-                "--log-level", self.log_level]
+        args = [
+            "--data-dir",
+            str(self.data_dir),
+            "--name",
+            self.name,
+            "--cpus",
+            str(self.cpus),
+            "--memory",
+            str(self.memory_mb),
+            "--log-level",
+            self.log_level,
+        ]
         for s in self.servers:
             args += ["--server", s]
         if self.fleet:
@@ -117,7 +129,7 @@ class AgentConfig:
         args += ["--peer-host", self.peer_host, "--peer-port", str(self.peer_port)]
         if self.peer_url:
             args += ["--peer-url", self.peer_url]
-        return args + ["--switch-timeout", str(self.switch_timeout)]
+        return [*args, "--switch-timeout", str(self.switch_timeout)]
 
 
 class Agent:
@@ -127,7 +139,7 @@ class Agent:
         self.identity: Identity | None = None
         self.incarnation: int | None = None
         self.interval = 2.0
-        self.server: AsyncServer | None = None
+        self.server = AsyncServer(config.servers, timeout=30)
         self.installer = Installer(self.data_dir, ArtifactCache(self.data_dir / "cache"))
         self.objects = ObjectStore(self.data_dir)
         self.peer: PeerServer | None = None
@@ -143,10 +155,18 @@ class Agent:
         self.installing: dict[str, asyncio.Task] = {}
         self.install_errors: dict[str, tuple[str, str]] = {}  # name -> (sha256, error)
         self.wake = asyncio.Event()  # heartbeat again now (an install finished)
-        self.selfupdate = SelfUpdate(self.data_dir, self.installer, config.argv(),
-                                     config.switch_timeout)
+        self.selfupdate = SelfUpdate(
+            self.data_dir, self.installer, config.argv(), config.switch_timeout
+        )
         self.stopping = asyncio.Event()
         self._parent = os.getppid()
+
+    @property
+    def me(self) -> Identity:
+        """This instance's identity (registration sets it before anything needs it)."""
+        if self.identity is None:
+            raise AgentExit(2, "not registered")
+        return self.identity
 
     # -- registration ----------------------------------------------------------------------
 
@@ -155,10 +175,12 @@ class Agent:
         return RegisterRequest(
             name=ident.name if ident else self.config.name,
             instance_id=ident.instance_id if ident else None,
-            cpus=self.config.cpus, memory_mb=self.config.memory_mb,
+            cpus=self.config.cpus,
+            memory_mb=self.config.memory_mb,
             host=socket.gethostname(),
             agent_version=os.environ.get(VERSION_ENV) or corral.__version__,
-            fleet=self.config.fleet, peer_url=self.peer_url,
+            fleet=self.config.fleet,
+            peer_url=self.peer_url,
         ).model_dump()
 
     async def register(self) -> None:
@@ -172,8 +194,11 @@ class Agent:
                 raise AgentExit(2, "no join token and no identity: pass --join-token")
             try:
                 resp = await self.server.request(
-                    "POST", "/api/v1/agents/register", json=self._register_body(),
-                    headers={"Authorization": f"Bearer {secret}"}, deadline=time.monotonic() + 30,
+                    "POST",
+                    "/api/v1/agents/register",
+                    json=self._register_body(),
+                    headers={"Authorization": f"Bearer {secret}"},
+                    deadline=time.monotonic() + 30,
                 )
             except Unreachable as exc:
                 failures += 1
@@ -190,20 +215,29 @@ class Agent:
             if reply.action == "exit":
                 raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)
             if ident is None:
+                if reply.instance_id is None or reply.credential is None:
+                    raise AgentExit(2, "the server welcomed this agent without an identity")
                 self.identity = Identity(reply.instance_id, reply.credential, self.config.name)
                 save_identity(self.data_dir, self.identity)
             self.incarnation = reply.incarnation
             self.interval = reply.interval
             self.supervisor.instance_id = reply.instance_id
-            log.info("registered as %s (%s), incarnation %s, state %s", self.identity.name,
-                     reply.instance_id, reply.incarnation, reply.state)
+            log.info(
+                "registered as %s (%s), incarnation %s, state %s",
+                self.me.name,
+                reply.instance_id,
+                reply.incarnation,
+                reply.state,
+            )
             return
 
     # -- the heartbeat loop ------------------------------------------------------------------
 
     def observed_components(self) -> list[ObservedComponent]:
-        out = {i.name: ObservedComponent(name=i.name, version=i.version, sha256=i.sha256)
-               for i in self.installer.all_installed()}
+        out = {
+            i.name: ObservedComponent(name=i.name, version=i.version, sha256=i.sha256)
+            for i in self.installer.all_installed()
+        }
         errors = dict(self.install_errors)
         if self.selfupdate.rollback_error:
             errors["agent"] = self.selfupdate.rollback_error
@@ -224,19 +258,27 @@ class Agent:
         held = self.observed_objects()
         errors = [ObjectError(sha256=s, error=e[:4000]) for s, e in self.object_errors.items()]
         offloaded = sorted(self.offloaded)
-        offload_errors = [ObjectError(sha256=s, error=e[:4000])
-                          for s, e in self.offload_errors.items()]
+        offload_errors = [
+            ObjectError(sha256=s, error=e[:4000]) for s, e in self.offload_errors.items()
+        ]
         body = HeartbeatRequest(
-            instance_id=self.identity.instance_id, incarnation=self.incarnation,
-            attempts=self.supervisor.observed(), components=self.observed_components(),
-            objects=held, object_errors=errors, offloaded=offloaded,
+            instance_id=self.me.instance_id,
+            incarnation=self.incarnation or 0,
+            attempts=self.supervisor.observed(),
+            components=self.observed_components(),
+            objects=held,
+            object_errors=errors,
+            offloaded=offloaded,
             offload_errors=offload_errors,
             wait=0.0 if self.wake.is_set() else self.interval,
         ).model_dump()
         self.wake.clear()
         resp = await self.server.request(
-            "POST", "/api/v1/agents/heartbeat", json=body, timeout=self.interval + 30,
-            headers={"Authorization": f"Bearer {self.identity.credential}"},
+            "POST",
+            "/api/v1/agents/heartbeat",
+            json=body,
+            timeout=self.interval + 30,
+            headers={"Authorization": f"Bearer {self.me.credential}"},
             deadline=time.monotonic() + self.interval,
         )
         if resp.status_code == 401:
@@ -257,15 +299,21 @@ class Agent:
             if ended.report_lost:
                 try:
                     resp = await self.server.request(
-                        "POST", f"/api/v1/jobs/{ended.job_id}/attempts/{ended.attempt}/lost",
+                        "POST",
+                        f"/api/v1/jobs/{ended.job_id}/attempts/{ended.attempt}/lost",
                         json={"reason": ended.reason},
                         headers={ATTEMPT_TOKEN_HEADER: ended.token},
                         deadline=time.monotonic() + 5,
                     )
                 except Unreachable:
                     continue  # keep it; report on the next round
-                log.warning("attempt %s/%s lost (%s): HTTP %s", ended.job_id, ended.attempt,
-                            ended.reason, resp.status_code)
+                log.warning(
+                    "attempt %s/%s lost (%s): HTTP %s",
+                    ended.job_id,
+                    ended.attempt,
+                    ended.reason,
+                    resp.status_code,
+                )
             self.supervisor.forget(ended.job_id, ended.attempt)
 
     async def apply(self, reply: HeartbeatReply) -> None:
@@ -277,32 +325,40 @@ class Agent:
             task = self.installing.get(order.component)
             if task is None or task.done():
                 self.installing[order.component] = asyncio.get_running_loop().create_task(
-                    self._install(order))
+                    self._install(order)
+                )
         for fetch in reply.replicate:
             task = self.fetching.get(fetch.sha256)
             if task is None or task.done():
                 self.fetching[fetch.sha256] = asyncio.get_running_loop().create_task(
-                    self._replicate(fetch))
+                    self._replicate(fetch)
+                )
 
-        for order in reply.offload:
-            task = self.offloading.get(order.sha256)
+        for offload in reply.offload:
+            task = self.offloading.get(offload.sha256)
             if task is None or task.done():
-                self.offloading[order.sha256] = asyncio.get_running_loop().create_task(
-                    self._offload(order))
+                self.offloading[offload.sha256] = asyncio.get_running_loop().create_task(
+                    self._offload(offload)
+                )
 
     async def _offload(self, order: OffloadOrder) -> None:
         """Upload an object to the durable store, as ordered; the server checks the
         bucket itself before it counts the copy."""
         async with self.fetch_slots:
             try:
-                await asyncio.to_thread(transfer.upload, self.objects, order.sha256,
-                                        order.size, order.url, order.headers)
+                await asyncio.to_thread(
+                    transfer.upload,
+                    self.objects,
+                    order.sha256,
+                    order.size,
+                    order.url,
+                    order.headers,
+                )
                 self.offloaded.add(order.sha256)
                 log.info("uploaded object %s to the durable store", order.sha256[:12])
             except (transfer.TransferError, OSError) as exc:
                 self.offload_errors[order.sha256] = str(exc)
-                log.warning("upload of %s to the durable store failed: %s",
-                            order.sha256[:12], exc)
+                log.warning("upload of %s to the durable store failed: %s", order.sha256[:12], exc)
         self.wake.set()
 
     async def _replicate(self, order: Fetch) -> None:
@@ -310,8 +366,14 @@ class Agent:
         instances, and the source checks that with the server again)."""
         async with self.fetch_slots:
             try:
-                await asyncio.to_thread(transfer.fetch, self.objects, order.sha256, order.size,
-                                        order.sources, order.token)
+                await asyncio.to_thread(
+                    transfer.fetch,
+                    self.objects,
+                    order.sha256,
+                    order.size,
+                    order.sources,
+                    order.token,
+                )
                 log.info("replicated object %s", order.sha256[:12])
             except (transfer.TransferError, OSError) as exc:
                 self.object_errors[order.sha256] = str(exc)
@@ -322,9 +384,12 @@ class Agent:
         """Ask the server whether `token` lets its bearer fetch `sha256` from us."""
         try:
             resp = await self.server.request(
-                "POST", "/api/v1/agents/peer/verify", json={"sha256": sha256, "token": token},
-                headers={"Authorization": f"Bearer {self.identity.credential}"},
-                deadline=time.monotonic() + 10)
+                "POST",
+                "/api/v1/agents/peer/verify",
+                json={"sha256": sha256, "token": token},
+                headers={"Authorization": f"Bearer {self.me.credential}"},
+                deadline=time.monotonic() + 10,
+            )
         except Unreachable as exc:
             return f"cannot check the token with a server: {exc}"
         if resp.status_code == 200:
@@ -335,8 +400,9 @@ class Agent:
             return f"HTTP {resp.status_code}"
 
     async def start_peer(self) -> None:
-        self.peer = PeerServer(self.objects, self.verify_peer, self.config.peer_host,
-                               self.config.peer_port)
+        self.peer = PeerServer(
+            self.objects, self.verify_peer, self.config.peer_host, self.config.peer_port
+        )
         host = self.config.peer_host
         if host in ("0.0.0.0", "::"):
             host = socket.gethostname()
@@ -347,7 +413,7 @@ class Agent:
     def _auth_for(self, url: str) -> dict[str, str]:
         """Artifacts a corral server stores need this instance's credential."""
         if any(url.startswith(s.rstrip("/") + "/") for s in self.config.servers):
-            return {"Authorization": f"Bearer {self.identity.credential}"}
+            return {"Authorization": f"Bearer {self.me.credential}"}
         return {}
 
     async def _install(self, order: InstallOrder) -> None:
@@ -355,8 +421,9 @@ class Agent:
 
         def work() -> None:
             with httpx.Client(timeout=httpx.Timeout(30, read=120), follow_redirects=True) as c:
-                self.installer.install(art, c, self._auth_for(order.url),
-                                       verify=VERIFIERS.get(order.component))
+                self.installer.install(
+                    art, c, self._auth_for(order.url), verify=VERIFIERS.get(order.component)
+                )
 
         try:
             await asyncio.to_thread(work)
@@ -366,19 +433,27 @@ class Agent:
                 self.selfupdate.switch_if_needed()  # re-executes; does not return
         except (InstallError, OSError) as exc:
             self.install_errors[order.component] = (order.sha256, str(exc))
-            log.warning("install of %s %s failed (order %d): %s", order.component,
-                        order.version, order.order, exc)
+            log.warning(
+                "install of %s %s failed (order %d): %s",
+                order.component,
+                order.version,
+                order.order,
+                exc,
+            )
         self.wake.set()
 
     async def run(self) -> int:
         tomb = read_tombstone(self.data_dir)
         if tomb is not None:
-            log.error("this instance was retired (%s); it will not run again. Remove %s to "
-                      "join as a new instance.", tomb.get("reason"), self.data_dir)
+            log.error(
+                "this instance was retired (%s); it will not run again. Remove %s to "
+                "join as a new instance.",
+                tomb.get("reason"),
+                self.data_dir,
+            )
             return AGENT_EXIT_RETIRED
         self.selfupdate.on_start()  # may re-execute into the committed agent build
         self.identity = load_identity(self.data_dir)
-        self.server = AsyncServer(self.config.servers, timeout=30)
         await self.start_peer()
         self.supervisor.adopt()
         watchdog = asyncio.get_running_loop().create_task(self._watch_parent())
@@ -394,8 +469,9 @@ class Agent:
                 except Unreachable as exc:
                     failures += 1
                     delay = RECONNECT.delay(failures, random.random())
-                    log.warning("heartbeat failed (%s); jobs keep running; retry in %.1fs",
-                                exc, delay)
+                    log.warning(
+                        "heartbeat failed (%s); jobs keep running; retry in %.1fs", exc, delay
+                    )
                     await self._sleep(delay)
                     continue
                 failures = 0
@@ -417,8 +493,9 @@ class Agent:
             if exc.code == AGENT_EXIT_RETIRED:
                 log.warning("told to exit: %s; writing tombstone", exc.reason)
                 await asyncio.to_thread(self._kill_all, f"agent exiting: {exc.reason}")
-                write_tombstone(self.data_dir, self.identity.instance_id if self.identity
-                                else None, exc.reason)
+                write_tombstone(
+                    self.data_dir, self.identity.instance_id if self.identity else None, exc.reason
+                )
             else:
                 log.error("%s", exc.reason)
             return exc.code
@@ -438,7 +515,7 @@ class Agent:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _watch_parent(self) -> None:
@@ -464,8 +541,10 @@ class Agent:
         for t in tracked:
             try:
                 await self.server.request(
-                    "POST", f"/api/v1/jobs/{t.job_id}/attempts/{t.attempt}/lost",
-                    json={"reason": "agent stopped"}, headers={ATTEMPT_TOKEN_HEADER: t.token},
+                    "POST",
+                    f"/api/v1/jobs/{t.job_id}/attempts/{t.attempt}/lost",
+                    json={"reason": "agent stopped"},
+                    headers={ATTEMPT_TOKEN_HEADER: t.token},
                     deadline=time.monotonic() + 2,
                 )
             except Unreachable:

@@ -23,8 +23,9 @@ class ObjectStore:
         return self.path(sha256).is_file()
 
     def list(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if len(p.name) == 64 and not p.name.startswith("."))
+        return sorted(
+            p.name for p in self.root.iterdir() if len(p.name) == 64 and not p.name.startswith(".")
+        )
 
     def temp(self) -> Path:
         return self.root / f".incoming-{secrets.token_hex(6)}"

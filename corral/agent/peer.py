@@ -43,13 +43,12 @@ def make_app(store: ObjectStore, verify: Verify) -> Starlette:
     async def health(_request: Request):
         return JSONResponse({"ok": True})
 
-    return Starlette(routes=[Route("/objects/{sha256}", get_object),
-                             Route("/health", health)])
+    return Starlette(routes=[Route("/objects/{sha256}", get_object), Route("/health", health)])
 
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
-    def capture_signals(self):  # noqa: ANN201 - the agent owns SIGINT/SIGTERM
+    def capture_signals(self):
         yield
 
 
@@ -60,8 +59,11 @@ class PeerServer:
         self.sock.bind((host, port))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
-        self.server = _Server(uvicorn.Config(
-            make_app(store, verify), log_level="warning", access_log=False, lifespan="off"))
+        self.server = _Server(
+            uvicorn.Config(
+                make_app(store, verify), log_level="warning", access_log=False, lifespan="off"
+            )
+        )
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self.sock])

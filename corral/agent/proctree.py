@@ -54,9 +54,7 @@ def tree(roots: list[psutil.Process], pgid: int | None = None) -> list[psutil.Pr
     return list(found.values())
 
 
-def kill_tree(
-    roots: list[psutil.Process], pgid: int | None = None, grace: float = 5.0
-) -> None:
+def kill_tree(roots: list[psutil.Process], pgid: int | None = None, grace: float = 5.0) -> None:
     """SIGTERM the whole tree, wait up to `grace`, SIGKILL what is left, and wait
     until every process is gone (children of ours are reaped)."""
     procs = tree(roots, pgid)
@@ -65,9 +63,9 @@ def kill_tree(
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    _, survivors = psutil.wait_procs(procs, timeout=grace)
     # anything started meanwhile (a fork during the grace) is collected again
-    alive = {p.pid: p for p in alive}
+    alive = {p.pid: p for p in survivors}
     for p in tree(list(alive.values()), pgid):
         alive.setdefault(p.pid, p)
     for p in alive.values():
@@ -76,4 +74,3 @@ def kill_tree(
         except psutil.Error:
             pass
     psutil.wait_procs(list(alive.values()), timeout=5)
-

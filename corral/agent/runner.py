@@ -31,8 +31,8 @@ import psutil
 from corral.agent import transfer
 from corral.agent.identity import write_json_atomic
 from corral.agent.objects import ObjectStore
-from corral.agent.transfer import TransferError
 from corral.agent.proctree import kill_tree
+from corral.agent.transfer import TransferError
 from corral.agent.upstream import SyncServer, Unreachable
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
@@ -78,7 +78,8 @@ class LogBuffer:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
-            batch, size = [], 0
+            batch: list[tuple[int, str, bytes]] = []
+            size = 0
             for item in self._items:
                 if batch and size + len(item[2]) > MAX_BATCH_BYTES:
                     break
@@ -119,7 +120,10 @@ class Runner:
         if self.stale.is_set():
             raise Stale("already stale")
         resp = self.server.request(
-            "POST", f"{self.base}/{action}", json=body or {}, deadline=deadline,
+            "POST",
+            f"{self.base}/{action}",
+            json=body or {},
+            deadline=deadline,
             stop=self.terminated.is_set,
         )
         if resp.status_code in (401, 403, 404, 409):
@@ -149,7 +153,7 @@ class Runner:
                     return False
                 time.sleep(0.1)
 
-    def read_stream(self, pipe, stream: str) -> None:  # noqa: ANN001
+    def read_stream(self, pipe, stream: str) -> None:
         try:
             while True:
                 data = os.read(pipe.fileno(), CHUNK)
@@ -167,10 +171,15 @@ class Runner:
             batch = self.logs.take(timeout=0.2)
             try:
                 if batch:
-                    self.call("logs", {"chunks": [
-                        {"seq": s, "stream": st, "data": base64.b64encode(d).decode()}
-                        for s, st, d in batch
-                    ]})
+                    self.call(
+                        "logs",
+                        {
+                            "chunks": [
+                                {"seq": s, "stream": st, "data": base64.b64encode(d).decode()}
+                                for s, st, d in batch
+                            ]
+                        },
+                    )
                     self.logs.shipped(batch)
                     last_contact = time.monotonic()
                 elif time.monotonic() - last_contact >= HEARTBEAT_EVERY:
@@ -191,7 +200,7 @@ class Runner:
         if self.proc is not None:
             pgid = self.proc.pid
         try:
-            kill_tree([c for c in roots[0].children(recursive=True)], pgid, grace=3.0)
+            kill_tree(list(roots[0].children(recursive=True)), pgid, grace=3.0)
         except psutil.Error:
             pass
         if self.proc is not None:
@@ -201,8 +210,9 @@ class Runner:
                 pass
 
     def done(self, status: str, **extra) -> None:
-        write_json_atomic(self.dir / "done.json", {"status": status, **extra}, mode=0o644,
-                          durable=False)
+        write_json_atomic(
+            self.dir / "done.json", {"status": status, **extra}, mode=0o644, durable=False
+        )
 
     # -- the whole attempt ----------------------------------------------------------------------
 
@@ -210,7 +220,8 @@ class Runner:
         write_json_atomic(
             self.dir / "runner.pid",
             {"pid": os.getpid(), "create_time": psutil.Process().create_time()},
-            mode=0o644, durable=False,
+            mode=0o644,
+            durable=False,
         )
         if not self.acquire_job_lock():
             # Another runner of this job is alive here. Report nothing: if that one
@@ -239,15 +250,26 @@ class Runner:
                 pass
             self.done("lost", reason=str(exc))
             return EXIT_STALE
-        env = {**os.environ, **self.spec.get("env", {}),
-               "CORRAL_JOB_ID": str(self.job_id), "CORRAL_ATTEMPT": str(self.attempt),
-               "CORRAL_INSTANCE_ID": self.spec.get("instance_id") or "",
-               "CORRAL_OUTPUT_DIR": str(outputs), "CORRAL_INPUT_DIR": str(inputs)}
+        env = {
+            **os.environ,
+            **self.spec.get("env", {}),
+            "CORRAL_JOB_ID": str(self.job_id),
+            "CORRAL_ATTEMPT": str(self.attempt),
+            "CORRAL_INSTANCE_ID": self.spec.get("instance_id") or "",
+            "CORRAL_OUTPUT_DIR": str(outputs),
+            "CORRAL_INPUT_DIR": str(inputs),
+        }
         command = self.spec["command"]
         try:
             self.proc = subprocess.Popen(
-                command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, pass_fds=(self.lock_fd,),
+                command,
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=() if self.lock_fd is None else (self.lock_fd,),
             )
         except FileNotFoundError:
             return self.finish(127, f"command not found: {command[0]}")
@@ -257,9 +279,13 @@ class Runner:
             return self.finish(126, f"cannot run {command[0]}: {exc.strerror or exc}")
         write_json_atomic(
             self.dir / "command.json",
-            {"pid": self.proc.pid, "pgid": self.proc.pid,
-             "create_time": psutil.Process(self.proc.pid).create_time()},
-            mode=0o644, durable=False,
+            {
+                "pid": self.proc.pid,
+                "pgid": self.proc.pid,
+                "create_time": psutil.Process(self.proc.pid).create_time(),
+            },
+            mode=0o644,
+            durable=False,
         )
         readers = [
             threading.Thread(target=self.read_stream, args=(self.proc.stdout, "out"), daemon=True),
@@ -298,11 +324,13 @@ class Runner:
         try:
             produced = self.collect_outputs(outputs)
         except OSError as exc:
-            return self.finish(code if code >= 0 else 128 - code,
-                               f"could not store the job's outputs: {exc}")
+            return self.finish(
+                code if code >= 0 else 128 - code, f"could not store the job's outputs: {exc}"
+            )
         if code < 0:
-            return self.finish(128 - code, f"killed by signal {signal.Signals(-code).name}",
-                               produced)
+            return self.finish(
+                128 - code, f"killed by signal {signal.Signals(-code).name}", produced
+            )
         return self.finish(code, None, produced)
 
     def fetch_inputs(self, into: Path) -> None:
@@ -311,8 +339,9 @@ class Runner:
         store = ObjectStore(Path(self.spec["data_dir"]))
         taken: set[str] = set()
         for inp in self.spec.get("inputs", []):
-            src = transfer.fetch(store, inp["sha256"], inp["size"], inp["sources"],
-                                 inp.get("token"))
+            src = transfer.fetch(
+                store, inp["sha256"], inp["size"], inp["sources"], inp.get("token")
+            )
             name = inp["name"].replace("/", "_") or inp["sha256"]
             if name in taken:
                 name = f"{inp['sha256'][:12]}-{name}"
@@ -329,8 +358,7 @@ class Runner:
                 path = Path(root) / name
                 rel = path.relative_to(outputs).as_posix()
                 if path.is_symlink() or not path.is_file():
-                    print(f"runner: output {rel} is not a regular file; skipped",
-                          file=sys.stderr)
+                    print(f"runner: output {rel} is not a regular file; skipped", file=sys.stderr)
                     continue
                 sha, size = store.add_file(path)
                 produced.append({"path": rel, "sha256": sha, "size": size})
@@ -344,8 +372,9 @@ class Runner:
 
     def finish(self, exit_code: int, reason: str | None, outputs: list | None = None) -> int:
         try:
-            reply = self.call("finish", {"exit_code": exit_code, "reason": reason,
-                                         "outputs": outputs or []})
+            reply = self.call(
+                "finish", {"exit_code": exit_code, "reason": reason, "outputs": outputs or []}
+            )
         except (Stale, Unreachable) as exc:
             self.done("stale", reason=str(exc))
             return EXIT_STALE
@@ -374,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     _become_subreaper()
     runner = Runner(Path(argv[0]))
 
-    def _terminate(signum, _frame):  # noqa: ANN001
+    def _terminate(signum, _frame):
         runner.terminated.set()
 
     signal.signal(signal.SIGTERM, _terminate)

@@ -34,8 +34,9 @@ MAX_FAILED_BOOTS = 3
 
 
 class SelfUpdate:
-    def __init__(self, data_dir: Path, installer: Installer, agent_args: list[str],
-                 timeout: float = 60.0):
+    def __init__(
+        self, data_dir: Path, installer: Installer, agent_args: list[str], timeout: float = 60.0
+    ):
         self.dir = data_dir / "components" / COMPONENT
         self.installer = installer
         self.agent_args = agent_args
@@ -74,7 +75,7 @@ class SelfUpdate:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(argv[0], argv, env)
+        os.execve(argv[0], argv, env)  # noqa: S606 - re-executing in place keeps the PID
 
     def base_argv(self) -> list[str]:
         return [sys.executable, "-m", "corral", "agent"]
@@ -85,20 +86,36 @@ class SelfUpdate:
         if installed is None or installed.sha256 == self.own_sha:
             return
         trial = {
-            "state": "trial", "sha256": installed.sha256, "version": installed.version,
-            "path": str(installed.path), "previous_sha256": self.own_sha,
+            "state": "trial",
+            "sha256": installed.sha256,
+            "version": installed.version,
+            "path": str(installed.path),
+            "previous_sha256": self.own_sha,
             "previous_version": os.environ.get(VERSION_ENV),
-            "deadline": time.time() + self.timeout, "pid": os.getpid(),
+            "deadline": time.time() + self.timeout,
+            "pid": os.getpid(),
         }
         write_json_atomic(self.trial_path, trial)
         subprocess.Popen(
-            [sys.executable, "-m", "corral.agent.watchdog", str(self.trial_path),
-             str(os.getpid()), str(trial["deadline"])],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            [
+                sys.executable,
+                "-m",
+                "corral.agent.watchdog",
+                str(self.trial_path),
+                str(os.getpid()),
+                str(trial["deadline"]),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
         )
-        log.warning("switching to agent %s (sha256 %s); jobs keep running",
-                    installed.version, installed.sha256[:12])
+        log.warning(
+            "switching to agent %s (sha256 %s); jobs keep running",
+            installed.version,
+            installed.sha256[:12],
+        )
         self._exec([str(installed.path), *self.agent_args], installed.sha256, installed.version)
 
     def _restore_previous(self, trial: dict) -> None:
@@ -106,10 +123,16 @@ class SelfUpdate:
         prev = trial.get("previous_sha256")
         marker = self.dir / "current.json"
         if prev and (self.dir / prev / COMPONENT).is_file():
-            write_json_atomic(marker, {
-                "version": trial.get("previous_version") or "unknown", "sha256": prev,
-                "path": str(self.dir / prev / COMPONENT), "installed_at": time.time(),
-                "previous": None})
+            write_json_atomic(
+                marker,
+                {
+                    "version": trial.get("previous_version") or "unknown",
+                    "sha256": prev,
+                    "path": str(self.dir / prev / COMPONENT),
+                    "installed_at": time.time(),
+                    "previous": None,
+                },
+            )
         else:
             marker.unlink(missing_ok=True)
 
@@ -122,8 +145,11 @@ class SelfUpdate:
         log.error("agent %s rolled back: %s", trial.get("version"), why)
         prev = trial.get("previous_sha256")
         if prev and (self.dir / prev / COMPONENT).is_file():
-            self._exec([str(self.dir / prev / COMPONENT), *self.agent_args], prev,
-                       trial.get("previous_version"))
+            self._exec(
+                [str(self.dir / prev / COMPONENT), *self.agent_args],
+                prev,
+                trial.get("previous_version"),
+            )
         self._exec([*self.base_argv(), *self.agent_args], None, None)
 
     # -- at start, at the first heartbeat, on every loop ----------------------------------------
@@ -136,23 +162,30 @@ class SelfUpdate:
             # the trial build died (crash, or killed by the watchdog) and the
             # supervisor started us instead
             self._restore_previous(record)
-            record.update(state="rolled_back", why="the new agent died before its first "
-                                                   "heartbeat")
+            record.update(state="rolled_back", why="the new agent died before its first heartbeat")
             write_json_atomic(self.trial_path, record)
         record = self._read(self.trial_path)
         if record and record.get("state") == "rolled_back" and not record.get("reported"):
-            self.rollback_error = (record["sha256"], f"agent {record.get('version')} rolled "
-                                   f"back: {record.get('why')}")
+            self.rollback_error = (
+                record["sha256"],
+                f"agent {record.get('version')} rolled back: {record.get('why')}",
+            )
         if self.on_trial or self.own_sha is not None:
             return
         installed = self.installer.installed(COMPONENT)
-        if installed is None or (record and record.get("sha256") == installed.sha256
-                                 and record.get("state") == "rolled_back"):
+        if installed is None or (
+            record
+            and record.get("sha256") == installed.sha256
+            and record.get("state") == "rolled_back"
+        ):
             return
         boots = self._read(self.boots_path) or {}
         if boots.get(installed.sha256, 0) >= MAX_FAILED_BOOTS:
-            self.rollback_error = (installed.sha256, f"agent {installed.version} failed to "
-                                   f"start {MAX_FAILED_BOOTS} times; staying on the base build")
+            self.rollback_error = (
+                installed.sha256,
+                f"agent {installed.version} failed to "
+                f"start {MAX_FAILED_BOOTS} times; staying on the base build",
+            )
             return
         boots[installed.sha256] = boots.get(installed.sha256, 0) + 1
         write_json_atomic(self.boots_path, boots)
@@ -160,8 +193,8 @@ class SelfUpdate:
         self._exec([str(installed.path), *self.agent_args], installed.sha256, installed.version)
 
     def heartbeat_ok(self) -> None:
-        if self.on_trial:
-            t = self.trial()
+        t = self.trial()
+        if t is not None and t["sha256"] == self.own_sha:
             t["state"] = "committed"
             write_json_atomic(self.trial_path, t)
             log.info("agent %s committed", t["version"])

@@ -22,7 +22,7 @@ import psutil
 from corral.agent.artifacts import Installer
 from corral.agent.identity import write_json_atomic
 from corral.agent.proctree import kill_tree, same_process
-from corral.domain.api import ObservedAttempt, StartOrder
+from corral.api import ObservedAttempt, StartOrder
 
 log = logging.getLogger("corral.agent.supervisor")
 
@@ -64,8 +64,13 @@ def _reap_if_child(pid: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, data_dir: Path, servers: list[str], instance_id: str | None = None,
-                 installer: Installer | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        servers: list[str],
+        instance_id: str | None = None,
+        installer: Installer | None = None,
+    ):
         self.data_dir = data_dir
         self.attempts_dir = data_dir / "attempts"
         self.locks_dir = data_dir / "locks"
@@ -98,17 +103,29 @@ class Supervisor:
             return
         d = self.attempts_dir / self.dirname(*key)
         d.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(d / "spec.json", {
-            "job_id": order.job_id, "attempt": order.attempt, "token": order.token,
-            "command": order.command, "env": order.env, "servers": self.servers,
-            "instance_id": self.instance_id, "data_dir": str(self.data_dir),
-            "inputs": [i.model_dump() for i in order.inputs],
-            "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
-        }, durable=False)
+        write_json_atomic(
+            d / "spec.json",
+            {
+                "job_id": order.job_id,
+                "attempt": order.attempt,
+                "token": order.token,
+                "command": order.command,
+                "env": order.env,
+                "servers": self.servers,
+                "instance_id": self.instance_id,
+                "data_dir": str(self.data_dir),
+                "inputs": [i.model_dump() for i in order.inputs],
+                "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
+            },
+            durable=False,
+        )
         with open(d / "runner.log", "ab") as out:
             popen = subprocess.Popen(
                 [*self.runner_command(), str(d)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
             )
         self.tracked[key] = Tracked(order.job_id, order.attempt, order.token, d, popen)
         log.info("started runner for attempt %s/%s (pid %d)", *key, popen.pid)
@@ -121,8 +138,10 @@ class Supervisor:
         return [sys.executable, "-m", "corral.agent.runner"]
 
     def observed(self) -> list[ObservedAttempt]:
-        return [ObservedAttempt(job_id=t.job_id, attempt=t.attempt, token=t.token)
-                for t in self.tracked.values()]
+        return [
+            ObservedAttempt(job_id=t.job_id, attempt=t.attempt, token=t.token)
+            for t in self.tracked.values()
+        ]
 
     def _runner(self, t: Tracked) -> psutil.Process | None:
         if t.popen is not None:
@@ -144,7 +163,7 @@ class Supervisor:
     def reap(self) -> list[Ended]:
         """Collect runners that are gone; say which ended without reporting."""
         ended = []
-        for key, t in list(self.tracked.items()):
+        for _key, t in list(self.tracked.items()):
             if self._runner(t) is not None:
                 continue
             done = _read_json(t.dir / "done.json")
@@ -154,8 +173,15 @@ class Supervisor:
                 kill_tree([], pgid, grace=2.0)
             if done is None:
                 code = t.popen.returncode if t.popen is not None else None
-                ended.append(Ended(t.job_id, t.attempt, t.token, True,
-                                   f"runner exited unexpectedly (code {code})"))
+                ended.append(
+                    Ended(
+                        t.job_id,
+                        t.attempt,
+                        t.token,
+                        True,
+                        f"runner exited unexpectedly (code {code})",
+                    )
+                )
             else:
                 ended.append(Ended(t.job_id, t.attempt, t.token, False, done.get("status", "")))
         return ended
@@ -171,8 +197,9 @@ class Supervisor:
         t = self.tracked.get((job_id, attempt))
         if t is None:
             return False
-        write_json_atomic(t.dir / "done.json", {"status": "killed", "reason": reason}, 0o644,
-                          durable=False)
+        write_json_atomic(
+            t.dir / "done.json", {"status": "killed", "reason": reason}, 0o644, durable=False
+        )
         runner = self._runner(t)
         if runner is not None:
             # the runner takes its command's tree down on SIGTERM; give it the chance

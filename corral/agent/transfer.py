@@ -26,33 +26,42 @@ class TransferError(Exception):
 def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=timeout, blocksize=CHUNK)
+    conn = cls(parts.hostname or "", parts.port, timeout=timeout, blocksize=CHUNK)
     return conn, parts.path + (f"?{parts.query}" if parts.query else "")
 
 
-def _get(url: str, token: str | None, timeout: float) -> tuple[http.client.HTTPConnection,
-                                                                 http.client.HTTPResponse]:
+def _get(
+    url: str, token: str | None, timeout: float
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn, path = _connect(url, timeout)
     conn.request("GET", path, headers={PEER_TOKEN_HEADER: token} if token else {})
     return conn, conn.getresponse()
 
 
-def upload(store: ObjectStore, sha256: str, size: int, url: str, headers: dict[str, str],
-           timeout: float = 60.0) -> None:
+def upload(
+    store: ObjectStore,
+    sha256: str,
+    size: int,
+    url: str,
+    headers: dict[str, str],
+    timeout: float = 60.0,
+) -> None:
     """PUT an object held here to `url` (a signed durable-store URL), streamed from disk."""
     path = store.path(sha256)
     if not store.has(sha256):
         raise TransferError(f"object {sha256[:12]}… is not held here")
     if path.stat().st_size != size:
-        raise TransferError(f"object {sha256[:12]}… is {path.stat().st_size} bytes here, "
-                            f"not {size}")
+        raise TransferError(
+            f"object {sha256[:12]}… is {path.stat().st_size} bytes here, not {size}"
+        )
     where = urllib.parse.urlsplit(url).netloc
     try:
         conn, target = _connect(url, timeout)
         try:
             with open(path, "rb") as f:
-                conn.request("PUT", target, body=f,
-                             headers={**headers, "Content-Length": str(size)})
+                conn.request(
+                    "PUT", target, body=f, headers={**headers, "Content-Length": str(size)}
+                )
                 resp = conn.getresponse()
                 detail = resp.read(500).decode(errors="replace")
         finally:
@@ -63,8 +72,14 @@ def upload(store: ObjectStore, sha256: str, size: int, url: str, headers: dict[s
         raise TransferError(f"uploading to {where}: HTTP {resp.status} {detail[:300]}")
 
 
-def fetch(store: ObjectStore, sha256: str, size: int | None, sources: list[str],
-          token: str | None, timeout: float = 60.0) -> Path:
+def fetch(
+    store: ObjectStore,
+    sha256: str,
+    size: int | None,
+    sources: list[str],
+    token: str | None,
+    timeout: float = 60.0,
+) -> Path:
     """The object in `store`, fetched if it is not there yet."""
     if store.has(sha256):
         return store.path(sha256)
@@ -75,7 +90,9 @@ def fetch(store: ObjectStore, sha256: str, size: int | None, sources: list[str],
             conn, resp = _get(url, token, timeout)
             try:
                 if resp.status != 200:
-                    errors.append(f"{url}: HTTP {resp.status} {resp.read(300).decode(errors='replace')}")
+                    errors.append(
+                        f"{url}: HTTP {resp.status} {resp.read(300).decode(errors='replace')}"
+                    )
                     continue
                 h, got = hashlib.sha256(), 0
                 with open(tmp, "wb") as f:

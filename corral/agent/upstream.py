@@ -43,7 +43,7 @@ class Upstream:
     def current(self) -> str:
         return self.urls[self._index]
 
-    def retry(self, deadline: float | None) -> "Retry":
+    def retry(self, deadline: float | None) -> Retry:
         return Retry(self, deadline)
 
 
@@ -74,7 +74,7 @@ class Response:
     def text(self) -> str:
         return self.content.decode(errors="replace")
 
-    def json(self):  # noqa: ANN201
+    def json(self):
         return jsonlib.loads(self.content)
 
 
@@ -93,9 +93,12 @@ class SyncServer:
         if self._conn is None or self._conn_url != url:
             self.close()
             parts = urllib.parse.urlsplit(url)
-            cls = (http.client.HTTPSConnection if parts.scheme == "https"
-                   else http.client.HTTPConnection)
-            self._conn = cls(parts.hostname, parts.port, timeout=self.timeout)
+            cls = (
+                http.client.HTTPSConnection
+                if parts.scheme == "https"
+                else http.client.HTTPConnection
+            )
+            self._conn = cls(parts.hostname or "", parts.port, timeout=self.timeout)
             self._conn_url = url
         return self._conn
 
@@ -111,7 +114,12 @@ class SyncServer:
             raise
 
     def request(
-        self, method: str, path: str, *, json: object = None, deadline: float | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        deadline: float | None = None,
         stop: Callable[[], bool] | None = None,
     ) -> Response:
         body = None if json is None else jsonlib.dumps(json).encode()

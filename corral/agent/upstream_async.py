@@ -11,21 +11,31 @@ from corral.agent.upstream import RETRY_STATUSES, Upstream
 
 
 class AsyncServer:
-    def __init__(self, urls: list[str], headers: dict[str, str] | None = None,
-                 timeout: float = 30.0):
+    def __init__(
+        self, urls: list[str], headers: dict[str, str] | None = None, timeout: float = 30.0
+    ):
         self.upstream = Upstream(urls)
         self.client = httpx.AsyncClient(headers=headers or {}, timeout=timeout)
 
     async def request(
-        self, method: str, path: str, *, json: object = None, deadline: float | None = None,
-        timeout: float | None = None, headers: dict[str, str] | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        deadline: float | None = None,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         retry = self.upstream.retry(deadline)
-        extra = {"timeout": timeout} if timeout is not None else {}
         while True:
             try:
                 resp = await self.client.request(
-                    method, self.upstream.current + path, json=json, headers=headers, **extra
+                    method,
+                    self.upstream.current + path,
+                    json=json,
+                    headers=headers,
+                    timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
                 )
                 if resp.status_code not in RETRY_STATUSES:
                     return resp

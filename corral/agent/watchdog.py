@@ -13,13 +13,14 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
     trial_file, pid, deadline = argv[0], int(argv[1]), float(argv[2])
     while time.time() < deadline + 5:
         try:
-            state = json.loads(open(trial_file).read()).get("state")
+            state = json.loads(Path(trial_file).read_text()).get("state")
         except (OSError, ValueError):
             return 0
         if state != "trial":

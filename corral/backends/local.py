@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corral.backends.base import Backend
 from corral.domain.instances import AGENT_EXIT_RETIRED, TOMBSTONE_FILE
+from corral.domain.providers import Backend
 
 log = logging.getLogger("corral.backends.local")
 
@@ -44,9 +44,14 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(
-        self, base_dir: Path, *, server_urls: list[str] | None = None,
-        join_token: str | None = None, cpus: float | None = None,
-        memory_mb: int | None = None, extra_args: list[str] | None = None,
+        self,
+        base_dir: Path,
+        *,
+        server_urls: list[str] | None = None,
+        join_token: str | None = None,
+        cpus: float | None = None,
+        memory_mb: int | None = None,
+        extra_args: list[str] | None = None,
     ):
         self.base_dir = Path(base_dir)
         self.server_urls = server_urls or []
@@ -60,17 +65,33 @@ class LocalBackend(Backend):
 
     # -- Backend ---------------------------------------------------------------------------
 
-    async def create(self, instance_id: str, name: str, fleet: str, *,
-                     cpus: float | None = None, memory_mb: int | None = None) -> str:
-        agent = self._agents.get(name) or _Agent(name, fleet, self.base_dir / "agents" / name,
-                                                 cpus, memory_mb)
+    async def create(
+        self,
+        instance_id: str,
+        name: str,
+        fleet: str,
+        *,
+        cpus: float | None = None,
+        memory_mb: int | None = None,
+    ) -> str:
+        agent = self._agents.get(name) or _Agent(
+            name, fleet, self.base_dir / "agents" / name, cpus, memory_mb
+        )
         self._agents[name] = agent
         self._spawn(agent)
         self._ensure_monitor()
         return f"local:{name}"
 
-    async def ensure(self, instance_id: str, name: str, fleet: str, ref: str | None, *,
-                     cpus: float | None = None, memory_mb: int | None = None) -> None:
+    async def ensure(
+        self,
+        instance_id: str,
+        name: str,
+        fleet: str,
+        ref: str | None,
+        *,
+        cpus: float | None = None,
+        memory_mb: int | None = None,
+    ) -> None:
         agent = self._agents.get(name)
         if agent is None:
             agent = _Agent(name, fleet, self.base_dir / "agents" / name, cpus, memory_mb)
@@ -118,8 +139,19 @@ class LocalBackend(Backend):
     # -- internals --------------------------------------------------------------------------
 
     def _command(self, agent: _Agent) -> list[str]:
-        cmd = [sys.executable, "-m", "corral", "agent", "--data-dir", str(agent.data_dir),
-               "--name", agent.name, "--fleet", agent.fleet, "--exit-with-parent"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "corral",
+            "agent",
+            "--data-dir",
+            str(agent.data_dir),
+            "--name",
+            agent.name,
+            "--fleet",
+            agent.fleet,
+            "--exit-with-parent",
+        ]
         for url in self.server_urls:
             cmd += ["--server", url]
         if self.join_token:
@@ -139,7 +171,10 @@ class LocalBackend(Backend):
         agent.log_file = agent.data_dir / "agent.log"
         with open(agent.log_file, "ab") as out:
             agent.proc = subprocess.Popen(
-                self._command(agent), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                self._command(agent),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 start_new_session=True,
             )
         log.info("started agent %s (pid %d)", agent.name, agent.proc.pid)
@@ -179,8 +214,9 @@ class LocalBackend(Backend):
                 if agent.next_start == 0.0:
                     delay = min(30.0, 0.5 * 2 ** min(agent.restarts, 6))
                     agent.next_start = now + delay
-                    log.warning("agent %s exited with %s; restarting in %.1fs",
-                                agent.name, code, delay)
+                    log.warning(
+                        "agent %s exited with %s; restarting in %.1fs", agent.name, code, delay
+                    )
                 if now >= agent.next_start:
                     agent.restarts += 1
                     agent.next_start = 0.0

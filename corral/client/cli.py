@@ -10,7 +10,8 @@ import contextlib
 import re
 import shlex
 import sys
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import NoReturn
 
 import typer
 
@@ -30,14 +31,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ServerOpt = typer.Option(None, "--server", envvar="CORRAL_SERVER", help="server URL",
-                         show_envvar=True)
-TokenOpt = typer.Option(None, "--token", envvar="CORRAL_TOKEN", help="admin token",
-                        show_envvar=True)
+ServerOpt = typer.Option(
+    None, "--server", envvar="CORRAL_SERVER", help="server URL", show_envvar=True
+)
+TokenOpt = typer.Option(
+    None, "--token", envvar="CORRAL_TOKEN", help="admin token", show_envvar=True
+)
 JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
 
@@ -66,7 +69,7 @@ def parse_memory(text: str) -> int:
     return int(value * factor)
 
 
-def exit_code_of(job) -> int:  # noqa: ANN001
+def exit_code_of(job) -> int:
     if job.job_state == "succeeded":
         return 0
     if job.exit_code is not None:
@@ -79,18 +82,21 @@ def exit_code_of(job) -> int:  # noqa: ANN001
 )
 def run(
     command: list[str] = typer.Argument(..., help="the command and its arguments (after --)"),
-    fleet: Optional[str] = typer.Option(None, help="run only on this fleet's instances"),
+    fleet: str | None = typer.Option(None, help="run only on this fleet's instances"),
     cpus: float = typer.Option(1.0, help="cpus the job needs"),
-    memory: Optional[str] = typer.Option(None, help="memory the job needs, e.g. 512M, 2G"),
+    memory: str | None = typer.Option(None, help="memory the job needs, e.g. 512M, 2G"),
     max_attempts: int = typer.Option(3, help="attempts before the job fails for good"),
-    name: Optional[str] = typer.Option(None, help="a name to recognise the job by"),
+    name: str | None = typer.Option(None, help="a name to recognise the job by"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE for the job (repeatable)"),
-    inputs: list[str] = typer.Option([], "--input", "-i",
-                                     help="object id (from corral put) the job reads from "
-                                          "$CORRAL_INPUT_DIR (repeatable)"),
+    inputs: list[str] = typer.Option(
+        [],
+        "--input",
+        "-i",
+        help="object id (from corral put) the job reads from $CORRAL_INPUT_DIR (repeatable)",
+    ),
     detach: bool = typer.Option(False, "--detach", "-d", help="print the job id and return"),
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Submit a job. Without --detach, stream its output and exit with its exit code.
 
@@ -110,8 +116,9 @@ def run(
         if not sep or not key:
             fail(f"--env {item!r}: expected KEY=VALUE", 2)
         envs[key] = value
-    options = dict(fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs,
-                   inputs=inputs)
+    options = dict(
+        fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs, inputs=inputs
+    )
     if memory is not None:
         options["memory_mb"] = parse_memory(memory)
     with client(server, token) as c:
@@ -123,14 +130,14 @@ def run(
             print(job.id)
             return
         if sys.stderr.isatty():
-            err_console.print(f"[dim]job {job.id} submitted; following its output "
-                              "(Ctrl-C stops following)[/dim]")
+            err_console.print(
+                f"[dim]job {job.id} submitted; following its output (Ctrl-C stops following)[/dim]"
+            )
         code = _follow(c, job.id)
     raise typer.Exit(code)
 
 
-def _follow(c: Client, job_id: int, until_final: bool = True,
-            attempt: int | None = None) -> int:
+def _follow(c: Client, job_id: int, until_final: bool = True, attempt: int | None = None) -> int:
     def out(stream: str, data: bytes) -> None:
         target = sys.stdout if stream == "out" else sys.stderr
         target.buffer.write(data)
@@ -140,18 +147,21 @@ def _follow(c: Client, job_id: int, until_final: bool = True,
         err_console.print(f"[yellow]corral:[/yellow] job {job_id}: {text}", highlight=False)
 
     try:
-        page = c.follow(job_id, on_output=out, on_notice=notice, attempt=attempt,
-                        until_final=until_final)
+        page = c.follow(
+            job_id, on_output=out, on_notice=notice, attempt=attempt, until_final=until_final
+        )
     except KeyboardInterrupt:
-        err_console.print(f"\nstopped following; job {job_id} keeps running "
-                          f"(corral cancel {job_id} to stop it)")
+        err_console.print(
+            f"\nstopped following; job {job_id} keeps running (corral cancel {job_id} to stop it)"
+        )
         return 130
     except CorralError as exc:
         fail(exc.message)
     if page.job_state in FINAL_JOB_STATES and page.job_state != "succeeded":
         why = page.reason or page.job_state
-        err_console.print(f"[red]corral:[/red] job {job_id} {page.job_state}: {why}",
-                          highlight=False)
+        err_console.print(
+            f"[red]corral:[/red] job {job_id} {page.job_state}: {why}", highlight=False
+        )
     return exit_code_of(page)
 
 
@@ -160,18 +170,31 @@ def jobs(
     state: list[str] = typer.Option([], "--state", "-s", help="filter by state (repeatable)"),
     limit: int = typer.Option(50, help="how many (newest first)"),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """List jobs, newest first."""
     with client(server, token) as c:
         rows = c.jobs(states=state or None, limit=limit)
     if as_json:
         return print_json(rows)
-    table(None, ["ID", "STATE", "COMMAND", "ATTEMPT", "INSTANCE", "EXIT", "CREATED"],
-          [(j.id, styled(j.state), _cmd(j.command), f"{j.attempt}/{j.max_attempts}",
-            j.instance_id, j.exit_code, ago(j.created_at)) for j in rows],
-          empty="no jobs yet: corral run -- echo hello")
+    table(
+        None,
+        ["ID", "STATE", "COMMAND", "ATTEMPT", "INSTANCE", "EXIT", "CREATED"],
+        [
+            (
+                j.id,
+                styled(j.state),
+                _cmd(j.command),
+                f"{j.attempt}/{j.max_attempts}",
+                j.instance_id,
+                j.exit_code,
+                ago(j.created_at),
+            )
+            for j in rows
+        ],
+        empty="no jobs yet: corral run -- echo hello",
+    )
 
 
 def _cmd(argv: list[str], width: int = 60) -> str:
@@ -183,39 +206,48 @@ def _cmd(argv: list[str], width: int = 60) -> str:
 def job(
     job_id: int = typer.Argument(..., help="job id"),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Show one job: state, result, reason, and every attempt."""
     with client(server, token) as c:
         j = c.job(job_id)
     if as_json:
         return print_json(j)
-    console.print(f"[bold]job {j.id}[/bold]{' (' + j.name + ')' if j.name else ''}: "
-                  f"{styled(j.state)}")
+    console.print(
+        f"[bold]job {j.id}[/bold]{' (' + j.name + ')' if j.name else ''}: {styled(j.state)}"
+    )
     console.print(f"  command   {shlex.join(j.command)}", highlight=False)
-    console.print(f"  needs     {j.cpus:g} cpus, {j.memory_mb} MB"
-                  + (f", fleet {j.fleet}" if j.fleet else ""))
+    console.print(
+        f"  needs     {j.cpus:g} cpus, {j.memory_mb} MB" + (f", fleet {j.fleet}" if j.fleet else "")
+    )
     console.print(f"  attempts  {j.attempt} of max {j.max_attempts}")
     if j.exit_code is not None:
         console.print(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")
     if j.reason:
         console.print(f"  reason    {j.reason}", highlight=False)
-    console.print(f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
-                  f"finished {ago(j.finished_at)}")
+    console.print(
+        f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
+        f"finished {ago(j.finished_at)}"
+    )
     if j.attempts:
-        table(None, ["ATTEMPT", "STATE", "INSTANCE", "EXIT", "REASON", "STARTED"],
-              [(a.number, styled(a.state), a.instance_id, a.exit_code, a.reason,
-                ago(a.started_at)) for a in j.attempts])
+        table(
+            None,
+            ["ATTEMPT", "STATE", "INSTANCE", "EXIT", "REASON", "STARTED"],
+            [
+                (a.number, styled(a.state), a.instance_id, a.exit_code, a.reason, ago(a.started_at))
+                for a in j.attempts
+            ],
+        )
 
 
 @app.command()
 def logs(
     job_id: int = typer.Argument(..., help="job id"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends"),
-    attempt: Optional[int] = typer.Option(None, help="an earlier attempt's output"),
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    attempt: int | None = typer.Option(None, help="an earlier attempt's output"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Print a job's output (stdout to stdout, stderr to stderr)."""
     with client(server, token) as c:
@@ -227,8 +259,8 @@ def logs(
 @app.command()
 def cancel(
     job_id: int = typer.Argument(..., help="job id"),
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Cancel a job; its processes (the whole tree) are killed."""
     with client(server, token) as c:
@@ -239,8 +271,8 @@ def cancel(
 @app.command()
 def requeue(
     job_id: int = typer.Argument(..., help="job id"),
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Revoke a running job's current attempt and queue it again (uses an attempt).
 
@@ -254,19 +286,32 @@ def requeue(
 def instances(
     all: bool = typer.Option(False, "--all", "-a", help="include terminated instances"),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """List the fleet's instances."""
     with client(server, token) as c:
         rows = c.instances(include_terminated=all)
     if as_json:
         return print_json(rows)
-    table(None, ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT"],
-          [(i.name, i.id, i.fleet, styled(i.state) + (" [red]lost[/red]" if i.lost else ""),
-            f"{i.cpus:g}", f"{i.memory_mb} MB", i.running_attempts, ago(i.last_heartbeat_at))
-           for i in rows],
-          empty="no instances: start some with `corral up --agents N` or `corral agent`")
+    table(
+        None,
+        ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT"],
+        [
+            (
+                i.name,
+                i.id,
+                i.fleet,
+                styled(i.state) + (" [red]lost[/red]" if i.lost else ""),
+                f"{i.cpus:g}",
+                f"{i.memory_mb} MB",
+                i.running_attempts,
+                ago(i.last_heartbeat_at),
+            )
+            for i in rows
+        ],
+        empty="no instances: start some with `corral up --agents N` or `corral agent`",
+    )
 
 
 @app.command()
@@ -274,10 +319,10 @@ def events(
     level: str = typer.Option("info", help="minimum level: debug, info, warning, error"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events"),
     limit: int = typer.Option(50, help="how many recent events"),
-    job_id: Optional[int] = typer.Option(None, "--job", help="only this job's events"),
+    job_id: int | None = typer.Option(None, "--job", help="only this job's events"),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """What the control plane decided and why (requeues, lost instances, warnings)."""
     with client(server, token) as c:
@@ -296,24 +341,26 @@ def events(
         except CorralError as exc:
             fail(exc.message)
         except KeyboardInterrupt:
-            return
+            return None
 
 
-def _print_event(e, as_json: bool) -> None:  # noqa: ANN001
+def _print_event(e, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(e.model_dump_json() + "\n")
         sys.stdout.flush()
         return
-    console.print(f"[dim]{ago(e.ts):>9}[/dim] {styled(e.level):<7} [bold]{e.kind}[/bold] "
-                  f"{e.message}", highlight=False)
+    console.print(
+        f"[dim]{ago(e.ts):>9}[/dim] {styled(e.level):<7} [bold]{e.kind}[/bold] {e.message}",
+        highlight=False,
+    )
 
 
 @app.command()
 def servers(
     all: bool = typer.Option(False, "--all", "-a", help="include servers stopped long ago"),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """The API servers sharing this database, with their builds."""
     with client(server, token) as c:
@@ -321,9 +368,25 @@ def servers(
     if as_json:
         return print_json(rows)
     builds = {s.build_version for s in rows if s.alive}
-    table(None, ["ID", "BUILD", "HOST", "PID", "URL", "STARTED", "LAST SEEN", "ALIVE"],
-          [(s.id, s.build_version, s.host, s.pid, s.url, ago(s.started_at),
-            ago(s.last_seen_at), "yes" if s.alive else "no") for s in rows])
+    table(
+        None,
+        ["ID", "BUILD", "HOST", "PID", "URL", "STARTED", "LAST SEEN", "ALIVE"],
+        [
+            (
+                s.id,
+                s.build_version,
+                s.host,
+                s.pid,
+                s.url,
+                ago(s.started_at),
+                ago(s.last_seen_at),
+                "yes" if s.alive else "no",
+            )
+            for s in rows
+        ],
+    )
     if len(builds) > 1:
-        err_console.print(f"[yellow]warning:[/yellow] servers of different builds are running: "
-                          f"{', '.join(sorted(builds))}")
+        err_console.print(
+            f"[yellow]warning:[/yellow] servers of different builds are running: "
+            f"{', '.join(sorted(builds))}"
+        )

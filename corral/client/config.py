@@ -6,13 +6,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from corral import default_data_dir
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("CORRAL_DATA_DIR") or Path.home() / ".corral").expanduser()
 
 
 @dataclass(frozen=True)
@@ -23,7 +20,7 @@ class ClientConfig:
 
 
 def resolve(server: str | None = None, token: str | None = None) -> ClientConfig:
-    d = data_dir()
+    d = default_data_dir()
     if not server:
         server = os.environ.get("CORRAL_SERVER")
     if not server:

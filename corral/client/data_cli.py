@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TransferSpeedColumn
 
 from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail, parse_memory
 from corral.client.render import console, err_console, print_json, styled, table
 from corral.client.sdk import CorralError
 
 
-def _bar(description: str, total: int | None) -> tuple[Progress, int]:
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), transient=True, console=err_console)
+def _bar(description: str, total: int | None) -> tuple[Progress, TaskID]:
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=True,
+        console=err_console,
+    )
     return bar, bar.add_task(description, total=total)
 
 
-def human(n: int) -> str:
+def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -32,14 +37,18 @@ def human(n: int) -> str:
 
 @app.command(context_settings={"allow_interspersed_args": True})
 def outputs(
-    args: list[str] = typer.Argument(..., metavar="[get] JOB_ID [PATH]",
-                                     help="JOB_ID lists; get JOB_ID [PATH] downloads"),
-    dest: Optional[Path] = typer.Option(None, "-o", "--output",
-                                        help="where to write (a file for one PATH, a directory "
-                                             "otherwise; default ./job-ID/)"),
+    args: list[str] = typer.Argument(
+        ..., metavar="[get] JOB_ID [PATH]", help="JOB_ID lists; get JOB_ID [PATH] downloads"
+    ),
+    dest: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="where to write (a file for one PATH, a directory otherwise; default ./job-ID/)",
+    ),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """List a job's outputs, or download them (verified by sha256).
 
@@ -55,11 +64,22 @@ def outputs(
         if not get:
             if as_json:
                 return print_json(files)
-            table(None, ["PATH", "SIZE", "SHA256", "COPIES", "STATE"],
-                  [(o.path, human(o.size), o.sha256[:16] + "…",
-                    f"{o.copies} (1 durable)" if o.durable else o.copies, styled(o.state))
-                   for o in files], empty=f"job {job_id} has no outputs")
-            return
+            table(
+                None,
+                ["PATH", "SIZE", "SHA256", "COPIES", "STATE"],
+                [
+                    (
+                        o.path,
+                        human(o.size),
+                        o.sha256[:16] + "…",
+                        f"{o.copies} (1 durable)" if o.durable else o.copies,
+                        styled(o.state),
+                    )
+                    for o in files
+                ],
+                empty=f"job {job_id} has no outputs",
+            )
+            return None
         if len(rest) == 2:
             files = [o for o in files if o.path == rest[1]]
             if not files:
@@ -83,10 +103,10 @@ def outputs(
 @app.command()
 def put(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="file to upload"),
-    name: Optional[str] = typer.Option(None, help="its name as a job input (default: file name)"),
+    name: str | None = typer.Option(None, help="its name as a job input (default: file name)"),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Upload input data; prints its object id. It lives on the instances like job
     outputs; a job takes it with `corral run --input ID` (in $CORRAL_INPUT_DIR)."""
@@ -97,20 +117,25 @@ def put(
     if as_json:
         return print_json(obj)
     placed = [r.instance_name for r in obj.replicas if r.state == "present"]
-    err_console.print(f"stored {human(obj.size)} as {obj.name}"
-                      + (f" on {', '.join(placed)}" if placed else " (placement pending)"),
-                      highlight=False)
+    err_console.print(
+        f"stored {human(obj.size)} as {obj.name}"
+        + (f" on {', '.join(placed)}" if placed else " (placement pending)"),
+        highlight=False,
+    )
     print(obj.sha256)
 
 
 @app.command()
 def drain(
     instance: str = typer.Argument(..., help="instance name or id"),
-    force: bool = typer.Option(False, "--force", help="retire even if outputs only it holds "
-                               "would be lost (they are listed)"),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="retire even if outputs only it holds would be lost (they are listed)",
+    ),
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Stop giving an instance jobs, copy its unique outputs to running instances, then
     retire it. Without a place for its data it stays draining and says so."""
@@ -123,7 +148,8 @@ def drain(
     if view.at_risk:
         verb = "will be LOST" if force else "only it holds (copying them first)"
         (err_console if force else console).print(
-            f"{len(view.at_risk)} object(s) {verb}:", highlight=False)
+            f"{len(view.at_risk)} object(s) {verb}:", highlight=False
+        )
         for a in view.at_risk[:50]:
             console.print(f"  {human(a.size):>9}  {', '.join(a.names)}", highlight=False)
 
@@ -131,31 +157,58 @@ def drain(
 @app.command()
 def fleets(
     as_json: bool = JsonOpt,
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Fleets: backend, size range, target, instances."""
     with client(server, token) as c:
         rows = c.fleets()
     if as_json:
         return print_json(rows)
-    table(None, ["NAME", "BACKEND", "MIN", "MAX", "TARGET", "RUNNING", "PENDING", "DRAINING",
-                 "IDLE TIMEOUT", "DURABLE"],
-          [(f.name, f.backend, f.min_size, f.max_size, f.target_size, f.running, f.pending,
-            f.draining, f"{f.idle_timeout:g}s", "yes" if f.durable else "no") for f in rows],
-          empty="no fleets: corral fleet apply fleet.yml")
+    table(
+        None,
+        [
+            "NAME",
+            "BACKEND",
+            "MIN",
+            "MAX",
+            "TARGET",
+            "RUNNING",
+            "PENDING",
+            "DRAINING",
+            "IDLE TIMEOUT",
+            "DURABLE",
+        ],
+        [
+            (
+                f.name,
+                f.backend,
+                f.min_size,
+                f.max_size,
+                f.target_size,
+                f.running,
+                f.pending,
+                f.draining,
+                f"{f.idle_timeout:g}s",
+                "yes" if f.durable else "no",
+            )
+            for f in rows
+        ],
+        empty="no fleets: corral fleet apply fleet.yml",
+    )
 
 
-fleet_app = typer.Typer(help="Manage fleets (see `corral fleets` to list them).",
-                        no_args_is_help=True)
+fleet_app = typer.Typer(
+    help="Manage fleets (see `corral fleets` to list them).", no_args_is_help=True
+)
 app.add_typer(fleet_app, name="fleet")
 
 
 @fleet_app.command("apply")
 def fleet_apply(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="fleet file (YAML)"),
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Create or update a fleet from a file:
 
@@ -177,8 +230,12 @@ def fleet_apply(
     if not isinstance(data, dict):
         fail(f"{file}: expected a mapping of fleet settings", 2)
     instance = data.pop("instance", {}) or {}
-    spec = {"name": data.pop("name", None), "backend": data.pop("backend", "local"),
-            "min_size": data.pop("min", 0), "max_size": data.pop("max", 1)}
+    spec = {
+        "name": data.pop("name", None),
+        "backend": data.pop("backend", "local"),
+        "min_size": data.pop("min", 0),
+        "max_size": data.pop("max", 1),
+    }
     if "idle_timeout" in data:
         spec["idle_timeout"] = data.pop("idle_timeout")
     if "durable" in data:
@@ -195,23 +252,28 @@ def fleet_apply(
             f = c.apply_fleet(spec)
         except ValueError as exc:
             fail(f"{file}: {exc}", 2)
-    console.print(f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances, "
-                  f"target {f.target_size}", highlight=False)
+    console.print(
+        f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances, "
+        f"target {f.target_size}",
+        highlight=False,
+    )
 
 
 @app.command()
 def scale(
     fleet: str = typer.Argument(..., help="fleet name"),
     size: int = typer.Argument(..., min=0, help="instances wanted"),
-    server: Optional[str] = ServerOpt,
-    token: Optional[str] = TokenOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Set a fleet's size. Shrinking drains the instances holding the least unique data
     first; none is terminated before its data has a copy elsewhere."""
     with client(server, token) as c:
         f = c.scale(fleet, size)
-    console.print(f"fleet {f.name}: target {f.target_size} ({f.running} running, "
-                  f"{f.draining} draining)", highlight=False)
+    console.print(
+        f"fleet {f.name}: target {f.target_size} ({f.running} running, {f.draining} draining)",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,20 @@ console = Console()
 err_console = Console(stderr=True)
 
 STATE_STYLE = {
-    "succeeded": "green", "running": "green", "failed": "red", "cancelled": "yellow",
-    "queued": "cyan", "locked": "cyan", "draining": "yellow", "retired": "dim",
-    "terminated": "dim", "pending": "cyan", "warning": "yellow", "error": "red",
-    "info": "", "debug": "dim",
+    "succeeded": "green",
+    "running": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "queued": "cyan",
+    "locked": "cyan",
+    "draining": "yellow",
+    "retired": "dim",
+    "terminated": "dim",
+    "pending": "cyan",
+    "warning": "yellow",
+    "error": "red",
+    "info": "",
+    "debug": "dim",
 }
 
 
@@ -43,8 +53,8 @@ def styled(value: str) -> str:
     return f"[{style}]{value}[/{style}]" if style else value
 
 
-def print_json(data) -> None:  # noqa: ANN001
-    def plain(x):  # noqa: ANN001
+def print_json(data) -> None:
+    def plain(x):
         if isinstance(x, BaseModel):
             return x.model_dump(mode="json")
         if isinstance(x, list):
@@ -54,8 +64,12 @@ def print_json(data) -> None:  # noqa: ANN001
     sys.stdout.write(json.dumps(plain(data), indent=2) + "\n")
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]],
-          empty: str = "nothing to show") -> None:
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    empty: str = "nothing to show",
+) -> None:
     rows = list(rows)
     if not rows:
         console.print(f"[dim]{empty}[/dim]")

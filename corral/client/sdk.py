@@ -1,9 +1,9 @@
 """The Python SDK: everything the CLI does, as method calls.
 
-    from corral.client.sdk import Client
-    c = Client()                      # CORRAL_SERVER / CORRAL_TOKEN or ~/.corral
-    job = c.submit(["python", "-c", "print(42)"])
-    final = c.follow(job.id, on_output=lambda stream, data: print(data.decode(), end=""))
+from corral.client.sdk import Client
+c = Client()                      # CORRAL_SERVER / CORRAL_TOKEN or ~/.corral
+job = c.submit(["python", "-c", "print(42)"])
+final = c.follow(job.id, on_output=lambda stream, data: print(data.decode(), end=""))
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
-from corral.client.config import resolve
-from corral.domain.api import (
+from corral.api import (
     ComponentPublish,
     ComponentView,
     DrainView,
@@ -32,10 +31,11 @@ from corral.domain.api import (
     RolloutView,
     ServerView,
 )
+from corral.client.config import resolve
 from corral.domain.jobs import FINAL_JOB_STATES
 
 
-def _file_chunks(path, on_progress: Callable[[int], None] | None):  # noqa: ANN001, ANN202
+def _file_chunks(path, on_progress: Callable[[int], None] | None):
     with open(path, "rb") as f:
         while chunk := f.read(1024 * 1024):
             if on_progress:
@@ -54,8 +54,7 @@ class CorralError(Exception):
 
 
 class Client:
-    def __init__(self, server: str | None = None, token: str | None = None,
-                 timeout: float = 30.0):
+    def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 30.0):
         cfg = resolve(server, token)
         self.server = cfg.server
         self.token_source = cfg.token_source
@@ -65,16 +64,15 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.close()
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, *, json=None, params=None, timeout=None,  # noqa: ANN001
-              content=None):  # noqa: ANN001
+    def _call(self, method: str, path: str, *, json=None, params=None, timeout=None, content=None):
         try:
             kwargs = {"json": json, "params": params}
             if content is not None:
@@ -94,8 +92,10 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 message, code = resp.text[:500] or resp.reason_phrase, None
             if resp.status_code == 401:
-                message += (f" (token from {self.token_source}; set CORRAL_TOKEN or pass "
-                            "--token with the server's admin token)")
+                message += (
+                    f" (token from {self.token_source}; set CORRAL_TOKEN or pass "
+                    "--token with the server's admin token)"
+                )
             raise CorralError(message, status=resp.status_code, code=code)
         return resp.json()
 
@@ -107,13 +107,13 @@ class Client:
             self._call("POST", "/api/v1/jobs", json=spec.model_dump(exclude_defaults=True))
         )
 
-    def jobs(self, states: list[str] | None = None, limit: int = 100,
-             before: int | None = None) -> list[JobView]:
+    def jobs(
+        self, states: list[str] | None = None, limit: int = 100, before: int | None = None
+    ) -> list[JobView]:
         params = {"limit": limit, "state": states or []}
         if before is not None:
             params["before"] = before
-        return [JobView.model_validate(j) for j in self._call("GET", "/api/v1/jobs",
-                                                               params=params)]
+        return [JobView.model_validate(j) for j in self._call("GET", "/api/v1/jobs", params=params)]
 
     def job(self, job_id: int) -> JobView:
         return JobView.model_validate(self._call("GET", f"/api/v1/jobs/{job_id}"))
@@ -124,8 +124,9 @@ class Client:
     def requeue(self, job_id: int) -> JobView:
         return JobView.model_validate(self._call("POST", f"/api/v1/jobs/{job_id}/requeue"))
 
-    def logs(self, job_id: int, *, attempt: int | None = None, after: int = -1,
-             wait: float = 0) -> LogPage:
+    def logs(
+        self, job_id: int, *, attempt: int | None = None, after: int = -1, wait: float = 0
+    ) -> LogPage:
         params = {"after": after, "wait": wait}
         if attempt:
             params["attempt"] = attempt
@@ -134,17 +135,23 @@ class Client:
         )
 
     def follow(
-        self, job_id: int, *, on_output: Callable[[str, bytes], None],
-        on_notice: Callable[[str], None] | None = None, attempt: int | None = None,
-        until_final: bool = True, wait: float = 10.0,
+        self,
+        job_id: int,
+        *,
+        on_output: Callable[[str, bytes], None],
+        on_notice: Callable[[str], None] | None = None,
+        attempt: int | None = None,
+        until_final: bool = True,
+        wait: float = 10.0,
     ) -> LogPage:
         """Stream a job's output as it is produced, following it from attempt to
         attempt (or only `attempt`), until the job ends; with until_final=False, only
         what is there now. Returns the last page (it carries the job's state)."""
         following, after = attempt or 0, -1
         while True:
-            page = self.logs(job_id, attempt=following or None, after=after,
-                             wait=wait if until_final else 0)
+            page = self.logs(
+                job_id, attempt=following or None, after=after, wait=wait if until_final else 0
+            )
             if not following and page.attempt:
                 following = page.attempt
             for chunk in page.chunks:
@@ -155,8 +162,9 @@ class Client:
             moved_on = page.current_attempt and page.current_attempt != following
             if attempt is None and moved_on:
                 if following and on_notice:
-                    on_notice(f"attempt {following} ended; following attempt "
-                              f"{page.current_attempt}")
+                    on_notice(
+                        f"attempt {following} ended; following attempt {page.current_attempt}"
+                    )
                 following, after = page.current_attempt, -1
                 continue
             if not until_final or page.job_state in FINAL_JOB_STATES or moved_on:
@@ -165,20 +173,32 @@ class Client:
     # -- fleet and control plane ------------------------------------------------------------
 
     def instances(self, include_terminated: bool = False) -> list[InstanceView]:
-        return [InstanceView.model_validate(i) for i in
-                self._call("GET", "/api/v1/instances", params={"all": include_terminated})]
+        return [
+            InstanceView.model_validate(i)
+            for i in self._call("GET", "/api/v1/instances", params={"all": include_terminated})
+        ]
 
-    def events(self, level: str = "info", after: int = 0, limit: int = 100,
-               wait: float = 0, job: int | None = None) -> list[EventView]:
+    def events(
+        self,
+        level: str = "info",
+        after: int = 0,
+        limit: int = 100,
+        wait: float = 0,
+        job: int | None = None,
+    ) -> list[EventView]:
         params = {"level": level, "after": after, "limit": limit, "wait": wait}
         if job is not None:
             params["job"] = job
-        return [EventView.model_validate(e) for e in
-                self._call("GET", "/api/v1/events", params=params, timeout=wait + 30)]
+        return [
+            EventView.model_validate(e)
+            for e in self._call("GET", "/api/v1/events", params=params, timeout=wait + 30)
+        ]
 
     def servers(self, include_stopped: bool = False) -> list[ServerView]:
-        return [ServerView.model_validate(s) for s in
-                self._call("GET", "/api/v1/servers", params={"all": include_stopped})]
+        return [
+            ServerView.model_validate(s)
+            for s in self._call("GET", "/api/v1/servers", params={"all": include_stopped})
+        ]
 
     def health(self) -> dict:
         return self._call("GET", "/health")
@@ -186,13 +206,15 @@ class Client:
     # -- outputs, uploads, instances and fleets ----------------------------------------------
 
     def outputs(self, job_id: int) -> list[OutputView]:
-        return [OutputView.model_validate(o) for o in
-                self._call("GET", f"/api/v1/jobs/{job_id}/outputs")]
+        return [
+            OutputView.model_validate(o)
+            for o in self._call("GET", f"/api/v1/jobs/{job_id}/outputs")
+        ]
 
     def object(self, sha256: str) -> ObjectView:
         return ObjectView.model_validate(self._call("GET", f"/api/v1/objects/{sha256}"))
 
-    def download(self, sha256: str, dest, on_progress: Callable[[int], None] | None = None):  # noqa: ANN001, ANN201
+    def download(self, sha256: str, dest, on_progress: Callable[[int], None] | None = None):
         """Stream an object to `dest`, verifying its sha256; `dest` appears only
         complete and verified."""
         import hashlib
@@ -204,8 +226,9 @@ class Client:
         tmp = dest.with_name(f".{dest.name}.part")
         digest = hashlib.sha256()
         try:
-            with self._http.stream("GET", f"/api/v1/objects/{sha256}/content",
-                                   timeout=httpx.Timeout(30, read=600)) as resp:
+            with self._http.stream(
+                "GET", f"/api/v1/objects/{sha256}/content", timeout=httpx.Timeout(30, read=600)
+            ) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     try:
@@ -220,8 +243,10 @@ class Client:
                         if on_progress:
                             on_progress(len(chunk))
             if digest.hexdigest() != sha256:
-                raise CorralError(f"downloaded bytes have sha256 {digest.hexdigest()}, not "
-                                  f"{sha256}; nothing written to {dest}")
+                raise CorralError(
+                    f"downloaded bytes have sha256 {digest.hexdigest()}, not "
+                    f"{sha256}; nothing written to {dest}"
+                )
             os.replace(tmp, dest)
         except httpx.TransportError as exc:
             raise CorralError(f"download of {sha256[:12]}… failed: {exc}") from None
@@ -229,66 +254,86 @@ class Client:
             tmp.unlink(missing_ok=True)
         return dest
 
-    def put(self, path, name: str | None = None,  # noqa: ANN001
-            on_progress: Callable[[int], None] | None = None) -> ObjectView:
+    def put(
+        self, path, name: str | None = None, on_progress: Callable[[int], None] | None = None
+    ) -> ObjectView:
         """Upload a file as an object that lives on the instances (a job input)."""
         from pathlib import Path
 
-        return ObjectView.model_validate(self._call(
-            "PUT", "/api/v1/objects", params={"name": name or Path(path).name},
-            content=_file_chunks(path, on_progress), timeout=900))
+        return ObjectView.model_validate(
+            self._call(
+                "PUT",
+                "/api/v1/objects",
+                params={"name": name or Path(path).name},
+                content=_file_chunks(path, on_progress),
+                timeout=900,
+            )
+        )
 
     def drain(self, instance: str, force: bool = False) -> DrainView:
-        return DrainView.model_validate(self._call(
-            "POST", f"/api/v1/instances/{instance}/drain", json={"force": force}))
+        return DrainView.model_validate(
+            self._call("POST", f"/api/v1/instances/{instance}/drain", json={"force": force})
+        )
 
     def fleets(self) -> list[FleetView]:
         return [FleetView.model_validate(f) for f in self._call("GET", "/api/v1/fleets")]
 
     def apply_fleet(self, spec: dict) -> FleetView:
         fleet = FleetSpec.model_validate(spec)
-        return FleetView.model_validate(self._call(
-            "PUT", f"/api/v1/fleets/{fleet.name}", json=fleet.model_dump()))
+        return FleetView.model_validate(
+            self._call("PUT", f"/api/v1/fleets/{fleet.name}", json=fleet.model_dump())
+        )
 
     def scale(self, fleet: str, size: int) -> FleetView:
-        return FleetView.model_validate(self._call(
-            "POST", f"/api/v1/fleets/{fleet}/scale", json={"size": size}))
+        return FleetView.model_validate(
+            self._call("POST", f"/api/v1/fleets/{fleet}/scale", json={"size": size})
+        )
 
     # -- components and rollouts -------------------------------------------------------------
 
     def components(self) -> list[ComponentView]:
         return [ComponentView.model_validate(c) for c in self._call("GET", "/api/v1/components")]
 
-    def publish(self, name: str, version: str, url: str, sha256: str,
-                size: int | None = None) -> ComponentView:
+    def publish(
+        self, name: str, version: str, url: str, sha256: str, size: int | None = None
+    ) -> ComponentView:
         spec = ComponentPublish(name=name, version=version, url=url, sha256=sha256, size=size)
         return ComponentView.model_validate(
-            self._call("POST", "/api/v1/components", json=spec.model_dump()))
+            self._call("POST", "/api/v1/components", json=spec.model_dump())
+        )
 
-    def upload(self, path, on_progress: Callable[[int], None] | None = None) -> dict:  # noqa: ANN001
+    def upload(self, path, on_progress: Callable[[int], None] | None = None) -> dict:
         """Store a file on the server as a component artifact; returns {sha256, size, url}."""
-        return self._call("PUT", "/api/v1/artifacts", content=_file_chunks(path, on_progress),
-                          timeout=600)
+        return self._call(
+            "PUT", "/api/v1/artifacts", content=_file_chunks(path, on_progress), timeout=600
+        )
 
     def component_status(self, component: str | None = None) -> list[InstanceComponentView]:
         params = {"component": component} if component else None
-        return [InstanceComponentView.model_validate(r) for r in
-                self._call("GET", "/api/v1/components/status", params=params)]
+        return [
+            InstanceComponentView.model_validate(r)
+            for r in self._call("GET", "/api/v1/components/status", params=params)
+        ]
 
     def rollout(self, component: str, version: str, **options) -> RolloutView:
         req = RolloutRequest(component=component, version=version, **options)
         return RolloutView.model_validate(
-            self._call("POST", "/api/v1/rollouts", json=req.model_dump()))
+            self._call("POST", "/api/v1/rollouts", json=req.model_dump())
+        )
 
     def rollouts(self, limit: int = 50) -> list[RolloutView]:
-        return [RolloutView.model_validate(r) for r in
-                self._call("GET", "/api/v1/rollouts", params={"limit": limit})]
+        return [
+            RolloutView.model_validate(r)
+            for r in self._call("GET", "/api/v1/rollouts", params={"limit": limit})
+        ]
 
     def resume_rollout(self, rollout_id: int) -> RolloutView:
         return RolloutView.model_validate(
-            self._call("POST", f"/api/v1/rollouts/{rollout_id}/resume"))
+            self._call("POST", f"/api/v1/rollouts/{rollout_id}/resume")
+        )
 
     def rollback(self, component: str, fleet: str | None = None) -> RolloutView:
         params = {"component": component, **({"fleet": fleet} if fleet else {})}
         return RolloutView.model_validate(
-            self._call("POST", "/api/v1/rollouts/rollback", params=params))
+            self._call("POST", "/api/v1/rollouts/rollback", params=params)
+        )

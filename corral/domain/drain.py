@@ -10,8 +10,22 @@ running, reachable instances, the emptiest first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from corral.domain.instances import InstanceState, accepts_replicas
+
+
+class ObjectState(StrEnum):
+    LIVE = "live"
+    LOST = "lost"  # no replica anywhere (only ever after a forced retirement)
+
+
+class ReplicaState(StrEnum):
+    PENDING = "pending"  # a copy is ordered onto this instance
+    PRESENT = "present"  # the instance holds it
+    FAILED = "failed"  # the ordered copy failed
+    MISSING = "missing"  # the instance no longer reports it
+    DROPPED = "dropped"  # its instance retired
 
 
 @dataclass(frozen=True)
@@ -34,14 +48,16 @@ def safe_without(obj: ObjectInfo, leaving: str) -> bool:
     """Would `obj` survive `leaving` going away?"""
     if obj.durable:
         return True
-    return any(h.instance_id != leaving and accepts_replicas(h.state, h.lost)
-               for h in obj.holders)
+    return any(h.instance_id != leaving and accepts_replicas(h.state, h.lost) for h in obj.holders)
 
 
 def at_risk(objects: list[ObjectInfo], leaving: str) -> list[ObjectInfo]:
     """Objects held by `leaving` that would be lost without it."""
-    return [o for o in objects
-            if any(h.instance_id == leaving for h in o.holders) and not safe_without(o, leaving)]
+    return [
+        o
+        for o in objects
+        if any(h.instance_id == leaving for h in o.holders) and not safe_without(o, leaving)
+    ]
 
 
 @dataclass
@@ -57,8 +73,9 @@ class Copy:
     recipient: str
 
 
-def plan_copies(risky: list[ObjectInfo], recipients: list[Recipient],
-                max_in_flight: int | None = None) -> tuple[list[Copy], list[ObjectInfo]]:
+def plan_copies(
+    risky: list[ObjectInfo], recipients: list[Recipient], max_in_flight: int | None = None
+) -> tuple[list[Copy], list[ObjectInfo]]:
     """One new replica for each object at risk that has none on its way, on the
     recipient holding the fewest bytes. Returns (copies, objects with no recipient).
     `recipients` must already be filtered to running, reachable instances."""
@@ -112,8 +129,9 @@ def vote(previous: ScaleVote, direction: str | None) -> ScaleVote:
     return ScaleVote(direction, 1)
 
 
-def desired_size(*, active: int, minimum: int, maximum: int, waiting_cpus: float,
-                 instance_cpus: float, idle: int) -> tuple[int, str | None]:
+def desired_size(
+    *, active: int, minimum: int, maximum: int, waiting_cpus: float, instance_cpus: float, idle: int
+) -> tuple[int, str | None]:
     """What the fleet's size should be now, and which way that moves it."""
     if waiting_cpus > 0 and active < maximum:
         need = int(-(-waiting_cpus // max(instance_cpus, 1e-9)))  # ceil

@@ -22,7 +22,7 @@ class Capacity:
     used_cpus: float = 0.0
     used_memory_mb: int = 0
     running: int = 0
-    order: tuple = field(default=())
+    order: tuple[int, ...] = field(default=())
 
     @property
     def free_cpus(self) -> float:

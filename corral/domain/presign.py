@@ -10,7 +10,7 @@ idempotent and a retry overwrites with the same bytes.
 
 Signing is plain HMAC over strings, so it needs no SDK and lives here, pure, with
 time passed in; the one request the server itself makes (the confirming HEAD) is in
-`corral.backends.durable`.
+`corral.server.durable`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,20 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
-def presign(*, method: str, scheme: str, host: str, path: str, access_key: str,
-            secret_key: str, region: str, now: float, expires: int,
-            headers: dict[str, str] | None = None, service: str = "s3") -> str:
+def presign(
+    *,
+    method: str,
+    scheme: str,
+    host: str,
+    path: str,
+    access_key: str,
+    secret_key: str,
+    region: str,
+    now: float,
+    expires: int,
+    headers: dict[str, str] | None = None,
+    service: str = "s3",
+) -> str:
     """A URL that lets its bearer make one kind of request until `expires` seconds
     after `now`. `headers` (besides Host) are signed: the request must carry them
     with exactly these values."""
@@ -54,14 +65,22 @@ def presign(*, method: str, scheme: str, host: str, path: str, access_key: str,
     }
     canonical_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
     canonical_path = _quote(path, safe="/-_.~")
-    canonical = "\n".join([
-        method, canonical_path, canonical_query,
-        "".join(f"{n}:{signed[n]}\n" for n in names), ";".join(names), "UNSIGNED-PAYLOAD",
-    ])
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{secret_key}".encode(), day), region), service),
-                "aws4_request")
+    canonical = "\n".join(
+        [
+            method,
+            canonical_path,
+            canonical_query,
+            "".join(f"{n}:{signed[n]}\n" for n in names),
+            ";".join(names),
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = _hmac(
+        _hmac(_hmac(_hmac(f"AWS4{secret_key}".encode(), day), region), service), "aws4_request"
+    )
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
     return f"{scheme}://{host}{canonical_path}?{canonical_query}&X-Amz-Signature={signature}"
 
@@ -75,10 +94,14 @@ class DurableStore:
     region: str = "us-east-1"
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "DurableStore":
-        return cls(endpoint=spec["endpoint"].rstrip("/"), bucket=spec["bucket"],
-                   access_key=spec.get("access_key", ""), secret_key=spec.get("secret_key", ""),
-                   region=spec.get("region") or "us-east-1")
+    def from_spec(cls, spec: dict[str, str]) -> DurableStore:
+        return cls(
+            endpoint=spec["endpoint"].rstrip("/"),
+            bucket=spec["bucket"],
+            access_key=spec.get("access_key", ""),
+            secret_key=spec.get("secret_key", ""),
+            region=spec.get("region") or "us-east-1",
+        )
 
     @staticmethod
     def key(sha256: str) -> str:
@@ -88,13 +111,28 @@ class DurableStore:
         """Where the object lives, for people to read (not a usable link)."""
         return f"{self.endpoint}/{self.bucket}/{self.key(sha256)}"
 
-    def signed(self, method: str, sha256: str, now: float, expires: int = 900,
-               headers: dict[str, str] | None = None) -> str:
+    def signed(
+        self,
+        method: str,
+        sha256: str,
+        now: float,
+        expires: int = 900,
+        headers: dict[str, str] | None = None,
+    ) -> str:
         parts = urllib.parse.urlsplit(self.endpoint)
         path = f"{parts.path.rstrip('/')}/{self.bucket}/{self.key(sha256)}"
-        return presign(method=method, scheme=parts.scheme, host=parts.netloc, path=path,
-                       access_key=self.access_key, secret_key=self.secret_key,
-                       region=self.region, now=now, expires=expires, headers=headers)
+        return presign(
+            method=method,
+            scheme=parts.scheme,
+            host=parts.netloc,
+            path=path,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+            now=now,
+            expires=expires,
+            headers=headers,
+        )
 
     def put_order(self, sha256: str, now: float, expires: int) -> tuple[str, dict[str, str]]:
         """URL and headers for the holder's upload."""

@@ -9,7 +9,7 @@ explicit rollout (allow_downgrade) installs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from corral.domain.backoff import Backoff
@@ -26,6 +26,14 @@ class ComponentState(StrEnum):
     INSTALL_FAILED = "install_failed"  # cap reached; a WARNING was raised
 
 
+class RolloutState(StrEnum):
+    ACTIVE = "active"  # targeting instances batch by batch
+    PAUSED = "paused"  # too many instances failed; a person resumes or rolls back
+    COMPLETED = "completed"  # every instance in scope converged; newcomers still get it
+    SUPERSEDED = "superseded"  # a newer rollout of the component for the fleet replaced it
+    ROLLED_BACK = "rolled_back"
+
+
 class Action(StrEnum):
     NOTHING = "nothing"
     INSTALL = "install"
@@ -37,7 +45,9 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class InstallPolicy:
-    backoff: Backoff = Backoff(base=30.0, factor=2.0, maximum=3600.0, jitter=0.2)
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(base=30.0, factor=2.0, maximum=3600.0, jitter=0.2)
+    )
     cap: int = 5
 
     def __post_init__(self) -> None:
@@ -71,28 +81,52 @@ def reconcile(status: ComponentStatus, now: float, policy: InstallPolicy, rand: 
     if s.target_sha256 is None:
         return Decision(Action.NOTHING, None, s.attempts, s.next_attempt_at)
     if s.observed_sha256 == s.target_sha256:
-        return Decision(Action.CONVERGED, ComponentState.CONVERGED, 0, 0.0,
-                        f"{s.target_version} installed")
+        return Decision(
+            Action.CONVERGED, ComponentState.CONVERGED, 0, 0.0, f"{s.target_version} installed"
+        )
     if s.state is ComponentState.INSTALL_FAILED:
-        return Decision(Action.NOTHING, ComponentState.INSTALL_FAILED, s.attempts,
-                        s.next_attempt_at, "gave up earlier")
-    if not s.allow_downgrade:
+        return Decision(
+            Action.NOTHING,
+            ComponentState.INSTALL_FAILED,
+            s.attempts,
+            s.next_attempt_at,
+            "gave up earlier",
+        )
+    if not s.allow_downgrade and s.target_version is not None:
         try:
             if is_downgrade(s.observed_version, s.target_version):
-                return Decision(Action.HOLD, ComponentState.HELD, s.attempts, s.next_attempt_at,
-                                f"installed {s.observed_version} is newer than {s.target_version}"
-                                "; no automatic downgrade (roll back explicitly)")
+                return Decision(
+                    Action.HOLD,
+                    ComponentState.HELD,
+                    s.attempts,
+                    s.next_attempt_at,
+                    f"installed {s.observed_version} is newer than {s.target_version}"
+                    "; no automatic downgrade (roll back explicitly)",
+                )
         except (IncomparableVersions, InvalidVersion) as exc:
-            return Decision(Action.HOLD, ComponentState.HELD, s.attempts, s.next_attempt_at,
-                            f"{exc}; replace it with an explicit rollout (--force)")
+            return Decision(
+                Action.HOLD,
+                ComponentState.HELD,
+                s.attempts,
+                s.next_attempt_at,
+                f"{exc}; replace it with an explicit rollout (--force)",
+            )
     if now < s.next_attempt_at:
         # the last order gets its whole window to land before anything else happens
         return Decision(Action.WAIT, s.state, s.attempts, s.next_attempt_at)
     if s.attempts >= policy.cap:
-        return Decision(Action.GIVE_UP, ComponentState.INSTALL_FAILED, s.attempts,
-                        s.next_attempt_at,
-                        f"{s.attempts} install orders did not converge on {s.target_version}")
+        return Decision(
+            Action.GIVE_UP,
+            ComponentState.INSTALL_FAILED,
+            s.attempts,
+            s.next_attempt_at,
+            f"{s.attempts} install orders did not converge on {s.target_version}",
+        )
     attempts = s.attempts + 1
-    return Decision(Action.INSTALL, ComponentState.INSTALLING, attempts,
-                    now + policy.backoff.delay(attempts, rand),
-                    f"install {s.target_version} (order {attempts} of at most {policy.cap})")
+    return Decision(
+        Action.INSTALL,
+        ComponentState.INSTALLING,
+        attempts,
+        now + policy.backoff.delay(attempts, rand),
+        f"install {s.target_version} (order {attempts} of at most {policy.cap})",
+    )

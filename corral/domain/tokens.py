@@ -15,7 +15,7 @@ def hash_secret(secret: str) -> str:
 
 
 def well_formed(secret: str | None) -> bool:
-    return bool(secret) and bool(_SECRET_RE.match(secret))
+    return secret is not None and bool(_SECRET_RE.match(secret))
 
 
 def same_hash(a: str | None, b: str | None) -> bool:

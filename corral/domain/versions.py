@@ -47,13 +47,13 @@ class Version:
     text: str
     scheme: Scheme
     channel: str | None = None
-    key: tuple = ()
+    key: tuple[object, ...] = ()
 
     def __str__(self) -> str:
         return self.text
 
 
-def _pre_key(pre: str | None) -> tuple:
+def _pre_key(pre: str | None) -> tuple[object, ...]:
     # a release without pre-release outranks any pre-release of it
     if pre is None:
         return (1,)
@@ -77,8 +77,12 @@ def parse_version(text: str) -> Version:
                 f"{text!r}: build metadata (+...) has no order; drop it, or use a channel "
                 f"build such as main.1234"
             )
-        key = (int(m.group("major")), int(m.group("minor")), int(m.group("patch")),
-               _pre_key(m.group("pre")))
+        key = (
+            int(m.group("major")),
+            int(m.group("minor")),
+            int(m.group("patch")),
+            _pre_key(m.group("pre")),
+        )
         return Version(text, Scheme.RELEASE, None, key)
     if m := _CHANNEL.match(text):
         return Version(text, Scheme.CHANNEL, m.group("channel"), (int(m.group("build")),))
@@ -110,9 +114,13 @@ def compare(a: Version | str, b: Version | str) -> int:
     a = parse_version(a) if isinstance(a, str) else a
     b = parse_version(b) if isinstance(b, str) else b
     if not comparable(a, b):
-        why = (f"different schemes ({a.scheme} vs {b.scheme})" if a.scheme is not b.scheme
-               else f"different channels ({a.channel} vs {b.channel})"
-               if a.scheme is Scheme.CHANNEL else "dev builds have no order")
+        why = (
+            f"different schemes ({a.scheme} vs {b.scheme})"
+            if a.scheme is not b.scheme
+            else f"different channels ({a.channel} vs {b.channel})"
+            if a.scheme is Scheme.CHANNEL
+            else "dev builds have no order"
+        )
         raise IncomparableVersions(f"cannot compare {a.text!r} with {b.text!r}: {why}")
     return (a.key > b.key) - (a.key < b.key)
 

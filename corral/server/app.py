@@ -16,6 +16,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 import corral
+from corral.domain.backoff import Backoff
+from corral.domain.reconcile import InstallPolicy
 from corral.server import errors
 from corral.server.api import (
     agents,
@@ -30,6 +32,7 @@ from corral.server.api import (
 )
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
+from corral.server.health import install_health
 from corral.server.loops.autoscaler import autoscale_once
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import drain_once
@@ -38,9 +41,6 @@ from corral.server.loops.presence import presence_once
 from corral.server.loops.reaper import reap_once
 from corral.server.loops.reconciler import reconcile_once
 from corral.server.loops.runner import run_loop
-from corral.domain.backoff import Backoff
-from corral.domain.reconcile import InstallPolicy
-from corral.server.health import install_health
 from corral.store import events, servers, tokens
 from corral.store.db import Database
 from corral.store.migrate import migrate
@@ -69,8 +69,8 @@ def write_secret_file(path: Path, secret: str) -> None:
 
 async def _ensure_token(db: Database, kind: str, path: Path, now: float, note: str) -> str:
     """Reuse the token in `path` if the database knows it; otherwise mint one."""
-    if path.exists():
-        secret = path.read_text().strip()
+    if path.exists():  # noqa: ASYNC240 - once, at start-up
+        secret = path.read_text().strip()  # noqa: ASYNC240
         if await db.query(tokens.lookup, secret) is not None:
             os.chmod(path, 0o600)
             return secret
@@ -84,7 +84,7 @@ class StartupError(RuntimeError):
 
 
 async def open_context(
-    config: ServerConfig, *, clock: Callable[[], float] = time.time, backends=None  # noqa: ANN001
+    config: ServerConfig, *, clock: Callable[[], float] = time.time, backends=None
 ) -> ServerContext:
     """Everything a server needs before it accepts a request. Raises StartupError
     with a message for people (e.g. a second server on one SQLite file)."""
@@ -109,29 +109,49 @@ async def open_context(
             lock.release()
         raise StartupError(f"cannot open database {db.display_url()}: {exc}") from exc
     now = clock()
-    admin = await _ensure_token(db, tokens.ADMIN, config.data_dir / ADMIN_TOKEN_FILE, now,
-                                "admin (created on first start)")
-    join = await _ensure_token(db, tokens.JOIN, config.data_dir / JOIN_TOKEN_FILE, now,
-                               "join (created on first start)")
-    await db.transact(
-        servers.register_server, id=server_id, build_version=config.build_version,
-        host=socket.gethostname(), pid=os.getpid(), url=config.url, now=now,
+    admin = await _ensure_token(
+        db, tokens.ADMIN, config.data_dir / ADMIN_TOKEN_FILE, now, "admin (created on first start)"
+    )
+    join = await _ensure_token(
+        db, tokens.JOIN, config.data_dir / JOIN_TOKEN_FILE, now, "join (created on first start)"
     )
     await db.transact(
-        events.record, now, "info", "server.started",
+        servers.register_server,
+        id=server_id,
+        build_version=config.build_version,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        url=config.url,
+        now=now,
+    )
+    await db.transact(
+        events.record,
+        now,
+        "info",
+        "server.started",
         f"server {server_id} (build {config.build_version}) started on {config.url}, "
         f"database {db.display_url()} at revision {revision}",
         server_id=server_id,
     )
-    ctx = ServerContext(config=config, db=db, server_id=server_id, clock=clock,
-                        backends=dict(backends or {}), started_at=now)
-    ctx.extras.update(
-        admin_token=admin, join_token=join, sqlite_lock=lock,
+    ctx = ServerContext(
+        config=config,
+        db=db,
+        server_id=server_id,
+        clock=clock,
+        backends=dict(backends or {}),
+        started_at=now,
+        admin_token=admin,
+        join_token=join,
+        sqlite_lock=lock,
         install_policy=InstallPolicy(
-            backoff=Backoff(base=config.install_backoff, factor=2.0,
-                            maximum=max(config.install_backoff_max, config.install_backoff),
-                            jitter=0.2),
-            cap=config.install_cap),
+            backoff=Backoff(
+                base=config.install_backoff,
+                factor=2.0,
+                maximum=max(config.install_backoff_max, config.install_backoff),
+                jitter=0.2,
+            ),
+            cap=config.install_cap,
+        ),
         health_providers=[install_health],
     )
     return ctx
@@ -148,7 +168,7 @@ async def close_context(ctx: ServerContext) -> None:
     except Exception:
         log.exception("could not mark server %s stopped", ctx.server_id)
     await ctx.db.dispose()
-    lock = ctx.extras.get("sqlite_lock")
+    lock = ctx.sqlite_lock
     if lock:
         lock.release()
 
@@ -190,8 +210,17 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.state.ctx = ctx
     errors.install(app)
-    for module in (jobs, attempts, agents, components, objects, instances_admin, fleet, health,
-                   bootstrap):
+    for module in (
+        jobs,
+        attempts,
+        agents,
+        components,
+        objects,
+        instances_admin,
+        fleet,
+        health,
+        bootstrap,
+    ):
         app.include_router(module.router)
     from corral.server import dashboard
 
@@ -202,6 +231,5 @@ def create_app(ctx: ServerContext) -> FastAPI:
 def write_server_file(config: ServerConfig, ctx: ServerContext) -> None:
     path = config.data_dir / SERVER_FILE
     tmp = path.with_name(f".{SERVER_FILE}.tmp")
-    tmp.write_text(json.dumps({"url": config.url, "server_id": ctx.server_id,
-                               "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"url": config.url, "server_id": ctx.server_id, "pid": os.getpid()}))
     os.replace(tmp, path)

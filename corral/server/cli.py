@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from corral import logsetup
+from corral import default_data_dir, logsetup
 from corral.server.app import StartupError
-from corral.server.config import DEFAULT_PORT, ServerConfig, default_data_dir
+from corral.server.config import DEFAULT_PORT, ServerConfig
 from corral.store.db import DatabaseUrlError
 
 
-def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt_grace,  # noqa: ANN001
-                       heartbeat_interval, install_backoff=None, install_cap=None,
-                       autoscale_interval=None) -> ServerConfig:
+def add_timing_options(
+    config: ServerConfig,
+    agent_grace,
+    start_timeout,
+    attempt_grace,
+    heartbeat_interval,
+    install_backoff=None,
+    install_cap=None,
+    autoscale_interval=None,
+) -> ServerConfig:
     if agent_grace is not None:
         config.agent_grace = agent_grace
     if start_timeout is not None:
@@ -35,28 +41,41 @@ def add_timing_options(config: ServerConfig, agent_grace, start_timeout, attempt
 
 
 def server(
-    db: Optional[str] = typer.Option(
-        None, "--db", envvar="CORRAL_DB",
+    db: str | None = typer.Option(
+        None,
+        "--db",
+        envvar="CORRAL_DB",
         help="database URL: sqlite:///PATH (default: DATA_DIR/corral.db) or "
-        "postgresql://USER@HOST:PORT/DB (needed for several servers)"),
+        "postgresql://USER@HOST:PORT/DB (needed for several servers)",
+    ),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(DEFAULT_PORT, help="port to listen on (0: any free port)"),
-    data_dir: Path = typer.Option(None, "--data-dir", help="where tokens and the SQLite "
-                                  "database live (default ~/.corral or CORRAL_DATA_DIR)"),
-    public_url: Optional[str] = typer.Option(None, help="URL agents and clients use to reach "
-                                             "this server, if not http://HOST:PORT"),
-    agent_grace: Optional[float] = typer.Option(None, help="seconds without a heartbeat "
-                                                "before an instance counts as lost [20]"),
-    start_timeout: Optional[float] = typer.Option(None, help="seconds an attempt may take "
-                                                  "to start before it is requeued [60]"),
-    attempt_grace: Optional[float] = typer.Option(None, help="seconds a running attempt's "
-                                                  "runner may be silent [60]"),
-    heartbeat_interval: Optional[float] = typer.Option(None, help="agent heartbeat interval "
-                                                       "for small fleets, seconds [2]"),
-    install_backoff: Optional[float] = typer.Option(None, help="seconds before an install "
-                                                    "order is repeated; doubles each time [30]"),
-    install_cap: Optional[int] = typer.Option(None, min=1, help="install orders per instance "
-                                              "and version before giving up [5]"),
+    data_dir: Path = typer.Option(
+        None,
+        "--data-dir",
+        help="where tokens and the SQLite database live (default ~/.corral or CORRAL_DATA_DIR)",
+    ),
+    public_url: str | None = typer.Option(
+        None, help="URL agents and clients use to reach this server, if not http://HOST:PORT"
+    ),
+    agent_grace: float | None = typer.Option(
+        None, help="seconds without a heartbeat before an instance counts as lost [20]"
+    ),
+    start_timeout: float | None = typer.Option(
+        None, help="seconds an attempt may take to start before it is requeued [60]"
+    ),
+    attempt_grace: float | None = typer.Option(
+        None, help="seconds a running attempt's runner may be silent [60]"
+    ),
+    heartbeat_interval: float | None = typer.Option(
+        None, help="agent heartbeat interval for small fleets, seconds [2]"
+    ),
+    install_backoff: float | None = typer.Option(
+        None, help="seconds before an install order is repeated; doubles each time [30]"
+    ),
+    install_cap: int | None = typer.Option(
+        None, min=1, help="install orders per instance and version before giving up [5]"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run an API server with its background loops (dispatcher, reaper, ...).
@@ -68,18 +87,36 @@ def server(
     from corral.server.main import serve
 
     try:
-        config = ServerConfig(data_dir=data_dir or default_data_dir(), db_url=db, host=host,
-                              port=port, public_url=public_url)
-        add_timing_options(config, agent_grace, start_timeout, attempt_grace,
-                           heartbeat_interval, install_backoff, install_cap)
+        config = ServerConfig(
+            data_dir=data_dir or default_data_dir(),
+            db_url=db,
+            host=host,
+            port=port,
+            public_url=public_url,
+        )
+        add_timing_options(
+            config,
+            agent_grace,
+            start_timeout,
+            attempt_grace,
+            heartbeat_interval,
+            install_backoff,
+            install_cap,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
-    def ready(ctx) -> None:  # noqa: ANN001
-        typer.echo(f"corral server {ctx.server_id} listening on {config.url} "
-                   f"(database {ctx.db.display_url()})", err=True)
-        typer.echo(f"admin token: {config.data_dir / 'admin.token'}; "
-                   f"join token: {config.data_dir / 'join.token'}", err=True)
+    def ready(ctx) -> None:
+        typer.echo(
+            f"corral server {ctx.server_id} listening on {config.url} "
+            f"(database {ctx.db.display_url()})",
+            err=True,
+        )
+        typer.echo(
+            f"admin token: {config.data_dir / 'admin.token'}; "
+            f"join token: {config.data_dir / 'join.token'}",
+            err=True,
+        )
 
     try:
         asyncio.run(serve(config, on_ready=ready))

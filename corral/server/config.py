@@ -7,12 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import corral
+from corral import default_data_dir
 
 DEFAULT_PORT = 8470
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("CORRAL_DATA_DIR") or Path.home() / ".corral").expanduser()
 
 
 @dataclass
@@ -56,7 +53,14 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
-        for name in ("heartbeat_base", "agent_grace", "start_timeout", "attempt_grace",
-                     "dispatch_interval", "reaper_interval", "presence_interval"):
+        for name in (
+            "heartbeat_base",
+            "agent_grace",
+            "start_timeout",
+            "attempt_grace",
+            "dispatch_interval",
+            "reaper_interval",
+            "presence_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

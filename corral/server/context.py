@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 
+from corral.domain.providers import Backend
+from corral.domain.reconcile import InstallPolicy
 from corral.server.config import ServerConfig
 from corral.server.notify import Notifier
 from corral.store.db import Database
+from corral.store.sqlite_lock import SqliteServerLock
 
-if TYPE_CHECKING:
-    from corral.backends.base import Backend
+HealthProvider = Callable[["ServerContext"], Awaitable[list[dict[str, Any]]]]
 
 
 @dataclass
@@ -22,11 +24,17 @@ class ServerContext:
     config: ServerConfig
     db: Database
     server_id: str
+    admin_token: str = ""
+    join_token: str = ""
+    install_policy: InstallPolicy = field(default_factory=InstallPolicy)
     notifier: Notifier = field(default_factory=Notifier)
     clock: Callable[[], float] = time.time
-    backends: dict[str, "Backend"] = field(default_factory=dict)
+    backends: dict[str, Backend] = field(default_factory=dict)
     started_at: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
+    sqlite_lock: SqliteServerLock | None = None
+    health_providers: list[HealthProvider] = field(default_factory=list)
+    stopping: bool = False  # set on the first SIGINT/SIGTERM: place nothing more
+    heartbeat_interval: tuple[float, float] | None = None  # (interval, computed at)
 
     def now(self) -> float:
         return self.clock()
@@ -39,4 +47,5 @@ class ServerContext:
 
 
 def get_ctx(request: Request) -> ServerContext:
-    return request.app.state.ctx
+    ctx: ServerContext = request.app.state.ctx
+    return ctx

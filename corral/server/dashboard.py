@@ -15,8 +15,14 @@ from fastapi.templating import Jinja2Templates
 
 from corral.server.context import ServerContext, get_ctx
 from corral.server.health import health_report
-from corral.server.views import (event_view, fleet_views, instance_view, job_view,
-                                 rollout_view, server_view)
+from corral.server.views import (
+    event_view,
+    fleet_views,
+    instance_view,
+    job_view,
+    rollout_view,
+    server_view,
+)
 from corral.store import components, events, instances, servers, tokens
 from corral.store import jobs as jobs_repo
 
@@ -49,7 +55,7 @@ async def dashboard(request: Request, ctx: ServerContext = Depends(get_ctx)):
         )
     now = ctx.now()
 
-    async def gather(conn):  # noqa: ANN001
+    async def gather(conn):
         return (
             await jobs_repo.list_jobs(conn, limit=50),
             await jobs_repo.count_jobs_by_state(conn),
@@ -60,8 +66,15 @@ async def dashboard(request: Request, ctx: ServerContext = Depends(get_ctx)):
             [await rollout_view(conn, r) for r in await components.list_rollouts(conn, 10)],
         )
 
-    (job_rows, counts, inst_rows, event_rows, server_rows, fleet_rows,
-     rollout_rows) = await ctx.db.query(gather)
+    (
+        job_rows,
+        counts,
+        inst_rows,
+        event_rows,
+        server_rows,
+        fleet_rows,
+        rollout_rows,
+    ) = await ctx.db.query(gather)
     return templates.TemplateResponse(
         request,
         "dashboard.html",

@@ -39,12 +39,12 @@ class _Server(uvicorn.Server):
         self.ctx = ctx
         self._stopping: asyncio.Task | None = None
 
-    def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+    def handle_exit(self, sig: int, frame) -> None:
         if self._stopping is not None or not self.ctx.backends:
             self.force_exit = self._stopping is not None
             self.should_exit = True
             return
-        self.ctx.extras["stopping"] = True  # the dispatcher places nothing more
+        self.ctx.stopping = True  # the dispatcher places nothing more
         log.warning("stopping: agents first, then the server (again to force)")
         self._stopping = asyncio.get_running_loop().create_task(self._stop_fleet())
 
@@ -78,13 +78,18 @@ async def serve(
             await prepare(ctx)
         app = create_app(ctx)
         server = _Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                           timeout_graceful_shutdown=3),
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=3,
+            ),
             ctx,
         )
         write_server_file(config, ctx)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not serving.done():
+        while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
             await asyncio.sleep(0.05)
         if server.started and on_ready is not None:
             on_ready(ctx)

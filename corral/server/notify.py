@@ -37,5 +37,5 @@ class Notifier:
         try:
             await asyncio.wait_for(ev.wait(), timeout=max(0.0, timeout))
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._gen[key] != since

@@ -30,8 +30,9 @@ async def run(settings: Settings, data_dir: Path | None = None) -> dict:
             await world.step()
             ticks += 1
             async with world.ctx.db.read() as conn:
-                found = (await invariants.at_most_one_live_attempt(conn)
-                         + await invariants.nothing_new_on_retired(conn))
+                found = await invariants.at_most_one_live_attempt(
+                    conn
+                ) + await invariants.nothing_new_on_retired(conn)
             violations += [f"t={world.now - t0:.0f}s {v}" for v in found]
             if world.now - t0 >= settings.fault_seconds and await _quiet(world):
                 break
@@ -41,12 +42,18 @@ async def run(settings: Settings, data_dir: Path | None = None) -> dict:
         ledger = world.ledger
         digest = hashlib.sha256(repr(ledger.trace).encode()).hexdigest()[:16]
         return {
-            "seed": settings.seed, "jobs": settings.jobs, "agents": settings.agents,
-            "virtual_seconds": round(world.now - t0, 1), "ticks": ticks,
+            "seed": settings.seed,
+            "jobs": settings.jobs,
+            "agents": settings.agents,
+            "virtual_seconds": round(world.now - t0, 1),
+            "ticks": ticks,
             "wall_seconds": round(time.monotonic() - started, 2),
-            "job_states": states, "results_accepted": len(ledger.accepted),
-            "stale_updates_refused": ledger.refused, "faults": dict(sorted(ledger.faults.items())),
-            "instances": len(world.agents), "trace_digest": digest,
+            "job_states": states,
+            "results_accepted": len(ledger.accepted),
+            "stale_updates_refused": ledger.refused,
+            "faults": dict(sorted(ledger.faults.items())),
+            "instances": len(world.agents),
+            "trace_digest": digest,
             "violations": sorted(set(violations)),
         }
 
@@ -62,7 +69,7 @@ async def _quiet(world: World) -> bool:
     return not [r for r in rows if r["state"] == "draining"]
 
 
-async def _job_states(conn) -> dict[str, int]:  # noqa: ANN001
+async def _job_states(conn) -> dict[str, int]:
     from corral.store import jobs
 
     return dict(sorted((await jobs.count_jobs_by_state(conn)).items()))

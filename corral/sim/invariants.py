@@ -6,50 +6,38 @@ from __future__ import annotations
 
 from collections import Counter
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from corral.domain.jobs import LIVE_ATTEMPT_STATES, JobState
+from corral.domain.jobs import JobState
 from corral.sim.world import Ledger, World, output_sha
-from corral.store.schema import instances, job_attempts, job_outputs, jobs, replicas
+from corral.store import audit
+from corral.store.db import Connection
 
-LIVE_ATTEMPTS = sorted(LIVE_ATTEMPT_STATES)
 FINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 
 
-async def at_most_one_live_attempt(conn: AsyncConnection) -> list[str]:
+async def at_most_one_live_attempt(conn: Connection) -> list[str]:
     """I1, at every moment: no job has two attempts that hold a valid token."""
-    rows = (await conn.execute(
-        sa.select(job_attempts.c.job_id, sa.func.count())
-        .where(job_attempts.c.state.in_(LIVE_ATTEMPTS))
-        .group_by(job_attempts.c.job_id).having(sa.func.count() > 1))).all()
+    rows = await audit.jobs_with_several_live_attempts(conn)
     return [f"I1: job {j} has {n} live attempts at once" for j, n in rows]
 
 
-async def nothing_new_on_retired(conn: AsyncConnection) -> list[str]:
+async def nothing_new_on_retired(conn: Connection) -> list[str]:
     """I3, at every moment: no attempt and no replica placed on an instance after it
     retired."""
-    retired = sa.select(instances.c.id, instances.c.retired_at).where(
-        instances.c.retired_at.is_not(None)).subquery()
-    attempts = (await conn.execute(
-        sa.select(job_attempts.c.job_id, job_attempts.c.number, retired.c.id)
-        .join(retired, retired.c.id == job_attempts.c.instance_id)
-        .where(job_attempts.c.created_at > retired.c.retired_at))).all()
-    copies = (await conn.execute(
-        sa.select(replicas.c.sha256, retired.c.id)
-        .join(retired, retired.c.id == replicas.c.instance_id)
-        .where(replicas.c.created_at > retired.c.retired_at))).all()
-    return ([f"I3: attempt {j}/{n} placed on {i} after it retired" for j, n, i in attempts]
-            + [f"I3: replica of {s[:12]} placed on {i} after it retired" for s, i in copies])
+    attempts, copies = await audit.placed_after_retirement(conn)
+    return [f"I3: attempt {j}/{n} placed on {i} after it retired" for j, n, i in attempts] + [
+        f"I3: replica of {s[:12]} placed on {i} after it retired" for s, i in copies
+    ]
 
 
 def told_by_the_outside(ledger: Ledger) -> list[str]:
     """What the agents and runners saw: a refused update changed nothing, a leaving or
     retired instance was never sent work or data, one job never ran twice on one host."""
-    return ([f"I1: a refused finish changed {j}" for j in ledger.refused_changed]
-            + [f"I3: {a} got orders after it retired" for a in ledger.starts_to_retired]
-            + [f"I3: copy of {c}" for c in ledger.copies_to_leaving]
-            + [f"I1: second runner ordered for {s}" for s in ledger.second_runner])
+    return (
+        [f"I1: a refused finish changed {j}" for j in ledger.refused_changed]
+        + [f"I3: {a} got orders after it retired" for a in ledger.starts_to_retired]
+        + [f"I3: copy of {c}" for c in ledger.copies_to_leaving]
+        + [f"I1: second runner ordered for {s}" for s in ledger.second_runner]
+    )
 
 
 async def settled(world: World) -> list[str]:
@@ -61,32 +49,38 @@ async def settled(world: World) -> list[str]:
     out += [f"I1: job {j} completed {n} times" for j, n in accepted.items() if n > 1]
     last = {j: (a, code) for j, a, code in world.ledger.accepted}
     async with world.ctx.db.read() as conn:
-        rows = (await conn.execute(sa.select(jobs))).mappings().all()
-        outputs = (await conn.execute(sa.select(job_outputs))).mappings().all()
-        holders = (await conn.execute(
-            sa.select(replicas.c.sha256, instances.c.name)
-            .join(instances, instances.c.id == replicas.c.instance_id)
-            .where(replicas.c.state == "present",
-                   instances.c.state.in_(["running", "draining"])))).all()
+        rows = await audit.all_jobs(conn)
+        outputs = await audit.all_job_outputs(conn)
+        holders = await audit.present_holders(conn)
     for job in rows:
         j = job["id"]
         if job["state"] not in FINAL:
             out.append(f"job {j} is still {job['state']}")
             continue
         if job["current_attempt"] > job["max_attempts"]:
-            out.append(f"I8: job {j} had {job['current_attempt']} attempts "
-                       f"(max {job['max_attempts']})")
+            out.append(
+                f"I8: job {j} had {job['current_attempt']} attempts (max {job['max_attempts']})"
+            )
         if job["result_attempt"] != job["current_attempt"]:
-            out.append(f"I1: job {j}'s result is from attempt {job['result_attempt']}, "
-                       f"not its final attempt {job['current_attempt']}")
+            out.append(
+                f"I1: job {j}'s result is from attempt {job['result_attempt']}, "
+                f"not its final attempt {job['current_attempt']}"
+            )
         if j in last:
             if last[j] != (job["result_attempt"], job["exit_code"]):
-                out.append(f"I1: job {j} records attempt {job['result_attempt']} exit "
-                           f"{job['exit_code']}, but the accepted finish was {last[j]}")
-        elif not (job["state"] == JobState.FAILED and job["exit_code"] is None
-                  and (job["reason"] or "").startswith("gave up after")):
-            out.append(f"I8: job {j} is {job['state']} with no accepted finish and no "
-                       f"give-up reason: {job['reason']!r}")
+                out.append(
+                    f"I1: job {j} records attempt {job['result_attempt']} exit "
+                    f"{job['exit_code']}, but the accepted finish was {last[j]}"
+                )
+        elif not (
+            job["state"] == JobState.FAILED
+            and job["exit_code"] is None
+            and (job["reason"] or "").startswith("gave up after")
+        ):
+            out.append(
+                f"I8: job {j} is {job['state']} with no accepted finish and no "
+                f"give-up reason: {job['reason']!r}"
+            )
     held: dict[str, set[str]] = {}
     for sha, name in holders:
         held.setdefault(sha, set()).add(name)
@@ -96,9 +90,14 @@ async def settled(world: World) -> list[str]:
         k = int(o["path"].removeprefix("out"))
         if o["sha256"] != output_sha(job["id"], job["result_attempt"], k):
             out.append(f"I1: job {job['id']} output {o['path']} is not its final attempt's")
-        really = {n for n in held.get(o["sha256"], set())
-                  if o["sha256"] in world.agents[n].objects and not world.agents[n].exited}
+        really = {
+            n
+            for n in held.get(o["sha256"], set())
+            if o["sha256"] in world.agents[n].objects and not world.agents[n].exited
+        }
         if not really:
-            out.append(f"I2: output {o['path']} of job {job['id']} ({o['sha256'][:12]}) "
-                       f"is held by no live instance")
+            out.append(
+                f"I2: output {o['path']} of job {job['id']} ({o['sha256'][:12]}) "
+                f"is held by no live instance"
+            )
     return out

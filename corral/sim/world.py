@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corral.domain.api import HeartbeatRequest, JobSubmit, ObjectError, ObservedAttempt, OutputFile
+from corral.api import HeartbeatRequest, JobSubmit, ObjectError, ObservedAttempt, OutputFile
 from corral.domain.errors import StaleToken
 from corral.domain.instances import Admission
 from corral.server.api import agents as agents_api
@@ -125,11 +125,18 @@ class World:
         self.rng = random.Random(settings.seed)
         self.clock = Clock(1_000_000.0)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="corral-sim-")
-        self.data_dir = Path(data_dir or self._tmp.name)
+        self.data_dir = Path(data_dir) if data_dir else Path(self._tmp.name)  # type: ignore[union-attr]
         self.config = ServerConfig(
-            data_dir=self.data_dir, agent_grace=4, start_timeout=15, attempt_grace=20,
-            drain_grace=60, retire_grace=5, transfer_timeout=30, heartbeat_base=1)
-        self.ctx: ServerContext | None = None
+            data_dir=self.data_dir,
+            agent_grace=4,
+            start_timeout=15,
+            attempt_grace=20,
+            drain_grace=60,
+            retire_grace=5,
+            transfer_timeout=30,
+            heartbeat_base=1,
+        )
+        self._ctx: ServerContext | None = None
         self.agents: dict[str, Agent] = {}
         self.ledger = Ledger()
         self.job_plan: dict[int, tuple[float, int, int]] = {}  # duration, exit code, outputs
@@ -144,27 +151,37 @@ class World:
 
     # ---- set-up ---------------------------------------------------------------------------
 
-    async def __aenter__(self) -> "World":
+    @property
+    def ctx(self) -> ServerContext:
+        if self._ctx is None:
+            raise RuntimeError("the simulated server is not open")
+        return self._ctx
+
+    async def __aenter__(self) -> World:
         # instance ids from a counter, so a seed replays the same placements
         instances.new_instance_id = lambda: f"i-{next(self._ids):05d}"
         # the report says what happened; thousands of expected WARNINGs would drown it
         self._saved_log_level = logging.getLogger("corral").level
         logging.getLogger("corral").setLevel(logging.ERROR)
-        self.ctx = await open_context(self.config, clock=self.clock)
+        self._ctx = await open_context(self.config, clock=self.clock)
         for _ in range(self.s.agents):
             await self.add_agent()
         for _ in range(self.s.jobs):
             job_id = await self.ctx.db.transact(
-                jobs_repo.submit, JobSubmit(command=["sim"], cpus=1, memory_mb=1), self.now)
-            self.job_plan[job_id] = (self.rng.uniform(1, 12), 0 if self.rng.random() < 0.9 else 1,
-                                     self.rng.choice([0, 1, 1, 2]))
+                jobs_repo.submit, JobSubmit(command=["sim"], cpus=1, memory_mb=1), self.now
+            )
+            self.job_plan[job_id] = (
+                self.rng.uniform(1, 12),
+                0 if self.rng.random() < 0.9 else 1,
+                self.rng.choice([0, 1, 1, 2]),
+            )
         return self
 
-    async def __aexit__(self, *exc) -> None:  # noqa: ANN002
+    async def __aexit__(self, *exc) -> None:
         instances.new_instance_id = self._saved_id_fn
         logging.getLogger("corral").setLevel(self._saved_log_level)
-        if self.ctx is not None:
-            await close_context(self.ctx)
+        if self._ctx is not None:
+            await close_context(self._ctx)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -176,10 +193,18 @@ class World:
 
     async def register(self, agent: Agent) -> None:
         reg = await self.ctx.db.transact(
-            instances.register, name=agent.name, instance_id=agent.instance_id,
-            cpus=self.s.cpus_per_agent, memory_mb=1 << 20, host=None, agent_version=None,
-            fleet=None, peer_url=f"sim://{agent.name}", now=self.now)
-        if reg.decision.admission is Admission.EXIT:
+            instances.register,
+            name=agent.name,
+            instance_id=agent.instance_id,
+            cpus=self.s.cpus_per_agent,
+            memory_mb=1 << 20,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=f"sim://{agent.name}",
+            now=self.now,
+        )
+        if reg.decision.admission is Admission.EXIT or reg.instance is None:
             self.exit(agent)
             return
         agent.instance_id = reg.instance["id"]
@@ -220,8 +245,7 @@ class World:
                 # its runners live on and come back with stale tokens
                 agent.frozen_until = t + self.config.agent_grace * rng.uniform(1.5, 3)
                 for runner in agent.live_runners():  # each reconnects on its own
-                    runner.mute_until = rng.uniform(t + self.config.agent_grace,
-                                                    agent.frozen_until)
+                    runner.mute_until = rng.uniform(t + self.config.agent_grace, agent.frozen_until)
                 self.ledger.fault("host_partitioned_past_grace", t, agent.name)
             elif rng.random() < self.s.p_agent_kill:
                 agent.down_until = t + rng.uniform(1, 6)  # runners outlive it
@@ -232,13 +256,14 @@ class World:
                     self.ledger.fault("runner_crashed", t, f"{runner.job_id}/{runner.attempt}")
                 elif rng.random() < self.s.p_runner_mute:
                     runner.mute_until = t + self.config.attempt_grace * rng.uniform(1.2, 2)
-                    self.ledger.fault("runner_silent_past_grace", t,
-                                      f"{runner.job_id}/{runner.attempt}")
+                    self.ledger.fault(
+                        "runner_silent_past_grace", t, f"{runner.job_id}/{runner.attempt}"
+                    )
         if rng.random() < self.s.p_drain:
             await self.drain_one()
         if rng.random() < self.s.p_server_restart:
             await close_context(self.ctx)
-            self.ctx = await open_context(self.config, clock=self.clock)
+            self._ctx = await open_context(self.config, clock=self.clock)
             self.ledger.fault("server_restarted", t, "server")
 
     async def drain_one(self) -> None:
@@ -272,14 +297,20 @@ class World:
             if r.ended == "crashed" and not r.reported:
                 r.reported = True
                 try:
-                    await self.ctx.db.transact(jobs_repo.lose_attempt, r.job_id, r.attempt,
-                                               "runner died", t, token=r.token)
+                    await self.ctx.db.transact(
+                        jobs_repo.lose_attempt, r.job_id, r.attempt, "runner died", t, token=r.token
+                    )
                 except StaleToken:
                     pass
+        if agent.instance_id is None:
+            return  # not registered yet
         body = HeartbeatRequest(
-            instance_id=agent.instance_id, incarnation=agent.incarnation,
-            attempts=[ObservedAttempt(job_id=r.job_id, attempt=r.attempt, token=r.token)
-                      for r in agent.live_runners()],
+            instance_id=agent.instance_id,
+            incarnation=agent.incarnation,
+            attempts=[
+                ObservedAttempt(job_id=r.job_id, attempt=r.attempt, token=r.token)
+                for r in agent.live_runners()
+            ],
             objects=sorted(agent.objects),
             object_errors=[ObjectError(sha256=s, error=e) for s, e in agent.copy_errors.items()],
         )
@@ -290,9 +321,9 @@ class World:
             self.exit(agent)
             return
         for k in reply.kill:
-            r = agent.runners.get((k.job_id, k.attempt))
-            if r is not None and r.ended is None:
-                r.ended = "killed"
+            doomed = agent.runners.get((k.job_id, k.attempt))
+            if doomed is not None and doomed.ended is None:
+                doomed.ended = "killed"
         if agent.instance_id in self.retired_at and (reply.start or reply.replicate):
             self.ledger.starts_to_retired.append(agent.name)
         for s in reply.start:
@@ -300,16 +331,19 @@ class World:
                 self.ledger.second_runner.append(f"{agent.name}: job {s.job_id}")
                 continue  # the per-job lock file keeps the second one from running
             duration, code, n_out = self.job_plan[s.job_id]
-            outputs = [OutputFile(path=f"out{k}", sha256=output_sha(s.job_id, s.attempt, k),
-                                  size=1 + k) for k in range(n_out)]
+            outputs = [
+                OutputFile(path=f"out{k}", sha256=output_sha(s.job_id, s.attempt, k), size=1 + k)
+                for k in range(n_out)
+            ]
             agent.runners[(s.job_id, s.attempt)] = Runner(
-                s.job_id, s.attempt, s.token, duration, code, outputs)
+                s.job_id, s.attempt, s.token, duration, code, outputs
+            )
         for f in reply.replicate:
             await self.copy(agent, f.sha256, f.sources, f.token)
 
     async def copy(self, agent: Agent, sha: str, sources: list[str], token: str | None) -> None:
         """Fetch from a peer that holds it; the peer checks the token with the server."""
-        state = (await self.ctx.db.query(instances.get_instance, agent.instance_id))["state"]
+        state = (await self.ctx.db.query(instances.require_instance, agent.instance_id))["state"]
         if state != "running":
             self.ledger.copies_to_leaving.append(f"{sha[:12]} to {agent.name} ({state})")
         for url in sources:
@@ -341,11 +375,18 @@ class World:
                 before = await db.query(jobs_repo.get_job, r.job_id)
                 try:
                     _, recorded = await db.transact(
-                        jobs_repo.finish_attempt, r.job_id, r.attempt, r.token, r.exit_code,
-                        None, t, r.outputs)
+                        jobs_repo.finish_attempt,
+                        r.job_id,
+                        r.attempt,
+                        r.token,
+                        r.exit_code,
+                        None,
+                        t,
+                        r.outputs,
+                    )
                 except StaleToken:
                     after = await db.query(jobs_repo.get_job, r.job_id)
-                    if dict(after) != dict(before):
+                    if dict(after or {}) != dict(before or {}):
                         self.ledger.refused_changed.append(f"job {r.job_id}")
                     raise
                 r.ended = "finished"

@@ -13,7 +13,7 @@ from collections import defaultdict
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.domain.api import (
+from corral.api import (
     ComponentPublish,
     InstallOrder,
     ObservedComponent,
@@ -27,6 +27,7 @@ from corral.domain.reconcile import (
     ComponentState,
     ComponentStatus,
     InstallPolicy,
+    RolloutState,
     reconcile,
 )
 from corral.domain.versions import compare, parse_version
@@ -41,8 +42,8 @@ from corral.store.schema import (
 )
 
 ALL_FLEETS = "*"
-ACTIVE, PAUSED, COMPLETED = "active", "paused", "completed"
-SUPERSEDED, ROLLED_BACK = "superseded", "rolled_back"
+ACTIVE, PAUSED, COMPLETED = RolloutState.ACTIVE, RolloutState.PAUSED, RolloutState.COMPLETED
+SUPERSEDED, ROLLED_BACK = RolloutState.SUPERSEDED, RolloutState.ROLLED_BACK
 IN_FLIGHT = (ComponentState.PENDING, ComponentState.INSTALLING)
 
 
@@ -69,14 +70,29 @@ async def publish(conn: AsyncConnection, spec: ComponentPublish, now: float):
         if existing["sha256"] == spec.sha256 and existing["url"] == spec.url:
             return existing
         raise ComponentError(
-            409, f"{spec.name} {spec.version} is already published with sha256 "
-                 f"{existing['sha256'][:12]}… at {existing['url']}; versions are immutable, "
-                 f"publish a new version")
-    await conn.execute(sa.insert(components).values(
-        name=spec.name, version=spec.version, scheme=parse_version(spec.version).scheme,
-        url=spec.url, sha256=spec.sha256, size=spec.size, created_at=now))
-    await events.record(conn, now, "info", "component.published",
-                        f"{spec.name} {spec.version} published (sha256 {spec.sha256[:12]}…)")
+            409,
+            f"{spec.name} {spec.version} is already published with sha256 "
+            f"{existing['sha256'][:12]}… at {existing['url']}; versions are immutable, "
+            f"publish a new version",
+        )
+    await conn.execute(
+        sa.insert(components).values(
+            name=spec.name,
+            version=spec.version,
+            scheme=parse_version(spec.version).scheme,
+            url=spec.url,
+            sha256=spec.sha256,
+            size=spec.size,
+            created_at=now,
+        )
+    )
+    await events.record(
+        conn,
+        now,
+        "info",
+        "component.published",
+        f"{spec.name} {spec.version} published (sha256 {spec.sha256[:12]}…)",
+    )
     return await get_component(conn, spec.name, spec.version)
 
 
@@ -94,8 +110,9 @@ async def get_rollout(conn: AsyncConnection, rollout_id: int):
 
 
 async def current_desired(conn: AsyncConnection, fleet: str, component: str):
-    q = sa.select(desired_components).where(desired_components.c.fleet == fleet,
-                                            desired_components.c.component == component)
+    q = sa.select(desired_components).where(
+        desired_components.c.fleet == fleet, desired_components.c.component == component
+    )
     return (await conn.execute(q)).mappings().first()
 
 
@@ -104,8 +121,10 @@ async def start_rollout(conn: AsyncConnection, req: RolloutRequest, now: float):
     artifact = await get_component(conn, req.component, req.version)
     if artifact is None:
         raise ComponentError(
-            404, f"{req.component} {req.version} is not published; publish it first "
-                 f"(corral components publish {req.component} {req.version} --url ... --sha256 ...)")
+            404,
+            f"{req.component} {req.version} is not published; publish it first "
+            f"(corral components publish {req.component} {req.version} --url ... --sha256 ...)",
+        )
     desired = await current_desired(conn, fleet, req.component)
     previous = desired["version"] if desired else None
     where = "every fleet" if fleet == ALL_FLEETS else f"fleet {fleet}"
@@ -115,39 +134,67 @@ async def start_rollout(conn: AsyncConnection, req: RolloutRequest, now: float):
         try:
             if compare(previous, req.version) > 0 and not req.downgrade:
                 raise ComponentError(
-                    409, f"{req.version} is lower than the desired {previous} for {where}; "
-                         f"pass --downgrade to roll back")
+                    409,
+                    f"{req.version} is lower than the desired {previous} for {where}; "
+                    f"pass --downgrade to roll back",
+                )
         except IncomparableVersions as exc:
             if not req.force:
                 raise ComponentError(409, f"{exc}; pass --force to switch anyway") from None
     await conn.execute(
         sa.update(rollouts)
-        .where(rollouts.c.component == req.component, rollouts.c.fleet == fleet,
-               rollouts.c.state.in_([ACTIVE, PAUSED]))
+        .where(
+            rollouts.c.component == req.component,
+            rollouts.c.fleet == fleet,
+            rollouts.c.state.in_([ACTIVE, PAUSED]),
+        )
         .values(state=SUPERSEDED, updated_at=now)
     )
-    rollout_id = (await conn.execute(
-        sa.insert(rollouts).values(
-            component=req.component, version=req.version, fleet=fleet,
-            previous_version=previous, state=ACTIVE, max_unavailable=req.max_unavailable,
-            failure_threshold=req.failure_threshold,
-            allow_downgrade=req.downgrade or req.force, created_at=now, updated_at=now,
-        ).returning(rollouts.c.id))).scalar_one()
+    rollout_id = (
+        await conn.execute(
+            sa.insert(rollouts)
+            .values(
+                component=req.component,
+                version=req.version,
+                fleet=fleet,
+                previous_version=previous,
+                state=ACTIVE,
+                max_unavailable=req.max_unavailable,
+                failure_threshold=req.failure_threshold,
+                allow_downgrade=req.downgrade or req.force,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(rollouts.c.id)
+        )
+    ).scalar_one()
     if desired:
         await conn.execute(
             sa.update(desired_components)
-            .where(desired_components.c.fleet == fleet,
-                   desired_components.c.component == req.component)
-            .values(version=req.version, rollout_id=rollout_id, updated_at=now))
+            .where(
+                desired_components.c.fleet == fleet, desired_components.c.component == req.component
+            )
+            .values(version=req.version, rollout_id=rollout_id, updated_at=now)
+        )
     else:
-        await conn.execute(sa.insert(desired_components).values(
-            fleet=fleet, component=req.component, version=req.version, rollout_id=rollout_id,
-            updated_at=now))
+        await conn.execute(
+            sa.insert(desired_components).values(
+                fleet=fleet,
+                component=req.component,
+                version=req.version,
+                rollout_id=rollout_id,
+                updated_at=now,
+            )
+        )
     await events.record(
-        conn, now, "info", "rollout.started",
+        conn,
+        now,
+        "info",
+        "rollout.started",
         f"rollout {rollout_id}: {req.component} {previous or '(none)'} -> {req.version} on "
         f"{where}, {req.max_unavailable} at a time, pause after "
-        f"{req.failure_threshold + 1} failure(s)")
+        f"{req.failure_threshold + 1} failure(s)",
+    )
     return await get_rollout(conn, rollout_id)
 
 
@@ -155,17 +202,32 @@ async def rollback(conn: AsyncConnection, component: str, fleet: str | None, now
     key = fleet or ALL_FLEETS
     desired = await current_desired(conn, key, component)
     if desired is None:
-        raise ComponentError(404, f"no rollout of {component} for "
-                                  f"{'every fleet' if key == ALL_FLEETS else 'fleet ' + key}")
+        raise ComponentError(
+            404,
+            f"no rollout of {component} for "
+            f"{'every fleet' if key == ALL_FLEETS else 'fleet ' + key}",
+        )
     current = await get_rollout(conn, desired["rollout_id"])
     if not current["previous_version"]:
         raise ComponentError(409, f"rollout {current['id']} has no earlier version to return to")
-    new = await start_rollout(conn, RolloutRequest(
-        component=component, version=current["previous_version"], fleet=fleet,
-        max_unavailable=current["max_unavailable"],
-        failure_threshold=current["failure_threshold"], downgrade=True, force=True), now)
-    await conn.execute(sa.update(rollouts).where(rollouts.c.id == current["id"])
-                       .values(state=ROLLED_BACK, updated_at=now))
+    new = await start_rollout(
+        conn,
+        RolloutRequest(
+            component=component,
+            version=current["previous_version"],
+            fleet=fleet,
+            max_unavailable=current["max_unavailable"],
+            failure_threshold=current["failure_threshold"],
+            downgrade=True,
+            force=True,
+        ),
+        now,
+    )
+    await conn.execute(
+        sa.update(rollouts)
+        .where(rollouts.c.id == current["id"])
+        .values(state=ROLLED_BACK, updated_at=now)
+    )
     return new
 
 
@@ -176,13 +238,19 @@ async def resume(conn: AsyncConnection, rollout_id: int, now: float):
         raise ComponentError(404, f"rollout {rollout_id} not found")
     if r["state"] != PAUSED:
         raise ComponentError(409, f"rollout {rollout_id} is {r['state']}, not paused")
-    await conn.execute(sa.update(rollouts).where(rollouts.c.id == rollout_id)
-                       .values(state=ACTIVE, message=None, updated_at=now))
+    await conn.execute(
+        sa.update(rollouts)
+        .where(rollouts.c.id == rollout_id)
+        .values(state=ACTIVE, message=None, updated_at=now)
+    )
     await conn.execute(
         sa.update(instance_components)
-        .where(instance_components.c.rollout_id == rollout_id,
-               instance_components.c.state == ComponentState.INSTALL_FAILED)
-        .values(state=ComponentState.PENDING, attempts=0, next_attempt_at=0, updated_at=now))
+        .where(
+            instance_components.c.rollout_id == rollout_id,
+            instance_components.c.state == ComponentState.INSTALL_FAILED,
+        )
+        .values(state=ComponentState.PENDING, attempts=0, next_attempt_at=0, updated_at=now)
+    )
     await events.record(conn, now, "info", "rollout.resumed", f"rollout {rollout_id} resumed")
     return await get_rollout(conn, rollout_id)
 
@@ -195,21 +263,29 @@ async def list_rollouts(conn: AsyncConnection, limit: int = 50):
 # ---- who should run what --------------------------------------------------------------------
 
 
-def _classify(ic, sha: str) -> str:  # noqa: ANN001
+def _classify(ic, sha: str) -> str:
     if ic is not None and ic["observed_sha256"] == sha:
         return "converged"
     if ic is None or ic["target_sha256"] != sha:
         return "waiting"
     return {ComponentState.INSTALL_FAILED: "failed", ComponentState.HELD: "held"}.get(
-        ic["state"], "in_flight")
+        ic["state"], "in_flight"
+    )
 
 
 async def _scope(conn: AsyncConnection):
     """Running instances and, per component, which desired row applies to each."""
-    insts = (await conn.execute(
-        sa.select(instances.c.id, instances.c.name, instances.c.fleet).where(
-            instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
-        .order_by(instances.c.name))).mappings().all()
+    insts = (
+        (
+            await conn.execute(
+                sa.select(instances.c.id, instances.c.name, instances.c.fleet)
+                .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
+                .order_by(instances.c.name)
+            )
+        )
+        .mappings()
+        .all()
+    )
     desired = (await conn.execute(sa.select(desired_components))).mappings().all()
     by_key = {(d["fleet"], d["component"]): d for d in desired}
     per_rollout: dict[int, list] = defaultdict(list)
@@ -224,12 +300,13 @@ async def _scope(conn: AsyncConnection):
 async def _instance_components(conn: AsyncConnection, component: str, ids: list[str]):
     if not ids:
         return {}
-    q = sa.select(instance_components).where(instance_components.c.component == component,
-                                             instance_components.c.instance_id.in_(ids))
+    q = sa.select(instance_components).where(
+        instance_components.c.component == component, instance_components.c.instance_id.in_(ids)
+    )
     return {r["instance_id"]: r for r in (await conn.execute(q)).mappings().all()}
 
 
-async def rollout_progress(conn: AsyncConnection, rollout) -> RolloutProgress:  # noqa: ANN001
+async def rollout_progress(conn: AsyncConnection, rollout) -> RolloutProgress:
     scope = (await _scope(conn)).get(rollout["id"], [])
     artifact = await get_component(conn, rollout["component"], rollout["version"])
     ics = await _instance_components(conn, rollout["component"], [i["id"] for i in scope])
@@ -240,23 +317,37 @@ async def rollout_progress(conn: AsyncConnection, rollout) -> RolloutProgress:  
     return p
 
 
-async def _target(conn: AsyncConnection, inst, ic, rollout, artifact, now: float) -> None:  # noqa: ANN001
+async def _target(conn: AsyncConnection, inst, ic, rollout, artifact, now: float) -> None:
     values = dict(
-        target_version=rollout["version"], target_sha256=artifact["sha256"],
-        rollout_id=rollout["id"], allow_downgrade=rollout["allow_downgrade"],
-        state=(ComponentState.CONVERGED if ic is not None
-               and ic["observed_sha256"] == artifact["sha256"] else ComponentState.PENDING),
-        attempts=0, next_attempt_at=0, last_error=None, updated_at=now,
+        target_version=rollout["version"],
+        target_sha256=artifact["sha256"],
+        rollout_id=rollout["id"],
+        allow_downgrade=rollout["allow_downgrade"],
+        state=(
+            ComponentState.CONVERGED
+            if ic is not None and ic["observed_sha256"] == artifact["sha256"]
+            else ComponentState.PENDING
+        ),
+        attempts=0,
+        next_attempt_at=0,
+        last_error=None,
+        updated_at=now,
     )
     if ic is None:
-        await conn.execute(sa.insert(instance_components).values(
-            instance_id=inst["id"], component=rollout["component"], **values))
+        await conn.execute(
+            sa.insert(instance_components).values(
+                instance_id=inst["id"], component=rollout["component"], **values
+            )
+        )
     else:
         await conn.execute(
             sa.update(instance_components)
-            .where(instance_components.c.instance_id == inst["id"],
-                   instance_components.c.component == rollout["component"])
-            .values(**values))
+            .where(
+                instance_components.c.instance_id == inst["id"],
+                instance_components.c.component == rollout["component"],
+            )
+            .values(**values)
+        )
 
 
 async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
@@ -267,9 +358,19 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
     per_rollout = await _scope(conn)
     if not per_rollout:
         return []
-    claimed = (await conn.execute(db.claim(
-        sa.select(rollouts).where(rollouts.c.id.in_(list(per_rollout)))
-        .order_by(rollouts.c.id)))).mappings().all()
+    claimed = (
+        (
+            await conn.execute(
+                db.claim(
+                    sa.select(rollouts)
+                    .where(rollouts.c.id.in_(list(per_rollout)))
+                    .order_by(rollouts.c.id)
+                )
+            )
+        )
+        .mappings()
+        .all()
+    )
     touched = []
     for r in claimed:
         scope = per_rollout[r["id"]]
@@ -280,14 +381,24 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
             kinds[_classify(ics.get(inst["id"]), artifact["sha256"])].append(inst)
         if r["state"] == ACTIVE and len(kinds["failed"]) > r["failure_threshold"]:
             names = ", ".join(i["name"] for i in kinds["failed"])
-            msg = (f"paused: {len(kinds['failed'])} instance(s) failed to install "
-                   f"{r['component']} {r['version']} ({names})")
-            await conn.execute(sa.update(rollouts).where(rollouts.c.id == r["id"])
-                               .values(state=PAUSED, message=msg, updated_at=now))
-            await events.record(conn, now, "warning", "rollout.paused",
-                                f"rollout {r['id']} {msg}; fix the cause, then "
-                                f"`corral rollout {r['component']} --resume {r['id']}` "
-                                f"or `--rollback`")
+            msg = (
+                f"paused: {len(kinds['failed'])} instance(s) failed to install "
+                f"{r['component']} {r['version']} ({names})"
+            )
+            await conn.execute(
+                sa.update(rollouts)
+                .where(rollouts.c.id == r["id"])
+                .values(state=PAUSED, message=msg, updated_at=now)
+            )
+            await events.record(
+                conn,
+                now,
+                "warning",
+                "rollout.paused",
+                f"rollout {r['id']} {msg}; fix the cause, then "
+                f"`corral rollout {r['component']} --resume {r['id']}` "
+                f"or `--rollback`",
+            )
             continue
         if r["state"] == ACTIVE:
             slots = r["max_unavailable"] - len(kinds["in_flight"])
@@ -301,11 +412,19 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
             touched.append(inst["id"])
         done = len(kinds["converged"]) == len(scope) and scope
         if r["state"] == ACTIVE and done:
-            await conn.execute(sa.update(rollouts).where(rollouts.c.id == r["id"])
-                               .values(state=COMPLETED, message=None, updated_at=now))
-            await events.record(conn, now, "info", "rollout.completed",
-                                f"rollout {r['id']}: {r['component']} {r['version']} "
-                                f"installed on all {len(scope)} instance(s)")
+            await conn.execute(
+                sa.update(rollouts)
+                .where(rollouts.c.id == r["id"])
+                .values(state=COMPLETED, message=None, updated_at=now)
+            )
+            await events.record(
+                conn,
+                now,
+                "info",
+                "rollout.completed",
+                f"rollout {r['id']}: {r['component']} {r['version']} "
+                f"installed on all {len(scope)} instance(s)",
+            )
     return touched
 
 
@@ -313,74 +432,137 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
 
 
 async def sync(
-    conn: AsyncConnection, instance, observed: list[ObservedComponent], now: float,  # noqa: ANN001
-    policy: InstallPolicy, rng: random.Random | None = None,
+    conn: AsyncConnection,
+    instance,
+    observed: list[ObservedComponent],
+    now: float,
+    policy: InstallPolicy,
+    rng: random.Random | None = None,
 ) -> list[InstallOrder]:
     """Record what the agent has installed and decide, per component, whether it is
     told to install its target now (counted, backed off, capped)."""
     rng = rng or random.Random()
-    rows = {r["component"]: r for r in (await conn.execute(
-        sa.select(instance_components).where(
-            instance_components.c.instance_id == instance["id"]))).mappings().all()}
+    rows = {
+        r["component"]: r
+        for r in (
+            await conn.execute(
+                sa.select(instance_components).where(
+                    instance_components.c.instance_id == instance["id"]
+                )
+            )
+        )
+        .mappings()
+        .all()
+    }
     seen = {o.name: o for o in observed}
     for name in seen.keys() - rows.keys():
-        o = seen[name]
-        await conn.execute(sa.insert(instance_components).values(
-            instance_id=instance["id"], component=name, observed_version=o.version,
-            observed_sha256=o.sha256, state=ComponentState.UNMANAGED, updated_at=now))
+        new = seen[name]
+        await conn.execute(
+            sa.insert(instance_components).values(
+                instance_id=instance["id"],
+                component=name,
+                observed_version=new.version,
+                observed_sha256=new.sha256,
+                state=ComponentState.UNMANAGED,
+                updated_at=now,
+            )
+        )
     orders = []
     for name, row in rows.items():
         o = seen.get(name)
-        values = {"observed_version": o.version if o else None,
-                  "observed_sha256": o.sha256 if o else None, "updated_at": now}
+        observed_version = o.version if o else None
+        observed_sha256 = o.sha256 if o else None
+        values: dict[str, object] = {
+            "observed_version": observed_version,
+            "observed_sha256": observed_sha256,
+            "updated_at": now,
+        }
         if o and o.error and o.error_sha256 == row["target_sha256"]:
             values["last_error"] = o.error
         status = ComponentStatus(
-            observed_version=values["observed_version"],
-            observed_sha256=values["observed_sha256"], target_version=row["target_version"],
-            target_sha256=row["target_sha256"], attempts=row["attempts"],
-            next_attempt_at=row["next_attempt_at"], state=ComponentState(row["state"]),
-            allow_downgrade=row["allow_downgrade"])
+            observed_version=observed_version,
+            observed_sha256=observed_sha256,
+            target_version=row["target_version"],
+            target_sha256=row["target_sha256"],
+            attempts=row["attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            state=ComponentState(row["state"]),
+            allow_downgrade=row["allow_downgrade"],
+        )
         d = reconcile(status, now, policy, rng.random())
         where = f"instance {instance['name']} ({instance['id']})"
         if d.action is Action.CONVERGED and row["state"] != ComponentState.CONVERGED:
-            await events.record(conn, now, "info", "component.converged",
-                                f"{where}: {name} {row['target_version']} installed",
-                                instance_id=instance["id"])
+            await events.record(
+                conn,
+                now,
+                "info",
+                "component.converged",
+                f"{where}: {name} {row['target_version']} installed",
+                instance_id=instance["id"],
+            )
         elif d.action is Action.INSTALL:
             values["orders_total"] = row["orders_total"] + 1
             artifact = await get_component(conn, name, row["target_version"])
-            orders.append(InstallOrder(component=name, version=row["target_version"],
-                                       url=artifact["url"], sha256=artifact["sha256"],
-                                       size=artifact["size"], order=d.attempts))
-            await events.record(conn, now, "info", "component.install",
-                                f"{where}: {d.reason}", instance_id=instance["id"])
+            orders.append(
+                InstallOrder(
+                    component=name,
+                    version=row["target_version"],
+                    url=artifact["url"],
+                    sha256=artifact["sha256"],
+                    size=artifact["size"],
+                    order=d.attempts,
+                )
+            )
+            await events.record(
+                conn,
+                now,
+                "info",
+                "component.install",
+                f"{where}: {d.reason}",
+                instance_id=instance["id"],
+            )
         elif d.action is Action.GIVE_UP and row["state"] != ComponentState.INSTALL_FAILED:
             err = values.get("last_error") or row["last_error"] or "no error reported"
             await events.record(
-                conn, now, "warning", "component.install_failed",
+                conn,
+                now,
+                "warning",
+                "component.install_failed",
                 f"{where}: {name} {row['target_version']} not installed after {d.attempts} "
                 f"orders; giving up until a new rollout or resume. Last error: {err}",
-                instance_id=instance["id"])
+                instance_id=instance["id"],
+            )
         elif d.action is Action.HOLD and row["state"] != ComponentState.HELD:
-            await events.record(conn, now, "warning", "component.held",
-                                f"{where}: {name}: {d.reason}", instance_id=instance["id"])
+            await events.record(
+                conn,
+                now,
+                "warning",
+                "component.held",
+                f"{where}: {name}: {d.reason}",
+                instance_id=instance["id"],
+            )
         if d.state is not None:
             values.update(state=d.state, attempts=d.attempts, next_attempt_at=d.next_attempt_at)
         await conn.execute(
             sa.update(instance_components)
-            .where(instance_components.c.instance_id == instance["id"],
-                   instance_components.c.component == name)
-            .values(**values))
+            .where(
+                instance_components.c.instance_id == instance["id"],
+                instance_components.c.component == name,
+            )
+            .values(**values)
+        )
     return orders
 
 
 async def instance_status(conn: AsyncConnection, component: str | None = None):
-    q = (sa.select(instance_components, instances.c.name.label("instance_name"))
-         .select_from(instance_components.join(
-             instances, instances.c.id == instance_components.c.instance_id))
-         .where(instances.c.state.notin_([InstanceState.RETIRED, InstanceState.TERMINATED]))
-         .order_by(instance_components.c.component, instances.c.name))
+    q = (
+        sa.select(instance_components, instances.c.name.label("instance_name"))
+        .select_from(
+            instance_components.join(instances, instances.c.id == instance_components.c.instance_id)
+        )
+        .where(instances.c.state.notin_([InstanceState.RETIRED, InstanceState.TERMINATED]))
+        .order_by(instance_components.c.component, instances.c.name)
+    )
     if component:
         q = q.where(instance_components.c.component == component)
     return (await conn.execute(q)).mappings().all()

@@ -28,6 +28,10 @@ T = TypeVar("T")
 _RETRYABLE_PG_CODES = {"40P01", "40001"}  # deadlock_detected, serialization_failure
 
 
+DatabaseError = sa.exc.SQLAlchemyError  # what the outer layers catch of the store's failures
+Connection = AsyncConnection  # what store functions take, for callers' annotations
+
+
 class DatabaseUrlError(ValueError):
     pass
 
@@ -39,13 +43,18 @@ def normalize_url(url: str) -> str:
         raise DatabaseUrlError("database URL is empty")
     if url.startswith(("postgresql+asyncpg://",)):
         return url
-    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+    for prefix in (
+        "postgresql://",
+        "postgres://",
+        "postgresql+psycopg://",
+        "postgresql+psycopg2://",
+    ):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     if url.startswith("sqlite+aiosqlite://"):
         return url
     if url.startswith("sqlite://"):
-        return "sqlite+aiosqlite://" + url[len("sqlite://"):]
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
     if "://" in url:
         raise DatabaseUrlError(
             f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
@@ -78,7 +87,11 @@ class Database:
             _install_sqlite_hooks(self.engine)
         else:
             self.engine = create_async_engine(
-                self.url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                self.url,
+                echo=echo,
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
                 pool_timeout=60,
             )
 
@@ -102,11 +115,10 @@ class Database:
     @contextlib.asynccontextmanager
     async def _write_once(self) -> AsyncIterator[AsyncConnection]:
         if self._write_lock is not None:
-            async with self._write_lock:
-                async with self.engine.connect() as conn:
-                    conn = await conn.execution_options(corral_write=True)
-                    async with conn.begin():
-                        yield conn
+            async with self._write_lock, self.engine.connect() as conn:
+                conn = await conn.execution_options(corral_write=True)
+                async with conn.begin():
+                    yield conn
         else:
             async with self.engine.begin() as conn:
                 yield conn
@@ -156,7 +168,7 @@ def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table):
 
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+    def _on_connect(dbapi_conn, _record):
         # take over transaction control from the driver so BEGIN can be IMMEDIATE
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
@@ -167,7 +179,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cur.close()
 
     @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn):  # noqa: ANN001
+    def _on_begin(conn):
         if conn.get_execution_options().get("corral_write"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.domain.api import KillOrder, ObservedAttempt, StartOrder
+from corral.api import KillOrder, ObservedAttempt, StartOrder
 from corral.domain.instances import InstanceState
 from corral.domain.jobs import LIVE_ATTEMPT_STATES, AttemptState, JobState
 from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
@@ -40,27 +40,42 @@ async def lock_jobs(
     Each lock bumps the job's attempt number and creates the attempt row; its token
     is issued later, when the instance's agent collects it (see deliver_attempts)."""
     queued = (
-        await conn.execute(
-            db.claim(
-                sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
-                .where(jobs.c.state == JobState.QUEUED)
-                .order_by(jobs.c.id)
-                .limit(batch)
+        (
+            await conn.execute(
+                db.claim(
+                    sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
+                    .where(jobs.c.state == JobState.QUEUED)
+                    .order_by(jobs.c.id)
+                    .limit(batch)
+                )
             )
         )
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     if not queued:
         return []
     candidates = (
-        await conn.execute(
-            db.claim(
-                sa.select(instances.c.id, instances.c.fleet, instances.c.cpus,
-                          instances.c.memory_mb, instances.c.created_at)
-                .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
-                .order_by(instances.c.created_at, instances.c.id)
+        (
+            await conn.execute(
+                db.claim(
+                    sa.select(
+                        instances.c.id,
+                        instances.c.fleet,
+                        instances.c.cpus,
+                        instances.c.memory_mb,
+                        instances.c.created_at,
+                    )
+                    .where(
+                        instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None)
+                    )
+                    .order_by(instances.c.created_at, instances.c.id)
+                )
             )
         )
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     used = {
         row.instance_id: row
         for row in (
@@ -81,11 +96,14 @@ async def lock_jobs(
         u = used.get(inst["id"])
         capacities.append(
             Capacity(
-                instance_id=inst["id"], fleet=inst["fleet"], cpus=inst["cpus"],
+                instance_id=inst["id"],
+                fleet=inst["fleet"],
+                cpus=inst["cpus"],
                 memory_mb=inst["memory_mb"],
                 used_cpus=float(u.cpus or 0) if u else 0.0,
                 used_memory_mb=int(u.memory_mb or 0) if u else 0,
-                running=int(u.n) if u else 0, order=(i,),
+                running=int(u.n) if u else 0,
+                order=(i,),
             )
         )
     demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
@@ -95,8 +113,11 @@ async def lock_jobs(
             sa.update(jobs)
             .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED)
             .values(
-                state=JobState.LOCKED, current_attempt=jobs.c.current_attempt + 1,
-                instance_id=instance_id, updated_at=now, reason=None,
+                state=JobState.LOCKED,
+                current_attempt=jobs.c.current_attempt + 1,
+                instance_id=instance_id,
+                updated_at=now,
+                reason=None,
             )
             .returning(jobs.c.current_attempt, jobs.c.cpus, jobs.c.memory_mb)
         )
@@ -105,9 +126,14 @@ async def lock_jobs(
             continue
         await conn.execute(
             sa.insert(job_attempts).values(
-                job_id=job_id, number=row.current_attempt, instance_id=instance_id,
-                state=AttemptState.ISSUED, cpus=row.cpus, memory_mb=row.memory_mb,
-                created_at=now, updated_at=now,
+                job_id=job_id,
+                number=row.current_attempt,
+                instance_id=instance_id,
+                state=AttemptState.ISSUED,
+                cpus=row.cpus,
+                memory_mb=row.memory_mb,
+                created_at=now,
+                updated_at=now,
             )
         )
         placements.append(Placement(job_id, row.current_attempt, instance_id))
@@ -115,7 +141,7 @@ async def lock_jobs(
     return placements
 
 
-async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:  # noqa: ANN001
+async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:
     """A job no instance could ever hold says so in its reason, instead of waiting mutely."""
     reasons = {q["id"]: q["reason"] for q in queued}
     for d in demands:
@@ -129,7 +155,9 @@ async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:  
                 f"waiting: no running instance {where}has {d.cpus:g} cpus and "
                 f"{d.memory_mb} MB memory"
             )
-        if why != reasons.get(d.job_id) and (why or reasons.get(d.job_id, "").startswith("waiting")):
+        if why != reasons.get(d.job_id) and (
+            why or reasons.get(d.job_id, "").startswith("waiting")
+        ):
             await conn.execute(sa.update(jobs).where(jobs.c.id == d.job_id).values(reason=why))
 
 
@@ -146,22 +174,31 @@ async def deliver_attempts(
     kept. If the reply carrying it is lost, the attempt never starts and the reaper
     requeues it after the start timeout, with a new attempt and a new token."""
     rows = (
-        await conn.execute(
-            sa.select(
-                job_attempts.c.job_id, job_attempts.c.number, jobs.c.command, jobs.c.env,
-                jobs.c.cpus, jobs.c.memory_mb, jobs.c.inputs,
+        (
+            await conn.execute(
+                sa.select(
+                    job_attempts.c.job_id,
+                    job_attempts.c.number,
+                    jobs.c.command,
+                    jobs.c.env,
+                    jobs.c.cpus,
+                    jobs.c.memory_mb,
+                    jobs.c.inputs,
+                )
+                .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+                .where(
+                    job_attempts.c.instance_id == instance_id,
+                    job_attempts.c.state == AttemptState.ISSUED,
+                    job_attempts.c.token_hash.is_(None),
+                    jobs.c.current_attempt == job_attempts.c.number,
+                    jobs.c.state == JobState.LOCKED,
+                )
+                .order_by(job_attempts.c.job_id)
             )
-            .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
-            .where(
-                job_attempts.c.instance_id == instance_id,
-                job_attempts.c.state == AttemptState.ISSUED,
-                job_attempts.c.token_hash.is_(None),
-                jobs.c.current_attempt == job_attempts.c.number,
-                jobs.c.state == JobState.LOCKED,
-            )
-            .order_by(job_attempts.c.job_id)
         )
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     orders = []
     for r in rows:
         secret = new_attempt_secret()
@@ -176,13 +213,21 @@ async def deliver_attempts(
             .values(token_hash=hash_secret(secret), delivered_at=now, updated_at=now)
         )
         if result.rowcount == 1:
-            inputs = (await objects.fetches_for(conn, instance_id, r["inputs"], now, server_url)
-                      if r["inputs"] else [])
+            inputs = (
+                await objects.fetches_for(conn, instance_id, r["inputs"], now, server_url)
+                if r["inputs"]
+                else []
+            )
             orders.append(
                 StartOrder(
-                    job_id=r["job_id"], attempt=r["number"], token=secret,
-                    command=r["command"], env=r["env"], cpus=r["cpus"],
-                    memory_mb=r["memory_mb"], inputs=inputs,
+                    job_id=r["job_id"],
+                    attempt=r["number"],
+                    token=secret,
+                    command=r["command"],
+                    env=r["env"],
+                    cpus=r["cpus"],
+                    memory_mb=r["memory_mb"],
+                    inputs=inputs,
                 )
             )
     return orders
@@ -197,16 +242,24 @@ async def kills_for(
         return []
     keys = [(o.job_id, o.attempt) for o in observed]
     rows = (
-        await conn.execute(
-            sa.select(
-                job_attempts.c.job_id, job_attempts.c.number, job_attempts.c.state,
-                job_attempts.c.token_hash, job_attempts.c.instance_id,
-                jobs.c.current_attempt, jobs.c.state.label("job_state"),
+        (
+            await conn.execute(
+                sa.select(
+                    job_attempts.c.job_id,
+                    job_attempts.c.number,
+                    job_attempts.c.state,
+                    job_attempts.c.token_hash,
+                    job_attempts.c.instance_id,
+                    jobs.c.current_attempt,
+                    jobs.c.state.label("job_state"),
+                )
+                .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+                .where(sa.tuple_(job_attempts.c.job_id, job_attempts.c.number).in_(keys))
             )
-            .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
-            .where(sa.tuple_(job_attempts.c.job_id, job_attempts.c.number).in_(keys))
         )
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     by_key = {(r["job_id"], r["number"]): r for r in rows}
     kills = []
     for o in observed:

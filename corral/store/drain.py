@@ -17,8 +17,16 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.domain.api import AtRisk
-from corral.domain.drain import Holder, ObjectInfo, Recipient, at_risk, may_retire, plan_copies
+from corral.api import AtRisk
+from corral.domain.drain import (
+    Holder,
+    ObjectInfo,
+    ObjectState,
+    Recipient,
+    at_risk,
+    may_retire,
+    plan_copies,
+)
 from corral.domain.instances import InstanceState
 from corral.store import dispatch, events, fleets, instances, jobs, offloads
 from corral.store import objects as objs
@@ -40,50 +48,80 @@ class DrainResult:
 RETRY_FAILED_COPY_AFTER = 10.0
 
 
-async def object_infos(conn: AsyncConnection, instance_id: str,
-                       now: float | None = None) -> list[ObjectInfo]:
+async def object_infos(
+    conn: AsyncConnection, instance_id: str, now: float | None = None
+) -> list[ObjectInfo]:
     """Every object `instance_id` holds, with all its holders and the copies on their
     way (a copy that failed in the last few seconds counts as on its way, so a dead
     source is not asked again on every tick)."""
-    mine = sa.select(replicas.c.sha256).where(replicas.c.instance_id == instance_id,
-                                              replicas.c.state == objs.PRESENT)
-    rows = (await conn.execute(
-        sa.select(replicas.c.sha256, replicas.c.instance_id, replicas.c.state,
-                  instances_t.c.state.label("istate"), instances_t.c.lost_at,
-                  objects.c.size, objects.c.durable_url)
-        .select_from(replicas.join(instances_t, instances_t.c.id == replicas.c.instance_id)
-                     .join(objects, objects.c.sha256 == replicas.c.sha256))
-        .where(replicas.c.sha256.in_(mine),
-               sa.or_(replicas.c.state.in_([objs.PRESENT, objs.PENDING]),
-                      sa.and_(replicas.c.state == objs.FAILED,
-                              replicas.c.updated_at > (now or 0) - RETRY_FAILED_COPY_AFTER)))
-    )).all()
+    mine = sa.select(replicas.c.sha256).where(
+        replicas.c.instance_id == instance_id, replicas.c.state == objs.PRESENT
+    )
+    rows = (
+        await conn.execute(
+            sa.select(
+                replicas.c.sha256,
+                replicas.c.instance_id,
+                replicas.c.state,
+                instances_t.c.state.label("istate"),
+                instances_t.c.lost_at,
+                objects.c.size,
+                objects.c.durable_url,
+            )
+            .select_from(
+                replicas.join(instances_t, instances_t.c.id == replicas.c.instance_id).join(
+                    objects, objects.c.sha256 == replicas.c.sha256
+                )
+            )
+            .where(
+                replicas.c.sha256.in_(mine),
+                sa.or_(
+                    replicas.c.state.in_([objs.PRESENT, objs.PENDING]),
+                    sa.and_(
+                        replicas.c.state == objs.FAILED,
+                        replicas.c.updated_at > (now or 0) - RETRY_FAILED_COPY_AFTER,
+                    ),
+                ),
+            )
+        )
+    ).all()
     by_sha: dict[str, dict] = {}
     for r in rows:
-        o = by_sha.setdefault(r.sha256, {"size": r.size, "durable": bool(r.durable_url),
-                                         "holders": [], "pending": []})
+        o = by_sha.setdefault(
+            r.sha256, {"size": r.size, "durable": bool(r.durable_url), "holders": [], "pending": []}
+        )
         if r.state == objs.PRESENT:
-            o["holders"].append(Holder(r.instance_id, InstanceState(r.istate),
-                                       r.lost_at is not None))
+            o["holders"].append(
+                Holder(r.instance_id, InstanceState(r.istate), r.lost_at is not None)
+            )
         elif r.istate == InstanceState.RUNNING:
             o["pending"].append(r.instance_id)
-    return [ObjectInfo(sha, o["size"], tuple(o["holders"]), tuple(o["pending"]), o["durable"])
-            for sha, o in sorted(by_sha.items())]
+    return [
+        ObjectInfo(sha, o["size"], tuple(o["holders"]), tuple(o["pending"]), o["durable"])
+        for sha, o in sorted(by_sha.items())
+    ]
 
 
 async def recipients(conn: AsyncConnection, exclude: str) -> list[Recipient]:
     load = await objs.bytes_held(conn)
-    q = sa.select(instances_t.c.id).where(instances_t.c.state == InstanceState.RUNNING,
-                                          instances_t.c.lost_at.is_(None),
-                                          instances_t.c.id != exclude)
+    q = sa.select(instances_t.c.id).where(
+        instances_t.c.state == InstanceState.RUNNING,
+        instances_t.c.lost_at.is_(None),
+        instances_t.c.id != exclude,
+    )
     return [Recipient(i, load.get(i, 0)) for i in (await conn.execute(q)).scalars()]
 
 
 async def describe_risk(conn: AsyncConnection, risky: list[ObjectInfo]) -> list[AtRisk]:
     out = []
     for o in risky:
-        names = (await conn.execute(sa.select(job_outputs.c.job_id, job_outputs.c.path).where(
-            job_outputs.c.sha256 == o.sha256).limit(5))).all()
+        names = (
+            await conn.execute(
+                sa.select(job_outputs.c.job_id, job_outputs.c.path)
+                .where(job_outputs.c.sha256 == o.sha256)
+                .limit(5)
+            )
+        ).all()
         obj = await objs.get_object(conn, o.sha256)
         labels = [f"job {j}: {p}" for j, p in names] or [f"upload {obj['name'] or o.sha256}"]
         out.append(AtRisk(sha256=o.sha256, size=o.size, names=labels))
@@ -93,32 +131,44 @@ async def describe_risk(conn: AsyncConnection, risky: list[ObjectInfo]) -> list[
 async def request_drain(conn: AsyncConnection, instance_id: str, force: bool, now: float):
     """running -> draining (or, with force, a draining instance may now retire even
     if data is at risk). Returns the instance and what it alone holds now."""
-    inst = await instances.get_instance(conn, instance_id)
+    inst = await instances.require_instance(conn, instance_id)
     if inst["state"] in (InstanceState.RUNNING, InstanceState.PENDING):
-        inst = await instances.transition(conn, instance_id, InstanceState.DRAINING, now,
-                                          drain_force=force)
-        await events.record(conn, now, "info", "instance.draining",
-                            f"instance {inst['name']} ({instance_id}) is draining"
-                            + (" (forced)" if force else ""), instance_id=instance_id)
+        inst = await instances.transition(
+            conn, instance_id, InstanceState.DRAINING, now, drain_force=force
+        )
+        await events.record(
+            conn,
+            now,
+            "info",
+            "instance.draining",
+            f"instance {inst['name']} ({instance_id}) is draining" + (" (forced)" if force else ""),
+            instance_id=instance_id,
+        )
     elif inst["state"] == InstanceState.DRAINING and force and not inst["drain_force"]:
-        await conn.execute(sa.update(instances_t).where(instances_t.c.id == instance_id)
-                           .values(drain_force=True))
-        inst = await instances.get_instance(conn, instance_id)
+        await conn.execute(
+            sa.update(instances_t).where(instances_t.c.id == instance_id).values(drain_force=True)
+        )
+        inst = await instances.require_instance(conn, instance_id)
     risky = at_risk(await object_infos(conn, instance_id), instance_id)
     return inst, await describe_risk(conn, risky)
 
 
-async def drain_step(conn: AsyncConnection, inst, now: float, *, drain_grace: float,  # noqa: ANN001
-                     max_in_flight: int = 8) -> DrainResult:
+async def drain_step(
+    conn: AsyncConnection, inst, now: float, *, drain_grace: float, max_in_flight: int = 8
+) -> DrainResult:
     iid = inst["id"]
     result = DrainResult(iid, [])
     live = await dispatch.live_attempts_on(conn, iid)
     if live and now - (inst["drain_requested_at"] or now) > drain_grace:
         for a in live:
             await jobs.lose_attempt(
-                conn, a["job_id"], a["number"],
-                f"instance {inst['name']} is draining (grace {drain_grace:g}s passed)", now,
-                instance_id=iid)
+                conn,
+                a["job_id"],
+                a["number"],
+                f"instance {inst['name']} is draining (grace {drain_grace:g}s passed)",
+                now,
+                instance_id=iid,
+            )
             result.requeued += 1
         live = await dispatch.live_attempts_on(conn, iid)
     risky = at_risk(await object_infos(conn, iid, now), iid)
@@ -129,81 +179,124 @@ async def drain_step(conn: AsyncConnection, inst, now: float, *, drain_grace: fl
     result.stranded = len(stranded)
     durable_fleet = await _durable_fleet(conn, inst)
     if stranded and durable_fleet:
-        result.offloads = await offloads.order(conn, [o.sha256 for o in stranded],
-                                               durable_fleet, iid, now)
-        message = (f"uploading {len(stranded)} object(s) only it holds to fleet "
-                   f"{durable_fleet}'s durable store; retires once they are confirmed there")
+        result.offloads = await offloads.order(
+            conn, [o.sha256 for o in stranded], durable_fleet, iid, now
+        )
+        message = (
+            f"uploading {len(stranded)} object(s) only it holds to fleet "
+            f"{durable_fleet}'s durable store; retires once they are confirmed there"
+        )
         if inst["message"] != message:
-            await conn.execute(sa.update(instances_t).where(instances_t.c.id == iid)
-                               .values(message=message))
+            await conn.execute(
+                sa.update(instances_t).where(instances_t.c.id == iid).values(message=message)
+            )
     elif stranded and not inst["drain_force"]:
         described = await describe_risk(conn, stranded)
-        message = (f"instance {inst['name']} ({iid}) cannot retire: no running instance can "
-                   f"take {len(stranded)} output(s) only it holds: "
-                   + "; ".join(", ".join(a.names) for a in described[:10])
-                   + (" ..." if len(described) > 10 else "")
-                   + ". It stays draining; add capacity, or `corral drain --force` to lose them")
+        message = (
+            f"instance {inst['name']} ({iid}) cannot retire: no running instance can "
+            f"take {len(stranded)} output(s) only it holds: "
+            + "; ".join(", ".join(a.names) for a in described[:10])
+            + (" ..." if len(described) > 10 else "")
+            + ". It stays draining; add capacity, or `corral drain --force` to lose them"
+        )
         if inst["message"] != message:
-            await conn.execute(sa.update(instances_t).where(instances_t.c.id == iid)
-                               .values(message=message))
-            await events.record(conn, now, "warning", "instance.at_risk", message,
-                                instance_id=iid, data={"at_risk": [o.sha256 for o in stranded]})
+            await conn.execute(
+                sa.update(instances_t).where(instances_t.c.id == iid).values(message=message)
+            )
+            await events.record(
+                conn,
+                now,
+                "warning",
+                "instance.at_risk",
+                message,
+                instance_id=iid,
+                data={"at_risk": [o.sha256 for o in stranded]},
+            )
     if may_retire(len(live), risky, inst["drain_force"]):
         await retire(conn, inst, risky, now)
         result.retired = True
     return result
 
 
-async def _durable_fleet(conn: AsyncConnection, inst) -> str | None:  # noqa: ANN001
+async def _durable_fleet(conn: AsyncConnection, inst) -> str | None:
     """The instance's fleet, if that fleet has a durable store."""
     return inst["fleet"] if await fleets.durable_store(conn, inst["fleet"]) else None
 
 
-async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: float) -> None:  # noqa: ANN001
+async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: float) -> None:
     iid = inst["id"]
     lost = await describe_risk(conn, risky)
     await instances.transition(conn, iid, InstanceState.RETIRED, now, message=None)
-    await conn.execute(sa.update(replicas).where(
-        replicas.c.instance_id == iid, replicas.c.state.in_([objs.PRESENT, objs.PENDING]))
-        .values(state=objs.DROPPED, updated_at=now, reason="instance retired"))
+    await conn.execute(
+        sa.update(replicas)
+        .where(replicas.c.instance_id == iid, replicas.c.state.in_([objs.PRESENT, objs.PENDING]))
+        .values(state=objs.DROPPED, updated_at=now, reason="instance retired")
+    )
     if lost:
-        await conn.execute(sa.update(objects).where(
-            objects.c.sha256.in_([o.sha256 for o in risky]), objects.c.durable_url.is_(None))
-            .values(state="lost", updated_at=now))
+        await conn.execute(
+            sa.update(objects)
+            .where(objects.c.sha256.in_([o.sha256 for o in risky]), objects.c.durable_url.is_(None))
+            .values(state=ObjectState.LOST, updated_at=now)
+        )
         await events.record(
-            conn, now, "warning", "instance.retired_forced",
+            conn,
+            now,
+            "warning",
+            "instance.retired_forced",
             f"instance {inst['name']} ({iid}) retired by force; {len(lost)} output(s) lost: "
-            + "; ".join(", ".join(a.names) for a in lost[:20]), instance_id=iid)
+            + "; ".join(", ".join(a.names) for a in lost[:20]),
+            instance_id=iid,
+        )
     else:
-        await events.record(conn, now, "info", "instance.retired",
-                            f"instance {inst['name']} ({iid}) retired: every object it held "
-                            f"has a copy on a running instance", instance_id=iid)
+        await events.record(
+            conn,
+            now,
+            "info",
+            "instance.retired",
+            f"instance {inst['name']} ({iid}) retired: every object it held "
+            f"has a copy on a running instance",
+            instance_id=iid,
+        )
 
 
 async def claim_draining(conn: AsyncConnection, db: Database):
-    q = db.claim(sa.select(instances_t).where(instances_t.c.state == InstanceState.DRAINING)
-                 .order_by(instances_t.c.drain_requested_at))
+    q = db.claim(
+        sa.select(instances_t)
+        .where(instances_t.c.state == InstanceState.DRAINING)
+        .order_by(instances_t.c.drain_requested_at)
+    )
     return (await conn.execute(q)).mappings().all()
 
 
 async def cancel_doomed_copies(conn: AsyncConnection, now: float, transfer_timeout: float) -> int:
     """Pending copies to instances that stopped being running, or that took too long,
     fail (the next drain step plans them again elsewhere)."""
-    doomed = sa.select(instances_t.c.id).where(sa.or_(
-        instances_t.c.state != InstanceState.RUNNING, instances_t.c.lost_at.is_not(None)))
-    r1 = await conn.execute(sa.update(replicas).where(
-        replicas.c.state == objs.PENDING, replicas.c.instance_id.in_(doomed))
-        .values(state=objs.FAILED, updated_at=now, reason="recipient is no longer running"))
-    r2 = await conn.execute(sa.update(replicas).where(
-        replicas.c.state == objs.PENDING, replicas.c.delivered_at.is_not(None),
-        replicas.c.delivered_at < now - transfer_timeout)
-        .values(state=objs.FAILED, updated_at=now, reason="copy took too long"))
+    doomed = sa.select(instances_t.c.id).where(
+        sa.or_(instances_t.c.state != InstanceState.RUNNING, instances_t.c.lost_at.is_not(None))
+    )
+    r1 = await conn.execute(
+        sa.update(replicas)
+        .where(replicas.c.state == objs.PENDING, replicas.c.instance_id.in_(doomed))
+        .values(state=objs.FAILED, updated_at=now, reason="recipient is no longer running")
+    )
+    r2 = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.state == objs.PENDING,
+            replicas.c.delivered_at.is_not(None),
+            replicas.c.delivered_at < now - transfer_timeout,
+        )
+        .values(state=objs.FAILED, updated_at=now, reason="copy took too long")
+    )
     return r1.rowcount + r2.rowcount
 
 
 async def claim_terminable(conn: AsyncConnection, db: Database, before: float):
-    q = db.claim(sa.select(instances_t).where(instances_t.c.state == InstanceState.RETIRED,
-                                              instances_t.c.retired_at < before))
+    q = db.claim(
+        sa.select(instances_t).where(
+            instances_t.c.state == InstanceState.RETIRED, instances_t.c.retired_at < before
+        )
+    )
     return (await conn.execute(q)).mappings().all()
 
 

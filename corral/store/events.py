@@ -12,8 +12,12 @@ from corral.store.schema import events
 
 LEVELS = ("debug", "info", "warning", "error")
 log = logging.getLogger("corral.events")
-_PY_LEVEL = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-             "error": logging.ERROR}
+_PY_LEVEL = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 async def record(
@@ -33,8 +37,14 @@ async def record(
     log.log(_PY_LEVEL[level], "%s: %s", kind, message)
     await conn.execute(
         sa.insert(events).values(
-            ts=now, level=level, kind=kind, message=message, job_id=job_id,
-            instance_id=instance_id, server_id=server_id, data=data,
+            ts=now,
+            level=level,
+            kind=kind,
+            message=message,
+            job_id=job_id,
+            instance_id=instance_id,
+            server_id=server_id,
+            data=data,
         )
     )
 
@@ -52,7 +62,7 @@ async def list_events(
 ):
     if min_level not in LEVELS:
         raise ValueError(f"unknown event level {min_level!r}")
-    allowed = LEVELS[LEVELS.index(min_level):]
+    allowed = LEVELS[LEVELS.index(min_level) :]
     q = sa.select(events).where(events.c.level.in_(allowed), events.c.id > after_id)
     if kind is not None:
         q = q.where(events.c.kind == kind)
@@ -64,3 +74,14 @@ async def list_events(
         rows = (await conn.execute(q.order_by(events.c.id.desc()).limit(limit))).mappings().all()
         return list(reversed(rows))
     return (await conn.execute(q.order_by(events.c.id).limit(limit))).mappings().all()
+
+
+async def last_of_kind(conn: AsyncConnection, kind: str) -> sa.RowMapping | None:
+    """The newest event of `kind` (its message and time), if any."""
+    q = (
+        sa.select(events.c.message, events.c.ts)
+        .where(events.c.kind == kind)
+        .order_by(events.c.id.desc())
+        .limit(1)
+    )
+    return (await conn.execute(q)).mappings().first()

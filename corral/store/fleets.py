@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -13,16 +14,29 @@ from corral.store.schema import fleets, instances
 
 
 async def upsert_fleet(
-    conn: AsyncConnection, *, name: str, backend: str, min_size: int, max_size: int,
-    target_size: int, now: float, idle_timeout: float = 300.0, cpus: float | None = None,
-    memory_mb: int | None = None, spec: dict | None = None,
+    conn: AsyncConnection,
+    *,
+    name: str,
+    backend: str,
+    min_size: int,
+    max_size: int,
+    target_size: int,
+    now: float,
+    idle_timeout: float = 300.0,
+    cpus: float | None = None,
+    memory_mb: int | None = None,
+    spec: dict | None = None,
 ) -> None:
-    exists = (
-        await conn.execute(sa.select(fleets.c.name).where(fleets.c.name == name))
-    ).first()
+    exists = (await conn.execute(sa.select(fleets.c.name).where(fleets.c.name == name))).first()
     values = dict(
-        backend=backend, min_size=min_size, max_size=max_size, target_size=target_size,
-        idle_timeout=idle_timeout, cpus=cpus, memory_mb=memory_mb, spec=spec or {},
+        backend=backend,
+        min_size=min_size,
+        max_size=max_size,
+        target_size=target_size,
+        idle_timeout=idle_timeout,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        spec=spec or {},
         updated_at=now,
     )
     if exists:
@@ -48,12 +62,12 @@ async def list_fleets(conn: AsyncConnection):
     return (await conn.execute(sa.select(fleets).order_by(fleets.c.name))).mappings().all()
 
 
-async def claim_fleets(conn: AsyncConnection, db, backends: list[str]):  # noqa: ANN001
+async def claim_fleets(conn: AsyncConnection, db, backends: list[str]):
     q = db.claim(sa.select(fleets).where(fleets.c.backend.in_(backends)).order_by(fleets.c.name))
     return (await conn.execute(q)).mappings().all()
 
 
-async def fleet_instances(conn: AsyncConnection, fleet: str, states: list[str] | None = None):
+async def fleet_instances(conn: AsyncConnection, fleet: str, states: Sequence[str] | None = None):
     q = sa.select(instances).where(instances.c.fleet == fleet).order_by(instances.c.created_at)
     if states:
         q = q.where(instances.c.state.in_(states))
@@ -64,48 +78,13 @@ async def next_instance_names(conn: AsyncConnection, fleet: str, count: int) -> 
     """Fresh names `<fleet>-<n>`: never one an instance ever had (a retired name is
     refused for good, so it must not be handed out again)."""
     names = (
-        await conn.execute(sa.select(instances.c.name).where(instances.c.name.like(f"{fleet}-%")))
-    ).scalars().all()
+        (await conn.execute(sa.select(instances.c.name).where(instances.c.name.like(f"{fleet}-%"))))
+        .scalars()
+        .all()
+    )
     pattern = re.compile(rf"^{re.escape(fleet)}-(\d+)$")
     highest = max((int(m.group(1)) for n in names if (m := pattern.match(n))), default=0)
     return [f"{fleet}-{highest + i}" for i in range(1, count + 1)]
 
 
 LIVE = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
-
-
-async def set_target(conn: AsyncConnection, name: str, size: int, now: float, why: str) -> None:
-    """Set a fleet's target size; shrinking drains the excess instances at once."""
-    from corral.store import events
-
-    await conn.execute(sa.update(fleets).where(fleets.c.name == name)
-                       .values(target_size=size, updated_at=now))
-    active = await fleet_instances(conn, name, [InstanceState.PENDING, InstanceState.RUNNING])
-    await events.record(conn, now, "info", "fleet.scaled",
-                        f"fleet {name}: target size {size} ({why}); {len(active)} active")
-    if size < len(active):
-        await shrink(conn, name, len(active) - size, now, why)
-
-
-async def shrink(conn: AsyncConnection, name: str, count: int, now: float, why: str,
-                 candidates: list[str] | None = None) -> list[str]:
-    """Drain `count` instances of the fleet: idle ones before busy ones, and among
-    those the ones holding the least unique data."""
-    from corral.domain.drain import retire_first
-    from corral.store import dispatch, drain, events
-
-    active = await fleet_instances(conn, name, [InstanceState.PENDING, InstanceState.RUNNING])
-    ids = [m["id"] for m in active if candidates is None or m["id"] in candidates]
-    unique = await drain.unique_bytes(conn, ids)
-    busy = {i for i in ids if await dispatch.live_attempts_on(conn, i)}
-    # busy instances sort after idle ones, whatever their data
-    weights = {i: unique[i] + (2**62 if i in busy else 0) for i in ids}
-    chosen = retire_first(weights, count)
-    names = {m["id"]: m["name"] for m in active}
-    for iid in chosen:
-        await drain.request_drain(conn, iid, False, now)
-    if chosen:
-        await events.record(conn, now, "info", "fleet.shrinking",
-                            f"fleet {name}: draining {', '.join(names[i] for i in chosen)} "
-                            f"({why}; idle and least unique data first)")
-    return chosen

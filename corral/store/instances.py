@@ -43,20 +43,37 @@ async def get_instance(conn: AsyncConnection, instance_id: str) -> sa.RowMapping
     return (await conn.execute(q)).mappings().first()
 
 
+async def require_instance(conn: AsyncConnection, instance_id: str) -> sa.RowMapping:
+    row = await get_instance(conn, instance_id)
+    if row is None:
+        raise KeyError(instance_id)
+    return row
+
+
 async def get_by_name(conn: AsyncConnection, name: str) -> sa.RowMapping | None:
     q = sa.select(instances).where(instances.c.name == name)
     return (await conn.execute(q)).mappings().first()
 
 
 async def create_pending(
-    conn: AsyncConnection, *, name: str, fleet: str | None, now: float,
-    backend_ref: str | None = None, instance_id: str | None = None,
+    conn: AsyncConnection,
+    *,
+    name: str,
+    fleet: str | None,
+    now: float,
+    backend_ref: str | None = None,
+    instance_id: str | None = None,
 ) -> str:
     instance_id = instance_id or new_instance_id()
     await conn.execute(
         sa.insert(instances).values(
-            id=instance_id, name=name, fleet=fleet, state=InstanceState.PENDING,
-            incarnation=0, created_at=now, backend_ref=backend_ref,
+            id=instance_id,
+            name=name,
+            fleet=fleet,
+            state=InstanceState.PENDING,
+            incarnation=0,
+            created_at=now,
+            backend_ref=backend_ref,
         )
     )
     return instance_id
@@ -96,16 +113,20 @@ async def register(
             new_id = new_instance_id()
             await conn.execute(
                 sa.insert(instances).values(
-                    id=new_id, name=name, fleet=fleet, state=InstanceState.PENDING,
-                    incarnation=0, created_at=now,
+                    id=new_id,
+                    name=name,
+                    fleet=fleet,
+                    state=InstanceState.PENDING,
+                    incarnation=0,
+                    created_at=now,
                 )
             )
-            row = await get_instance(conn, new_id)
+            row = await require_instance(conn, new_id)
         credential = await tokens.create_token(
             conn, tokens.AGENT, now, instance_id=row["id"], note=f"agent {name}"
         )
     decision = decide_register(row["state"] if row is not None else None)
-    if decision.admission is Admission.EXIT:
+    if decision.admission is Admission.EXIT or row is None:
         return Registration(decision, row)
     result = await conn.execute(
         sa.update(instances)
@@ -130,7 +151,10 @@ async def register(
         fresh = await get_instance(conn, row["id"])
         return Registration(decide_register(fresh["state"] if fresh else None), fresh)
     await events.record(
-        conn, now, "info", "instance.registered",
+        conn,
+        now,
+        "info",
+        "instance.registered",
         f"instance {updated['name']} ({updated['id']}) registered, incarnation "
         f"{updated['incarnation']}, state {updated['state']}",
         instance_id=updated["id"],
@@ -146,7 +170,7 @@ async def heartbeat(
     decision = decide_heartbeat(
         row["state"] if row else None, row["incarnation"] if row else None, incarnation
     )
-    if decision.admission is Admission.EXIT or not touch:
+    if decision.admission is Admission.EXIT or not touch or row is None:
         return decision, row
     await conn.execute(
         sa.update(instances)
@@ -155,7 +179,10 @@ async def heartbeat(
     )
     if row["lost_at"] is not None:
         await events.record(
-            conn, now, "info", "instance.back",
+            conn,
+            now,
+            "info",
+            "instance.back",
             f"instance {row['name']} ({instance_id}) is reachable again after "
             f"{now - row['lost_at']:.0f}s",
             instance_id=instance_id,
@@ -164,7 +191,10 @@ async def heartbeat(
 
 
 async def transition(
-    conn: AsyncConnection, instance_id: str, target: InstanceState, now: float,
+    conn: AsyncConnection,
+    instance_id: str,
+    target: InstanceState,
+    now: float,
     **values,
 ) -> sa.RowMapping:
     """Move an instance to `target` atomically, from any state the table allows."""
@@ -210,7 +240,7 @@ async def list_instances(conn: AsyncConnection, *, include_terminated: bool = Tr
     return (await conn.execute(q)).mappings().all()
 
 
-async def find_lost(conn: AsyncConnection, db, cutoff: float):  # noqa: ANN001
+async def find_lost(conn: AsyncConnection, db, cutoff: float):
     """Reachable-until-now instances whose last heartbeat is older than `cutoff`."""
     q = db.claim(
         sa.select(instances).where(
@@ -232,3 +262,24 @@ async def mark_lost(conn: AsyncConnection, instance_id: str, now: float) -> bool
         .values(lost_at=now)
     )
     return result.rowcount == 1
+
+
+async def count_live(conn: AsyncConnection) -> int:
+    """Instances whose agents heartbeat (pending, running, draining)."""
+    q = (
+        sa.select(sa.func.count())
+        .select_from(instances)
+        .where(
+            instances.c.state.in_(
+                [InstanceState.RUNNING, InstanceState.DRAINING, InstanceState.PENDING]
+            )
+        )
+    )
+    return int((await conn.execute(q)).scalar_one())
+
+
+async def set_backend_ref(conn: AsyncConnection, instance_id: str, ref: str) -> None:
+    """What the backend calls this instance's machine."""
+    await conn.execute(
+        sa.update(instances).where(instances.c.id == instance_id).values(backend_ref=ref)
+    )

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.domain.api import JobSubmit, LogChunkIn, OutputFile
+from corral.api import JobSubmit, LogChunkIn, OutputFile
 from corral.domain.errors import StaleToken
 from corral.domain.jobs import (
     ACTIVE_JOB_STATES,
@@ -78,7 +78,10 @@ async def get_attempt(conn: AsyncConnection, job_id: int, number: int) -> sa.Row
 
 
 async def list_jobs(
-    conn: AsyncConnection, *, states: list[str] | None = None, limit: int = 100,
+    conn: AsyncConnection,
+    *,
+    states: list[str] | None = None,
+    limit: int = 100,
     before_id: int | None = None,
 ):
     q = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
@@ -91,7 +94,7 @@ async def list_jobs(
 
 async def count_jobs_by_state(conn: AsyncConnection) -> dict[str, int]:
     q = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
-    return {state: n for state, n in (await conn.execute(q)).all()}
+    return dict((await conn.execute(q)).all())
 
 
 async def read_logs(
@@ -117,9 +120,18 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
     result = await conn.execute(
         sa.insert(jobs)
         .values(
-            name=spec.name, state=JobState.QUEUED, command=spec.command, env=spec.env,
-            inputs=spec.inputs, fleet=spec.fleet, cpus=spec.cpus, memory_mb=spec.memory_mb,
-            max_attempts=spec.max_attempts, current_attempt=0, created_at=now, updated_at=now,
+            name=spec.name,
+            state=JobState.QUEUED,
+            command=spec.command,
+            env=spec.env,
+            inputs=spec.inputs,
+            fleet=spec.fleet,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            max_attempts=spec.max_attempts,
+            current_attempt=0,
+            created_at=now,
+            updated_at=now,
         )
         .returning(jobs.c.id)
     )
@@ -127,7 +139,11 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
 
 
 async def _end_live_attempt(
-    conn: AsyncConnection, job_id: int, number: int, target: AttemptState, reason: str,
+    conn: AsyncConnection,
+    job_id: int,
+    number: int,
+    target: AttemptState,
+    reason: str,
     now: float,
 ) -> bool:
     result = await conn.execute(
@@ -149,8 +165,9 @@ async def cancel(conn: AsyncConnection, job_id: int, now: float) -> sa.RowMappin
     result = await conn.execute(
         sa.update(jobs)
         .where(jobs.c.id == job_id, jobs.c.state.in_(_values(job_sources(JobState.CANCELLED))))
-        .values(state=JobState.CANCELLED, reason="cancelled by user", finished_at=now,
-                updated_at=now)
+        .values(
+            state=JobState.CANCELLED, reason="cancelled by user", finished_at=now, updated_at=now
+        )
         .returning(*jobs.c)
     )
     row = result.mappings().first()
@@ -162,8 +179,13 @@ async def cancel(conn: AsyncConnection, job_id: int, now: float) -> sa.RowMappin
             conn, job_id, row["current_attempt"], AttemptState.REVOKED, "job cancelled", now
         )
     await events.record(
-        conn, now, "info", "job.cancelled", f"job {job_id} cancelled (was {job['state']})",
-        job_id=job_id, instance_id=job["instance_id"],
+        conn,
+        now,
+        "info",
+        "job.cancelled",
+        f"job {job_id} cancelled (was {job['state']})",
+        job_id=job_id,
+        instance_id=job["instance_id"],
     )
     return row
 
@@ -184,9 +206,13 @@ async def requeue(conn: AsyncConnection, job_id: int, now: float, why: str) -> s
         raise JobConflict(f"job {job_id} changed state; try again")
     await _end_live_attempt(conn, job_id, n, AttemptState.REVOKED, f"requeued: {why}", now)
     await events.record(
-        conn, now, "info", "job.requeued",
+        conn,
+        now,
+        "info",
+        "job.requeued",
         f"job {job_id} attempt {n} revoked and requeued: {why}",
-        job_id=job_id, instance_id=job["instance_id"],
+        job_id=job_id,
+        instance_id=job["instance_id"],
     )
     return row
 
@@ -234,8 +260,13 @@ async def _stale(conn: AsyncConnection, job_id: int, number: int) -> StaleToken:
 
 
 async def fence(
-    conn: AsyncConnection, job_id: int, number: int, token: str | None, now: float,
-    states: Iterable[AttemptState], **values,
+    conn: AsyncConnection,
+    job_id: int,
+    number: int,
+    token: str | None,
+    now: float,
+    states: Iterable[AttemptState],
+    **values,
 ) -> sa.RowMapping:
     """The one fencing primitive: a conditional UPDATE of the attempt row that passes
     only for the current token in an allowed state. Raises StaleToken otherwise."""
@@ -263,15 +294,25 @@ async def start_attempt(
 ) -> str:
     try:
         await fence(
-            conn, job_id, number, token, now, [AttemptState.ISSUED],
-            state=AttemptState.RUNNING, started_at=now,
+            conn,
+            job_id,
+            number,
+            token,
+            now,
+            [AttemptState.ISSUED],
+            state=AttemptState.RUNNING,
+            started_at=now,
         )
     except StaleToken:
         # a retried start (the reply was lost) is fine if this token already runs
         await fence(conn, job_id, number, token, now, [AttemptState.RUNNING])
         return JobState.RUNNING
     row = await _move_job(
-        conn, job_id, number, JobState.RUNNING, now,
+        conn,
+        job_id,
+        number,
+        JobState.RUNNING,
+        now,
         started_at=sa.func.coalesce(jobs.c.started_at, now),
     )
     if row is None:
@@ -286,7 +327,7 @@ async def touch_attempt(
 
 
 def decode_chunks(chunks: list[LogChunkIn]) -> list[tuple[int, str, bytes]]:
-    out = []
+    out: list[tuple[int, str, bytes]] = []
     for c in chunks:
         try:
             out.append((c.seq, c.stream, base64.b64decode(c.data, validate=True)))
@@ -296,16 +337,26 @@ def decode_chunks(chunks: list[LogChunkIn]) -> list[tuple[int, str, bytes]]:
 
 
 async def append_logs(
-    conn: AsyncConnection, job_id: int, number: int, token: str,
-    chunks: list[tuple[int, str, bytes]], now: float,
+    conn: AsyncConnection,
+    job_id: int,
+    number: int,
+    token: str,
+    chunks: list[tuple[int, str, bytes]],
+    now: float,
 ) -> None:
     await fence(conn, job_id, number, token, now, LIVE_ATTEMPT_STATES)
     if not chunks:
         return
     stmt = insert_ignoring_duplicates(conn, log_chunks).values(
         [
-            {"job_id": job_id, "attempt": number, "seq": seq, "stream": stream, "data": data,
-             "created_at": now}
+            {
+                "job_id": job_id,
+                "attempt": number,
+                "seq": seq,
+                "stream": stream,
+                "data": data,
+                "created_at": now,
+            }
             for seq, stream, data in chunks
         ]
     )
@@ -313,16 +364,19 @@ async def append_logs(
 
 
 async def finish_attempt(
-    conn: AsyncConnection, job_id: int, number: int, token: str,
-    exit_code: int | None, reason: str | None, now: float,
+    conn: AsyncConnection,
+    job_id: int,
+    number: int,
+    token: str,
+    exit_code: int | None,
+    reason: str | None,
+    now: float,
     outputs: list[OutputFile] | None = None,
 ) -> tuple[str, bool]:
     """Record the command's result and its outputs, together. Returns (job state,
     recorded now?). A retry of the same finish (its reply was lost) is answered
     without writing anything again."""
-    target_attempt = (
-        AttemptState.SUCCEEDED if exit_code == 0 else AttemptState.FAILED
-    )
+    target_attempt = AttemptState.SUCCEEDED if exit_code == 0 else AttemptState.FAILED
     target_job = after_command_exit(exit_code) if exit_code is not None else JobState.FAILED
     if exit_code is None and not reason:
         reason = "the command did not run"
@@ -330,40 +384,66 @@ async def finish_attempt(
         reason = f"exited with code {exit_code}"
     try:
         attempt_row = await fence(
-            conn, job_id, number, token, now, [AttemptState.RUNNING],
-            state=target_attempt, exit_code=exit_code, reason=reason, finished_at=now,
+            conn,
+            job_id,
+            number,
+            token,
+            now,
+            [AttemptState.RUNNING],
+            state=target_attempt,
+            exit_code=exit_code,
+            reason=reason,
+            finished_at=now,
         )
     except StaleToken:
         attempt = await get_attempt(conn, job_id, number)
         job = await get_job(conn, job_id)
         if (
-            attempt is not None and job is not None
+            attempt is not None
+            and job is not None
             and attempt["token_hash"] == hash_secret(token or "")
-            and attempt["state"] == target_attempt and attempt["exit_code"] == exit_code
+            and attempt["state"] == target_attempt
+            and attempt["exit_code"] == exit_code
             and job["result_attempt"] == number
         ):
             return job["state"], False
         raise
     row = await _move_job(
-        conn, job_id, number, target_job, now,
-        exit_code=exit_code, reason=reason, result_attempt=number,
+        conn,
+        job_id,
+        number,
+        target_job,
+        now,
+        exit_code=exit_code,
+        reason=reason,
+        result_attempt=number,
     )
     if row is None:
         raise await _stale(conn, job_id, number)
     if outputs:
-        await objects.record_outputs(conn, job_id, number, attempt_row["instance_id"], outputs,
-                                     now)
+        await objects.record_outputs(conn, job_id, number, attempt_row["instance_id"], outputs, now)
     if target_job is JobState.FAILED:
         await events.record(
-            conn, now, "info", "job.failed", f"job {job_id} failed: {reason}",
-            job_id=job_id, instance_id=row["instance_id"],
+            conn,
+            now,
+            "info",
+            "job.failed",
+            f"job {job_id} failed: {reason}",
+            job_id=job_id,
+            instance_id=row["instance_id"],
         )
     return row["state"], True
 
 
 async def lose_attempt(
-    conn: AsyncConnection, job_id: int, number: int, why: str, now: float,
-    *, token: str | None = None, instance_id: str | None = None,
+    conn: AsyncConnection,
+    job_id: int,
+    number: int,
+    why: str,
+    now: float,
+    *,
+    token: str | None = None,
+    instance_id: str | None = None,
 ) -> str | None:
     """The attempt ended without its command finishing (runner crash, instance lost,
     never started). The job is requeued while attempts remain, else fails saying why.
@@ -373,8 +453,15 @@ async def lose_attempt(
     current one. Returns the job's new state, or None if nothing changed."""
     if token is not None:
         await fence(
-            conn, job_id, number, token, now, LIVE_ATTEMPT_STATES,
-            state=AttemptState.LOST, reason=why, finished_at=now,
+            conn,
+            job_id,
+            number,
+            token,
+            now,
+            LIVE_ATTEMPT_STATES,
+            state=AttemptState.LOST,
+            reason=why,
+            finished_at=now,
         )
     else:
         result = await conn.execute(
@@ -392,12 +479,22 @@ async def lose_attempt(
     outcome = after_lost_attempt(number, job["max_attempts"], why)
     if outcome.job_state is JobState.QUEUED:
         row = await _move_job(
-            conn, job_id, number, JobState.QUEUED, now, instance_id=None,
+            conn,
+            job_id,
+            number,
+            JobState.QUEUED,
+            now,
+            instance_id=None,
             reason=f"requeued after attempt {number}: {why}",
         )
     else:
         row = await _move_job(
-            conn, job_id, number, JobState.FAILED, now, reason=outcome.reason,
+            conn,
+            job_id,
+            number,
+            JobState.FAILED,
+            now,
+            reason=outcome.reason,
             result_attempt=number,
         )
     if row is None:
@@ -406,15 +503,23 @@ async def lose_attempt(
         return None
     if outcome.job_state is JobState.QUEUED:
         await events.record(
-            conn, now, "warning", "job.requeued",
+            conn,
+            now,
+            "warning",
+            "job.requeued",
             f"job {job_id} attempt {number} lost ({why}); requeued, "
             f"{job['max_attempts'] - number} attempt(s) left",
-            job_id=job_id, instance_id=instance_id or job["instance_id"],
+            job_id=job_id,
+            instance_id=instance_id or job["instance_id"],
         )
     else:
         await events.record(
-            conn, now, "warning", "job.failed", f"job {job_id} failed: {outcome.reason}",
-            job_id=job_id, instance_id=instance_id or job["instance_id"],
+            conn,
+            now,
+            "warning",
+            "job.failed",
+            f"job {job_id} failed: {outcome.reason}",
+            job_id=job_id,
+            instance_id=instance_id or job["instance_id"],
         )
     return row["state"]
-

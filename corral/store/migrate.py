@@ -23,7 +23,7 @@ def alembic_config() -> Config:
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return ScriptDirectory.from_config(alembic_config()).get_current_head() or "base"
 
 
 async def migrate(db: Database) -> str:
@@ -31,13 +31,15 @@ async def migrate(db: Database) -> str:
 
     def _upgrade(sync_conn: sa.Connection) -> str:
         if sync_conn.dialect.name == "postgresql":
-            sync_conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            sync_conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK}
+            )
         cfg = alembic_config()
         cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, "head")
-        return MigrationContext.configure(sync_conn).get_current_revision()
+        return MigrationContext.configure(sync_conn).get_current_revision() or "base"
 
-    async def _run(conn) -> str:  # noqa: ANN001
+    async def _run(conn) -> str:
         return await conn.run_sync(_upgrade)
 
     return await db.transact(_run)

@@ -14,63 +14,120 @@ import secrets
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.domain.api import Fetch, ObjectError, OutputFile
+from corral.api import Fetch, ObjectError, OutputFile
+from corral.domain.drain import ObjectState, ReplicaState
 from corral.domain.instances import InstanceState
 from corral.domain.tokens import hash_secret, well_formed
 from corral.store import events, fleets
 from corral.store.db import insert_ignoring_duplicates
 from corral.store.schema import grants, instances, job_outputs, objects, replicas
 
-PENDING, PRESENT, FAILED, MISSING, DROPPED = "pending", "present", "failed", "missing", "dropped"
+PENDING, PRESENT, FAILED, MISSING, DROPPED = (
+    ReplicaState.PENDING,
+    ReplicaState.PRESENT,
+    ReplicaState.FAILED,
+    ReplicaState.MISSING,
+    ReplicaState.DROPPED,
+)
 LIVE_HOLDER_STATES = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
 GRANT_TTL = 600.0
 
 
-async def _ensure_object(conn: AsyncConnection, sha256: str, size: int, origin: str,
-                         name: str | None, now: float, staged_on: str | None = None) -> None:
+async def _ensure_object(
+    conn: AsyncConnection,
+    sha256: str,
+    size: int,
+    origin: str,
+    name: str | None,
+    now: float,
+    staged_on: str | None = None,
+) -> None:
     stmt = insert_ignoring_duplicates(conn, objects).values(
-        sha256=sha256, size=size, origin=origin, name=name, state="live",
-        staged_on=staged_on, created_at=now, updated_at=now)
+        sha256=sha256,
+        size=size,
+        origin=origin,
+        name=name,
+        state=ObjectState.LIVE,
+        staged_on=staged_on,
+        created_at=now,
+        updated_at=now,
+    )
     await conn.execute(stmt.on_conflict_do_nothing())
 
 
-async def set_replica(conn: AsyncConnection, sha256: str, instance_id: str, state: str,
-                      now: float, reason: str | None = None) -> None:
-    existing = (await conn.execute(sa.select(replicas.c.state).where(
-        replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id))).first()
+async def set_replica(
+    conn: AsyncConnection,
+    sha256: str,
+    instance_id: str,
+    state: str,
+    now: float,
+    reason: str | None = None,
+) -> None:
+    existing = (
+        await conn.execute(
+            sa.select(replicas.c.state).where(
+                replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id
+            )
+        )
+    ).first()
     if existing is None:
-        await conn.execute(sa.insert(replicas).values(
-            sha256=sha256, instance_id=instance_id, state=state, created_at=now,
-            updated_at=now, reason=reason))
+        await conn.execute(
+            sa.insert(replicas).values(
+                sha256=sha256,
+                instance_id=instance_id,
+                state=state,
+                created_at=now,
+                updated_at=now,
+                reason=reason,
+            )
+        )
     else:
         values = dict(state=state, updated_at=now, reason=reason)
         if state == PENDING:  # a new order: a new placement, delivered afresh
             values.update(created_at=now, delivered_at=None)
-        await conn.execute(sa.update(replicas).where(
-            replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id).values(**values))
+        await conn.execute(
+            sa.update(replicas)
+            .where(replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id)
+            .values(**values)
+        )
 
 
-async def record_outputs(conn: AsyncConnection, job_id: int, attempt: int, instance_id: str,
-                         outputs: list[OutputFile], now: float) -> None:
+async def record_outputs(
+    conn: AsyncConnection,
+    job_id: int,
+    attempt: int,
+    instance_id: str,
+    outputs: list[OutputFile],
+    now: float,
+) -> None:
     """Called inside the fenced finish: the outputs of the attempt whose result is
     recorded, stored on the instance that ran it."""
     for out in outputs:
-        await _ensure_object(conn, out.sha256, out.size, "output", out.path.rsplit("/", 1)[-1],
-                             now)
+        await _ensure_object(conn, out.sha256, out.size, "output", out.path.rsplit("/", 1)[-1], now)
         await set_replica(conn, out.sha256, instance_id, PRESENT, now)
-        await conn.execute(sa.insert(job_outputs).values(
-            job_id=job_id, path=out.path, sha256=out.sha256, size=out.size, attempt=attempt))
+        await conn.execute(
+            sa.insert(job_outputs).values(
+                job_id=job_id, path=out.path, sha256=out.sha256, size=out.size, attempt=attempt
+            )
+        )
 
 
 # ---- grants ---------------------------------------------------------------------------------
 
 
-async def grant(conn: AsyncConnection, sha256: str, recipient_id: str | None, now: float,
-                ttl: float = GRANT_TTL) -> str:
+async def grant(
+    conn: AsyncConnection, sha256: str, recipient_id: str | None, now: float, ttl: float = GRANT_TTL
+) -> str:
     token = secrets.token_urlsafe(24)
-    await conn.execute(sa.insert(grants).values(
-        token_hash=hash_secret(token), sha256=sha256, recipient_id=recipient_id,
-        created_at=now, expires_at=now + ttl))
+    await conn.execute(
+        sa.insert(grants).values(
+            token_hash=hash_secret(token),
+            sha256=sha256,
+            recipient_id=recipient_id,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+    )
     await conn.execute(sa.delete(grants).where(grants.c.expires_at < now - 3600))
     return token
 
@@ -79,18 +136,28 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
     """None if the token lets its holder fetch `sha256` now; else why not."""
     if not well_formed(token):
         return "malformed token"
-    row = (await conn.execute(sa.select(grants).where(
-        grants.c.token_hash == hash_secret(token)))).mappings().first()
+    row = (
+        (await conn.execute(sa.select(grants).where(grants.c.token_hash == hash_secret(token))))
+        .mappings()
+        .first()
+    )
     if row is None or row["sha256"] != sha256:
         return "no such grant for this object"
     if row["expires_at"] < now:
         return "grant expired"
     if row["recipient_id"] is not None:
-        inst = (await conn.execute(sa.select(instances.c.state, instances.c.name).where(
-            instances.c.id == row["recipient_id"]))).first()
+        inst = (
+            await conn.execute(
+                sa.select(instances.c.state, instances.c.name).where(
+                    instances.c.id == row["recipient_id"]
+                )
+            )
+        ).first()
         if inst is None or inst.state != InstanceState.RUNNING:
-            return (f"recipient {inst.name if inst else row['recipient_id']} is "
-                    f"{inst.state if inst else 'gone'}; only running instances receive data")
+            return (
+                f"recipient {inst.name if inst else row['recipient_id']} is "
+                f"{inst.state if inst else 'gone'}; only running instances receive data"
+            )
     return None
 
 
@@ -99,35 +166,51 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
 
 async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None) -> list[str]:
     """Peer URLs of live instances holding `sha256`, reachable ones first."""
-    q = (sa.select(instances.c.id, instances.c.peer_url, instances.c.lost_at, instances.c.state)
-         .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
-         .where(replicas.c.sha256 == sha256, replicas.c.state == PRESENT,
-                instances.c.state.in_(LIVE_HOLDER_STATES), instances.c.peer_url.is_not(None)))
+    q = (
+        sa.select(instances.c.id, instances.c.peer_url, instances.c.lost_at, instances.c.state)
+        .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
+        .where(
+            replicas.c.sha256 == sha256,
+            replicas.c.state == PRESENT,
+            instances.c.state.in_(LIVE_HOLDER_STATES),
+            instances.c.peer_url.is_not(None),
+        )
+    )
     rows = [r for r in (await conn.execute(q)).all() if r.id != exclude]
     rows.sort(key=lambda r: (r.lost_at is not None, r.state != InstanceState.RUNNING, r.id))
     return [f"{r.peer_url}/objects/{sha256}" for r in rows]
 
 
-async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:  # noqa: ANN001
+async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:
     """A signed, short-lived GET URL of the object's durable copy, if it has one."""
     store = await fleets.durable_store(conn, obj["durable_fleet"])
     return store.get_url(obj["sha256"], now) if store else None
 
 
 async def holds(conn: AsyncConnection, instance_id: str, sha256: str) -> bool:
-    return (await conn.execute(sa.select(replicas.c.state).where(
-        replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id,
-        replicas.c.state == PRESENT))).first() is not None
+    return (
+        await conn.execute(
+            sa.select(replicas.c.state).where(
+                replicas.c.sha256 == sha256,
+                replicas.c.instance_id == instance_id,
+                replicas.c.state == PRESENT,
+            )
+        )
+    ).first() is not None
 
 
-async def fetches_for(conn: AsyncConnection, instance_id: str, shas: list[str], now: float,
-                      server_url: str) -> list[Fetch]:
+async def fetches_for(
+    conn: AsyncConnection, instance_id: str, shas: list[str], now: float, server_url: str
+) -> list[Fetch]:
     """How `instance_id` gets each object: nothing if it holds it, else sources and
     a grant naming it as the recipient."""
     out = []
     for sha in shas:
-        obj = (await conn.execute(sa.select(objects).where(objects.c.sha256 == sha))
-               ).mappings().first()
+        obj = (
+            (await conn.execute(sa.select(objects).where(objects.c.sha256 == sha)))
+            .mappings()
+            .first()
+        )
         if obj is None:
             continue
         name = obj["name"] or sha
@@ -147,13 +230,27 @@ async def fetches_for(conn: AsyncConnection, instance_id: str, shas: list[str], 
 # ---- the heartbeat's share ------------------------------------------------------------------
 
 
-async def sync(conn: AsyncConnection, instance, reported: list[str] | None,  # noqa: ANN001
-               errors: list[ObjectError], now: float, server_url: str) -> list[Fetch]:
+async def sync(
+    conn: AsyncConnection,
+    instance,
+    reported: list[str] | None,
+    errors: list[ObjectError],
+    now: float,
+    server_url: str,
+) -> list[Fetch]:
     """Reconcile what the agent holds with the replica table, and hand out the
     replication orders placed on it (only while it is running)."""
     iid = instance["id"]
-    rows = {r["sha256"]: r for r in (await conn.execute(sa.select(replicas).where(
-        replicas.c.instance_id == iid, replicas.c.state.in_([PENDING, PRESENT])))).mappings()}
+    rows = {
+        r["sha256"]: r
+        for r in (
+            await conn.execute(
+                sa.select(replicas).where(
+                    replicas.c.instance_id == iid, replicas.c.state.in_([PENDING, PRESENT])
+                )
+            )
+        ).mappings()
+    }
     for err in errors:
         row = rows.get(err.sha256)
         if row is not None and row["state"] == PENDING:
@@ -166,24 +263,45 @@ async def sync(conn: AsyncConnection, instance, reported: list[str] | None,  # n
                 await set_replica(conn, sha, iid, PRESENT, now)
             elif row["state"] == PRESENT and sha not in held:
                 await set_replica(conn, sha, iid, MISSING, now, "the agent no longer has it")
-                await events.record(conn, now, "warning", "object.missing",
-                                    f"instance {instance['name']} ({iid}) no longer holds "
-                                    f"object {sha[:12]}…", instance_id=iid)
+                await events.record(
+                    conn,
+                    now,
+                    "warning",
+                    "object.missing",
+                    f"instance {instance['name']} ({iid}) no longer holds object {sha[:12]}…",
+                    instance_id=iid,
+                )
         new = list(held - rows.keys())
         if new:  # e.g. an input it fetched for a job
-            known = (await conn.execute(sa.select(objects.c.sha256).where(
-                objects.c.sha256.in_(new)))).scalars().all()
+            known = (
+                (await conn.execute(sa.select(objects.c.sha256).where(objects.c.sha256.in_(new))))
+                .scalars()
+                .all()
+            )
             for sha in known:
                 await set_replica(conn, sha, iid, PRESENT, now)
     if instance["state"] != InstanceState.RUNNING:
         return []
-    due = (await conn.execute(sa.select(replicas.c.sha256).where(
-        replicas.c.instance_id == iid, replicas.c.state == PENDING,
-        replicas.c.delivered_at.is_(None)))).scalars().all()
+    due = (
+        (
+            await conn.execute(
+                sa.select(replicas.c.sha256).where(
+                    replicas.c.instance_id == iid,
+                    replicas.c.state == PENDING,
+                    replicas.c.delivered_at.is_(None),
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
     orders = []
     for sha in due:
-        await conn.execute(sa.update(replicas).where(
-            replicas.c.sha256 == sha, replicas.c.instance_id == iid).values(delivered_at=now))
+        await conn.execute(
+            sa.update(replicas)
+            .where(replicas.c.sha256 == sha, replicas.c.instance_id == iid)
+            .values(delivered_at=now)
+        )
         orders.extend(await fetches_for(conn, iid, [sha], now, server_url))
     return [o for o in orders if o.token]
 
@@ -192,43 +310,73 @@ async def sync(conn: AsyncConnection, instance, reported: list[str] | None,  # n
 
 
 async def list_outputs(conn: AsyncConnection, job_id: int):
-    copies = (sa.select(replicas.c.sha256, sa.func.count().label("n"))
-              .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
-              .where(replicas.c.state == PRESENT,
-                     instances.c.state.in_(LIVE_HOLDER_STATES))
-              .group_by(replicas.c.sha256).subquery())
-    q = (sa.select(job_outputs, objects.c.state, objects.c.durable_url,
-                   sa.func.coalesce(copies.c.n, 0).label("copies"))
-         .select_from(job_outputs.join(objects, objects.c.sha256 == job_outputs.c.sha256)
-                      .outerjoin(copies, copies.c.sha256 == job_outputs.c.sha256))
-         .where(job_outputs.c.job_id == job_id).order_by(job_outputs.c.path))
+    copies = (
+        sa.select(replicas.c.sha256, sa.func.count().label("n"))
+        .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
+        .where(replicas.c.state == PRESENT, instances.c.state.in_(LIVE_HOLDER_STATES))
+        .group_by(replicas.c.sha256)
+        .subquery()
+    )
+    q = (
+        sa.select(
+            job_outputs,
+            objects.c.state,
+            objects.c.durable_url,
+            sa.func.coalesce(copies.c.n, 0).label("copies"),
+        )
+        .select_from(
+            job_outputs.join(objects, objects.c.sha256 == job_outputs.c.sha256).outerjoin(
+                copies, copies.c.sha256 == job_outputs.c.sha256
+            )
+        )
+        .where(job_outputs.c.job_id == job_id)
+        .order_by(job_outputs.c.path)
+    )
     return (await conn.execute(q)).mappings().all()
 
 
 async def get_object(conn: AsyncConnection, sha256: str):
-    return (await conn.execute(sa.select(objects).where(objects.c.sha256 == sha256))
-            ).mappings().first()
+    return (
+        (await conn.execute(sa.select(objects).where(objects.c.sha256 == sha256)))
+        .mappings()
+        .first()
+    )
 
 
 async def object_replicas(conn: AsyncConnection, sha256: str):
-    q = (sa.select(replicas, instances.c.name.label("instance_name"),
-                   instances.c.state.label("instance_state"), instances.c.peer_url,
-                   instances.c.lost_at)
-         .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
-         .where(replicas.c.sha256 == sha256).order_by(instances.c.name))
+    q = (
+        sa.select(
+            replicas,
+            instances.c.name.label("instance_name"),
+            instances.c.state.label("instance_state"),
+            instances.c.peer_url,
+            instances.c.lost_at,
+        )
+        .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
+        .where(replicas.c.sha256 == sha256)
+        .order_by(instances.c.name)
+    )
     return (await conn.execute(q)).mappings().all()
 
 
-async def stage_upload(conn: AsyncConnection, sha256: str, size: int, name: str | None,
-                       server_id: str, now: float) -> str | None:
+async def stage_upload(
+    conn: AsyncConnection, sha256: str, size: int, name: str | None, server_id: str, now: float
+) -> str | None:
     """Record an upload staged on this server and order it onto the running instance
     holding the fewest bytes. Returns that instance, or None if there is none yet."""
     await _ensure_object(conn, sha256, size, "upload", name, now, staged_on=server_id)
-    await conn.execute(sa.update(objects).where(objects.c.sha256 == sha256,
-                                                objects.c.state == "lost")
-                       .values(state="live", staged_on=server_id, updated_at=now))
-    if (await conn.execute(sa.select(replicas.c.instance_id).where(
-            replicas.c.sha256 == sha256, replicas.c.state.in_([PRESENT, PENDING])))).first():
+    await conn.execute(
+        sa.update(objects)
+        .where(objects.c.sha256 == sha256, objects.c.state == ObjectState.LOST)
+        .values(state=ObjectState.LIVE, staged_on=server_id, updated_at=now)
+    )
+    if (
+        await conn.execute(
+            sa.select(replicas.c.instance_id).where(
+                replicas.c.sha256 == sha256, replicas.c.state.in_([PRESENT, PENDING])
+            )
+        )
+    ).first():
         return None
     target = await emptiest_running(conn, exclude=set())
     if target is not None:
@@ -238,21 +386,50 @@ async def stage_upload(conn: AsyncConnection, sha256: str, size: int, name: str 
 
 async def emptiest_running(conn: AsyncConnection, exclude: set[str]) -> str | None:
     load = await bytes_held(conn)
-    q = sa.select(instances.c.id).where(instances.c.state == InstanceState.RUNNING,
-                                        instances.c.lost_at.is_(None))
+    q = sa.select(instances.c.id).where(
+        instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None)
+    )
     ids = [i for i in (await conn.execute(q)).scalars() if i not in exclude]
     return min(ids, key=lambda i: (load.get(i, 0), i)) if ids else None
 
 
 async def bytes_held(conn: AsyncConnection) -> dict[str, int]:
-    q = (sa.select(replicas.c.instance_id, sa.func.sum(objects.c.size))
-         .select_from(replicas.join(objects, objects.c.sha256 == replicas.c.sha256))
-         .where(replicas.c.state.in_([PRESENT, PENDING])).group_by(replicas.c.instance_id))
+    q = (
+        sa.select(replicas.c.instance_id, sa.func.sum(objects.c.size))
+        .select_from(replicas.join(objects, objects.c.sha256 == replicas.c.sha256))
+        .where(replicas.c.state.in_([PRESENT, PENDING]))
+        .group_by(replicas.c.instance_id)
+    )
     return {i: int(n or 0) for i, n in (await conn.execute(q)).all()}
 
 
 async def unavailable(conn: AsyncConnection, shas: list[str]) -> list[str]:
     """Which of these objects are unknown or lost (a job cannot take them as inputs)."""
-    live = set((await conn.execute(sa.select(objects.c.sha256).where(
-        objects.c.sha256.in_(shas), objects.c.state == "live"))).scalars())
+    live = set(
+        (
+            await conn.execute(
+                sa.select(objects.c.sha256).where(
+                    objects.c.sha256.in_(shas), objects.c.state == ObjectState.LIVE
+                )
+            )
+        ).scalars()
+    )
     return [s for s in shas if s not in live]
+
+
+async def unstage_placed(conn: AsyncConnection, server_id: str) -> list[str]:
+    """Uploads staged on `server_id` that an instance now holds: no longer staged.
+    Returns their sha256 (the server deletes its staged copies)."""
+    q = (
+        sa.select(objects.c.sha256)
+        .where(objects.c.staged_on == server_id)
+        .where(
+            objects.c.sha256.in_(sa.select(replicas.c.sha256).where(replicas.c.state == PRESENT))
+        )
+    )
+    shas = list((await conn.execute(q)).scalars().all())
+    if shas:
+        await conn.execute(
+            sa.update(objects).where(objects.c.sha256.in_(shas)).values(staged_on=None)
+        )
+    return shas

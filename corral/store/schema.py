@@ -275,8 +275,7 @@ grants = sa.Table(
 job_outputs = sa.Table(
     "job_outputs",
     metadata,
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
-              primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("path", sa.String(1000), primary_key=True),
     sa.Column("sha256", sa.String(64), sa.ForeignKey("objects.sha256"), nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),

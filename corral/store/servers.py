@@ -9,28 +9,35 @@ from corral.store.schema import servers
 
 
 async def register_server(
-    conn: AsyncConnection, *, id: str, build_version: str, host: str, pid: int,
-    url: str | None, now: float,
+    conn: AsyncConnection,
+    *,
+    id: str,
+    build_version: str,
+    host: str,
+    pid: int,
+    url: str | None,
+    now: float,
 ) -> None:
     await conn.execute(
         sa.insert(servers).values(
-            id=id, build_version=build_version, host=host, pid=pid, url=url,
-            started_at=now, last_seen_at=now,
+            id=id,
+            build_version=build_version,
+            host=host,
+            pid=pid,
+            url=url,
+            started_at=now,
+            last_seen_at=now,
         )
     )
 
 
 async def touch_server(conn: AsyncConnection, server_id: str, now: float) -> None:
-    await conn.execute(
-        sa.update(servers).where(servers.c.id == server_id).values(last_seen_at=now)
-    )
+    await conn.execute(sa.update(servers).where(servers.c.id == server_id).values(last_seen_at=now))
 
 
 async def stop_server(conn: AsyncConnection, server_id: str, now: float) -> None:
     await conn.execute(
-        sa.update(servers)
-        .where(servers.c.id == server_id)
-        .values(stopped_at=now, last_seen_at=now)
+        sa.update(servers).where(servers.c.id == server_id).values(stopped_at=now, last_seen_at=now)
     )
 
 

@@ -45,18 +45,24 @@ async def lookup(conn: AsyncConnection, secret: str | None) -> sa.RowMapping | N
     if not secret or not well_formed(secret.split("_", 1)[-1]):
         return None
     row = (
-        await conn.execute(
-            sa.select(tokens).where(
-                tokens.c.token_hash == hash_secret(secret), tokens.c.revoked_at.is_(None)
+        (
+            await conn.execute(
+                sa.select(tokens).where(
+                    tokens.c.token_hash == hash_secret(secret), tokens.c.revoked_at.is_(None)
+                )
             )
         )
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     return row
 
 
 async def any_of_kind(conn: AsyncConnection, kind: str) -> bool:
-    q = sa.select(sa.func.count()).select_from(tokens).where(
-        tokens.c.kind == kind, tokens.c.revoked_at.is_(None)
+    q = (
+        sa.select(sa.func.count())
+        .select_from(tokens)
+        .where(tokens.c.kind == kind, tokens.c.revoked_at.is_(None))
     )
     return (await conn.execute(q)).scalar_one() > 0
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends
 
-from corral.domain.api import (HeartbeatReply, HeartbeatRequest, OffloadOrder, RegisterReply,
-                               RegisterRequest)
+from corral.api import (
+    HeartbeatReply,
+    HeartbeatRequest,
+    OffloadOrder,
+    RegisterReply,
+    RegisterRequest,
+)
 from corral.domain.heartbeat import heartbeat_interval
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
@@ -16,7 +20,6 @@ from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
-from corral.store.schema import instances as instances_t
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 
@@ -26,22 +29,16 @@ def instance_key(instance_id: str) -> tuple[str, str]:
 
 
 async def current_interval(ctx: ServerContext) -> float:
-    cached = ctx.extras.get("interval")
+    cached = ctx.heartbeat_interval
     now = ctx.now()
     if cached and now - cached[1] < 10:
         return cached[0]
 
-    async def count(conn):  # noqa: ANN001
-        q = sa.select(sa.func.count()).select_from(instances_t).where(
-            instances_t.c.state.in_(["running", "draining", "pending"])
-        )
-        return (await conn.execute(q)).scalar_one()
-
-    n = await ctx.db.query(count)
+    n = await ctx.db.query(instances.count_live)
     interval = heartbeat_interval(
         n, base=ctx.config.heartbeat_base, max_per_second=ctx.config.heartbeat_max_rate
     )
-    ctx.extras["interval"] = (interval, now)
+    ctx.heartbeat_interval = (interval, now)
     return interval
 
 
@@ -58,32 +55,51 @@ async def register(
     else:
         if body.instance_id is not None:
             raise ApiError(
-                422, "invalid_request",
+                422,
+                "invalid_request",
                 "instance_id: rejoining needs the instance's own credential, not a join token",
             )
         instance_id = None
     try:
         reg = await ctx.db.transact(
-            instances.register, name=body.name, instance_id=instance_id, cpus=body.cpus,
-            memory_mb=body.memory_mb, host=body.host, agent_version=body.agent_version,
-            fleet=body.fleet, peer_url=body.peer_url, now=ctx.now(),
+            instances.register,
+            name=body.name,
+            instance_id=instance_id,
+            cpus=body.cpus,
+            memory_mb=body.memory_mb,
+            host=body.host,
+            agent_version=body.agent_version,
+            fleet=body.fleet,
+            peer_url=body.peer_url,
+            now=ctx.now(),
         )
     except instances.NameInUse as exc:
         raise ApiError(409, "name_in_use", str(exc)) from None
     interval = await current_interval(ctx)
-    if reg.decision.admission is Admission.EXIT:
-        return RegisterReply(action="exit", reason=reg.decision.reason, interval=interval,
-                             instance_id=reg.instance["id"] if reg.instance else None)
+    if reg.decision.admission is Admission.EXIT or reg.instance is None:
+        return RegisterReply(
+            action="exit",
+            reason=reg.decision.reason,
+            interval=interval,
+            instance_id=reg.instance["id"] if reg.instance else None,
+        )
     ctx.notifier.wake("dispatch")
     return RegisterReply(
-        action="welcome", reason=reg.decision.reason, instance_id=reg.instance["id"],
-        incarnation=reg.instance["incarnation"], credential=reg.credential,
-        interval=interval, state=reg.instance["state"],
+        action="welcome",
+        reason=reg.decision.reason,
+        instance_id=reg.instance["id"],
+        incarnation=reg.instance["incarnation"],
+        credential=reg.credential,
+        interval=interval,
+        state=reg.instance["state"],
     )
 
 
-@router.post("/heartbeat", response_model=HeartbeatReply,
-             summary="Report observed state; get desired state (long-polls up to `wait`)")
+@router.post(
+    "/heartbeat",
+    response_model=HeartbeatReply,
+    summary="Report observed state; get desired state (long-polls up to `wait`)",
+)
 async def heartbeat(
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),
@@ -96,31 +112,43 @@ async def heartbeat(
     deadline = loop.time() + min(body.wait, interval)
     key = instance_key(body.instance_id)
     first = True
+    uploaded = False
     while True:
         gen = ctx.notifier.generation(key)
 
-        async def exchange(conn):  # noqa: ANN001
+        async def exchange(conn, first=first):
             nonlocal uploaded
             now = ctx.now()
             decision, row = await instances.heartbeat(
                 conn, body.instance_id, body.incarnation, now, touch=first
             )
-            if decision.admission is Admission.EXIT:
+            if decision.admission is Admission.EXIT or row is None:
                 return HeartbeatReply(action="exit", reason=decision.reason, interval=interval)
             kills = await dispatch.kills_for(conn, body.instance_id, body.attempts)
             starts = await dispatch.deliver_attempts(conn, body.instance_id, now, ctx.config.url)
-            installs = await components.sync(
-                conn, row, body.components, now, ctx.extras["install_policy"])
+            installs = await components.sync(conn, row, body.components, now, ctx.install_policy)
             replicate = await objects.sync(
-                conn, row, body.objects if first else None,
-                body.object_errors if first else [], now, ctx.config.url)
+                conn,
+                row,
+                body.objects if first else None,
+                body.object_errors if first else [],
+                now,
+                ctx.config.url,
+            )
             if first:
-                uploaded = await offloads.report(conn, body.instance_id, body.offloaded,
-                                                 body.offload_errors, now)
+                uploaded = await offloads.report(
+                    conn, body.instance_id, body.offloaded, body.offload_errors, now
+                )
             offload = await offload_orders(conn, body.instance_id, now)
             return HeartbeatReply(
-                action="continue", interval=interval, state=row["state"], start=starts,
-                kill=kills, install=installs, replicate=replicate, offload=offload,
+                action="continue",
+                interval=interval,
+                state=row["state"],
+                start=starts,
+                kill=kills,
+                install=installs,
+                replicate=replicate,
+                offload=offload,
             )
 
         uploaded = False
@@ -129,8 +157,15 @@ async def heartbeat(
             ctx.notifier.wake("drain")  # a server checks the bucket; then it may retire
         first = False
         remaining = deadline - loop.time()
-        if (reply.action == "exit" or reply.start or reply.kill or reply.install
-                or reply.replicate or reply.offload or remaining <= 0):
+        if (
+            reply.action == "exit"
+            or reply.start
+            or reply.kill
+            or reply.install
+            or reply.replicate
+            or reply.offload
+            or remaining <= 0
+        ):
             return reply
         await ctx.notifier.wait(key, gen, ctx.recheck(remaining))
 
@@ -138,7 +173,7 @@ async def heartbeat(
 OFFLOAD_URL_TTL = 3600
 
 
-async def offload_orders(conn, instance_id: str, now: float) -> list[OffloadOrder]:  # noqa: ANN001
+async def offload_orders(conn, instance_id: str, now: float) -> list[OffloadOrder]:
     """Uploads ordered on this instance, each with a URL signed for that one object."""
     out = []
     stores: dict[str, DurableStore | None] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from corral.domain.api import AttemptAck, AttemptFinish, AttemptLost, LogBatch
+from corral.api import AttemptAck, AttemptFinish, AttemptLost, LogBatch
 from corral.server.api.jobs import job_key
 from corral.server.auth import attempt_token
 from corral.server.context import ServerContext, get_ctx
@@ -24,7 +24,9 @@ def _ack(job_id: int, number: int, state: str, recorded: bool = True) -> Attempt
 
 @router.post("/start", response_model=AttemptAck, summary="The runner started the command")
 async def start(
-    job_id: int, number: int, token: str = Depends(attempt_token),
+    job_id: int,
+    number: int,
+    token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     state = await ctx.db.transact(repo.start_attempt, job_id, number, token, ctx.now())
@@ -34,7 +36,9 @@ async def start(
 
 @router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
 async def heartbeat(
-    job_id: int, number: int, token: str = Depends(attempt_token),
+    job_id: int,
+    number: int,
+    token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     await ctx.db.transact(repo.touch_attempt, job_id, number, token, ctx.now())
@@ -43,7 +47,10 @@ async def heartbeat(
 
 @router.post("/logs", response_model=AttemptAck, summary="Append log chunks (idempotent by seq)")
 async def logs(
-    job_id: int, number: int, batch: LogBatch, token: str = Depends(attempt_token),
+    job_id: int,
+    number: int,
+    batch: LogBatch,
+    token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     try:
@@ -57,21 +64,36 @@ async def logs(
 
 @router.post("/finish", response_model=AttemptAck, summary="The command exited")
 async def finish(
-    job_id: int, number: int, body: AttemptFinish, token: str = Depends(attempt_token),
+    job_id: int,
+    number: int,
+    body: AttemptFinish,
+    token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     state, recorded = await ctx.db.transact(
-        repo.finish_attempt, job_id, number, token, body.exit_code, body.reason, ctx.now(),
+        repo.finish_attempt,
+        job_id,
+        number,
+        token,
+        body.exit_code,
+        body.reason,
+        ctx.now(),
         body.outputs,
     )
     ctx.notifier.wake(job_key(job_id), "dispatch")
     return _ack(job_id, number, state, recorded)
 
 
-@router.post("/lost", response_model=AttemptAck,
-             summary="The attempt ended without a result (runner died, could not start)")
+@router.post(
+    "/lost",
+    response_model=AttemptAck,
+    summary="The attempt ended without a result (runner died, could not start)",
+)
 async def lost(
-    job_id: int, number: int, body: AttemptLost, token: str = Depends(attempt_token),
+    job_id: int,
+    number: int,
+    body: AttemptLost,
+    token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     state = await ctx.db.transact(

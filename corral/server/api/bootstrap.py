@@ -9,7 +9,7 @@ import jinja2
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse
 
-from corral.domain.api import NAME_PATTERN
+from corral.api import NAME_PATTERN
 from corral.server.context import ServerContext, get_ctx
 from corral.store import components
 
@@ -17,19 +17,24 @@ router = APIRouter(prefix="/api/v1", tags=["agents"])
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent.parent / "templates")),
-    autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+    autoescape=False,  # noqa: S701 - a shell script: values go through the shq filter
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
 )
 _env.filters["shq"] = lambda v: shlex.quote(str(v or ""))
 UNIT = Path(__file__).parent.parent.parent / "deploy" / "corral-agent.service"
 
 
-@router.get("/bootstrap.sh", response_class=PlainTextResponse,
-            summary="Shell script that installs the fleet's agent build on a fresh host")
+@router.get(
+    "/bootstrap.sh",
+    response_class=PlainTextResponse,
+    summary="Shell script that installs the fleet's agent build on a fresh host",
+)
 async def bootstrap(
     fleet: str | None = Query(default=None, pattern=NAME_PATTERN),
     ctx: ServerContext = Depends(get_ctx),
 ) -> PlainTextResponse:
-    async def desired(conn):  # noqa: ANN001
+    async def desired(conn):
         d = None
         if fleet:
             d = await components.current_desired(conn, fleet, "agent")
@@ -38,9 +43,13 @@ async def bootstrap(
 
     art = await ctx.db.query(desired)
     script = _env.get_template("bootstrap.sh").render(
-        server=ctx.config.url, where=f"fleet {fleet}" if fleet else "any fleet",
+        server=ctx.config.url,
+        where=f"fleet {fleet}" if fleet else "any fleet",
         query=f"?fleet={fleet}" if fleet else "",
-        url=art["url"] if art else "", sha256=art["sha256"] if art else "",
-        version=art["version"] if art else "", fleet=fleet or "", unit=UNIT.read_text(),
+        url=art["url"] if art else "",
+        sha256=art["sha256"] if art else "",
+        version=art["version"] if art else "",
+        fleet=fleet or "",
+        unit=UNIT.read_text(),
     )
     return PlainTextResponse(script, media_type="text/x-shellscript")

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from corral.domain.api import (
+from corral.api import (
     ComponentPublish,
     ComponentView,
     InstanceComponentView,
@@ -15,9 +15,9 @@ from corral.domain.api import (
     RolloutView,
 )
 from corral.domain.reconcile import InstallPolicy
+from corral.server import uploads
 from corral.server.auth import require_admin, require_joiner
 from corral.server.context import ServerContext, get_ctx
-from corral.server import uploads
 from corral.server.errors import ApiError
 from corral.server.views import rollout_view
 from corral.store import components as repo
@@ -28,20 +28,28 @@ MAX_ARTIFACT = 8 * 2**30
 
 
 def install_policy(ctx: ServerContext) -> InstallPolicy:
-    return ctx.extras["install_policy"]
+    return ctx.install_policy
 
 
-def component_view(r) -> ComponentView:  # noqa: ANN001
-    return ComponentView(name=r["name"], version=r["version"], scheme=r["scheme"], url=r["url"],
-                         sha256=r["sha256"], size=r["size"], created_at=r["created_at"])
+def component_view(r) -> ComponentView:
+    return ComponentView(
+        name=r["name"],
+        version=r["version"],
+        scheme=r["scheme"],
+        url=r["url"],
+        sha256=r["sha256"],
+        size=r["size"],
+        created_at=r["created_at"],
+    )
 
 
-async def _run(ctx: ServerContext, fn, *args):  # noqa: ANN001, ANN202
+async def _run(ctx: ServerContext, fn, *args):
     try:
         return await ctx.db.transact(fn, *args)
     except repo.ComponentError as exc:
-        raise ApiError(exc.status, "conflict" if exc.status == 409 else "not_found",
-                       exc.message) from None
+        raise ApiError(
+            exc.status, "conflict" if exc.status == 409 else "not_found", exc.message
+        ) from None
 
 
 @router.get("/components", response_model=list[ComponentView], dependencies=admin)
@@ -49,29 +57,53 @@ async def list_components(ctx: ServerContext = Depends(get_ctx)) -> list[Compone
     return [component_view(r) for r in await ctx.db.query(repo.list_components)]
 
 
-@router.post("/components", response_model=ComponentView, status_code=201, dependencies=admin,
-             summary="Publish a component version (an artifact URL and its sha256)")
+@router.post(
+    "/components",
+    response_model=ComponentView,
+    status_code=201,
+    dependencies=admin,
+    summary="Publish a component version (an artifact URL and its sha256)",
+)
 async def publish(spec: ComponentPublish, ctx: ServerContext = Depends(get_ctx)) -> ComponentView:
     return component_view(await _run(ctx, repo.publish, spec, ctx.now()))
 
 
-@router.get("/components/status", response_model=list[InstanceComponentView],
-            dependencies=admin, summary="Per instance: observed and target versions")
-async def status(component: str | None = Query(default=None),
-                 ctx: ServerContext = Depends(get_ctx)) -> list[InstanceComponentView]:
+@router.get(
+    "/components/status",
+    response_model=list[InstanceComponentView],
+    dependencies=admin,
+    summary="Per instance: observed and target versions",
+)
+async def status(
+    component: str | None = Query(default=None), ctx: ServerContext = Depends(get_ctx)
+) -> list[InstanceComponentView]:
     rows = await ctx.db.query(repo.instance_status, component)
-    return [InstanceComponentView(
-        instance_id=r["instance_id"], instance_name=r["instance_name"],
-        component=r["component"], observed_version=r["observed_version"],
-        observed_sha256=r["observed_sha256"], target_version=r["target_version"],
-        state=r["state"], attempts=r["attempts"], orders_total=r["orders_total"],
-        last_error=r["last_error"]) for r in rows]
+    return [
+        InstanceComponentView(
+            instance_id=r["instance_id"],
+            instance_name=r["instance_name"],
+            component=r["component"],
+            observed_version=r["observed_version"],
+            observed_sha256=r["observed_sha256"],
+            target_version=r["target_version"],
+            state=r["state"],
+            attempts=r["attempts"],
+            orders_total=r["orders_total"],
+            last_error=r["last_error"],
+        )
+        for r in rows
+    ]
 
 
-@router.post("/rollouts", response_model=RolloutView, status_code=201, dependencies=admin,
-             summary="Set the desired version of a component for a fleet (or all)")
+@router.post(
+    "/rollouts",
+    response_model=RolloutView,
+    status_code=201,
+    dependencies=admin,
+    summary="Set the desired version of a component for a fleet (or all)",
+)
 async def start_rollout(req: RolloutRequest, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
-    async def go(conn):  # noqa: ANN001
+    async def go(conn):
         return await rollout_view(conn, await repo.start_rollout(conn, req, ctx.now()))
 
     view = await _run(ctx, go)
@@ -80,9 +112,10 @@ async def start_rollout(req: RolloutRequest, ctx: ServerContext = Depends(get_ct
 
 
 @router.get("/rollouts", response_model=list[RolloutView], dependencies=admin)
-async def list_rollouts(limit: int = Query(default=50, ge=1, le=1000),
-                        ctx: ServerContext = Depends(get_ctx)) -> list[RolloutView]:
-    async def q(conn):  # noqa: ANN001
+async def list_rollouts(
+    limit: int = Query(default=50, ge=1, le=1000), ctx: ServerContext = Depends(get_ctx)
+) -> list[RolloutView]:
+    async def q(conn):
         return [await rollout_view(conn, r) for r in await repo.list_rollouts(conn, limit)]
 
     return await ctx.db.query(q)
@@ -90,7 +123,7 @@ async def list_rollouts(limit: int = Query(default=50, ge=1, le=1000),
 
 @router.post("/rollouts/{rollout_id}/resume", response_model=RolloutView, dependencies=admin)
 async def resume(rollout_id: int, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
-    async def go(conn):  # noqa: ANN001
+    async def go(conn):
         return await rollout_view(conn, await repo.resume(conn, rollout_id, ctx.now()))
 
     view = await _run(ctx, go)
@@ -98,11 +131,18 @@ async def resume(rollout_id: int, ctx: ServerContext = Depends(get_ctx)) -> Roll
     return view
 
 
-@router.post("/rollouts/rollback", response_model=RolloutView, dependencies=admin,
-             summary="Return a component to the version before its last rollout")
-async def rollback(component: str = Query(...), fleet: str | None = Query(default=None),
-                   ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
-    async def go(conn):  # noqa: ANN001
+@router.post(
+    "/rollouts/rollback",
+    response_model=RolloutView,
+    dependencies=admin,
+    summary="Return a component to the version before its last rollout",
+)
+async def rollback(
+    component: str = Query(...),
+    fleet: str | None = Query(default=None),
+    ctx: ServerContext = Depends(get_ctx),
+) -> RolloutView:
+    async def go(conn):
         return await rollout_view(conn, await repo.rollback(conn, component, fleet, ctx.now()))
 
     view = await _run(ctx, go)
@@ -125,8 +165,11 @@ async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dic
     return {"sha256": sha, "size": size, "url": f"{ctx.config.url}/api/v1/artifacts/{sha}"}
 
 
-@router.get("/artifacts/{sha256}", dependencies=[Depends(require_joiner)],
-            summary="Download an artifact (ETag is its sha256; If-None-Match gets 304)")
+@router.get(
+    "/artifacts/{sha256}",
+    dependencies=[Depends(require_joiner)],
+    summary="Download an artifact (ETag is its sha256; If-None-Match gets 304)",
+)
 async def download(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
     uploads.check_sha256(sha256)
     path = artifacts_dir(ctx) / sha256

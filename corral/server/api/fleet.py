@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Query
 
-from corral.domain.api import EventView, InstanceView, ServerView
+from corral.api import EventView, InstanceView, ServerView
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
@@ -48,16 +48,25 @@ async def list_events(
     ctx: ServerContext = Depends(get_ctx),
 ) -> list[EventView]:
     if level not in events.LEVELS:
-        raise ApiError(422, "invalid_request",
-                       f"level: must be one of {', '.join(events.LEVELS)}",
-                       fields=[{"field": "level", "message": "unknown level"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"level: must be one of {', '.join(events.LEVELS)}",
+            fields=[{"field": "level", "message": "unknown level"}],
+        )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
         gen = ctx.notifier.generation(EVENTS_KEY)
         rows = await ctx.db.query(
-            events.list_events, min_level=level, after_id=after, limit=limit, job_id=job,
-            instance_id=instance, kind=kind, newest=(after == 0 and wait == 0),
+            events.list_events,
+            min_level=level,
+            after_id=after,
+            limit=limit,
+            job_id=job,
+            instance_id=instance,
+            kind=kind,
+            newest=(after == 0 and wait == 0),
         )
         remaining = deadline - loop.time()
         if rows or remaining <= 0:

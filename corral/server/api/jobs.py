@@ -7,7 +7,7 @@ import base64
 
 from fastapi import APIRouter, Depends, Query
 
-from corral.domain.api import JobSubmit, JobView, LogChunkView, LogPage
+from corral.api import JobSubmit, JobView, LogChunkView, LogPage
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
@@ -26,7 +26,7 @@ def job_key(job_id: int) -> tuple[str, int]:
 
 
 async def _view(ctx: ServerContext, job_id: int) -> JobView:
-    async def q(conn):  # noqa: ANN001
+    async def q(conn):
         row = await repo.require_job(conn, job_id)
         return job_view(row, await repo.list_attempts(conn, job_id))
 
@@ -38,11 +38,12 @@ async def submit(spec: JobSubmit, ctx: ServerContext = Depends(get_ctx)) -> JobV
     if spec.inputs:
         missing = await ctx.db.query(objects.unavailable, spec.inputs)
         if missing:
-            raise ApiError(422, "invalid_request",
-                           f"inputs: object {missing[0]} is unknown or lost "
-                           f"(upload it with corral put)",
-                           fields=[{"field": "inputs", "message": f"unknown object {m}"}
-                                   for m in missing])
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"inputs: object {missing[0]} is unknown or lost (upload it with corral put)",
+                fields=[{"field": "inputs", "message": f"unknown object {m}"} for m in missing],
+            )
     job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
     ctx.notifier.wake("dispatch")
     return await _view(ctx, job_id)
@@ -57,8 +58,12 @@ async def list_jobs(
 ) -> list[JobView]:
     for s in state or []:
         if s not in _STATES:
-            raise ApiError(422, "invalid_request", f"state: unknown job state {s!r}",
-                           fields=[{"field": "state", "message": f"one of {', '.join(_STATES)}"}])
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"state: unknown job state {s!r}",
+                fields=[{"field": "state", "message": f"one of {', '.join(_STATES)}"}],
+            )
     rows = await ctx.db.query(repo.list_jobs, states=state, limit=limit, before_id=before)
     return [job_view(r) for r in rows]
 
@@ -78,7 +83,8 @@ async def cancel(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
 
 
 @router.post(
-    "/{job_id}/requeue", response_model=JobView,
+    "/{job_id}/requeue",
+    response_model=JobView,
     summary="Revoke the current attempt and queue the job again (counts as an attempt)",
 )
 async def requeue(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
@@ -106,7 +112,7 @@ async def logs(
     while True:
         gen = ctx.notifier.generation(key)
 
-        async def page(conn, n=n):  # noqa: ANN001
+        async def page(conn, n=n):
             job = await repo.require_job(conn, job_id)
             n = n or job["current_attempt"]
             chunks = await repo.read_logs(conn, job_id, n, after, limit) if n else []
@@ -117,15 +123,19 @@ async def logs(
         moved_on = n != job["current_attempt"]  # a newer attempt exists (or this one's gone)
         if chunks or moved_on or job["state"] in FINAL_JOB_STATES or remaining <= 0:
             return LogPage(
-                job_id=job_id, attempt=n,
+                job_id=job_id,
+                attempt=n,
                 chunks=[
-                    LogChunkView(seq=c["seq"], stream=c["stream"],
-                                 data=base64.b64encode(c["data"]).decode())
+                    LogChunkView(
+                        seq=c["seq"], stream=c["stream"], data=base64.b64encode(c["data"]).decode()
+                    )
                     for c in chunks
                 ],
                 next_seq=chunks[-1]["seq"] if chunks else after,
-                job_state=job["state"], current_attempt=job["current_attempt"],
-                exit_code=job["exit_code"], reason=job["reason"],
+                job_state=job["state"],
+                current_attempt=job["current_attempt"],
+                exit_code=job["exit_code"],
+                reason=job["reason"],
             )
         if n == 0:
             n = None  # not started yet: pick the attempt up once there is one

@@ -10,10 +10,10 @@ import httpx
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from corral.domain.api import ObjectView, OutputView, PeerVerify, ReplicaView
+from corral.api import ObjectView, OutputView, PeerVerify, ReplicaView
+from corral.server import uploads
 from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
-from corral.server import uploads
 from corral.server.errors import ApiError
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
@@ -31,31 +31,50 @@ def staging_dir(ctx: ServerContext) -> Path:
 
 
 async def object_view(ctx: ServerContext, sha256: str) -> ObjectView:
-    async def q(conn):  # noqa: ANN001
+    async def q(conn):
         return await repo.get_object(conn, sha256), await repo.object_replicas(conn, sha256)
 
     obj, reps = await ctx.db.query(q)
     if obj is None:
         raise ApiError(404, "not_found", f"object {sha256} not found")
     return ObjectView(
-        sha256=obj["sha256"], size=obj["size"], name=obj["name"], origin=obj["origin"],
-        state=obj["state"], durable=bool(obj["durable_url"]),
-        replicas=[ReplicaView(instance_id=r["instance_id"], instance_name=r["instance_name"],
-                              instance_state=r["instance_state"], state=r["state"],
-                              created_at=r["created_at"])
-                  for r in reps])
+        sha256=obj["sha256"],
+        size=obj["size"],
+        name=obj["name"],
+        origin=obj["origin"],
+        state=obj["state"],
+        durable=bool(obj["durable_url"]),
+        replicas=[
+            ReplicaView(
+                instance_id=r["instance_id"],
+                instance_name=r["instance_name"],
+                instance_state=r["instance_state"],
+                state=r["state"],
+                created_at=r["created_at"],
+            )
+            for r in reps
+        ],
+    )
 
 
 @router.get("/jobs/{job_id}/outputs", response_model=list[OutputView], dependencies=admin)
 async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> list[OutputView]:
-    async def q(conn):  # noqa: ANN001
+    async def q(conn):
         await jobs_repo.require_job(conn, job_id)
         return await repo.list_outputs(conn, job_id)
 
-    return [OutputView(path=r["path"], sha256=r["sha256"], size=r["size"], attempt=r["attempt"],
-                       state=r["state"], copies=r["copies"] + (1 if r["durable_url"] else 0),
-                       durable=bool(r["durable_url"]))
-            for r in await ctx.db.query(q)]
+    return [
+        OutputView(
+            path=r["path"],
+            sha256=r["sha256"],
+            size=r["size"],
+            attempt=r["attempt"],
+            state=r["state"],
+            copies=r["copies"] + (1 if r["durable_url"] else 0),
+            durable=bool(r["durable_url"]),
+        )
+        for r in await ctx.db.query(q)
+    ]
 
 
 @router.get("/objects/{sha256}", response_model=ObjectView, dependencies=admin)
@@ -64,13 +83,16 @@ async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> Obje
     return await object_view(ctx, sha256)
 
 
-@router.get("/objects/{sha256}/content", dependencies=admin,
-            summary="Download an object, streamed from an instance that holds it "
-                    "(or from its fleet's durable store)")
+@router.get(
+    "/objects/{sha256}/content",
+    dependencies=admin,
+    summary="Download an object, streamed from an instance that holds it "
+    "(or from its fleet's durable store)",
+)
 async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
     uploads.check_sha256(sha256)
 
-    async def plan(conn):  # noqa: ANN001
+    async def plan(conn):
         obj = await repo.get_object(conn, sha256)
         if obj is None:
             return None, [], None
@@ -90,8 +112,9 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
     client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300))
     for url in urls:
         try:
-            req = client.build_request("GET", url,
-                                       headers={PEER_TOKEN_HEADER: token} if token else {})
+            req = client.build_request(
+                "GET", url, headers={PEER_TOKEN_HEADER: token} if token else {}
+            )
             resp = await client.send(req, stream=True)
         except httpx.HTTPError:
             continue
@@ -99,7 +122,7 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
             await resp.aclose()
             continue
 
-        async def body(resp=resp):  # noqa: ANN001, ANN202
+        async def body(resp=resp):
             try:
                 async for chunk in resp.aiter_bytes(1024 * 1024):
                     yield chunk
@@ -109,17 +132,29 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
 
         return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
     await client.aclose()
-    raise ApiError(503, "unavailable", f"no holder of {sha256[:12]}… answered "
-                                       f"({len(urls)} tried); its state is {obj['state']}")
+    raise ApiError(
+        503,
+        "unavailable",
+        f"no holder of {sha256[:12]}… answered ({len(urls)} tried); its state is {obj['state']}",
+    )
 
 
-@router.put("/objects", response_model=ObjectView, status_code=201, dependencies=admin,
-            summary="Upload a file as an object; answers once an instance holds it")
-async def put_object(request: Request, name: str | None = Query(default=None, max_length=1000),
-                     wait: float = Query(default=60, ge=0, le=600),
-                     ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
-    sha, size = await uploads.receive(request, staging_dir(ctx), MAX_UPLOAD, "upload",
-                                      allow_empty=True)
+@router.put(
+    "/objects",
+    response_model=ObjectView,
+    status_code=201,
+    dependencies=admin,
+    summary="Upload a file as an object; answers once an instance holds it",
+)
+async def put_object(
+    request: Request,
+    name: str | None = Query(default=None, max_length=1000),
+    wait: float = Query(default=60, ge=0, le=600),
+    ctx: ServerContext = Depends(get_ctx),
+) -> ObjectView:
+    sha, size = await uploads.receive(
+        request, staging_dir(ctx), MAX_UPLOAD, "upload", allow_empty=True
+    )
     target = await ctx.db.transact(repo.stage_upload, sha, size, name, ctx.server_id, ctx.now())
     if target:
         ctx.notifier.wake(("instance", target))
@@ -146,10 +181,14 @@ async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get
     return FileResponse(path)
 
 
-@router.post("/agents/peer/verify", tags=["agents"],
-             summary="An agent asks whether a peer token lets its bearer fetch an object")
-async def verify(body: PeerVerify, who: Principal = Depends(require_agent),
-                 ctx: ServerContext = Depends(get_ctx)) -> dict:
+@router.post(
+    "/agents/peer/verify",
+    tags=["agents"],
+    summary="An agent asks whether a peer token lets its bearer fetch an object",
+)
+async def verify(
+    body: PeerVerify, who: Principal = Depends(require_agent), ctx: ServerContext = Depends(get_ctx)
+) -> dict:
     why = await ctx.db.query(repo.verify_grant, body.sha256, body.token, ctx.now())
     if why:
         raise ApiError(403, "forbidden", why)

@@ -9,7 +9,7 @@ BATCH = 200
 
 
 async def dispatch_once(ctx: ServerContext) -> bool:
-    if ctx.extras.get("stopping"):
+    if ctx.stopping:
         return False
     placements = await ctx.db.transact(dispatch.lock_jobs, ctx.db, ctx.now(), batch=BATCH)
     for p in placements:

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import logging
 
-import sqlalchemy as sa
-
-from corral.backends import durable
 from corral.domain.instances import InstanceState
+from corral.server import durable
 from corral.server.context import ServerContext
 from corral.store import drain, events, fleets, instances, offloads
 from corral.store import objects as objs
-from corral.store.schema import objects as objects_t
-from corral.store.schema import replicas
 
 log = logging.getLogger("corral.drainer")
 
@@ -24,11 +20,15 @@ async def drain_once(ctx: ServerContext) -> bool:
     now = ctx.now()
     results: list[drain.DrainResult] = []
 
-    async def step(conn):  # noqa: ANN001
+    async def step(conn):
         await drain.cancel_doomed_copies(conn, now, cfg.transfer_timeout)
         await offloads.expire(conn, now, cfg.transfer_timeout)
-        for inst in await drain.claim_draining(conn, ctx.db):
-            results.append(await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace))
+        results.extend(
+            [
+                await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace)
+                for inst in await drain.claim_draining(conn, ctx.db)
+            ]
+        )
 
     await ctx.db.transact(step)
     for r in results:
@@ -54,11 +54,14 @@ async def confirm_offloads(ctx: ServerContext) -> bool:
             why: str | None = f"fleet {row.fleet} no longer has a durable store"
         else:
             why = await durable.confirm(store, row.sha256, row.size, ctx.now())
-        if why:
-            await ctx.db.transact(offloads.rejected, row.sha256, row.instance_id, why, ctx.now())
+        if why or store is None:
+            await ctx.db.transact(
+                offloads.rejected, row.sha256, row.instance_id, why or "no store", ctx.now()
+            )
         else:
-            await ctx.db.transact(offloads.confirmed, row.sha256, row.fleet,
-                                  store.url_of(row.sha256), ctx.now())
+            await ctx.db.transact(
+                offloads.confirmed, row.sha256, row.fleet, store.url_of(row.sha256), ctx.now()
+            )
             done = True
     return done
 
@@ -78,18 +81,28 @@ async def terminate_retired(ctx: ServerContext, now: float) -> None:
             await backend.terminate(inst["backend_ref"])
         except Exception as exc:  # a backend failure is reported, and retried next tick
             log.exception("terminating %s failed", inst["name"])
-            await ctx.db.transact(events.record, ctx.now(), "warning", "instance.terminate_failed",
-                                  f"terminating {inst['name']} failed: {exc}",
-                                  instance_id=inst["id"])
+            await ctx.db.transact(
+                events.record,
+                ctx.now(),
+                "warning",
+                "instance.terminate_failed",
+                f"terminating {inst['name']} failed: {exc}",
+                instance_id=inst["id"],
+            )
             continue
 
-        async def mark(conn, inst=inst):  # noqa: ANN001
+        async def mark(conn, inst=inst):
             row = await instances.get_instance(conn, inst["id"])
-            if row["state"] == InstanceState.RETIRED:
+            if row is not None and row["state"] == InstanceState.RETIRED:
                 await instances.transition(conn, inst["id"], InstanceState.TERMINATED, ctx.now())
-                await events.record(conn, ctx.now(), "info", "instance.terminated",
-                                    f"instance {inst['name']} ({inst['id']}) terminated",
-                                    instance_id=inst["id"])
+                await events.record(
+                    conn,
+                    ctx.now(),
+                    "info",
+                    "instance.terminated",
+                    f"instance {inst['name']} ({inst['id']}) terminated",
+                    instance_id=inst["id"],
+                )
 
         await ctx.db.transact(mark)
 
@@ -98,15 +111,5 @@ async def clean_staging(ctx: ServerContext) -> None:
     """Uploads staged here are deleted once a running instance holds them."""
     from corral.server.api.objects import staging_dir
 
-    async def placed(conn):  # noqa: ANN001
-        q = (sa.select(objects_t.c.sha256).where(objects_t.c.staged_on == ctx.server_id)
-             .where(objects_t.c.sha256.in_(
-                 sa.select(replicas.c.sha256).where(replicas.c.state == objs.PRESENT))))
-        shas = (await conn.execute(q)).scalars().all()
-        if shas:
-            await conn.execute(sa.update(objects_t).where(objects_t.c.sha256.in_(shas))
-                               .values(staged_on=None))
-        return shas
-
-    for sha in await ctx.db.transact(placed):
+    for sha in await ctx.db.transact(objs.unstage_placed, ctx.server_id):
         (staging_dir(ctx) / sha).unlink(missing_ok=True)

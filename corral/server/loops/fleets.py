@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import logging
 
-import sqlalchemy as sa
-
 from corral.domain.instances import InstanceState
 from corral.server.context import ServerContext
 from corral.store import events, fleets, instances
-from corral.store.schema import instances as instances_t
 
 log = logging.getLogger("corral.fleets")
 
 
 async def provision_once(ctx: ServerContext) -> bool:
-    if not ctx.backends or ctx.extras.get("stopping"):
+    if not ctx.backends or ctx.stopping:
         return False
     now = ctx.now()
     created: list[tuple[dict, str, str]] = []  # (fleet, instance id, name)
     live: list[tuple[dict, dict]] = []
 
-    async def plan(conn):  # noqa: ANN001
+    async def plan(conn):
         for fleet in await fleets.claim_fleets(conn, ctx.db, list(ctx.backends)):
             members = await fleets.fleet_instances(conn, fleet["name"], fleets.LIVE)
             active = [m for m in members if m["state"] != InstanceState.DRAINING]
@@ -33,7 +30,10 @@ async def provision_once(ctx: ServerContext) -> bool:
                 )
                 created.append((dict(fleet), instance_id, name))
                 await events.record(
-                    conn, now, "info", "instance.created",
+                    conn,
+                    now,
+                    "info",
+                    "instance.created",
                     f"fleet {fleet['name']}: creating instance {name} ({instance_id}) "
                     f"on backend {fleet['backend']} (target {fleet['target_size']})",
                     instance_id=instance_id,
@@ -43,17 +43,17 @@ async def provision_once(ctx: ServerContext) -> bool:
     await ctx.db.transact(plan)
     for fleet, instance_id, name in created:
         ref = await ctx.backends[fleet["backend"]].create(
-            instance_id, name, fleet["name"], cpus=fleet["cpus"], memory_mb=fleet["memory_mb"])
+            instance_id, name, fleet["name"], cpus=fleet["cpus"], memory_mb=fleet["memory_mb"]
+        )
 
-        async def save_ref(conn, instance_id=instance_id, ref=ref):  # noqa: ANN001
-            await conn.execute(
-                sa.update(instances_t).where(instances_t.c.id == instance_id)
-                .values(backend_ref=ref)
-            )
-
-        await ctx.db.transact(save_ref)
+        await ctx.db.transact(instances.set_backend_ref, instance_id, ref)
     for fleet, m in live:
         await ctx.backends[fleet["backend"]].ensure(
-            m["id"], m["name"], m["fleet"], m["backend_ref"], cpus=fleet["cpus"],
-            memory_mb=fleet["memory_mb"])
+            m["id"],
+            m["name"],
+            m["fleet"],
+            m["backend_ref"],
+            cpus=fleet["cpus"],
+            memory_mb=fleet["memory_mb"],
+        )
     return False

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-
 from corral.server.context import ServerContext
 from corral.store import events, servers
-from corral.store.schema import events as events_t
 
 MIXED_BUILDS = "servers.mixed_builds"
 
@@ -14,32 +11,31 @@ MIXED_BUILDS = "servers.mixed_builds"
 async def presence_once(ctx: ServerContext) -> bool:
     now = ctx.now()
 
-    async def tick(conn):  # noqa: ANN001
+    async def tick(conn):
         await servers.touch_server(conn, ctx.server_id, now)
         rows = await servers.list_servers(conn, include_stopped_since=now)
-        alive = [r for r in rows if r["stopped_at"] is None
-                 and now - r["last_seen_at"] <= ctx.config.server_grace]
+        alive = [
+            r
+            for r in rows
+            if r["stopped_at"] is None and now - r["last_seen_at"] <= ctx.config.server_grace
+        ]
         builds = sorted({r["build_version"] for r in alive})
         if len(builds) < 2:
             return
         message = "servers of different builds share this database: " + "; ".join(
-            f"{b} ({', '.join(r['id'] for r in alive if r['build_version'] == b)})"
-            for b in builds
+            f"{b} ({', '.join(r['id'] for r in alive if r['build_version'] == b)})" for b in builds
         )
-        last = (
-            await conn.execute(
-                sa.select(events_t.c.message, events_t.c.ts)
-                .where(events_t.c.kind == MIXED_BUILDS)
-                .order_by(events_t.c.id.desc())
-                .limit(1)
-            )
-        ).first()
-        if last is None or last.message != message or now - last.ts > 3600:
+        last = await events.last_of_kind(conn, MIXED_BUILDS)
+        if last is None or last["message"] != message or now - last["ts"] > 3600:
             await events.record(
-                conn, now, "warning", MIXED_BUILDS,
+                conn,
+                now,
+                "warning",
+                MIXED_BUILDS,
                 message + ". Desired versions come from the database, so they cannot fight; "
                 "upgrade the older servers.",
-                server_id=ctx.server_id, data={"builds": builds},
+                server_id=ctx.server_id,
+                data={"builds": builds},
             )
 
     await ctx.db.transact(tick)

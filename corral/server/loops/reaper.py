@@ -18,13 +18,16 @@ async def reap_once(ctx: ServerContext) -> bool:
     changed: list[tuple[int, int, str | None]] = []
     lost_instances: list[str] = []
 
-    async def lost(conn):  # noqa: ANN001
+    async def lost(conn):
         for inst in await instances.find_lost(conn, ctx.db, now - cfg.agent_grace):
             if not await instances.mark_lost(conn, inst["id"], now):
                 continue
             silent = now - inst["last_heartbeat_at"]
             await events.record(
-                conn, now, "warning", "instance.lost",
+                conn,
+                now,
+                "warning",
+                "instance.lost",
                 f"instance {inst['name']} ({inst['id']}) lost: no heartbeat for {silent:.0f}s",
                 instance_id=inst["id"],
             )
@@ -35,20 +38,26 @@ async def reap_once(ctx: ServerContext) -> bool:
                 )
             )
 
-    async def unstarted(conn):  # noqa: ANN001
+    async def unstarted(conn):
         for a in await dispatch.claim_unstarted(conn, ctx.db, now - cfg.start_timeout):
             state = await jobs_repo.lose_attempt(
-                conn, a["job_id"], a["number"],
-                f"did not start within {cfg.start_timeout:g}s on {a['instance_id']}", now,
+                conn,
+                a["job_id"],
+                a["number"],
+                f"did not start within {cfg.start_timeout:g}s on {a['instance_id']}",
+                now,
                 instance_id=a["instance_id"],
             )
             changed.append((a["job_id"], a["number"], state))
 
-    async def silent(conn):  # noqa: ANN001
+    async def silent(conn):
         for a in await dispatch.claim_silent(conn, ctx.db, now - cfg.attempt_grace):
             state = await jobs_repo.lose_attempt(
-                conn, a["job_id"], a["number"],
-                f"runner silent for over {cfg.attempt_grace:g}s on {a['instance_id']}", now,
+                conn,
+                a["job_id"],
+                a["number"],
+                f"runner silent for over {cfg.attempt_grace:g}s on {a['instance_id']}",
+                now,
                 instance_id=a["instance_id"],
             )
             changed.append((a["job_id"], a["number"], state))

@@ -31,7 +31,7 @@ async def run_loop(
             failures += 1
             log.exception("%s loop failed (%d in a row)", name, failures)
             more = False
-            await asyncio.sleep(min(30.0, interval * 2**min(failures, 5)))
+            await asyncio.sleep(min(30.0, interval * 2 ** min(failures, 5)))
         if more:
             await asyncio.sleep(0)
             continue

@@ -6,7 +6,9 @@ from corral.store.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("corral migrations run through `corral server` (store.migrate), not bare alembic")
+    raise RuntimeError(
+        "corral migrations run through `corral server` (store.migrate), not bare alembic"
+    )
 
 context.configure(
     connection=connection,

@@ -21,6 +21,8 @@ async def confirm(store: DurableStore, sha256: str, size: int, now: float) -> st
     got_size = int(resp.headers.get("content-length", "-1"))
     got_sha = resp.headers.get(SHA_HEADER)
     if got_size != size or got_sha != sha256:
-        return (f"durable store holds {got_size} bytes with sha256 {got_sha!r}, "
-                f"not {size} bytes with {sha256}")
+        return (
+            f"durable store holds {got_size} bytes with sha256 {got_sha!r}, "
+            f"not {size} bytes with {sha256}"
+        )
     return None

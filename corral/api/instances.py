@@ -1,0 +1,66 @@
+"""Instances, servers and events as the API shows them; drain requests and replies."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from corral.api.common import Strict
+from corral.domain.instances import InstanceState
+
+
+class InstanceView(BaseModel):
+    id: str
+    name: str
+    fleet: str | None
+    state: InstanceState
+    lost: bool
+    incarnation: int
+    cpus: float
+    memory_mb: int
+    running_attempts: int
+    host: str | None
+    agent_version: str | None
+    registered_at: float | None
+    last_heartbeat_at: float | None
+    drain_requested_at: float | None = None
+    retired_at: float | None = None
+    message: str | None = None
+
+
+class ServerView(BaseModel):
+    id: str
+    build_version: str
+    host: str
+    pid: int
+    url: str | None
+    started_at: float
+    last_seen_at: float
+    alive: bool
+
+
+class EventView(BaseModel):
+    id: int
+    ts: float
+    level: str
+    kind: str
+    message: str
+    job_id: int | None = None
+    instance_id: str | None = None
+    server_id: str | None = None
+
+
+class DrainRequest(Strict):
+    force: bool = False
+
+
+class AtRisk(BaseModel):
+    sha256: str
+    size: int
+    names: list[str]
+
+
+class DrainView(BaseModel):
+    instance: InstanceView
+    at_risk: list[AtRisk] = Field(
+        default_factory=list, description="objects only this instance holds right now"
+    )

@@ -1,0 +1,140 @@
+"""Jobs as users submit and see them, and what a runner reports about its attempt
+(fenced by the attempt token)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Strict
+from corral.domain.jobs import AttemptState, JobState
+
+
+class JobSubmit(Strict):
+    command: list[str] = Field(min_length=1, description="argv of the command to run")
+    name: str | None = Field(default=None, max_length=200)
+    fleet: str | None = Field(default=None, pattern=NAME_PATTERN)
+    cpus: float = Field(default=1.0, gt=0, le=1024)
+    memory_mb: int = Field(default=0, ge=0, le=16 * 1024 * 1024)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    env: dict[str, str] = Field(default_factory=dict)
+    inputs: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="object ids (sha256) fetched before the command starts",
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _argv0(cls, v: list[str]) -> list[str]:
+        if not v[0].strip():
+            raise ValueError("command[0] must not be empty")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+
+        for ref in v:
+            if not re.match(SHA256_PATTERN, ref):
+                raise ValueError(f"{ref!r} is not an object id (64 lowercase hex digits)")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"invalid environment variable name: {key!r}")
+        return v
+
+
+class AttemptView(BaseModel):
+    number: int
+    instance_id: str | None
+    state: AttemptState
+    exit_code: int | None = None
+    reason: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobView(BaseModel):
+    id: int
+    name: str | None
+    state: JobState
+    command: list[str]
+    fleet: str | None
+    cpus: float
+    memory_mb: int
+    max_attempts: int
+    attempt: int = Field(description="number of the current (or last) attempt; 0 before the first")
+    instance_id: str | None
+    exit_code: int | None
+    reason: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result_attempt: int | None = Field(description="the attempt whose result is recorded")
+    attempts: list[AttemptView] = Field(default_factory=list)
+
+
+class LogChunkView(BaseModel):
+    seq: int
+    stream: Literal["out", "err"]
+    data: str  # base64
+
+
+class LogPage(BaseModel):
+    job_id: int
+    attempt: int
+    chunks: list[LogChunkView]
+    next_seq: int
+    job_state: JobState
+    current_attempt: int
+    exit_code: int | None
+    reason: str | None
+
+
+class LogChunkIn(Strict):
+    seq: int = Field(ge=0)
+    stream: Literal["out", "err"]
+    data: str = Field(max_length=4 * 1024 * 1024, description="base64")
+
+
+class LogBatch(Strict):
+    chunks: list[LogChunkIn] = Field(max_length=1000)
+
+
+class OutputFile(Strict):
+    path: str = Field(min_length=1, max_length=1000, description="relative to the output dir")
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        parts = v.split("/")
+        if v.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in v:
+            raise ValueError(f"{v!r} must be a plain relative path")
+        return v
+
+
+class AttemptFinish(Strict):
+    exit_code: int | None = None
+    reason: str | None = Field(default=None, max_length=4000)
+    outputs: list[OutputFile] = Field(default_factory=list, max_length=100_000)
+
+
+class AttemptLost(Strict):
+    reason: str = Field(max_length=4000)
+
+
+class AttemptAck(BaseModel):
+    job_id: int
+    attempt: int
+    job_state: str
+    recorded: bool = True

@@ -1,0 +1,58 @@
+"""Objects (outputs and uploads), their replicas, and how an agent fetches one."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from corral.api.common import SHA256_PATTERN, Strict
+from corral.domain.drain import ObjectState, ReplicaState
+from corral.domain.instances import InstanceState
+
+
+class ReplicaView(BaseModel):
+    instance_id: str
+    instance_name: str
+    instance_state: InstanceState
+    state: ReplicaState
+    created_at: float
+
+
+class ObjectView(BaseModel):
+    sha256: str
+    size: int
+    name: str | None
+    origin: str
+    state: ObjectState
+    durable: bool
+    replicas: list[ReplicaView] = Field(default_factory=list)
+
+
+class OutputView(BaseModel):
+    path: str
+    sha256: str
+    size: int
+    attempt: int
+    state: ObjectState
+    copies: int = Field(description="present replicas on instances not retired (+1 if durable)")
+    durable: bool = Field(default=False, description="a copy is in the fleet's durable store")
+
+
+class PeerVerify(Strict):
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    token: str = Field(max_length=200)
+
+
+class ObjectError(Strict):
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    error: str = Field(max_length=4000)
+
+
+class Fetch(BaseModel):
+    """Where to get an object: peer URLs of instances holding it, and a one-time
+    token the holder checks with the server (None when it is already local)."""
+
+    sha256: str
+    size: int
+    name: str
+    sources: list[str] = Field(default_factory=list)
+    token: str | None = None
