@@ -98,3 +98,21 @@ def test_desired_size():
     assert desired_size(
         active=2, minimum=2, maximum=5, waiting_cpus=0, instance_cpus=2, idle=2
     ) == (2, None)
+
+
+def test_a_copy_that_failed_goes_to_another_recipient_next_time():
+    """Two hosts cut off from each other: the copy to the emptiest recipient failed,
+    so the next plan sends it elsewhere; when every recipient failed, it goes to the
+    one whose failure is oldest (never the same dead end twice in a row)."""
+    a = (("a", DRAIN, False),)
+    once = ObjectInfo("x", 10, tuple(Holder(*h) for h in a), failed=(("r1", 100.0),))
+    copies, stranded = plan_copies([once], [Recipient("r1", 0), Recipient("r2", 50)])
+    assert [(c.sha256, c.recipient) for c in copies] == [("x", "r2")] and stranded == []
+    both = ObjectInfo(
+        "x", 10, tuple(Holder(*h) for h in a), failed=(("r1", 100.0), ("r2", 120.0))
+    )
+    copies, _ = plan_copies([both], [Recipient("r1", 0), Recipient("r2", 0)])
+    assert [c.recipient for c in copies] == ["r1"]
+    only = ObjectInfo("x", 10, tuple(Holder(*h) for h in a), failed=(("r1", 100.0),))
+    copies, _ = plan_copies([only], [Recipient("r1", 0)])
+    assert [c.recipient for c in copies] == ["r1"]  # the only place: it waits and retries

@@ -42,6 +42,9 @@ class ObjectInfo:
     holders: tuple[Holder, ...]  # instances with a present replica
     pending: tuple[str, ...] = ()  # instances a replica is on its way to
     durable: bool = False
+    # (recipient, when) of copies of it that failed lately: a recipient that cannot
+    # reach the holders (a partition between two hosts) is not asked first again
+    failed: tuple[tuple[str, float], ...] = ()
 
 
 def safe_without(obj: ObjectInfo, leaving: str) -> bool:
@@ -77,8 +80,9 @@ def plan_copies(
     risky: list[ObjectInfo], recipients: list[Recipient], max_in_flight: int | None = None
 ) -> tuple[list[Copy], list[ObjectInfo]]:
     """One new replica for each object at risk that has none on its way, on the
-    recipient holding the fewest bytes. Returns (copies, objects with no recipient).
-    `recipients` must already be filtered to running, reachable instances."""
+    recipient holding the fewest bytes among those that did not fail to copy it lately
+    (if all did, the one whose failure is oldest). Returns (copies, objects with no
+    recipient). `recipients` must already be filtered to running, reachable instances."""
     copies: list[Copy] = []
     stranded: list[ObjectInfo] = []
     in_flight = sum(1 for o in risky if o.pending)
@@ -92,7 +96,18 @@ def plan_copies(
             continue
         if max_in_flight is not None and in_flight >= max_in_flight:
             break
-        best = min(options, key=lambda r: (r.bytes_held, r.instance_id))
+        failed_at: dict[str, float] = {}
+        for iid, when in obj.failed:
+            failed_at[iid] = max(when, failed_at.get(iid, when))
+        best = min(
+            options,
+            key=lambda r: (
+                r.instance_id in failed_at,
+                failed_at.get(r.instance_id, 0.0),
+                r.bytes_held,
+                r.instance_id,
+            ),
+        )
         best.bytes_held += obj.size
         best.planned.append(obj.sha256)
         copies.append(Copy(obj.sha256, best.instance_id))

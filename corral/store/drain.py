@@ -46,6 +46,8 @@ class DrainResult:
 
 
 RETRY_FAILED_COPY_AFTER = 10.0
+# how long a failed copy makes the planner prefer other recipients for that object
+REMEMBER_FAILED_COPY = 300.0
 
 
 async def object_infos(
@@ -53,7 +55,8 @@ async def object_infos(
 ) -> list[ObjectInfo]:
     """Every object `instance_id` holds, with all its holders and the copies on their
     way (a copy that failed in the last few seconds counts as on its way, so a dead
-    source is not asked again on every tick)."""
+    source is not asked again on every tick), and the recipients whose copy of it
+    failed lately (the planner tries others first)."""
     mine = sa.select(replicas.c.sha256).where(
         replicas.c.instance_id == instance_id, replicas.c.state == objs.PRESENT
     )
@@ -63,6 +66,7 @@ async def object_infos(
                 replicas.c.sha256,
                 replicas.c.instance_id,
                 replicas.c.state,
+                replicas.c.updated_at,
                 instances_t.c.state.label("istate"),
                 instances_t.c.lost_at,
                 objects.c.size,
@@ -79,7 +83,7 @@ async def object_infos(
                     replicas.c.state.in_([objs.PRESENT, objs.PENDING]),
                     sa.and_(
                         replicas.c.state == objs.FAILED,
-                        replicas.c.updated_at > (now or 0) - RETRY_FAILED_COPY_AFTER,
+                        replicas.c.updated_at > (now or 0) - REMEMBER_FAILED_COPY,
                     ),
                 ),
             )
@@ -88,16 +92,35 @@ async def object_infos(
     by_sha: dict[str, dict] = {}
     for r in rows:
         o = by_sha.setdefault(
-            r.sha256, {"size": r.size, "durable": bool(r.durable_url), "holders": [], "pending": []}
+            r.sha256,
+            {
+                "size": r.size,
+                "durable": bool(r.durable_url),
+                "holders": [],
+                "pending": [],
+                "failed": [],
+            },
         )
         if r.state == objs.PRESENT:
             o["holders"].append(
                 Holder(r.instance_id, InstanceState(r.istate), r.lost_at is not None)
             )
-        elif r.istate == InstanceState.RUNNING:
+            continue
+        if r.state == objs.FAILED:
+            o["failed"].append((r.instance_id, r.updated_at))
+            if r.updated_at <= (now or 0) - RETRY_FAILED_COPY_AFTER:
+                continue  # long enough ago: plan a copy again (elsewhere, if possible)
+        if r.istate == InstanceState.RUNNING:
             o["pending"].append(r.instance_id)
     return [
-        ObjectInfo(sha, o["size"], tuple(o["holders"]), tuple(o["pending"]), o["durable"])
+        ObjectInfo(
+            sha,
+            o["size"],
+            tuple(o["holders"]),
+            tuple(o["pending"]),
+            o["durable"],
+            tuple(o["failed"]),
+        )
         for sha, o in sorted(by_sha.items())
     ]
 
