@@ -77,12 +77,20 @@ class Copy:
 
 
 def plan_copies(
-    risky: list[ObjectInfo], recipients: list[Recipient], max_in_flight: int | None = None
+    risky: list[ObjectInfo],
+    recipients: list[Recipient],
+    max_in_flight: int | None = None,
+    *,
+    now: float = 0.0,
+    retry_after: float = 10.0,
 ) -> tuple[list[Copy], list[ObjectInfo]]:
     """One new replica for each object at risk that has none on its way, on the
-    recipient holding the fewest bytes among those that did not fail to copy it lately
-    (if all did, the one whose failure is oldest). Returns (copies, objects with no
-    recipient). `recipients` must already be filtered to running, reachable instances."""
+    recipient holding the fewest bytes. A recipient whose copy of the object failed
+    less than `retry_after` ago is not asked again yet, and one that failed at all
+    comes after those that did not (oldest failure first): between two hosts that
+    cannot reach each other the copy goes elsewhere, or waits. Returns (copies,
+    objects with no recipient). `recipients` must already be filtered to running,
+    reachable instances."""
     copies: list[Copy] = []
     stranded: list[ObjectInfo] = []
     in_flight = sum(1 for o in risky if o.pending)
@@ -94,11 +102,18 @@ def plan_copies(
         if not options:
             stranded.append(obj)
             continue
-        if max_in_flight is not None and in_flight >= max_in_flight:
-            break
         failed_at: dict[str, float] = {}
         for iid, when in obj.failed:
             failed_at[iid] = max(when, failed_at.get(iid, when))
+        options = [
+            r
+            for r in options
+            if r.instance_id not in failed_at or now - failed_at[r.instance_id] >= retry_after
+        ]
+        if not options:
+            continue  # every recipient failed just now: try again in a moment
+        if max_in_flight is not None and in_flight >= max_in_flight:
+            break
         best = min(
             options,
             key=lambda r: (

@@ -28,6 +28,7 @@ from corral.domain.drain import (
     plan_copies,
 )
 from corral.domain.instances import InstanceState
+from corral.domain.provisioning import ProvisionState
 from corral.store import dispatch, events, fleets, instances, jobs, offloads
 from corral.store import objects as objs
 from corral.store.db import Database
@@ -54,9 +55,9 @@ async def object_infos(
     conn: AsyncConnection, instance_id: str, now: float | None = None
 ) -> list[ObjectInfo]:
     """Every object `instance_id` holds, with all its holders and the copies on their
-    way (a copy that failed in the last few seconds counts as on its way, so a dead
-    source is not asked again on every tick), and the recipients whose copy of it
-    failed lately (the planner tries others first)."""
+    way, and the recipients whose copy of it failed lately (the planner asks others
+    first, and none of them again within RETRY_FAILED_COPY_AFTER, so a dead source is
+    not asked on every tick)."""
     mine = sa.select(replicas.c.sha256).where(
         replicas.c.instance_id == instance_id, replicas.c.state == objs.PRESENT
     )
@@ -108,9 +109,7 @@ async def object_infos(
             continue
         if r.state == objs.FAILED:
             o["failed"].append((r.instance_id, r.updated_at))
-            if r.updated_at <= (now or 0) - RETRY_FAILED_COPY_AFTER:
-                continue  # long enough ago: plan a copy again (elsewhere, if possible)
-        if r.istate == InstanceState.RUNNING:
+        elif r.istate == InstanceState.RUNNING:
             o["pending"].append(r.instance_id)
     return [
         ObjectInfo(
@@ -195,7 +194,13 @@ async def drain_step(
             result.requeued += 1
         live = await dispatch.live_attempts_on(conn, iid)
     risky = at_risk(await object_infos(conn, iid, now), iid)
-    copies, stranded = plan_copies(risky, await recipients(conn, iid), max_in_flight)
+    copies, stranded = plan_copies(
+        risky,
+        await recipients(conn, iid),
+        max_in_flight,
+        now=now,
+        retry_after=RETRY_FAILED_COPY_AFTER,
+    )
     for c in copies:
         await objs.set_replica(conn, c.sha256, c.recipient, objs.PENDING, now)
         result.copies.append((c.sha256, c.recipient))
@@ -314,10 +319,19 @@ async def cancel_doomed_copies(conn: AsyncConnection, now: float, transfer_timeo
     return r1.rowcount + r2.rowcount
 
 
-async def claim_terminable(conn: AsyncConnection, db: Database, before: float):
+async def claim_terminable(
+    conn: AsyncConnection, db: Database, before: float, now: float | None = None
+):
+    """Retired before `before`, and not backing off after a failed stop."""
     q = db.claim(
         sa.select(instances_t).where(
-            instances_t.c.state == InstanceState.RETIRED, instances_t.c.retired_at < before
+            instances_t.c.state == InstanceState.RETIRED,
+            instances_t.c.retired_at < before,
+            sa.or_(
+                instances_t.c.provision_state.is_(None),
+                instances_t.c.provision_state != ProvisionState.STOP_FAILED,
+                instances_t.c.provision_next_at <= (before if now is None else now),
+            ),
         )
     )
     return (await conn.execute(q)).mappings().all()
