@@ -143,7 +143,7 @@ def _kill_in(ns: str, timeout: float = 10.0) -> None:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """A /24 in 10.200.0.0/13 that no address or route here overlaps."""
-    used = []
+    used: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for args in (("-4", "-j", "addr", "show"), ("-4", "-j", "route", "show", "table", "all")):
         try:
             rows = json.loads(_ip(*args, check=False).stdout or "[]")
@@ -159,7 +159,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
                 with contextlib.suppress(ValueError):
                     used.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", False))
     for _ in range(200):
-        net = ipaddress.ip_network(f"10.{random.randint(200, 207)}.{random.randint(0, 255)}.0/24")
+        net = ipaddress.IPv4Network(f"10.{random.randint(200, 207)}.{random.randint(0, 255)}.0/24")
         if not any(net.overlaps(u) for u in used):
             return net
     raise RuntimeError("no free 10.200.0.0/13 subnet for the test bed")

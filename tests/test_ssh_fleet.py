@@ -17,6 +17,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from outputs import submit, verify_all_outputs
 
@@ -148,16 +149,18 @@ def site(bed: TestBed, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(site: Fleet):
-    """The fleet of three hosts (h1-h3), provisioned from nothing."""
-    site.client.apply_fleet(
-        {
-            "name": FLEET,
-            "backend": "ssh",
-            "min": 3,
-            "max": 3,
-            "hosts": [h.fleet_host(cpus=1) for h in site.hosts],
-        }
+    """The fleet of three hosts (h1-h3), provisioned from nothing by `corral fleet
+    apply` of a fleet file, as a person would."""
+    hosts = "".join(
+        f"  - {{host: {h.addr}, user: root, identity_file: {site.bed.client_key}, "
+        f"cpus: 1, prefix: {h.prefix}, data_dir: {h.data_root}}}\n"
+        for h in site.hosts
     )
+    fleet_file = site.work / "fleet.yml"
+    fleet_file.write_text(f"name: {FLEET}\nbackend: ssh\nmin: 3\nmax: 3\nhosts:\n{hosts}")
+    r = corral_cli(site, "fleet", "apply", str(fleet_file))
+    assert r.returncode == 0, r.stderr
+    assert f"fleet {FLEET}: ssh, 3..3 instances on 3 host(s)" in r.stdout
     try:
         site.running(3)
     except AssertionError:
@@ -167,6 +170,22 @@ def fleet(site: Fleet):
                 print(log, log.read_text()[-2000:])
         raise
     return site
+
+
+def corral_cli(site: Fleet, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "CORRAL_SERVER": site.server.url,
+        "CORRAL_TOKEN": site.server.admin_token,
+        "COLUMNS": "400",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_ssh_provisions_three_hosts_from_empty_and_runs_jobs_on_all(fleet: Fleet):
@@ -221,6 +240,16 @@ def test_ssh_provisions_three_hosts_from_empty_and_runs_jobs_on_all(fleet: Fleet
         assert page.job_state == "succeeded"
         # the job ran inside that host's namespace: it spoke from the host's address
         assert b"".join(out).decode().strip() == fleet.host_of(by_id[iid]).addr
+
+    # `corral run` streams the job's output and exits with its exit code
+    probe = (
+        "import socket, sys; "
+        f"s = socket.create_connection(('{bed.server_addr}', {fleet.server.port})); "
+        "print(s.getsockname()[0]); sys.exit(7)"
+    )
+    r = corral_cli(fleet, "run", "--", sys.executable, "-c", probe)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.strip() in {h.addr for h in fleet.hosts}
 
 
 def test_ssh_partitioned_host_loses_its_attempts_and_its_stale_runner_is_refused(fleet: Fleet):
@@ -460,17 +489,31 @@ def test_ssh_unreachable_host_is_retried_with_backoff_and_reported(site: Fleet):
     delays = _retry_delays(fleet.warnings(inst.id))
     assert len(delays) == 2 and delays[0] < delays[1]
     # `corral instances` shows the host's provisioning state and last error
-    env = {
-        **os.environ,
-        "CORRAL_SERVER": fleet.server.url,
-        "CORRAL_TOKEN": fleet.server.admin_token,
-        "COLUMNS": "400",
-    }
-    shown = subprocess.run(
-        [sys.executable, "-m", "corral", "instances"], env=env, capture_output=True, text=True
-    )
+    shown = corral_cli(fleet, "instances")
     line = next(x for x in shown.stdout.splitlines() if inst.name in x)
     assert "failed" in line and "cannot reach" in line and h5.addr in line
+
+
+def test_ssh_fleet_settings_are_checked_by_the_server_too(site: Fleet):
+    """The API refuses what the CLI refuses (a client that skips the model gets the
+    same answer), with a 422 naming the field, and writes nothing."""
+    url, auth = site.server.url, {"Authorization": f"Bearer {site.server.admin_token}"}
+    cases = [
+        ({"name": "bad", "backend": "aws"}, "backend", "known backends: local, ssh"),
+        (
+            {"name": "bad", "backend": "ssh", "max_size": 2, "hosts": [{"host": "a", "prot": 1}]},
+            "hosts.0",
+            "unknown setting(s) prot",
+        ),
+        ({"name": "bad", "backend": "ssh", "max_size": 1}, "", "needs at least one host"),
+    ]
+    for body, field, message in cases:
+        r = httpx.put(f"{url}/api/v1/fleets/bad", json=body, headers=auth, timeout=10)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_request" and message in error["message"]
+        assert any(f["field"] == field for f in error["fields"]) or not field, error
+    assert "bad" not in {f.name for f in site.client.fleets()}
 
 
 def agent_processes(host: Host, instance: str) -> list:
