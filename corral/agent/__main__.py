@@ -1,6 +1,6 @@
-"""`python -m corral.agent`: the agent command alone (`corral agent`), without loading
-the rest of the CLI, so it starts in about half the time. An agent build that wraps
-an installed corral should exec this:
+"""`python -m corral.agent`: the agent command alone (`corral agent`), without importing
+the rest of the CLI (the server, the client), so it starts sooner. An agent build that
+wraps an installed corral should exec this:
 
     #!/bin/sh
     exec python3 -m corral.agent "$@"
