@@ -165,7 +165,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError("no free 10.200.0.0/13 subnet for the test bed")
 
 
-def _keypair(path: Path) -> str:
+def keypair(path: Path) -> str:
     """An ed25519 key (OpenSSH format) at `path`; returns its public line."""
     import asyncssh
 
@@ -297,7 +297,7 @@ class Host:
         key = self.etc / "host_key"
         key.unlink(missing_ok=True)
         key.with_suffix(".pub").unlink(missing_ok=True)
-        self.host_key_line = _keypair(key)
+        self.host_key_line = keypair(key)
         return self.host_key_line
 
     def start_sshd(self) -> None:
@@ -402,7 +402,7 @@ class TestBed:
         clean_stale()
         self.base.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-        self.client_public = _keypair(self.client_key)
+        self.client_public = keypair(self.client_key)
         self.subnet = _free_subnet()
         addrs = list(self.subnet.hosts())
         self.server_addr = str(addrs[0])

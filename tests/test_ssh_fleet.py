@@ -22,7 +22,7 @@ import pytest
 from outputs import submit, verify_all_outputs
 
 from corral.client.sdk import Client
-from corral.testbed import Host, TestBed, agent_build, unavailable
+from corral.testbed import Host, TestBed, agent_build, keypair, unavailable
 from corral.testing import Cluster, ServerProc, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -121,7 +121,8 @@ def bed(tmp_path_factory):
         if _in_ci():
             pytest.fail(f"the SSH test bed cannot be built here: {why}")
         pytest.skip(f"the SSH test bed cannot be built here: {why}")
-    with TestBed(tmp_path_factory.mktemp("bed"), hosts=5) as b:
+    # h1-h3: the fleet; h4-h8: hosts that fail in the ways provisioning reports
+    with TestBed(tmp_path_factory.mktemp("bed"), hosts=8) as b:
         b.hosts[4].stop_sshd()  # h5: nothing listens (unreachable)
         yield b
     assert b.leftovers() == []
@@ -514,6 +515,56 @@ def test_ssh_fleet_settings_are_checked_by_the_server_too(site: Fleet):
         assert error["code"] == "invalid_request" and message in error["message"]
         assert any(f["field"] == field for f in error["fields"]) or not field, error
     assert "bad" not in {f.name for f in site.client.fleets()}
+
+
+def test_ssh_refused_key_full_disk_and_failing_bootstrap_are_retried_and_reported(
+    site: Fleet, tmp_path: Path
+):
+    """Three more ways a host fails, each its own fleet, provisioned at once: a key the
+    host does not accept, too little free disk (reached through a jump host), and a
+    bootstrap that cannot install. Each is tried three times with backoff, reported
+    with its reason, and then given up."""
+    client, bed = site.client, site.bed
+    h1, h6, h7, h8 = bed.hosts[0], bed.hosts[5], bed.hosts[6], bed.hosts[7]
+    stranger = tmp_path / "stranger_key"
+    keypair(stranger)  # a key no host authorizes
+    cases = {
+        "denied": ({"hosts": [h6.fleet_host(identity_file=str(stranger))]}, "auth: ", "refused"),
+        "full": (
+            {
+                "hosts": [h7.fleet_host(proxy_jump=f"root@{h1.addr}")],
+                "min_free_mb": 10**9,  # more than any disk here
+            },
+            "disk_full: ",
+            "MB free at",
+        ),
+        "broken": (
+            {"hosts": [h8.fleet_host(prefix="/proc/corral-bin")]},
+            "bootstrap: ",
+            "cannot create directory '/proc/corral-bin'",
+        ),
+    }
+    logins_before = h1.logins()
+    for name, (spec, _kind, _why) in cases.items():
+        client.apply_fleet({"name": name, "backend": "ssh", "min": 1, "max": 1, **spec})
+
+    def given_up():
+        rows = {i.fleet: i for i in client.instances() if i.fleet in cases}
+        done = [i for i in rows.values() if i.provision_state == "failed"]
+        return rows if len(done) == len(cases) else None
+
+    rows = wait_for(given_up, 90, "provisioning of the three failing hosts to be given up")
+    for name, (_spec, kind, why) in cases.items():
+        inst = rows[name]
+        assert inst.provision_attempts == 3, inst
+        assert inst.provision_error.startswith(kind) and why in inst.provision_error, inst
+        warned = site.warnings(inst.id)
+        assert len(warned) == 3 and all(why in e.message for e in warned), warned
+        assert len(_retry_delays(warned)) == 2  # two retries, then given up
+    assert not h6.data_root.exists() and not h7.data_root.exists()  # nothing was written
+    # the full host was reached through the jump host, three times
+    assert h1.logins() - logins_before >= 3
+    assert h7.sshd_log().count(f"Connection from {h1.addr} ") >= 3
 
 
 def agent_processes(host: Host, instance: str) -> list:
