@@ -123,22 +123,20 @@ def _pids_in(ns: str) -> list[int]:
 
 
 def _kill_in(ns: str, timeout: float = 10.0) -> None:
-    """Kill every process in the namespace and wait until they are gone."""
+    """Kill every process in the namespace and wait until they are gone (a zombie,
+    dead but not yet reaped by its parent, counts as gone)."""
     deadline = time.monotonic() + timeout
     while True:
-        pids = [p for p in _pids_in(ns) if p != os.getpid()]
         alive = []
-        for pid in pids:
-            try:
+        for pid in _pids_in(ns):
+            with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
-                if proc.status() != psutil.STATUS_ZOMBIE:
+                if pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE:
                     proc.kill()
-                    alive.append(proc)
-            except psutil.Error:
-                continue
+                    alive.append(pid)
         if not alive or time.monotonic() > deadline:
             return
-        psutil.wait_procs(alive, timeout=2)
+        time.sleep(0.05)
 
 
 def _free_subnet() -> ipaddress.IPv4Network:

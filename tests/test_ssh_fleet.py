@@ -419,7 +419,6 @@ def test_ssh_hosts_cut_off_from_each_other_during_a_replication_lose_nothing(
     assert present[c.id].created_at <= fleet.instance(a.id).retired_at
     ha.unblock(hb)
     assert verify_all_outputs(client, {job_id: files}, tmp_path / "got") == 1
-    wait_for(lambda: fleet.instance(a.id).state == "terminated", 60, f"{a.name} terminated")
 
 
 def _retry_delays(events) -> list[float]:
