@@ -5,8 +5,12 @@ from __future__ import annotations
 from corral.agent.cli import agent
 from corral.client import components_cli, data_cli  # noqa: F401  (register their commands)
 from corral.client.cli import app
+from corral.server import cli as server_cli
 from corral.server.cli import server
 from corral.up import up
+from corral.wiring import plug_backends
+
+server_cli.PREPARE.append(plug_backends)
 
 app.command(name="up")(up)
 app.command(name="server")(server)

@@ -55,9 +55,9 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -138,11 +138,14 @@ class ServerProc(Proc):
         db_url: str | None,
         extra: list[str],
         env: dict[str, str] | None,
+        host: str = "127.0.0.1",
     ):
         args = corral_cmd(
             "server",
             "--data-dir",
             str(data_dir),
+            "--host",
+            host,
             "--port",
             str(port),
             "--log-level",
@@ -154,7 +157,7 @@ class ServerProc(Proc):
         super().__init__(args, data_dir / "server.log", env)
         self.data_dir = data_dir
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
 
     def wait_ready(self, timeout: float = 30.0) -> ServerProc:
         def up() -> bool:
@@ -245,10 +248,12 @@ class Cluster:
         env: dict[str, str] | None = None,
         fast: bool = True,
         wait: bool = True,
+        host: str = "127.0.0.1",
     ) -> ServerProc:
+        """`corral server` listening on `host` (e.g. a test bed's bridge address)."""
         name = name or f"server{len(self.servers) + 1}"
         extra = (self.FAST if fast else []) + (extra or [])
-        proc = ServerProc(self.base / name, free_port(), db_url, extra, env)
+        proc = ServerProc(self.base / name, free_port(host), db_url, extra, env, host)
         proc.start()
         self.procs.append(proc)
         self.servers.append(proc)

@@ -13,6 +13,7 @@ from corral.server.app import StartupError
 from corral.server.cli import add_timing_options
 from corral.server.config import DEFAULT_PORT, ServerConfig
 from corral.store import fleets
+from corral.wiring import plug_backends
 
 LOCAL_FLEET = "local"
 
@@ -63,6 +64,7 @@ def up(
             join_token=ctx.join_token,
             cpus=agent_cpus,
         )
+        await plug_backends(ctx)
 
         async def fleet(conn) -> None:
             f = await fleets.get_fleet(conn, LOCAL_FLEET)

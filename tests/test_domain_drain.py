@@ -98,3 +98,24 @@ def test_desired_size():
     assert desired_size(
         active=2, minimum=2, maximum=5, waiting_cpus=0, instance_cpus=2, idle=2
     ) == (2, None)
+
+
+def test_a_copy_that_failed_goes_to_another_recipient_next_time():
+    """Two hosts cut off from each other: the copy to the emptiest recipient failed,
+    so the next plan sends it elsewhere at once; a recipient that failed just now is
+    not asked again yet, and when every recipient failed, the one whose failure is
+    oldest is tried (never the same dead end twice in a row)."""
+    held = (Holder("a", DRAIN, False),)
+
+    def plan(failed, recipients, now):
+        o = ObjectInfo("x", 10, held, failed=failed)
+        copies, stranded = plan_copies([o], recipients, now=now, retry_after=10)
+        assert stranded == []
+        return [c.recipient for c in copies]
+
+    r = [Recipient("r1", 0), Recipient("r2", 50)]
+    assert plan((("r1", 100.0),), r, now=101) == ["r2"]  # elsewhere, at once
+    assert plan((("r1", 100.0), ("r2", 120.0)), r, now=125) == ["r1"]  # the older failure
+    assert plan((("r1", 118.0), ("r2", 120.0)), r, now=125) == []  # both just failed: wait
+    assert plan((("r1", 120.0),), [Recipient("r1")], now=125) == []  # the only place: wait
+    assert plan((("r1", 100.0),), [Recipient("r1")], now=125) == ["r1"]  # then retry it

@@ -294,3 +294,33 @@ def test_rollback_returns_to_the_previous_version(db_url):
         await db.dispose()
 
     run(main())
+
+
+def test_an_instance_that_goes_silent_while_installing_still_counts_as_unavailable(db_url):
+    """An agent switching builds can be silent long enough to count as lost: it is
+    still one of the max_unavailable, so the rollout starts no other instance."""
+
+    async def main():
+        db, insts = await setup(db_url, n_instances=3)
+        r = await db.transact(
+            components.start_rollout,
+            RolloutRequest(component="runner", version="1.1.0", max_unavailable=1),
+            T0,
+        )
+        (first,) = await db.transact(components.advance, db, T0)
+        assert await db.transact(instances.mark_lost, first, T0 + 1)
+        assert await db.transact(components.advance, db, T0 + 2) == []  # no second one
+        progress = await db.query(components.rollout_progress, r)
+        assert (progress.in_flight, progress.waiting) == (1, 2)
+        # back, converged: the next instance's turn
+        await db.transact(
+            instances.heartbeat,
+            first,
+            next(i for i in insts if i["id"] == first)["incarnation"],
+            T0 + 3,
+        )
+        await heartbeat(db, next(i for i in insts if i["id"] == first), "1.1.0", T0 + 3)
+        assert len(await db.transact(components.advance, db, T0 + 4)) == 1
+        await db.dispose()
+
+    run(main())

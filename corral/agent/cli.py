@@ -46,6 +46,11 @@ def agent(
         envvar="CORRAL_JOIN_TOKEN",
         help="the server's join token (first start only)",
     ),
+    join_token_file: Path | None = typer.Option(
+        None,
+        "--join-token-file",
+        help="read the join token from this file (keep it 0600), not from the command line",
+    ),
     data_dir: Path = typer.Option(
         None, "--data-dir", help="agent state: identity, attempts (default ~/.corral/agent)"
     ),
@@ -74,6 +79,11 @@ def agent(
     """
     logsetup.setup(log_level)
 
+    if join_token_file is not None:
+        try:
+            join_token = join_token_file.read_text().strip() or None
+        except OSError as exc:  # needed only before the first registration
+            typer.echo(f"warning: --join-token-file {join_token_file}: {exc.strerror}", err=True)
     name = name or default_name()
     if not re.match(NAME_PATTERN, name):
         raise typer.BadParameter(f"--name {name!r}: use lowercase letters, digits, . _ -")
@@ -82,6 +92,7 @@ def agent(
         data_dir=(data_dir or default_data_dir() / "agent").expanduser().resolve(),
         name=name,
         join_token=join_token,
+        join_token_file=join_token_file,
         fleet=fleet,
         exit_with_parent=exit_with_parent,
         log_level=log_level,

@@ -96,6 +96,7 @@ class AgentConfig:
     data_dir: Path
     name: str
     join_token: str | None = None
+    join_token_file: Path | None = None  # where join_token came from (kept across a switch)
     fleet: str | None = None
     cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
     memory_mb: int = field(default_factory=lambda: psutil.virtual_memory().total // 2**20)
@@ -124,6 +125,8 @@ class AgentConfig:
             args += ["--server", s]
         if self.fleet:
             args += ["--fleet", self.fleet]
+        if self.join_token_file is not None:  # a path: the token itself is never an argument
+            args += ["--join-token-file", str(self.join_token_file)]
         if self.exit_with_parent:
             args.append("--exit-with-parent")
         args += ["--peer-host", self.peer_host, "--peer-port", str(self.peer_port)]

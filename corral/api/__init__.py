@@ -17,6 +17,7 @@ from corral.api.common import (
     SHA256_PATTERN,
     Sha256,
     Strict,
+    parse_memory_mb,
 )
 from corral.api.components import (
     ComponentPublish,
@@ -29,10 +30,13 @@ from corral.api.components import (
     RolloutView,
 )
 from corral.api.fleets import (
+    BACKENDS,
     DURABLE_KEYS,
     FleetSpec,
     FleetView,
     ScaleRequest,
+    SshHost,
+    SshSettings,
 )
 from corral.api.instances import (
     AtRisk,
@@ -65,6 +69,7 @@ from corral.api.objects import (
 )
 
 __all__ = [
+    "BACKENDS",
     "DURABLE_KEYS",
     "NAME_PATTERN",
     "SHA256_PATTERN",
@@ -110,6 +115,9 @@ __all__ = [
     "ScaleRequest",
     "ServerView",
     "Sha256",
+    "SshHost",
+    "SshSettings",
     "StartOrder",
     "Strict",
+    "parse_memory_mb",
 ]

@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 
 from corral.api.common import Strict
 from corral.domain.instances import InstanceState
+from corral.domain.provisioning import ProvisionState
 
 
 class InstanceView(BaseModel):
@@ -25,6 +26,15 @@ class InstanceView(BaseModel):
     drain_requested_at: float | None = None
     retired_at: float | None = None
     message: str | None = None
+    backend_ref: str | None = Field(
+        default=None, description="its machine, as its backend names it (ssh:USER@HOST:PORT)"
+    )
+    provision_state: ProvisionState | None = Field(
+        default=None, description="the backend's work on its machine (None: not provisioned)"
+    )
+    provision_error: str | None = Field(default=None, description="the last provisioning error")
+    provision_attempts: int = 0
+    provision_next_at: float | None = Field(default=None, description="when it is retried")
 
 
 class ServerView(BaseModel):

@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from corral.domain.instances import AGENT_EXIT_RETIRED, TOMBSTONE_FILE
-from corral.domain.providers import Backend
+from corral.domain.providers import Backend, Progress
 
 log = logging.getLogger("corral.backends.local")
 
@@ -73,6 +75,9 @@ class LocalBackend(Backend):
         *,
         cpus: float | None = None,
         memory_mb: int | None = None,
+        ref: str | None = None,
+        spec: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
     ) -> str:
         agent = self._agents.get(name) or _Agent(
             name, fleet, self.base_dir / "agents" / name, cpus, memory_mb
@@ -91,6 +96,7 @@ class LocalBackend(Backend):
         *,
         cpus: float | None = None,
         memory_mb: int | None = None,
+        spec: Mapping[str, Any] | None = None,
     ) -> None:
         agent = self._agents.get(name)
         if agent is None:
@@ -102,7 +108,9 @@ class LocalBackend(Backend):
             self._spawn(agent)
         self._ensure_monitor()
 
-    async def terminate(self, ref: str) -> None:
+    async def terminate(
+        self, ref: str, *, name: str | None = None, spec: Mapping[str, Any] | None = None
+    ) -> None:
         name = ref.split(":", 1)[1] if ref.startswith("local:") else ref
         agent = self._agents.get(name)
         if agent is None:

@@ -7,7 +7,6 @@ the API returned, for scripts.
 from __future__ import annotations
 
 import contextlib
-import re
 import shlex
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import NoReturn
 
 import typer
 
+from corral.api.common import parse_memory_mb
 from corral.client.render import ago, console, err_console, print_json, styled, table
 from corral.client.sdk import Client, CorralError
 from corral.domain.jobs import FINAL_JOB_STATES
@@ -56,17 +56,12 @@ def client(server: str | None, token: str | None) -> Iterator[Client]:
             fail(exc.message)
 
 
-_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-
-
 def parse_memory(text: str) -> int:
     """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
-    m = _MEM.match(text)
-    if not m:
-        raise typer.BadParameter(f"{text!r} is not a size (examples: 512M, 2G)")
-    value, unit = float(m.group(1)), (m.group(2) or "m")[0].lower()
-    factor = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
-    return int(value * factor)
+    try:
+        return parse_memory_mb(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def exit_code_of(job) -> int:
@@ -296,7 +291,7 @@ def instances(
         return print_json(rows)
     table(
         None,
-        ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT"],
+        ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT", "PROVISION"],
         [
             (
                 i.name,
@@ -307,11 +302,24 @@ def instances(
                 f"{i.memory_mb} MB",
                 i.running_attempts,
                 ago(i.last_heartbeat_at),
+                provisioning(i),
             )
             for i in rows
         ],
         empty="no instances: start some with `corral up --agents N` or `corral agent`",
     )
+
+
+def provisioning(i) -> str:
+    """Where the backend is with the instance's machine, and its last error."""
+    if i.provision_state is None:
+        return ""
+    where = (i.backend_ref or "").removeprefix("ssh:")
+    text = f"{i.provision_state} ({where})" if where else str(i.provision_state)
+    if i.provision_state in ("backoff", "failed", "stop_failed") and i.provision_error:
+        tries = f" after {i.provision_attempts} tries" if i.provision_attempts > 1 else ""
+        text += f"{tries}: {i.provision_error}"
+    return text
 
 
 @app.command()

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TransferSpeedColumn
 
-from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail, parse_memory
+from corral.api import FleetSpec
+from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail
 from corral.client.render import console, err_console, print_json, styled, table
 from corral.client.sdk import CorralError
 
@@ -210,11 +212,12 @@ def fleet_apply(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    """Create or update a fleet from a file:
+    """Create or update a fleet from a file. Every key is checked: an unknown setting
+    or backend is an error naming it.
 
     \b
       name: gpu
-      backend: local
+      backend: local         # local (agent processes on the server's machine) or ssh
       min: 0
       max: 8
       idle_timeout: 300      # seconds before an idle instance is retired
@@ -222,6 +225,17 @@ def fleet_apply(
       durable:               # optional: where outputs go when no instance can take them
         endpoint: http://127.0.0.1:9000
         bucket: corral-outputs
+
+    \b
+      name: lab              # an ssh fleet: agents on machines you already have
+      backend: ssh
+      min: 2
+      max: 2                 # at most one instance per host
+      hosts:
+        - root@10.0.0.5      # [user@]host[:port], or a mapping:
+        - {host: gpu-2.lan, user: ubuntu, identity_file: ~/.ssh/id_ed25519, cpus: 8}
+      known_hosts: ~/.ssh/known_hosts   # optional; default DATA_DIR/known_hosts (first use)
+      wipe: false            # delete an instance's data dir on its host when it retires
     """
     try:
         data = yaml.safe_load(file.read_text()) or {}
@@ -229,34 +243,30 @@ def fleet_apply(
         fail(f"{file}: not valid YAML: {exc}", 2)
     if not isinstance(data, dict):
         fail(f"{file}: expected a mapping of fleet settings", 2)
-    instance = data.pop("instance", {}) or {}
-    spec = {
-        "name": data.pop("name", None),
-        "backend": data.pop("backend", "local"),
-        "min_size": data.pop("min", 0),
-        "max_size": data.pop("max", 1),
-    }
-    if "idle_timeout" in data:
-        spec["idle_timeout"] = data.pop("idle_timeout")
-    if "durable" in data:
-        spec["durable"] = data.pop("durable")
-    if "cpus" in instance:
-        spec["cpus"] = instance.pop("cpus")
-    if "memory" in instance:
-        spec["memory_mb"] = parse_memory(str(instance.pop("memory")))
-    unknown = list(data) + [f"instance.{k}" for k in instance]
-    if unknown:
-        fail(f"{file}: unknown setting(s): {', '.join(unknown)}", 2)
+    try:
+        spec = FleetSpec.model_validate(data)
+    except ValidationError as exc:
+        fail(f"{file}: " + "; ".join(validation_errors(exc)), 2)
     with client(server, token) as c:
-        try:
-            f = c.apply_fleet(spec)
-        except ValueError as exc:
-            fail(f"{file}: {exc}", 2)
+        f = c.apply_fleet(spec.model_dump())
+    hosts = f" on {len(f.hosts)} host(s)" if f.hosts else ""
     console.print(
-        f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances, "
+        f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances{hosts}, "
         f"target {f.target_size}",
         highlight=False,
     )
+
+
+def validation_errors(exc: ValidationError) -> list[str]:
+    """One line per problem, naming where it is (hosts[1].port: ...)."""
+    out = []
+    for e in exc.errors():
+        where = ""
+        for part in e.get("loc", ()):
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else part)
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        out.append(f"{where}: {message}" if where else message)
+    return out
 
 
 @app.command()

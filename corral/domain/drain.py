@@ -42,6 +42,9 @@ class ObjectInfo:
     holders: tuple[Holder, ...]  # instances with a present replica
     pending: tuple[str, ...] = ()  # instances a replica is on its way to
     durable: bool = False
+    # (recipient, when) of copies of it that failed lately: a recipient that cannot
+    # reach the holders (a partition between two hosts) is not asked first again
+    failed: tuple[tuple[str, float], ...] = ()
 
 
 def safe_without(obj: ObjectInfo, leaving: str) -> bool:
@@ -74,11 +77,20 @@ class Copy:
 
 
 def plan_copies(
-    risky: list[ObjectInfo], recipients: list[Recipient], max_in_flight: int | None = None
+    risky: list[ObjectInfo],
+    recipients: list[Recipient],
+    max_in_flight: int | None = None,
+    *,
+    now: float = 0.0,
+    retry_after: float = 10.0,
 ) -> tuple[list[Copy], list[ObjectInfo]]:
     """One new replica for each object at risk that has none on its way, on the
-    recipient holding the fewest bytes. Returns (copies, objects with no recipient).
-    `recipients` must already be filtered to running, reachable instances."""
+    recipient holding the fewest bytes. A recipient whose copy of the object failed
+    less than `retry_after` ago is not asked again yet, and one that failed at all
+    comes after those that did not (oldest failure first): between two hosts that
+    cannot reach each other the copy goes elsewhere, or waits. Returns (copies,
+    objects with no recipient). `recipients` must already be filtered to running,
+    reachable instances."""
     copies: list[Copy] = []
     stranded: list[ObjectInfo] = []
     in_flight = sum(1 for o in risky if o.pending)
@@ -90,9 +102,27 @@ def plan_copies(
         if not options:
             stranded.append(obj)
             continue
+        failed_at: dict[str, float] = {}
+        for iid, when in obj.failed:
+            failed_at[iid] = max(when, failed_at.get(iid, when))
+        options = [
+            r
+            for r in options
+            if r.instance_id not in failed_at or now - failed_at[r.instance_id] >= retry_after
+        ]
+        if not options:
+            continue  # every recipient failed just now: try again in a moment
         if max_in_flight is not None and in_flight >= max_in_flight:
             break
-        best = min(options, key=lambda r: (r.bytes_held, r.instance_id))
+        best = min(
+            options,
+            key=lambda r: (
+                r.instance_id in failed_at,
+                failed_at.get(r.instance_id, 0.0),
+                r.bytes_held,
+                r.instance_id,
+            ),
+        )
         best.bytes_held += obj.size
         best.planned.append(obj.sha256)
         copies.append(Copy(obj.sha256, best.instance_id))

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 import corral
 from corral.domain.backoff import Backoff
+from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
 from corral.server import errors
 from corral.server.api import (
@@ -153,11 +154,25 @@ async def open_context(
             cap=config.install_cap,
         ),
         health_providers=[install_health],
+        provision_policy=ProvisionPolicy(
+            backoff=Backoff(
+                base=config.provision_backoff,
+                factor=2.0,
+                maximum=max(config.provision_backoff_max, config.provision_backoff),
+                jitter=0.2,
+            ),
+            cap=config.provision_cap,
+            register_timeout=config.register_timeout,
+        ),
     )
     return ctx
 
 
 async def close_context(ctx: ServerContext) -> None:
+    tries = list(ctx.provisioning.values())
+    for task in tries:  # a try cut short is taken over by the next server to look
+        task.cancel()
+    await asyncio.gather(*tries, return_exceptions=True)
     for backend in ctx.backends.values():
         try:
             await backend.close()

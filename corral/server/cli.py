@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import typer
@@ -10,7 +11,12 @@ import typer
 from corral import default_data_dir, logsetup
 from corral.server.app import StartupError
 from corral.server.config import DEFAULT_PORT, ServerConfig
+from corral.server.context import ServerContext
 from corral.store.db import DatabaseUrlError
+
+# Run before a server accepts requests. The composition root (corral.cli) plugs the
+# instance providers in here: this package may not import corral.backends.
+PREPARE: list[Callable[[ServerContext], Awaitable[None]]] = []
 
 
 def add_timing_options(
@@ -76,6 +82,15 @@ def server(
     install_cap: int | None = typer.Option(
         None, min=1, help="install orders per instance and version before giving up [5]"
     ),
+    provision_backoff: float | None = typer.Option(
+        None, help="seconds before a failed provisioning (ssh fleets) is retried; doubles [10]"
+    ),
+    provision_cap: int | None = typer.Option(
+        None, min=1, help="provisioning tries per instance before giving up [5]"
+    ),
+    register_timeout: float | None = typer.Option(
+        None, help="seconds a provisioned agent has to register before it is retried [120]"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run an API server with its background loops (dispatcher, reaper, ...).
@@ -103,6 +118,12 @@ def server(
             install_backoff,
             install_cap,
         )
+        if provision_backoff is not None:
+            config.provision_backoff = provision_backoff
+        if provision_cap is not None:
+            config.provision_cap = provision_cap
+        if register_timeout is not None:
+            config.register_timeout = register_timeout
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -118,8 +139,12 @@ def server(
             err=True,
         )
 
+    async def prepare(ctx: ServerContext) -> None:
+        for hook in PREPARE:
+            await hook(ctx)
+
     try:
-        asyncio.run(serve(config, on_ready=ready))
+        asyncio.run(serve(config, prepare=prepare, on_ready=ready))
     except (StartupError, DatabaseUrlError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

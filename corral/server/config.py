@@ -39,6 +39,13 @@ class ServerConfig:
     drain_grace: float = 600.0  # a draining instance's attempts are requeued after this
     transfer_timeout: float = 600.0  # a copy not done by then is ordered again elsewhere
     retire_grace: float = 5.0  # between retirement and termination: the agent exits first
+    # provisioning machines (ssh fleets): retries back off from this, double, stop at
+    # the cap; a started agent must register within register_timeout
+    provision_backoff: float = 10.0
+    provision_backoff_max: float = 600.0
+    provision_cap: int = 5
+    register_timeout: float = 120.0
+    provision_timeout: float = 900.0  # one try (connect, install, start) at most
     autoscale_interval: float = 5.0
     autoscale_checks: int = 3  # consecutive checks that must agree before scaling
     public_url: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from corral.domain.providers import Backend
+from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
 from corral.server.config import ServerConfig
 from corral.server.notify import Notifier
@@ -30,6 +32,8 @@ class ServerContext:
     notifier: Notifier = field(default_factory=Notifier)
     clock: Callable[[], float] = time.time
     backends: dict[str, Backend] = field(default_factory=dict)
+    provision_policy: ProvisionPolicy = field(default_factory=ProvisionPolicy)
+    provisioning: dict[str, asyncio.Task] = field(default_factory=dict)  # instance id -> try
     started_at: float = 0.0
     sqlite_lock: SqliteServerLock | None = None
     health_providers: list[HealthProvider] = field(default_factory=list)

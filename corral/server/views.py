@@ -67,6 +67,11 @@ def instance_view(row) -> InstanceView:
         drain_requested_at=row["drain_requested_at"],
         retired_at=row["retired_at"],
         message=row["message"],
+        backend_ref=row["backend_ref"],
+        provision_state=row["provision_state"],
+        provision_error=row["provision_error"],
+        provision_attempts=row["provision_attempts"] or 0,
+        provision_next_at=row["provision_next_at"],
     )
 
 
@@ -110,6 +115,10 @@ def fleet_view(f, counts: dict[str, int]) -> FleetView:
         pending=counts.get("pending", 0),
         running=counts.get("running", 0),
         draining=counts.get("draining", 0),
+        hosts=[
+            f"{h['user']}@{h['host']}:{h['port']}"
+            for h in ((f["spec"] or {}).get("ssh") or {}).get("hosts", [])
+        ],
     )
 
 

@@ -274,12 +274,18 @@ def _classify(ic, sha: str) -> str:
 
 
 async def _scope(conn: AsyncConnection):
-    """Running instances and, per component, which desired row applies to each."""
+    """Running instances (`lost` ones too: one that went silent while installing is
+    still unavailable) and, per component, which desired row applies to each."""
     insts = (
         (
             await conn.execute(
-                sa.select(instances.c.id, instances.c.name, instances.c.fleet)
-                .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
+                sa.select(
+                    instances.c.id,
+                    instances.c.name,
+                    instances.c.fleet,
+                    instances.c.lost_at.is_not(None).label("lost"),
+                )
+                .where(instances.c.state == InstanceState.RUNNING)
                 .order_by(instances.c.name)
             )
         )
@@ -400,17 +406,20 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
                 f"or `--rollback`",
             )
             continue
+        reachable = [i for i in kinds["waiting"] if not i["lost"]]
         if r["state"] == ACTIVE:
+            # an installing instance that went silent still counts as unavailable
             slots = r["max_unavailable"] - len(kinds["in_flight"])
-            batch = kinds["waiting"][: max(0, slots)]
+            batch = reachable[: max(0, slots)]
         elif r["state"] == COMPLETED:
-            batch = kinds["waiting"]
+            batch = reachable
         else:
             batch = []
         for inst in batch:
             await _target(conn, inst, ics.get(inst["id"]), r, artifact, now)
             touched.append(inst["id"])
-        done = len(kinds["converged"]) == len(scope) and scope
+        live = [i for i in scope if not i["lost"]]
+        done = live and all(i in kinds["converged"] for i in live)
         if r["state"] == ACTIVE and done:
             await conn.execute(
                 sa.update(rollouts)
@@ -423,7 +432,7 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
                 "info",
                 "rollout.completed",
                 f"rollout {r['id']}: {r['component']} {r['version']} "
-                f"installed on all {len(scope)} instance(s)",
+                f"installed on all {len(live)} instance(s)",
             )
     return touched
 

@@ -28,6 +28,7 @@ from corral.domain.drain import (
     plan_copies,
 )
 from corral.domain.instances import InstanceState
+from corral.domain.provisioning import ProvisionState
 from corral.store import dispatch, events, fleets, instances, jobs, offloads
 from corral.store import objects as objs
 from corral.store.db import Database
@@ -46,14 +47,17 @@ class DrainResult:
 
 
 RETRY_FAILED_COPY_AFTER = 10.0
+# how long a failed copy makes the planner prefer other recipients for that object
+REMEMBER_FAILED_COPY = 300.0
 
 
 async def object_infos(
     conn: AsyncConnection, instance_id: str, now: float | None = None
 ) -> list[ObjectInfo]:
     """Every object `instance_id` holds, with all its holders and the copies on their
-    way (a copy that failed in the last few seconds counts as on its way, so a dead
-    source is not asked again on every tick)."""
+    way, and the recipients whose copy of it failed lately (the planner asks others
+    first, and none of them again within RETRY_FAILED_COPY_AFTER, so a dead source is
+    not asked on every tick)."""
     mine = sa.select(replicas.c.sha256).where(
         replicas.c.instance_id == instance_id, replicas.c.state == objs.PRESENT
     )
@@ -63,6 +67,7 @@ async def object_infos(
                 replicas.c.sha256,
                 replicas.c.instance_id,
                 replicas.c.state,
+                replicas.c.updated_at,
                 instances_t.c.state.label("istate"),
                 instances_t.c.lost_at,
                 objects.c.size,
@@ -79,7 +84,7 @@ async def object_infos(
                     replicas.c.state.in_([objs.PRESENT, objs.PENDING]),
                     sa.and_(
                         replicas.c.state == objs.FAILED,
-                        replicas.c.updated_at > (now or 0) - RETRY_FAILED_COPY_AFTER,
+                        replicas.c.updated_at > (now or 0) - REMEMBER_FAILED_COPY,
                     ),
                 ),
             )
@@ -88,16 +93,33 @@ async def object_infos(
     by_sha: dict[str, dict] = {}
     for r in rows:
         o = by_sha.setdefault(
-            r.sha256, {"size": r.size, "durable": bool(r.durable_url), "holders": [], "pending": []}
+            r.sha256,
+            {
+                "size": r.size,
+                "durable": bool(r.durable_url),
+                "holders": [],
+                "pending": [],
+                "failed": [],
+            },
         )
         if r.state == objs.PRESENT:
             o["holders"].append(
                 Holder(r.instance_id, InstanceState(r.istate), r.lost_at is not None)
             )
+            continue
+        if r.state == objs.FAILED:
+            o["failed"].append((r.instance_id, r.updated_at))
         elif r.istate == InstanceState.RUNNING:
             o["pending"].append(r.instance_id)
     return [
-        ObjectInfo(sha, o["size"], tuple(o["holders"]), tuple(o["pending"]), o["durable"])
+        ObjectInfo(
+            sha,
+            o["size"],
+            tuple(o["holders"]),
+            tuple(o["pending"]),
+            o["durable"],
+            tuple(o["failed"]),
+        )
         for sha, o in sorted(by_sha.items())
     ]
 
@@ -172,7 +194,13 @@ async def drain_step(
             result.requeued += 1
         live = await dispatch.live_attempts_on(conn, iid)
     risky = at_risk(await object_infos(conn, iid, now), iid)
-    copies, stranded = plan_copies(risky, await recipients(conn, iid), max_in_flight)
+    copies, stranded = plan_copies(
+        risky,
+        await recipients(conn, iid),
+        max_in_flight,
+        now=now,
+        retry_after=RETRY_FAILED_COPY_AFTER,
+    )
     for c in copies:
         await objs.set_replica(conn, c.sha256, c.recipient, objs.PENDING, now)
         result.copies.append((c.sha256, c.recipient))
@@ -291,10 +319,19 @@ async def cancel_doomed_copies(conn: AsyncConnection, now: float, transfer_timeo
     return r1.rowcount + r2.rowcount
 
 
-async def claim_terminable(conn: AsyncConnection, db: Database, before: float):
+async def claim_terminable(
+    conn: AsyncConnection, db: Database, before: float, now: float | None = None
+):
+    """Retired before `before`, and not backing off after a failed stop."""
     q = db.claim(
         sa.select(instances_t).where(
-            instances_t.c.state == InstanceState.RETIRED, instances_t.c.retired_at < before
+            instances_t.c.state == InstanceState.RETIRED,
+            instances_t.c.retired_at < before,
+            sa.or_(
+                instances_t.c.provision_state.is_(None),
+                instances_t.c.provision_state != ProvisionState.STOP_FAILED,
+                instances_t.c.provision_next_at <= (before if now is None else now),
+            ),
         )
     )
     return (await conn.execute(q)).mappings().all()

@@ -88,3 +88,5 @@ async def next_instance_names(conn: AsyncConnection, fleet: str, count: int) -> 
 
 
 LIVE = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
+# instances that still occupy their machine (a retired one until it is terminated)
+HOLDING = [*LIVE, InstanceState.RETIRED]

@@ -68,6 +68,13 @@ instances = sa.Table(
     sa.Column("retired_at", Time),
     sa.Column("terminated_at", Time),
     sa.Column("message", sa.Text),
+    # the backend's work on its machine (migration 0008): provisioning and stopping
+    sa.Column("provision_state", sa.String(16)),
+    sa.Column("provision_error", sa.Text),
+    sa.Column("provision_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("provision_next_at", Time),
+    sa.Column("provision_updated_at", Time),
+    sa.Column("provision_server", sa.String(64)),
     sa.Index("ix_instances_state", "state"),
 )
 

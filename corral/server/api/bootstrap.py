@@ -25,15 +25,10 @@ _env.filters["shq"] = lambda v: shlex.quote(str(v or ""))
 UNIT = Path(__file__).parent.parent.parent / "deploy" / "corral-agent.service"
 
 
-@router.get(
-    "/bootstrap.sh",
-    response_class=PlainTextResponse,
-    summary="Shell script that installs the fleet's agent build on a fresh host",
-)
-async def bootstrap(
-    fleet: str | None = Query(default=None, pattern=NAME_PATTERN),
-    ctx: ServerContext = Depends(get_ctx),
-) -> PlainTextResponse:
+async def render(ctx: ServerContext, fleet: str | None) -> str:
+    """The bootstrap script for a fleet (what GET /api/v1/bootstrap.sh returns; the
+    SSH backend runs the same script on its hosts)."""
+
     async def desired(conn):
         d = None
         if fleet:
@@ -42,7 +37,7 @@ async def bootstrap(
         return await components.get_component(conn, "agent", d["version"]) if d else None
 
     art = await ctx.db.query(desired)
-    script = _env.get_template("bootstrap.sh").render(
+    return _env.get_template("bootstrap.sh").render(
         server=ctx.config.url,
         where=f"fleet {fleet}" if fleet else "any fleet",
         query=f"?fleet={fleet}" if fleet else "",
@@ -52,4 +47,15 @@ async def bootstrap(
         fleet=fleet or "",
         unit=UNIT.read_text(),
     )
-    return PlainTextResponse(script, media_type="text/x-shellscript")
+
+
+@router.get(
+    "/bootstrap.sh",
+    response_class=PlainTextResponse,
+    summary="Shell script that installs the fleet's agent build on a fresh host",
+)
+async def bootstrap(
+    fleet: str | None = Query(default=None, pattern=NAME_PATTERN),
+    ctx: ServerContext = Depends(get_ctx),
+) -> PlainTextResponse:
+    return PlainTextResponse(await render(ctx, fleet), media_type="text/x-shellscript")

@@ -10,7 +10,7 @@ from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.views import fleet_views, instance_view
-from corral.store import drain, fleets, instances, scaling
+from corral.store import drain, fleets, instances, provisions, scaling
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_admin)])
 
@@ -110,8 +110,11 @@ async def apply_fleet(name: str, spec: FleetSpec, ctx: ServerContext = Depends(g
             idle_timeout=spec.idle_timeout,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
-            spec={"durable": spec.durable} if spec.durable else {},
+            spec=spec.settings(),
         )
+        # a person applied the fleet (perhaps after fixing a host): failed
+        # provisioning is tried again, with a fresh count
+        await provisions.rearm(conn, name)
         if target < active:
             await scaling.shrink(conn, name, active - target, ctx.now(), "fleet file applied")
         return next(v for v in await fleet_views(conn) if v.name == name)

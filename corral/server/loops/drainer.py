@@ -5,11 +5,13 @@ backend terminate them."""
 from __future__ import annotations
 
 import logging
+import random
 
 from corral.domain.instances import InstanceState
+from corral.domain.provisioning import ProvisionError, ProvisionState, stop_retry_at
 from corral.server import durable
 from corral.server.context import ServerContext
-from corral.store import drain, events, fleets, instances, offloads
+from corral.store import drain, events, fleets, instances, offloads, provisions
 from corral.store import objects as objs
 
 log = logging.getLogger("corral.drainer")
@@ -68,27 +70,45 @@ async def confirm_offloads(ctx: ServerContext) -> bool:
 
 async def terminate_retired(ctx: ServerContext, now: float) -> None:
     """Retired instances whose backend this server has are terminated after the
-    retire grace (time for the agent to hear `exit` and write its tombstone)."""
+    retire grace (time for the agent to hear `exit` and write its tombstone). A
+    failed termination is a WARNING and is retried with backoff; the instance stays
+    retired (it holds nothing) meanwhile."""
     if not ctx.backends:
         return
-    due = await ctx.db.query(drain.claim_terminable, ctx.db, now - ctx.config.retire_grace)
+    due = await ctx.db.query(drain.claim_terminable, ctx.db, now - ctx.config.retire_grace, now)
     for inst in due:
         fleet = await ctx.db.query(fleets.get_fleet, inst["fleet"]) if inst["fleet"] else None
         backend = ctx.backends.get(fleet["backend"]) if fleet else None
-        if backend is None or not inst["backend_ref"]:
+        if fleet is None or backend is None or not inst["backend_ref"]:
             continue
         try:
-            await backend.terminate(inst["backend_ref"])
-        except Exception as exc:  # a backend failure is reported, and retried next tick
-            log.exception("terminating %s failed", inst["name"])
-            await ctx.db.transact(
-                events.record,
-                ctx.now(),
-                "warning",
-                "instance.terminate_failed",
-                f"terminating {inst['name']} failed: {exc}",
-                instance_id=inst["id"],
+            await backend.terminate(
+                inst["backend_ref"], name=inst["name"], spec=fleet["spec"] or {}
             )
+        except Exception as exc:  # a backend failure is reported, and retried later
+            if not isinstance(exc, ProvisionError):
+                log.exception("terminating %s failed", inst["name"])
+
+            async def failed(conn, inst=inst, exc=exc):
+                t = ctx.now()
+                n = 1 + (
+                    inst["provision_attempts"]
+                    if inst["provision_state"] == ProvisionState.STOP_FAILED
+                    else 0
+                )
+                retry_at = stop_retry_at(n, t, ctx.provision_policy, random.random())
+                await provisions.stop_failed(conn, inst["id"], str(exc), n, retry_at, t)
+                await events.record(
+                    conn,
+                    t,
+                    "warning",
+                    "instance.terminate_failed",
+                    f"terminating {inst['name']} failed ({n} in a row): {exc}; "
+                    f"retrying in {retry_at - t:.0f}s",
+                    instance_id=inst["id"],
+                )
+
+            await ctx.db.transact(failed)
             continue
 
         async def mark(conn, inst=inst):
