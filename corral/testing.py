@@ -36,6 +36,16 @@ class Timeout(AssertionError):
     pass
 
 
+JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def job_python() -> str:
+    """A Python interpreter a job can run. A root agent runs jobs as an unprivileged
+    job user on a minimal PATH, and the test runner's own interpreter may live where
+    that user cannot read (e.g. under /root): use the system's."""
+    return shutil.which("python3", path=JOB_PATH) or sys.executable
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll until `predicate()` is truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -263,6 +273,7 @@ class Cluster:
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
         join_token: str | None = None,
+        data_dir: Path | None = None,
     ) -> AgentProc:
         """An agent of these servers (ServerProcs or URLs, e.g. a load balancer's)."""
         servers = server if isinstance(server, list) else [server]
@@ -273,7 +284,11 @@ class Cluster:
         extra = list(extra or [])
         if cpus is not None:
             extra += ["--cpus", str(cpus)]
-        proc = AgentProc(self.base / "agents" / name, urls, join_token, name, extra, env)
+        proc = AgentProc(
+            data_dir or self.base / "agents" / name, urls, join_token, name, extra, env
+        )
+        if data_dir is not None:  # e.g. a small disk: keep the log off it
+            proc.log_path = self.base / "agents" / f"{name}.log"
         proc.start()
         self.procs.append(proc)
         self.agents.append(proc)
@@ -475,6 +490,7 @@ class Proxy:
 
         self.backends = backends
         self.counts = [0] * len(backends)
+        self.seen: list[tuple[str, str, int]] = []  # (method, path, request body bytes)
         self.held: dict[str, asyncio.Event] = {}
         self.delayed: list[str] = []
         self._next = 0
@@ -497,6 +513,7 @@ class Proxy:
                 body += msg.get("body", b"")
                 if not msg.get("more_body"):
                     break
+            outer.seen.append((scope["method"], scope["path"], len(body)))
             if scope["path"] == outer.HEARTBEAT:
                 try:
                     iid = json.loads(body).get("instance_id")
