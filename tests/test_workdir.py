@@ -19,12 +19,12 @@ PY = job_python()
 
 TRAIN = textwrap.dedent("""
     import json, os, sys
-    import helper                      # a sibling module, shipped with the code
     out = os.environ["CORRAL_OUTPUT_DIR"]
     assert os.getcwd() == os.environ["CORRAL_WORKDIR"], (os.getcwd(), os.environ["CORRAL_WORKDIR"])
     files = sorted(
         os.path.relpath(os.path.join(d, f), ".") for d, _, fs in os.walk(".") for f in fs
     )
+    import helper                      # a sibling module, shipped with the code
     with open(os.path.join(out, "model.txt"), "w") as f:
         f.write(helper.train(json.load(open("conf/params.json"))))
     print("files:", " ".join(files))

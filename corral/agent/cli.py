@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -13,11 +14,29 @@ import typer
 from corral import default_data_dir, logsetup
 from corral.agent.daemon import Agent, AgentConfig
 from corral.api import NAME_PATTERN
+from corral.domain.sandbox import DEFAULT_JOB_USER
 
 
 def default_name() -> str:
     name = re.sub(r"[^a-z0-9._-]", "-", socket.gethostname().lower()).strip("-._")
     return (name or "agent")[:63]
+
+
+def read_token_file(path: Path) -> str:
+    """A token from a file only its owner can read."""
+    try:
+        st = path.stat()
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise typer.BadParameter(f"--join-token-file {path}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise typer.BadParameter(
+            f"--join-token-file {path} is readable by others (mode {st.st_mode & 0o777:o}); "
+            f"chmod 600 {path}"
+        )
+    if not token:
+        raise typer.BadParameter(f"--join-token-file {path} is empty")
+    return token
 
 
 def _self_test(value: bool) -> None:
@@ -44,7 +63,13 @@ def agent(
         None,
         "--join-token",
         envvar="CORRAL_JOIN_TOKEN",
-        help="the server's join token (first start only)",
+        help="the server's join token (first start only); prefer --join-token-file: a "
+        "command line is visible to every process on the host",
+    ),
+    join_token_file: Path | None = typer.Option(
+        None,
+        "--join-token-file",
+        help="a file (mode 0600) holding the server's join token (first start only)",
     ),
     data_dir: Path = typer.Option(
         None, "--data-dir", help="agent state: identity, attempts (default ~/.corral/agent)"
@@ -65,6 +90,18 @@ def agent(
     peer_url: str | None = typer.Option(
         None, help="how other agents reach it, if not http://PEER_HOST:PORT"
     ),
+    job_user: str = typer.Option(
+        DEFAULT_JOB_USER,
+        help="when the agent runs as root, jobs run as this user (created if missing)",
+    ),
+    jobs_dir: Path | None = typer.Option(
+        None,
+        help="where attempts' private directories go (default: a root-owned 0711 "
+        "directory in /var/tmp for a root agent, DATA_DIR/jobs otherwise)",
+    ),
+    hide: list[Path] = typer.Option(
+        [], "--hide", help="a path jobs must not see (namespaces; repeatable)"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent: register with the server, run the job attempts it is given.
@@ -73,6 +110,10 @@ def agent(
     restart it; the data dir holds a tombstone).
     """
     logsetup.setup(log_level)
+    os.umask(0o077)  # nothing the agent writes is for anyone else (jobs included)
+    os.environ.pop("CORRAL_JOIN_TOKEN", None)  # read; never inherited by what it starts
+    if join_token_file is not None:
+        join_token = read_token_file(join_token_file)
 
     name = name or default_name()
     if not re.match(NAME_PATTERN, name):
@@ -89,6 +130,9 @@ def agent(
         peer_host=peer_host,
         peer_port=peer_port,
         peer_url=peer_url,
+        job_user=job_user,
+        jobs_dir=jobs_dir.expanduser().resolve() if jobs_dir else None,
+        hide=[p.expanduser().resolve() for p in hide],
     )
     if cpus is not None:
         config.cpus = cpus

@@ -25,6 +25,7 @@ class InstanceView(BaseModel):
     drain_requested_at: float | None = None
     retired_at: float | None = None
     message: str | None = None
+    sandbox: str | None = Field(default=None, description="how its agent contains attempts")
 
 
 class ServerView(BaseModel):

@@ -55,7 +55,8 @@ async def object_infos(
     way (a copy that failed in the last few seconds counts as on its way, so a dead
     source is not asked again on every tick)."""
     mine = sa.select(replicas.c.sha256).where(
-        replicas.c.instance_id == instance_id, replicas.c.state == objs.PRESENT
+        replicas.c.instance_id == instance_id,
+        replicas.c.state.in_([objs.PRESENT, objs.UNVERIFIED]),
     )
     rows = (
         await conn.execute(
@@ -76,7 +77,7 @@ async def object_infos(
             .where(
                 replicas.c.sha256.in_(mine),
                 sa.or_(
-                    replicas.c.state.in_([objs.PRESENT, objs.PENDING]),
+                    replicas.c.state.in_([objs.PRESENT, objs.PENDING, objs.UNVERIFIED]),
                     sa.and_(
                         replicas.c.state == objs.FAILED,
                         replicas.c.updated_at > (now or 0) - RETRY_FAILED_COPY_AFTER,
@@ -88,16 +89,32 @@ async def object_infos(
     by_sha: dict[str, dict] = {}
     for r in rows:
         o = by_sha.setdefault(
-            r.sha256, {"size": r.size, "durable": bool(r.durable_url), "holders": [], "pending": []}
+            r.sha256,
+            {
+                "size": r.size,
+                "durable": bool(r.durable_url),
+                "holders": [],
+                "pending": [],
+                "claims": [],
+            },
         )
         if r.state == objs.PRESENT:
             o["holders"].append(
                 Holder(r.instance_id, InstanceState(r.istate), r.lost_at is not None)
             )
+        elif r.state == objs.UNVERIFIED:
+            o["claims"].append(r.instance_id)
         elif r.istate == InstanceState.RUNNING:
             o["pending"].append(r.instance_id)
     return [
-        ObjectInfo(sha, o["size"], tuple(o["holders"]), tuple(o["pending"]), o["durable"])
+        ObjectInfo(
+            sha,
+            o["size"],
+            tuple(o["holders"]),
+            tuple(o["pending"]),
+            o["durable"],
+            tuple(o["claims"]),
+        )
         for sha, o in sorted(by_sha.items())
     ]
 
@@ -229,7 +246,10 @@ async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: floa
     await instances.transition(conn, iid, InstanceState.RETIRED, now, message=None)
     await conn.execute(
         sa.update(replicas)
-        .where(replicas.c.instance_id == iid, replicas.c.state.in_([objs.PRESENT, objs.PENDING]))
+        .where(
+            replicas.c.instance_id == iid,
+            replicas.c.state.in_([objs.PRESENT, objs.PENDING, objs.UNVERIFIED]),
+        )
         .values(state=objs.DROPPED, updated_at=now, reason="instance retired")
     )
     if lost:
