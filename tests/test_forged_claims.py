@@ -85,8 +85,10 @@ def test_forged_output_claims_do_not_let_the_real_holder_retire_with_the_data(
         drain = client.drain("holder")
         assert {a.sha256 for a in drain.at_risk} == set(shas.values())
         wait_for(
-            lambda: next(i for i in client.instances(True) if i.name == "holder").state
-            in ("retired", "terminated"),
+            lambda: (
+                next(i for i in client.instances(True) if i.name == "holder").state
+                in ("retired", "terminated")
+            ),
             60,
             "the holder to retire once its objects are copied",
         )

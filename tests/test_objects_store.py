@@ -62,6 +62,11 @@ def test_outputs_are_recorded_with_the_finish_and_a_stale_finish_records_none(db
         out = [OutputFile(path="a/b.txt", sha256=sha("b"), size=1)]
         job_id, inst, _token = await finished_job(db, out)
         rows = await db.query(objects.list_outputs, job_id)
+        # recorded, but a copy only once the agent itself reports holding it
+        assert [(r["path"], r["copies"]) for r in rows] == [("a/b.txt", 0)]
+        row = await db.query(instances.get_instance, inst)
+        await db.transact(objects.sync, row, [sha("b")], [], T0 + 1, "http://s")
+        rows = await db.query(objects.list_outputs, job_id)
         assert [(r["path"], r["copies"]) for r in rows] == [("a/b.txt", 1)]
         # a requeued job's old attempt reports outputs: refused, nothing recorded
         job2 = await db.transact(jobs_repo.submit, JobSubmit(command=["true"]), T0)
@@ -166,6 +171,7 @@ def test_a_held_object_that_disappears_is_a_warning(db_url):
         db, _ = await setup(db_url, 1)
         _, inst, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         row = await db.query(instances.get_instance, inst)
+        await db.transact(objects.sync, row, [sha("o")], [], T0, "http://s")
         await db.transact(
             objects.sync, row, [], [ObjectError(sha256=sha("o"), error="x")], T0, "http://s"
         )

@@ -172,7 +172,14 @@ def _hostile_run(client, agent_dir: Path, secrets: dict[str, str], paths, jobfil
     secrets = {**secrets, "victim's attempt token": json.loads(vspec.read_text())["token"]}
     gate = jobfiles / "gate"
     job = client.submit(
-        [PY, "-c", HOSTILE, json.dumps([*paths, str(vspec)]), str(agent_dir / "attempts"), str(gate)],
+        [
+            PY,
+            "-c",
+            HOSTILE,
+            json.dumps([*paths, str(vspec)]),
+            str(agent_dir / "attempts"),
+            str(gate),
+        ],
         cpus=0.5,
     )
     wait_for(lambda: client.job(job.id).state == "running", 30, "the hostile job to run")

@@ -66,8 +66,12 @@ def test_run_with_a_workdir_ships_the_code_once(tmp_path: Path):
 
             def run() -> subprocess.CompletedProcess:
                 return subprocess.run(
-                    corral_cmd("run", "-w", str(proj), "--env-file", str(env_file), "--")
-                    + [PY, "train.py"],
+                    [
+                        *corral_cmd("run", "-w", str(proj), "--env-file", str(env_file)),
+                        "--",
+                        PY,
+                        "train.py",
+                    ],
                     env=env,
                     capture_output=True,
                     text=True,
