@@ -116,9 +116,12 @@ def test_the_environment_is_built_from_scratch():
         "CORRAL_JOB_ID": "7",
     }
     assert job_environment({}, {}, "/h", "u")["PATH"] == MINIMAL_PATH
-    assert job_environment({"CORRAL_JOB_ID": "forged"}, {"CORRAL_JOB_ID": "7"}, "/h", "u")[
-        "CORRAL_JOB_ID"
-    ] == "7"
+    assert (
+        job_environment({"CORRAL_JOB_ID": "forged"}, {"CORRAL_JOB_ID": "7"}, "/h", "u")[
+            "CORRAL_JOB_ID"
+        ]
+        == "7"
+    )
 
 
 def test_a_log_is_cut_at_its_limit_with_the_marker():

@@ -132,7 +132,10 @@ def agent(
         peer_url=peer_url,
         job_user=job_user,
         jobs_dir=jobs_dir.expanduser().resolve() if jobs_dir else None,
-        hide=[p.expanduser().resolve() for p in hide],
+        hide=[
+            p.expanduser().resolve()
+            for p in [*hide, *([join_token_file] if join_token_file else [])]
+        ],
     )
     if cpus is not None:
         config.cpus = cpus

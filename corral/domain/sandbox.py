@@ -182,9 +182,13 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
         warnings.append(
             "no cgroup v2 group for attempts"
             + (f" ({f.cgroup_error})" if f.cgroup_error else "")
-            + ": attempts are contained by a subreaper runner only; after a runner "
-            "crash, a process that left its session can survive"
-            + ("" if f.namespaces else " outside a pid namespace")
+            + (
+                ": attempts are contained by their pid namespace (all of it dies with its "
+                "runner) and a subreaper runner"
+                if f.namespaces
+                else ": attempts are contained by a subreaper runner only; after a runner "
+                "crash, a process that left its session can survive it"
+            )
         )
     missing = [c for c in LIMIT_CONTROLLERS if not getattr(f.limits, c)]
     if missing:

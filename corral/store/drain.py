@@ -78,8 +78,9 @@ async def object_infos(
                 replicas.c.sha256.in_(mine),
                 sa.or_(
                     replicas.c.state.in_([objs.PRESENT, objs.PENDING, objs.UNVERIFIED]),
-                    sa.and_(
+                    sa.and_(  # a copy that failed (a refused claim is no copy)
                         replicas.c.state == objs.FAILED,
+                        replicas.c.delivered_at.is_not(None),
                         replicas.c.updated_at > (now or 0) - RETRY_FAILED_COPY_AFTER,
                     ),
                 ),

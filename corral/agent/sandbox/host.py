@@ -121,7 +121,10 @@ def namespace_args(hide: list[str]) -> list[str]:
         "/tmp",  # noqa: S108 - a private tmpfs inside the namespace
     ]
     for path in hide:
-        args += ["--tmpfs", path]
+        if os.path.isdir(path):
+            args += ["--tmpfs", path]
+        elif os.path.exists(path):  # a file (e.g. the join token's): an empty one instead
+            args += ["--ro-bind", "/dev/null", path]
     return args
 
 
