@@ -117,7 +117,7 @@ def test_the_agent_reports_what_it_cannot_isolate_once(nonroot):
 
 
 def test_a_hostile_job_of_an_agent_that_is_not_root_finds_no_secret(nonroot):
-    c, server, agent, client = nonroot
+    _c, server, agent, client = nonroot
     jobfiles = Path(tempfile.mkdtemp(prefix="corral-jobfiles-", dir="/var/tmp"))
     jobfiles.chmod(0o777)
     try:
@@ -175,15 +175,12 @@ DAEMON = textwrap.dedent("""
 
 
 def _daemons(job_id: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        if p.info["cmdline"] == ["sleep", f"4321.{job_id}"]:
-            out.append(p)
-    return out
+    want = ["sleep", f"4321.{job_id}"]
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == want]
 
 
 def test_a_daemon_in_the_namespace_dies_with_its_runner(nonroot):
-    c, server, agent, client = nonroot
+    _c, server, agent, client = nonroot
     (inst,) = client.instances()
     job = client.submit([PY, "-c", DAEMON], max_attempts=2)
     wait_for(lambda: _daemons(job.id), 30, "the daemon to start")
