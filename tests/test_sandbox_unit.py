@@ -366,3 +366,15 @@ def test_a_workdir_over_the_limit_names_its_biggest_files(tmp_path: Path):
     assert "over the 3.9 KB limit" in message
     assert message.index("big.bin (2.9 KB)") < message.index("medium.bin (2.0 KB)")
     assert ".corralignore" in message
+
+
+def test_the_shipped_unit_and_bootstrap_keep_the_join_token_in_a_0600_file():
+    root = Path(__file__).resolve().parents[1] / "corral"
+    unit = (root / "deploy" / "corral-agent.service").read_text()
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert "--join-token-file /etc/corral-agent/join.token" in exec_start
+    assert "--join-token " not in exec_start and "CORRAL_JOIN_TOKEN" not in unit
+    assert "KillMode=process" in unit and "Delegate=yes" in unit
+    script = (root / "server" / "templates" / "bootstrap.sh").read_text()
+    assert "CORRAL_JOIN_TOKEN=%s" not in script
+    assert "chmod 600 /etc/corral-agent/join.token" in script

@@ -23,17 +23,18 @@ die() { echo "corral bootstrap: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --join-token) JOIN_TOKEN="$2"; shift 2 ;;
+        --join-token-file) JOIN_TOKEN="$(cat "$2")" || die "cannot read $2"; shift 2 ;;
         --fleet) FLEET="$2"; shift 2 ;;
         --name) NAME="$2"; shift 2 ;;
         --prefix) PREFIX="$2"; shift 2 ;;
         --no-service) SERVICE=no; shift ;;
-        *) die "unknown option $1 (known: --join-token --fleet --name --prefix --no-service)" ;;
+        *) die "unknown option $1 (known: --join-token --join-token-file --fleet --name --prefix --no-service)" ;;
     esac
 done
 
 [ -n "$AGENT_URL" ] || die "no agent build is rolled out; publish one and roll it out first:
   corral components publish agent VERSION --file corral-agent && corral rollout agent VERSION"
-[ -n "$JOIN_TOKEN" ] || die "--join-token is required (the server's DATA_DIR/join.token)"
+[ -n "$JOIN_TOKEN" ] || die "--join-token-file (or --join-token) is required (the server's DATA_DIR/join.token)"
 mkdir -p "$PREFIX"
 
 TMP="$PREFIX/.corral-agent.$$.tmp"
@@ -78,8 +79,10 @@ if [ "$SERVICE" = auto ] && [ "$(id -u)" = 0 ] && command -v systemctl >/dev/nul
     [ -n "$FLEET" ] && ARGS="$ARGS --fleet $FLEET"
     [ -n "$NAME" ] && ARGS="$ARGS --name $NAME"
     umask 077
-    printf 'CORRAL_SERVER=%s\nCORRAL_JOIN_TOKEN=%s\nCORRAL_AGENT_ARGS=%s\n' \
-        "$SERVER" "$JOIN_TOKEN" "$ARGS" > /etc/corral-agent.env
+    mkdir -p /etc/corral-agent
+    printf '%s\n' "$JOIN_TOKEN" > /etc/corral-agent/join.token
+    chmod 600 /etc/corral-agent/join.token
+    printf 'CORRAL_SERVER=%s\nCORRAL_AGENT_ARGS=%s\n' "$SERVER" "$ARGS" > /etc/corral-agent.env
     cat > /etc/systemd/system/corral-agent.service <<'UNIT'
 {{ unit }}UNIT
     sed -i "s|/usr/local/bin/corral-agent|$PREFIX/corral-agent|" /etc/systemd/system/corral-agent.service
@@ -87,5 +90,5 @@ if [ "$SERVICE" = auto ] && [ "$(id -u)" = 0 ] && command -v systemctl >/dev/nul
     systemctl enable --now corral-agent
     echo "corral bootstrap: corral-agent service started"
 else
-    echo "corral bootstrap: start it with: CORRAL_JOIN_TOKEN=... $PREFIX/corral-agent --server $SERVER${FLEET:+ --fleet $FLEET}"
+    echo "corral bootstrap: start it with: $PREFIX/corral-agent --server $SERVER --join-token-file FILE${FLEET:+ --fleet $FLEET}   (FILE: the join token, mode 0600)"
 fi
