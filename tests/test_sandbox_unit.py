@@ -378,3 +378,45 @@ def test_the_shipped_unit_and_bootstrap_keep_the_join_token_in_a_0600_file():
     script = (root / "server" / "templates" / "bootstrap.sh").read_text()
     assert "CORRAL_JOIN_TOKEN=%s" not in script
     assert "chmod 600 /etc/corral-agent/join.token" in script
+
+
+def test_without_cgroup_kill_a_group_is_frozen_killed_and_thawed(tmp_path: Path):
+    """The kill for kernels without cgroup.kill, on a real cgroup: a daemon that left
+    its session dies with the group."""
+    import subprocess
+
+    from corral.agent.sandbox import cgroups
+
+    key = cgroups.agent_key(tmp_path)
+    found, why = cgroups.detect(key)
+    if found is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"no cgroup v2 group here: {why}")
+        pytest.skip(f"no cgroup v2 group here: {why}")
+    try:
+        found.kill_file = False
+        group = found.attempt(1, 1)
+        group.create(0, 0)
+        fds = group.open_for_joining()
+        try:
+            proc = subprocess.Popen(
+                ["sh", "-c", "setsid sh -c 'sleep 300' & sleep 300"],
+                preexec_fn=lambda: [os.write(fd, b"0") for fd in fds],  # noqa: PLW1509
+                start_new_session=True,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        import time
+
+        deadline = time.monotonic() + 10
+        while len(group.pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(group.pids()) >= 3
+        assert group.kill()
+        assert group.pids() == [] and not group.populated()
+        proc.wait(timeout=5)
+        group.remove()
+        assert found.attempts() == []
+    finally:
+        cgroups.cleanup_agent_groups(key)

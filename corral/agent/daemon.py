@@ -549,8 +549,8 @@ class Agent:
             watchdog.cancel()
             if self.stopping.is_set():
                 await self._shutdown()
-                if self.sandbox is not None:
-                    self.sandbox.close()
+            if self.sandbox is not None:
+                self.sandbox.close()  # empty parent groups and jobs dir only
             if self.peer is not None:
                 self.peer.stop()
             await self.server.close()
