@@ -341,9 +341,9 @@ def test_the_server_cuts_an_attempts_log_at_the_jobs_limit(db_url):
     run(main())
 
 
-def test_a_sandbox_warning_is_an_event_once_per_instance_and_sandbox(db_url):
-    async def main():
-        db = Database(db_url)
+def test_a_sandbox_warning_is_an_event_once_per_instance_and_sandbox(tmp_path):
+    async def main():  # plain SQL, nothing dialect-specific: SQLite only
+        db = Database(f"sqlite:///{tmp_path / 'corral.db'}")
         await migrate(db)
         kw = dict(
             name="w",
