@@ -21,7 +21,7 @@ from corral.agent.proctree import kill_tree
 from corral.agent.sandbox.cgroups import AttemptGroup, Stats
 from corral.agent.sandbox.collect import Collected, collect_outputs
 from corral.agent.sandbox.host import Host, namespace_args
-from corral.agent.sandbox.workdir import give_tree
+from corral.agent.sandbox.jobuser import give_tree
 from corral.domain.sandbox import job_environment
 
 SUBDIRS = ("work", "outputs", "inputs", "tmp")
@@ -143,15 +143,12 @@ class AttemptSandbox:
         forks included); without one, the runner's process tree (it is a subreaper)
         and the command's process group; under bubblewrap the pid namespace goes with
         its init."""
+        pgid = self.proc.pid if self.proc is not None else None
         if self.group is not None:
             self.group.kill(grace)
-        roots = [psutil.Process()]
+            pgid = None  # nothing of the attempt is outside its cgroup
         try:
-            kill_tree(
-                list(roots[0].children(recursive=True)),
-                self.proc.pid if self.proc is not None else None,
-                grace=grace,
-            )
+            kill_tree(list(psutil.Process().children(recursive=True)), pgid, grace=grace)
         except psutil.Error:
             pass
         if self.proc is not None:

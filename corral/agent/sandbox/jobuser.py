@@ -3,11 +3,13 @@ created as a system user with no home, no shell and no password if it is missing
 
 from __future__ import annotations
 
+import os
 import pwd
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class JobUserError(Exception):
@@ -60,3 +62,11 @@ def ensure_job_user(name: str, create: bool = True) -> JobUser:
         if r.returncode == 10:
             time.sleep(0.1 * (attempt + 1))
     raise JobUserError(f"cannot create job user {name!r}: /etc/passwd stays locked")
+
+
+def give_tree(root: Path, uid: int, gid: int) -> None:
+    """chown a tree this process just made to the job user (no link is followed)."""
+    os.lchown(root, uid, gid)
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            os.lchown(os.path.join(d, n), uid, gid)

@@ -11,6 +11,8 @@ import posixpath
 import tarfile
 from pathlib import Path
 
+from corral.agent.sandbox.jobuser import give_tree
+
 MAX_BYTES = 4 * 2**30
 MAX_MEMBERS = 200_000
 CHUNK = 1024 * 1024
@@ -99,11 +101,3 @@ def _write_member(tar: tarfile.TarFile, m: tarfile.TarInfo, target: Path) -> Non
     with os.fdopen(fd, "wb") as out, src:
         while chunk := src.read(CHUNK):
             out.write(chunk)
-
-
-def give_tree(root: Path, uid: int, gid: int) -> None:
-    """chown a tree this process just made (no link is followed)."""
-    os.lchown(root, uid, gid)
-    for d, dirs, files in os.walk(root):
-        for n in dirs + files:
-            os.lchown(os.path.join(d, n), uid, gid)
