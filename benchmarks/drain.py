@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import describe
-from corral.testing import Cluster, S3Server, wait_for
+from corral.testing import Cluster, S3Server, job_python, wait_for
 
 WRITER = textwrap.dedent("""
     import os, sys
@@ -103,6 +103,7 @@ def main() -> None:
     per_job = total // n_jobs
     with tempfile.TemporaryDirectory(prefix="corral-drain-") as tmp:
         tmp = Path(tmp)
+        tmp.chmod(0o755)  # the writer must be readable by a root agent's job user
         raw = loopback_throughput(per_job * n_jobs, tmp)
         writer = tmp / "writer.py"
         writer.write_text(WRITER)
@@ -134,7 +135,7 @@ def main() -> None:
             client.scale("work", args.instances)
             c.wait_agents_running(client, args.instances + (0 if args.durable else 1), timeout=60)
             ids = [
-                client.submit([sys.executable, str(writer), str(per_job)], fleet="work", cpus=1).id
+                client.submit([job_python(), str(writer), str(per_job)], fleet="work", cpus=1).id
                 for _ in range(n_jobs)
             ]
             wait_for(

@@ -36,6 +36,16 @@ class Timeout(AssertionError):
     pass
 
 
+JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def job_python() -> str:
+    """A Python interpreter a job can run. A root agent runs jobs as an unprivileged
+    job user on a minimal PATH, and the test runner's own interpreter may live where
+    that user cannot read (e.g. under /root): use the system's."""
+    return shutil.which("python3", path=JOB_PATH) or sys.executable
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll until `predicate()` is truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -191,15 +201,23 @@ class AgentProc(Proc):
         name: str,
         extra: list[str],
         env: dict[str, str] | None,
+        token_file: Path | None = None,
     ):
+        # the join token in a 0600 file, as the local backend and the systemd unit
+        # pass it: never on a command line every process can read
+        token_file = token_file or data_dir.parent / f"{name}.join-token"
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(join_token)
         args = corral_cmd(
             "agent",
             "--data-dir",
             str(data_dir),
             "--name",
             name,
-            "--join-token",
-            join_token,
+            "--join-token-file",
+            str(token_file),
             "--log-level",
             "info",
             *extra,
@@ -268,6 +286,7 @@ class Cluster:
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
         join_token: str | None = None,
+        data_dir: Path | None = None,
     ) -> AgentProc:
         """An agent of these servers (ServerProcs or URLs, e.g. a load balancer's)."""
         servers = server if isinstance(server, list) else [server]
@@ -278,7 +297,17 @@ class Cluster:
         extra = list(extra or [])
         if cpus is not None:
             extra += ["--cpus", str(cpus)]
-        proc = AgentProc(self.base / "agents" / name, urls, join_token, name, extra, env)
+        proc = AgentProc(
+            data_dir or self.base / "agents" / name,
+            urls,
+            join_token,
+            name,
+            extra,
+            env,
+            token_file=self.base / "agents" / f"{name}.join-token",
+        )
+        if data_dir is not None:  # e.g. a small disk: keep the log off it
+            proc.log_path = self.base / "agents" / f"{name}.log"
         proc.start()
         self.procs.append(proc)
         self.agents.append(proc)
@@ -329,10 +358,22 @@ class Cluster:
 
         return wait_for(ready, timeout, f"{n} running instance(s)")
 
+    def agent_dirs(self) -> list[Path]:
+        """Data dirs of every agent of this cluster: its own, and `corral up`'s."""
+        dirs = [a.data_dir for a in self.agents]
+        for s in self.servers:
+            if (s.data_dir / "agents").is_dir():
+                dirs += [d for d in (s.data_dir / "agents").iterdir() if d.is_dir()]
+        return dirs
+
     def leftovers(self) -> list[psutil.Process]:
         """Processes under this cluster's directory that are still alive (runners,
-        and the commands they ran, found by command line or working directory)."""
-        base = str(self.base.resolve())
+        and the commands they ran, found by command line or working directory,
+        theirs or their agents' job directories)."""
+        from corral.agent.sandbox.host import default_jobs_dir
+
+        roots = [str(self.base.resolve())]
+        roots += [str(default_jobs_dir(d, os.geteuid() == 0)) for d in self.agent_dirs()]
         mine = {p.pid for p in self.procs if p.alive()}
         out = []
         for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
@@ -343,7 +384,7 @@ class Cluster:
                     continue
                 cmd = " ".join(p.info["cmdline"] or [])
                 cwd = p.info["cwd"] or ""
-                if base in cmd or cwd.startswith(base):
+                if any(r in cmd or cwd.startswith(r) for r in roots):
                     out.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -361,6 +402,19 @@ class Cluster:
                 p.kill()
             except psutil.Error:
                 pass
+        self._remove_sandboxes()
+
+    def _remove_sandboxes(self) -> None:
+        """Agents that were killed leave their attempts' cgroups and job directories:
+        kill what is in them and remove them."""
+        from corral.agent.sandbox.cgroups import agent_key, cleanup_agent_groups
+        from corral.agent.sandbox.host import default_jobs_dir
+
+        for d in self.agent_dirs():
+            cleanup_agent_groups(agent_key(d))
+            jobs = default_jobs_dir(d, os.geteuid() == 0)
+            if jobs.is_dir() and not jobs.is_relative_to(self.base):
+                shutil.rmtree(jobs, ignore_errors=True)
 
 
 class ArtifactServer:
@@ -480,6 +534,7 @@ class Proxy:
 
         self.backends = backends
         self.counts = [0] * len(backends)
+        self.seen: list[tuple[str, str, int]] = []  # (method, path, request body bytes)
         self.held: dict[str, asyncio.Event] = {}
         self.delayed: list[str] = []
         self._next = 0
@@ -502,6 +557,7 @@ class Proxy:
                 body += msg.get("body", b"")
                 if not msg.get("more_body"):
                     break
+            outer.seen.append((scope["method"], scope["path"], len(body)))
             if scope["path"] == outer.HEARTBEAT:
                 try:
                     iid = json.loads(body).get("instance_id")

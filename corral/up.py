@@ -9,7 +9,7 @@ import typer
 
 from corral import default_data_dir, logsetup
 from corral.backends.local import LocalBackend
-from corral.server.app import StartupError
+from corral.server.app import JOIN_TOKEN_FILE, StartupError
 from corral.server.cli import add_timing_options
 from corral.server.config import DEFAULT_PORT, ServerConfig
 from corral.store import fleets
@@ -48,6 +48,9 @@ def up(
     config = ServerConfig(
         data_dir=data_dir or default_data_dir(), host=host, port=port, public_url=public_url
     )
+    # tokens, the database and the agents' data: none of it for anyone else, jobs included
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.chmod(0o700)
     add_timing_options(
         config,
         agent_grace,
@@ -61,7 +64,7 @@ def up(
         ctx.backends["local"] = LocalBackend(
             config.data_dir,
             server_urls=[config.url],
-            join_token=ctx.join_token,
+            join_token_file=config.data_dir / JOIN_TOKEN_FILE,
             cpus=agent_cpus,
         )
         await plug_backends(ctx)

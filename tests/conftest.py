@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,8 +94,21 @@ def cluster(tmp_path: Path):
 
 
 @pytest.fixture
-def writer(tmp_path: Path) -> str:
+def writer(jobfiles: Path) -> str:
     """A script that writes outputs of known content (see tests/outputs.py)."""
-    p = tmp_path / "writer.py"
+    p = jobfiles / "writer.py"
     p.write_text(WRITER)
     return str(p)
+
+
+@pytest.fixture
+def jobfiles():
+    """A directory jobs can read and write (scripts, gates, pid files). pytest's
+    tmp_path lies under a 0700 directory the unprivileged job user of a root agent
+    cannot enter."""
+    d = Path(tempfile.mkdtemp(prefix="corral-jobfiles-", dir="/var/tmp"))
+    d.chmod(0o777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 import textwrap
 from pathlib import Path
+
+from corral.testing import job_python
 
 # usage: python writer.py HOLD_SECONDS NAME:SIZE ...
 WRITER = textwrap.dedent("""
@@ -30,7 +31,7 @@ def expected_sha(job_id: int, name: str, size: int) -> str:
 
 
 def submit(client, writer: str, files: dict[str, int], hold: float = 0.5) -> int:
-    argv = [sys.executable, writer, str(hold), *(f"{n}:{s}" for n, s in files.items())]
+    argv = [job_python(), writer, str(hold), *(f"{n}:{s}" for n, s in files.items())]
     return client.submit(argv, cpus=1).id
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import sys
 import textwrap
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.testing import Cluster, wait_for
+from corral.testing import Cluster, job_python, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -135,9 +134,9 @@ class Chaos:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("seed", SEEDS)
-def test_chaos(seed: int, pg_url: str, tmp_path: Path):
+def test_chaos(seed: int, pg_url: str, tmp_path: Path, jobfiles: Path):
     rng = random.Random(seed)
-    script = tmp_path / "job.py"
+    script = jobfiles / "job.py"
     script.write_text(JOB)
     with Cluster(tmp_path / "cluster") as cluster:
         s1 = cluster.server(db_url=pg_url, name="s1")
@@ -150,7 +149,7 @@ def test_chaos(seed: int, pg_url: str, tmp_path: Path):
 
         ids = [
             client.submit(
-                [sys.executable, str(script), f"{rng.uniform(0.1, 1.5):.2f}"],
+                [job_python(), str(script), f"{rng.uniform(0.1, 1.5):.2f}"],
                 max_attempts=MAX_ATTEMPTS,
                 cpus=1,
             ).id

@@ -20,10 +20,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 OBSERVE = float(os.environ.get("CORRAL_E2E_OBSERVE", "45"))
 
 
-def runner_artifact(version: str) -> bytes:
-    """A real runner component: a wrapper that marks its build and runs corral's runner."""
+def runner_artifact(version: str, ran: Path | None = None) -> bytes:
+    """A real runner component: a wrapper that notes each attempt it runs (in `ran`;
+    a job's environment is built from scratch, so it cannot carry the mark) and runs
+    corral's runner."""
+    note = f'[ "$1" = --self-test ] || echo {version} >> {ran}\n' if ran else ""
     return (
-        f"#!/bin/sh\n# corral runner {version}\nexport CORRAL_RUNNER_BUILD={version}\n"
+        f"#!/bin/sh\n# corral runner {version}\n{note}"
         f'exec {sys.executable} -m corral.agent.runner "$@"\n'
     ).encode()
 
@@ -38,7 +41,8 @@ def status_of(client, name: str = "runner"):
 
 
 def test_two_builds_converge_once_and_then_stay_quiet(pg_url: str, tmp_path: Path):
-    v1, v2 = runner_artifact("1.0.0"), runner_artifact("1.1.0")
+    ran = tmp_path / "runner-builds-that-ran"
+    v1, v2 = runner_artifact("1.0.0", ran), runner_artifact("1.1.0", ran)
     with ArtifactServer() as art, Cluster(tmp_path / "c") as c:
         s1 = c.server(db_url=pg_url, name="s1", env={"CORRAL_BUILD_VERSION": "0.20.18"})
         s2 = c.server(db_url=pg_url, name="s2", env={"CORRAL_BUILD_VERSION": "0.20.23"})
@@ -80,10 +84,11 @@ def test_two_builds_converge_once_and_then_stay_quiet(pg_url: str, tmp_path: Pat
             assert status_of(client).observed_version == "1.0.0"
 
             # jobs now run on the installed runner component
-            job = client.submit(["sh", "-c", "echo runner=$CORRAL_RUNNER_BUILD"])
+            job = client.submit(["sh", "-c", "echo ran"])
             out = []
             page = client.follow(job.id, on_output=lambda s, d: out.append(d))
-            assert page.job_state == "succeeded" and b"".join(out) == b"runner=1.0.0\n"
+            assert page.job_state == "succeeded" and b"".join(out) == b"ran\n"
+            assert ran.read_text() == "1.0.0\n"
 
             # a new version is downloaded exactly once
             url2 = art.put("/runner/1.1.0", v2)

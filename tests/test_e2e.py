@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from corral.testing import Cluster, corral_cmd, wait_for
+from corral.testing import Cluster, corral_cmd, job_python, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +36,7 @@ def two_agents(cluster: Cluster, db_url: str):
 
 def test_run_streams_output_and_exits_with_the_job_code(two_agents):
     server, client = two_agents
-    r = cli(server, "run", "--", sys.executable, "-c", "print(42)")
+    r = cli(server, "run", "--", job_python(), "-c", "print(42)")
     assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
     r = cli(server, "run", "--", "sh", "-c", "echo to-err >&2; exit 3")
     assert r.returncode == 3
@@ -82,12 +81,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_cancel_kills_the_whole_process_tree(two_agents, tmp_path: Path):
+def test_cancel_kills_the_whole_process_tree(two_agents, jobfiles: Path):
     server, client = two_agents
-    script = tmp_path / "tree.py"
+    script = jobfiles / "tree.py"
     script.write_text(TREE)
-    pid_file = tmp_path / "pids"
-    job = client.submit([sys.executable, str(script), str(pid_file)])
+    pid_file = jobfiles / "pids"
+    job = client.submit([job_python(), str(script), str(pid_file)])
     wait_for(pid_file.exists, 30, "the job to start its process tree")
     pids = [int(p) for p in pid_file.read_text().split()]
     assert all(_alive(p) for p in pids)
@@ -109,14 +108,14 @@ def test_command_not_found_fails_the_attempt_with_a_reason(two_agents):
     assert "command not found: no-such-command-xyz" in r.stdout
 
 
-def test_server_restart_while_a_job_runs(cluster: Cluster, db_url: str, tmp_path: Path):
+def test_server_restart_while_a_job_runs(cluster: Cluster, db_url: str, jobfiles: Path):
     """The server dies (SIGKILL) while a job runs and comes back on the same
     database; the agent keeps the job running, reconnects, and the result lands."""
     server = cluster.server(db_url=db_url)
     cluster.agent(server, name="a1")
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1)
-    gate = tmp_path / "gate"
+    gate = jobfiles / "gate"
     job = client.submit(
         ["sh", "-c", f"echo before; while [ ! -e {gate} ]; do sleep 0.1; done; echo after; exit 5"]
     )

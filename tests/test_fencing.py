@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from corral.testing import Cluster, wait_for
+from corral.testing import Cluster, job_python, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -52,15 +52,16 @@ def _attempt_dir(agent, job_id: int, n: int) -> Path:
 
 
 @pytest.fixture
-def one_agent(cluster: Cluster, db_url: str, tmp_path: Path):
+def one_agent(cluster: Cluster, db_url: str, jobfiles: Path):
     server = cluster.server(db_url=db_url)
     agent = cluster.agent(server, name="a1")
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1)
-    script = tmp_path / "job.py"
+    script = jobfiles / "job.py"
     script.write_text(JOB)
-    work = tmp_path / "work"
-    work.mkdir()
+    work = jobfiles / "work"
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)  # the job (its own user, under a root agent) writes here
     return server, agent, client, script, work
 
 
@@ -74,7 +75,7 @@ def _finish_with(server, job_id: int, n: int, token: str) -> httpx.Response:
 
 def test_requeued_attempt_is_fenced_killed_and_superseded(one_agent):
     server, agent, client, script, work = one_agent
-    job = client.submit([sys.executable, str(script), str(work)])
+    job = client.submit([job_python(), str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     (pid1,) = _pids(work, 1)
     token1 = json.loads((_attempt_dir(agent, job.id, 1) / "spec.json").read_text())["token"]
@@ -105,7 +106,7 @@ def test_stale_runner_cannot_record_even_if_its_agent_is_frozen(one_agent):
     """The agent cannot kill the stale attempt (it is stopped); the stale runner's
     own finish is refused (409), it records nothing, and kills its leftovers."""
     _server, agent, client, script, work = one_agent
-    job = client.submit([sys.executable, str(script), str(work)])
+    job = client.submit([job_python(), str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     attempt1 = _attempt_dir(agent, job.id, 1)
     agent.signal(signal.SIGSTOP)
@@ -139,7 +140,7 @@ def test_job_lock_keeps_a_second_runner_of_the_same_job_out(one_agent):
     """Even if the agent is confused and starts a second runner for a job this
     instance already runs, the per-job lock file keeps its command from running."""
     _server, agent, client, script, work = one_agent
-    job = client.submit([sys.executable, str(script), str(work)])
+    job = client.submit([job_python(), str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     original = _attempt_dir(agent, job.id, 1)
     clone = agent.data_dir / "attempts-clone" / f"{job.id}-1"
@@ -171,7 +172,7 @@ def test_lost_instance_requeues_and_the_old_runner_is_killed_when_it_returns(
     """An agent silent past the grace period loses its attempts (requeue is an event);
     when it comes back, it is told to kill the stale attempt."""
     server, a1, client, script, work = one_agent
-    job = client.submit([sys.executable, str(script), str(work)])
+    job = client.submit([job_python(), str(script), str(work)])
     wait_for(lambda: _pids(work, 1), 30, "attempt 1 to start")
     (pid1,) = _pids(work, 1)
     a1.signal(signal.SIGSTOP)  # heartbeats stop; the runner keeps running

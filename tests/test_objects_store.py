@@ -62,6 +62,11 @@ def test_outputs_are_recorded_with_the_finish_and_a_stale_finish_records_none(db
         out = [OutputFile(path="a/b.txt", sha256=sha("b"), size=1)]
         job_id, inst, _token = await finished_job(db, out)
         rows = await db.query(objects.list_outputs, job_id)
+        # recorded, but a copy only once the agent itself reports holding it
+        assert [(r["path"], r["copies"]) for r in rows] == [("a/b.txt", 0)]
+        row = await db.query(instances.get_instance, inst)
+        await db.transact(objects.sync, row, [sha("b")], [], T0 + 1, "http://s")
+        rows = await db.query(objects.list_outputs, job_id)
         assert [(r["path"], r["copies"]) for r in rows] == [("a/b.txt", 1)]
         # a requeued job's old attempt reports outputs: refused, nothing recorded
         job2 = await db.transact(jobs_repo.submit, JobSubmit(command=["true"]), T0)
@@ -166,6 +171,7 @@ def test_a_held_object_that_disappears_is_a_warning(db_url):
         db, _ = await setup(db_url, 1)
         _, inst, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         row = await db.query(instances.get_instance, inst)
+        await db.transact(objects.sync, row, [sha("o")], [], T0, "http://s")
         await db.transact(
             objects.sync, row, [], [ObjectError(sha256=sha("o"), error="x")], T0, "http://s"
         )
@@ -250,6 +256,113 @@ def test_an_offload_never_reported_expires_and_is_ordered_again(db_url):
         assert await db.transact(offloads.expire, T0 + 61, 60) == 1
         later = T0 + 61 + offloads.RETRY_AFTER
         assert await db.transact(offloads.order, [sha("o")], "f", inst["id"], later) == 1
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_claim_is_no_copy_until_the_agent_reports_it_or_a_server_proves_it(db_url):
+    async def main():
+        db, (a, b) = await setup(db_url)
+        _job, holder, _ = await finished_job(db, [OutputFile(path="x", sha256=sha("x"), size=1)])
+        other = b["id"] if holder == a["id"] else a["id"]
+        h_row = await db.query(instances.get_instance, holder)
+        o_row = await db.query(instances.get_instance, other)
+        await db.transact(objects.sync, h_row, [sha("x")], [], T0, "http://s")
+        assert await db.query(objects.replica_state, sha("x"), holder) == "present"
+        job2, _, _ = await finished_job(db, [OutputFile(path="y", sha256=sha("y"), size=1)])
+        await db.transact(objects.sync, h_row, [sha("x"), sha("y")], [], T0, "http://s")
+
+        # a finish names the holder's object on another instance: only a claim
+        async def claim(conn):
+            await objects.record_outputs(
+                conn, job2, 1, other, [OutputFile(path="x", sha256=sha("x"), size=1)], T0
+            )
+
+        await db.transact(claim)
+        assert await db.query(objects.replica_state, sha("x"), other) == "unverified"
+        # a heartbeat lists the holder's other object: a report to be proven
+        await db.transact(objects.sync, o_row, [sha("y")], [], T0 + 1, "http://s")
+        assert await db.query(objects.replica_state, sha("y"), other) == "unverified"
+        (to_prove,) = await db.query(objects.claims_to_prove)
+        assert (to_prove.sha256, to_prove.instance_id) == (sha("y"), other)
+        # the server could not fetch those bytes from it: refused, with a warning
+        await db.transact(objects.disproved, to_prove, "HTTP 404", T0 + 1)
+        assert await db.query(objects.replica_state, sha("y"), other) == "failed"
+
+        # draining the real holder: both are at risk and get real copies
+        _, risk = await db.transact(drain.request_drain, holder, False, T0 + 2)
+        assert {r.sha256 for r in risk} == {sha("x"), sha("y")}
+        result = await db.transact(
+            drain.drain_step, await db.query(instances.get_instance, holder), T0 + 2, drain_grace=1
+        )
+        assert not result.retired and {s for s, _ in result.copies} == {sha("x"), sha("y")}
+
+        # a claim its agent never reports expires, with a warning too
+        late = T0 + objects.CLAIM_GRACE + 10
+        _job3, inst3, _ = await finished_job(db, [OutputFile(path="z", sha256=sha("z"), size=1)])
+        row3 = await db.query(instances.get_instance, inst3)
+        await db.transact(objects.sync, row3, [], [], late, "http://s")
+        assert await db.query(objects.replica_state, sha("z"), inst3) == "failed"
+        refused = await db.query(
+            events.list_events, min_level="warning", kind="object.claim_refused"
+        )
+        assert len(refused) == 2
+        assert any("could not prove it: HTTP 404" in e["message"] for e in refused)
+        assert any("does not hold it" in e["message"] for e in refused)
+        await db.dispose()
+
+    run(main())
+
+
+def test_the_server_cuts_an_attempts_log_at_the_jobs_limit(db_url):
+    async def main():
+        db, _ = await setup(db_url, 1)
+        job_id = await db.transact(
+            jobs_repo.submit, JobSubmit(command=["true"], log_limit=2048), T0
+        )
+        (p,) = await db.transact(dispatch.lock_jobs, db, T0)
+        (order,) = await db.transact(dispatch.deliver_attempts, p.instance_id, T0)
+        await db.transact(jobs_repo.start_attempt, job_id, 1, order.token, T0)
+
+        async def send(*chunks):
+            await db.transact(jobs_repo.append_logs, job_id, 1, order.token, list(chunks), T0)
+
+        await send((0, "out", b"a" * 1500))
+        await send((0, "out", b"a" * 1500))  # a retry: stored once, counted once
+        await send((1, "err", b"b" * 1000), (2, "out", b"c" * 10))
+        await send((3, "out", b"d"))
+        rows = await db.query(jobs_repo.read_logs, job_id, 1, -1)
+        data = b"".join(r["data"] for r in rows)
+        assert data == b"a" * 1500 + b"b" * 548 + b"[corral: log truncated after 2 KiB]\n"
+        assert [r["seq"] for r in rows] == [0, 1]
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_sandbox_warning_is_an_event_once_per_instance_and_sandbox(tmp_path):
+    async def main():  # plain SQL, nothing dialect-specific: SQLite only
+        db = Database(f"sqlite:///{tmp_path / 'corral.db'}")
+        await migrate(db)
+        kw = dict(
+            name="w",
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=None,
+            sandbox="subreaper; limits off",
+            sandbox_warnings=["no cgroup v2 group for attempts"],
+        )
+        reg = await db.transact(instances.register, instance_id=None, now=T0, **kw)
+        iid = reg.instance["id"]
+        for t in (T0 + 1, T0 + 2):  # restarts with the same sandbox
+            await db.transact(instances.register, instance_id=iid, now=t, **kw)
+        warns = await db.query(events.list_events, min_level="warning", kind="instance.sandbox")
+        assert len(warns) == 1 and "no cgroup v2" in warns[0]["message"]
+        assert (await db.query(instances.get_instance, iid))["sandbox"] == kw["sandbox"]
         await db.dispose()
 
     run(main())

@@ -61,12 +61,12 @@ def agent_status(client):
     return rows[0] if rows else None
 
 
-def test_agent_switches_builds_and_its_jobs_keep_running(cluster: Cluster, tmp_path: Path):
+def test_agent_switches_builds_and_its_jobs_keep_running(cluster: Cluster, jobfiles: Path):
     server = cluster.server()
     agent = cluster.agent(server, name="a1")
     client = cluster.client(server)
     (before,) = cluster.wait_agents_running(client, 1)
-    gate = tmp_path / "gate"
+    gate = jobfiles / "gate"
     job = client.submit(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.1; done; echo survived"])
     wait_for(lambda: client.job(job.id).state == "running", 30, "the job to run")
     pid = agent.pid
@@ -102,12 +102,12 @@ def test_agent_switches_builds_and_its_jobs_keep_running(cluster: Cluster, tmp_p
     )
 
 
-def test_a_build_that_never_heartbeats_is_rolled_back(cluster: Cluster, tmp_path: Path):
+def test_a_build_that_never_heartbeats_is_rolled_back(cluster: Cluster, jobfiles: Path):
     server = cluster.server(extra=["--install-backoff", "2", "--install-cap", "2"])
     agent = cluster.agent(server, name="a1", extra=["--switch-timeout", "6"])
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1)
-    gate = tmp_path / "gate"
+    gate = jobfiles / "gate"
     job = client.submit(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.1; done; echo ok"])
     wait_for(lambda: client.job(job.id).state == "running", 30, "the job to run")
     with ArtifactServer() as art, Supervisor(agent) as sup:

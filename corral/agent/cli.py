@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -13,11 +14,34 @@ import typer
 from corral import default_data_dir, logsetup
 from corral.agent.daemon import Agent, AgentConfig
 from corral.api import NAME_PATTERN
+from corral.domain.sandbox import DEFAULT_JOB_USER
 
 
 def default_name() -> str:
     name = re.sub(r"[^a-z0-9._-]", "-", socket.gethostname().lower()).strip("-._")
     return (name or "agent")[:63]
+
+
+def read_token_file(path: Path) -> str | None:
+    """A token from a file only its owner can read. A missing file is only a warning:
+    the token is needed before the first registration alone (an agent that re-executes
+    into a new build keeps the option, and an install may have removed the file)."""
+    try:
+        st = path.stat()
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        typer.echo(f"warning: --join-token-file {path}: no such file", err=True)
+        return None
+    except OSError as exc:
+        raise typer.BadParameter(f"--join-token-file {path}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise typer.BadParameter(
+            f"--join-token-file {path} is readable by others (mode {st.st_mode & 0o777:o}); "
+            f"chmod 600 {path}"
+        )
+    if not token:
+        raise typer.BadParameter(f"--join-token-file {path} is empty")
+    return token
 
 
 def _self_test(value: bool) -> None:
@@ -44,12 +68,13 @@ def agent(
         None,
         "--join-token",
         envvar="CORRAL_JOIN_TOKEN",
-        help="the server's join token (first start only)",
+        help="the server's join token (first start only); prefer --join-token-file: a "
+        "command line is visible to every process on the host",
     ),
     join_token_file: Path | None = typer.Option(
         None,
         "--join-token-file",
-        help="read the join token from this file (keep it 0600), not from the command line",
+        help="a file (mode 0600) holding the server's join token (first start only)",
     ),
     data_dir: Path = typer.Option(
         None, "--data-dir", help="agent state: identity, attempts (default ~/.corral/agent)"
@@ -70,6 +95,18 @@ def agent(
     peer_url: str | None = typer.Option(
         None, help="how other agents reach it, if not http://PEER_HOST:PORT"
     ),
+    job_user: str = typer.Option(
+        DEFAULT_JOB_USER,
+        help="when the agent runs as root, jobs run as this user (created if missing)",
+    ),
+    jobs_dir: Path | None = typer.Option(
+        None,
+        help="where attempts' private directories go (default: a root-owned 0711 "
+        "directory in /var/tmp for a root agent, DATA_DIR/jobs otherwise)",
+    ),
+    hide: list[Path] = typer.Option(
+        [], "--hide", help="a path jobs must not see (namespaces; repeatable)"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent: register with the server, run the job attempts it is given.
@@ -78,12 +115,10 @@ def agent(
     restart it; the data dir holds a tombstone).
     """
     logsetup.setup(log_level)
-
+    os.umask(0o077)  # nothing the agent writes is for anyone else (jobs included)
+    os.environ.pop("CORRAL_JOIN_TOKEN", None)  # read; never inherited by what it starts
     if join_token_file is not None:
-        try:
-            join_token = join_token_file.read_text().strip() or None
-        except OSError as exc:  # needed only before the first registration
-            typer.echo(f"warning: --join-token-file {join_token_file}: {exc.strerror}", err=True)
+        join_token = read_token_file(join_token_file)
     name = name or default_name()
     if not re.match(NAME_PATTERN, name):
         raise typer.BadParameter(f"--name {name!r}: use lowercase letters, digits, . _ -")
@@ -100,6 +135,12 @@ def agent(
         peer_host=peer_host,
         peer_port=peer_port,
         peer_url=peer_url,
+        job_user=job_user,
+        jobs_dir=jobs_dir.expanduser().resolve() if jobs_dir else None,
+        hide=[
+            p.expanduser().resolve()
+            for p in [*hide, *([join_token_file] if join_token_file else [])]
+        ],
     )
     if cpus is not None:
         config.cpus = cpus

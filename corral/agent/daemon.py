@@ -34,6 +34,7 @@ from corral.agent.identity import (
 from corral.agent.objects import ObjectStore
 from corral.agent.peer import PeerServer
 from corral.agent.runner import SELF_TEST_OK as RUNNER_OK
+from corral.agent.sandbox import host as sandbox_host
 from corral.agent.selfupdate import SELF_TEST_OK as AGENT_OK
 from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
 from corral.agent.supervisor import Supervisor
@@ -52,6 +53,7 @@ from corral.api import (
 )
 from corral.domain.backoff import Backoff
 from corral.domain.instances import AGENT_EXIT_RETIRED
+from corral.domain.sandbox import DEFAULT_JOB_USER
 
 log = logging.getLogger("corral.agent")
 
@@ -106,6 +108,9 @@ class AgentConfig:
     peer_host: str = "127.0.0.1"
     peer_port: int = 0
     peer_url: str | None = None  # how other agents reach this one (default from host:port)
+    job_user: str = DEFAULT_JOB_USER  # a root agent's jobs run as this user
+    jobs_dir: Path | None = None  # where attempts' private directories go
+    hide: list[Path] = field(default_factory=list)  # more paths jobs must not see
 
     def argv(self) -> list[str]:
         """The options that start this same agent again (after a switch of builds)."""
@@ -132,6 +137,11 @@ class AgentConfig:
         args += ["--peer-host", self.peer_host, "--peer-port", str(self.peer_port)]
         if self.peer_url:
             args += ["--peer-url", self.peer_url]
+        args += ["--job-user", self.job_user]
+        if self.jobs_dir:
+            args += ["--jobs-dir", str(self.jobs_dir)]
+        for path in self.hide:
+            args += ["--hide", str(path)]
         return [*args, "--switch-timeout", str(self.switch_timeout)]
 
 
@@ -163,6 +173,7 @@ class Agent:
         )
         self.stopping = asyncio.Event()
         self._parent = os.getppid()
+        self.sandbox: sandbox_host.Host | None = None
 
     @property
     def me(self) -> Identity:
@@ -184,6 +195,8 @@ class Agent:
             agent_version=os.environ.get(VERSION_ENV) or corral.__version__,
             fleet=self.config.fleet,
             peer_url=self.peer_url,
+            sandbox=self.sandbox.description if self.sandbox else None,
+            sandbox_warnings=self.sandbox.warnings if self.sandbox else [],
         ).model_dump()
 
     async def register(self) -> None:
@@ -298,7 +311,12 @@ class Agent:
         return HeartbeatReply.model_validate(resp.json())
 
     async def report_ended(self) -> None:
-        for ended in self.supervisor.reap():
+        ended_now = self.supervisor.reap()
+        if ended_now:
+            # their outputs are in the store now: report them (only this report makes
+            # a replica the server trusts)
+            self._last_objects = None
+        for ended in ended_now:
             if ended.report_lost:
                 try:
                     resp = await self.server.request(
@@ -323,7 +341,20 @@ class Agent:
         for k in reply.kill:
             await asyncio.to_thread(self.supervisor.kill, k.job_id, k.attempt, k.reason)
         for s in reply.start:
-            self.supervisor.start(s)
+            try:
+                self.supervisor.start(s)
+            except OSError as exc:  # e.g. a full disk: that attempt cannot run here
+                log.warning("cannot start attempt %s/%s: %s", s.job_id, s.attempt, exc)
+                try:
+                    await self.server.request(
+                        "POST",
+                        f"/api/v1/jobs/{s.job_id}/attempts/{s.attempt}/lost",
+                        json={"reason": f"the agent cannot start it: {exc}"[:4000]},
+                        headers={ATTEMPT_TOKEN_HEADER: s.token},
+                        deadline=time.monotonic() + 5,
+                    )
+                except Unreachable:
+                    pass
         for order in reply.install:
             task = self.installing.get(order.component)
             if task is None or task.done():
@@ -456,6 +487,21 @@ class Agent:
             )
             return AGENT_EXIT_RETIRED
         self.selfupdate.on_start()  # may re-execute into the committed agent build
+        try:
+            self.sandbox = await asyncio.to_thread(
+                sandbox_host.detect,
+                self.data_dir,
+                self.config.job_user,
+                self.config.jobs_dir,
+                self.config.hide,
+            )
+        except (sandbox_host.SandboxError, OSError) as exc:
+            log.error("cannot set up the attempt sandbox: %s", exc)
+            return 2
+        self.supervisor.host = self.sandbox
+        log.info("attempt sandbox: %s", self.sandbox.description)
+        for warning in self.sandbox.warnings:
+            log.warning("attempt sandbox: %s", warning)
         self.identity = load_identity(self.data_dir)
         await self.start_peer()
         self.supervisor.adopt()
@@ -506,6 +552,8 @@ class Agent:
             watchdog.cancel()
             if self.stopping.is_set():
                 await self._shutdown()
+            if self.sandbox is not None:
+                self.sandbox.close()  # empty parent groups and jobs dir only
             if self.peer is not None:
                 self.peer.stop()
             await self.server.close()

@@ -1,20 +1,27 @@
 """The runner: one process per job attempt.
 
 It takes the per-job lock (so two runners of one job can never run on this instance,
-whatever the agent believes), reports start, runs the command in its own session,
-streams its output, heartbeats the attempt, and reports the exit code — every call
-carrying the attempt's fencing token. A 409 on any call means this attempt is no
-longer the job's current one: the runner kills the command's whole process tree and
-exits without reporting anything more.
+whatever the agent believes; the lock is the runner's alone, never passed to the
+command, so no process of a dead attempt can hold it), reports start, prepares the
+attempt's sandbox (a private directory owned by the job user, a cgroup with its
+limits, inputs and the shipped working directory), runs the command inside it with
+an environment built from scratch, streams its output up to the log limit,
+heartbeats the attempt, collects its outputs without following links, and reports
+the result, every call carrying the attempt's fencing token (which lives only here
+and in the root-only attempt directory, never within the job's reach). A 409 on any
+call means this attempt is no longer the job's current one: the runner kills the
+whole attempt and exits without reporting anything more.
 
-Files in the attempt directory: spec.json (written by the agent), runner.pid,
-command.json, done.json (written last: how the runner ended), work/ (the cwd).
+Files in the attempt directory (the agent's, never the job's): spec.json (written by
+the agent), runner.pid, command.json, done.json (written last: how the runner ended).
+The job's own directory is elsewhere (spec "job_dir").
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -31,9 +38,11 @@ import psutil
 from corral.agent import transfer
 from corral.agent.identity import write_json_atomic
 from corral.agent.objects import ObjectStore
-from corral.agent.proctree import kill_tree
+from corral.agent.sandbox.attempt import AttemptSandbox
+from corral.agent.sandbox.host import Host
 from corral.agent.transfer import TransferError
 from corral.agent.upstream import SyncServer, Unreachable
+from corral.domain.sandbox import DEFAULT_LOG_LIMIT, command_result, cut_log
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
 CHUNK = 64 * 1024
@@ -43,6 +52,8 @@ HEARTBEAT_EVERY = 5.0
 LOCK_WAIT = 60.0
 EXIT_STALE = 75
 SELF_TEST_OK = "corral-runner ok"
+DISK_FULL = "no space left on device while writing outputs"
+KILL_GRACE = 3.0
 
 
 class Stale(Exception):
@@ -51,17 +62,24 @@ class Stale(Exception):
 
 class LogBuffer:
     """Output waiting to be shipped, numbered in order; bounded so a silent server
-    slows the command down instead of exhausting memory."""
+    slows the command down instead of exhausting memory. Past the attempt's log
+    limit, output is still read (the command goes on) but only the marker is kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = DEFAULT_LOG_LIMIT) -> None:
         self._cond = threading.Condition()
         self._items: list[tuple[int, str, bytes]] = []
         self._bytes = 0
         self._seq = 0
         self.closed_streams = 0
+        self.limit = limit
+        self.used = 0
 
     def put(self, stream: str, data: bytes) -> None:
         with self._cond:
+            data, _cut = cut_log(self.used, self.limit, data)
+            if not data:
+                return
+            self.used += len(data)
             while self._bytes > MAX_BUFFERED:
                 self._cond.wait(0.5)
             self._items.append((self._seq, stream, data))
@@ -108,11 +126,15 @@ class Runner:
         self.server = SyncServer(
             self.spec["servers"], headers={ATTEMPT_TOKEN_HEADER: self.spec["token"]}, timeout=30
         )
-        self.logs = LogBuffer()
+        self.logs = LogBuffer(self.spec.get("log_limit") or DEFAULT_LOG_LIMIT)
         self.stale = threading.Event()
         self.terminated = threading.Event()
-        self.proc: subprocess.Popen | None = None
         self.lock_fd: int | None = None
+        self.host = Host.from_json(self.spec["sandbox"])
+        self.sandbox = AttemptSandbox(
+            self.host, self.job_id, self.attempt, Path(self.spec["job_dir"])
+        )
+        self.store = ObjectStore(Path(self.spec["data_dir"]))
 
     # -- talking to the server ----------------------------------------------------------------
 
@@ -133,12 +155,18 @@ class Runner:
             raise RuntimeError(f"{action}: HTTP {resp.status_code} {resp.text[:300]}")
         return resp.json()
 
+    def call_anyway(self, action: str, body: dict) -> dict:
+        """A call made after this runner stopped shipping (it clears the stale flag
+        it set to stop the shipper; a real 409 sets it again)."""
+        self.stale.clear()
+        return self.call(action, body, deadline=time.monotonic() + 30)
+
     # -- the pieces ---------------------------------------------------------------------------
 
     def acquire_job_lock(self) -> bool:
         path = Path(self.spec["job_lock"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.spec.get("lock_wait", LOCK_WAIT)
         while True:
             try:
@@ -152,6 +180,18 @@ class Runner:
                     os.close(fd)
                     return False
                 time.sleep(0.1)
+
+    def end_earlier_attempts(self) -> None:
+        """With the job's lock held, no runner of another attempt of this job lives
+        here: anything still in an earlier attempt's cgroup is a leftover. Kill it."""
+        cg = self.host.cgroups
+        if cg is None:
+            return
+        for job_id, n in cg.attempts():
+            if job_id == self.job_id and n != self.attempt:
+                group = cg.attempt(job_id, n)
+                group.kill()
+                group.remove()
 
     def read_stream(self, pipe, stream: str) -> None:
         try:
@@ -194,25 +234,37 @@ class Runner:
                 print(f"runner: {exc}", file=sys.stderr)
                 time.sleep(1)
 
-    def kill_command(self) -> None:
-        roots = [psutil.Process()]  # the runner is a subreaper: orphans come back to it
-        pgid = None
-        if self.proc is not None:
-            pgid = self.proc.pid
-        try:
-            kill_tree(list(roots[0].children(recursive=True)), pgid, grace=3.0)
-        except psutil.Error:
-            pass
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
     def done(self, status: str, **extra) -> None:
         write_json_atomic(
-            self.dir / "done.json", {"status": status, **extra}, mode=0o644, durable=False
+            self.dir / "done.json", {"status": status, **extra}, mode=0o600, durable=False
         )
+
+    def fetch_inputs(self) -> None:
+        """Each input object into the input dir (a copy: the job may not change the
+        stored object), fetched from a peer if this instance does not hold it."""
+        taken: set[str] = set()
+        for inp in self.spec.get("inputs", []):
+            src = transfer.fetch(
+                self.store, inp["sha256"], inp["size"], inp["sources"], inp.get("token")
+            )
+            name = inp["name"].replace("/", "_") or inp["sha256"]
+            if name in taken:
+                name = f"{inp['sha256'][:12]}-{name}"
+            taken.add(name)
+            dest = self.sandbox.inputs / name
+            shutil.copyfile(src, dest)
+            self.sandbox.give(dest)
+
+    def unpack_workdir(self) -> None:
+        """The shipped working directory, extracted safely as the private work dir."""
+        wd = self.spec.get("workdir")
+        if not wd:
+            return
+        from corral.agent.sandbox.workdir import extract
+
+        src = transfer.fetch(self.store, wd["sha256"], wd["size"], wd["sources"], wd.get("token"))
+        extract(src, self.sandbox.work)
+        self.sandbox.give(self.sandbox.work)
 
     # -- the whole attempt ----------------------------------------------------------------------
 
@@ -220,7 +272,7 @@ class Runner:
         write_json_atomic(
             self.dir / "runner.pid",
             {"pid": os.getpid(), "create_time": psutil.Process().create_time()},
-            mode=0o644,
+            mode=0o600,
             durable=False,
         )
         if not self.acquire_job_lock():
@@ -229,6 +281,7 @@ class Runner:
             # never started and the reaper requeues it after the start timeout.
             self.done("lock_timeout", reason="another runner of this job holds its lock")
             return EXIT_STALE
+        self.end_earlier_attempts()
         try:
             self.call("start")
         except (Stale, Unreachable) as exc:
@@ -236,78 +289,91 @@ class Runner:
             return EXIT_STALE
         shipper = threading.Thread(target=self.ship_logs, daemon=True)
         shipper.start()  # it also heartbeats the attempt while inputs arrive
-        work, outputs, inputs = (self.dir / d for d in ("work", "outputs", "inputs"))
-        for d in (work, outputs, inputs):
-            d.mkdir(exist_ok=True)
         try:
-            self.fetch_inputs(inputs)
+            return self._run_started(shipper)
+        finally:
+            self.sandbox.remove()
+
+    def _lost(self, shipper: threading.Thread, reason: str) -> int:
+        """The attempt could not run here (not the job's fault): report it lost so
+        the job is tried again."""
+        self.stale.set()
+        shipper.join()
+        try:
+            self.call_anyway("lost", {"reason": reason[:4000]})
+        except (Stale, Unreachable):
+            pass
+        self.done("lost", reason=reason)
+        return EXIT_STALE
+
+    def _run_started(self, shipper: threading.Thread) -> int:
+        try:
+            self.sandbox.prepare(self.spec.get("cpus") or 0, self.spec.get("memory_mb") or 0)
+        except OSError as exc:
+            return self._lost(shipper, f"cannot prepare the attempt's sandbox: {exc}")
+        try:
+            self.fetch_inputs()
+            self.unpack_workdir()
         except (TransferError, OSError) as exc:
-            self.stale.set()
-            shipper.join()
-            try:
-                self.call_anyway("lost", {"reason": f"inputs unavailable: {exc}"[:4000]})
-            except (Stale, Unreachable):
-                pass
-            self.done("lost", reason=str(exc))
-            return EXIT_STALE
-        env = {
-            **os.environ,
-            **self.spec.get("env", {}),
-            "CORRAL_JOB_ID": str(self.job_id),
-            "CORRAL_ATTEMPT": str(self.attempt),
-            "CORRAL_INSTANCE_ID": self.spec.get("instance_id") or "",
-            "CORRAL_OUTPUT_DIR": str(outputs),
-            "CORRAL_INPUT_DIR": str(inputs),
-        }
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return self._lost(shipper, f"no space left on device for inputs: {exc}")
+            return self._lost(shipper, f"inputs unavailable: {exc}")
+        except Exception as exc:  # an unsafe or damaged working directory archive
+            return self._end_early(shipper, None, f"workdir: {exc}")
+        env = self.sandbox.environment(
+            self.spec.get("env", {}),
+            {
+                "CORRAL_JOB_ID": str(self.job_id),
+                "CORRAL_ATTEMPT": str(self.attempt),
+                "CORRAL_INSTANCE_ID": self.spec.get("instance_id") or "",
+                "CORRAL_OUTPUT_DIR": str(self.sandbox.outputs),
+                "CORRAL_INPUT_DIR": str(self.sandbox.inputs),
+                "CORRAL_WORKDIR": str(self.sandbox.work),
+            },
+        )
         command = self.spec["command"]
         try:
-            self.proc = subprocess.Popen(
-                command,
-                cwd=work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                pass_fds=() if self.lock_fd is None else (self.lock_fd,),
-            )
+            proc = self.sandbox.spawn(command, env)
         except FileNotFoundError:
-            return self.finish(127, f"command not found: {command[0]}")
+            return self._end_early(shipper, 127, f"command not found: {command[0]}")
         except PermissionError:
-            return self.finish(126, f"permission denied: {command[0]}")
-        except OSError as exc:
-            return self.finish(126, f"cannot run {command[0]}: {exc.strerror or exc}")
+            return self._end_early(shipper, 126, f"permission denied: {command[0]}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return self._end_early(
+                shipper, 126, f"cannot run {command[0]}: {getattr(exc, 'strerror', None) or exc}"
+            )
         write_json_atomic(
             self.dir / "command.json",
             {
-                "pid": self.proc.pid,
-                "pgid": self.proc.pid,
-                "create_time": psutil.Process(self.proc.pid).create_time(),
+                "pid": proc.pid,
+                "pgid": proc.pid,
+                "create_time": psutil.Process(proc.pid).create_time(),
             },
-            mode=0o644,
+            mode=0o600,
             durable=False,
         )
         readers = [
-            threading.Thread(target=self.read_stream, args=(self.proc.stdout, "out"), daemon=True),
-            threading.Thread(target=self.read_stream, args=(self.proc.stderr, "err"), daemon=True),
+            threading.Thread(target=self.read_stream, args=(proc.stdout, "out"), daemon=True),
+            threading.Thread(target=self.read_stream, args=(proc.stderr, "err"), daemon=True),
         ]
         for t in readers:
             t.start()
         while True:
             try:
-                code = self.proc.wait(timeout=0.2)
+                returncode = proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
                 if self.stale.is_set() or self.terminated.is_set():
-                    self.kill_command()
+                    self.sandbox.kill(KILL_GRACE)
                     if self.terminated.is_set():
                         self.done("killed", reason="runner terminated")
                         return 0
                     self.done("stale", reason="the server refused this attempt's token")
                     return EXIT_STALE
-        # the command is done; anything it left in its session goes too (and with it
-        # any pipe a leftover process still holds, so the readers reach end of file)
-        self.kill_command()
+        # the command is done; anything it left (in its cgroup, its session, or
+        # re-parented to this subreaper) goes too, and with it any pipe a leftover
+        # process still holds, so the readers reach end of file
+        self.sandbox.kill(KILL_GRACE)
         for t in readers:
             t.join()
         if self.terminated.is_set():
@@ -321,60 +387,39 @@ class Runner:
         if self.stale.is_set():
             self.done("stale", reason="the server refused this attempt's token")
             return EXIT_STALE
+        stats = self.sandbox.stats()
+        code, reason = command_result(returncode, stats.oom_kills, self.spec.get("memory_mb") or 0)
+        measured = {
+            "cpu_seconds": stats.cpu_seconds,
+            "peak_memory_mb": stats.peak_memory_mb,
+            "limits_enforced": self.sandbox.limits_enforced,
+        }
         try:
-            produced = self.collect_outputs(outputs)
+            collected = self.sandbox.collect(self.store)
         except OSError as exc:
-            return self.finish(
-                code if code >= 0 else 128 - code, f"could not store the job's outputs: {exc}"
-            )
-        if code < 0:
-            return self.finish(
-                128 - code, f"killed by signal {signal.Signals(-code).name}", produced
-            )
-        return self.finish(code, None, produced)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return self.finish(None, DISK_FULL, measured=measured)
+            return self.finish(None, f"could not store the job's outputs: {exc}", measured=measured)
+        return self.finish(code, reason, collected.outputs, {**measured, "notes": collected.notes})
 
-    def fetch_inputs(self, into: Path) -> None:
-        """Each input object into the input dir (a copy: the job may not change the
-        stored object), fetched from a peer if this instance does not hold it."""
-        store = ObjectStore(Path(self.spec["data_dir"]))
-        taken: set[str] = set()
-        for inp in self.spec.get("inputs", []):
-            src = transfer.fetch(
-                store, inp["sha256"], inp["size"], inp["sources"], inp.get("token")
-            )
-            name = inp["name"].replace("/", "_") or inp["sha256"]
-            if name in taken:
-                name = f"{inp['sha256'][:12]}-{name}"
-            taken.add(name)
-            shutil.copyfile(src, into / name)
+    def _end_early(self, shipper: threading.Thread, code: int | None, reason: str) -> int:
+        """The command never ran: say why, as the attempt's result."""
+        self.logs.stream_closed()
+        self.logs.stream_closed()
+        shipper.join()
+        return self.finish(code, reason, measured={"limits_enforced": self.sandbox.limits_enforced})
 
-    def collect_outputs(self, outputs: Path) -> list[dict]:
-        """Every regular file under the output dir becomes an object in the store."""
-        store = ObjectStore(Path(self.spec["data_dir"]))
-        produced = []
-        for root, dirs, files in os.walk(outputs, followlinks=False):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(root) / name
-                rel = path.relative_to(outputs).as_posix()
-                if path.is_symlink() or not path.is_file():
-                    print(f"runner: output {rel} is not a regular file; skipped", file=sys.stderr)
-                    continue
-                sha, size = store.add_file(path)
-                produced.append({"path": rel, "sha256": sha, "size": size})
-        return produced
-
-    def call_anyway(self, action: str, body: dict) -> dict:
-        """A call made after this runner stopped shipping (it clears the stale flag
-        it set to stop the shipper; a real 409 sets it again)."""
-        self.stale.clear()
-        return self.call(action, body, deadline=time.monotonic() + 30)
-
-    def finish(self, exit_code: int, reason: str | None, outputs: list | None = None) -> int:
+    def finish(
+        self,
+        exit_code: int | None,
+        reason: str | None,
+        outputs: list | None = None,
+        measured: dict | None = None,
+    ) -> int:
+        body = {"exit_code": exit_code, "reason": reason, "outputs": outputs or []}
+        body.update({k: v for k, v in (measured or {}).items() if v is not None})
         try:
-            reply = self.call(
-                "finish", {"exit_code": exit_code, "reason": reason, "outputs": outputs or []}
-            )
+            reply = self.call("finish", body)
         except (Stale, Unreachable) as exc:
             self.done("stale", reason=str(exc))
             return EXIT_STALE

@@ -1,8 +1,10 @@
 """Runner supervision: start, watch, kill and reap one runner process per attempt.
 
-Everything needed to find a runner again lives in its attempt directory, so an agent
-that restarts (even after SIGKILL) adopts the runners its previous incarnation
-started instead of losing track of them.
+Everything needed to find a runner again lives in its attempt directory (root-only,
+in the agent's data dir) and its attempt's cgroup, so an agent that restarts (even
+after SIGKILL) adopts the runners its previous incarnation started instead of losing
+track of them, and kills through the cgroup whatever of an attempt outlived its
+runner (a daemon in its own session included).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +25,7 @@ import psutil
 from corral.agent.artifacts import Installer
 from corral.agent.identity import write_json_atomic
 from corral.agent.proctree import kill_tree, same_process
+from corral.agent.sandbox.host import Host
 from corral.api import ObservedAttempt, StartOrder
 
 log = logging.getLogger("corral.agent.supervisor")
@@ -54,6 +58,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def runner_environment() -> dict[str, str]:
+    """A runner gets what it needs to run, not the agent's environment (which may
+    hold a join token): the job's own environment is built from scratch anyway."""
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "VIRTUAL_ENV")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
 def _reap_if_child(pid: int) -> None:
     """A runner adopted across a re-exec is still our child: collect its exit status
     so it does not linger as a zombie."""
@@ -70,6 +81,7 @@ class Supervisor:
         servers: list[str],
         instance_id: str | None = None,
         installer: Installer | None = None,
+        host: Host | None = None,
     ):
         self.data_dir = data_dir
         self.attempts_dir = data_dir / "attempts"
@@ -77,8 +89,9 @@ class Supervisor:
         self.servers = servers
         self.instance_id = instance_id
         self.installer = installer
+        self.host = host or Host("plain", str(data_dir / "jobs"), "", os.getuid(), os.getgid())
         self.tracked: dict[tuple[int, int], Tracked] = {}
-        self.attempts_dir.mkdir(parents=True, exist_ok=True)
+        self.attempts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @staticmethod
     def dirname(job_id: int, attempt: int) -> str:
@@ -87,7 +100,8 @@ class Supervisor:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def adopt(self) -> None:
-        """Take over the runners an earlier incarnation of this agent left running."""
+        """Take over the runners an earlier incarnation of this agent left running, and
+        kill any attempt's cgroup that has no attempt directory any more."""
         for d in sorted(self.attempts_dir.iterdir()):
             spec = _read_json(d / "spec.json")
             if spec is None:
@@ -96,13 +110,21 @@ class Supervisor:
             key = (spec["job_id"], spec["attempt"])
             self.tracked[key] = Tracked(spec["job_id"], spec["attempt"], spec["token"], d)
             log.info("adopted attempt %s/%s", *key)
+        cg = self.host.cgroups
+        for key in cg.attempts() if cg is not None else []:
+            if key not in self.tracked and cg is not None:
+                group = cg.attempt(*key)
+                group.kill()
+                group.remove()
+                log.warning("killed the leftovers of attempt %s/%s (no runner)", *key)
 
     def start(self, order: StartOrder) -> None:
         key = (order.job_id, order.attempt)
         if key in self.tracked:
             return
         d = self.attempts_dir / self.dirname(*key)
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        job_dir = Path(self.host.jobs_dir) / f"{self.dirname(*key)}-{secrets.token_hex(6)}"
         write_json_atomic(
             d / "spec.json",
             {
@@ -111,11 +133,17 @@ class Supervisor:
                 "token": order.token,
                 "command": order.command,
                 "env": order.env,
+                "cpus": order.cpus,
+                "memory_mb": order.memory_mb,
+                "log_limit": order.log_limit,
                 "servers": self.servers,
                 "instance_id": self.instance_id,
                 "data_dir": str(self.data_dir),
                 "inputs": [i.model_dump() for i in order.inputs],
+                "workdir": order.workdir.model_dump() if order.workdir else None,
                 "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
+                "job_dir": str(job_dir),
+                "sandbox": self.host.to_json(),
             },
             durable=False,
         )
@@ -126,6 +154,7 @@ class Supervisor:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                env=runner_environment(),
             )
         self.tracked[key] = Tracked(order.job_id, order.attempt, order.token, d, popen)
         log.info("started runner for attempt %s/%s (pid %d)", *key, popen.pid)
@@ -160,6 +189,21 @@ class Supervisor:
         info = _read_json(t.dir / "command.json")
         return info["pgid"] if info else None
 
+    def _end_attempt(self, t: Tracked) -> None:
+        """Whatever of the attempt is left dies: through its cgroup, whatever it did
+        with sessions and forks; without cgroups, its command's process group."""
+        cg = self.host.cgroups
+        if cg is not None:
+            group = cg.attempt(t.job_id, t.attempt)
+            group.kill(grace=2.0)
+            group.remove()
+        pgid = self._command_pgid(t)
+        if cg is None and pgid is not None:
+            kill_tree([], pgid, grace=2.0)
+        spec = _read_json(t.dir / "spec.json")
+        if spec and spec.get("job_dir"):
+            shutil.rmtree(spec["job_dir"], ignore_errors=True)
+
     def reap(self) -> list[Ended]:
         """Collect runners that are gone; say which ended without reporting."""
         ended = []
@@ -168,9 +212,7 @@ class Supervisor:
                 continue
             done = _read_json(t.dir / "done.json")
             # the command may outlive a runner that was SIGKILLed: take it down too
-            pgid = self._command_pgid(t)
-            if pgid is not None:
-                kill_tree([], pgid, grace=2.0)
+            self._end_attempt(t)
             if done is None:
                 code = t.popen.returncode if t.popen is not None else None
                 ended.append(
@@ -197,9 +239,12 @@ class Supervisor:
         t = self.tracked.get((job_id, attempt))
         if t is None:
             return False
-        write_json_atomic(
-            t.dir / "done.json", {"status": "killed", "reason": reason}, 0o644, durable=False
-        )
+        try:
+            write_json_atomic(
+                t.dir / "done.json", {"status": "killed", "reason": reason}, 0o600, durable=False
+            )
+        except OSError:  # e.g. a full disk: the kill matters more than the note
+            pass
         runner = self._runner(t)
         if runner is not None:
             # the runner takes its command's tree down on SIGTERM; give it the chance
@@ -208,7 +253,8 @@ class Supervisor:
                 runner.wait(timeout=8)
             except (psutil.NoSuchProcess, psutil.TimeoutExpired):
                 pass
-        kill_tree([runner] if runner is not None else [], self._command_pgid(t), grace=2.0)
+        kill_tree([runner] if runner is not None else [], None, grace=2.0)
+        self._end_attempt(t)
         if t.popen is not None:
             try:
                 t.popen.wait(timeout=5)

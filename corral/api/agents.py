@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -10,6 +10,7 @@ from corral.api.common import NAME_PATTERN, Sha256, Strict
 from corral.api.components import InstallOrder, ObservedComponent
 from corral.api.objects import Fetch, ObjectError
 from corral.domain.instances import InstanceState
+from corral.domain.sandbox import DEFAULT_LOG_LIMIT
 
 
 class RegisterRequest(Strict):
@@ -21,6 +22,12 @@ class RegisterRequest(Strict):
     agent_version: str | None = Field(default=None, max_length=100)
     fleet: str | None = Field(default=None, pattern=NAME_PATTERN)
     peer_url: str | None = Field(default=None, max_length=500)
+    sandbox: str | None = Field(
+        default=None, max_length=500, description="how this agent contains its attempts"
+    )
+    sandbox_warnings: list[Annotated[str, Field(max_length=1000)]] = Field(
+        default_factory=list, max_length=20, description="what it cannot isolate here"
+    )
 
 
 class RegisterReply(BaseModel):
@@ -68,6 +75,8 @@ class StartOrder(BaseModel):
     cpus: float
     memory_mb: int
     inputs: list[Fetch] = Field(default_factory=list)
+    workdir: Fetch | None = None
+    log_limit: int = DEFAULT_LOG_LIMIT
 
 
 class KillOrder(BaseModel):

@@ -23,11 +23,23 @@ class Strict(BaseModel):
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 
 
-def parse_memory_mb(text: str) -> int:
-    """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
+def _parse_size(text: str, default_unit: str, examples: str) -> float:
+    """A size in KiB-based units: its value in bytes for `default_unit` 'b', in MiB
+    for 'm'."""
     m = _MEMORY.match(text)
     if not m:
-        raise ValueError(f"{text!r} is not a size (examples: 512M, 2G)")
-    value, unit = float(m.group(1)), (m.group(2) or "m")[0].lower()
-    factor = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
-    return int(value * factor)
+        raise ValueError(f"{text!r} is not a size (examples: {examples})")
+    value, unit = float(m.group(1)), (m.group(2) or default_unit)[0].lower()
+    exponent = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit]
+    base = {"b": 0, "m": 2}[default_unit]
+    return value * 1024.0 ** (exponent - base)
+
+
+def parse_memory_mb(text: str) -> int:
+    """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
+    return int(_parse_size(text, "m", "512M, 2G"))
+
+
+def parse_bytes(text: str) -> int:
+    """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
+    return int(_parse_size(text, "b", "512K, 64M, 1G"))

@@ -35,6 +35,7 @@ class InstanceView(BaseModel):
     provision_error: str | None = Field(default=None, description="the last provisioning error")
     provision_attempts: int = 0
     provision_next_at: float | None = Field(default=None, description="when it is retried")
+    sandbox: str | None = Field(default=None, description="how its agent contains attempts")
 
 
 class ServerView(BaseModel):

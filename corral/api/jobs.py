@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Strict
+from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Sha256, Strict
 from corral.domain.jobs import AttemptState, JobState
+from corral.domain.sandbox import DEFAULT_LOG_LIMIT, text_problem
+
+MAX_LOG_LIMIT = 2**40
 
 
 class JobSubmit(Strict):
@@ -25,12 +28,33 @@ class JobSubmit(Strict):
         max_length=1000,
         description="object ids (sha256) fetched before the command starts",
     )
+    workdir: Sha256 | None = Field(
+        default=None,
+        description="object id of a packed working directory (`corral run -w DIR`): the "
+        "attempt starts in a private extracted copy, $CORRAL_WORKDIR",
+    )
+    log_limit: int = Field(
+        default=DEFAULT_LOG_LIMIT,
+        ge=1024,
+        le=MAX_LOG_LIMIT,
+        description="bytes of output kept per attempt; past it the log says so and the job goes on",
+    )
 
     @field_validator("command")
     @classmethod
     def _argv0(cls, v: list[str]) -> list[str]:
         if not v[0].strip():
             raise ValueError("command[0] must not be empty")
+        for i, arg in enumerate(v):
+            if why := text_problem(arg):
+                raise ValueError(f"command[{i}] {why}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and (why := text_problem(v)):
+            raise ValueError(f"name {why}")
         return v
 
     @field_validator("inputs")
@@ -45,9 +69,13 @@ class JobSubmit(Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not key or "=" in key or "\0" in key:
+        for key, value in v.items():
+            if why := text_problem(key):
+                raise ValueError(f"the name of variable {key!r} {why}")
+            if not key or "=" in key:
                 raise ValueError(f"invalid environment variable name: {key!r}")
+            if why := text_problem(value):
+                raise ValueError(f"the value of {key} {why}")
         return v
 
 
@@ -60,6 +88,12 @@ class AttemptView(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    cpu_seconds: float | None = Field(default=None, description="CPU time of all its processes")
+    peak_memory_mb: int | None = Field(default=None, description="peak memory of its cgroup")
+    limits_enforced: str | None = Field(
+        default=None, description="which of --cpus/--memory the host enforced"
+    )
+    notes: list[str] = Field(default_factory=list, description="e.g. outputs skipped, and why")
 
 
 class JobView(BaseModel):
@@ -80,6 +114,11 @@ class JobView(BaseModel):
     finished_at: float | None
     result_attempt: int | None = Field(description="the attempt whose result is recorded")
     attempts: list[AttemptView] = Field(default_factory=list)
+    workdir: str | None = None
+    log_limit: int = DEFAULT_LOG_LIMIT
+    notes: list[str] = Field(
+        default_factory=list, description="notes of the attempt whose result is recorded"
+    )
 
 
 class LogChunkView(BaseModel):
@@ -127,6 +166,10 @@ class AttemptFinish(Strict):
     exit_code: int | None = None
     reason: str | None = Field(default=None, max_length=4000)
     outputs: list[OutputFile] = Field(default_factory=list, max_length=100_000)
+    notes: list[Annotated[str, Field(max_length=2000)]] = Field(default_factory=list, max_length=20)
+    cpu_seconds: float | None = Field(default=None, ge=0)
+    peak_memory_mb: int | None = Field(default=None, ge=0)
+    limits_enforced: str | None = Field(default=None, max_length=200)
 
 
 class AttemptLost(Strict):

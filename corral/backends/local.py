@@ -42,6 +42,15 @@ class _Agent:
     history: list[int] = field(default_factory=list)
 
 
+def agent_environment() -> dict[str, str]:
+    """An agent inherits the server's environment minus its secrets."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CORRAL_TOKEN", "CORRAL_JOIN_TOKEN") and not k.startswith("AWS_")
+    }
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -50,14 +59,14 @@ class LocalBackend(Backend):
         base_dir: Path,
         *,
         server_urls: list[str] | None = None,
-        join_token: str | None = None,
+        join_token_file: Path | None = None,
         cpus: float | None = None,
         memory_mb: int | None = None,
         extra_args: list[str] | None = None,
     ):
         self.base_dir = Path(base_dir)
         self.server_urls = server_urls or []
-        self.join_token = join_token
+        self.join_token_file = join_token_file
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.extra_args = extra_args or []
@@ -162,8 +171,10 @@ class LocalBackend(Backend):
         ]
         for url in self.server_urls:
             cmd += ["--server", url]
-        if self.join_token:
-            cmd += ["--join-token", self.join_token]
+        if self.join_token_file:  # a 0600 file: never the token on a command line
+            cmd += ["--join-token-file", str(self.join_token_file)]
+        # the server's own data dir (tokens, database) is none of a job's business
+        cmd += ["--hide", str(self.base_dir)]
         cpus = agent.cpus if agent.cpus is not None else self.cpus
         memory = agent.memory_mb if agent.memory_mb is not None else self.memory_mb
         if cpus is not None:
@@ -184,6 +195,7 @@ class LocalBackend(Backend):
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                env=agent_environment(),
             )
         log.info("started agent %s (pid %d)", agent.name, agent.proc.pid)
 

@@ -10,10 +10,12 @@ import contextlib
 import shlex
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import typer
 
+from corral.api import common
 from corral.api.common import parse_memory_mb
 from corral.client.render import ago, console, err_console, print_json, styled, table
 from corral.client.sdk import Client, CorralError
@@ -64,6 +66,28 @@ def parse_memory(text: str) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
+def parse_bytes(text: str, option: str) -> int:
+    """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
+    try:
+        return common.parse_bytes(text)
+    except ValueError as exc:
+        fail(f"{option} {exc}", 2)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (comments, blank lines, `export`, quotes: dotenv's syntax)."""
+    from dotenv import dotenv_values
+
+    if not path.is_file():
+        fail(f"--env-file {path}: no such file", 2)
+    out = {}
+    for key, value in dotenv_values(path).items():
+        if value is None:
+            fail(f"--env-file {path}: {key} has no value (expected KEY=VALUE)", 2)
+        out[key] = value
+    return out
+
+
 def exit_code_of(job) -> int:
     if job.job_state == "succeeded":
         return 0
@@ -89,15 +113,31 @@ def run(
         "-i",
         help="object id (from corral put) the job reads from $CORRAL_INPUT_DIR (repeatable)",
     ),
+    workdir: Path | None = typer.Option(
+        None,
+        "--workdir",
+        "-w",
+        help="ship this directory (minus .gitignore/.corralignore) as the job's working "
+        "directory, $CORRAL_WORKDIR",
+    ),
+    workdir_limit: str = typer.Option("100M", help="refuse a --workdir bigger than this"),
+    env_file: list[Path] = typer.Option(
+        [], "--env-file", help="KEY=VALUE lines for the job (repeatable; -e wins)"
+    ),
+    log_limit: str | None = typer.Option(
+        None, help="output kept per attempt, e.g. 64M (the default); the job goes on past it"
+    ),
     detach: bool = typer.Option(False, "--detach", "-d", help="print the job id and return"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Submit a job. Without --detach, stream its output and exit with its exit code.
 
-    Example: corral run --cpus 2 -- python train.py --epochs 3
+    Example: corral run -w . --cpus 2 -- python train.py --epochs 3
 
-    Files the job writes to $CORRAL_OUTPUT_DIR become its outputs (corral outputs ID).
+    -w ships your code: the job starts in a private copy of DIR (uploaded once; an
+    unchanged tree is not uploaded again). Files the job writes to $CORRAL_OUTPUT_DIR
+    become its outputs (corral outputs ID).
 
     Ctrl-C stops following; the job keeps running (cancel it with `corral cancel ID`).
     """
@@ -106,17 +146,33 @@ def run(
     if not command:
         fail("no command given: corral run -- CMD [ARGS...]", 2)
     envs = {}
+    for f in env_file:
+        envs.update(read_env_file(f))
     for item in env:
         key, sep, value = item.partition("=")
         if not sep or not key:
             fail(f"--env {item!r}: expected KEY=VALUE", 2)
         envs[key] = value
-    options = dict(
+    options: dict = dict(
         fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs, inputs=inputs
     )
     if memory is not None:
         options["memory_mb"] = parse_memory(memory)
+    if log_limit is not None:
+        options["log_limit"] = parse_bytes(log_limit, "--log-limit")
     with client(server, token) as c:
+        if workdir is not None:
+            from corral.client.workdir import WorkdirError, ship
+
+            try:
+                options["workdir"] = ship(
+                    c,
+                    workdir,
+                    parse_bytes(workdir_limit, "--workdir-limit"),
+                    lambda note: err_console.print(f"[dim]{note}[/dim]", highlight=False),
+                )
+            except (WorkdirError, OSError) as exc:
+                fail(str(exc), 2)
         try:
             job = c.submit(command, **{k: v for k, v in options.items() if v is not None})
         except ValueError as exc:  # pydantic validation on the client side
@@ -221,6 +277,10 @@ def job(
         console.print(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")
     if j.reason:
         console.print(f"  reason    {j.reason}", highlight=False)
+    for note in j.notes:
+        console.print(f"  note      {note}", highlight=False)
+    if j.workdir:
+        console.print(f"  workdir   {j.workdir[:16]}…")
     console.print(
         f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
         f"finished {ago(j.finished_at)}"
@@ -228,9 +288,18 @@ def job(
     if j.attempts:
         table(
             None,
-            ["ATTEMPT", "STATE", "INSTANCE", "EXIT", "REASON", "STARTED"],
+            ["ATTEMPT", "STATE", "INSTANCE", "EXIT", "CPU", "PEAK MEM", "LIMITS", "REASON"],
             [
-                (a.number, styled(a.state), a.instance_id, a.exit_code, a.reason, ago(a.started_at))
+                (
+                    a.number,
+                    styled(a.state),
+                    a.instance_id,
+                    a.exit_code,
+                    f"{a.cpu_seconds:.2f}s" if a.cpu_seconds is not None else None,
+                    f"{a.peak_memory_mb} MB" if a.peak_memory_mb is not None else None,
+                    a.limits_enforced,
+                    a.reason,
+                )
                 for a in j.attempts
             ],
         )
@@ -291,7 +360,18 @@ def instances(
         return print_json(rows)
     table(
         None,
-        ["NAME", "ID", "FLEET", "STATE", "CPUS", "MEMORY", "ATTEMPTS", "HEARTBEAT", "PROVISION"],
+        [
+            "NAME",
+            "ID",
+            "FLEET",
+            "STATE",
+            "CPUS",
+            "MEMORY",
+            "ATTEMPTS",
+            "HEARTBEAT",
+            "SANDBOX",
+            "PROVISION",
+        ],
         [
             (
                 i.name,
@@ -302,6 +382,7 @@ def instances(
                 f"{i.memory_mb} MB",
                 i.running_attempts,
                 ago(i.last_heartbeat_at),
+                i.sandbox,
                 provisioning(i),
             )
             for i in rows

@@ -255,16 +255,21 @@ class Client:
         return dest
 
     def put(
-        self, path, name: str | None = None, on_progress: Callable[[int], None] | None = None
+        self,
+        path,
+        name: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        wait: float = 60,
     ) -> ObjectView:
-        """Upload a file as an object that lives on the instances (a job input)."""
+        """Upload a file as an object that lives on the instances (a job input); the
+        answer comes once an instance holds it, or after `wait` seconds."""
         from pathlib import Path
 
         return ObjectView.model_validate(
             self._call(
                 "PUT",
                 "/api/v1/objects",
-                params={"name": name or Path(path).name},
+                params={"name": name or Path(path).name, "wait": wait},
                 content=_file_chunks(path, on_progress),
                 timeout=900,
             )

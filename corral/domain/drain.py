@@ -2,9 +2,13 @@
 instance may retire. Pure functions over snapshots the store passes in.
 
 An object is safe when it has a present replica on a `running`, reachable instance
-other than the one leaving, or a copy in durable storage. An instance retires only
-when nothing of it is unsafe and no attempt of it is live; recipients are always
-running, reachable instances, the emptiest first.
+other than the one leaving, or a copy in durable storage. Only a verified replica
+counts: `present` comes from an agent's own report of bytes it holds and hashed (and,
+for an object that already had a verified copy elsewhere, a proof the server checked);
+an `unverified` claim (a runner's finish, or a report not yet proven) never makes an
+object safe, but an object the leaving instance only claims is still at risk. An
+instance retires only when nothing of it is unsafe and no attempt of it is live;
+recipients are always running, reachable instances, the emptiest first.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ class ObjectState(StrEnum):
 
 class ReplicaState(StrEnum):
     PENDING = "pending"  # a copy is ordered onto this instance
-    PRESENT = "present"  # the instance holds it
+    PRESENT = "present"  # the instance holds it (its agent's own report, verified)
+    UNVERIFIED = "unverified"  # claimed (a runner's finish, an unproven report), not trusted
     FAILED = "failed"  # the ordered copy failed
     MISSING = "missing"  # the instance no longer reports it
     DROPPED = "dropped"  # its instance retired
@@ -45,6 +50,7 @@ class ObjectInfo:
     # (recipient, when) of copies of it that failed lately: a recipient that cannot
     # reach the holders (a partition between two hosts) is not asked first again
     failed: tuple[tuple[str, float], ...] = ()
+    claims: tuple[str, ...] = ()  # instances with an unverified replica
 
 
 def safe_without(obj: ObjectInfo, leaving: str) -> bool:
@@ -55,11 +61,12 @@ def safe_without(obj: ObjectInfo, leaving: str) -> bool:
 
 
 def at_risk(objects: list[ObjectInfo], leaving: str) -> list[ObjectInfo]:
-    """Objects held by `leaving` that would be lost without it."""
+    """Objects held (or claimed) by `leaving` that would be lost without it."""
     return [
         o
         for o in objects
-        if any(h.instance_id == leaving for h in o.holders) and not safe_without(o, leaving)
+        if (any(h.instance_id == leaving for h in o.holders) or leaving in o.claims)
+        and not safe_without(o, leaving)
     ]
 
 

@@ -42,6 +42,7 @@ from corral.server.loops.presence import presence_once
 from corral.server.loops.reaper import reap_once
 from corral.server.loops.reconciler import reconcile_once
 from corral.server.loops.runner import run_loop
+from corral.server.loops.verifier import prove_once
 from corral.store import events, servers, tokens
 from corral.store.db import Database
 from corral.store.migrate import migrate
@@ -197,6 +198,7 @@ def start_loops(ctx: ServerContext) -> list[asyncio.Task]:
         ("fleets", provision_once, 2.0, "fleets"),
         ("reconciler", reconcile_once, cfg.reconcile_interval, "reconcile"),
         ("drainer", drain_once, cfg.drain_interval, "drain"),
+        ("verifier", prove_once, max(cfg.drain_interval, 2.0), None),
         ("autoscaler", autoscale_once, cfg.autoscale_interval, None),
     ]
     loop = asyncio.get_running_loop()

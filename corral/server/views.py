@@ -11,10 +11,12 @@ from corral.api import (
     RolloutView,
     ServerView,
 )
+from corral.domain.sandbox import DEFAULT_LOG_LIMIT
 from corral.store import components, fleets
 
 
 def job_view(row, attempts=()) -> JobView:
+    result = next((a for a in attempts if a["number"] == row["result_attempt"]), None)
     return JobView(
         id=row["id"],
         name=row["name"],
@@ -33,6 +35,9 @@ def job_view(row, attempts=()) -> JobView:
         finished_at=row["finished_at"],
         result_attempt=row["result_attempt"],
         attempts=[attempt_view(a) for a in attempts],
+        workdir=row["workdir"],
+        log_limit=row["log_limit"] or DEFAULT_LOG_LIMIT,
+        notes=(result["notes"] or []) if result is not None else [],
     )
 
 
@@ -46,6 +51,10 @@ def attempt_view(a) -> AttemptView:
         created_at=a["created_at"],
         started_at=a["started_at"],
         finished_at=a["finished_at"],
+        cpu_seconds=a["cpu_seconds"],
+        peak_memory_mb=a["peak_memory_mb"],
+        limits_enforced=a["limits_enforced"],
+        notes=a["notes"] or [],
     )
 
 
@@ -72,6 +81,7 @@ def instance_view(row) -> InstanceView:
         provision_error=row["provision_error"],
         provision_attempts=row["provision_attempts"] or 0,
         provision_next_at=row["provision_next_at"],
+        sandbox=row["sandbox"],
     )
 
 

@@ -16,6 +16,7 @@ from corral.api import KillOrder, ObservedAttempt, StartOrder
 from corral.domain.instances import InstanceState
 from corral.domain.jobs import LIVE_ATTEMPT_STATES, AttemptState, JobState
 from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
+from corral.domain.sandbox import DEFAULT_LOG_LIMIT
 from corral.domain.tokens import hash_secret, same_hash
 from corral.store import jobs as jobs_repo
 from corral.store import objects
@@ -184,6 +185,8 @@ async def deliver_attempts(
                     jobs.c.cpus,
                     jobs.c.memory_mb,
                     jobs.c.inputs,
+                    jobs.c.workdir,
+                    jobs.c.log_limit,
                 )
                 .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
                 .where(
@@ -218,6 +221,11 @@ async def deliver_attempts(
                 if r["inputs"]
                 else []
             )
+            workdir = (
+                await objects.fetches_for(conn, instance_id, [r["workdir"]], now, server_url)
+                if r["workdir"]
+                else []
+            )
             orders.append(
                 StartOrder(
                     job_id=r["job_id"],
@@ -228,6 +236,8 @@ async def deliver_attempts(
                     cpus=r["cpus"],
                     memory_mb=r["memory_mb"],
                     inputs=inputs,
+                    workdir=workdir[0] if workdir else None,
+                    log_limit=r["log_limit"] or DEFAULT_LOG_LIMIT,
                 )
             )
     return orders

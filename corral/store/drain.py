@@ -59,7 +59,8 @@ async def object_infos(
     first, and none of them again within RETRY_FAILED_COPY_AFTER, so a dead source is
     not asked on every tick)."""
     mine = sa.select(replicas.c.sha256).where(
-        replicas.c.instance_id == instance_id, replicas.c.state == objs.PRESENT
+        replicas.c.instance_id == instance_id,
+        replicas.c.state.in_([objs.PRESENT, objs.UNVERIFIED]),
     )
     rows = (
         await conn.execute(
@@ -81,9 +82,10 @@ async def object_infos(
             .where(
                 replicas.c.sha256.in_(mine),
                 sa.or_(
-                    replicas.c.state.in_([objs.PRESENT, objs.PENDING]),
-                    sa.and_(
+                    replicas.c.state.in_([objs.PRESENT, objs.PENDING, objs.UNVERIFIED]),
+                    sa.and_(  # a copy that failed (a refused claim is no copy)
                         replicas.c.state == objs.FAILED,
+                        replicas.c.delivered_at.is_not(None),
                         replicas.c.updated_at > (now or 0) - REMEMBER_FAILED_COPY,
                     ),
                 ),
@@ -100,6 +102,7 @@ async def object_infos(
                 "holders": [],
                 "pending": [],
                 "failed": [],
+                "claims": [],
             },
         )
         if r.state == objs.PRESENT:
@@ -109,6 +112,8 @@ async def object_infos(
             continue
         if r.state == objs.FAILED:
             o["failed"].append((r.instance_id, r.updated_at))
+        elif r.state == objs.UNVERIFIED:
+            o["claims"].append(r.instance_id)
         elif r.istate == InstanceState.RUNNING:
             o["pending"].append(r.instance_id)
     return [
@@ -119,6 +124,7 @@ async def object_infos(
             tuple(o["pending"]),
             o["durable"],
             tuple(o["failed"]),
+            tuple(o["claims"]),
         )
         for sha, o in sorted(by_sha.items())
     ]
@@ -257,7 +263,10 @@ async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: floa
     await instances.transition(conn, iid, InstanceState.RETIRED, now, message=None)
     await conn.execute(
         sa.update(replicas)
-        .where(replicas.c.instance_id == iid, replicas.c.state.in_([objs.PRESENT, objs.PENDING]))
+        .where(
+            replicas.c.instance_id == iid,
+            replicas.c.state.in_([objs.PRESENT, objs.PENDING, objs.UNVERIFIED]),
+        )
         .values(state=objs.DROPPED, updated_at=now, reason="instance retired")
     )
     if lost:

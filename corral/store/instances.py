@@ -91,6 +91,8 @@ async def register(
     fleet: str | None,
     peer_url: str | None,
     now: float,
+    sandbox: str | None = None,
+    sandbox_warnings: list[str] | None = None,
 ) -> Registration:
     """Register an agent. With `instance_id` (an agent that already has an identity,
     authenticated by its credential) this is a restart: same id, next incarnation.
@@ -139,6 +141,7 @@ async def register(
             host=host,
             agent_version=agent_version,
             peer_url=peer_url,
+            sandbox=sandbox,
             fleet=sa.func.coalesce(instances.c.fleet, fleet),
             registered_at=now,
             last_heartbeat_at=now,
@@ -159,6 +162,17 @@ async def register(
         f"{updated['incarnation']}, state {updated['state']}",
         instance_id=updated["id"],
     )
+    if sandbox_warnings and (row["sandbox"] != sandbox or credential is not None):
+        # once per instance and sandbox: a restart with the same limits says nothing new
+        for warning in sandbox_warnings:
+            await events.record(
+                conn,
+                now,
+                "warning",
+                "instance.sandbox",
+                f"instance {updated['name']} ({updated['id']}): {warning}",
+                instance_id=updated["id"],
+            )
     return Registration(decision, updated, credential)
 
 

@@ -29,10 +29,13 @@ from corral.domain.jobs import (
     attempt_sources,
     job_sources,
 )
+from corral.domain.sandbox import DEFAULT_LOG_LIMIT, cut_log
 from corral.domain.tokens import hash_secret, well_formed
 from corral.store import events, objects
 from corral.store.db import insert_ignoring_duplicates
 from corral.store.schema import job_attempts, jobs, log_chunks
+
+_MEASURED = ("cpu_seconds", "peak_memory_mb", "limits_enforced", "notes")
 
 
 class JobNotFound(KeyError):
@@ -129,6 +132,8 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
             max_attempts=spec.max_attempts,
+            workdir=spec.workdir,
+            log_limit=spec.log_limit,
             current_attempt=0,
             created_at=now,
             updated_at=now,
@@ -344,23 +349,47 @@ async def append_logs(
     chunks: list[tuple[int, str, bytes]],
     now: float,
 ) -> None:
-    await fence(conn, job_id, number, token, now, LIVE_ATTEMPT_STATES)
+    """Store log chunks (a retried chunk is stored once), up to the job's log limit:
+    the chunk that crosses it is cut and ends with the marker, later ones are dropped.
+    The runner cuts the same way; this holds whatever a runner sends."""
+    attempt = await fence(conn, job_id, number, token, now, LIVE_ATTEMPT_STATES)
     if not chunks:
         return
-    stmt = insert_ignoring_duplicates(conn, log_chunks).values(
-        [
+    limit = (
+        await conn.execute(sa.select(jobs.c.log_limit).where(jobs.c.id == job_id))
+    ).scalar_one() or DEFAULT_LOG_LIMIT
+    used, rows, sizes = attempt["log_bytes"] or 0, [], {}
+    for seq, stream, data in sorted(chunks):
+        kept, _cut = cut_log(used, limit, data)
+        if not kept:
+            break
+        sizes[seq] = len(kept)
+        rows.append(
             {
                 "job_id": job_id,
                 "attempt": number,
                 "seq": seq,
                 "stream": stream,
-                "data": data,
+                "data": kept,
                 "created_at": now,
             }
-            for seq, stream, data in chunks
-        ]
+        )
+        used += len(kept)
+    if not rows:
+        return
+    stmt = insert_ignoring_duplicates(conn, log_chunks).values(rows)
+    inserted = (
+        (await conn.execute(stmt.on_conflict_do_nothing().returning(log_chunks.c.seq)))
+        .scalars()
+        .all()
     )
-    await conn.execute(stmt.on_conflict_do_nothing())
+    added = sum(sizes[seq] for seq in inserted)
+    if added:
+        await conn.execute(
+            sa.update(job_attempts)
+            .where(job_attempts.c.job_id == job_id, job_attempts.c.number == number)
+            .values(log_bytes=job_attempts.c.log_bytes + added)
+        )
 
 
 async def finish_attempt(
@@ -372,10 +401,12 @@ async def finish_attempt(
     reason: str | None,
     now: float,
     outputs: list[OutputFile] | None = None,
+    measured: dict | None = None,
 ) -> tuple[str, bool]:
     """Record the command's result and its outputs, together. Returns (job state,
     recorded now?). A retry of the same finish (its reply was lost) is answered
-    without writing anything again."""
+    without writing anything again. `measured`: what the sandbox measured and noted
+    (cpu_seconds, peak_memory_mb, limits_enforced, notes)."""
     target_attempt = AttemptState.SUCCEEDED if exit_code == 0 else AttemptState.FAILED
     target_job = after_command_exit(exit_code) if exit_code is not None else JobState.FAILED
     if exit_code is None and not reason:
@@ -394,6 +425,7 @@ async def finish_attempt(
             exit_code=exit_code,
             reason=reason,
             finished_at=now,
+            **{k: v for k, v in (measured or {}).items() if k in _MEASURED},
         )
     except StaleToken:
         attempt = await get_attempt(conn, job_id, number)

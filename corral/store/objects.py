@@ -5,11 +5,19 @@ An agent serves an object to a peer (or to a server) only for a token the server
 issued for exactly that object, and the server honours the token only while its
 recipient is `running`: a draining or retired instance can never receive data,
 whatever any agent believes.
+
+A replica is `present` (what drains and retirement count) only on an agent's own
+report of bytes it holds and hashed: a runner's finish (which anything holding the
+attempt token could send) records the job's outputs and an `unverified` claim; the
+agent's next object list confirms it. A report of an object that already has a
+present replica elsewhere stays `unverified` until a server has fetched the bytes
+from the claimant and hashed them (`claims_to_prove`, `proved`, `disproved`).
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,15 +30,21 @@ from corral.store import events, fleets
 from corral.store.db import insert_ignoring_duplicates
 from corral.store.schema import grants, instances, job_outputs, objects, replicas
 
-PENDING, PRESENT, FAILED, MISSING, DROPPED = (
+PENDING, PRESENT, UNVERIFIED, FAILED, MISSING, DROPPED = (
     ReplicaState.PENDING,
     ReplicaState.PRESENT,
+    ReplicaState.UNVERIFIED,
     ReplicaState.FAILED,
     ReplicaState.MISSING,
     ReplicaState.DROPPED,
 )
 LIVE_HOLDER_STATES = [InstanceState.PENDING, InstanceState.RUNNING, InstanceState.DRAINING]
 GRANT_TTL = 600.0
+# a runner's claim its agent has not listed for this long is dropped (agents send their
+# full object list at least every 30 s, and again after every attempt ends)
+CLAIM_GRACE = 90.0
+# a report whose proof failed is not tried again for this long
+PROOF_RETRY = 600.0
 
 
 async def _ensure_object(
@@ -62,6 +76,7 @@ async def set_replica(
     state: str,
     now: float,
     reason: str | None = None,
+    reported_at: float | None = None,
 ) -> None:
     existing = (
         await conn.execute(
@@ -79,10 +94,11 @@ async def set_replica(
                 created_at=now,
                 updated_at=now,
                 reason=reason,
+                reported_at=reported_at,
             )
         )
     else:
-        values = dict(state=state, updated_at=now, reason=reason)
+        values = dict(state=state, updated_at=now, reason=reason, reported_at=reported_at)
         if state == PENDING:  # a new order: a new placement, delivered afresh
             values.update(created_at=now, delivered_at=None)
         await conn.execute(
@@ -101,10 +117,20 @@ async def record_outputs(
     now: float,
 ) -> None:
     """Called inside the fenced finish: the outputs of the attempt whose result is
-    recorded, stored on the instance that ran it."""
+    recorded, and an unverified claim that the instance that ran it holds them (its
+    agent's own report makes that a replica)."""
     for out in outputs:
         await _ensure_object(conn, out.sha256, out.size, "output", out.path.rsplit("/", 1)[-1], now)
-        await set_replica(conn, out.sha256, instance_id, PRESENT, now)
+        state = await replica_state(conn, out.sha256, instance_id)
+        if state not in (PRESENT, PENDING, UNVERIFIED):
+            await set_replica(
+                conn,
+                out.sha256,
+                instance_id,
+                UNVERIFIED,
+                now,
+                f"claimed by attempt {attempt} of job {job_id}",
+            )
         await conn.execute(
             sa.insert(job_outputs).values(
                 job_id=job_id, path=out.path, sha256=out.sha256, size=out.size, attempt=attempt
@@ -165,19 +191,34 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
 
 
 async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None) -> list[str]:
-    """Peer URLs of live instances holding `sha256`, reachable ones first."""
+    """Peer URLs of live instances holding `sha256`: verified replicas first, then
+    unverified claims (every transfer checks the sha256, so a claim can serve bytes;
+    it only never counts as a copy), reachable ones first."""
     q = (
-        sa.select(instances.c.id, instances.c.peer_url, instances.c.lost_at, instances.c.state)
+        sa.select(
+            instances.c.id,
+            instances.c.peer_url,
+            instances.c.lost_at,
+            instances.c.state,
+            replicas.c.state.label("rstate"),
+        )
         .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
         .where(
             replicas.c.sha256 == sha256,
-            replicas.c.state == PRESENT,
+            replicas.c.state.in_([PRESENT, UNVERIFIED]),
             instances.c.state.in_(LIVE_HOLDER_STATES),
             instances.c.peer_url.is_not(None),
         )
     )
     rows = [r for r in (await conn.execute(q)).all() if r.id != exclude]
-    rows.sort(key=lambda r: (r.lost_at is not None, r.state != InstanceState.RUNNING, r.id))
+    rows.sort(
+        key=lambda r: (
+            r.rstate != PRESENT,
+            r.lost_at is not None,
+            r.state != InstanceState.RUNNING,
+            r.id,
+        )
+    )
     return [f"{r.peer_url}/objects/{sha256}" for r in rows]
 
 
@@ -185,6 +226,31 @@ async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:
     """A signed, short-lived GET URL of the object's durable copy, if it has one."""
     store = await fleets.durable_store(conn, obj["durable_fleet"])
     return store.get_url(obj["sha256"], now) if store else None
+
+
+async def replica_state(conn: AsyncConnection, sha256: str, instance_id: str) -> str | None:
+    return (
+        await conn.execute(
+            sa.select(replicas.c.state).where(
+                replicas.c.sha256 == sha256, replicas.c.instance_id == instance_id
+            )
+        )
+    ).scalar()
+
+
+async def verified_elsewhere(conn: AsyncConnection, sha256: str, instance_id: str) -> bool:
+    """Does another instance hold a verified replica of `sha256`?"""
+    return (
+        await conn.execute(
+            sa.select(replicas.c.instance_id)
+            .where(
+                replicas.c.sha256 == sha256,
+                replicas.c.instance_id != instance_id,
+                replicas.c.state == PRESENT,
+            )
+            .limit(1)
+        )
+    ).first() is not None
 
 
 async def holds(conn: AsyncConnection, instance_id: str, sha256: str) -> bool:
@@ -238,15 +304,20 @@ async def sync(
     now: float,
     server_url: str,
 ) -> list[Fetch]:
-    """Reconcile what the agent holds with the replica table, and hand out the
-    replication orders placed on it (only while it is running)."""
+    """Reconcile what the agent reports holding with the replica table, and hand out
+    the replication orders placed on it (only while it is running).
+
+    The report is the agent's own: an ordered copy it lists is present; an object
+    nobody else holds verified (its own outputs) is present; an object another
+    instance already holds verified stays unverified until a server proves it."""
     iid = instance["id"]
     rows = {
         r["sha256"]: r
         for r in (
             await conn.execute(
                 sa.select(replicas).where(
-                    replicas.c.instance_id == iid, replicas.c.state.in_([PENDING, PRESENT])
+                    replicas.c.instance_id == iid,
+                    replicas.c.state.in_([PENDING, PRESENT, UNVERIFIED]),
                 )
             )
         ).mappings()
@@ -259,9 +330,12 @@ async def sync(
     if reported is not None:
         held = set(reported)
         for sha, row in rows.items():
-            if row["state"] == PENDING and sha in held:
-                await set_replica(conn, sha, iid, PRESENT, now)
-            elif row["state"] == PRESENT and sha not in held:
+            if sha in held:
+                if row["state"] == PENDING:
+                    await set_replica(conn, sha, iid, PRESENT, now, reported_at=now)
+                elif row["state"] == UNVERIFIED and row["reported_at"] is None:
+                    await _reported(conn, instance, sha, now)
+            elif row["state"] == PRESENT:
                 await set_replica(conn, sha, iid, MISSING, now, "the agent no longer has it")
                 await events.record(
                     conn,
@@ -269,6 +343,17 @@ async def sync(
                     "warning",
                     "object.missing",
                     f"instance {instance['name']} ({iid}) no longer holds object {sha[:12]}…",
+                    instance_id=iid,
+                )
+            elif row["state"] == UNVERIFIED and row["created_at"] < now - CLAIM_GRACE:
+                why = f"{row['reason'] or 'claimed'}, but its agent does not hold it"
+                await set_replica(conn, sha, iid, FAILED, now, why)
+                await events.record(
+                    conn,
+                    now,
+                    "warning",
+                    "object.claim_refused",
+                    f"instance {instance['name']} ({iid}): object {sha[:12]}… was {why}",
                     instance_id=iid,
                 )
         new = list(held - rows.keys())
@@ -279,7 +364,7 @@ async def sync(
                 .all()
             )
             for sha in known:
-                await set_replica(conn, sha, iid, PRESENT, now)
+                await _reported(conn, instance, sha, now)
     if instance["state"] != InstanceState.RUNNING:
         return []
     due = (
@@ -304,6 +389,114 @@ async def sync(
         )
         orders.extend(await fetches_for(conn, iid, [sha], now, server_url))
     return [o for o in orders if o.token]
+
+
+async def _reported(conn: AsyncConnection, instance, sha256: str, now: float) -> None:
+    """The agent reports holding `sha256`, with no order for it."""
+    iid = instance["id"]
+    if not await verified_elsewhere(conn, sha256, iid):
+        await set_replica(conn, sha256, iid, PRESENT, now, reported_at=now)
+        return
+    row = (
+        await conn.execute(
+            sa.select(replicas.c.state, replicas.c.updated_at, replicas.c.reason).where(
+                replicas.c.sha256 == sha256, replicas.c.instance_id == iid
+            )
+        )
+    ).first()
+    if (
+        row is not None
+        and row.state == FAILED
+        and (row.reason or "").startswith("proof failed")
+        and row.updated_at > now - PROOF_RETRY
+    ):
+        return  # it failed a proof of this object lately: not again yet
+    await set_replica(
+        conn,
+        sha256,
+        iid,
+        UNVERIFIED,
+        now,
+        "reported while another instance holds it: to be proven",
+        reported_at=now,
+    )
+
+
+# ---- proving claims ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    sha256: str
+    size: int
+    instance_id: str
+    instance_name: str
+    peer_url: str
+
+
+async def claims_to_prove(conn: AsyncConnection, limit: int = 8) -> list[Claim]:
+    """Reports of objects another instance already holds verified, from live
+    instances that can be asked for the bytes."""
+    q = (
+        sa.select(
+            replicas.c.sha256,
+            objects.c.size,
+            replicas.c.instance_id,
+            instances.c.name,
+            instances.c.peer_url,
+        )
+        .select_from(
+            replicas.join(instances, instances.c.id == replicas.c.instance_id).join(
+                objects, objects.c.sha256 == replicas.c.sha256
+            )
+        )
+        .where(
+            replicas.c.state == UNVERIFIED,
+            replicas.c.reported_at.is_not(None),
+            instances.c.state.in_(LIVE_HOLDER_STATES),
+            instances.c.lost_at.is_(None),
+            instances.c.peer_url.is_not(None),
+        )
+        .order_by(replicas.c.reported_at)
+        .limit(limit)
+    )
+    return [Claim(*r) for r in (await conn.execute(q)).all()]
+
+
+async def proved(conn: AsyncConnection, claim: Claim, now: float) -> bool:
+    """A server fetched the claimed bytes from the claimant and they hash right."""
+    result = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.sha256 == claim.sha256,
+            replicas.c.instance_id == claim.instance_id,
+            replicas.c.state == UNVERIFIED,
+        )
+        .values(state=PRESENT, updated_at=now, reason="proven: a server hashed its bytes")
+    )
+    return result.rowcount == 1
+
+
+async def disproved(conn: AsyncConnection, claim: Claim, why: str, now: float) -> None:
+    result = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.sha256 == claim.sha256,
+            replicas.c.instance_id == claim.instance_id,
+            replicas.c.state == UNVERIFIED,
+        )
+        .values(state=FAILED, updated_at=now, reason=f"proof failed: {why}"[:1000])
+    )
+    if result.rowcount == 1:
+        await events.record(
+            conn,
+            now,
+            "warning",
+            "object.claim_refused",
+            f"instance {claim.instance_name} ({claim.instance_id}) reported object "
+            f"{claim.sha256[:12]}…, held verified elsewhere, but could not prove it: {why}",
+            instance_id=claim.instance_id,
+        )
 
 
 # ---- reading --------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ instances = sa.Table(
     sa.Column("provision_next_at", Time),
     sa.Column("provision_updated_at", Time),
     sa.Column("provision_server", sa.String(64)),
+    sa.Column("sandbox", sa.Text),  # how its agent contains attempts (migration 0005)
     sa.Index("ix_instances_state", "state"),
 )
 
@@ -100,6 +101,8 @@ jobs = sa.Table(
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("started_at", Time),
     sa.Column("finished_at", Time),
+    sa.Column("workdir", sa.String(64)),  # object id of its packed working dir (0005)
+    sa.Column("log_limit", sa.BigInteger),  # bytes of output kept per attempt (0005)
     sa.Index("ix_jobs_state_id", "state", "id"),
 )
 
@@ -120,6 +123,12 @@ job_attempts = sa.Table(
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("exit_code", sa.Integer),
     sa.Column("reason", sa.Text),
+    # what the sandbox measured and enforced, and its notes (migration 0005)
+    sa.Column("cpu_seconds", sa.Float),
+    sa.Column("peak_memory_mb", sa.Integer),
+    sa.Column("limits_enforced", sa.String(200)),
+    sa.Column("notes", sa.JSON),
+    sa.Column("log_bytes", sa.BigInteger, nullable=False, server_default="0"),
     sa.Index("ix_job_attempts_instance_id_state", "instance_id", "state"),
     sa.Index("ix_job_attempts_state", "state"),
 )
@@ -259,11 +268,13 @@ replicas = sa.Table(
     metadata,
     sa.Column("sha256", sa.String(64), sa.ForeignKey("objects.sha256"), primary_key=True),
     sa.Column("instance_id", sa.String(64), sa.ForeignKey("instances.id"), primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False),  # pending|present|failed|missing|dropped
+    # pending|present|unverified|failed|missing|dropped
+    sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", Time, nullable=False),
     sa.Column("delivered_at", Time),
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("reason", sa.Text),
+    sa.Column("reported_at", Time),  # its agent's own report lists it (migration 0005)
     sa.Index("ix_replicas_instance_id_state", "instance_id", "state"),
     sa.Index("ix_replicas_state", "state"),
 )

@@ -72,6 +72,8 @@ async def register(
             fleet=body.fleet,
             peer_url=body.peer_url,
             now=ctx.now(),
+            sandbox=body.sandbox,
+            sandbox_warnings=body.sandbox_warnings,
         )
     except instances.NameInUse as exc:
         raise ApiError(409, "name_in_use", str(exc)) from None

@@ -79,6 +79,7 @@ async def finish(
         body.reason,
         ctx.now(),
         body.outputs,
+        body.model_dump(include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}),
     )
     ctx.notifier.wake(job_key(job_id), "dispatch")
     return _ack(job_id, number, state, recorded)

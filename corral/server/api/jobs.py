@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from corral.api import JobSubmit, JobView, LogChunkView, LogPage
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
@@ -33,16 +36,52 @@ async def _view(ctx: ServerContext, job_id: int) -> JobView:
     return await ctx.db.query(q)
 
 
-@router.post("", status_code=201, response_model=JobView, summary="Submit a job")
-async def submit(spec: JobSubmit, ctx: ServerContext = Depends(get_ctx)) -> JobView:
-    if spec.inputs:
-        missing = await ctx.db.query(objects.unavailable, spec.inputs)
+async def submitted(request: Request) -> JobSubmit:
+    """The body of a submit, read so that bytes which are not UTF-8 inside a string
+    reach the model's validators (and get a 422 naming the field) instead of failing
+    the whole body."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+    except ValueError as exc:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"body: not valid JSON ({exc})",
+            fields=[{"field": "body", "message": "not valid JSON"}],
+        ) from None
+    try:
+        return JobSubmit.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobView,
+    summary="Submit a job",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": JobSubmit.model_json_schema()}},
+        }
+    },
+)
+async def submit(
+    spec: JobSubmit = Depends(submitted), ctx: ServerContext = Depends(get_ctx)
+) -> JobView:
+    for field, refs, hint in (
+        ("inputs", spec.inputs, "upload it with corral put"),
+        ("workdir", [spec.workdir] if spec.workdir else [], "upload it again: corral run -w"),
+    ):
+        missing = await ctx.db.query(objects.unavailable, refs) if refs else []
         if missing:
             raise ApiError(
                 422,
                 "invalid_request",
-                f"inputs: object {missing[0]} is unknown or lost (upload it with corral put)",
-                fields=[{"field": "inputs", "message": f"unknown object {m}"} for m in missing],
+                f"{field}: object {missing[0]} is unknown or lost ({hint})",
+                fields=[{"field": field, "message": f"unknown object {m}"} for m in missing],
             )
     job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
     ctx.notifier.wake("dispatch")

@@ -106,6 +106,14 @@ if [ -n "$TOKEN_FILE" ]; then
     JOIN_TOKEN=$(cat "$TOKEN_FILE")
 fi
 [ -n "$JOIN_TOKEN" ] || die "--join-token-file (or --join-token) is required (the server's DATA_DIR/join.token)"
+if [ -z "$TOKEN_FILE" ]; then
+    # a token given on the command line goes to a 0600 file at once: the agent reads
+    # it from there, never from its command line or environment (which other
+    # processes on the host, and jobs, could read)
+    mkdir -p "$DATA_DIR" && chmod 0700 "$DATA_DIR"
+    TOKEN_FILE="$DATA_DIR/join.token"
+    (umask 077 && printf '%s\n' "$JOIN_TOKEN" > "$TOKEN_FILE")
+fi
 mkdir -p "$PREFIX"
 
 TMP="$PREFIX/.corral-agent.$$.tmp"
@@ -203,7 +211,6 @@ systemd)
     umask 077
     {
         printf 'CORRAL_SERVER=%s\nCORRAL_DATA_DIR=%s\nCORRAL_AGENT_ARGS=%s\n' "$SERVER" "$DATA_DIR" "$ARGS"
-        [ -n "$TOKEN_FILE" ] || printf 'CORRAL_JOIN_TOKEN=%s\n' "$JOIN_TOKEN"
     } > "$ENV_FILE"
     cat > "$UNIT_FILE" <<'UNIT'
 {{ unit }}UNIT

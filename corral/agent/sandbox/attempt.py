@@ -1,0 +1,180 @@
+"""One attempt's sandbox: its private directory, its cgroup, its environment, the
+command spawned inside them, killed as a whole, its outputs collected.
+
+Written to be reused by a long-lived runner parent that forks one child per attempt:
+`prepare`, `spawn`, `kill`, `collect` and `remove` keep their state in this object,
+not in the process, and `spawn` does in the child only what must happen between fork
+and exec (enter the cgroup, drop to the job user)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import psutil
+
+from corral.agent.objects import ObjectStore
+from corral.agent.proctree import kill_tree
+from corral.agent.sandbox.cgroups import AttemptGroup, Stats
+from corral.agent.sandbox.collect import Collected, collect_outputs
+from corral.agent.sandbox.host import Host, namespace_args
+from corral.agent.sandbox.jobuser import give_tree
+from corral.domain.sandbox import job_environment
+
+SUBDIRS = ("work", "outputs", "inputs", "tmp")
+
+
+class CommandNotFound(Exception):
+    pass
+
+
+class AttemptSandbox:
+    def __init__(self, host: Host, job_id: int, attempt: int, job_dir: Path):
+        self.host = host
+        self.job_id = job_id
+        self.attempt = attempt
+        self.dir = Path(job_dir)
+        self.group: AttemptGroup | None = (
+            host.cgroups.attempt(job_id, attempt) if host.cgroups else None
+        )
+        self.limits_enforced = "none requested"
+        self.proc: subprocess.Popen | None = None
+
+    # -- where things are -------------------------------------------------------------------
+
+    @property
+    def work(self) -> Path:
+        return self.dir / "work"
+
+    @property
+    def outputs(self) -> Path:
+        return self.dir / "outputs"
+
+    @property
+    def inputs(self) -> Path:
+        return self.dir / "inputs"
+
+    @property
+    def as_job_user(self) -> bool:
+        return self.host.mode == "user"
+
+    # -- prepare ------------------------------------------------------------------------------
+
+    def prepare(self, cpus: float, memory_mb: int) -> None:
+        """The private directory (0700, the job's) and the cgroup with its limits."""
+        self.dir.mkdir(mode=0o700)
+        for d in SUBDIRS:
+            (self.dir / d).mkdir(mode=0o700)
+        self.give(self.dir)
+        if self.group is not None:
+            self.limits_enforced = self.group.create(cpus, memory_mb)
+        elif memory_mb or cpus:
+            self.limits_enforced = "none: no cgroup for attempts on this host"
+
+    def give(self, path: Path) -> None:
+        """Hand a tree this process made to the job user."""
+        if self.as_job_user:
+            give_tree(path, self.host.uid, self.host.gid)
+
+    def environment(self, job_env: Mapping[str, str], corral_vars: Mapping[str, str]) -> dict:
+        return job_environment(job_env, corral_vars, home=str(self.dir), user=self.host.user)
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """Start the command inside the sandbox, stdout and stderr piped."""
+        command = list(argv)
+        if self.host.mode == "namespaces" and self.host.bwrap:
+            # bwrap would report a missing command as its own failure
+            self._check_runnable(command[0], env.get("PATH", ""))
+            command = [
+                self.host.bwrap,
+                *namespace_args(self.host.hide),
+                "--bind",
+                str(self.dir),
+                str(self.dir),
+                "--chdir",
+                str(self.work),
+                "--",
+                *command,
+            ]
+        fds = self.group.open_for_joining() if self.group is not None else []
+
+        def enter_cgroup() -> None:  # in the child, between fork and exec
+            for fd in fds:
+                os.write(fd, b"0")
+
+        user: dict = {}
+        if self.as_job_user:
+            user = {"user": self.host.uid, "group": self.host.gid, "extra_groups": []}
+        try:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=self.work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                umask=0o022,
+                preexec_fn=enter_cgroup if fds else None,  # noqa: PLW1509 - only os.write
+                **user,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return self.proc
+
+    @staticmethod
+    def _check_runnable(cmd: str, path: str) -> None:
+        if "/" in cmd:
+            if not os.path.exists(cmd):
+                raise FileNotFoundError(cmd)
+            if not os.access(cmd, os.X_OK):
+                raise PermissionError(cmd)
+        elif shutil.which(cmd, path=path) is None:
+            raise FileNotFoundError(cmd)
+
+    def kill(self, grace: float = 0.0) -> None:
+        """Everything of the attempt dies: through its cgroup (sessions and double
+        forks included); without one, the runner's process tree (it is a subreaper)
+        and the command's process group; under bubblewrap the pid namespace goes with
+        its init."""
+        pgid = self.proc.pid if self.proc is not None else None
+        if self.group is not None:
+            self.group.kill(grace)
+            pgid = None  # nothing of the attempt is outside its cgroup
+        try:
+            kill_tree(list(psutil.Process().children(recursive=True)), pgid, grace=grace)
+        except psutil.Error:
+            pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    @property
+    def contained(self) -> bool:
+        """True when nothing of the attempt can still run once `kill` returned."""
+        return self.group is not None and not self.group.populated()
+
+    def stats(self) -> Stats:
+        return self.group.stats() if self.group is not None else Stats()
+
+    # -- after --------------------------------------------------------------------------------
+
+    def collect(self, store: ObjectStore) -> Collected:
+        """Call only after `kill`: the job can no longer change what is read."""
+        return collect_outputs(
+            self.dir, store, self.host.uid, may_rename=self.contained, name="outputs"
+        )
+
+    def remove(self) -> None:
+        if self.group is not None:
+            self.group.kill()
+            self.group.remove()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,436 @@
+"""The attempt sandbox with real processes (and real cgroups where the machine has
+them): containment of whatever a job forks, isolation from the fleet's secrets,
+trusted output collection, limits, and bad input.
+
+Each test here started as a reproduction of a report against the code before the
+sandbox: a `setsid` daemon that kept the per-job lock after a crash, a job reading
+the agent's credential and other attempts' tokens, a symlinked output dir emptying
+its target, NUL bytes crashing the runner, an unbounded log, a full disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from corral.testing import Cluster, corral_cmd, job_python, wait_for
+
+pytestmark = pytest.mark.e2e
+
+PY = job_python()
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def cli(server, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CORRAL_SERVER": server.url, "CORRAL_TOKEN": server.admin_token}
+    return subprocess.run(
+        corral_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _log_text(client, job_id: int, attempt: int | None = None) -> str:
+    out: list[bytes] = []
+    client.follow(job_id, on_output=lambda _s, d: out.append(d), attempt=attempt)
+    return b"".join(out).decode(errors="replace")
+
+
+def _final(client, job_id: int, timeout: float = 60):
+    return wait_for(
+        lambda: (j := client.job(job_id)).state in ("succeeded", "failed", "cancelled") and j,
+        timeout,
+        f"job {job_id} to end",
+    )
+
+
+# ---- containment ---------------------------------------------------------------------------
+
+# Attempt 1 double-forks a daemon into its own session (it inherits every fd the
+# command had, as daemons that do not close fds do), records the pids, and waits.
+# Later attempts just succeed.
+DAEMON = textwrap.dedent("""
+    import os, sys, time
+    d, n = sys.argv[1], os.environ["CORRAL_ATTEMPT"]
+    if n != "1":
+        print(f"attempt {n} ran", flush=True)
+        sys.exit(0)
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.write(w, str(os.getpid()).encode())
+            while True:
+                time.sleep(1)
+        os._exit(0)
+    daemon = int(os.read(r, 20))
+    tmp = os.path.join(d, f"pids-{os.environ['CORRAL_JOB_ID']}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {daemon}")
+    os.rename(tmp, tmp[:-4])
+    time.sleep(600)
+""")
+
+
+def _daemon_pids(jobfiles: Path, job_id: int) -> list[int]:
+    f = jobfiles / f"pids-{job_id}"
+    return [int(x) for x in f.read_text().split()] if f.exists() else []
+
+
+def test_a_setsid_daemon_dies_with_its_attempt_and_never_blocks_the_next(
+    cluster: Cluster, jobfiles: Path
+):
+    server = cluster.server()
+    agent = cluster.agent(server, name="a1")
+    client = cluster.client(server)
+    (inst,) = cluster.wait_agents_running(client, 1)
+
+    # cancel: nothing of the attempt is left, daemon included
+    job = client.submit([PY, "-c", DAEMON, str(jobfiles)])
+    pids = wait_for(lambda: _daemon_pids(jobfiles, job.id), 30, "the daemon to start")
+    assert all(_alive(p) for p in pids)
+    r = cli(server, "cancel", str(job.id))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not any(_alive(p) for p in pids), 20, f"attempt processes {pids} to die")
+
+    # SIGKILL agent and runner: the restarted agent kills the daemon through the
+    # attempt's cgroup, and the next attempt starts and succeeds on the same instance
+    job = client.submit([PY, "-c", DAEMON, str(jobfiles)], max_attempts=2)
+    pids = wait_for(lambda: _daemon_pids(jobfiles, job.id), 30, "the daemon to start")
+    runner_pid = json.loads(
+        (agent.data_dir / "attempts" / f"{job.id}-1" / "runner.pid").read_text()
+    )["pid"]
+    agent.kill()
+    os.kill(runner_pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(runner_pid), 10, "the runner to die")
+    assert _alive(pids[1]), "the daemon outlived its runner, as it would after a crash"
+    agent.start()
+    final = _final(client, job.id, timeout=45)
+    assert (final.state, final.attempt) == ("succeeded", 2), final
+    assert {a.instance_id for a in final.attempts} == {inst.id}
+    assert final.attempts[0].state == "lost"
+    assert "attempt 2 ran" in _log_text(client, job.id)
+    wait_for(lambda: not any(_alive(p) for p in pids), 10, "attempt 1's daemon to be dead")
+
+
+# ---- isolation -----------------------------------------------------------------------------
+
+# What a hostile job tries: read every file named on its command line and its own
+# attempt's spec, every /proc/*/cmdline and /proc/*/environ it can, and its env.
+HOSTILE = textwrap.dedent("""
+    import json, os, sys, time
+    paths = json.loads(sys.argv[1])
+    me = f"{os.environ['CORRAL_JOB_ID']}-{os.environ['CORRAL_ATTEMPT']}"
+    paths.append(os.path.join(sys.argv[2], me, "spec.json"))
+    report = {"uid": os.getuid(), "env": dict(os.environ), "files": {}, "proc": {}}
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                report["files"][p] = "read: " + f.read(8192).decode(errors="replace")
+        except OSError as e:
+            report["files"][p] = type(e).__name__
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            for what in ("cmdline", "environ"):
+                try:
+                    with open(f"/proc/{pid}/{what}", "rb") as f:
+                        report["proc"][f"{pid}/{what}"] = f.read().decode(errors="replace")
+                except OSError:
+                    pass
+    print(json.dumps(report), flush=True)
+    gate = sys.argv[3]
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+""")
+
+VICTIM = "import time\nwhile True: time.sleep(1)\n"
+
+
+def _hostile_run(client, agent_dir: Path, secrets: dict[str, str], paths, jobfiles: Path):
+    """Run a victim job and the hostile job side by side; return the hostile job's
+    report and every secret it must not have seen (the fencing tokens included)."""
+    victim = client.submit([PY, "-c", VICTIM], cpus=0.5)
+    wait_for(lambda: client.job(victim.id).state == "running", 30, "the victim to run")
+    vspec = agent_dir / "attempts" / f"{victim.id}-1" / "spec.json"
+    secrets = {**secrets, "victim's attempt token": json.loads(vspec.read_text())["token"]}
+    gate = jobfiles / "gate"
+    job = client.submit(
+        [
+            PY,
+            "-c",
+            HOSTILE,
+            json.dumps([*paths, str(vspec)]),
+            str(agent_dir / "attempts"),
+            str(gate),
+        ],
+        cpus=0.5,
+    )
+    wait_for(lambda: client.job(job.id).state == "running", 30, "the hostile job to run")
+    hspec = agent_dir / "attempts" / f"{job.id}-1" / "spec.json"
+    secrets["its own attempt token"] = json.loads(hspec.read_text())["token"]
+    text = wait_for(
+        lambda: (t := "".join(_log_chunks(client, job.id))) and t.endswith("\n") and t,
+        30,
+        "the hostile job's report",
+    )
+    gate.touch()
+    client.cancel(victim.id)
+    assert _final(client, job.id).state == "succeeded"
+    return json.loads(text), secrets
+
+
+def _log_chunks(client, job_id: int) -> list[str]:
+    page = client.logs(job_id, attempt=1)
+    return [base64.b64decode(c.data).decode(errors="replace") for c in page.chunks]
+
+
+def _assert_nothing_leaked(report: dict, secrets: dict[str, str], files: list[str]) -> None:
+    assert report["uid"] != 0, "a job of a root agent must not run as root"
+    for path, result in report["files"].items():
+        assert not result.startswith("read: "), f"the job read {path}: {result[:200]}"
+    blob = json.dumps(report)
+    for what, value in secrets.items():
+        assert value and value not in blob, f"the job found the {what}"
+    for f in files:
+        assert report["files"][f] in ("PermissionError", "FileNotFoundError"), (f, report)
+
+
+def test_a_hostile_job_of_a_root_agent_finds_no_secret(cluster: Cluster, jobfiles: Path):
+    server = cluster.server()
+    agent = cluster.agent(server, name="a1")
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 1)
+    ident = agent.data_dir / "identity.json"
+    secrets = {
+        "agent credential": json.loads(ident.read_text())["credential"],
+        "join token": server.join_token,
+        "admin token": server.admin_token,
+    }
+    paths = [
+        str(ident),
+        str(server.data_dir / "join.token"),
+        str(server.data_dir / "admin.token"),
+        f"/proc/{agent.pid}/environ",
+    ]
+    report, secrets = _hostile_run(client, agent.data_dir, secrets, paths, jobfiles)
+    _assert_nothing_leaked(report, secrets, paths)
+    env = report["env"]
+    assert not any(k.startswith("CORRAL_") and "TOKEN" in k for k in env)
+    assert set(env) >= {"PATH", "HOME", "LANG", "CORRAL_JOB_ID", "CORRAL_OUTPUT_DIR"}
+    assert "PYTEST_CURRENT_TEST" not in env  # nothing of the agent's environment
+
+
+def test_a_hostile_job_under_corral_up_finds_no_secret(cluster: Cluster, jobfiles: Path):
+    server = cluster.up(agents=1)
+    client = cluster.client(server)
+    (inst,) = cluster.wait_agents_running(client, 1)
+    agent_dir = server.data_dir / "agents" / inst.name
+    ident = agent_dir / "identity.json"
+    agent_pid = next(
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "agent" in (p.info["cmdline"] or []) and str(agent_dir) in p.info["cmdline"]
+    )
+    secrets = {
+        "agent credential": json.loads(ident.read_text())["credential"],
+        "join token": server.join_token,
+        "admin token": server.admin_token,
+    }
+    paths = [
+        str(ident),
+        str(server.data_dir / "join.token"),
+        str(server.data_dir / "admin.token"),
+        f"/proc/{agent_pid}/environ",
+    ]
+    report, secrets = _hostile_run(client, agent_dir, secrets, paths, jobfiles)
+    _assert_nothing_leaked(report, secrets, paths)
+
+
+# ---- one agent shared by the tests below ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("sandbox") / "c") as c:
+        server = c.server()
+        agent = c.agent(server, name="a1")
+        client = c.client(server)
+        c.wait_agents_running(client, 1)
+        yield c, server, agent, client
+
+
+SYMLINKED = textwrap.dedent("""
+    import os, shutil, sys
+    out = os.environ["CORRAL_OUTPUT_DIR"]
+    shutil.rmtree(out)
+    os.symlink(sys.argv[1], out)   # ln -sfn /data/results $CORRAL_OUTPUT_DIR
+""")
+
+MIXED = textwrap.dedent("""
+    import os, sys
+    out = os.environ["CORRAL_OUTPUT_DIR"]
+    with open(os.path.join(out, "real.txt"), "w") as f:
+        f.write("mine")
+    os.symlink("/etc/passwd", os.path.join(out, "passwd"))
+    os.symlink(sys.argv[1], os.path.join(out, "results"))
+""")
+
+
+def test_a_symlinked_output_dir_leaves_its_target_alone(one, jobfiles: Path):
+    _c, _server, _agent, client = one
+    victim = jobfiles / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "a.txt").write_text("precious")
+    (victim / "sub" / "b.txt").write_text("also precious")
+    victim.chmod(0o777)
+    before = sorted((p.relative_to(victim), p.stat().st_mode) for p in victim.rglob("*"))
+
+    j = _final(client, client.submit([PY, "-c", SYMLINKED, str(victim)]).id)
+    assert j.state == "succeeded", j
+    assert client.outputs(j.id) == []
+    assert j.notes == ["skipped the output dir: it is a symlink"], j.notes
+    j2 = _final(client, client.submit([PY, "-c", MIXED, str(victim)]).id)
+    assert j2.state == "succeeded", j2
+    assert [o.path for o in client.outputs(j2.id)] == ["real.txt"]
+    assert j2.notes == ["skipped 2 outputs: passwd is a symlink; results is a symlink"]
+    after = sorted((p.relative_to(victim), p.stat().st_mode) for p in victim.rglob("*"))
+    assert after == before
+    assert (victim / "a.txt").read_text() == "precious"
+
+
+def test_bad_input_is_refused_naming_the_field(one):
+    _c, server, _agent, client = one
+    h = {"Authorization": f"Bearer {server.admin_token}", "Content-Type": "application/json"}
+    api = server.url + "/api/v1/jobs"
+    cases = [
+        ({"command": ["echo", "a\u0000b"]}, "command"),
+        ({"command": ["echo"], "env": {"K": "v\u0000"}}, "env"),
+        ({"command": ["echo"], "env": {"K\u0000": "v"}}, "env"),
+        ({"command": ["echo"], "name": "n\u0000"}, "name"),
+    ]
+    for body, field in cases:
+        r = httpx.post(api, json=body, headers=h)
+        assert r.status_code == 422, (body, r.text)
+        err = r.json()["error"]
+        assert err["fields"][0]["field"].startswith(field), err
+        assert "NUL" in err["message"], err
+    # raw bytes that are not UTF-8 inside a JSON string
+    before = len(client.jobs())
+    raw = b'{"command": ["echo", "caf\\u00e9", "\xff\xfe"]}'
+    r = httpx.post(api, content=raw, headers=h)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["fields"][0]["field"].startswith("command"), err
+    assert "UTF-8" in err["message"], err
+    assert len(client.jobs()) == before  # nothing half-written
+
+
+def test_a_job_printing_100_mib_is_cut_at_the_log_limit_and_goes_on(one):
+    _c, server, _agent, client = one
+    loud = (
+        "import sys\n"
+        "chunk = b'x' * 1023 + b'\\n'\n"
+        "for _ in range(100 * 1024): sys.stdout.buffer.write(chunk)\n"
+        "sys.stdout.flush()\n"
+        "open(__import__('os').environ['CORRAL_OUTPUT_DIR'] + '/done', 'w').write('ok')\n"
+    )
+    r = cli(server, "run", "--log-limit", "4M", "--", PY, "-c", loud, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    marker = "[corral: log truncated after 4 MiB]"
+    assert r.stdout.endswith(marker + "\n"), r.stdout[-200:]
+    assert len(r.stdout) == 4 * 2**20 + len(marker) + 1
+    job = client.jobs()[0]
+    assert [o.path for o in client.outputs(job.id)] == ["done"]  # it went on to the end
+
+
+def test_a_job_past_its_memory_limit_is_killed_and_says_so(one):
+    _c, server, _agent, client = one
+    hog = textwrap.dedent("""
+        import time
+        t = time.process_time()
+        while time.process_time() - t < 0.6:
+            pass
+        blocks = [bytes([i % 251]) * 2**20 for i in range(400)]
+        print("survived", len(blocks))
+    """)
+    job = client.submit([PY, "-c", hog], memory_mb=64, max_attempts=1)
+    final = _final(client, job.id)
+    (a,) = final.attempts
+    if a.limits_enforced is not None and "memory" not in a.limits_enforced:
+        if _in_ci():
+            pytest.fail(f"this machine enforced no memory limit: {a.limits_enforced}")
+        pytest.skip(f"no usable memory controller here: {a.limits_enforced}")
+    assert final.state == "failed"
+    assert final.reason == "killed: out of memory (limit 64 MB)", final.reason
+    assert a.cpu_seconds is not None and a.cpu_seconds >= 0.5, a
+    assert a.peak_memory_mb is not None and a.peak_memory_mb >= 32, a
+    r = cli(server, "job", str(job.id))
+    assert "out of memory (limit 64 MB)" in r.stdout and "cpu" in r.stdout.lower(), r.stdout
+
+
+# ---- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "corral-test", str(d)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        why = f"cannot mount a 16 MB tmpfs here: {r.stderr.strip() or r.returncode}"
+        if _in_ci():
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def test_a_full_disk_fails_the_attempt_cleanly_and_the_agent_goes_on(
+    small_disk: Path, tmp_path: Path
+):
+    with Cluster(tmp_path / "c") as c:
+        server = c.server()
+        agent = c.agent(server, name="small", data_dir=small_disk / "agent")
+        client = c.client(server)
+        (inst,) = c.wait_agents_running(client, 1)
+        big = (
+            "import os\n"
+            "with open(os.environ['CORRAL_OUTPUT_DIR'] + '/big.bin', 'wb') as f:\n"
+            "    f.write(os.urandom(32 * 2**20))\n"
+        )
+        j = _final(client, client.submit([PY, "-c", big], max_attempts=1).id)
+        assert j.state == "failed"
+        assert j.reason == "no space left on device while writing outputs", j.reason
+        assert agent.alive()
+        beat = client.instances()[0].last_heartbeat_at
+        wait_for(
+            lambda: client.instances()[0].last_heartbeat_at > beat,
+            10,
+            "the agent to heartbeat after the full disk",
+        )
+        assert not client.instances()[0].lost
+        ok = _final(client, client.submit(["sh", "-c", "echo fine"]).id)
+        assert ok.state == "succeeded" and ok.instance_id == inst.id
