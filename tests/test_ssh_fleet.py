@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from outputs import submit, verify_all_outputs
 
 from corral.client.sdk import Client
 from corral.testbed import Host, TestBed, agent_build, keypair, unavailable
-from corral.testing import Cluster, ServerProc, wait_for
+from corral.testing import Cluster, ServerProc, job_python, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -143,9 +145,14 @@ def site(bed: TestBed, tmp_path_factory):
         stored = client.upload(build)  # the hosts download it from the server
         client.publish("agent", "1.0.0", stored["url"], stored["sha256"], stored["size"])
         client.rollout("agent", "1.0.0")
-        work = base / "work"
-        work.mkdir()
-        yield Fleet(bed, c, server, client, work, empty_before)
+        # scripts, gates and outputs of jobs: where a root agent's unprivileged job
+        # user can read and write (pytest's tmp dirs are 0700 under /tmp)
+        work = Path(tempfile.mkdtemp(prefix="corral-ssh-work-", dir="/var/tmp"))
+        work.chmod(0o777)
+        try:
+            yield Fleet(bed, c, server, client, work, empty_before)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +227,7 @@ def test_ssh_provisions_three_hosts_from_empty_and_runs_jobs_on_all(fleet: Fleet
     gate = fleet.work / "where-gate"
     jobs = [
         client.submit(
-            [sys.executable, str(script), bed.server_addr, str(fleet.server.port), str(gate)],
+            [job_python(), str(script), bed.server_addr, str(fleet.server.port), str(gate)],
             cpus=1,
         ).id
         for _ in range(3)
@@ -248,7 +255,7 @@ def test_ssh_provisions_three_hosts_from_empty_and_runs_jobs_on_all(fleet: Fleet
         f"s = socket.create_connection(('{bed.server_addr}', {fleet.server.port})); "
         "print(s.getsockname()[0]); sys.exit(7)"
     )
-    r = corral_cli(fleet, "run", "--", sys.executable, "-c", probe)
+    r = corral_cli(fleet, "run", "--", job_python(), "-c", probe)
     assert r.returncode == 7, r.stderr
     assert r.stdout.strip() in {h.addr for h in fleet.hosts}
 
@@ -260,8 +267,9 @@ def test_ssh_partitioned_host_loses_its_attempts_and_its_stale_runner_is_refused
     script = fleet.work / "gated.py"
     script.write_text(GATED)
     work = fleet.work / "partition"
-    work.mkdir()
-    job = client.submit([sys.executable, str(script), str(work)], cpus=1)
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)  # the job user writes its marks here
+    job = client.submit([job_python(), str(script), str(work)], cpus=1)
     wait_for((work / "started-1").exists, 60, "attempt 1 to start")
     cut = before[client.job(job.id).instance_id]
     host = fleet.host_of(cut)
@@ -307,10 +315,11 @@ def test_ssh_rolling_agent_upgrade_across_three_hosts(fleet: Fleet):
     client = fleet.client
     insts = fleet.running(3)
     work = fleet.work / "upgrade"
-    work.mkdir()
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)  # the job user writes its marks here
     script = fleet.work / "gated.py"
     script.write_text(GATED)
-    job = client.submit([sys.executable, str(script), str(work)], cpus=1)
+    job = client.submit([job_python(), str(script), str(work)], cpus=1)
     wait_for((work / "started-1").exists, 60, "a job to run through the upgrade")
 
     build = fleet.work / "corral-agent-2"
