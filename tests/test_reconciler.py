@@ -89,7 +89,7 @@ def test_persistent_mismatch_gets_at_most_cap_orders_on_a_backoff_schedule(db_ur
         await db.transact(components.advance, db, T0)
         order_times = []
         now = T0
-        while now < T0 + 4 * 3600:  # heartbeats every 4 s for four hours
+        while now < T0 + 3600:  # heartbeats every 4 s for an hour (the cap is hit in 8 min)
             orders = await heartbeat(db, inst, "1.0.0", now)
             order_times += [now] * len(orders)
             now += 4.0
@@ -121,7 +121,7 @@ def test_converged_instance_gets_no_orders_at_all(db_url):
         first = await heartbeat(db, inst, None, T0)
         assert [o.version for o in first] == ["1.1.0"]
         total = 0
-        for k in range(1, 2000):
+        for k in range(1, 500):
             total += len(await heartbeat(db, inst, "1.1.0", T0 + 2 * k))
         assert total == 0
         (row,) = await db.query(components.instance_status)
@@ -202,7 +202,9 @@ def test_rollout_pauses_when_failures_pass_the_threshold(db_url):
                 await heartbeat(db, inst, None, now)
             await db.transact(components.advance, db, now)
             now += 10
-        paused = await db.query(components.get_rollout, r["id"])
+            paused = await db.query(components.get_rollout, r["id"])
+            if paused["state"] != "active":
+                break
         assert paused["state"] == "paused" and "failed to install" in paused["message"]
         progress = await db.query(components.rollout_progress, paused)
         assert (progress.failed, progress.waiting) == (1, 2)  # the rest were never touched

@@ -218,6 +218,8 @@ def test_a_hostile_job_of_a_root_agent_finds_no_secret(cluster: Cluster, jobfile
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1)
     ident = agent.data_dir / "identity.json"
+    # The server may list the instance before the agent has saved the reply.
+    wait_for(ident.exists, 10, "the agent's identity file")
     secrets = {
         "agent credential": json.loads(ident.read_text())["credential"],
         "join token": server.join_token,

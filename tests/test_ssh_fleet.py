@@ -27,7 +27,8 @@ from corral.client.sdk import Client
 from corral.testbed import Host, TestBed, agent_build, keypair, unavailable
 from corral.testing import Cluster, ServerProc, job_python, wait_for
 
-pytestmark = pytest.mark.e2e
+# One bed per module: its tests stay on one xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ssh-bed")]
 
 FLEET = "ssh"
 # Fast retries; an agent grace above Cluster.FAST's 4 s, since an agent switching
