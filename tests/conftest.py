@@ -18,6 +18,11 @@ from corral.testing import Cluster
 PG_ENV = "CORRAL_TEST_PG_URL"
 
 
+# The suite runs on several xdist workers sharing two cores: conditions are waited for
+# twice their nominal deadline (see corral.testing.slack).
+os.environ.setdefault("CORRAL_TEST_SLACK", "2")
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
