@@ -26,6 +26,7 @@ from corral.agent import transfer
 from corral.agent.artifacts import Artifact, ArtifactCache, Installer, InstallError
 from corral.agent.identity import (
     Identity,
+    join_key,
     load_identity,
     read_tombstone,
     save_identity,
@@ -197,6 +198,7 @@ class Agent:
             peer_url=self.peer_url,
             sandbox=self.sandbox.description if self.sandbox else None,
             sandbox_warnings=self.sandbox.warnings if self.sandbox else [],
+            join_key=None if ident else join_key(self.data_dir),
         ).model_dump()
 
     async def register(self) -> None:

@@ -76,6 +76,8 @@ instances = sa.Table(
     sa.Column("provision_updated_at", Time),
     sa.Column("provision_server", sa.String(64)),
     sa.Column("sandbox", sa.Text),  # how its agent contains attempts (migration 0005)
+    # sha256 of the key its agent joined with: a retried join is the same instance (0106)
+    sa.Column("join_key_hash", sa.String(64)),
     sa.Index("ix_instances_state", "state"),
 )
 
