@@ -305,6 +305,25 @@ def test_retired_name_can_never_register_again(db_url):
     run(main())
 
 
+def test_a_submit_retried_with_its_idempotency_key_is_the_same_job(db_url):
+    async def main():
+        db = await open_db(db_url)
+        spec = JobSubmit(command=["true"])
+        first, created = await db.transact(repo.submit_once, spec, NOW, "tok1", "key-1")
+        again, created_again = await db.transact(repo.submit_once, spec, NOW + 1, "tok1", "key-1")
+        assert (again, created, created_again) == (first, True, False)
+        # the same key with another body is a conflict, and writes nothing
+        with pytest.raises(repo.IdempotencyConflict, match="Idempotency-Key"):
+            await db.transact(repo.submit_once, JobSubmit(command=["false"]), NOW, "tok1", "key-1")
+        # keys belong to the principal that sent them
+        other, created = await db.transact(repo.submit_once, spec, NOW, "tok2", "key-1")
+        assert created and other != first
+        assert len(await db.query(repo.list_jobs)) == 2
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_retried_registration_with_the_same_join_key_gets_the_same_instance(db_url):
     """The server committed a registration but the agent never saw the answer (a
     client timeout): its retry, with the same name and join key, is the same instance

@@ -108,6 +108,18 @@ jobs = sa.Table(
     sa.Index("ix_jobs_state_id", "state", "id"),
 )
 
+# A submit's Idempotency-Key (migration 0106): a retry with the same key, from the same
+# principal, is the same job; `request_sha256` tells a retry from a different request
+submit_keys = sa.Table(
+    "submit_keys",
+    metadata,
+    sa.Column("principal", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("request_sha256", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+)
+
 job_attempts = sa.Table(
     "job_attempts",
     metadata,
