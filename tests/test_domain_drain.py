@@ -12,6 +12,7 @@ from corral.domain.drain import (
     ScaleVote,
     at_risk,
     desired_size,
+    lost_without,
     may_retire,
     plan_copies,
     retire_first,
@@ -35,6 +36,22 @@ def test_a_copy_on_a_draining_or_retired_or_lost_instance_does_not_count():
     assert at_risk([o], "a") == [o]
     assert safe_without(obj("x", ("a", DRAIN, False), ("b", RUN, False)), "a")
     assert safe_without(obj("x", ("a", DRAIN, False), durable=True), "a")
+
+
+def test_a_draining_holder_still_holds_so_the_object_is_not_lost_without_the_leaver():
+    # an object held by two draining instances is at risk (it needs a copy on a
+    # running instance) but leaving one of them loses nothing: the other still holds it
+    o = obj("x", ("a", DRAIN, False), ("b", DRAIN, False))
+    assert at_risk([o], "a") == [o]
+    assert lost_without([o], "a") == []
+    # a lost (unreachable) holder's present replica is still a replica
+    assert lost_without([obj("x", ("a", DRAIN, False), ("d", RUN, True))], "a") == []
+    # only the leaver holds it, or the other holder retired: it is lost
+    alone = obj("x", ("a", DRAIN, False))
+    assert lost_without([alone], "a") == [alone]
+    gone = obj("x", ("a", DRAIN, False), ("c", RET, False), ("t", S.TERMINATED, False))
+    assert lost_without([gone], "a") == [gone]
+    assert lost_without([obj("x", ("a", DRAIN, False), durable=True)], "a") == []
 
 
 def test_copies_go_to_running_instances_emptiest_first_never_to_a_holder():

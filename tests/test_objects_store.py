@@ -166,6 +166,52 @@ def test_a_draining_recipient_gets_no_orders_and_its_pending_copy_is_cancelled(d
     run(main())
 
 
+def test_a_forced_drain_does_not_lose_an_object_another_draining_instance_holds(db_url):
+    async def main():
+        db, (a, b) = await setup(db_url)
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        other = b if holder == a["id"] else a
+        await db.transact(
+            objects.sync, await db.query(instances.get_instance, holder), [sha("o")], [], T0, "s"
+        )
+        # the object is copied to the other instance, which then starts draining too
+        await db.transact(drain.request_drain, holder, False, T0)
+        result = await db.transact(
+            drain.drain_step, await db.query(instances.get_instance, holder), T0, drain_grace=600
+        )
+        assert result.copies == [(sha("o"), other["id"])]
+        other_row = await db.query(instances.get_instance, other["id"])
+        await db.transact(objects.sync, other_row, [sha("o")], [], T0 + 1, "http://s")
+        await db.transact(drain.request_drain, other["id"], False, T0 + 2)
+        # forcing the first one out: nothing is lost, and it is not announced as lost
+        _inst, risk = await db.transact(drain.request_drain, holder, True, T0 + 3)
+        assert risk == []
+        result = await db.transact(
+            drain.drain_step,
+            await db.query(instances.get_instance, holder),
+            T0 + 4,
+            drain_grace=600,
+        )
+        assert result.retired
+        assert (await db.query(objects.get_object, sha("o")))["state"] == "live"
+        assert await db.query(events.list_events, kind="instance.retired_forced") == []
+        # the last holder forced out: now it is lost, and said so
+        _inst, risk = await db.transact(drain.request_drain, other["id"], True, T0 + 5)
+        assert [r.sha256 for r in risk] == [sha("o")]
+        result = await db.transact(
+            drain.drain_step,
+            await db.query(instances.get_instance, other["id"]),
+            T0 + 6,
+            drain_grace=600,
+        )
+        assert result.retired
+        assert (await db.query(objects.get_object, sha("o")))["state"] == "lost"
+        assert len(await db.query(events.list_events, kind="instance.retired_forced")) == 1
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_held_object_that_disappears_is_a_warning(db_url):
     async def main():
         db, _ = await setup(db_url, 1)

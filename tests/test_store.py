@@ -305,6 +305,70 @@ def test_retired_name_can_never_register_again(db_url):
     run(main())
 
 
+def test_a_submit_retried_with_its_idempotency_key_is_the_same_job(db_url):
+    async def main():
+        db = await open_db(db_url)
+        spec = JobSubmit(command=["true"])
+        first, created = await db.transact(repo.submit_once, spec, NOW, "tok1", "key-1")
+        again, created_again = await db.transact(repo.submit_once, spec, NOW + 1, "tok1", "key-1")
+        assert (again, created, created_again) == (first, True, False)
+        # the same key with another body is a conflict, and writes nothing
+        with pytest.raises(repo.IdempotencyConflict, match="Idempotency-Key"):
+            await db.transact(repo.submit_once, JobSubmit(command=["false"]), NOW, "tok1", "key-1")
+        # keys belong to the principal that sent them
+        other, created = await db.transact(repo.submit_once, spec, NOW, "tok2", "key-1")
+        assert created and other != first
+        assert len(await db.query(repo.list_jobs)) == 2
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_retried_registration_with_the_same_join_key_gets_the_same_instance(db_url):
+    """The server committed a registration but the agent never saw the answer (a
+    client timeout): its retry, with the same name and join key, is the same instance
+    with a fresh credential (the unseen one is revoked); another key is refused."""
+
+    async def join(db, key):
+        return await db.transact(
+            instances.register,
+            name="w",
+            instance_id=None,
+            cpus=1,
+            memory_mb=1,
+            host=None,
+            agent_version=None,
+            fleet=None,
+            peer_url=None,
+            now=NOW,
+            join_key=key,
+        )
+
+    async def main():
+        db = await open_db(db_url)
+        key = "k" * 43
+        first = await join(db, key)
+        again = await join(db, key)
+        assert again.decision.admission.value == "welcome"
+        assert again.instance["id"] == first.instance["id"]
+        assert again.credential and again.credential != first.credential
+        assert await db.query(tokens.lookup, first.credential) is None
+        row = await db.query(tokens.lookup, again.credential)
+        assert row is not None and row["instance_id"] == first.instance["id"]
+        for other in ("x" * 43, None):
+            with pytest.raises(instances.NameInUse):
+                await join(db, other)
+        assert len(await db.query(instances.list_instances)) == 1
+        from corral.domain.instances import InstanceState
+
+        await db.transact(instances.transition, first.instance["id"], InstanceState.DRAINING, NOW)
+        await db.transact(instances.transition, first.instance["id"], InstanceState.RETIRED, NOW)
+        assert (await join(db, key)).decision.admission.value == "exit"  # retired stays out
+        await db.dispose()
+
+    run(main())
+
+
 @pytest.mark.postgres
 def test_concurrent_dispatchers_never_lock_a_job_twice(pg_url):
     """Several dispatchers on one PostgreSQL claim with SKIP LOCKED: every job is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import typer
 
 from corral import default_data_dir, logsetup
 from corral.agent.daemon import Agent, AgentConfig
+from corral.agent.datadir_lock import DataDirInUse, lock_data_dir
 from corral.api import NAME_PATTERN
 from corral.domain.sandbox import DEFAULT_JOB_USER
 
@@ -147,6 +149,11 @@ def agent(
     if memory is not None:
         config.memory_mb = memory
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_fd = lock_data_dir(config.data_dir)  # held until this process ends
+    except (DataDirInUse, OSError) as exc:
+        logging.getLogger("corral.agent").error("%s", exc)
+        raise typer.Exit(2) from None
 
     async def main() -> int:
         a = Agent(config)
@@ -155,4 +162,8 @@ def agent(
             loop.add_signal_handler(sig, a.stop)
         return await a.run()
 
-    raise typer.Exit(asyncio.run(main()))
+    try:
+        code = asyncio.run(main())
+    finally:
+        os.close(lock_fd)
+    raise typer.Exit(code)

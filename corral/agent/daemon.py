@@ -26,6 +26,7 @@ from corral.agent import transfer
 from corral.agent.artifacts import Artifact, ArtifactCache, Installer, InstallError
 from corral.agent.identity import (
     Identity,
+    join_key,
     load_identity,
     read_tombstone,
     save_identity,
@@ -52,7 +53,7 @@ from corral.api import (
     RegisterRequest,
 )
 from corral.domain.backoff import Backoff
-from corral.domain.instances import AGENT_EXIT_RETIRED
+from corral.domain.instances import AGENT_EXIT_RETIRED, AGENT_EXIT_SUPERSEDED, superseded
 from corral.domain.sandbox import DEFAULT_JOB_USER
 
 log = logging.getLogger("corral.agent")
@@ -197,6 +198,7 @@ class Agent:
             peer_url=self.peer_url,
             sandbox=self.sandbox.description if self.sandbox else None,
             sandbox_warnings=self.sandbox.warnings if self.sandbox else [],
+            join_key=None if ident else join_key(self.data_dir),
         ).model_dump()
 
     async def register(self) -> None:
@@ -528,7 +530,8 @@ class Agent:
                     await self.register()
                     continue
                 if reply.action == "exit":
-                    raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)
+                    code = AGENT_EXIT_SUPERSEDED if superseded(reply.reason) else AGENT_EXIT_RETIRED
+                    raise AgentExit(code, reply.reason)
                 self.selfupdate.heartbeat_ok()
                 if self.selfupdate.rollback_error:
                     self.selfupdate.error_reported()
@@ -545,6 +548,9 @@ class Agent:
                 write_tombstone(
                     self.data_dir, self.identity.instance_id if self.identity else None, exc.reason
                 )
+            elif exc.code == AGENT_EXIT_SUPERSEDED:
+                # another process is this instance now: its jobs and files are not ours
+                log.warning("%s; exiting, leaving jobs and data dir to it", exc.reason)
             else:
                 log.error("%s", exc.reason)
             return exc.code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from corral.domain.instances import TOMBSTONE_FILE
 
 IDENTITY_FILE = "identity.json"
+JOIN_KEY_FILE = "join.key"
 
 
 @dataclass
@@ -44,6 +46,29 @@ def load_identity(data_dir: Path) -> Identity | None:
 
 def save_identity(data_dir: Path, identity: Identity) -> None:
     write_json_atomic(data_dir / IDENTITY_FILE, asdict(identity))
+
+
+def join_key(data_dir: Path) -> str:
+    """The secret this data dir joins with, picked once and kept (0600): a join retried
+    after its answer was lost (a timeout, a crash) presents it again and is given the
+    same instance instead of "name in use"."""
+    path = data_dir / JOIN_KEY_FILE
+    try:
+        key = path.read_text().strip()
+        if key:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return key
 
 
 def read_tombstone(data_dir: Path) -> dict | None:

@@ -28,6 +28,12 @@ class RegisterRequest(Strict):
     sandbox_warnings: list[Annotated[str, Field(max_length=1000)]] = Field(
         default_factory=list, max_length=20, description="what it cannot isolate here"
     )
+    join_key: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{16,128}$",
+        description="a secret the joining agent picked (once per data dir): a retried "
+        "join with the same name, key and join token gets the same instance",
+    )
 
 
 class RegisterReply(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -174,7 +175,11 @@ def run(
             except (WorkdirError, OSError) as exc:
                 fail(str(exc), 2)
         try:
-            job = c.submit(command, **{k: v for k, v in options.items() if v is not None})
+            job = c.submit(  # one key per invocation: its own retries make one job
+                command,
+                idempotency_key=f"cli-{uuid.uuid4().hex}",
+                **{k: v for k, v in options.items() if v is not None},
+            )
         except ValueError as exc:  # pydantic validation on the client side
             fail(str(exc), 2)
         if detach:

@@ -9,6 +9,8 @@ final = c.follow(job.id, on_output=lambda stream, data: print(data.decode(), end
 from __future__ import annotations
 
 import base64
+import time
+import uuid
 from collections.abc import Callable
 
 import httpx
@@ -72,9 +74,19 @@ class Client:
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, *, json=None, params=None, timeout=None, content=None):
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json=None,
+        params=None,
+        timeout=None,
+        content=None,
+        headers=None,
+    ):
         try:
-            kwargs = {"json": json, "params": params}
+            kwargs = {"json": json, "params": params, "headers": headers}
             if content is not None:
                 kwargs["content"] = content
             if timeout is not None:
@@ -101,11 +113,33 @@ class Client:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, command: list[str], **options) -> JobView:
+    SUBMIT_TRIES = 4
+
+    def submit(
+        self, command: list[str], *, idempotency_key: str | None = None, **options
+    ) -> JobView:
+        """Submit a job. The call sends one Idempotency-Key (`idempotency_key`, or a
+        new random one) and retries with it when the server cannot be reached or
+        answers 5xx: a retry of a submit the server did commit returns that job, never
+        a second one."""
         spec = JobSubmit(command=command, **options)
-        return JobView.model_validate(
-            self._call("POST", "/api/v1/jobs", json=spec.model_dump(exclude_defaults=True))
-        )
+        key = idempotency_key or uuid.uuid4().hex
+        for attempt in range(self.SUBMIT_TRIES):
+            try:
+                return JobView.model_validate(
+                    self._call(
+                        "POST",
+                        "/api/v1/jobs",
+                        json=spec.model_dump(exclude_defaults=True),
+                        headers={"Idempotency-Key": key},
+                    )
+                )
+            except CorralError as exc:
+                retryable = exc.status is None or exc.status >= 500
+                if not retryable or attempt + 1 == self.SUBMIT_TRIES:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def jobs(
         self, states: list[str] | None = None, limit: int = 100, before: int | None = None

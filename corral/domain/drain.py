@@ -60,6 +60,30 @@ def safe_without(obj: ObjectInfo, leaving: str) -> bool:
     return any(h.instance_id != leaving and accepts_replicas(h.state, h.lost) for h in obj.holders)
 
 
+def still_held_without(obj: ObjectInfo, leaving: str) -> bool:
+    """Does a present replica of `obj` remain anywhere once `leaving` goes away? A
+    draining (or unreachable) holder still holds: its copy does not make the object
+    safe, but it is not lost either. Only retired and terminated holders hold nothing."""
+    if obj.durable:
+        return True
+    return any(
+        h.instance_id != leaving
+        and h.state not in (InstanceState.RETIRED, InstanceState.TERMINATED)
+        for h in obj.holders
+    )
+
+
+def lost_without(objects: list[ObjectInfo], leaving: str) -> list[ObjectInfo]:
+    """Objects held (or claimed) by `leaving` that a forced retirement of it loses for
+    good: no present replica remains anywhere else."""
+    return [
+        o
+        for o in objects
+        if (any(h.instance_id == leaving for h in o.holders) or leaving in o.claims)
+        and not still_held_without(o, leaving)
+    ]
+
+
 def at_risk(objects: list[ObjectInfo], leaving: str) -> list[ObjectInfo]:
     """Objects held (or claimed) by `leaving` that would be lost without it."""
     return [

@@ -90,6 +90,12 @@ def decide_heartbeat(
     return RegisterDecision(Admission.WELCOME, "ok", state)
 
 
+def superseded(exit_reason: str) -> bool:
+    """Does this `exit` answer to a heartbeat say another process of the instance
+    registered since (a newer incarnation), rather than that the instance is gone?"""
+    return " superseded by " in exit_reason
+
+
 def accepts_jobs(state: InstanceState | str, lost: bool) -> bool:
     return InstanceState(state) is InstanceState.RUNNING and not lost
 
@@ -103,4 +109,8 @@ def accepts_replicas(state: InstanceState | str, lost: bool) -> bool:
 # dir and exits with this code; supervisors (local backend, systemd unit) must not
 # restart it.
 AGENT_EXIT_RETIRED = 3
+# An agent process another process of the same instance superseded (a newer
+# incarnation registered) exits with this code, leaving its jobs and data dir alone:
+# they belong to the live incarnation now.
+AGENT_EXIT_SUPERSEDED = 4
 TOMBSTONE_FILE = "tombstone.json"

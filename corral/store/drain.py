@@ -24,6 +24,7 @@ from corral.domain.drain import (
     ObjectState,
     Recipient,
     at_risk,
+    lost_without,
     may_retire,
     plan_copies,
 )
@@ -158,7 +159,9 @@ async def describe_risk(conn: AsyncConnection, risky: list[ObjectInfo]) -> list[
 
 async def request_drain(conn: AsyncConnection, instance_id: str, force: bool, now: float):
     """running -> draining (or, with force, a draining instance may now retire even
-    if data is at risk). Returns the instance and what it alone holds now."""
+    if data is at risk). Returns the instance and what it alone holds now: without
+    force, what must be copied away first; with force, what its retirement loses (an
+    object another draining instance still holds is not lost)."""
     inst = await instances.require_instance(conn, instance_id)
     if inst["state"] in (InstanceState.RUNNING, InstanceState.PENDING):
         inst = await instances.transition(
@@ -177,7 +180,8 @@ async def request_drain(conn: AsyncConnection, instance_id: str, force: bool, no
             sa.update(instances_t).where(instances_t.c.id == instance_id).values(drain_force=True)
         )
         inst = await instances.require_instance(conn, instance_id)
-    risky = at_risk(await object_infos(conn, instance_id), instance_id)
+    infos = await object_infos(conn, instance_id)
+    risky = lost_without(infos, instance_id) if force else at_risk(infos, instance_id)
     return inst, await describe_risk(conn, risky)
 
 
@@ -258,8 +262,12 @@ async def _durable_fleet(conn: AsyncConnection, inst) -> str | None:
 
 
 async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: float) -> None:
+    """Retire `inst`; with force, an object nothing else holds a present replica of
+    (nor durable storage) is lost for good. One another draining (or unreachable)
+    instance still holds stays live: it is copied away when that one drains."""
     iid = inst["id"]
-    lost = await describe_risk(conn, risky)
+    gone = lost_without(risky, iid)
+    lost = await describe_risk(conn, gone)
     await instances.transition(conn, iid, InstanceState.RETIRED, now, message=None)
     await conn.execute(
         sa.update(replicas)
@@ -272,7 +280,7 @@ async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: floa
     if lost:
         await conn.execute(
             sa.update(objects)
-            .where(objects.c.sha256.in_([o.sha256 for o in risky]), objects.c.durable_url.is_(None))
+            .where(objects.c.sha256.in_([o.sha256 for o in gone]), objects.c.durable_url.is_(None))
             .values(state=ObjectState.LOST, updated_at=now)
         )
         await events.record(
@@ -285,13 +293,17 @@ async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: floa
             instance_id=iid,
         )
     else:
+        where = (
+            f"{len(risky)} object(s) it held remain only on other draining instance(s)"
+            if risky
+            else "every object it held has a copy on a running instance"
+        )
         await events.record(
             conn,
             now,
             "info",
             "instance.retired",
-            f"instance {inst['name']} ({iid}) retired: every object it held "
-            f"has a copy on a running instance",
+            f"instance {inst['name']} ({iid}) retired: {where}",
             instance_id=iid,
         )
 

@@ -19,11 +19,16 @@ from corral.domain.instances import (
     instance_sources,
 )
 from corral.domain.jobs import LIVE_ATTEMPT_STATES
-from corral.store import events, tokens
+from corral.domain.tokens import hash_secret, same_hash
+from corral.store import events, fleets, tokens
 from corral.store.schema import instances, job_attempts
 
 
 class NameInUse(Exception):
+    pass
+
+
+class UnknownFleet(Exception):
     pass
 
 
@@ -93,12 +98,23 @@ async def register(
     now: float,
     sandbox: str | None = None,
     sandbox_warnings: list[str] | None = None,
+    join_key: str | None = None,
 ) -> Registration:
     """Register an agent. With `instance_id` (an agent that already has an identity,
     authenticated by its credential) this is a restart: same id, next incarnation.
     Without, the agent joins by name: a pending instance of that name is bound, a free
-    name creates a new instance, a retired name is refused for good."""
+    name creates a new instance, a retired name is refused for good. A join that
+    presents the `join_key` the instance joined with is a retry of that join (its
+    answer was lost): the same instance, with a new credential (the unseen one is
+    revoked)."""
     credential = None
+    key_hash = hash_secret(join_key) if join_key else None
+    if fleet is not None and await fleets.get_fleet(conn, fleet) is None:
+        raise UnknownFleet(
+            f"fleet {fleet!r} does not exist: create it first with `corral fleet apply FILE` "
+            f"(a fleet file with `name: {fleet}`; see `corral fleet apply --help`), "
+            f"or start the agent without --fleet"
+        )
     if instance_id is not None:
         row = await get_instance(conn, instance_id)
     else:
@@ -107,10 +123,12 @@ async def register(
             decision = decide_register(row["state"])
             if decision.admission is Admission.EXIT:
                 return Registration(decision, row)
-            raise NameInUse(
-                f"instance name {name!r} is in use by {row['id']} ({row['state']}); "
-                f"pick another --name, or reuse that agent's data dir"
-            )
+            if not same_hash(row["join_key_hash"], key_hash):
+                raise NameInUse(
+                    f"instance name {name!r} is in use by {row['id']} ({row['state']}); "
+                    f"pick another --name, or reuse that agent's data dir"
+                )
+            await tokens.revoke_instance_tokens(conn, row["id"], now)
         if row is None:
             new_id = new_instance_id()
             await conn.execute(
@@ -121,6 +139,7 @@ async def register(
                     state=InstanceState.PENDING,
                     incarnation=0,
                     created_at=now,
+                    join_key_hash=key_hash,
                 )
             )
             row = await require_instance(conn, new_id)
@@ -143,6 +162,7 @@ async def register(
             peer_url=peer_url,
             sandbox=sandbox,
             fleet=sa.func.coalesce(instances.c.fleet, fleet),
+            join_key_hash=sa.func.coalesce(instances.c.join_key_hash, key_hash),
             registered_at=now,
             last_heartbeat_at=now,
             lost_at=None,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 from collections.abc import Iterable
 
 import sqlalchemy as sa
@@ -33,12 +35,16 @@ from corral.domain.sandbox import DEFAULT_LOG_LIMIT, cut_log
 from corral.domain.tokens import hash_secret, well_formed
 from corral.store import events, objects
 from corral.store.db import insert_ignoring_duplicates
-from corral.store.schema import job_attempts, jobs, log_chunks
+from corral.store.schema import job_attempts, jobs, log_chunks, submit_keys
 
 _MEASURED = ("cpu_seconds", "peak_memory_mb", "limits_enforced", "notes")
 
 
 class JobNotFound(KeyError):
+    pass
+
+
+class IdempotencyConflict(Exception):
     pass
 
 
@@ -141,6 +147,47 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
         .returning(jobs.c.id)
     )
     return result.scalar_one()
+
+
+def request_sha256(spec: JobSubmit) -> str:
+    """What identifies a submit's request: its canonical JSON (sorted keys)."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def submit_once(
+    conn: AsyncConnection, spec: JobSubmit, now: float, principal: str, key: str
+) -> tuple[int, bool]:
+    """Submit under an idempotency key: the first request with (principal, key) creates
+    the job, a retry of it gets that job again (created False), and another request
+    under the same key is refused. Two racing first requests: one insert of the key
+    fails on its primary key, and that transaction (job included) rolls back."""
+    digest = request_sha256(spec)
+    row = (
+        (
+            await conn.execute(
+                sa.select(submit_keys).where(
+                    submit_keys.c.principal == principal, submit_keys.c.key == key
+                )
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is not None:
+        if row["request_sha256"] != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was used for another request (job {row['job_id']}); "
+                "use a new key for a new job"
+            )
+        return row["job_id"], False
+    job_id = await submit(conn, spec, now)
+    await conn.execute(
+        sa.insert(submit_keys).values(
+            principal=principal, key=key, request_sha256=digest, job_id=job_id, created_at=now
+        )
+    )
+    return job_id, True
 
 
 async def _end_live_attempt(

@@ -76,6 +76,8 @@ instances = sa.Table(
     sa.Column("provision_updated_at", Time),
     sa.Column("provision_server", sa.String(64)),
     sa.Column("sandbox", sa.Text),  # how its agent contains attempts (migration 0005)
+    # sha256 of the key its agent joined with: a retried join is the same instance (0106)
+    sa.Column("join_key_hash", sa.String(64)),
     sa.Index("ix_instances_state", "state"),
 )
 
@@ -104,6 +106,18 @@ jobs = sa.Table(
     sa.Column("workdir", sa.String(64)),  # object id of its packed working dir (0005)
     sa.Column("log_limit", sa.BigInteger),  # bytes of output kept per attempt (0005)
     sa.Index("ix_jobs_state_id", "state", "id"),
+)
+
+# A submit's Idempotency-Key (migration 0106): a retry with the same key, from the same
+# principal, is the same job; `request_sha256` tells a retry from a different request
+submit_keys = sa.Table(
+    "submit_keys",
+    metadata,
+    sa.Column("principal", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("request_sha256", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
 )
 
 job_attempts = sa.Table(

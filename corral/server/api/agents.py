@@ -74,9 +74,12 @@ async def register(
             now=ctx.now(),
             sandbox=body.sandbox,
             sandbox_warnings=body.sandbox_warnings,
+            join_key=body.join_key,
         )
     except instances.NameInUse as exc:
         raise ApiError(409, "name_in_use", str(exc)) from None
+    except instances.UnknownFleet as exc:
+        raise ApiError(422, "unknown_fleet", str(exc)) from None
     interval = await current_interval(ctx)
     if reg.decision.admission is Admission.EXIT or reg.instance is None:
         return RegisterReply(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 
-from fastapi import APIRouter, Depends, Query, Request
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from corral.api import JobSubmit, JobView, LogChunkView, LogPage
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
-from corral.server.auth import require_admin
+from corral.server.auth import Principal, require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.views import job_view
@@ -22,6 +24,7 @@ from corral.store import objects
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
 
 _STATES = [s.value for s in JobState]
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def job_key(job_id: int) -> tuple[str, int]:
@@ -61,6 +64,10 @@ async def submitted(request: Request) -> JobSubmit:
     status_code=201,
     response_model=JobView,
     summary="Submit a job",
+    responses={
+        200: {"model": JobView, "description": "a retry: the job its Idempotency-Key made"},
+        409: {"description": "the Idempotency-Key was used for another request"},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -69,7 +76,16 @@ async def submitted(request: Request) -> JobSubmit:
     },
 )
 async def submit(
-    spec: JobSubmit = Depends(submitted), ctx: ServerContext = Depends(get_ctx)
+    response: Response,
+    spec: JobSubmit = Depends(submitted),
+    idempotency_key: str | None = Header(
+        default=None,
+        description="a key the client picks per job (printable ASCII, at most 200 "
+        "characters): a retry with the same key and body returns the first job (200) "
+        "instead of creating another; another body under the same key is a 409",
+    ),
+    who: Principal = Depends(require_admin),
+    ctx: ServerContext = Depends(get_ctx),
 ) -> JobView:
     for field, refs, hint in (
         ("inputs", spec.inputs, "upload it with corral put"),
@@ -83,7 +99,30 @@ async def submit(
                 f"{field}: object {missing[0]} is unknown or lost ({hint})",
                 fields=[{"field": field, "message": f"unknown object {m}"} for m in missing],
             )
-    job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
+    if idempotency_key is None:
+        job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
+    else:
+        if not _KEY.match(idempotency_key):
+            raise ApiError(
+                422,
+                "invalid_request",
+                "Idempotency-Key: 1 to 200 printable ASCII characters",
+                fields=[{"field": "Idempotency-Key", "message": "1 to 200 printable ASCII"}],
+            )
+        try:
+            try:
+                job_id, created = await ctx.db.transact(
+                    repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
+                )
+            except sa.exc.IntegrityError:  # a concurrent first request took the key
+                job_id, created = await ctx.db.transact(
+                    repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
+                )
+        except repo.IdempotencyConflict as exc:
+            raise ApiError(409, "idempotency_conflict", str(exc)) from None
+        if not created:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
     ctx.notifier.wake("dispatch")
     return await _view(ctx, job_id)
 
