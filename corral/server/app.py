@@ -31,6 +31,9 @@ from corral.server.api import (
     jobs,
     objects,
 )
+from corral.server.api import (
+    tokens as tokens_api,
+)
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.health import install_health
@@ -43,6 +46,7 @@ from corral.server.loops.reaper import reap_once
 from corral.server.loops.reconciler import reconcile_once
 from corral.server.loops.runner import run_loop
 from corral.server.loops.verifier import prove_once
+from corral.server.secretfiles import write_secret_file
 from corral.store import events, fleets, servers, tokens
 from corral.store.db import Database
 from corral.store.migrate import migrate
@@ -55,20 +59,6 @@ ADMIN_TOKEN_FILE = "admin.token"
 JOIN_TOKEN_FILE = "join.token"
 SERVER_FILE = "server.json"
 SECRET_KEY_FILE = "secret.key"
-
-
-def write_secret_file(path: Path, secret: str) -> None:
-    """Write a credential readable by its owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (secret + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 async def _ensure_token(db: Database, kind: str, path: Path, now: float, note: str) -> str:
@@ -275,6 +265,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         fleet,
         health,
         bootstrap,
+        tokens_api,
     ):
         app.include_router(module.router)
     from corral.server import dashboard
