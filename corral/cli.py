@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from corral.agent.cli import agent
-from corral.client import components_cli, data_cli  # noqa: F401  (register their commands)
+from corral.client import (  # noqa: F401  (register their commands)
+    components_cli,
+    data_cli,
+    tokens_cli,
+)
 from corral.client.cli import app
 from corral.server import cli as server_cli
 from corral.server.cli import server

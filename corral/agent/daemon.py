@@ -86,6 +86,13 @@ def self_test(what: str, expected: str):
 VERIFIERS = {"runner": self_test("runner", RUNNER_OK), "agent": self_test("agent", AGENT_OK)}
 
 
+def _error_message(resp) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200] or f"HTTP {resp.status_code}"
+
+
 class AgentExit(Exception):
     def __init__(self, code: int, reason: str):
         super().__init__(reason)
@@ -225,8 +232,12 @@ class Agent:
                 await self._sleep(delay)
                 continue
             if resp.status_code == 401 and ident is not None:
-                # the database no longer knows this instance: never join as a new one
-                raise AgentExit(AGENT_EXIT_RETIRED, "the server does not know this instance")
+                # the credential is revoked (the instance retired, or an operator revoked
+                # it) or unknown: never join as a new one
+                raise AgentExit(
+                    AGENT_EXIT_RETIRED,
+                    f"the server refuses this instance's credential: {_error_message(resp)}",
+                )
             if resp.status_code >= 400:
                 raise AgentExit(2, f"registration refused: HTTP {resp.status_code} {resp.text}")
             reply = RegisterReply.model_validate(resp.json())

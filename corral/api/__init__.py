@@ -67,6 +67,7 @@ from corral.api.objects import (
     PeerVerify,
     ReplicaView,
 )
+from corral.api.tokens import TokenRotated, TokenView
 
 __all__ = [
     "BACKENDS",
@@ -119,5 +120,7 @@ __all__ = [
     "SshSettings",
     "StartOrder",
     "Strict",
+    "TokenRotated",
+    "TokenView",
     "parse_memory_mb",
 ]

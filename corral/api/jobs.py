@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Sha256, Strict
 from corral.domain.jobs import AttemptState, JobState
@@ -23,6 +23,11 @@ class JobSubmit(Strict):
     memory_mb: int = Field(default=0, ge=0, le=16 * 1024 * 1024)
     max_attempts: int = Field(default=3, ge=1, le=100)
     env: dict[str, str] = Field(default_factory=dict)
+    secret_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment values sealed with the server key at rest, handed only to "
+        "the agent that runs the attempt, and never shown (`corral run --secret K=V`)",
+    )
     inputs: list[str] = Field(
         default_factory=list,
         max_length=1000,
@@ -66,7 +71,7 @@ class JobSubmit(Strict):
                 raise ValueError(f"{ref!r} is not an object id (64 lowercase hex digits)")
         return v
 
-    @field_validator("env")
+    @field_validator("env", "secret_env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
@@ -77,6 +82,13 @@ class JobSubmit(Strict):
             if why := text_problem(value):
                 raise ValueError(f"the value of {key} {why}")
         return v
+
+    @model_validator(mode="after")
+    def _env_once(self) -> JobSubmit:
+        both = sorted(self.env.keys() & self.secret_env.keys())
+        if both:
+            raise ValueError(f"secret_env: {', '.join(both)} also given in env")
+        return self
 
 
 class AttemptView(BaseModel):
@@ -116,6 +128,9 @@ class JobView(BaseModel):
     attempts: list[AttemptView] = Field(default_factory=list)
     workdir: str | None = None
     log_limit: int = DEFAULT_LOG_LIMIT
+    secret_env: list[str] = Field(
+        default_factory=list, description="names of its secret variables (values never shown)"
+    )
     notes: list[str] = Field(
         default_factory=list, description="notes of the attempt whose result is recorded"
     )

@@ -108,6 +108,11 @@ def run(
     max_attempts: int = typer.Option(3, help="attempts before the job fails for good"),
     name: str | None = typer.Option(None, help="a name to recognise the job by"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE for the job (repeatable)"),
+    secret: list[str] = typer.Option(
+        [],
+        "--secret",
+        help="KEY=VALUE for the job, kept sealed by the server and never shown (repeatable)",
+    ),
     inputs: list[str] = typer.Option(
         [],
         "--input",
@@ -154,9 +159,18 @@ def run(
         if not sep or not key:
             fail(f"--env {item!r}: expected KEY=VALUE", 2)
         envs[key] = value
+    secrets = {}
+    for item in secret:
+        key, sep, value = item.partition("=")
+        if not sep or not key:  # never echo the value: it is a secret
+            fail(f"--secret {key if sep else '...'}: expected KEY=VALUE", 2)
+        secrets[key] = value
+        envs.pop(key, None)  # --secret wins over -e/--env-file
     options: dict = dict(
         fleet=fleet, cpus=cpus, max_attempts=max_attempts, name=name, env=envs, inputs=inputs
     )
+    if secrets:
+        options["secret_env"] = secrets
     if memory is not None:
         options["memory_mb"] = parse_memory(memory)
     if log_limit is not None:

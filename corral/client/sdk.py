@@ -32,6 +32,8 @@ from corral.api import (
     RolloutRequest,
     RolloutView,
     ServerView,
+    TokenRotated,
+    TokenView,
 )
 from corral.client.config import resolve
 from corral.domain.jobs import FINAL_JOB_STATES
@@ -313,6 +315,15 @@ class Client:
         return DrainView.model_validate(
             self._call("POST", f"/api/v1/instances/{instance}/drain", json={"force": force})
         )
+
+    def tokens(self) -> list[TokenView]:
+        return [TokenView.model_validate(t) for t in self._call("GET", "/api/v1/tokens")]
+
+    def rotate_token(self, kind: str) -> TokenRotated:
+        return TokenRotated.model_validate(self._call("POST", f"/api/v1/tokens/rotate/{kind}"))
+
+    def revoke_token(self, token_id: str) -> TokenView:
+        return TokenView.model_validate(self._call("POST", f"/api/v1/tokens/{token_id}/revoke"))
 
     def fleets(self) -> list[FleetView]:
         return [FleetView.model_validate(f) for f in self._call("GET", "/api/v1/fleets")]

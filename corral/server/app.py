@@ -31,6 +31,9 @@ from corral.server.api import (
     jobs,
     objects,
 )
+from corral.server.api import (
+    tokens as tokens_api,
+)
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.health import install_health
@@ -43,9 +46,11 @@ from corral.server.loops.reaper import reap_once
 from corral.server.loops.reconciler import reconcile_once
 from corral.server.loops.runner import run_loop
 from corral.server.loops.verifier import prove_once
-from corral.store import events, servers, tokens
+from corral.server.secretfiles import write_secret_file
+from corral.store import events, fleets, servers, tokens
 from corral.store.db import Database
 from corral.store.migrate import migrate
+from corral.store.sealing import Sealer, SealError
 from corral.store.sqlite_lock import SqliteServerLock
 
 log = logging.getLogger("corral.server")
@@ -53,20 +58,7 @@ log = logging.getLogger("corral.server")
 ADMIN_TOKEN_FILE = "admin.token"
 JOIN_TOKEN_FILE = "join.token"
 SERVER_FILE = "server.json"
-
-
-def write_secret_file(path: Path, secret: str) -> None:
-    """Write a credential readable by its owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (secret + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+SECRET_KEY_FILE = "secret.key"
 
 
 async def _ensure_token(db: Database, kind: str, path: Path, now: float, note: str) -> str:
@@ -85,13 +77,40 @@ class StartupError(RuntimeError):
     pass
 
 
+def private_data_dir(path: Path) -> None:
+    """The data dir holds the database, the credentials and the server key: only its
+    owner may enter it (0700), also when it existed before with a looser mode."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def server_sealer(config: ServerConfig) -> Sealer:
+    """The key secrets at rest are sealed with: CORRAL_SECRET_KEY (config.secret_key),
+    else DATA_DIR/secret.key, made (0600) on first start."""
+    if config.secret_key:
+        try:
+            return Sealer(config.secret_key)
+        except SealError as exc:
+            raise StartupError(f"CORRAL_SECRET_KEY: {exc}") from None
+    path = config.data_dir / SECRET_KEY_FILE
+    if path.exists():
+        os.chmod(path, 0o600)
+        try:
+            return Sealer(path.read_text().strip())
+        except SealError as exc:
+            raise StartupError(f"{path}: {exc}") from None
+    key = Sealer.new_key()
+    write_secret_file(path, key)
+    return Sealer(key)
+
+
 async def open_context(
     config: ServerConfig, *, clock: Callable[[], float] = time.time, backends=None
 ) -> ServerContext:
     """Everything a server needs before it accepts a request. Raises StartupError
     with a message for people (e.g. a second server on one SQLite file)."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.database_url)
+    private_data_dir(config.data_dir)
+    db = Database(config.database_url, sealer=server_sealer(config))
     server_id = f"srv-{secrets.token_hex(4)}"
     lock = None
     if db.is_sqlite and db.sqlite_path:
@@ -110,6 +129,15 @@ async def open_context(
         if lock:
             lock.release()
         raise StartupError(f"cannot open database {db.display_url()}: {exc}") from exc
+    try:
+        sealed = await db.transact(fleets.seal_plaintext_secrets)
+    except SealError as exc:
+        await db.dispose()
+        if lock:
+            lock.release()
+        raise StartupError(str(exc)) from None
+    if sealed:
+        log.warning("sealed the durable store keys of %d fleet(s) kept in clear", sealed)
     now = clock()
     admin = await _ensure_token(
         db, tokens.ADMIN, config.data_dir / ADMIN_TOKEN_FILE, now, "admin (created on first start)"
@@ -237,6 +265,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         fleet,
         health,
         bootstrap,
+        tokens_api,
     ):
         app.include_router(module.router)
     from corral.server import dashboard

@@ -28,13 +28,20 @@ def _bearer(request: Request) -> str:
     return value.strip()
 
 
+TOUCH_EVERY = 60.0  # seconds between two recorded uses of one credential
+
+
 async def _principal(request: Request, ctx: ServerContext, kinds: tuple[str, ...]) -> Principal:
     secret = _bearer(request)
     row = await ctx.db.query(tokens.lookup, secret)
     if row is None:
-        raise ApiError(401, "unauthorized", "unknown or revoked token")
+        raise ApiError(401, "unauthorized", await ctx.db.query(tokens.why_refused, secret))
     if row["kind"] not in kinds:
         raise ApiError(403, "forbidden", f"a {row['kind']} token cannot do this")
+    now = ctx.now()
+    last = row["last_used_at"]
+    if last is None or now - last >= TOUCH_EVERY:
+        await ctx.db.transact(tokens.touch, row["id"], now)
     return Principal(row["kind"], row["id"], row["instance_id"])
 
 

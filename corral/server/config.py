@@ -49,6 +49,10 @@ class ServerConfig:
     autoscale_interval: float = 5.0
     autoscale_checks: int = 3  # consecutive checks that must agree before scaling
     public_url: str | None = None
+    # the key that seals secrets at rest (None: DATA_DIR/secret.key, made on first start)
+    secret_key: str | None = field(
+        default_factory=lambda: os.environ.get("CORRAL_SECRET_KEY") or None, repr=False
+    )
 
     @property
     def database_url(self) -> str:

@@ -37,6 +37,7 @@ def job_view(row, attempts=()) -> JobView:
         attempts=[attempt_view(a) for a in attempts],
         workdir=row["workdir"],
         log_limit=row["log_limit"] or DEFAULT_LOG_LIMIT,
+        secret_env=sorted(row.get("secret_env") or {}),
         notes=(result["notes"] or []) if result is not None else [],
     )
 

@@ -72,8 +72,13 @@ def _pg_code(exc: BaseException) -> str | None:
 
 
 class Database:
-    def __init__(self, url: str, *, echo: bool = False):
+    def __init__(self, url: str, *, echo: bool = False, sealer: Any = None):
+        """`sealer` (a `corral.store.sealing.Sealer`) seals and unseals the secrets the
+        store keeps (job secret env, durable store keys); store functions reach it
+        through their connection."""
         self.url = normalize_url(url)
+        self.sealer = sealer
+        options = {"corral_sealer": sealer} if sealer is not None else {}
         self.is_postgres = self.url.startswith("postgresql")
         self.is_sqlite = not self.is_postgres
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
@@ -81,8 +86,14 @@ class Database:
             path = self.sqlite_path
             if path is not None:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_file(path)
             self.engine: AsyncEngine = create_async_engine(
-                self.url, echo=echo, pool_size=8, max_overflow=8, pool_timeout=60
+                self.url,
+                echo=echo,
+                pool_size=8,
+                max_overflow=8,
+                pool_timeout=60,
+                execution_options=options,
             )
             _install_sqlite_hooks(self.engine)
         else:
@@ -93,6 +104,7 @@ class Database:
                 max_overflow=10,
                 pool_pre_ping=True,
                 pool_timeout=60,
+                execution_options=options,
             )
 
     @property
@@ -157,6 +169,18 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _private_file(path: str) -> None:
+    """The SQLite file holds sealed secrets and credential hashes: owner-only (0600).
+    SQLite gives its -wal and -shm files the database file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        try:
+            os.chmod(path + suffix, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table):

@@ -22,6 +22,7 @@ from corral.store import jobs as jobs_repo
 from corral.store import objects
 from corral.store.db import Database
 from corral.store.schema import instances, job_attempts, jobs
+from corral.store.sealing import sealer_of
 
 _LIVE = [s.value for s in LIVE_ATTEMPT_STATES]
 
@@ -162,6 +163,17 @@ async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:
             await conn.execute(sa.update(jobs).where(jobs.c.id == d.job_id).values(reason=why))
 
 
+def _environment(
+    conn: AsyncConnection, env: dict[str, str], secret_env: dict[str, str] | None
+) -> dict[str, str]:
+    """The job's environment with its secret values unsealed: only ever for the start
+    order of the agent that runs the attempt."""
+    if not secret_env:
+        return env
+    sealer = sealer_of(conn)
+    return {**env, **{k: sealer.unseal(v) for k, v in secret_env.items()}}
+
+
 def new_attempt_secret() -> str:
     return secrets.token_urlsafe(24)
 
@@ -182,6 +194,7 @@ async def deliver_attempts(
                     job_attempts.c.number,
                     jobs.c.command,
                     jobs.c.env,
+                    jobs.c.secret_env,
                     jobs.c.cpus,
                     jobs.c.memory_mb,
                     jobs.c.inputs,
@@ -232,7 +245,7 @@ async def deliver_attempts(
                     attempt=r["number"],
                     token=secret,
                     command=r["command"],
-                    env=r["env"],
+                    env=_environment(conn, r["env"], r["secret_env"]),
                     cpus=r["cpus"],
                     memory_mb=r["memory_mb"],
                     inputs=inputs,

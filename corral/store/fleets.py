@@ -11,6 +11,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from corral.domain.instances import InstanceState
 from corral.domain.presign import DurableStore
 from corral.store.schema import fleets, instances
+from corral.store.sealing import sealer_of
+
+SEALED_SECRET = "secret_key_sealed"  # durable.secret_key as the database keeps it
+
+
+def _sealed_spec(conn: AsyncConnection, spec: dict | None) -> dict:
+    """The spec with its durable store's secret key sealed (a spec read back from the
+    database is sealed already and stays as it is)."""
+    spec = dict(spec or {})
+    durable = spec.get("durable")
+    if durable and durable.get("secret_key"):
+        durable = dict(durable)
+        durable[SEALED_SECRET] = sealer_of(conn).seal(durable.pop("secret_key"))
+        spec["durable"] = durable
+    return spec
 
 
 async def upsert_fleet(
@@ -36,7 +51,7 @@ async def upsert_fleet(
         idle_timeout=idle_timeout,
         cpus=cpus,
         memory_mb=memory_mb,
-        spec=spec or {},
+        spec=_sealed_spec(conn, spec),
         updated_at=now,
     )
     if exists:
@@ -55,7 +70,25 @@ async def durable_store(conn: AsyncConnection, name: str | None) -> DurableStore
         return None
     spec = (await conn.execute(sa.select(fleets.c.spec).where(fleets.c.name == name))).scalar()
     durable = (spec or {}).get("durable")
-    return DurableStore.from_spec(durable) if durable else None
+    if not durable:
+        return None
+    durable = dict(durable)
+    if SEALED_SECRET in durable:
+        durable["secret_key"] = sealer_of(conn).unseal(durable.pop(SEALED_SECRET))
+    return DurableStore.from_spec(durable)
+
+
+async def seal_plaintext_secrets(conn: AsyncConnection) -> int:
+    """Seal the durable keys a database written before sealing existed holds in clear;
+    return how many fleets changed."""
+    changed = 0
+    for name, spec in (await conn.execute(sa.select(fleets.c.name, fleets.c.spec))).all():
+        if ((spec or {}).get("durable") or {}).get("secret_key"):
+            await conn.execute(
+                sa.update(fleets).where(fleets.c.name == name).values(spec=_sealed_spec(conn, spec))
+            )
+            changed += 1
+    return changed
 
 
 async def list_fleets(conn: AsyncConnection):

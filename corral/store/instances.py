@@ -254,6 +254,8 @@ async def transition(
     if updated is None:
         fresh = await get_instance(conn, instance_id)
         raise IllegalTransition("instance", fresh["state"] if fresh else "missing", target)
+    if target in (InstanceState.RETIRED, InstanceState.TERMINATED):
+        await tokens.revoke_instance_tokens(conn, instance_id, now)
     return updated
 
 

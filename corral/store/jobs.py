@@ -36,6 +36,7 @@ from corral.domain.tokens import hash_secret, well_formed
 from corral.store import events, objects
 from corral.store.db import insert_ignoring_duplicates
 from corral.store.schema import job_attempts, jobs, log_chunks, submit_keys
+from corral.store.sealing import sealer_of
 
 _MEASURED = ("cpu_seconds", "peak_memory_mb", "limits_enforced", "notes")
 
@@ -133,6 +134,11 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
             state=JobState.QUEUED,
             command=spec.command,
             env=spec.env,
+            secret_env=(
+                {k: sealer_of(conn).seal(v) for k, v in spec.secret_env.items()}
+                if spec.secret_env
+                else None
+            ),
             inputs=spec.inputs,
             fleet=spec.fleet,
             cpus=spec.cpus,

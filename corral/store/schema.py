@@ -105,6 +105,8 @@ jobs = sa.Table(
     sa.Column("finished_at", Time),
     sa.Column("workdir", sa.String(64)),  # object id of its packed working dir (0005)
     sa.Column("log_limit", sa.BigInteger),  # bytes of output kept per attempt (0005)
+    # name -> value sealed with the server key (`corral run --secret`, migration 0108)
+    sa.Column("secret_env", sa.JSON),
     sa.Index("ix_jobs_state_id", "state", "id"),
 )
 
@@ -183,6 +185,7 @@ tokens = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Column("revoked_at", Time),
     sa.Column("note", sa.String(200)),
+    sa.Column("last_used_at", Time),  # migration 0108; updated at most once a minute
 )
 
 # ---- components and rollouts (migration 0002) ------------------------------------------
