@@ -7,7 +7,6 @@ import base64
 import json
 import re
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -20,6 +19,7 @@ from corral.server.errors import ApiError
 from corral.server.views import job_view
 from corral.store import jobs as repo
 from corral.store import objects
+from corral.store.db import IntegrityError
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
 
@@ -114,7 +114,7 @@ async def submit(
                 job_id, created = await ctx.db.transact(
                     repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
                 )
-            except sa.exc.IntegrityError:  # a concurrent first request took the key
+            except IntegrityError:  # a concurrent first request took the key
                 job_id, created = await ctx.db.transact(
                     repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
                 )
