@@ -7,7 +7,6 @@ import base64
 import json
 import re
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -110,14 +109,9 @@ async def submit(
                 fields=[{"field": "Idempotency-Key", "message": "1 to 200 printable ASCII"}],
             )
         try:
-            try:
-                job_id, created = await ctx.db.transact(
-                    repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
-                )
-            except sa.exc.IntegrityError:  # a concurrent first request took the key
-                job_id, created = await ctx.db.transact(
-                    repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
-                )
+            job_id, created = await ctx.db.transact(
+                repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
+            )
         except repo.IdempotencyConflict as exc:
             raise ApiError(409, "idempotency_conflict", str(exc)) from None
         if not created:
