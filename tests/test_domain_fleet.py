@@ -206,6 +206,11 @@ def test_the_reapers_round_trips_define_the_outages():
     assert obs.observed(50.0) == (12.0, 50.0)
     assert obs.gaps(51.0) == [(12.0, 50.0)]
     assert obs.extension(51.0, recovery=10.0) == 38.0 + 1.0
+    # a slow database: each round trip takes 5 s, but the next starts on time after it
+    slow = Observation(tolerance=3.0)
+    for start in (0.0, 6.0, 12.0, 18.0):
+        assert slow.observed(start, start + 5.0) is None
+    assert slow.gaps(24.0) == [] and slow.extension(24.0) == 0.0
 
 
 def test_agents_and_runners_retry_within_the_ceiling_the_reaper_allows_for():

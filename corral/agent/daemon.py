@@ -228,7 +228,11 @@ class Agent:
                 # the database no longer knows this instance: never join as a new one
                 raise AgentExit(AGENT_EXIT_RETIRED, "the server does not know this instance")
             if resp.status_code >= 400:
-                raise AgentExit(2, f"registration refused: HTTP {resp.status_code} {resp.text}")
+                try:  # the server's JSON error says what is wrong and what to do
+                    why = str(resp.json()["error"]["message"])
+                except (ValueError, KeyError, TypeError):
+                    why = resp.text[:500]
+                raise AgentExit(2, f"registration refused (HTTP {resp.status_code}): {why}")
             reply = RegisterReply.model_validate(resp.json())
             if reply.action == "exit":
                 raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)

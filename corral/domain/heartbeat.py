@@ -100,14 +100,18 @@ class Observation:
             return [*self.outages, (last, now)]
         return list(self.outages)
 
-    def observed(self, now: float) -> tuple[float, float] | None:
-        """A round trip at `now` worked; returns the gap it ended, if that was an outage."""
+    def observed(self, now: float, done: float | None = None) -> tuple[float, float] | None:
+        """A round trip that started at `now` (and ended at `done`) worked; returns the
+        gap it ended, if that was an outage. Gaps run from the end of one round trip
+        that worked to the start of the next, so a slow database (long round trips,
+        ticks on time) is not mistaken for an unavailable one."""
         gap = None
         if self.last_ok is not None and now - self.last_ok > self.tolerance:
             gap = (self.last_ok, now)
             self.outages = [*self.outages, gap]
         self.outages = [o for o in self.outages if o[1] > now - self.horizon][-self.keep :]
-        self.last_ok = now if self.last_ok is None else max(self.last_ok, now)
+        end = now if done is None else max(now, done)
+        self.last_ok = end if self.last_ok is None else max(self.last_ok, end)
         return gap
 
     def extension(self, now: float, recovery: float = AGENT_RETRY_CEILING) -> float:

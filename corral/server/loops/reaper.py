@@ -95,7 +95,7 @@ async def reap_once(ctx: ServerContext) -> bool:
 
     for step in (lost, unstarted, silent):
         await ctx.db.transact(step)
-    gap = obs.observed(now)
+    gap = obs.observed(now, ctx.now())
     if gap is not None:
         unseen = gap[1] - gap[0]
         message = (
