@@ -173,3 +173,50 @@ def test_backoff_rejects_nonsense():
         Backoff(jitter=2)
     with pytest.raises(ValueError):
         Backoff().delay(1, 1.0)
+
+
+def test_silence_the_server_could_not_observe_extends_every_deadline():
+    from corral.domain.heartbeat import is_silent_too_long, unobserved
+
+    # the database was down from 100 to 160; agents retry within 10 s of its return
+    outages = [(100.0, 160.0)]
+    assert unobserved(99.0, 200.0, outages, 10.0) == 70.0
+    assert unobserved(150.0, 200.0, outages, 10.0) == 20.0  # only the part after 150
+    assert unobserved(0.0, 200.0, [(100.0, 160.0), (120.0, 140.0)], 0.0) == 60.0  # once
+    # an agent last heard at 99 (just before the outage), grace 4 s
+    assert not is_silent_too_long(99.0, now=160.0, grace=4.0, outages=outages)
+    assert not is_silent_too_long(99.0, now=172.0, grace=4.0, outages=outages, recovery=10.0)
+    assert is_silent_too_long(99.0, now=175.0, grace=4.0, outages=outages, recovery=10.0)
+    # without the outage it would have been lost long before
+    assert is_silent_too_long(99.0, now=110.0, grace=4.0)
+    assert not is_silent_too_long(None, now=1e9, grace=1.0)
+    # an agent that went silent after the outage is judged as usual
+    assert is_silent_too_long(180.0, now=185.0, grace=4.0, outages=outages)
+
+
+def test_the_reapers_round_trips_define_the_outages():
+    from corral.domain.heartbeat import Observation
+
+    obs = Observation(tolerance=3.0)
+    assert obs.observed(10.0) is None and obs.gaps(11.0) == []
+    assert obs.observed(12.0) is None  # a normal tick
+    # no round trip worked from 12 to 50: while the server is only now observing
+    # again, the current gap already counts; once it worked, it is an outage
+    assert obs.gaps(50.0) == [(12.0, 50.0)]
+    assert obs.observed(50.0) == (12.0, 50.0)
+    assert obs.gaps(51.0) == [(12.0, 50.0)]
+    assert obs.extension(51.0, recovery=10.0) == 38.0 + 1.0
+    # a slow database: each round trip takes 5 s, but the next starts on time after it
+    slow = Observation(tolerance=3.0)
+    for start in (0.0, 6.0, 12.0, 18.0):
+        assert slow.observed(start, start + 5.0) is None
+    assert slow.gaps(24.0) == [] and slow.extension(24.0) == 0.0
+
+
+def test_agents_and_runners_retry_within_the_ceiling_the_reaper_allows_for():
+    from corral.agent.daemon import RECONNECT
+    from corral.agent.upstream import RETRY
+    from corral.domain.heartbeat import AGENT_RETRY_CEILING
+
+    assert RECONNECT.maximum <= AGENT_RETRY_CEILING
+    assert RETRY.maximum <= AGENT_RETRY_CEILING

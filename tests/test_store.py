@@ -324,6 +324,22 @@ def test_a_submit_retried_with_its_idempotency_key_is_the_same_job(db_url):
     run(main())
 
 
+@pytest.mark.postgres
+def test_racing_submits_with_one_idempotency_key_make_one_job(pg_url):
+    async def main():
+        db = await open_db(pg_url)
+        spec = JobSubmit(command=["true"])
+        results = await asyncio.gather(
+            *(db.transact(repo.submit_once, spec, NOW, "tok", "same") for _ in range(8))
+        )
+        assert len({job_id for job_id, _ in results}) == 1
+        assert sum(created for _, created in results) == 1
+        assert len(await db.query(repo.list_jobs)) == 1
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_retried_registration_with_the_same_join_key_gets_the_same_instance(db_url):
     """The server committed a registration but the agent never saw the answer (a
     client timeout): its retry, with the same name and join key, is the same instance

@@ -239,7 +239,11 @@ class Agent:
                     f"the server refuses this instance's credential: {_error_message(resp)}",
                 )
             if resp.status_code >= 400:
-                raise AgentExit(2, f"registration refused: HTTP {resp.status_code} {resp.text}")
+                try:  # the server's JSON error says what is wrong and what to do
+                    why = str(resp.json()["error"]["message"])
+                except (ValueError, KeyError, TypeError):
+                    why = resp.text[:500]
+                raise AgentExit(2, f"registration refused (HTTP {resp.status_code}): {why}")
             reply = RegisterReply.model_validate(resp.json())
             if reply.action == "exit":
                 raise AgentExit(AGENT_EXIT_RETIRED, reply.reason)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 def heartbeat_interval(
@@ -30,3 +32,88 @@ def is_lost(last_heartbeat_at: float | None, now: float, grace: float) -> bool:
     if last_heartbeat_at is None:
         return False
     return now - last_heartbeat_at > grace and not math.isnan(last_heartbeat_at)
+
+
+# ---- silence the server could not observe ----------------------------------------------------
+
+# The longest an agent (or runner) waits between two tries to reach a server: its
+# reconnect backoff's ceiling (corral.agent.daemon.RECONNECT, corral.agent.upstream.RETRY
+# must stay within it). After an outage of the server's own database or event loop, an
+# agent needs up to this long to notice the server is back.
+AGENT_RETRY_CEILING = 10.0
+
+
+def unobserved(
+    since: float, now: float, outages: Sequence[tuple[float, float]], recovery: float
+) -> float:
+    """Seconds of [since, now] the server could not observe: each outage (start, end)
+    of its own, widened by `recovery` after its end (the time agents retrying with
+    backoff need to reach it again). Overlapping outages count once."""
+    spans = sorted((max(s, since), min(e + recovery, now)) for s, e in outages)
+    total, reach = 0.0, since
+    for start, end in spans:
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
+
+
+def observed_silence(
+    last_heard: float, now: float, outages: Sequence[tuple[float, float]], recovery: float
+) -> float:
+    """How long the server could have heard from an agent since `last_heard` and did not."""
+    return (now - last_heard) - unobserved(last_heard, now, outages, recovery)
+
+
+def is_silent_too_long(
+    last_heard: float | None,
+    now: float,
+    grace: float,
+    outages: Sequence[tuple[float, float]] = (),
+    recovery: float = AGENT_RETRY_CEILING,
+) -> bool:
+    """`is_lost` with every deadline extended by the silence the server could not observe."""
+    if last_heard is None or math.isnan(last_heard):
+        return False
+    return observed_silence(last_heard, now, outages, recovery) > grace
+
+
+@dataclass
+class Observation:
+    """When this server could last observe its agents: the end of its last database
+    round trip that worked (the reaper's), and the gaps between them longer than
+    `tolerance` (its database, or its own event loop, was unavailable). Pure: the
+    caller passes the time in."""
+
+    tolerance: float
+    last_ok: float | None = None
+    outages: list[tuple[float, float]] = field(default_factory=list)
+    keep: int = 100  # outages remembered, at most
+    horizon: float = 3600.0  # ... and only those that ended this recently
+
+    def gaps(self, now: float) -> list[tuple[float, float]]:
+        """The outages to allow for at `now`, counting the current gap as one (the
+        server is only now observing again)."""
+        last = self.last_ok
+        if last is not None and now - last > self.tolerance:
+            return [*self.outages, (last, now)]
+        return list(self.outages)
+
+    def observed(self, now: float, done: float | None = None) -> tuple[float, float] | None:
+        """A round trip that started at `now` (and ended at `done`) worked; returns the
+        gap it ended, if that was an outage. Gaps run from the end of one round trip
+        that worked to the start of the next, so a slow database (long round trips,
+        ticks on time) is not mistaken for an unavailable one."""
+        gap = None
+        if self.last_ok is not None and now - self.last_ok > self.tolerance:
+            gap = (self.last_ok, now)
+            self.outages = [*self.outages, gap]
+        self.outages = [o for o in self.outages if o[1] > now - self.horizon][-self.keep :]
+        end = now if done is None else max(now, done)
+        self.last_ok = end if self.last_ok is None else max(self.last_ok, end)
+        return gap
+
+    def extension(self, now: float, recovery: float = AGENT_RETRY_CEILING) -> float:
+        """The most any deadline can be extended by now (for a coarse query cutoff)."""
+        return unobserved(-math.inf, now, self.gaps(now), recovery)

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
+from corral.domain.heartbeat import Observation
 from corral.domain.providers import Backend
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
@@ -39,6 +40,7 @@ class ServerContext:
     health_providers: list[HealthProvider] = field(default_factory=list)
     stopping: bool = False  # set on the first SIGINT/SIGTERM: place nothing more
     heartbeat_interval: tuple[float, float] | None = None  # (interval, computed at)
+    observation: Observation | None = None  # when the reaper could last observe (reaper.py)
 
     def now(self) -> float:
         return self.clock()

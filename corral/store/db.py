@@ -29,7 +29,6 @@ _RETRYABLE_PG_CODES = {"40P01", "40001"}  # deadlock_detected, serialization_fai
 
 
 DatabaseError = sa.exc.SQLAlchemyError  # what the outer layers catch of the store's failures
-IntegrityError = sa.exc.IntegrityError  # a unique key taken by a concurrent transaction
 Connection = AsyncConnection  # what store functions take, for callers' annotations
 
 

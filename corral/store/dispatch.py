@@ -317,7 +317,15 @@ async def live_attempts_on(conn: AsyncConnection, instance_id: str):
 async def claim_unstarted(conn: AsyncConnection, db: Database, cutoff: float):
     """Attempts handed out (or placed) before `cutoff` whose runner never started."""
     q = db.claim(
-        sa.select(job_attempts.c.job_id, job_attempts.c.number, job_attempts.c.instance_id)
+        sa.select(
+            job_attempts.c.job_id,
+            job_attempts.c.number,
+            job_attempts.c.instance_id,
+            sa.func.coalesce(job_attempts.c.delivered_at, job_attempts.c.created_at).label(
+                "handed_out_at"
+            ),
+            job_attempts.c.updated_at,
+        )
         .where(
             job_attempts.c.state == AttemptState.ISSUED,
             sa.func.coalesce(job_attempts.c.delivered_at, job_attempts.c.created_at) < cutoff,
@@ -330,7 +338,15 @@ async def claim_unstarted(conn: AsyncConnection, db: Database, cutoff: float):
 async def claim_silent(conn: AsyncConnection, db: Database, cutoff: float):
     """Running attempts whose runner has not been heard from since `cutoff`."""
     q = db.claim(
-        sa.select(job_attempts.c.job_id, job_attempts.c.number, job_attempts.c.instance_id)
+        sa.select(
+            job_attempts.c.job_id,
+            job_attempts.c.number,
+            job_attempts.c.instance_id,
+            sa.func.coalesce(job_attempts.c.delivered_at, job_attempts.c.created_at).label(
+                "handed_out_at"
+            ),
+            job_attempts.c.updated_at,
+        )
         .where(
             job_attempts.c.state == AttemptState.RUNNING,
             job_attempts.c.updated_at < cutoff,

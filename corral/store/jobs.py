@@ -166,33 +166,52 @@ async def submit_once(
 ) -> tuple[int, bool]:
     """Submit under an idempotency key: the first request with (principal, key) creates
     the job, a retry of it gets that job again (created False), and another request
-    under the same key is refused. Two racing first requests: one insert of the key
-    fails on its primary key, and that transaction (job included) rolls back."""
+    under the same key is refused. Of two racing first requests, one inserts the key;
+    the other's insert fails on its primary key, its savepoint (its job included) rolls
+    back, and it answers with the first one's job."""
     digest = request_sha256(spec)
-    row = (
-        (
-            await conn.execute(
-                sa.select(submit_keys).where(
-                    submit_keys.c.principal == principal, submit_keys.c.key == key
+
+    async def first_job() -> int | None:
+        row = (
+            (
+                await conn.execute(
+                    sa.select(submit_keys).where(
+                        submit_keys.c.principal == principal, submit_keys.c.key == key
+                    )
                 )
             )
+            .mappings()
+            .first()
         )
-        .mappings()
-        .first()
-    )
-    if row is not None:
+        if row is None:
+            return None
         if row["request_sha256"] != digest:
             raise IdempotencyConflict(
                 f"Idempotency-Key {key!r} was used for another request (job {row['job_id']}); "
                 "use a new key for a new job"
             )
-        return row["job_id"], False
-    job_id = await submit(conn, spec, now)
-    await conn.execute(
-        sa.insert(submit_keys).values(
-            principal=principal, key=key, request_sha256=digest, job_id=job_id, created_at=now
-        )
-    )
+        return int(row["job_id"])
+
+    job_id = await first_job()
+    if job_id is not None:
+        return job_id, False
+    try:
+        async with conn.begin_nested():  # a concurrent first request may take the key
+            job_id = await submit(conn, spec, now)
+            await conn.execute(
+                sa.insert(submit_keys).values(
+                    principal=principal,
+                    key=key,
+                    request_sha256=digest,
+                    job_id=job_id,
+                    created_at=now,
+                )
+            )
+    except sa.exc.IntegrityError:
+        job_id = await first_job()  # it did: its job, and no second one
+        if job_id is None:
+            raise
+        return job_id, False
     return job_id, True
 
 

@@ -19,7 +19,6 @@ from corral.server.errors import ApiError
 from corral.server.views import job_view
 from corral.store import jobs as repo
 from corral.store import objects
-from corral.store.db import IntegrityError
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
 
@@ -110,14 +109,9 @@ async def submit(
                 fields=[{"field": "Idempotency-Key", "message": "1 to 200 printable ASCII"}],
             )
         try:
-            try:
-                job_id, created = await ctx.db.transact(
-                    repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
-                )
-            except IntegrityError:  # a concurrent first request took the key
-                job_id, created = await ctx.db.transact(
-                    repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
-                )
+            job_id, created = await ctx.db.transact(
+                repo.submit_once, spec, ctx.now(), who.token_id, idempotency_key
+            )
         except repo.IdempotencyConflict as exc:
             raise ApiError(409, "idempotency_conflict", str(exc)) from None
         if not created:

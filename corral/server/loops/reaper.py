@@ -1,13 +1,31 @@
 """Reaper: instances that stopped heartbeating, attempts that never started or went
 silent. Their attempts are revoked and the jobs requeued (or failed when out of
 attempts). Nothing is reaped during the first grace period after this server starts,
-so agents and runners that were cut off by a server restart have time to come back."""
+so agents and runners that were cut off by a server restart have time to come back.
+
+Silence the server could not observe is never an agent's: when no reaper round trip
+to the database worked for a while (the database, or this server's event loop, was
+unavailable), that gap, plus the time agents need to notice the server is back,
+extends every deadline (`corral.domain.heartbeat.Observation`)."""
 
 from __future__ import annotations
 
+import logging
+
+from corral.domain.heartbeat import Observation, is_silent_too_long
 from corral.server.context import ServerContext
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
+
+log = logging.getLogger("corral.reaper")
+
+
+def observation(ctx: ServerContext) -> Observation:
+    """This server's record of when it could observe (a gap of two missed reaper
+    ticks and more counts as an outage)."""
+    if ctx.observation is None:
+        ctx.observation = Observation(tolerance=2 * ctx.config.reaper_interval + 1.0)
+    return ctx.observation
 
 
 async def reap_once(ctx: ServerContext) -> bool:
@@ -15,11 +33,20 @@ async def reap_once(ctx: ServerContext) -> bool:
     now = ctx.now()
     if now - ctx.started_at < cfg.agent_grace:
         return False
+    obs = observation(ctx)
+    gaps = obs.gaps(now)
+    extra = obs.extension(now)  # the most any deadline is extended by: a coarse cutoff
+
+    def overdue(last_heard: float | None, grace: float) -> bool:
+        return is_silent_too_long(last_heard, now, grace, gaps)
+
     changed: list[tuple[int, int, str | None]] = []
     lost_instances: list[str] = []
 
     async def lost(conn):
-        for inst in await instances.find_lost(conn, ctx.db, now - cfg.agent_grace):
+        for inst in await instances.find_lost(conn, ctx.db, now - cfg.agent_grace - extra):
+            if not overdue(inst["last_heartbeat_at"], cfg.agent_grace):
+                continue
             if not await instances.mark_lost(conn, inst["id"], now):
                 continue
             silent = now - inst["last_heartbeat_at"]
@@ -39,7 +66,9 @@ async def reap_once(ctx: ServerContext) -> bool:
             )
 
     async def unstarted(conn):
-        for a in await dispatch.claim_unstarted(conn, ctx.db, now - cfg.start_timeout):
+        for a in await dispatch.claim_unstarted(conn, ctx.db, now - cfg.start_timeout - extra):
+            if not overdue(a["handed_out_at"], cfg.start_timeout):
+                continue
             state = await jobs_repo.lose_attempt(
                 conn,
                 a["job_id"],
@@ -51,7 +80,9 @@ async def reap_once(ctx: ServerContext) -> bool:
             changed.append((a["job_id"], a["number"], state))
 
     async def silent(conn):
-        for a in await dispatch.claim_silent(conn, ctx.db, now - cfg.attempt_grace):
+        for a in await dispatch.claim_silent(conn, ctx.db, now - cfg.attempt_grace - extra):
+            if not overdue(a["updated_at"], cfg.attempt_grace):
+                continue
             state = await jobs_repo.lose_attempt(
                 conn,
                 a["job_id"],
@@ -64,6 +95,17 @@ async def reap_once(ctx: ServerContext) -> bool:
 
     for step in (lost, unstarted, silent):
         await ctx.db.transact(step)
+    gap = obs.observed(now, ctx.now())
+    if gap is not None:
+        unseen = gap[1] - gap[0]
+        message = (
+            f"this server could not observe its agents for {unseen:.0f}s (its database "
+            "or event loop was unavailable); their deadlines are extended by that"
+        )
+        log.warning("%s", message)
+        await ctx.db.transact(
+            events.record, now, "warning", "server.unobserved", message, server_id=ctx.server_id
+        )
     for job_id, _n, _state in changed:
         ctx.notifier.wake(("job", job_id))
     for instance_id in lost_instances:

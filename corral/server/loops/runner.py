@@ -10,6 +10,8 @@ from corral.server.context import ServerContext
 
 log = logging.getLogger("corral.loops")
 
+RETRY_CAP = 2.0
+
 
 async def run_loop(
     ctx: ServerContext,
@@ -27,11 +29,16 @@ async def run_loop(
             failures = 0
         except asyncio.CancelledError:
             raise
-        except Exception:  # a loop must survive a database hiccup
+        except Exception as exc:  # a loop must survive a database hiccup
             failures += 1
-            log.exception("%s loop failed (%d in a row)", name, failures)
+            if failures == 1:
+                log.exception("%s loop failed", name)
+            elif failures % 30 == 0:
+                log.warning("%s loop failed %d times in a row: %s", name, failures, exc)
             more = False
-            await asyncio.sleep(min(30.0, interval * 2 ** min(failures, 5)))
+            # retry soon (at most every RETRY_CAP, or its interval if longer): once the
+            # database is back the fleet resumes within seconds, not half a minute
+            await asyncio.sleep(min(max(interval, RETRY_CAP), interval * 2 ** min(failures, 5)))
         if more:
             await asyncio.sleep(0)
             continue
