@@ -7,6 +7,7 @@ the API returned, for scripts.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -42,6 +43,21 @@ TokenOpt = typer.Option(
 JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
 
 
+@app.callback()
+def _global(
+    ca: Path | None = typer.Option(
+        None,
+        "--ca",
+        envvar="CORRAL_CA",
+        show_envvar=True,
+        help="trust this CA (PEM) for https to the server, besides the system's",
+    ),
+) -> None:
+    """corral: run batch and ML jobs on a fleet of machines."""
+    if ca is not None:
+        os.environ["CORRAL_CA"] = str(ca.expanduser().resolve())  # what Client() reads
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
@@ -51,7 +67,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def client(server: str | None, token: str | None) -> Iterator[Client]:
     """A client for one command; an API error it does not handle itself ends the
     command with the server's message."""
-    with Client(server=server, token=token) as c:
+    try:
+        c = Client(server=server, token=token)
+    except CorralError as exc:  # e.g. a CA file that cannot be loaded
+        fail(exc.message)
+    with c:
         try:
             yield c
         except CorralError as exc:
