@@ -258,6 +258,16 @@ class Cluster:
         self.servers: list[ServerProc] = []
         self.agents: list[AgentProc] = []
         self._clients: list[Client] = []
+        self._secret_key: str | None = None
+
+    @property
+    def secret_key(self) -> str:
+        """The key this cluster's servers on a shared database seal secrets with."""
+        if self._secret_key is None:
+            from cryptography.fernet import Fernet
+
+            self._secret_key = Fernet.generate_key().decode()
+        return self._secret_key
 
     def __enter__(self) -> Cluster:
         return self
@@ -281,6 +291,9 @@ class Cluster:
         `ca`, a server given --tls-cert/--tls-key whose certificate that CA signed."""
         name = name or f"server{len(self.servers) + 1}"
         extra = (self.FAST if fast else []) + (extra or [])
+        if db_url and "CORRAL_SECRET_KEY" not in (env or {}):
+            # servers of one database share the key that seals its secrets
+            env = {**(env or {}), "CORRAL_SECRET_KEY": self.secret_key}
         proc = ServerProc(self.base / name, free_port(host), db_url, extra, env, host, ca)
         proc.start()
         self.procs.append(proc)
