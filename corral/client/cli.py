@@ -315,6 +315,8 @@ def job(
         console.print(f"  note      {note}", highlight=False)
     if j.workdir:
         console.print(f"  workdir   {j.workdir[:16]}…")
+    if j.secret_env:  # names only: the server never returns the values
+        console.print(f"  secrets   {', '.join(j.secret_env)} (values sealed)", highlight=False)
     console.print(
         f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
         f"finished {ago(j.finished_at)}"
