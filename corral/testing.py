@@ -159,6 +159,7 @@ class ServerProc(Proc):
         extra: list[str],
         env: dict[str, str] | None,
         host: str = "127.0.0.1",
+        ca: Path | None = None,
     ):
         args = corral_cmd(
             "server",
@@ -177,13 +178,20 @@ class ServerProc(Proc):
         super().__init__(args, data_dir / "server.log", env)
         self.data_dir = data_dir
         self.port = port
-        self.url = f"http://{host}:{port}"
+        self.ca = ca  # a server with --tls-cert: the CA that signed its certificate
+        self.url = f"{'https' if ca else 'http'}://{host}:{port}"
 
     def wait_ready(self, timeout: float = 30.0) -> ServerProc:
+        import ssl
+
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+        )
+
         def up() -> bool:
             if not self.alive():
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            return httpx.get(self.url + "/health", timeout=2, verify=verify).status_code == 200
 
         wait_for(up, timeout, f"server on {self.url}", interval=0.1)
         return self
@@ -260,6 +268,16 @@ class Cluster:
         self.servers: list[ServerProc] = []
         self.agents: list[AgentProc] = []
         self._clients: list[Client] = []
+        self._secret_key: str | None = None
+
+    @property
+    def secret_key(self) -> str:
+        """The key this cluster's servers on a shared database seal secrets with."""
+        if self._secret_key is None:
+            from cryptography.fernet import Fernet
+
+            self._secret_key = Fernet.generate_key().decode()
+        return self._secret_key
 
     def __enter__(self) -> Cluster:
         return self
@@ -277,11 +295,16 @@ class Cluster:
         fast: bool = True,
         wait: bool = True,
         host: str = "127.0.0.1",
+        ca: Path | None = None,
     ) -> ServerProc:
-        """`corral server` listening on `host` (e.g. a test bed's bridge address)."""
+        """`corral server` listening on `host` (e.g. a test bed's bridge address); with
+        `ca`, a server given --tls-cert/--tls-key whose certificate that CA signed."""
         name = name or f"server{len(self.servers) + 1}"
         extra = (self.FAST if fast else []) + (extra or [])
-        proc = ServerProc(self.base / name, free_port(host), db_url, extra, env, host)
+        if db_url and "CORRAL_SECRET_KEY" not in (env or {}):
+            # servers of one database share the key that seals its secrets
+            env = {**(env or {}), "CORRAL_SECRET_KEY": self.secret_key}
+        proc = ServerProc(self.base / name, free_port(host), db_url, extra, env, host, ca)
         proc.start()
         self.procs.append(proc)
         self.servers.append(proc)
@@ -357,7 +380,7 @@ class Cluster:
         return proc.wait_ready()
 
     def client(self, server: ServerProc) -> Client:
-        c = Client(server=server.url, token=server.admin_token)
+        c = Client(server=server.url, token=server.admin_token, ca=server.ca)
         self._clients.append(c)
         return c
 

@@ -17,10 +17,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from corral.store import fleets
+from corral.api import JobSubmit
+from corral.store import fleets, jobs
 from corral.store.db import Database
 from corral.store.migrate import migrate
 from corral.store.schema import fleets as fleets_table
+from corral.store.schema import jobs as jobs_table
 from corral.testing import Cluster, corral_cmd, job_python, wait_for
 
 
@@ -154,7 +156,7 @@ def test_the_server_key_can_come_from_the_environment(cluster: Cluster):
     assert "CORRAL_SECRET_KEY" in bad.log()
 
 
-def test_durable_secret_key_is_sealed_in_the_store_and_unsealed_for_use(db_url: str):
+def test_secrets_are_sealed_in_the_store_and_another_key_is_refused(db_url: str):
     from corral.store.sealing import Sealer, SealError
 
     secret = f"s3-{secrets.token_hex(12)}"
@@ -208,14 +210,34 @@ def test_durable_secret_key_is_sealed_in_the_store_and_unsealed_for_use(db_url: 
             async with db.read() as conn:
                 store = await fleets.durable_store(conn, "f")
                 assert store is not None and store.secret_key == secret
+
+            spec = JobSubmit(command=["true"], secret_env={"TOKEN": secret})
+            await db.transact(jobs.submit, JobSubmit(command=["true"]), 3.0)
+            job_id = await db.transact(jobs.submit, spec, 4.0)
+            await db.transact(jobs.submit, JobSubmit(command=["true"]), 5.0)
+            async with db.read() as conn:
+                raw = (
+                    await conn.execute(
+                        sa.select(sa.cast(jobs_table.c.secret_env, sa.Text)).where(
+                            jobs_table.c.id == job_id
+                        )
+                    )
+                ).scalar_one()
+                assert "TOKEN" in raw and secret not in raw
+                await jobs.check_server_key(conn)
         finally:
             await db.dispose()
 
+        # a server with another key is refused before it hands out anything
         other = Database(db_url, sealer=Sealer(Sealer.new_key()))
         try:
             async with other.read() as conn:
                 with pytest.raises(SealError, match="server key"):
                     await fleets.durable_store(conn, "f")
+                with pytest.raises(SealError, match="server key"):
+                    await jobs.check_server_key(conn)
+            with pytest.raises(SealError, match="server key"):
+                await other.transact(fleets.seal_plaintext_secrets)
         finally:
             await other.dispose()
 

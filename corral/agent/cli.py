@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 from pathlib import Path
 
 import typer
@@ -109,6 +110,12 @@ def agent(
     hide: list[Path] = typer.Option(
         [], "--hide", help="a path jobs must not see (namespaces; repeatable)"
     ),
+    ca: Path | None = typer.Option(
+        None,
+        "--ca",
+        envvar="CORRAL_CA",
+        help="trust this CA (PEM) for https to the servers, besides the system's",
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent: register with the server, run the job attempts it is given.
@@ -119,6 +126,15 @@ def agent(
     logsetup.setup(log_level)
     os.umask(0o077)  # nothing the agent writes is for anyone else (jobs included)
     os.environ.pop("CORRAL_JOIN_TOKEN", None)  # read; never inherited by what it starts
+    if ca is not None:
+        ca = ca.expanduser().resolve()
+        if not ca.is_file():
+            raise typer.BadParameter(f"--ca {ca}: no such file")
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise typer.BadParameter(f"--ca {ca}: not a PEM CA certificate ({exc})") from None
+        os.environ["CORRAL_CA"] = str(ca)  # runners and a re-executed build inherit it
     if join_token_file is not None:
         join_token = read_token_file(join_token_file)
     name = name or default_name()

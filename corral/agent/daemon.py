@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 import corral
-from corral.agent import transfer
+from corral.agent import tls, transfer
 from corral.agent.artifacts import Artifact, ArtifactCache, Installer, InstallError
 from corral.agent.identity import (
     Identity,
@@ -471,7 +471,9 @@ class Agent:
         art = Artifact(order.component, order.version, order.url, order.sha256, order.size)
 
         def work() -> None:
-            with httpx.Client(timeout=httpx.Timeout(30, read=120), follow_redirects=True) as c:
+            with httpx.Client(
+                timeout=httpx.Timeout(30, read=120), follow_redirects=True, verify=tls.context()
+            ) as c:
                 self.installer.install(
                     art, c, self._auth_for(order.url), verify=VERIFIERS.get(order.component)
                 )

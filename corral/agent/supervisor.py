@@ -61,7 +61,7 @@ def _read_json(path: Path) -> dict | None:
 def runner_environment() -> dict[str, str]:
     """A runner gets what it needs to run, not the agent's environment (which may
     hold a join token): the job's own environment is built from scratch anyway."""
-    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "VIRTUAL_ENV")
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "VIRTUAL_ENV", "CORRAL_CA")
     return {k: v for k, v in os.environ.items() if k in keep}
 
 

@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 from corral.agent.objects import ObjectStore
+from corral.agent.tls import context
 
 PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
 CHUNK = 1024 * 1024
@@ -25,8 +26,15 @@ class TransferError(Exception):
 
 def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = urllib.parse.urlsplit(url)
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname or "", parts.port, timeout=timeout, blocksize=CHUNK)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout, blocksize=CHUNK, context=context()
+        )
+    else:
+        conn = http.client.HTTPConnection(
+            parts.hostname or "", parts.port, timeout=timeout, blocksize=CHUNK
+        )
     return conn, parts.path + (f"?{parts.query}" if parts.query else "")
 
 

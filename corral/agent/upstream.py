@@ -93,12 +93,16 @@ class SyncServer:
         if self._conn is None or self._conn_url != url:
             self.close()
             parts = urllib.parse.urlsplit(url)
-            cls = (
-                http.client.HTTPSConnection
-                if parts.scheme == "https"
-                else http.client.HTTPConnection
-            )
-            self._conn = cls(parts.hostname or "", parts.port, timeout=self.timeout)
+            if parts.scheme == "https":
+                from corral.agent import tls
+
+                self._conn = http.client.HTTPSConnection(
+                    parts.hostname or "", parts.port, timeout=self.timeout, context=tls.context()
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    parts.hostname or "", parts.port, timeout=self.timeout
+                )
             self._conn_url = url
         return self._conn
 

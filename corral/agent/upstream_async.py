@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 
+from corral.agent import tls
 from corral.agent.upstream import RETRY_STATUSES, Upstream
 
 
@@ -15,7 +16,9 @@ class AsyncServer:
         self, urls: list[str], headers: dict[str, str] | None = None, timeout: float = 30.0
     ):
         self.upstream = Upstream(urls)
-        self.client = httpx.AsyncClient(headers=headers or {}, timeout=timeout)
+        self.client = httpx.AsyncClient(
+            headers=headers or {}, timeout=timeout, verify=tls.context()
+        )
 
     async def request(
         self,

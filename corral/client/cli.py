@@ -7,6 +7,7 @@ the API returned, for scripts.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 import uuid
@@ -43,6 +44,21 @@ TokenOpt = typer.Option(
 JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
 
 
+@app.callback()
+def _global(
+    ca: Path | None = typer.Option(
+        None,
+        "--ca",
+        envvar="CORRAL_CA",
+        show_envvar=True,
+        help="trust this CA (PEM) for https to the server, besides the system's",
+    ),
+) -> None:
+    """corral: run batch and ML jobs on a fleet of machines."""
+    if ca is not None:
+        os.environ["CORRAL_CA"] = str(ca.expanduser().resolve())  # what Client() reads
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
@@ -52,7 +68,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def client(server: str | None, token: str | None) -> Iterator[Client]:
     """A client for one command; an API error it does not handle itself ends the
     command with the server's message."""
-    with Client(server=server, token=token) as c:
+    try:
+        c = Client(server=server, token=token)
+    except CorralError as exc:  # e.g. a CA file that cannot be loaded
+        fail(exc.message)
+    with c:
         try:
             yield c
         except CorralError as exc:
@@ -300,6 +320,8 @@ def job(
         console.print(f"  note      {note}", highlight=False)
     if j.workdir:
         console.print(f"  workdir   {j.workdir[:16]}…")
+    if j.secret_env:  # names only: the server never returns the values
+        console.print(f"  secrets   {', '.join(j.secret_env)} (values sealed)", highlight=False)
     console.print(
         f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
         f"finished {ago(j.finished_at)}"

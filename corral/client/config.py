@@ -17,10 +17,14 @@ class ClientConfig:
     server: str
     token: str | None
     token_source: str
+    ca: str | None = None  # a CA (PEM) trusted for https besides the system's
 
 
-def resolve(server: str | None = None, token: str | None = None) -> ClientConfig:
+def resolve(
+    server: str | None = None, token: str | None = None, ca: str | None = None
+) -> ClientConfig:
     d = default_data_dir()
+    ca = ca or os.environ.get("CORRAL_CA") or None
     if not server:
         server = os.environ.get("CORRAL_SERVER")
     if not server:
@@ -37,4 +41,4 @@ def resolve(server: str | None = None, token: str | None = None) -> ClientConfig
             token, source = path.read_text().strip(), str(path)
         except OSError:
             token, source = None, "none"
-    return ClientConfig(server.rstrip("/"), token, source)
+    return ClientConfig(server.rstrip("/"), token, source, ca)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+import os
+import ssl
 from collections.abc import Callable
 
 import httpx
@@ -57,13 +59,46 @@ class CorralError(Exception):
         self.message = message
 
 
+def tls_context(ca: str | None) -> ssl.SSLContext:
+    """The system's CAs, and `ca` (PEM) if given."""
+    ctx = ssl.create_default_context()
+    if ca:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CorralError(f"--ca/CORRAL_CA {ca}: cannot load it as a CA ({exc})") from None
+    return ctx
+
+
+def _unreachable(server: str, exc: Exception) -> CorralError:
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(
+        exc.__context__ or exc.__cause__, ssl.SSLCertVerificationError
+    ):
+        return CorralError(
+            f"the server at {server} presented a TLS certificate this client does not trust "
+            f"({exc}). If a private CA signed it, pass --ca FILE or set CORRAL_CA to that CA."
+        )
+    return CorralError(
+        f"cannot reach the corral server at {server} ({exc.__class__.__name__}). "
+        "Is it running? Start one with `corral up`, or set CORRAL_SERVER."
+    )
+
+
 class Client:
-    def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 30.0):
-        cfg = resolve(server, token)
+    def __init__(
+        self,
+        server: str | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca: str | os.PathLike | None = None,
+    ):
+        cfg = resolve(server, token, str(ca) if ca else None)
         self.server = cfg.server
         self.token_source = cfg.token_source
         headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
-        self._http = httpx.Client(base_url=cfg.server, headers=headers, timeout=timeout)
+        self._http = httpx.Client(
+            base_url=cfg.server, headers=headers, timeout=timeout, verify=tls_context(cfg.ca)
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -95,10 +130,7 @@ class Client:
                 kwargs["timeout"] = timeout
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise CorralError(
-                f"cannot reach the corral server at {self.server} ({exc.__class__.__name__}). "
-                "Is it running? Start one with `corral up`, or set CORRAL_SERVER."
-            ) from None
+            raise _unreachable(self.server, exc) from None
         if resp.status_code >= 400:
             try:
                 err = resp.json()["error"]

@@ -48,6 +48,7 @@ from corral.server.loops.runner import run_loop
 from corral.server.loops.verifier import prove_once
 from corral.server.secretfiles import write_secret_file
 from corral.store import events, fleets, servers, tokens
+from corral.store import jobs as jobs_store
 from corral.store.db import Database
 from corral.store.migrate import migrate
 from corral.store.sealing import Sealer, SealError
@@ -130,6 +131,7 @@ async def open_context(
             lock.release()
         raise StartupError(f"cannot open database {db.display_url()}: {exc}") from exc
     try:
+        await db.query(jobs_store.check_server_key)
         sealed = await db.transact(fleets.seal_plaintext_secrets)
     except SealError as exc:
         await db.dispose()

@@ -91,12 +91,21 @@ def server(
     register_timeout: float | None = typer.Option(
         None, help="seconds a provisioned agent has to register before it is retried [120]"
     ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="serve https with this certificate (PEM; with --tls-key)"
+    ),
+    tls_key: Path | None = typer.Option(
+        None, "--tls-key", help="the certificate's private key (PEM, keep it 0600)"
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run an API server with its background loops (dispatcher, reaper, ...).
 
     On first start it creates an admin token (DATA_DIR/admin.token, for users) and a
-    join token (DATA_DIR/join.token, for agents), both mode 0600.
+    join token (DATA_DIR/join.token, for agents), both mode 0600, and the key that
+    seals secrets at rest (DATA_DIR/secret.key, or CORRAL_SECRET_KEY; every server of
+    one database needs the same key). With --tls-cert/--tls-key it serves https; agents
+    and clients trust a private CA with --ca FILE or CORRAL_CA.
     """
     logsetup.setup(log_level)
     from corral.server.main import serve
@@ -108,6 +117,8 @@ def server(
             host=host,
             port=port,
             public_url=public_url,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         add_timing_options(
             config,

@@ -49,6 +49,8 @@ class ServerConfig:
     autoscale_interval: float = 5.0
     autoscale_checks: int = 3  # consecutive checks that must agree before scaling
     public_url: str | None = None
+    tls_cert: Path | None = None  # with tls_key: serve https (PEM files)
+    tls_key: Path | None = None
     # the key that seals secrets at rest (None: DATA_DIR/secret.key, made on first start)
     secret_key: str | None = field(
         default_factory=lambda: os.environ.get("CORRAL_SECRET_KEY") or None, repr=False
@@ -60,10 +62,13 @@ class ServerConfig:
 
     @property
     def url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
         for name in (
             "heartbeat_base",
             "agent_grace",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 import uvicorn
@@ -27,6 +28,21 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
+
+
+def check_tls(config: ServerConfig) -> None:
+    """Load the certificate and key once before anything starts, so a wrong file is
+    one clear error (OSError) rather than a traceback from inside the server."""
+    if config.tls_cert is None or config.tls_key is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            str(config.tls_cert), str(config.tls_key)
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(
+            f"cannot use --tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {exc}"
+        ) from None
 
 
 class _Server(uvicorn.Server):
@@ -66,6 +82,7 @@ async def serve(
 
     `prepare` runs after the store is open and before requests are served (corral up
     attaches its local backend there); `on_ready` once the server listens."""
+    check_tls(config)
     sock = bind(config.host, config.port)
     config.port = sock.getsockname()[1]
     try:
@@ -84,6 +101,8 @@ async def serve(
                 access_log=False,
                 lifespan="on",
                 timeout_graceful_shutdown=3,
+                ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+                ssl_keyfile=str(config.tls_key) if config.tls_key else None,
             ),
             ctx,
         )

@@ -80,10 +80,14 @@ async def durable_store(conn: AsyncConnection, name: str | None) -> DurableStore
 
 async def seal_plaintext_secrets(conn: AsyncConnection) -> int:
     """Seal the durable keys a database written before sealing existed holds in clear;
-    return how many fleets changed."""
+    return how many fleets changed. Raises SealError if a sealed key does not open
+    with this server's key (a server started with another key)."""
     changed = 0
     for name, spec in (await conn.execute(sa.select(fleets.c.name, fleets.c.spec))).all():
-        if ((spec or {}).get("durable") or {}).get("secret_key"):
+        durable = (spec or {}).get("durable") or {}
+        if SEALED_SECRET in durable:  # the key must be the one that sealed it
+            sealer_of(conn).unseal(durable[SEALED_SECRET])
+        if durable.get("secret_key"):
             await conn.execute(
                 sa.update(fleets).where(fleets.c.name == name).values(spec=_sealed_spec(conn, spec))
             )

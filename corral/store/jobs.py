@@ -126,6 +126,20 @@ async def read_logs(
 # ---- user actions ----------------------------------------------------------------------
 
 
+async def check_server_key(conn: AsyncConnection) -> None:
+    """Raise SealError if the newest job's secrets do not open with this server's key."""
+    sealed = (
+        await conn.execute(
+            sa.select(jobs.c.secret_env)
+            .where(jobs.c.secret_env.is_not(None))
+            .order_by(jobs.c.id.desc())
+            .limit(1)
+        )
+    ).scalar()
+    for value in list((sealed or {}).values())[:1]:
+        sealer_of(conn).unseal(value)
+
+
 async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
     result = await conn.execute(
         sa.insert(jobs)
@@ -134,11 +148,6 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
             state=JobState.QUEUED,
             command=spec.command,
             env=spec.env,
-            secret_env=(
-                {k: sealer_of(conn).seal(v) for k, v in spec.secret_env.items()}
-                if spec.secret_env
-                else None
-            ),
             inputs=spec.inputs,
             fleet=spec.fleet,
             cpus=spec.cpus,
@@ -149,6 +158,12 @@ async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
             current_attempt=0,
             created_at=now,
             updated_at=now,
+            # omitted, not JSON null, without secrets: check_server_key finds the sealed
+            **(
+                {"secret_env": {k: sealer_of(conn).seal(v) for k, v in spec.secret_env.items()}}
+                if spec.secret_env
+                else {}
+            ),
         )
         .returning(jobs.c.id)
     )
