@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from corral.api import JobSubmit, JobView, LogChunkView, LogPage
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
+from corral.server import metrics
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
@@ -84,6 +85,7 @@ async def submit(
                 fields=[{"field": field, "message": f"unknown object {m}"} for m in missing],
             )
     job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
+    metrics.JOBS_SUBMITTED.labels(spec.fleet or "").inc()
     ctx.notifier.wake("dispatch")
     return await _view(ctx, job_id)
 
