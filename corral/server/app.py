@@ -243,6 +243,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     from corral.server import dashboard
 
     app.include_router(dashboard.router)
+    app.mount("/static", dashboard.static, name="static")
     return app
 
 
