@@ -67,7 +67,7 @@ async def snapshot(conn: AsyncConnection) -> Snapshot:
     )
     s.offloaded_bytes = int((await conn.execute(q)).scalar() or 0)
     q = sa.select(job_attempts.c.state, sa.func.count()).group_by(job_attempts.c.state)
-    s.attempts = dict((await conn.execute(q)).tuples().all())
+    s.attempts = {row[0]: row[1] for row in await conn.execute(q)}
     return s
 
 
