@@ -18,7 +18,9 @@ from corral.testing import Cluster, corral_cmd, job_python, wait_for
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = os.environ.get("CORRAL_TEST_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SCREENSHOT = DOCS / "dashboard.png"  # the overview, shown in the README
+JOB_SCREENSHOT = DOCS / "dashboard-job.png"  # a job's page with its log
 
 
 def _unavailable() -> str | None:
@@ -85,6 +87,8 @@ def test_dashboard_in_a_browser(cluster: Cluster, browser, jobfiles: Path, tmp_p
         "print('first line <b>not bold</b>', flush=True)\n"
         f"while not os.path.exists({str(gate)!r}):\n"
         "    time.sleep(0.05)\n"
+        "out = os.environ['CORRAL_OUTPUT_DIR']\n"
+        "open(os.path.join(out, 'result.txt'), 'w').write('forty-two\\n')\n"
         "print('second line', flush=True)\n"
     )
     r = cli(server, "run", "--detach", "--name", "browser-demo", "--", job_python(), str(script))
@@ -106,6 +110,22 @@ def test_dashboard_in_a_browser(cluster: Cluster, browser, jobfiles: Path, tmp_p
     expect(page.locator("#log-status")).to_contain_text("job succeeded, exit code 0")
     expect(page.locator("#job-state")).to_have_text("succeeded", timeout=10_000)
     assert page.evaluate("window.__notReloaded === true")
+    page.screenshot(path=str(tmp_path / "job.png"))
+    DOCS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "job.png", JOB_SCREENSHOT)
+
+    # its output downloads from the job page
+    with page.expect_download() as dl:
+        page.click("a:text('result.txt')")
+    assert Path(dl.value.path()).read_text() == "forty-two\n"
+
+    # a job no instance can hold says why it waits; the cancel button cancels it
+    big = client.submit([job_python(), "-c", "pass"], cpus=64, name="too-big")
+    page.goto(f"{server.url}/jobs/{big.id}")
+    expect(page.locator("#job-reason")).to_contain_text("waiting: no running instance")
+    page.once("dialog", lambda d: d.accept())
+    page.click("button:text('Cancel job')")
+    expect(page.locator("#job-state")).to_have_text("cancelled")
 
     # the overview: counts, charts, the instance; then its page
     wait_for(lambda: client.job(job_id).state == "succeeded", 10, "the job to be recorded")
@@ -115,8 +135,11 @@ def test_dashboard_in_a_browser(cluster: Cluster, browser, jobfiles: Path, tmp_p
     expect(page.locator("main")).to_contain_text("web-1")
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=False)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, SCREENSHOT)
     page.click("text=web-1")
     expect(page.locator("h1")).to_contain_text("Instance web-1")
     expect(page.locator("main")).to_contain_text("browser-demo")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#drain")
+    expect(page.locator("#message")).to_contain_text("drain requested")
+    wait_for(lambda: client.instances()[0].state != "running", 10, "the instance to drain")
