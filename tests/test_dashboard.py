@@ -143,21 +143,37 @@ def test_pages_escape_user_text_and_filter_search_and_page(tmp_path: Path, db_ur
     run(_with_app(tmp_path, db_url, body))
 
 
-def test_chart_series_count_queued_running_and_finished_per_minute():
-    now = 10_000.0
+def test_chart_series_average_queued_running_and_count_finished_per_minute():
+    now = 10_000.0  # the hour's 60 buckets start at now - 3600
     times = [
-        (now - 3000, now - 2990, now - 2950),  # ran and finished long ago
+        (now - 3000, now - 2990, now - 2950),  # queued 10 s, ran 40 s, in bucket 10
         (now - 500, None, None),  # queued since 500 s ago
-        (now - 400, now - 100, None),  # queued, then running for the last 100 s
-        (now - 7000, now - 6000, None),  # running all hour
+        (now - 400, now - 100, None),  # queued 300 s, then running the last 100 s
+        (now - 7000, now - 6000, None),  # running the whole hour
     ]
     queued, running, done = charts.job_series(times, now)
-    assert len(queued.values) == charts.BUCKETS
-    assert queued.values[-1] == 1 and running.values[-1] == 2
-    assert queued.values[-3] == 2 and running.values[-3] == 1  # 120 s ago
-    assert sum(done.values) == 1
-    assert done.values[(3600 - 2950) // 60] == 1
-    latency = charts.latency_series([(now - 30, 0.010), (now - 20, 0.030), (now - 4000, 9)], now)
+    assert len(queued.values) == len(running.values) == charts.BUCKETS
+    assert queued.values[10] == pytest.approx(10 / 60)
+    assert running.values[10] == pytest.approx(1 + 40 / 60)
+    assert done.values[10] == 1 and sum(done.values) == 1
+    assert queued.values[59] == pytest.approx(1) and running.values[59] == pytest.approx(2)
+    assert queued.values[58] == pytest.approx(1 + 1 / 3)
+    assert running.values[58] == pytest.approx(1 + 2 / 3)
+    assert queued.values[51] == pytest.approx(1 / 3) and queued.values[50] == 0
+    assert sum(running.values) == pytest.approx(60 + 40 / 60 + 100 / 60)
+    latency = charts.latency_series([(now - 40, 0.040, 2), (now - 5000, 9.0, 1)], now)
     assert latency.values[-1] == pytest.approx(20.0) and sum(latency.values[:-1]) == 0
     svg = charts.svg("a <title>", [queued, running])
     assert "a &lt;title&gt;" in svg and svg.count("<polyline") == 2
+
+
+def test_heartbeat_minutes_stay_bounded():
+    from corral.server import metrics
+
+    metrics.HEARTBEAT_MINUTES.clear()
+    for minute in range(200):
+        for _ in range(3):
+            metrics.observe_heartbeat(0.002, now=minute * 60.0 + 5)
+    kept = metrics.heartbeat_minutes()
+    assert len(kept) <= 62 and kept[-1] == (199 * 60.0, pytest.approx(0.006), 3)
+    metrics.HEARTBEAT_MINUTES.clear()

@@ -19,34 +19,37 @@ class Series:
     values: list[float]
 
 
-def bucket_starts(now: float, window: float = WINDOW, n: int = BUCKETS) -> list[float]:
-    step = window / n
-    return [now - window + i * step for i in range(n)]
+def _spread(values: list[float], start: float, end: float, origin: float, step: float) -> None:
+    """Add the part of [start, end) inside each bucket, in bucket lengths."""
+    if end <= start:
+        return
+    first = max(0, int((start - origin) // step))
+    last = min(len(values) - 1, int((end - origin) // step))
+    for i in range(first, last + 1):
+        lo = origin + i * step
+        overlap = min(end, lo + step) - max(start, lo)
+        if overlap > 0:
+            values[i] += overlap / step
 
 
 def job_series(
     times: Iterable[tuple[float, float | None, float | None]], now: float
 ) -> tuple[Series, Series, Series]:
-    """Queued and running jobs at the end of each minute, and jobs finished in it,
-    from (created_at, started_at, finished_at) of each job."""
-    starts = bucket_starts(now)
+    """Mean number of jobs queued and running in each minute (a job that ran for 15 s
+    of a minute counts a quarter), and jobs finished in it, from (created_at,
+    started_at, finished_at) of each job."""
+    origin = now - WINDOW
     step = WINDOW / BUCKETS
-    ends = [s + step for s in starts]
     queued = [0.0] * BUCKETS
     running = [0.0] * BUCKETS
     done = [0.0] * BUCKETS
     for created, started, finished in times:
-        for i, t in enumerate(ends):
-            if finished is not None and finished <= t:
-                if finished > starts[i]:
-                    done[i] += 1
-                continue
-            if created > t:
-                continue
-            if started is not None and started <= t:
-                running[i] += 1
-            else:
-                queued[i] += 1
+        end = min(finished if finished is not None else now, now)
+        _spread(queued, created, min(started if started is not None else end, end), origin, step)
+        if started is not None:
+            _spread(running, started, end, origin, step)
+        if finished is not None and origin <= finished < now:
+            done[int((finished - origin) // step)] += 1
     return (
         Series("queued", "s-queued", queued),
         Series("running", "s-running", running),
@@ -54,17 +57,18 @@ def job_series(
     )
 
 
-def latency_series(samples: Iterable[tuple[float, float]], now: float) -> Series:
-    """Mean heartbeat handling time per minute, in milliseconds."""
-    starts = bucket_starts(now)
+def latency_series(minutes: Iterable[tuple[float, float, int]], now: float) -> Series:
+    """Mean heartbeat handling time per minute, in milliseconds, from (minute start,
+    sum of seconds, count)."""
+    origin = now - WINDOW
     step = WINDOW / BUCKETS
     total = [0.0] * BUCKETS
     count = [0] * BUCKETS
-    for ts, seconds in samples:
-        i = int((ts - starts[0]) // step)
+    for ts, seconds, n in minutes:
+        i = int((ts + step / 2 - origin) // step)  # the bucket holding most of that minute
         if 0 <= i < BUCKETS:
             total[i] += seconds * 1000
-            count[i] += 1
+            count[i] += n
     return Series(
         "heartbeat ms (mean)",
         "s-latency",

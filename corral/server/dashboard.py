@@ -199,7 +199,7 @@ async def _overview(ctx: ServerContext) -> dict:
 
     counts, inst_rows, event_rows, server_rows, times = await ctx.db.query(gather)
     queued, running, done = charts.job_series(times, now)
-    latency = charts.latency_series(list(metrics.HEARTBEAT_RECENT), now)
+    latency = charts.latency_series(metrics.heartbeat_minutes(), now)
     return {
         "now": now,
         "counts": counts,
@@ -208,7 +208,7 @@ async def _overview(ctx: ServerContext) -> dict:
         "servers": [server_view(r, now, ctx.config.server_grace) for r in server_rows],
         "health": await health_report(ctx),
         "charts": [
-            charts.svg("jobs queued / running", [queued, running]),
+            charts.svg("jobs queued / running (mean per minute)", [queued, running]),
             charts.svg("throughput (jobs finished per minute)", [done]),
             charts.svg("heartbeat handling, this server", [latency]),
         ],

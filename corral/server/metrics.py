@@ -13,7 +13,6 @@ Two kinds:
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -76,13 +75,24 @@ DATABASE_ERRORS = Counter(
 )
 BUILD_INFO = Gauge("corral_build_info", "This server's build", ["version", "server_id"])
 
-# the dashboard's heartbeat chart: (time, seconds) of the last hour's heartbeats here
-HEARTBEAT_RECENT: deque[tuple[float, float]] = deque(maxlen=50_000)
+# the dashboard's heartbeat chart: per minute of the last hour, (sum of seconds, count)
+# of the heartbeats this server handled; bounded whatever the heartbeat rate
+HEARTBEAT_MINUTES: dict[int, tuple[float, int]] = {}
 
 
 def observe_heartbeat(seconds: float, now: float | None = None) -> None:
     HEARTBEAT.observe(seconds)
-    HEARTBEAT_RECENT.append((time.time() if now is None else now, seconds))
+    minute = int((time.time() if now is None else now) // 60)
+    total, count = HEARTBEAT_MINUTES.get(minute, (0.0, 0))
+    HEARTBEAT_MINUTES[minute] = (total + seconds, count + 1)
+    if len(HEARTBEAT_MINUTES) > 62:
+        for old in sorted(HEARTBEAT_MINUTES)[:-61]:
+            del HEARTBEAT_MINUTES[old]
+
+
+def heartbeat_minutes() -> list[tuple[float, float, int]]:
+    """(minute start, sum of seconds, count) of the heartbeats handled lately."""
+    return [(m * 60.0, total, n) for m, (total, n) in sorted(HEARTBEAT_MINUTES.items())]
 
 
 class StateCollector(Collector):

@@ -5,6 +5,7 @@ so agents and runners that were cut off by a server restart have time to come ba
 
 from __future__ import annotations
 
+from corral.server import metrics
 from corral.server.context import ServerContext
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
@@ -64,6 +65,7 @@ async def reap_once(ctx: ServerContext) -> bool:
 
     for step in (lost, unstarted, silent):
         await ctx.db.transact(step)
+    metrics.ATTEMPTS_FINISHED.labels("lost").inc(sum(1 for *_, state in changed if state))
     for job_id, _n, _state in changed:
         ctx.notifier.wake(("job", job_id))
     for instance_id in lost_instances:
