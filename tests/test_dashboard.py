@@ -144,11 +144,13 @@ def test_pages_escape_user_text_and_filter_search_and_page(tmp_path: Path, db_ur
 
 
 def test_chart_series_average_queued_running_and_count_finished_per_minute():
-    now = 10_000.0  # the hour's 60 buckets start at now - 3600
+    now = 10_000.0
+    o = charts.origin(now)  # buckets on whole minutes; the last is the one under way
+    assert o == 6420.0 and o + 59 * 60 == 9960.0
     times = [
-        (now - 3000, now - 2990, now - 2950),  # queued 10 s, ran 40 s, in bucket 10
-        (now - 500, None, None),  # queued since 500 s ago
-        (now - 400, now - 100, None),  # queued 300 s, then running the last 100 s
+        (o + 600, o + 610, o + 650),  # queued 10 s, ran 40 s, in bucket 10
+        (now - 500, None, None),  # queued since 500 s ago (from 20 s into bucket 51)
+        (now - 400, now - 100, None),  # queued over buckets 53-57, then running
         (now - 7000, now - 6000, None),  # running the whole hour
     ]
     queued, running, done = charts.job_series(times, now)
@@ -156,13 +158,17 @@ def test_chart_series_average_queued_running_and_count_finished_per_minute():
     assert queued.values[10] == pytest.approx(10 / 60)
     assert running.values[10] == pytest.approx(1 + 40 / 60)
     assert done.values[10] == 1 and sum(done.values) == 1
+    assert queued.values[51] == pytest.approx(2 / 3) and queued.values[50] == 0
+    assert queued.values[53] == pytest.approx(2) and queued.values[58] == pytest.approx(1)
+    assert running.values[58] == pytest.approx(2)
+    # the minute under way (40 s of it so far) is averaged over its elapsed part
     assert queued.values[59] == pytest.approx(1) and running.values[59] == pytest.approx(2)
-    assert queued.values[58] == pytest.approx(1 + 1 / 3)
-    assert running.values[58] == pytest.approx(1 + 2 / 3)
-    assert queued.values[51] == pytest.approx(1 / 3) and queued.values[50] == 0
-    assert sum(running.values) == pytest.approx(60 + 40 / 60 + 100 / 60)
-    latency = charts.latency_series([(now - 40, 0.040, 2), (now - 5000, 9.0, 1)], now)
+    assert sum(running.values[:59]) == pytest.approx(59 + 40 / 60 + 1)
+
+    latency = charts.latency_series([(9960.0, 0.040, 2), (5000.0, 9.0, 1)], now)
     assert latency.values[-1] == pytest.approx(20.0) and sum(latency.values[:-1]) == 0
+    latency = charts.latency_series([(9960.0, 0.004, 1), (9900.0, 0.002, 1)], now)
+    assert latency.values[-1] == pytest.approx(4.0) and latency.values[-2] == pytest.approx(2.0)
     svg = charts.svg("a <title>", [queued, running])
     assert "a &lt;title&gt;" in svg and svg.count("<polyline") == 2
 

@@ -32,24 +32,35 @@ def _spread(values: list[float], start: float, end: float, origin: float, step: 
             values[i] += overlap / step
 
 
+def origin(now: float) -> float:
+    """Start of the first bucket: buckets fall on whole minutes, the last one is the
+    minute under way."""
+    step = WINDOW / BUCKETS
+    return (now // step + 1) * step - WINDOW
+
+
 def job_series(
     times: Iterable[tuple[float, float | None, float | None]], now: float
 ) -> tuple[Series, Series, Series]:
     """Mean number of jobs queued and running in each minute (a job that ran for 15 s
-    of a minute counts a quarter), and jobs finished in it, from (created_at,
-    started_at, finished_at) of each job."""
-    origin = now - WINDOW
+    of a minute counts a quarter; the minute under way counts its elapsed part), and
+    jobs finished in it, from (created_at, started_at, finished_at) of each job."""
+    first = origin(now)
     step = WINDOW / BUCKETS
     queued = [0.0] * BUCKETS
     running = [0.0] * BUCKETS
     done = [0.0] * BUCKETS
     for created, started, finished in times:
         end = min(finished if finished is not None else now, now)
-        _spread(queued, created, min(started if started is not None else end, end), origin, step)
+        _spread(queued, created, min(started if started is not None else end, end), first, step)
         if started is not None:
-            _spread(running, started, end, origin, step)
-        if finished is not None and origin <= finished < now:
-            done[int((finished - origin) // step)] += 1
+            _spread(running, started, end, first, step)
+        if finished is not None and first <= finished < now:
+            done[int((finished - first) // step)] += 1
+    elapsed = (now - (first + (BUCKETS - 1) * step)) / step
+    if elapsed > 0:
+        queued[-1] /= elapsed
+        running[-1] /= elapsed
     return (
         Series("queued", "s-queued", queued),
         Series("running", "s-running", running),
@@ -58,14 +69,14 @@ def job_series(
 
 
 def latency_series(minutes: Iterable[tuple[float, float, int]], now: float) -> Series:
-    """Mean heartbeat handling time per minute, in milliseconds, from (minute start,
-    sum of seconds, count)."""
-    origin = now - WINDOW
+    """Mean heartbeat handling time per minute, in milliseconds, from (start of the
+    minute, sum of seconds, count)."""
+    first = origin(now)
     step = WINDOW / BUCKETS
     total = [0.0] * BUCKETS
     count = [0] * BUCKETS
     for ts, seconds, n in minutes:
-        i = int((ts + step / 2 - origin) // step)  # the bucket holding most of that minute
+        i = int((ts - first) // step)
         if 0 <= i < BUCKETS:
             total[i] += seconds * 1000
             count[i] += n
