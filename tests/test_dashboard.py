@@ -183,3 +183,32 @@ def test_heartbeat_minutes_stay_bounded():
     kept = metrics.heartbeat_minutes()
     assert len(kept) <= 62 and kept[-1] == (199 * 60.0, pytest.approx(0.006), 3)
     metrics.HEARTBEAT_MINUTES.clear()
+
+
+@pytest.mark.slow
+def test_a_database_failure_is_a_503_and_is_counted(tmp_path: Path):
+    import sqlalchemy as sa
+
+    from corral.server import metrics
+
+    def errors(where: str) -> float:
+        return metrics.DATABASE_ERRORS.labels(where)._value.get()
+
+    async def body(ctx, http: httpx.AsyncClient):
+        auth = {"Authorization": f"Bearer {ctx.admin_token}"}
+        assert (await http.get("/api/v1/jobs", headers=auth)).status_code == 200
+        before = errors("request"), errors("metrics")
+
+        async def break_jobs(conn):
+            await conn.execute(sa.text("ALTER TABLE jobs RENAME TO jobs_gone"))
+
+        await ctx.db.transact(break_jobs)
+        r = await http.get("/api/v1/jobs", headers=auth)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "database_unavailable"
+        scrape = await http.get("/metrics")
+        assert scrape.status_code == 200  # this process's metrics, without the db gauges
+        assert "corral_jobs{" not in scrape.text and "corral_build_info{" in scrape.text
+        assert (errors("request"), errors("metrics")) == (before[0] + 1, before[1] + 1)
+
+    run(_with_app(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", body))
