@@ -185,6 +185,26 @@ async def logout(request: Request):
 # ---- overview -----------------------------------------------------------------------------
 
 
+CHART_TTL = 10.0  # seconds a server reuses its charts (one query of every live job)
+_charts: dict[str, tuple[float, list]] = {}  # server id -> (drawn at, charts)
+
+
+async def _charts_for(ctx: ServerContext, now: float) -> list:
+    cached = _charts.get(ctx.server_id)
+    if cached and 0 <= now - cached[0] < CHART_TTL:
+        return cached[1]
+    times = await ctx.db.query(metrics_repo.job_times, now - charts.WINDOW)
+    queued, running, done = charts.job_series(times, now)
+    latency = charts.latency_series(metrics.heartbeat_minutes(), now)
+    drawn = [
+        charts.svg("jobs queued / running (mean per minute)", [queued, running]),
+        charts.svg("throughput (jobs finished per minute)", [done]),
+        charts.svg("heartbeat handling, this server", [latency]),
+    ]
+    _charts[ctx.server_id] = (now, drawn)
+    return drawn
+
+
 async def _overview(ctx: ServerContext) -> dict:
     now = ctx.now()
 
@@ -194,12 +214,9 @@ async def _overview(ctx: ServerContext) -> dict:
             await instances.list_instances(conn, include_terminated=False),
             await events.list_events(conn, min_level="info", limit=20, newest=True),
             await servers.list_servers(conn, include_stopped_since=now - 3600),
-            await metrics_repo.job_times(conn, now - charts.WINDOW),
         )
 
-    counts, inst_rows, event_rows, server_rows, times = await ctx.db.query(gather)
-    queued, running, done = charts.job_series(times, now)
-    latency = charts.latency_series(metrics.heartbeat_minutes(), now)
+    counts, inst_rows, event_rows, server_rows = await ctx.db.query(gather)
     return {
         "now": now,
         "counts": counts,
@@ -207,11 +224,7 @@ async def _overview(ctx: ServerContext) -> dict:
         "events": [event_view(r) for r in event_rows],
         "servers": [server_view(r, now, ctx.config.server_grace) for r in server_rows],
         "health": await health_report(ctx),
-        "charts": [
-            charts.svg("jobs queued / running (mean per minute)", [queued, running]),
-            charts.svg("throughput (jobs finished per minute)", [done]),
-            charts.svg("heartbeat handling, this server", [latency]),
-        ],
+        "charts": await _charts_for(ctx, now),
     }
 
 
