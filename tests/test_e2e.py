@@ -213,13 +213,14 @@ def test_dashboard_needs_the_admin_token_and_shows_the_fleet(cluster: Cluster):
     cluster.wait_agents_running(client, 1)
     client.apply_fleet({"name": "gpu", "backend": "local", "min_size": 0, "max_size": 2})
     job = client.submit(["true"])
-    assert httpx.get(server.url + "/").status_code == 401
-    assert (
-        httpx.get(server.url + "/", cookies={"corral_token": server.join_token}).status_code == 401
-    )
+    for cookies in ({}, {"corral_token": server.join_token}):  # to the sign-in form
+        r = httpx.get(server.url + "/", cookies=cookies)
+        assert (r.status_code, r.headers["location"]) == (303, "/login?next=/")
     with httpx.Client(base_url=server.url, follow_redirects=True) as browser:
         page = browser.get("/", params={"token": server.admin_token})
         assert page.status_code == 200 and browser.cookies.get("corral_token")
         html = page.text
-    assert "a1" in html and f"<td>{job.id}</td>" in html
-    assert "<h2>Fleets</h2>" in html and "<td>gpu</td>" in html
+        jobs_html = browser.get("/jobs").text
+        fleets_html = browser.get("/fleets").text
+    assert "a1" in html and f'<tr id="job-{job.id}">' in jobs_html
+    assert "<h1>Fleets</h1>" in fleets_html and "<td>gpu</td>" in fleets_html

@@ -9,10 +9,10 @@ final = c.follow(job.id, on_output=lambda stream, data: print(data.decode(), end
 from __future__ import annotations
 
 import base64
-import time
-import uuid
 import os
 import ssl
+import time
+import uuid
 from collections.abc import Callable
 
 import httpx

@@ -19,7 +19,7 @@ import corral
 from corral.domain.backoff import Backoff
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
-from corral.server import errors
+from corral.server import errors, metrics
 from corral.server.api import (
     agents,
     attempts,
@@ -256,6 +256,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    metrics.BUILD_INFO.labels(ctx.config.build_version, ctx.server_id).set(1)
     errors.install(app)
     for module in (
         jobs,
@@ -273,6 +274,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     from corral.server import dashboard
 
     app.include_router(dashboard.router)
+    app.mount("/static", dashboard.static, name="static")
     return app
 
 

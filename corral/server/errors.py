@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.domain.errors import IllegalTransition, StaleToken
+from corral.server import metrics
+from corral.store.db import DatabaseError
 from corral.store.jobs import JobConflict, JobNotFound
 
 
@@ -64,6 +66,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(IllegalTransition)
     async def _illegal(_req: Request, exc: IllegalTransition):
         return JSONResponse(error_body("illegal_transition", str(exc)), status_code=409)
+
+    @app.exception_handler(DatabaseError)
+    async def _database(req: Request, exc: DatabaseError):
+        metrics.DATABASE_ERRORS.labels("request").inc()
+        return JSONResponse(
+            error_body(
+                "database_unavailable",
+                f"the database failed this request ({exc.__class__.__name__}); try again",
+            ),
+            status_code=503,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):

@@ -93,10 +93,22 @@ async def list_jobs(
     states: list[str] | None = None,
     limit: int = 100,
     before_id: int | None = None,
+    search: str | None = None,
 ):
+    """Newest first. `search`: case-insensitive text in the name or the command, or
+    the job id itself."""
     q = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
     if states:
         q = q.where(jobs.c.state.in_(states))
+    if search:
+        needle = search.lower()
+        match = sa.or_(
+            sa.func.lower(jobs.c.name).contains(needle, autoescape=True),
+            sa.func.lower(sa.cast(jobs.c.command, sa.Text)).contains(needle, autoescape=True),
+        )
+        if search.isdigit():
+            match = sa.or_(match, jobs.c.id == int(search))
+        q = q.where(match)
     if before_id is not None:
         q = q.where(jobs.c.id < before_id)
     return (await conn.execute(q)).mappings().all()

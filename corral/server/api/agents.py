@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import APIRouter, Depends
 
@@ -16,6 +17,7 @@ from corral.api import (
 from corral.domain.heartbeat import heartbeat_interval
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
+from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
@@ -157,7 +159,12 @@ async def heartbeat(
             )
 
         uploaded = False
+        t0 = time.perf_counter()
         reply = await ctx.db.transact(exchange)
+        metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
+        for order in reply.install:
+            metrics.INSTALL_ORDERS.labels(order.component).inc()
+        metrics.REPLICATION_ORDERS.inc(sum(f.size for f in reply.replicate))
         if uploaded:
             ctx.notifier.wake("drain")  # a server checks the bucket; then it may retire
         first = False

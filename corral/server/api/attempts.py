@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from corral.api import AttemptAck, AttemptFinish, AttemptLost, LogBatch
+from corral.server import metrics
 from corral.server.api.jobs import job_key
 from corral.server.auth import attempt_token
 from corral.server.context import ServerContext, get_ctx
@@ -29,9 +30,24 @@ async def start(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    state = await ctx.db.transact(repo.start_attempt, job_id, number, token, ctx.now())
+    now = ctx.now()
+    state = await ctx.db.transact(repo.start_attempt, job_id, number, token, now)
     ctx.notifier.wake(job_key(job_id))
+    await _count_start(ctx, job_id, number, now)
     return _ack(job_id, number, state)
+
+
+async def _count_start(ctx: ServerContext, job_id: int, number: int, now: float) -> None:
+    """Metrics of a start recorded just now (a retried start was counted already)."""
+
+    async def q(conn):
+        return await repo.get_job(conn, job_id), await repo.get_attempt(conn, job_id, number)
+
+    job, attempt = await ctx.db.query(q)
+    if attempt is not None and attempt["started_at"] == now:
+        metrics.ATTEMPTS_STARTED.inc()
+    if job is not None and job["started_at"] == now:
+        metrics.SUBMIT_TO_START.observe(max(0.0, now - job["created_at"]))
 
 
 @router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
@@ -82,6 +98,9 @@ async def finish(
         body.model_dump(include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}),
     )
     ctx.notifier.wake(job_key(job_id), "dispatch")
+    if recorded:
+        outcome = "succeeded" if body.exit_code == 0 else "failed"
+        metrics.ATTEMPTS_FINISHED.labels(outcome).inc()
     return _ack(job_id, number, state, recorded)
 
 
@@ -101,4 +120,6 @@ async def lost(
         repo.lose_attempt, job_id, number, body.reason, ctx.now(), token=token
     )
     ctx.notifier.wake(job_key(job_id), "dispatch")
+    if state:
+        metrics.ATTEMPTS_FINISHED.labels("lost").inc()
     return _ack(job_id, number, state or "unchanged")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from corral.server import metrics as m
 from corral.server.context import ServerContext, get_ctx
 from corral.server.health import health_report
+from corral.store import metrics as store_metrics
+from corral.store.db import DatabaseError
 
 router = APIRouter(tags=["health"])
 
@@ -19,5 +21,12 @@ async def health(ctx: ServerContext = Depends(get_ctx)) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """This process's counters and histograms, and fleet-wide gauges read from the
+    database now (left out, and counted as a database error, if it cannot be read)."""
+    try:
+        snap = await ctx.db.query(store_metrics.snapshot)
+    except (DatabaseError, OSError):
+        m.DATABASE_ERRORS.labels("metrics").inc()
+        snap = None
+    return Response(m.exposition(snap, ctx.db.engine.pool), media_type=m.CONTENT_TYPE_LATEST)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from corral.api import JobSubmit, JobView, LogChunkView, LogPage
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
+from corral.server import metrics
 from corral.server.auth import Principal, require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
@@ -99,7 +100,7 @@ async def submit(
                 fields=[{"field": field, "message": f"unknown object {m}"} for m in missing],
             )
     if idempotency_key is None:
-        job_id = await ctx.db.transact(repo.submit, spec, ctx.now())
+        job_id, created = await ctx.db.transact(repo.submit, spec, ctx.now()), True
     else:
         if not _KEY.match(idempotency_key):
             raise ApiError(
@@ -117,6 +118,8 @@ async def submit(
         if not created:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
+    if created:
+        metrics.JOBS_SUBMITTED.labels(spec.fleet or "").inc()
     ctx.notifier.wake("dispatch")
     return await _view(ctx, job_id)
 

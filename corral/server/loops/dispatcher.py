@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from corral.server import metrics
 from corral.server.context import ServerContext
 from corral.store import dispatch
 
@@ -11,7 +14,10 @@ BATCH = 200
 async def dispatch_once(ctx: ServerContext) -> bool:
     if ctx.stopping:
         return False
+    t0 = time.perf_counter()
     placements = await ctx.db.transact(dispatch.lock_jobs, ctx.db, ctx.now(), batch=BATCH)
+    metrics.DISPATCH_PASS.observe(time.perf_counter() - t0)
+    metrics.PLACEMENTS.inc(len(placements))
     for p in placements:
         ctx.notifier.wake(("instance", p.instance_id), ("job", p.job_id))
     return len(placements) == BATCH

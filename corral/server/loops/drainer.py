@@ -9,7 +9,7 @@ import random
 
 from corral.domain.instances import InstanceState
 from corral.domain.provisioning import ProvisionError, ProvisionState, stop_retry_at
-from corral.server import durable
+from corral.server import durable, metrics
 from corral.server.context import ServerContext
 from corral.store import drain, events, fleets, instances, offloads, provisions
 from corral.store import objects as objs
@@ -21,19 +21,20 @@ async def drain_once(ctx: ServerContext) -> bool:
     cfg = ctx.config
     now = ctx.now()
     results: list[drain.DrainResult] = []
+    requested: dict[str, float | None] = {}
 
     async def step(conn):
+        results.clear()
         await drain.cancel_doomed_copies(conn, now, cfg.transfer_timeout)
         await offloads.expire(conn, now, cfg.transfer_timeout)
-        results.extend(
-            [
-                await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace)
-                for inst in await drain.claim_draining(conn, ctx.db)
-            ]
-        )
+        for inst in await drain.claim_draining(conn, ctx.db):
+            requested[inst["id"]] = inst["drain_requested_at"]
+            results.append(await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace))
 
     await ctx.db.transact(step)
     for r in results:
+        if r.retired and requested.get(r.instance_id) is not None:
+            metrics.DRAIN_DURATION.observe(max(0.0, now - (requested[r.instance_id] or now)))
         for _sha, recipient in r.copies:
             ctx.notifier.wake(("instance", recipient))
         if r.retired or r.offloads:  # its held heartbeat: exit, or upload these
@@ -64,6 +65,7 @@ async def confirm_offloads(ctx: ServerContext) -> bool:
             await ctx.db.transact(
                 offloads.confirmed, row.sha256, row.fleet, store.url_of(row.sha256), ctx.now()
             )
+            metrics.OFFLOAD_CONFIRMED.inc(row.size or 0)
             done = True
     return done
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from corral.domain.heartbeat import Observation, is_silent_too_long
+from corral.server import metrics
 from corral.server.context import ServerContext
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
@@ -106,6 +107,7 @@ async def reap_once(ctx: ServerContext) -> bool:
         await ctx.db.transact(
             events.record, now, "warning", "server.unobserved", message, server_id=ctx.server_id
         )
+    metrics.ATTEMPTS_FINISHED.labels("lost").inc(sum(1 for *_, state in changed if state))
     for job_id, _n, _state in changed:
         ctx.notifier.wake(("job", job_id))
     for instance_id in lost_instances:

@@ -6,7 +6,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from corral.server import metrics
 from corral.server.context import ServerContext
+from corral.store.db import DatabaseError
 
 log = logging.getLogger("corral.loops")
 
@@ -30,6 +32,8 @@ async def run_loop(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a loop must survive a database hiccup
+            if isinstance(exc, DatabaseError):
+                metrics.DATABASE_ERRORS.labels(f"loop:{name}").inc()
             failures += 1
             if failures == 1:
                 log.exception("%s loop failed", name)
