@@ -180,3 +180,18 @@ def dbname_of(url: str | None) -> str | None:
 
 def clock_ticks() -> float:
     return float(os.sysconf("SC_CLK_TCK"))
+
+
+def own_group_seconds() -> float | None:
+    """CPU seconds of the cgroup v2 group this process is in (all its members, ever)."""
+    group = _own_cgroup2()
+    if group is None:
+        return None
+    try:
+        for line in (group / "cpu.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == "usage_usec":
+                return int(value) / 1e6
+    except OSError:
+        return None
+    return None
