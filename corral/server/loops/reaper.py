@@ -5,6 +5,7 @@ so agents and runners that were cut off by a server restart have time to come ba
 
 from __future__ import annotations
 
+from corral.domain.heartbeat import grace_period
 from corral.server.context import ServerContext
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
@@ -13,22 +14,27 @@ from corral.store import jobs as jobs_repo
 async def reap_once(ctx: ServerContext) -> bool:
     cfg = ctx.config
     now = ctx.now()
-    if now - ctx.started_at < cfg.agent_grace:
+    # leases ran on while no server was up to renew them: give agents one grace
+    told = ctx.heartbeat_interval[0] if ctx.heartbeat_interval else cfg.heartbeat_base
+    if now - ctx.started_at < grace_period(told, cfg.agent_grace):
         return False
     changed: list[tuple[int, int, str | None]] = []
     lost_instances: list[str] = []
 
     async def lost(conn):
-        for inst in await instances.find_lost(conn, ctx.db, now - cfg.agent_grace):
+        for inst in await instances.find_lost(conn, ctx.db, now, now - cfg.agent_grace):
             if not await instances.mark_lost(conn, inst["id"], now):
                 continue
             silent = now - inst["last_heartbeat_at"]
+            told = inst["heartbeat_interval"]
+            every = f" (told to heartbeat every {told:g}s)" if told else ""
             await events.record(
                 conn,
                 now,
                 "warning",
                 "instance.lost",
-                f"instance {inst['name']} ({inst['id']}) lost: no heartbeat for {silent:.0f}s",
+                f"instance {inst['name']} ({inst['id']}) lost: no heartbeat for "
+                f"{silent:.0f}s{every}",
                 instance_id=inst["id"],
             )
             lost_instances.append(inst["id"])
