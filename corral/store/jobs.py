@@ -119,28 +119,37 @@ async def read_logs(
 # ---- user actions ----------------------------------------------------------------------
 
 
-async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
-    result = await conn.execute(
-        sa.insert(jobs)
-        .values(
-            name=spec.name,
-            state=JobState.QUEUED,
-            command=spec.command,
-            env=spec.env,
-            inputs=spec.inputs,
-            fleet=spec.fleet,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            max_attempts=spec.max_attempts,
-            workdir=spec.workdir,
-            log_limit=spec.log_limit,
-            current_attempt=0,
-            created_at=now,
-            updated_at=now,
-        )
-        .returning(jobs.c.id)
+def _job_row(spec: JobSubmit, now: float) -> dict:
+    return dict(
+        name=spec.name,
+        state=JobState.QUEUED,
+        command=spec.command,
+        env=spec.env,
+        inputs=spec.inputs,
+        fleet=spec.fleet,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        max_attempts=spec.max_attempts,
+        workdir=spec.workdir,
+        log_limit=spec.log_limit,
+        current_attempt=0,
+        created_at=now,
+        updated_at=now,
     )
+
+
+async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
+    result = await conn.execute(sa.insert(jobs).values(**_job_row(spec, now)).returning(jobs.c.id))
     return result.scalar_one()
+
+
+async def submit_many(conn: AsyncConnection, specs: list[JobSubmit], now: float) -> list[int]:
+    """Insert many jobs at once (multi-row INSERTs); their ids in the order given."""
+    result = await conn.execute(
+        sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True),
+        [_job_row(spec, now) for spec in specs],
+    )
+    return list(result.scalars().all())
 
 
 async def _end_live_attempt(
