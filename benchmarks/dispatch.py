@@ -1,17 +1,24 @@
 """Dispatch throughput: submit N trivial jobs to a local fleet of real agents and
-measure jobs/s and submit-to-start latency. Not a test; prints JSON.
+measure jobs/s, CPU per job and submit-to-start latency, next to a bare fork/exec pool
+of the same width run in the same invocation (`ratio_to_bare`). Not a test; prints JSON.
 
 Two phases: `idle` submits jobs one at a time to an idle fleet (the latency a person
 sees for `corral run`); `burst` submits N jobs at once from several clients (the
 throughput, and the latency of a queue being worked off).
 
-    python benchmarks/dispatch.py [--jobs 2000] [--agents 2] [--slots 8] [--db URL]
+CPU is metered per process tree (cgroup v2 groups when the benchmark may create them):
+the servers, the agents with their runners and commands, the PostgreSQL backends of
+the benchmark's database, and the benchmark's own clients.
+
+    python benchmarks/dispatch.py [--jobs 2000] [--agents 2] [--slots 8]
+        [--db postgresql://postgres@127.0.0.1:5432/postgres] [--servers 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import tempfile
@@ -19,10 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bare import run_bare
+from benchmarks.cpumeter import CgroupMeter, PgMeter, dbname_of
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
 from corral.testing import Cluster, wait_for
@@ -31,17 +38,117 @@ ACTIVE = ["queued", "locked", "running"]
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     values = sorted(values)
     k = max(0, min(len(values) - 1, round(q / 100 * (len(values) - 1))))
     return values[k]
 
 
-def cpu_of(procs) -> float:
-    total = 0.0
-    for p in procs:
-        t = psutil.Process(p.pid).cpu_times()
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+def run_corral(
+    *,
+    jobs: int,
+    idle_jobs: int,
+    agents: int,
+    slots: float,
+    db: str | None,
+    servers: int = 1,
+    submitters: int = 8,
+    timeout: float = 1800,
+    command: tuple[str, ...] = ("true",),
+) -> dict:
+    """One corral cluster (servers, agents) on SQLite or a throwaway PostgreSQL
+    database: the idle and burst phases, CPU per process tree."""
+    if servers > 1 and not db:
+        raise SystemExit("--servers 2 needs --db (several servers share one PostgreSQL)")
+    with contextlib.ExitStack() as stack:
+        db_url = stack.enter_context(throwaway_database(db)) if db else None
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-bench-"))
+        meter = stack.enter_context(CgroupMeter())
+        c = stack.enter_context(Cluster(Path(tmp)))
+        procs = []
+        for _k in range(servers):
+            with meter.inside("servers"):
+                procs.append(c.server(db_url=db_url, fast=False, wait=False))
+        for p in procs:
+            p.wait_ready()
+        for k in range(agents):
+            with meter.inside("agents"):
+                c.agent(procs, name=f"bench{k + 1}", cpus=slots)
+        client = c.client(procs[0])
+        c.wait_agents_running(client, agents)
+
+        # idle: one job at a time
+        idle = []
+        for _ in range(idle_jobs):
+            job = client.submit(list(command))
+            done = wait_for(
+                lambda job=job: (j := client.job(job.id)).state == "succeeded" and j,
+                60,
+                "an idle-phase job",
+                interval=0.005,
+            )
+            idle.append(done.started_at - done.created_at)
+
+        # burst: N jobs at once
+        clients = [c.client(procs[k % servers]) for k in range(submitters)]
+        pg = PgMeter(dbname_of(db_url)).start()
+        server_pids = [p.pid for p in c.servers]
+        agent_pids = [p.pid for p in c.agents]
+        srv0 = meter.seconds("servers", server_pids)
+        ag0 = meter.seconds("agents", agent_pids)
+        bench0 = meter.seconds("bench") if meter.root else None
+        t0 = time.time()
+        counter = itertools.count()
+        with ThreadPoolExecutor(submitters) as pool:
+            ids = set(
+                pool.map(
+                    lambda k: clients[k % len(clients)].submit(list(command)).id,
+                    (next(counter) for _ in range(jobs)),
+                )
+            )
+        submitted = time.time()
+        wait_for(
+            lambda: not client.jobs(states=ACTIVE, limit=1),
+            timeout,
+            f"{jobs} jobs to finish",
+            interval=0.2,
+        )
+        cpu = {
+            "server": meter.seconds("servers", server_pids) - srv0,
+            "agents_runners_commands": meter.seconds("agents", agent_pids) - ag0,
+            "postgresql": pg.stop(),
+        }
+        cpu["total"] = sum(cpu.values())
+        if bench0 is not None:
+            cpu["benchmark_clients"] = meter.seconds("bench") - bench0
+        done = [j for j in client.jobs(limit=jobs + idle_jobs) if j.id in ids]
+        first = min(j.created_at for j in done)
+        last = max(j.finished_at for j in done if j.finished_at)
+        lat = [j.started_at - j.created_at for j in done if j.started_at]
+        return {
+            "database": "postgresql" if db else "sqlite",
+            "servers": servers,
+            "agents": agents,
+            "slots_per_agent": slots,
+            "cpu_meter": meter.method,
+            "idle": {
+                "jobs": idle_jobs,
+                "submit_to_start_p50_s": round(percentile(idle, 50), 4),
+                "submit_to_start_p99_s": round(percentile(idle, 99), 4),
+            },
+            "burst": {
+                "jobs": jobs,
+                "succeeded": sum(j.state == "succeeded" for j in done),
+                "submit_rate_jobs_per_s": round(jobs / (submitted - t0), 1),
+                "throughput_jobs_per_s": round(jobs / (last - first), 1),
+                "submit_to_start_p50_s": round(percentile(lat, 50), 3),
+                "submit_to_start_p99_s": round(percentile(lat, 99), 3),
+                "wall_s": round(last - first, 1),
+                # all in: servers + agents/runners/commands + PostgreSQL backends
+                "cpu_seconds_per_job": {k: round(v / jobs, 4) for k, v in cpu.items()},
+            },
+        }
 
 
 def main() -> None:
@@ -53,85 +160,37 @@ def main() -> None:
     ap.add_argument(
         "--db",
         default=None,
-        help="database URL (default: SQLite); on PostgreSQL a "
-        "throwaway database is created on that server",
+        help="PostgreSQL server URL (default: SQLite); a throwaway database is created "
+        "on that server and dropped after",
     )
+    ap.add_argument("--servers", type=int, default=1, help="servers on one PostgreSQL")
     ap.add_argument("--submitters", type=int, default=8, help="concurrent submitting clients")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
 
-    with contextlib.ExitStack() as stack:
-        db_url = stack.enter_context(throwaway_database(args.db)) if args.db else None
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-bench-"))
-        c = stack.enter_context(Cluster(Path(tmp)))
-        server = c.server(db_url=db_url, fast=False)
-        for k in range(args.agents):
-            c.agent(server, name=f"bench{k + 1}", cpus=args.slots)
-        client = c.client(server)
-        c.wait_agents_running(client, args.agents)
-
-        # idle: one job at a time
-        idle = []
-        for _ in range(args.idle_jobs):
-            job = client.submit(["true"])
-            done = wait_for(
-                lambda job=job: (j := client.job(job.id)).state == "succeeded" and j,
-                60,
-                "an idle-phase job",
-            )
-            idle.append(done.started_at - done.created_at)
-
-        # burst: N jobs at once
-        cpu0 = psutil.cpu_times()
-        srv0, ag0 = cpu_of(c.servers), cpu_of(c.agents)
-        t0 = time.time()
-        clients = [c.client(server) for _ in range(args.submitters)]
-        with ThreadPoolExecutor(args.submitters) as pool:
-            ids = set(
-                pool.map(lambda k: clients[k % len(clients)].submit(["true"]).id, range(args.jobs))
-            )
-        submitted = time.time()
-        wait_for(
-            lambda: not client.jobs(states=ACTIVE, limit=1),
-            args.timeout,
-            f"{args.jobs} jobs to finish",
-            interval=0.5,
-        )
-        cpu1 = psutil.cpu_times()
-        busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-        cpu = {
-            "total": busy,
-            "server": cpu_of(c.servers) - srv0,
-            "agents_runners_commands": cpu_of(c.agents) - ag0,
-        }
-        cpu["benchmark_clients"] = busy - cpu["server"] - cpu["agents_runners_commands"]
-        jobs = [j for j in client.jobs(limit=args.jobs + args.idle_jobs) if j.id in ids]
-        first = min(j.created_at for j in jobs)
-        last = max(j.finished_at for j in jobs)
-        lat = [j.started_at - j.created_at for j in jobs if j.started_at]
-        result = {
-            "benchmark": "dispatch",
-            "database": "postgresql" if args.db else "sqlite",
-            "agents": args.agents,
-            "slots_per_agent": args.slots,
-            "idle": {
-                "jobs": args.idle_jobs,
-                "submit_to_start_p50_s": round(percentile(idle, 50), 3),
-                "submit_to_start_p99_s": round(percentile(idle, 99), 3),
-            },
-            "burst": {
-                "jobs": args.jobs,
-                "succeeded": sum(j.state == "succeeded" for j in jobs),
-                "submit_rate_jobs_per_s": round(args.jobs / (submitted - t0), 1),
-                "throughput_jobs_per_s": round(args.jobs / (last - first), 1),
-                "submit_to_start_p50_s": round(percentile(lat, 50), 3),
-                "submit_to_start_p99_s": round(percentile(lat, 99), 3),
-                "wall_s": round(last - first, 1),
-                "cpu_seconds_per_job": {k: round(v / args.jobs, 4) for k, v in cpu.items()},
-            },
-            "machine": describe(),
-        }
-        print(json.dumps(result, indent=2))
+    width = int(args.agents * args.slots)
+    machine = describe()
+    bare = run_bare(args.jobs, width)
+    corral_result = run_corral(
+        jobs=args.jobs,
+        idle_jobs=args.idle_jobs,
+        agents=args.agents,
+        slots=args.slots,
+        db=args.db,
+        servers=args.servers,
+        submitters=args.submitters,
+        timeout=args.timeout,
+    )
+    result = {
+        "benchmark": "dispatch",
+        **corral_result,
+        "bare": bare,
+        "ratio_to_bare": round(
+            corral_result["burst"]["throughput_jobs_per_s"] / bare["throughput_jobs_per_s"], 4
+        ),
+        "machine": machine,
+    }
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

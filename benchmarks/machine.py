@@ -24,4 +24,6 @@ def describe() -> dict:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        # the machine may be shared: how busy it was when the figures were taken
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }

@@ -91,6 +91,19 @@ class JobSubmit(Strict):
         return self
 
 
+MAX_BATCH = 10_000
+
+
+class JobBatch(Strict):
+    """Many jobs in one request, submitted in one transaction: all or none."""
+
+    jobs: list[JobSubmit] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class JobBatchReply(BaseModel):
+    ids: list[int] = Field(description="the new jobs' ids, in the order submitted")
+
+
 class AttemptView(BaseModel):
     number: int
     instance_id: str | None

@@ -154,6 +154,12 @@ def run(
         None, help="output kept per attempt, e.g. 64M (the default); the job goes on past it"
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="print the job id and return"),
+    array: str | None = typer.Option(
+        None,
+        "--array",
+        help="submit tasks A..B of this command (e.g. 1-100), each with its index in "
+        "$CORRAL_ARRAY_INDEX; prints the job ids and returns",
+    ),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
@@ -208,11 +214,18 @@ def run(
                 )
             except (WorkdirError, OSError) as exc:
                 fail(str(exc), 2)
+        given = {k: v for k, v in options.items() if v is not None}
+        if array is not None:
+            first, last = parse_array(array)
+            try:
+                ids = c.submit_array(command, first, last, **given)
+            except ValueError as exc:
+                fail(str(exc), 2)
+            print("\n".join(map(str, ids)))
+            return
         try:
             job = c.submit(  # one key per invocation: its own retries make one job
-                command,
-                idempotency_key=f"cli-{uuid.uuid4().hex}",
-                **{k: v for k, v in options.items() if v is not None},
+                command, idempotency_key=f"cli-{uuid.uuid4().hex}", **given
             )
         except ValueError as exc:  # pydantic validation on the client side
             fail(str(exc), 2)
@@ -225,6 +238,20 @@ def run(
             )
         code = _follow(c, job.id)
     raise typer.Exit(code)
+
+
+def parse_array(spec: str) -> tuple[int, int]:
+    """`A-B` (or `N`, meaning 1-N): the first and last task index."""
+    a, sep, b = spec.partition("-")
+    try:
+        first, last = (int(a), int(b)) if sep else (1, int(a))
+    except ValueError:
+        fail(f"--array {spec!r}: expected A-B, e.g. 1-100", 2)
+    if first < 0 or last < first:
+        fail(f"--array {spec!r}: expected 0 <= A <= B", 2)
+    if last - first + 1 > 100_000:
+        fail(f"--array {spec!r}: at most 100000 tasks", 2)
+    return first, last
 
 
 def _follow(c: Client, job_id: int, until_final: bool = True, attempt: int | None = None) -> int:

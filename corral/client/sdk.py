@@ -37,6 +37,7 @@ from corral.api import (
     TokenRotated,
     TokenView,
 )
+from corral.api.jobs import MAX_BATCH
 from corral.client.config import resolve
 from corral.domain.jobs import FINAL_JOB_STATES
 
@@ -174,6 +175,23 @@ class Client:
                     raise
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
+
+    def submit_batch(self, specs: list[JobSubmit]) -> list[int]:
+        """Submit many jobs in one request (all or none); their ids, in order."""
+        body = {"jobs": [s.model_dump(exclude_defaults=True) for s in specs]}
+        return list(self._call("POST", "/api/v1/jobs:batch", json=body)["ids"])
+
+    def submit_array(self, command: list[str], first: int, last: int, **options) -> list[int]:
+        """Tasks `first`..`last` of one command, each with $CORRAL_ARRAY_INDEX set."""
+        env = dict(options.pop("env", None) or {})
+        specs = [
+            JobSubmit(command=command, env={**env, "CORRAL_ARRAY_INDEX": str(i)}, **options)
+            for i in range(first, last + 1)
+        ]
+        ids: list[int] = []
+        for k in range(0, len(specs), MAX_BATCH):
+            ids += self.submit_batch(specs[k : k + MAX_BATCH])
+        return ids
 
     def jobs(
         self, states: list[str] | None = None, limit: int = 100, before: int | None = None

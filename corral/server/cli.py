@@ -65,7 +65,9 @@ def server(
         None, help="URL agents and clients use to reach this server, if not http://HOST:PORT"
     ),
     agent_grace: float | None = typer.Option(
-        None, help="seconds without a heartbeat before an instance counts as lost [20]"
+        None,
+        help="seconds without a heartbeat before an instance counts as lost, at least; "
+        "agents told a longer heartbeat interval get 3 intervals + 1 s [10]",
     ),
     start_timeout: float | None = typer.Option(
         None, help="seconds an attempt may take to start before it is requeued [60]"

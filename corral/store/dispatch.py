@@ -57,58 +57,26 @@ async def lock_jobs(
     )
     if not queued:
         return []
-    candidates = (
-        (
+    demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
+    # Plan on every running instance, read without locks: an instance a heartbeat
+    # holds for a moment is busy, not full. Then lock only the instances the plan
+    # uses (waiting for them, in id order), re-read their room and plan again on
+    # those: another server's dispatcher may have filled them meanwhile, and a drain
+    # or retirement waits for this transaction, so no job lands on a leaving instance.
+    everyone = await _capacities(conn, sa.true())
+    chosen = sorted({i for _j, i in place(demands, everyone)})
+    capacities = []
+    if chosen:
+        locked = (
             await conn.execute(
-                db.claim(
-                    sa.select(
-                        instances.c.id,
-                        instances.c.fleet,
-                        instances.c.cpus,
-                        instances.c.memory_mb,
-                        instances.c.created_at,
-                    )
-                    .where(
-                        instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None)
-                    )
-                    .order_by(instances.c.created_at, instances.c.id)
+                db.lock(
+                    sa.select(instances.c.id)
+                    .where(instances.c.id.in_(chosen))
+                    .order_by(instances.c.id)
                 )
-            )
-        )
-        .mappings()
-        .all()
-    )
-    used = {
-        row.instance_id: row
-        for row in (
-            await conn.execute(
-                sa.select(
-                    job_attempts.c.instance_id,
-                    sa.func.sum(job_attempts.c.cpus).label("cpus"),
-                    sa.func.sum(job_attempts.c.memory_mb).label("memory_mb"),
-                    sa.func.count().label("n"),
-                )
-                .where(job_attempts.c.state.in_(_LIVE))
-                .group_by(job_attempts.c.instance_id)
             )
         ).all()
-    }
-    capacities = []
-    for i, inst in enumerate(candidates):
-        u = used.get(inst["id"])
-        capacities.append(
-            Capacity(
-                instance_id=inst["id"],
-                fleet=inst["fleet"],
-                cpus=inst["cpus"],
-                memory_mb=inst["memory_mb"],
-                used_cpus=float(u.cpus or 0) if u else 0.0,
-                used_memory_mb=int(u.memory_mb or 0) if u else 0,
-                running=int(u.n) if u else 0,
-                order=(i,),
-            )
-        )
-    demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
+        capacities = await _capacities(conn, instances.c.id.in_([r.id for r in locked]))
     placements: list[Placement] = []
     for job_id, instance_id in place(demands, capacities):
         result = await conn.execute(
@@ -139,8 +107,69 @@ async def lock_jobs(
             )
         )
         placements.append(Placement(job_id, row.current_attempt, instance_id))
-    await _explain_waiting(conn, demands, capacities, {p.job_id for p in placements}, queued)
+    await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
     return placements
+
+
+async def _capacities(conn: AsyncConnection, which) -> list[Capacity]:
+    """Running instances (of `which`) with the room their live attempts leave."""
+    rows = (
+        (
+            await conn.execute(
+                sa.select(
+                    instances.c.id,
+                    instances.c.fleet,
+                    instances.c.cpus,
+                    instances.c.memory_mb,
+                    instances.c.created_at,
+                )
+                .where(
+                    instances.c.state == InstanceState.RUNNING,
+                    instances.c.lost_at.is_(None),
+                    which,
+                )
+                .order_by(instances.c.created_at, instances.c.id)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    if not rows:
+        return []
+    used = {
+        row.instance_id: row
+        for row in (
+            await conn.execute(
+                sa.select(
+                    job_attempts.c.instance_id,
+                    sa.func.sum(job_attempts.c.cpus).label("cpus"),
+                    sa.func.sum(job_attempts.c.memory_mb).label("memory_mb"),
+                    sa.func.count().label("n"),
+                )
+                .where(
+                    job_attempts.c.state.in_(_LIVE),
+                    job_attempts.c.instance_id.in_([r["id"] for r in rows]),
+                )
+                .group_by(job_attempts.c.instance_id)
+            )
+        ).all()
+    }
+    out = []
+    for i, inst in enumerate(rows):
+        u = used.get(inst["id"])
+        out.append(
+            Capacity(
+                instance_id=inst["id"],
+                fleet=inst["fleet"],
+                cpus=inst["cpus"],
+                memory_mb=inst["memory_mb"],
+                used_cpus=float(u.cpus or 0) if u else 0.0,
+                used_memory_mb=int(u.memory_mb or 0) if u else 0,
+                running=int(u.n) if u else 0,
+                order=(i,),
+            )
+        )
+    return out
 
 
 async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:

@@ -99,6 +99,8 @@ async def register(
     sandbox: str | None = None,
     sandbox_warnings: list[str] | None = None,
     join_key: str | None = None,
+    interval: float | None = None,
+    grace: float | None = None,
 ) -> Registration:
     """Register an agent. With `instance_id` (an agent that already has an identity,
     authenticated by its credential) this is a restart: same id, next incarnation.
@@ -165,6 +167,8 @@ async def register(
             join_key_hash=sa.func.coalesce(instances.c.join_key_hash, key_hash),
             registered_at=now,
             last_heartbeat_at=now,
+            lease_until=None if grace is None else now + grace,
+            heartbeat_interval=interval,
             lost_at=None,
         )
         .returning(*instances.c)
@@ -197,9 +201,18 @@ async def register(
 
 
 async def heartbeat(
-    conn: AsyncConnection, instance_id: str, incarnation: int, now: float, *, touch: bool = True
+    conn: AsyncConnection,
+    instance_id: str,
+    incarnation: int,
+    now: float,
+    *,
+    touch: bool = True,
+    interval: float | None = None,
+    grace: float | None = None,
 ) -> tuple[RegisterDecision, sa.RowMapping | None]:
-    """Admit (or turn away) a heartbeat; with `touch`, record that the agent is alive."""
+    """Admit (or turn away) a heartbeat; with `touch`, record that the agent is alive
+    and renew its lease: alive until `now + grace`, `grace` being derived from the
+    `interval` the reply tells the agent (without it, the reaper's configured grace)."""
     row = await get_instance(conn, instance_id)
     decision = decide_heartbeat(
         row["state"] if row else None, row["incarnation"] if row else None, incarnation
@@ -209,7 +222,12 @@ async def heartbeat(
     await conn.execute(
         sa.update(instances)
         .where(instances.c.id == instance_id, instances.c.incarnation == incarnation)
-        .values(last_heartbeat_at=now, lost_at=None)
+        .values(
+            last_heartbeat_at=now,
+            lease_until=None if grace is None else now + grace,
+            heartbeat_interval=interval,
+            lost_at=None,
+        )
     )
     if row["lost_at"] is not None:
         await events.record(
@@ -276,8 +294,9 @@ async def list_instances(conn: AsyncConnection, *, include_terminated: bool = Tr
     return (await conn.execute(q)).mappings().all()
 
 
-async def find_lost(conn: AsyncConnection, db, cutoff: float):
-    """Reachable-until-now instances whose last heartbeat is older than `cutoff`."""
+async def find_lost(conn: AsyncConnection, db, now: float, cutoff: float):
+    """Reachable-until-now instances whose lease ran out before `now`; those without
+    a lease (none told yet) when their last heartbeat is older than `cutoff`."""
     q = db.claim(
         sa.select(instances).where(
             instances.c.state.in_(
@@ -285,7 +304,10 @@ async def find_lost(conn: AsyncConnection, db, cutoff: float):
             ),
             instances.c.lost_at.is_(None),
             instances.c.last_heartbeat_at.is_not(None),
-            instances.c.last_heartbeat_at < cutoff,
+            sa.or_(
+                instances.c.lease_until < now,
+                sa.and_(instances.c.lease_until.is_(None), instances.c.last_heartbeat_at < cutoff),
+            ),
         )
     )
     return (await conn.execute(q)).mappings().all()

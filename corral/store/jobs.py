@@ -152,32 +152,34 @@ async def check_server_key(conn: AsyncConnection) -> None:
         sealer_of(conn).unseal(value)
 
 
+def _job_row(conn: AsyncConnection, spec: JobSubmit, now: float) -> dict:
+    return dict(
+        name=spec.name,
+        state=JobState.QUEUED,
+        command=spec.command,
+        env=spec.env,
+        inputs=spec.inputs,
+        fleet=spec.fleet,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        max_attempts=spec.max_attempts,
+        workdir=spec.workdir,
+        log_limit=spec.log_limit,
+        current_attempt=0,
+        created_at=now,
+        updated_at=now,
+        # omitted, not JSON null, without secrets: check_server_key finds the sealed
+        **(
+            {"secret_env": {k: sealer_of(conn).seal(v) for k, v in spec.secret_env.items()}}
+            if spec.secret_env
+            else {}
+        ),
+    )
+
+
 async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
     result = await conn.execute(
-        sa.insert(jobs)
-        .values(
-            name=spec.name,
-            state=JobState.QUEUED,
-            command=spec.command,
-            env=spec.env,
-            inputs=spec.inputs,
-            fleet=spec.fleet,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            max_attempts=spec.max_attempts,
-            workdir=spec.workdir,
-            log_limit=spec.log_limit,
-            current_attempt=0,
-            created_at=now,
-            updated_at=now,
-            # omitted, not JSON null, without secrets: check_server_key finds the sealed
-            **(
-                {"secret_env": {k: sealer_of(conn).seal(v) for k, v in spec.secret_env.items()}}
-                if spec.secret_env
-                else {}
-            ),
-        )
-        .returning(jobs.c.id)
+        sa.insert(jobs).values(**_job_row(conn, spec, now)).returning(jobs.c.id)
     )
     return result.scalar_one()
 
@@ -240,6 +242,17 @@ async def submit_once(
             raise
         return job_id, False
     return job_id, True
+
+
+async def submit_many(conn: AsyncConnection, specs: list[JobSubmit], now: float) -> list[int]:
+    """Insert many jobs at once (multi-row INSERTs); their ids in the order given."""
+    rows = [_job_row(conn, spec, now) for spec in specs]
+    if len({frozenset(r) for r in rows}) > 1:  # some with secrets: their rows differ in keys
+        return [await submit(conn, spec, now) for spec in specs]
+    result = await conn.execute(
+        sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows
+    )
+    return list(result.scalars().all())
 
 
 async def _end_live_attempt(

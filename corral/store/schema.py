@@ -62,6 +62,10 @@ instances = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Column("registered_at", Time),
     sa.Column("last_heartbeat_at", Time),
+    # the agent counts as alive until then: its last heartbeat plus the grace derived
+    # from the interval it was told (heartbeat_interval); NULL: the configured grace
+    sa.Column("lease_until", Time),
+    sa.Column("heartbeat_interval", sa.Float),
     sa.Column("lost_at", Time),
     sa.Column("drain_requested_at", Time),
     sa.Column("drain_force", sa.Boolean, nullable=False, server_default=sa.false()),

@@ -14,7 +14,7 @@ from corral.api import (
     RegisterReply,
     RegisterRequest,
 )
-from corral.domain.heartbeat import heartbeat_interval
+from corral.domain.heartbeat import grace_period, heartbeat_interval
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
 from corral.server import metrics
@@ -62,6 +62,9 @@ async def register(
                 "instance_id: rejoining needs the instance's own credential, not a join token",
             )
         instance_id = None
+    # the interval this reply tells the agent sets how long it may then stay silent
+    interval = await current_interval(ctx)
+    grace = grace_period(interval, ctx.config.agent_grace)
     try:
         reg = await ctx.db.transact(
             instances.register,
@@ -77,12 +80,13 @@ async def register(
             sandbox=body.sandbox,
             sandbox_warnings=body.sandbox_warnings,
             join_key=body.join_key,
+            interval=interval,
+            grace=grace,
         )
     except instances.NameInUse as exc:
         raise ApiError(409, "name_in_use", str(exc)) from None
     except instances.UnknownFleet as exc:
         raise ApiError(422, "unknown_fleet", str(exc)) from None
-    interval = await current_interval(ctx)
     if reg.decision.admission is Admission.EXIT or reg.instance is None:
         return RegisterReply(
             action="exit",
@@ -115,6 +119,7 @@ async def heartbeat(
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
     interval = await current_interval(ctx)
+    grace = grace_period(interval, ctx.config.agent_grace)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait, interval)
     key = instance_key(body.instance_id)
@@ -127,7 +132,13 @@ async def heartbeat(
             nonlocal uploaded
             now = ctx.now()
             decision, row = await instances.heartbeat(
-                conn, body.instance_id, body.incarnation, now, touch=first
+                conn,
+                body.instance_id,
+                body.incarnation,
+                now,
+                touch=first,
+                interval=interval,
+                grace=grace,
             )
             if decision.admission is Admission.EXIT or row is None:
                 return HeartbeatReply(action="exit", reason=decision.reason, interval=interval)

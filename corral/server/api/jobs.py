@@ -11,7 +11,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from corral.api import JobSubmit, JobView, LogChunkView, LogPage
+from corral.api import JobBatch, JobBatchReply, JobSubmit, JobView, LogChunkView, LogPage
+from corral.api.jobs import MAX_BATCH
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
 from corral.server import metrics
 from corral.server.auth import Principal, require_admin
@@ -39,10 +40,10 @@ async def _view(ctx: ServerContext, job_id: int) -> JobView:
     return await ctx.db.query(q)
 
 
-async def submitted(request: Request) -> JobSubmit:
-    """The body of a submit, read so that bytes which are not UTF-8 inside a string
-    reach the model's validators (and get a 422 naming the field) instead of failing
-    the whole body."""
+async def _body(request: Request):
+    """The JSON body, read so that bytes which are not UTF-8 inside a string reach the
+    model's validators (and get a 422 naming the field) instead of failing the whole
+    body."""
     raw = await request.body()
     try:
         data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
@@ -53,10 +54,43 @@ async def submitted(request: Request) -> JobSubmit:
             f"body: not valid JSON ({exc})",
             fields=[{"field": "body", "message": "not valid JSON"}],
         ) from None
+    return data
+
+
+async def submitted(request: Request) -> JobSubmit:
+    data = await _body(request)
     try:
         return JobSubmit.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+async def batch_submitted(request: Request) -> JobBatch:
+    data = await _body(request)
+    try:
+        return JobBatch.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+async def _check_objects(ctx: ServerContext, specs: list[JobSubmit]) -> None:
+    """Every object a job names (inputs, workdir) must be known and held somewhere."""
+    for field, refs, hint in (
+        ("inputs", sorted({r for s in specs for r in s.inputs}), "upload it with corral put"),
+        (
+            "workdir",
+            sorted({s.workdir for s in specs if s.workdir}),
+            "upload it again: corral run -w",
+        ),
+    ):
+        missing = await ctx.db.query(objects.unavailable, refs) if refs else []
+        if missing:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}: object {missing[0]} is unknown or lost ({hint})",
+                fields=[{"field": field, "message": f"unknown object {m}"} for m in missing],
+            )
 
 
 @router.post(
@@ -87,18 +121,7 @@ async def submit(
     who: Principal = Depends(require_admin),
     ctx: ServerContext = Depends(get_ctx),
 ) -> JobView:
-    for field, refs, hint in (
-        ("inputs", spec.inputs, "upload it with corral put"),
-        ("workdir", [spec.workdir] if spec.workdir else [], "upload it again: corral run -w"),
-    ):
-        missing = await ctx.db.query(objects.unavailable, refs) if refs else []
-        if missing:
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"{field}: object {missing[0]} is unknown or lost ({hint})",
-                fields=[{"field": field, "message": f"unknown object {m}"} for m in missing],
-            )
+    await _check_objects(ctx, [spec])
     if idempotency_key is None:
         job_id, created = await ctx.db.transact(repo.submit, spec, ctx.now()), True
     else:
@@ -122,6 +145,45 @@ async def submit(
         metrics.JOBS_SUBMITTED.labels(spec.fleet or "").inc()
     ctx.notifier.wake("dispatch")
     return await _view(ctx, job_id)
+
+
+@router.post(
+    ":batch",
+    status_code=201,
+    response_model=JobBatchReply,
+    summary="Submit many jobs in one request and one transaction (all or none)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "jobs": {
+                                "type": "array",
+                                "items": JobSubmit.model_json_schema(),
+                                "minItems": 1,
+                                "maxItems": MAX_BATCH,
+                            }
+                        },
+                        "required": ["jobs"],
+                        "additionalProperties": False,
+                    }
+                }
+            },
+        }
+    },
+)
+async def submit_batch(
+    batch: JobBatch = Depends(batch_submitted), ctx: ServerContext = Depends(get_ctx)
+) -> JobBatchReply:
+    await _check_objects(ctx, batch.jobs)
+    ids = await ctx.db.transact(repo.submit_many, batch.jobs, ctx.now())
+    for spec in batch.jobs:
+        metrics.JOBS_SUBMITTED.labels(spec.fleet or "").inc()
+    ctx.notifier.wake("dispatch")
+    return JobBatchReply(ids=ids)
 
 
 @router.get("", response_model=list[JobView], summary="List jobs, newest first")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from corral.domain.heartbeat import Observation, is_silent_too_long
+from corral.domain.heartbeat import Observation, grace_period, is_silent_too_long
 from corral.server import metrics
 from corral.server.context import ServerContext
 from corral.store import dispatch, events, instances
@@ -32,7 +32,9 @@ def observation(ctx: ServerContext) -> Observation:
 async def reap_once(ctx: ServerContext) -> bool:
     cfg = ctx.config
     now = ctx.now()
-    if now - ctx.started_at < cfg.agent_grace:
+    # leases ran on while no server was up to renew them: give agents one grace
+    told = ctx.heartbeat_interval[0] if ctx.heartbeat_interval else cfg.heartbeat_base
+    if now - ctx.started_at < grace_period(told, cfg.agent_grace):
         return False
     obs = observation(ctx)
     gaps = obs.gaps(now)
@@ -45,18 +47,24 @@ async def reap_once(ctx: ServerContext) -> bool:
     lost_instances: list[str] = []
 
     async def lost(conn):
-        for inst in await instances.find_lost(conn, ctx.db, now - cfg.agent_grace - extra):
-            if not overdue(inst["last_heartbeat_at"], cfg.agent_grace):
+        for inst in await instances.find_lost(conn, ctx.db, now, now - cfg.agent_grace):
+            # its own grace (derived from the interval it was told: its lease), extended
+            # by any silence this server could not observe
+            lease, heard = inst["lease_until"], inst["last_heartbeat_at"]
+            if not overdue(heard, lease - heard if lease is not None else cfg.agent_grace):
                 continue
             if not await instances.mark_lost(conn, inst["id"], now):
                 continue
             silent = now - inst["last_heartbeat_at"]
+            told = inst["heartbeat_interval"]
+            every = f" (told to heartbeat every {told:g}s)" if told else ""
             await events.record(
                 conn,
                 now,
                 "warning",
                 "instance.lost",
-                f"instance {inst['name']} ({inst['id']}) lost: no heartbeat for {silent:.0f}s",
+                f"instance {inst['name']} ({inst['id']}) lost: no heartbeat for "
+                f"{silent:.0f}s{every}",
                 instance_id=inst["id"],
             )
             lost_instances.append(inst["id"])

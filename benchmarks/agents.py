@@ -1,0 +1,243 @@
+"""Agents at scale: N simulated agents speak the real REST protocol to a real server
+(register with the join token, then heartbeat at the interval each reply tells them),
+a client submits jobs meanwhile, and one agent is silenced to see how long the server
+takes to declare it lost. Bounded in time; prints JSON.
+
+    python benchmarks/agents.py --agents 1000 [--db URL] [--servers 2] --duration 120
+
+Simulated agents send an empty observed state (no attempts, components or objects)
+and non-waiting heartbeats (`wait=0`, then sleep the told interval): the latency
+measured is the server's work per heartbeat, not a long-poll's hold. Submitted jobs
+target a fleet no agent is in, so they stay queued (placement is dispatch.py's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.dispatch import percentile
+from benchmarks.machine import describe
+from benchmarks.pg import throwaway_database
+from corral.testing import Cluster
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.register: list[float] = []
+        self.heartbeat: list[float] = []
+        self.submit: list[float] = []
+        self.errors: dict[str, int] = {}
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+async def agent_life(
+    k: int,
+    http: httpx.AsyncClient,
+    urls: list[str],
+    join: str,
+    stats: Stats,
+    stop: float,
+    silence: asyncio.Event | None,
+    registered: dict[int, str],
+) -> None:
+    url = urls[k % len(urls)]
+    name = f"sim{k:05d}"
+    body = {"name": name, "cpus": 4, "memory_mb": 8192, "host": name, "agent_version": "sim"}
+    reply = None
+    while reply is None and time.monotonic() < stop:
+        t = time.perf_counter()
+        try:
+            r = await http.post(
+                url + "/api/v1/agents/register",
+                json=body,
+                headers={"Authorization": f"Bearer {join}"},
+            )
+        except httpx.HTTPError as exc:
+            stats.error(f"register {type(exc).__name__}")
+            await asyncio.sleep(1 + random.random())
+            continue
+        if r.status_code != 200:
+            stats.error(f"register HTTP {r.status_code}")
+            await asyncio.sleep(1 + random.random())
+            continue
+        stats.register.append(time.perf_counter() - t)
+        reply = r.json()
+    if reply is None:
+        return
+    registered[k] = reply["instance_id"]
+    cred = {"Authorization": f"Bearer {reply['credential']}"}
+    beat = {"instance_id": reply["instance_id"], "incarnation": reply["incarnation"], "wait": 0}
+    interval = reply["interval"]
+    await asyncio.sleep(random.random() * interval)  # agents do not start in step
+    while time.monotonic() < stop:
+        if silence is not None and silence.is_set():
+            return  # the silenced agent: no more heartbeats
+        t = time.perf_counter()
+        try:
+            r = await http.post(url + "/api/v1/agents/heartbeat", json=beat, headers=cred)
+            if r.status_code == 200:
+                stats.heartbeat.append(time.perf_counter() - t)
+                interval = r.json()["interval"]
+            else:
+                stats.error(f"heartbeat HTTP {r.status_code}")
+        except httpx.HTTPError as exc:
+            stats.error(f"heartbeat {type(exc).__name__}")
+        await asyncio.sleep(interval)
+
+
+async def submitter(
+    http: httpx.AsyncClient, urls: list[str], admin: str, stats: Stats, stop: float
+) -> None:
+    job = {"command": ["true"], "fleet": "nowhere"}
+    k = 0
+    while time.monotonic() < stop:
+        t = time.perf_counter()
+        try:
+            r = await http.post(
+                urls[k % len(urls)] + "/api/v1/jobs",
+                json=job,
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+            if r.status_code == 201:
+                stats.submit.append(time.perf_counter() - t)
+            else:
+                stats.error(f"submit HTTP {r.status_code}")
+        except httpx.HTTPError as exc:
+            stats.error(f"submit {type(exc).__name__}")
+        k += 1
+        await asyncio.sleep(0.5)
+
+
+async def lost_instances(http: httpx.AsyncClient, url: str, admin: str) -> set[str]:
+    r = await http.get(url + "/api/v1/instances", headers={"Authorization": f"Bearer {admin}"})
+    r.raise_for_status()
+    return {i["id"] for i in r.json() if i["lost"]}
+
+
+async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[int]) -> dict:
+    stats = Stats()
+    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=200)
+    async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as http:
+        t0 = time.monotonic()
+        stop = t0 + args.register_timeout + args.duration
+        silence = asyncio.Event()
+        registered: dict[int, str] = {}
+        tasks = [
+            asyncio.create_task(
+                agent_life(
+                    k, http, urls, join, stats, stop, silence if k == 0 else None, registered
+                )
+            )
+            for k in range(args.agents)
+        ]
+        # registration phase: until all are in or the timeout (a poll: it is a benchmark)
+        while len(registered) < args.agents and time.monotonic() < t0 + args.register_timeout:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        register_s = time.monotonic() - t0
+        stop = time.monotonic() + args.duration  # the agents run on past this; harmless
+        procs = [psutil.Process(p) for p in server_pids]
+        cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        w0 = time.monotonic()
+        sub = asyncio.create_task(submitter(http, urls, admin, stats, stop))
+        heartbeats_before = len(stats.heartbeat)
+        await asyncio.sleep(min(5.0, args.duration / 4))
+        silenced = registered.get(0)  # agent 0's instance: its task stops heartbeating
+        silence.set()
+        t_silence = time.monotonic()
+        detect_s = None
+        false_lost: set[str] = set()
+        rss = 0.0
+        while time.monotonic() < stop:
+            await asyncio.sleep(1.0)
+            rss = max(rss, sum(p.memory_info().rss for p in procs) / 2**20)
+            try:
+                lost = await lost_instances(http, urls[0], admin)
+            except httpx.HTTPError:
+                stats.error("instances list")
+                continue
+            if silenced in lost and detect_s is None:
+                detect_s = time.monotonic() - t_silence
+            false_lost |= lost - {silenced}
+        cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        wall = time.monotonic() - w0
+        await sub
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    ms = lambda xs, q: round(percentile(xs, q) * 1000, 1) if xs else None  # noqa: E731
+    return {
+        "agents_registered": len(registered),
+        "register_s": round(register_s, 1),
+        "register_p99_ms": ms(stats.register, 99),
+        "heartbeat_p50_ms": ms(stats.heartbeat, 50),
+        "heartbeat_p99_ms": ms(stats.heartbeat, 99),
+        "heartbeats_per_s": round((len(stats.heartbeat) - heartbeats_before) / wall, 1),
+        "submit_p99_ms": ms(stats.submit, 99),
+        "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
+        "server_rss_mb": round(rss, 1),
+        "false_lost": len(false_lost),
+        "detect_s": round(detect_s, 1) if detect_s is not None else None,
+        "errors": stats.errors,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", type=int, default=200)
+    ap.add_argument("--duration", type=float, default=90, help="steady-state seconds")
+    ap.add_argument("--register-timeout", type=float, default=180)
+    ap.add_argument("--db", default=None, help="PostgreSQL server URL (throwaway database)")
+    ap.add_argument("--servers", type=int, default=1)
+    ap.add_argument("--connections", type=int, default=100, help="client connection pool")
+    ap.add_argument("--request-timeout", type=float, default=30)
+    args = ap.parse_args()
+    if args.servers > 1 and not args.db:
+        raise SystemExit("--servers 2 needs --db")
+    machine = describe()
+    with contextlib.ExitStack() as stack:
+        db_url = stack.enter_context(throwaway_database(args.db)) if args.db else None
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-agents-"))
+        c = stack.enter_context(Cluster(Path(tmp)))
+        servers = [c.server(db_url=db_url, fast=False) for _ in range(args.servers)]
+        result = asyncio.run(
+            drive(
+                args,
+                [s.url for s in servers],
+                servers[0].join_token,
+                servers[0].admin_token,
+                [s.pid for s in servers],
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "agents",
+                "database": "postgresql" if args.db else "sqlite",
+                "servers": args.servers,
+                "agents": args.agents,
+                "duration_s": args.duration,
+                **result,
+                "machine": machine,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
