@@ -67,7 +67,7 @@ def server(
     agent_grace: float | None = typer.Option(
         None,
         help="seconds without a heartbeat before an instance counts as lost, at least; "
-        "agents told a longer heartbeat interval get 3 intervals + 1 s [10]",
+        "agents told a longer heartbeat interval get 3 intervals + 1 s [20]",
     ),
     start_timeout: float | None = typer.Option(
         None, help="seconds an attempt may take to start before it is requeued [60]"

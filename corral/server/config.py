@@ -26,7 +26,7 @@ class ServerConfig:
     heartbeat_max_rate: float = 50.0  # heartbeats per second the whole fleet may send
     # silence after which an instance counts as lost, at least: the grace grows with the
     # heartbeat interval each agent was told (domain.heartbeat.grace_period)
-    agent_grace: float = 10.0
+    agent_grace: float = 20.0
     start_timeout: float = 60.0  # an issued attempt must start within this
     attempt_grace: float = 60.0  # a running attempt's runner must be heard from within this
     dispatch_interval: float = 1.0
