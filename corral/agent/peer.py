@@ -54,7 +54,10 @@ class _Server(uvicorn.Server):
 
 class PeerServer:
     def __init__(self, store: ObjectStore, verify: Verify, host: str, port: int):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # IPPROTO_TCP: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on
+        # sockets that say they are TCP (as the server's, corral.server.main.bind)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.sock.listen(128)
