@@ -33,6 +33,7 @@ from corral.server.api import (
 )
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
+from corral.server.guard import BodyGuard
 from corral.server.health import install_health
 from corral.server.loops.autoscaler import autoscale_once
 from corral.server.loops.dispatcher import dispatch_once
@@ -224,9 +225,12 @@ def create_app(ctx: ServerContext) -> FastAPI:
         version=corral.__version__,
         description="Control plane for batch and ML jobs on a fleet of machines.",
         lifespan=lifespan,
+        docs_url=None,  # served by the health router, behind a token
+        redoc_url=None,
     )
     app.state.ctx = ctx
     errors.install(app)
+    app.add_middleware(BodyGuard, routes_app=app)
     for module in (
         jobs,
         attempts,

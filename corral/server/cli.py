@@ -91,6 +91,11 @@ def server(
     register_timeout: float | None = typer.Option(
         None, help="seconds a provisioned agent has to register before it is retried [120]"
     ),
+    public_metrics: bool = typer.Option(
+        False,
+        "--public-metrics",
+        help="serve /metrics and /docs without a token (default: an admin token is needed)",
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run an API server with its background loops (dispatcher, reaper, ...).
@@ -108,6 +113,7 @@ def server(
             host=host,
             port=port,
             public_url=public_url,
+            public_metrics=public_metrics,
         )
         add_timing_options(
             config,

@@ -49,6 +49,7 @@ class ServerConfig:
     autoscale_interval: float = 5.0
     autoscale_checks: int = 3  # consecutive checks that must agree before scaling
     public_url: str | None = None
+    public_metrics: bool = False  # /metrics and /docs without a token (--public-metrics)
 
     @property
     def database_url(self) -> str:

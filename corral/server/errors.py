@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.domain.errors import IllegalTransition, StaleToken
+from corral.store.db import DatabaseConflict, DatabaseError
 from corral.store.jobs import JobConflict, JobNotFound
 
 
@@ -65,9 +66,31 @@ def install(app: FastAPI) -> None:
     async def _illegal(_req: Request, exc: IllegalTransition):
         return JSONResponse(error_body("illegal_transition", str(exc)), status_code=409)
 
+    @app.exception_handler(DatabaseConflict)
+    async def _integrity(_req: Request, exc: DatabaseConflict):
+        return JSONResponse(
+            error_body("conflict", "the request conflicts with what is stored"), status_code=409
+        )
+
+    @app.exception_handler(DatabaseError)
+    @app.exception_handler(ConnectionError)
+    async def _database(_req: Request, exc: Exception):
+        """The documented 503: the database did not answer (down, restarting, dropped
+        connections). Nothing was half-written: each request is one transaction."""
+        return JSONResponse(
+            error_body(
+                "database_unavailable",
+                f"the database is unavailable ({exc.__class__.__name__}); try again",
+            ),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(
             error_body(code, str(exc.detail)),
             status_code=exc.status_code,

@@ -13,6 +13,8 @@ from corral.server.api.jobs import job_key
 from corral.server.auth import attempt_token
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import MiB, attempt_body, body_limit
+from corral.server.params import PathInt
 from corral.store import jobs as repo
 
 router = APIRouter(prefix="/api/v1/jobs/{job_id}/attempts/{number}", tags=["attempts"])
@@ -23,9 +25,10 @@ def _ack(job_id: int, number: int, state: str, recorded: bool = True) -> Attempt
 
 
 @router.post("/start", response_model=AttemptAck, summary="The runner started the command")
+@attempt_body
 async def start(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
@@ -35,9 +38,10 @@ async def start(
 
 
 @router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
+@attempt_body
 async def heartbeat(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
@@ -46,9 +50,11 @@ async def heartbeat(
 
 
 @router.post("/logs", response_model=AttemptAck, summary="Append log chunks (idempotent by seq)")
+@attempt_body
+@body_limit(4 * MiB)  # a runner's batch is at most ~0.6 MB of output, base64
 async def logs(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     batch: LogBatch,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
@@ -63,9 +69,11 @@ async def logs(
 
 
 @router.post("/finish", response_model=AttemptAck, summary="The command exited")
+@attempt_body
+@body_limit(32 * MiB)  # up to 100,000 outputs
 async def finish(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     body: AttemptFinish,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
@@ -90,9 +98,10 @@ async def finish(
     response_model=AttemptAck,
     summary="The attempt ended without a result (runner died, could not start)",
 )
+@attempt_body
 async def lost(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     body: AttemptLost,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),

@@ -19,6 +19,7 @@ from corral.server import uploads
 from corral.server.auth import require_admin, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import body_limit
 from corral.server.views import rollout_view
 from corral.store import components as repo
 
@@ -160,6 +161,7 @@ def artifacts_dir(ctx: ServerContext) -> Path:
 
 
 @router.put("/artifacts", dependencies=admin, summary="Upload an artifact; returns its sha256")
+@body_limit(MAX_ARTIFACT)  # streamed to disk, never held in memory
 async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dict:
     sha, size = await uploads.receive(request, artifacts_dir(ctx), MAX_ARTIFACT, "artifact")
     return {"sha256": sha, "size": size, "url": f"{ctx.config.url}/api/v1/artifacts/{sha}"}

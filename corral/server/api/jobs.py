@@ -11,10 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from corral.api import JobSubmit, JobView, LogChunkView, LogPage
+from corral.api.common import INT64_MAX, INT64_MIN
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.params import PathInt
 from corral.server.views import job_view
 from corral.store import jobs as repo
 from corral.store import objects
@@ -92,7 +94,9 @@ async def submit(
 async def list_jobs(
     state: list[str] | None = Query(default=None, description="filter by state (repeatable)"),
     limit: int = Query(default=100, ge=1, le=5000),
-    before: int | None = Query(default=None, description="only jobs with id < before"),
+    before: int | None = Query(
+        default=None, ge=INT64_MIN, le=INT64_MAX, description="only jobs with id < before"
+    ),
     ctx: ServerContext = Depends(get_ctx),
 ) -> list[JobView]:
     for s in state or []:
@@ -108,12 +112,12 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobView, summary="One job with its attempts")
-async def get_job(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+async def get_job(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     return await _view(ctx, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, summary="Cancel; kills its processes")
-async def cancel(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+async def cancel(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     row = await ctx.db.transact(repo.cancel, job_id, ctx.now())
     ctx.notifier.wake(job_key(job_id), "dispatch")
     if row["instance_id"]:
@@ -126,7 +130,7 @@ async def cancel(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     response_model=JobView,
     summary="Revoke the current attempt and queue the job again (counts as an attempt)",
 )
-async def requeue(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+async def requeue(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     before = await _view(ctx, job_id)
     await ctx.db.transact(repo.requeue, job_id, ctx.now(), "requested by user")
     ctx.notifier.wake(job_key(job_id), "dispatch")
@@ -137,9 +141,13 @@ async def requeue(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView
 
 @router.get("/{job_id}/logs", response_model=LogPage, summary="Read or follow a job's logs")
 async def logs(
-    job_id: int,
-    attempt: int | None = Query(default=None, ge=1, description="default: the current attempt"),
-    after: int = Query(default=-1, ge=-1, description="return chunks with seq > after"),
+    job_id: PathInt,
+    attempt: int | None = Query(
+        default=None, ge=1, le=INT64_MAX, description="default: the current attempt"
+    ),
+    after: int = Query(
+        default=-1, ge=-1, le=INT64_MAX, description="return chunks with seq > after"
+    ),
     wait: float = Query(default=0, ge=0, le=60, description="hold the reply until new output"),
     limit: int = Query(default=500, ge=1, le=5000),
     ctx: ServerContext = Depends(get_ctx),

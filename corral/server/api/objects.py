@@ -15,6 +15,8 @@ from corral.server import uploads
 from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import body_limit
+from corral.server.params import PathInt
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
 
@@ -58,7 +60,7 @@ async def object_view(ctx: ServerContext, sha256: str) -> ObjectView:
 
 
 @router.get("/jobs/{job_id}/outputs", response_model=list[OutputView], dependencies=admin)
-async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> list[OutputView]:
+async def job_outputs(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> list[OutputView]:
     async def q(conn):
         await jobs_repo.require_job(conn, job_id)
         return await repo.list_outputs(conn, job_id)
@@ -146,6 +148,7 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
     dependencies=admin,
     summary="Upload a file as an object; answers once an instance holds it",
 )
+@body_limit(MAX_UPLOAD)  # streamed to disk, never held in memory
 async def put_object(
     request: Request,
     name: str | None = Query(default=None, max_length=1000),
