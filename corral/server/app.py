@@ -19,7 +19,7 @@ import corral
 from corral.domain.backoff import Backoff
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
-from corral.server import errors
+from corral.server import errors, openapi
 from corral.server.api import (
     agents,
     attempts,
@@ -246,6 +246,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     from corral.server import dashboard
 
     app.include_router(dashboard.router)
+    openapi.install(app)
     return app
 
 

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.domain.errors import IllegalTransition, StaleToken
+from corral.server.routes import flat_routes, match
 from corral.store.db import DatabaseConflict, DatabaseError
 from corral.store.jobs import JobConflict, JobNotFound
 
@@ -87,12 +88,25 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
+    async def _http(req: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return JSONResponse(  # e.g. bytes that are not UTF-8
+                error_body(
+                    "invalid_request",
+                    "body: not valid JSON",
+                    fields=[{"field": "body", "message": "not valid JSON (UTF-8)"}],
+                ),
+                status_code=422,
+            )
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of every route on this path
+            _, _, methods = match(flat_routes(req.app), req.url.path, req.method)
+            headers["Allow"] = ", ".join(sorted(methods))
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
             exc.status_code, "http_error"
         )
         return JSONResponse(
             error_body(code, str(exc.detail)),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )

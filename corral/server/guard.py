@@ -19,10 +19,10 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.server.errors import error_body
+from corral.server.routes import flat_routes, match
 from corral.store import jobs as jobs_repo
 from corral.store import tokens
 from corral.store.db import DatabaseError
@@ -96,13 +96,13 @@ class BodyGuard:
     def __init__(self, app: ASGIApp, routes_app: Any) -> None:
         self.app = app
         self.routes_app = routes_app  # the FastAPI app: its routes and state.ctx
+        self._routes: list | None = None
 
     def _endpoint(self, scope: Scope) -> tuple[Any, dict]:
-        for route in self.routes_app.router.routes:
-            match, child = route.matches(scope)
-            if match is Match.FULL:
-                return getattr(route, "endpoint", None), child.get("path_params", {})
-        return None, {}
+        if self._routes is None:  # the app is complete by its first request
+            self._routes = flat_routes(self.routes_app)
+        endpoint, params, _ = match(self._routes, scope["path"], scope["method"])
+        return endpoint, params
 
     async def _denial(
         self, scope: Scope, headers: dict[str, str], endpoint: Any, params: dict

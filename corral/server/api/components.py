@@ -20,6 +20,7 @@ from corral.server.auth import require_admin, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import body_limit
+from corral.server.params import PathInt, PathSha256
 from corral.server.views import rollout_view
 from corral.store import components as repo
 
@@ -123,7 +124,7 @@ async def list_rollouts(
 
 
 @router.post("/rollouts/{rollout_id}/resume", response_model=RolloutView, dependencies=admin)
-async def resume(rollout_id: int, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
+async def resume(rollout_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
     async def go(conn):
         return await rollout_view(conn, await repo.resume(conn, rollout_id, ctx.now()))
 
@@ -171,8 +172,13 @@ async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dic
     "/artifacts/{sha256}",
     dependencies=[Depends(require_joiner)],
     summary="Download an artifact (ETag is its sha256; If-None-Match gets 304)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        304: {"description": "Not modified (If-None-Match matched)"},
+    },
 )
-async def download(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
+async def download(sha256: PathSha256, request: Request, ctx: ServerContext = Depends(get_ctx)):
     uploads.check_sha256(sha256)
     path = artifacts_dir(ctx) / sha256
     if not path.exists():

@@ -23,8 +23,6 @@ from corral.store import objects
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
 
-_STATES = [s.value for s in JobState]
-
 
 def job_key(job_id: int) -> tuple[str, int]:
     return ("job", job_id)
@@ -92,22 +90,19 @@ async def submit(
 
 @router.get("", response_model=list[JobView], summary="List jobs, newest first")
 async def list_jobs(
-    state: list[str] | None = Query(default=None, description="filter by state (repeatable)"),
+    state: list[JobState] | None = Query(default=None, description="filter by state (repeatable)"),
     limit: int = Query(default=100, ge=1, le=5000),
     before: int | None = Query(
         default=None, ge=INT64_MIN, le=INT64_MAX, description="only jobs with id < before"
     ),
     ctx: ServerContext = Depends(get_ctx),
 ) -> list[JobView]:
-    for s in state or []:
-        if s not in _STATES:
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"state: unknown job state {s!r}",
-                fields=[{"field": "state", "message": f"one of {', '.join(_STATES)}"}],
-            )
-    rows = await ctx.db.query(repo.list_jobs, states=state, limit=limit, before_id=before)
+    rows = await ctx.db.query(
+        repo.list_jobs,
+        states=[x.value for x in state] if state else None,
+        limit=limit,
+        before_id=before,
+    )
     return [job_view(r) for r in rows]
 
 

@@ -16,7 +16,7 @@ from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import body_limit
-from corral.server.params import PathInt
+from corral.server.params import PathInt, PathSha256
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
 
@@ -80,7 +80,7 @@ async def job_outputs(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) ->
 
 
 @router.get("/objects/{sha256}", response_model=ObjectView, dependencies=admin)
-async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
+async def get_object(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
     uploads.check_sha256(sha256)
     return await object_view(ctx, sha256)
 
@@ -90,8 +90,10 @@ async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> Obje
     dependencies=admin,
     summary="Download an object, streamed from an instance that holds it "
     "(or from its fleet's durable store)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
+async def content(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)):
     uploads.check_sha256(sha256)
 
     async def plan(conn):
