@@ -128,11 +128,17 @@ async def start_rollout(conn: AsyncConnection, req: RolloutRequest, now: float):
     desired = await current_desired(conn, fleet, req.component)
     previous = desired["version"] if desired else None
     where = "every fleet" if fleet == ALL_FLEETS else f"fleet {fleet}"
-    if previous == req.version:
-        raise ComponentError(409, f"{req.component} {req.version} is already desired for {where}")
-    if previous is not None:
+    if previous == req.version and not req.force:
+        # --force with the same version is what a held instance's warning suggests: a
+        # new rollout that may replace what is installed (see _classify)
+        raise ComponentError(
+            409,
+            f"{req.component} {req.version} is already desired for {where} "
+            f"(--force orders it again where it is held or gave up)",
+        )
+    if previous is not None and previous != req.version:
         try:
-            if compare(previous, req.version) > 0 and not req.downgrade:
+            if compare(previous, req.version) > 0 and not (req.downgrade or req.force):
                 raise ComponentError(
                     409,
                     f"{req.version} is lower than the desired {previous} for {where}; "
@@ -263,10 +269,17 @@ async def list_rollouts(conn: AsyncConnection, limit: int = 50):
 # ---- who should run what --------------------------------------------------------------------
 
 
-def _classify(ic, sha: str) -> str:
+def _classify(ic, sha: str, rollout) -> str:
     if ic is not None and ic["observed_sha256"] == sha:
         return "converged"
     if ic is None or ic["target_sha256"] != sha:
+        return "waiting"
+    if ic["rollout_id"] != rollout["id"] and ic["state"] in (
+        ComponentState.HELD,
+        ComponentState.INSTALL_FAILED,
+    ):
+        # held or given up under an earlier rollout of this version: a new rollout
+        # (e.g. --force, which may replace what is installed) targets it afresh
         return "waiting"
     return {ComponentState.INSTALL_FAILED: "failed", ComponentState.HELD: "held"}.get(
         ic["state"], "in_flight"
@@ -318,7 +331,7 @@ async def rollout_progress(conn: AsyncConnection, rollout) -> RolloutProgress:
     ics = await _instance_components(conn, rollout["component"], [i["id"] for i in scope])
     p = RolloutProgress(total=len(scope))
     for inst in scope:
-        kind = _classify(ics.get(inst["id"]), artifact["sha256"])
+        kind = _classify(ics.get(inst["id"]), artifact["sha256"], rollout)
         setattr(p, kind, getattr(p, kind) + 1)
     return p
 
@@ -384,7 +397,7 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
         ics = await _instance_components(conn, r["component"], [i["id"] for i in scope])
         kinds: dict[str, list] = defaultdict(list)
         for inst in scope:
-            kinds[_classify(ics.get(inst["id"]), artifact["sha256"])].append(inst)
+            kinds[_classify(ics.get(inst["id"]), artifact["sha256"], r)].append(inst)
         if r["state"] == ACTIVE and len(kinds["failed"]) > r["failure_threshold"]:
             names = ", ".join(i["name"] for i in kinds["failed"])
             msg = (
