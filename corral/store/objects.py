@@ -158,8 +158,13 @@ async def grant(
     return token
 
 
-async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: float) -> str | None:
-    """None if the token lets its holder fetch `sha256` now; else why not."""
+async def verify_grant(
+    conn: AsyncConnection, sha256: str, token: str, now: float, *, recipient: str | None
+) -> str | None:
+    """None if the token lets `recipient` (an instance id; None for a server) fetch
+    `sha256` now, and the token is used up by this answer; else why not. A token is
+    single-use and bound to the recipient it was issued for: presented on behalf of
+    anyone else it is refused (and not used up)."""
     if not well_formed(token):
         return "malformed token"
     row = (
@@ -167,10 +172,14 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
         .mappings()
         .first()
     )
-    if row is None or row["sha256"] != sha256:
+    if row is None:
+        return "no such grant (or it was used already)"
+    if row["sha256"] != sha256:
         return "no such grant for this object"
     if row["expires_at"] < now:
         return "grant expired"
+    if (row["recipient_id"] or None) != (recipient or None):
+        return "this token was issued to another recipient"
     if row["recipient_id"] is not None:
         inst = (
             await conn.execute(
@@ -184,6 +193,9 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
                 f"recipient {inst.name if inst else row['recipient_id']} is "
                 f"{inst.state if inst else 'gone'}; only running instances receive data"
             )
+    used = await conn.execute(sa.delete(grants).where(grants.c.token_hash == row["token_hash"]))
+    if used.rowcount != 1:  # a concurrent redemption won
+        return "no such grant (or it was used already)"
     return None
 
 

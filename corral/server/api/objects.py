@@ -23,6 +23,7 @@ from corral.store import objects as repo
 router = APIRouter(prefix="/api/v1", tags=["outputs"])
 admin = [Depends(require_admin)]
 PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
+PEER_RECIPIENT_HEADER = "X-Corral-Peer-Recipient"  # the instance a token was issued to
 MAX_UPLOAD = 64 * 2**30
 
 
@@ -101,12 +102,14 @@ async def content(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)):
         if obj is None:
             return None, [], None
         urls = await repo.sources(conn, sha256)
-        token = await repo.grant(conn, sha256, None, ctx.now()) if urls else None
+        # a token per holder: each is single-use (a holder that fails has used its own)
+        tokens: list[str | None] = [await repo.grant(conn, sha256, None, ctx.now()) for _ in urls]
         if durable := await repo.durable_source(conn, obj, ctx.now()):
             urls.append(durable)  # last: instances first, the bucket if none answers
-        return obj, urls, token
+            tokens.append(None)  # a presigned URL
+        return obj, urls, tokens
 
-    obj, urls, token = await ctx.db.transact(plan)
+    obj, urls, tokens = await ctx.db.transact(plan)
     if obj is None:
         raise ApiError(404, "not_found", f"object {sha256} not found")
     headers = {"X-Corral-Sha256": sha256, "Content-Length": str(obj["size"])}
@@ -114,7 +117,7 @@ async def content(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)):
     if not urls and staged.exists():
         return FileResponse(staged, headers={"X-Corral-Sha256": sha256})
     client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300))
-    for url in urls:
+    for url, token in zip(urls, tokens, strict=True):
         try:
             req = client.build_request(
                 "GET", url, headers={PEER_TOKEN_HEADER: token} if token else {}
@@ -177,7 +180,8 @@ async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get
     """An upload not yet on any instance, fetched by the instance it was placed on."""
     uploads.check_sha256(sha256)
     token = request.headers.get(PEER_TOKEN_HEADER, "")
-    why = await ctx.db.query(repo.verify_grant, sha256, token, ctx.now())
+    recipient = request.headers.get(PEER_RECIPIENT_HEADER) or None
+    why = await ctx.db.transact(repo.verify_grant, sha256, token, ctx.now(), recipient=recipient)
     if why:
         raise ApiError(403, "forbidden", why)
     path = staging_dir(ctx) / sha256
@@ -194,7 +198,9 @@ async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get
 async def verify(
     body: PeerVerify, who: Principal = Depends(require_agent), ctx: ServerContext = Depends(get_ctx)
 ) -> dict:
-    why = await ctx.db.query(repo.verify_grant, body.sha256, body.token, ctx.now())
+    why = await ctx.db.transact(
+        repo.verify_grant, body.sha256, body.token, ctx.now(), recipient=body.recipient
+    )
     if why:
         raise ApiError(403, "forbidden", why)
     return {"ok": True}
