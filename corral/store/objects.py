@@ -206,6 +206,14 @@ async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None
     """Peer URLs of live instances holding `sha256`: verified replicas first, then
     unverified claims (every transfer checks the sha256, so a claim can serve bytes;
     it only never counts as a copy), reachable ones first."""
+    return [url for _id, url in await holders(conn, sha256, exclude)]
+
+
+async def holders(
+    conn: AsyncConnection, sha256: str, exclude: str | None = None
+) -> list[tuple[str, str]]:
+    """(instance id, peer URL) of every registered live instance holding `sha256`, in
+    the order of `sources`: the only places a server fetches an object from."""
     q = (
         sa.select(
             instances.c.id,
@@ -231,7 +239,32 @@ async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None
             r.id,
         )
     )
-    return [f"{r.peer_url}/objects/{sha256}" for r in rows]
+    return [(r.id, f"{r.peer_url}/objects/{sha256}") for r in rows]
+
+
+async def replica_bad(
+    conn: AsyncConnection, sha256: str, instance_id: str, why: str, now: float
+) -> None:
+    """A server fetched this replica and its bytes were wrong: it is no copy."""
+    result = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.sha256 == sha256,
+            replicas.c.instance_id == instance_id,
+            replicas.c.state.in_([PRESENT, UNVERIFIED]),
+        )
+        .values(state=FAILED, updated_at=now, reason=f"served wrong bytes: {why}"[:1000])
+    )
+    if result.rowcount:
+        await events.record(
+            conn,
+            now,
+            "warning",
+            "object.replica_bad",
+            f"instance {instance_id} served object {sha256[:12]}… with wrong bytes ({why}); "
+            f"its replica no longer counts",
+            instance_id=instance_id,
+        )
 
 
 async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:

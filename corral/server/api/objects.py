@@ -4,6 +4,8 @@ upload (`corral put`), and the peer-token check agents make before serving data.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,7 @@ from corral.server.params import PathInt, PathSha256
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
 
+log = logging.getLogger("corral.server")
 router = APIRouter(prefix="/api/v1", tags=["outputs"])
 admin = [Depends(require_admin)]
 PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
@@ -100,24 +103,25 @@ async def content(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)):
     async def plan(conn):
         obj = await repo.get_object(conn, sha256)
         if obj is None:
-            return None, [], None
-        urls = await repo.sources(conn, sha256)
-        # a token per holder: each is single-use (a holder that fails has used its own)
-        tokens: list[str | None] = [await repo.grant(conn, sha256, None, ctx.now()) for _ in urls]
+            return None, []
+        # only registered instances' peer endpoints; a token per holder (single-use)
+        srcs: list[tuple[str | None, str, str | None]] = [
+            (iid, url, await repo.grant(conn, sha256, None, ctx.now()))
+            for iid, url in await repo.holders(conn, sha256)
+        ]
         if durable := await repo.durable_source(conn, obj, ctx.now()):
-            urls.append(durable)  # last: instances first, the bucket if none answers
-            tokens.append(None)  # a presigned URL
-        return obj, urls, tokens
+            srcs.append((None, durable, None))  # last: the bucket if no instance answers
+        return obj, srcs
 
-    obj, urls, tokens = await ctx.db.transact(plan)
+    obj, srcs = await ctx.db.transact(plan)
     if obj is None:
         raise ApiError(404, "not_found", f"object {sha256} not found")
     headers = {"X-Corral-Sha256": sha256, "Content-Length": str(obj["size"])}
     staged = staging_dir(ctx) / sha256
-    if not urls and staged.exists():
+    if not srcs and staged.exists():
         return FileResponse(staged, headers={"X-Corral-Sha256": sha256})
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300))
-    for url, token in zip(urls, tokens, strict=True):
+    client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300), follow_redirects=False)
+    for instance_id, url, token in srcs:
         try:
             req = client.build_request(
                 "GET", url, headers={PEER_TOKEN_HEADER: token} if token else {}
@@ -128,22 +132,63 @@ async def content(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)):
         if resp.status_code != 200:
             await resp.aclose()
             continue
-
-        async def body(resp=resp):
-            try:
-                async for chunk in resp.aiter_bytes(1024 * 1024):
-                    yield chunk
-            finally:
-                await resp.aclose()
-                await client.aclose()
-
-        return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+        return StreamingResponse(
+            verified(ctx, client, resp, sha256, obj["size"], instance_id),
+            headers=headers,
+            media_type="application/octet-stream",
+        )
     await client.aclose()
     raise ApiError(
         503,
         "unavailable",
-        f"no holder of {sha256[:12]}… answered ({len(urls)} tried); its state is {obj['state']}",
+        f"no holder of {sha256[:12]}… answered ({len(srcs)} tried); its state is {obj['state']}",
     )
+
+
+class WrongBytes(Exception):
+    pass
+
+
+async def verified(
+    ctx: ServerContext,
+    client: httpx.AsyncClient,
+    resp: httpx.Response,
+    sha256: str,
+    size: int,
+    instance_id: str | None,
+):
+    """The source's bytes, hashed as they pass; the last chunk is held back until the
+    whole body hashed right, so a client never gets a complete wrong body. On a
+    mismatch the stream is aborted (the client sees a body cut short) and that
+    replica is marked failed."""
+    digest, got, held = hashlib.sha256(), 0, b""
+    why = None
+    try:
+        async for chunk in resp.aiter_bytes(1024 * 1024):
+            got += len(chunk)
+            if got > size:
+                why = f"more than the object's {size} bytes"
+                break
+            digest.update(chunk)
+            if held:
+                yield held
+            held = chunk
+        else:
+            if got != size:
+                why = f"{got} of {size} bytes"
+            elif digest.hexdigest() != sha256:
+                why = f"sha256 {digest.hexdigest()[:12]}…"
+    finally:
+        await resp.aclose()
+        await client.aclose()
+    if why is None:
+        if held:
+            yield held
+        return
+    log.warning("object %s from %s: %s; download aborted", sha256[:12], instance_id, why)
+    if instance_id is not None:
+        await ctx.db.transact(repo.replica_bad, sha256, instance_id, why, ctx.now())
+    raise WrongBytes(f"object {sha256[:12]}… from {instance_id}: {why}")
 
 
 @router.put(
