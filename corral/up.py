@@ -36,6 +36,11 @@ def up(
     attempt_grace: float = typer.Option(None, hidden=True),
     heartbeat_interval: float = typer.Option(None, hidden=True),
     autoscale_interval: float = typer.Option(None, hidden=True),
+    public_metrics: bool = typer.Option(
+        False,
+        "--public-metrics",
+        help="serve /metrics and /docs without a token (default: an admin token is needed)",
+    ),
     log_level: str = typer.Option("warning", help="debug, info, warning, error"),
 ) -> None:
     """Start a server on SQLite and a local fleet of N agents; Ctrl-C stops them all.
@@ -46,7 +51,11 @@ def up(
     from corral.server.main import serve
 
     config = ServerConfig(
-        data_dir=data_dir or default_data_dir(), host=host, port=port, public_url=public_url
+        data_dir=data_dir or default_data_dir(),
+        host=host,
+        port=port,
+        public_url=public_url,
+        public_metrics=public_metrics,
     )
     # tokens, the database and the agents' data: none of it for anyone else, jobs included
     config.data_dir.mkdir(parents=True, exist_ok=True)

@@ -97,15 +97,21 @@ def test_grants_are_one_object_short_lived_and_only_for_running_recipients(db_ur
         db, (_a, b) = await setup(db_url)
         await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=1)])
         token = await db.transact(objects.grant, sha("o"), b["id"], T0)
-        assert await db.query(objects.verify_grant, sha("o"), token, T0) is None
-        assert "no such grant" in await db.query(objects.verify_grant, sha("p"), token, T0)
-        assert "expired" in await db.query(objects.verify_grant, sha("o"), token, T0 + 601)
-        assert "malformed" in await db.query(objects.verify_grant, sha("o"), "x", T0)
+
+        async def verify(sha256, tok, now, recipient=b["id"]):
+            return await db.transact(objects.verify_grant, sha256, tok, now, recipient=recipient)
+
+        # refusals do not use the token up
+        assert "no such grant" in await verify(sha("p"), token, T0)
+        assert "expired" in await verify(sha("o"), token, T0 + 601)
+        assert "malformed" in await verify(sha("o"), "x", T0)
+        assert await verify(sha("o"), token, T0) is None
+        token = await db.transact(objects.grant, sha("o"), b["id"], T0)
         await db.transact(instances.transition, b["id"], InstanceState.DRAINING, T0)
-        why = await db.query(objects.verify_grant, sha("o"), token, T0)
+        why = await verify(sha("o"), token, T0)
         assert "only running instances receive data" in why
         server_token = await db.transact(objects.grant, sha("o"), None, T0)
-        assert await db.query(objects.verify_grant, sha("o"), server_token, T0) is None
+        assert await verify(sha("o"), server_token, T0, recipient=None) is None
         await db.dispose()
 
     run(main())

@@ -424,6 +424,7 @@ class Agent:
                     order.size,
                     order.sources,
                     order.token,
+                    recipient=self.me.instance_id,
                 )
                 log.info("replicated object %s", order.sha256[:12])
             except (transfer.TransferError, OSError) as exc:
@@ -431,13 +432,14 @@ class Agent:
                 log.warning("replication of %s failed: %s", order.sha256[:12], exc)
         self.wake.set()
 
-    async def verify_peer(self, sha256: str, token: str) -> str | None:
-        """Ask the server whether `token` lets its bearer fetch `sha256` from us."""
+    async def verify_peer(self, sha256: str, token: str, recipient: str | None) -> str | None:
+        """Ask the server whether `token` lets its bearer fetch `sha256` from us for
+        `recipient` (the token is used up by a yes)."""
         try:
             resp = await self.server.request(
                 "POST",
                 "/api/v1/agents/peer/verify",
-                json={"sha256": sha256, "token": token},
+                json={"sha256": sha256, "token": token, "recipient": recipient},
                 headers={"Authorization": f"Bearer {self.me.credential}"},
                 deadline=time.monotonic() + 10,
             )

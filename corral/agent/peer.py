@@ -19,11 +19,12 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from corral.agent.objects import ObjectStore
-from corral.agent.transfer import PEER_TOKEN_HEADER
+from corral.agent.transfer import PEER_RECIPIENT_HEADER, PEER_TOKEN_HEADER
 
 log = logging.getLogger("corral.agent.peer")
 
-Verify = Callable[[str, str], Awaitable[str | None]]  # (sha256, token) -> why not, or None
+# (sha256, token, recipient instance) -> why not, or None
+Verify = Callable[[str, str, str | None], Awaitable[str | None]]
 
 
 def make_app(store: ObjectStore, verify: Verify) -> Starlette:
@@ -32,7 +33,7 @@ def make_app(store: ObjectStore, verify: Verify) -> Starlette:
         token = request.headers.get(PEER_TOKEN_HEADER)
         if not token:
             return JSONResponse({"error": f"missing {PEER_TOKEN_HEADER}"}, status_code=401)
-        why = await verify(sha, token)
+        why = await verify(sha, token, request.headers.get(PEER_RECIPIENT_HEADER) or None)
         if why is not None:
             log.warning("refused object %s: %s", sha[:12], why)
             return JSONResponse({"error": why}, status_code=403)

@@ -245,7 +245,12 @@ class Runner:
         taken: set[str] = set()
         for inp in self.spec.get("inputs", []):
             src = transfer.fetch(
-                self.store, inp["sha256"], inp["size"], inp["sources"], inp.get("token")
+                self.store,
+                inp["sha256"],
+                inp["size"],
+                inp["sources"],
+                inp.get("token"),
+                recipient=self.spec.get("instance_id"),
             )
             name = inp["name"].replace("/", "_") or inp["sha256"]
             if name in taken:
@@ -262,7 +267,14 @@ class Runner:
             return
         from corral.agent.sandbox.workdir import extract
 
-        src = transfer.fetch(self.store, wd["sha256"], wd["size"], wd["sources"], wd.get("token"))
+        src = transfer.fetch(
+            self.store,
+            wd["sha256"],
+            wd["size"],
+            wd["sources"],
+            wd.get("token"),
+            recipient=self.spec.get("instance_id"),
+        )
         extract(src, self.sandbox.work)
         self.sandbox.give(self.sandbox.work)
 

@@ -17,6 +17,7 @@ from corral.agent.objects import ObjectStore
 from corral.agent.tls import context
 
 PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
+PEER_RECIPIENT_HEADER = "X-Corral-Peer-Recipient"  # the instance the token was issued to
 CHUNK = 1024 * 1024
 
 
@@ -39,10 +40,13 @@ def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]
 
 
 def _get(
-    url: str, token: str | None, timeout: float
+    url: str, token: str | None, timeout: float, recipient: str | None = None
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn, path = _connect(url, timeout)
-    conn.request("GET", path, headers={PEER_TOKEN_HEADER: token} if token else {})
+    headers = {PEER_TOKEN_HEADER: token} if token else {}
+    if token and recipient:
+        headers[PEER_RECIPIENT_HEADER] = recipient
+    conn.request("GET", path, headers=headers)
     return conn, conn.getresponse()
 
 
@@ -87,7 +91,10 @@ def fetch(
     sources: list[str],
     token: str | None,
     timeout: float = 60.0,
+    recipient: str | None = None,
 ) -> Path:
+    """(`recipient`: this instance's id; a token works once, for the instance it was
+    issued to.)"""
     """The object in `store`, fetched if it is not there yet."""
     if store.has(sha256):
         return store.path(sha256)
@@ -95,7 +102,7 @@ def fetch(
     for url in sources:
         tmp = store.temp()
         try:
-            conn, resp = _get(url, token, timeout)
+            conn, resp = _get(url, token, timeout, recipient)
             try:
                 if resp.status != 200:
                     errors.append(

@@ -40,6 +40,9 @@ class OutputView(BaseModel):
 class PeerVerify(Strict):
     sha256: str = Field(pattern=SHA256_PATTERN)
     token: str = Field(max_length=200)
+    recipient: str | None = Field(
+        default=None, max_length=64, description="the instance the bearer fetches for"
+    )
 
 
 class ObjectError(Strict):

@@ -125,7 +125,11 @@ def rollout(
     max_unavailable: int = typer.Option(1, help="instances installing at once"),
     failure_threshold: int = typer.Option(0, help="pause once more instances than this fail"),
     downgrade: bool = typer.Option(False, help="allow a lower version than the current one"),
-    force: bool = typer.Option(False, help="allow a version of another scheme or channel"),
+    force: bool = typer.Option(
+        False,
+        help="allow a version of another scheme or channel, or a lower one; with the "
+        "version already desired: order it again where it is held",
+    ),
     rollback: bool = typer.Option(
         False, "--rollback", help="return to the version before the last rollout"
     ),

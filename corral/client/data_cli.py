@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import typer
 import yaml
@@ -35,6 +35,22 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def output_path_problem(path: str) -> str | None:
+    """Why an output path from the server may not be written under a destination
+    directory (it is absolute, climbs out with `..`, or names nothing), or None."""
+    if not path or "\0" in path:
+        return "is empty or not a path"
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or PureWindowsPath(path).is_absolute() or path.startswith("\\"):
+        return "is absolute"
+    parts = path.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "climbs out with .."
+    if all(p in ("", ".") for p in parts):
+        return "names no file"
+    return None
 
 
 @app.command(context_settings={"allow_interspersed_args": True})
@@ -84,12 +100,20 @@ def outputs(
             return None
         if len(rest) == 2:
             files = [o for o in files if o.path == rest[1]]
+        where = dest or (Path(f"job-{job_id}") if len(rest) == 1 else Path("."))
+        for o in files:  # all checked before anything is fetched or written
+            if why := output_path_problem(o.path):
+                fail(
+                    f"job {job_id}: the server lists an output path {o.path!r} that {why}; "
+                    f"it would escape {where}, so nothing was written"
+                )
+        if len(rest) == 2:
             if not files:
                 fail(f"job {job_id} has no output {rest[1]!r} (see corral outputs {job_id})")
             target = {files[0].path: dest or Path(Path(rest[1]).name)}
         else:
             base = dest or Path(f"job-{job_id}")
-            target = {o.path: base / o.path for o in files}
+            target = {o.path: base / PurePosixPath(o.path) for o in files}
         total = sum(o.size for o in files)
         bar, task = _bar(f"job {job_id} outputs", total)
         with bar:

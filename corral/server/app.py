@@ -19,7 +19,7 @@ import corral
 from corral.domain.backoff import Backoff
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
-from corral.server import errors, metrics
+from corral.server import errors, metrics, openapi
 from corral.server.api import (
     agents,
     attempts,
@@ -36,6 +36,7 @@ from corral.server.api import (
 )
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
+from corral.server.guard import BodyGuard
 from corral.server.health import install_health
 from corral.server.loops.autoscaler import autoscale_once
 from corral.server.loops.dispatcher import dispatch_once
@@ -254,10 +255,13 @@ def create_app(ctx: ServerContext) -> FastAPI:
         version=corral.__version__,
         description="Control plane for batch and ML jobs on a fleet of machines.",
         lifespan=lifespan,
+        docs_url=None,  # served by the health router, behind a token
+        redoc_url=None,
     )
     app.state.ctx = ctx
     metrics.BUILD_INFO.labels(ctx.config.build_version, ctx.server_id).set(1)
     errors.install(app)
+    app.add_middleware(BodyGuard, routes_app=app)
     for module in (
         jobs,
         attempts,
@@ -275,6 +279,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     app.include_router(dashboard.router)
     app.mount("/static", dashboard.static, name="static")
+    openapi.install(app)
     return app
 
 

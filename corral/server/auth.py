@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import SCOPE_TOKEN_ROW
 from corral.store import tokens
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
@@ -33,7 +34,11 @@ TOUCH_EVERY = 60.0  # seconds between two recorded uses of one credential
 
 async def _principal(request: Request, ctx: ServerContext, kinds: tuple[str, ...]) -> Principal:
     secret = _bearer(request)
-    row = await ctx.db.query(tokens.lookup, secret)
+    checked = request.scope.get(SCOPE_TOKEN_ROW)  # the body guard looked it up already
+    if checked is not None and checked[0] == secret:
+        row = checked[1]
+    else:
+        row = await ctx.db.query(tokens.lookup, secret)
     if row is None:
         raise ApiError(401, "unauthorized", await ctx.db.query(tokens.why_refused, secret))
     if row["kind"] not in kinds:

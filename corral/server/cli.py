@@ -99,6 +99,11 @@ def server(
     tls_key: Path | None = typer.Option(
         None, "--tls-key", help="the certificate's private key (PEM, keep it 0600)"
     ),
+    public_metrics: bool = typer.Option(
+        False,
+        "--public-metrics",
+        help="serve /metrics and /docs without a token (default: an admin token is needed)",
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
     """Run an API server with its background loops (dispatcher, reaper, ...).
@@ -121,6 +126,7 @@ def server(
             public_url=public_url,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            public_metrics=public_metrics,
         )
         add_timing_options(
             config,

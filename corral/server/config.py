@@ -57,6 +57,7 @@ class ServerConfig:
     secret_key: str | None = field(
         default_factory=lambda: os.environ.get("CORRAL_SECRET_KEY") or None, repr=False
     )
+    public_metrics: bool = False  # /metrics and /docs without a token (--public-metrics)
 
     @property
     def database_url(self) -> str:

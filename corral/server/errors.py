@@ -9,7 +9,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.domain.errors import IllegalTransition, StaleToken
 from corral.server import metrics
-from corral.store.db import DatabaseError
+from corral.server.routes import flat_routes, match
+from corral.store.db import DatabaseConflict, DatabaseError
 from corral.store.jobs import JobConflict, JobNotFound
 
 
@@ -67,22 +68,47 @@ def install(app: FastAPI) -> None:
     async def _illegal(_req: Request, exc: IllegalTransition):
         return JSONResponse(error_body("illegal_transition", str(exc)), status_code=409)
 
+    @app.exception_handler(DatabaseConflict)
+    async def _integrity(_req: Request, exc: DatabaseConflict):
+        return JSONResponse(
+            error_body("conflict", "the request conflicts with what is stored"), status_code=409
+        )
+
     @app.exception_handler(DatabaseError)
-    async def _database(req: Request, exc: DatabaseError):
+    @app.exception_handler(ConnectionError)
+    async def _database(_req: Request, exc: Exception):
+        """The documented 503: the database did not answer (down, restarting, dropped
+        connections). Nothing was half-written: each request is one transaction."""
         metrics.DATABASE_ERRORS.labels("request").inc()
         return JSONResponse(
             error_body(
                 "database_unavailable",
-                f"the database failed this request ({exc.__class__.__name__}); try again",
+                f"the database is unavailable ({exc.__class__.__name__}); try again",
             ),
             status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    async def _http(req: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return JSONResponse(  # e.g. bytes that are not UTF-8
+                error_body(
+                    "invalid_request",
+                    "body: not valid JSON",
+                    fields=[{"field": "body", "message": "not valid JSON (UTF-8)"}],
+                ),
+                status_code=422,
+            )
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of every route on this path
+            _, _, methods = match(flat_routes(req.app), req.url.path, req.method)
+            headers["Allow"] = ", ".join(sorted(methods))
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(
             error_body(code, str(exc.detail)),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )

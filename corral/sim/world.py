@@ -352,7 +352,9 @@ class World:
                 continue
             if self.now < peer.frozen_until or sha not in peer.objects:
                 continue
-            why = await self.ctx.db.query(objects_repo.verify_grant, sha, token or "", self.now)
+            why = await self.ctx.db.transact(
+                objects_repo.verify_grant, sha, token or "", self.now, recipient=agent.instance_id
+            )
             if why is None:
                 agent.objects.add(sha)
                 return

@@ -128,11 +128,17 @@ async def start_rollout(conn: AsyncConnection, req: RolloutRequest, now: float):
     desired = await current_desired(conn, fleet, req.component)
     previous = desired["version"] if desired else None
     where = "every fleet" if fleet == ALL_FLEETS else f"fleet {fleet}"
-    if previous == req.version:
-        raise ComponentError(409, f"{req.component} {req.version} is already desired for {where}")
-    if previous is not None:
+    if previous == req.version and not req.force:
+        # --force with the same version is what a held instance's warning suggests: a
+        # new rollout that may replace what is installed (see _classify)
+        raise ComponentError(
+            409,
+            f"{req.component} {req.version} is already desired for {where} "
+            f"(--force orders it again where it is held or gave up)",
+        )
+    if previous is not None and previous != req.version:
         try:
-            if compare(previous, req.version) > 0 and not req.downgrade:
+            if compare(previous, req.version) > 0 and not (req.downgrade or req.force):
                 raise ComponentError(
                     409,
                     f"{req.version} is lower than the desired {previous} for {where}; "
@@ -238,11 +244,13 @@ async def resume(conn: AsyncConnection, rollout_id: int, now: float):
         raise ComponentError(404, f"rollout {rollout_id} not found")
     if r["state"] != PAUSED:
         raise ComponentError(409, f"rollout {rollout_id} is {r['state']}, not paused")
-    await conn.execute(
+    resumed = await conn.execute(
         sa.update(rollouts)
-        .where(rollouts.c.id == rollout_id)
+        .where(rollouts.c.id == rollout_id, rollouts.c.state == PAUSED)  # as read
         .values(state=ACTIVE, message=None, updated_at=now)
     )
+    if resumed.rowcount != 1:
+        raise ComponentError(409, f"rollout {rollout_id} changed meanwhile; look again")
     await conn.execute(
         sa.update(instance_components)
         .where(
@@ -263,10 +271,17 @@ async def list_rollouts(conn: AsyncConnection, limit: int = 50):
 # ---- who should run what --------------------------------------------------------------------
 
 
-def _classify(ic, sha: str) -> str:
+def _classify(ic, sha: str, rollout) -> str:
     if ic is not None and ic["observed_sha256"] == sha:
         return "converged"
     if ic is None or ic["target_sha256"] != sha:
+        return "waiting"
+    if ic["rollout_id"] != rollout["id"] and ic["state"] in (
+        ComponentState.HELD,
+        ComponentState.INSTALL_FAILED,
+    ):
+        # held or given up under an earlier rollout of this version: a new rollout
+        # (e.g. --force, which may replace what is installed) targets it afresh
         return "waiting"
     return {ComponentState.INSTALL_FAILED: "failed", ComponentState.HELD: "held"}.get(
         ic["state"], "in_flight"
@@ -318,7 +333,7 @@ async def rollout_progress(conn: AsyncConnection, rollout) -> RolloutProgress:
     ics = await _instance_components(conn, rollout["component"], [i["id"] for i in scope])
     p = RolloutProgress(total=len(scope))
     for inst in scope:
-        kind = _classify(ics.get(inst["id"]), artifact["sha256"])
+        kind = _classify(ics.get(inst["id"]), artifact["sha256"], rollout)
         setattr(p, kind, getattr(p, kind) + 1)
     return p
 
@@ -346,11 +361,19 @@ async def _target(conn: AsyncConnection, inst, ic, rollout, artifact, now: float
             )
         )
     else:
+        c = instance_components.c
+        # only if the row is still what the rollout's pass read (compare-and-set); if a
+        # heartbeat changed it meanwhile, the next pass decides again
         await conn.execute(
             sa.update(instance_components)
             .where(
-                instance_components.c.instance_id == inst["id"],
-                instance_components.c.component == rollout["component"],
+                c.instance_id == inst["id"],
+                c.component == rollout["component"],
+                c.state == ic["state"],
+                c.attempts == ic["attempts"],
+                c.rollout_id.is_(None)
+                if ic["rollout_id"] is None
+                else c.rollout_id == ic["rollout_id"],
             )
             .values(**values)
         )
@@ -384,7 +407,7 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
         ics = await _instance_components(conn, r["component"], [i["id"] for i in scope])
         kinds: dict[str, list] = defaultdict(list)
         for inst in scope:
-            kinds[_classify(ics.get(inst["id"]), artifact["sha256"])].append(inst)
+            kinds[_classify(ics.get(inst["id"]), artifact["sha256"], r)].append(inst)
         if r["state"] == ACTIVE and len(kinds["failed"]) > r["failure_threshold"]:
             names = ", ".join(i["name"] for i in kinds["failed"])
             msg = (
@@ -478,89 +501,136 @@ async def sync(
         )
     orders = []
     for name, row in rows.items():
-        o = seen.get(name)
-        observed_version = o.version if o else None
-        observed_sha256 = o.sha256 if o else None
-        values: dict[str, object] = {
-            "observed_version": observed_version,
-            "observed_sha256": observed_sha256,
-            "updated_at": now,
-        }
-        if o and o.error and o.error_sha256 == row["target_sha256"]:
-            values["last_error"] = o.error
-        status = ComponentStatus(
-            observed_version=observed_version,
-            observed_sha256=observed_sha256,
-            target_version=row["target_version"],
-            target_sha256=row["target_sha256"],
-            attempts=row["attempts"],
-            next_attempt_at=row["next_attempt_at"],
-            state=ComponentState(row["state"]),
-            allow_downgrade=row["allow_downgrade"],
-        )
-        d = reconcile(status, now, policy, rng.random())
-        where = f"instance {instance['name']} ({instance['id']})"
-        if d.action is Action.CONVERGED and row["state"] != ComponentState.CONVERGED:
-            await events.record(
-                conn,
-                now,
-                "info",
-                "component.converged",
-                f"{where}: {name} {row['target_version']} installed",
-                instance_id=instance["id"],
+        for _ in range(CAS_RETRIES):
+            done, order = await _sync_one(
+                conn, instance, name, row, seen.get(name), now, policy, rng
             )
-        elif d.action is Action.INSTALL:
-            values["orders_total"] = row["orders_total"] + 1
-            artifact = await get_component(conn, name, row["target_version"])
-            orders.append(
-                InstallOrder(
-                    component=name,
-                    version=row["target_version"],
-                    url=artifact["url"],
-                    sha256=artifact["sha256"],
-                    size=artifact["size"],
-                    order=d.attempts,
+            if done:
+                break
+            # another session changed the row since it was read (a resume, a new
+            # target): decide again from what is there now
+            fresh = (
+                (
+                    await conn.execute(
+                        sa.select(instance_components).where(
+                            instance_components.c.instance_id == instance["id"],
+                            instance_components.c.component == name,
+                        )
+                    )
                 )
+                .mappings()
+                .first()
             )
-            await events.record(
-                conn,
-                now,
-                "info",
-                "component.install",
-                f"{where}: {d.reason}",
-                instance_id=instance["id"],
+            if fresh is None:
+                break
+            row = fresh
+        else:
+            raise ComponentConflict(
+                f"component {name} of instance {instance['id']} kept changing under the heartbeat"
             )
-        elif d.action is Action.GIVE_UP and row["state"] != ComponentState.INSTALL_FAILED:
-            err = values.get("last_error") or row["last_error"] or "no error reported"
-            await events.record(
-                conn,
-                now,
-                "warning",
-                "component.install_failed",
-                f"{where}: {name} {row['target_version']} not installed after {d.attempts} "
-                f"orders; giving up until a new rollout or resume. Last error: {err}",
-                instance_id=instance["id"],
-            )
-        elif d.action is Action.HOLD and row["state"] != ComponentState.HELD:
-            await events.record(
-                conn,
-                now,
-                "warning",
-                "component.held",
-                f"{where}: {name}: {d.reason}",
-                instance_id=instance["id"],
-            )
-        if d.state is not None:
-            values.update(state=d.state, attempts=d.attempts, next_attempt_at=d.next_attempt_at)
-        await conn.execute(
-            sa.update(instance_components)
-            .where(
-                instance_components.c.instance_id == instance["id"],
-                instance_components.c.component == name,
-            )
-            .values(**values)
-        )
+        if order is not None:
+            orders.append(order)
     return orders
+
+
+CAS_RETRIES = 5
+
+
+class ComponentConflict(RuntimeError):
+    """A row changed under us CAS_RETRIES times in a row (the heartbeat is retried)."""
+
+
+async def _sync_one(
+    conn: AsyncConnection,
+    instance,
+    name: str,
+    row,
+    o: ObservedComponent | None,
+    now: float,
+    policy: InstallPolicy,
+    rng: random.Random,
+) -> tuple[bool, InstallOrder | None]:
+    """Decide for one component from `row` as read and write the decision back only
+    if the row is still what was read (compare-and-set, like the fencing tokens).
+    Returns (written, the install order if any); nothing is recorded unless written."""
+    observed_version = o.version if o else None
+    observed_sha256 = o.sha256 if o else None
+    values: dict[str, object] = {
+        "observed_version": observed_version,
+        "observed_sha256": observed_sha256,
+        "updated_at": now,
+    }
+    if o and o.error and o.error_sha256 == row["target_sha256"]:
+        values["last_error"] = o.error
+    status = ComponentStatus(
+        observed_version=observed_version,
+        observed_sha256=observed_sha256,
+        target_version=row["target_version"],
+        target_sha256=row["target_sha256"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        state=ComponentState(row["state"]),
+        allow_downgrade=row["allow_downgrade"],
+    )
+    d = reconcile(status, now, policy, rng.random())
+    where = f"instance {instance['name']} ({instance['id']})"
+    order = None
+    event: tuple[str, str, str] | None = None
+    if d.action is Action.CONVERGED and row["state"] != ComponentState.CONVERGED:
+        event = (
+            "info",
+            "component.converged",
+            f"{where}: {name} {row['target_version']} installed",
+        )
+    elif d.action is Action.INSTALL:
+        values["orders_total"] = row["orders_total"] + 1
+        artifact = await get_component(conn, name, row["target_version"])
+        order = InstallOrder(
+            component=name,
+            version=row["target_version"],
+            url=artifact["url"],
+            sha256=artifact["sha256"],
+            size=artifact["size"],
+            order=d.attempts,
+        )
+        event = ("info", "component.install", f"{where}: {d.reason}")
+    elif d.action is Action.GIVE_UP and row["state"] != ComponentState.INSTALL_FAILED:
+        err = values.get("last_error") or row["last_error"] or "no error reported"
+        event = (
+            "warning",
+            "component.install_failed",
+            f"{where}: {name} {row['target_version']} not installed after {d.attempts} "
+            f"orders; giving up until a new rollout or resume. Last error: {err}",
+        )
+    elif d.action is Action.HOLD and row["state"] != ComponentState.HELD:
+        event = ("warning", "component.held", f"{where}: {name}: {d.reason}")
+    if d.state is not None:
+        values.update(state=d.state, attempts=d.attempts, next_attempt_at=d.next_attempt_at)
+    c = instance_components.c
+    result = await conn.execute(
+        sa.update(instance_components)
+        .where(
+            c.instance_id == instance["id"],
+            c.component == name,
+            # what the decision was made from
+            c.state == row["state"],
+            c.attempts == row["attempts"],
+            c.next_attempt_at == row["next_attempt_at"],
+            c.rollout_id.is_(None)
+            if row["rollout_id"] is None
+            else c.rollout_id == row["rollout_id"],
+            c.target_sha256.is_(None)
+            if row["target_sha256"] is None
+            else c.target_sha256 == row["target_sha256"],
+            c.allow_downgrade == row["allow_downgrade"],
+        )
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return False, None
+    if event is not None:
+        await events.record(conn, now, event[0], event[1], event[2], instance_id=instance["id"])
+    return True, order
 
 
 async def instance_status(conn: AsyncConnection, component: str | None = None):

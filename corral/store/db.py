@@ -29,6 +29,7 @@ _RETRYABLE_PG_CODES = {"40P01", "40001"}  # deadlock_detected, serialization_fai
 
 
 DatabaseError = sa.exc.SQLAlchemyError  # what the outer layers catch of the store's failures
+DatabaseConflict = sa.exc.IntegrityError  # a constraint refused a write (a DatabaseError too)
 Connection = AsyncConnection  # what store functions take, for callers' annotations
 
 

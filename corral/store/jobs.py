@@ -376,6 +376,21 @@ async def _stale(conn: AsyncConnection, job_id: int, number: int) -> StaleToken:
     )
 
 
+async def attempt_token_issued(conn: AsyncConnection, job_id: int, number: int, token: str) -> bool:
+    """Whether `token` was issued for this attempt (current or since revoked): the body
+    guard's check before it reads a runner's body. Fencing stays with `fence`."""
+    if not token or not well_formed(token):
+        return False
+    row = await conn.execute(
+        sa.select(job_attempts.c.number).where(
+            job_attempts.c.job_id == job_id,
+            job_attempts.c.number == number,
+            job_attempts.c.token_hash == hash_secret(token),
+        )
+    )
+    return row.first() is not None
+
+
 async def fence(
     conn: AsyncConnection,
     job_id: int,

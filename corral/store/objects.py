@@ -158,8 +158,13 @@ async def grant(
     return token
 
 
-async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: float) -> str | None:
-    """None if the token lets its holder fetch `sha256` now; else why not."""
+async def verify_grant(
+    conn: AsyncConnection, sha256: str, token: str, now: float, *, recipient: str | None
+) -> str | None:
+    """None if the token lets `recipient` (an instance id; None for a server) fetch
+    `sha256` now, and the token is used up by this answer; else why not. A token is
+    single-use and bound to the recipient it was issued for: presented on behalf of
+    anyone else it is refused (and not used up)."""
     if not well_formed(token):
         return "malformed token"
     row = (
@@ -167,10 +172,14 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
         .mappings()
         .first()
     )
-    if row is None or row["sha256"] != sha256:
+    if row is None:
+        return "no such grant (or it was used already)"
+    if row["sha256"] != sha256:
         return "no such grant for this object"
     if row["expires_at"] < now:
         return "grant expired"
+    if (row["recipient_id"] or None) != (recipient or None):
+        return "this token was issued to another recipient"
     if row["recipient_id"] is not None:
         inst = (
             await conn.execute(
@@ -184,6 +193,9 @@ async def verify_grant(conn: AsyncConnection, sha256: str, token: str, now: floa
                 f"recipient {inst.name if inst else row['recipient_id']} is "
                 f"{inst.state if inst else 'gone'}; only running instances receive data"
             )
+    used = await conn.execute(sa.delete(grants).where(grants.c.token_hash == row["token_hash"]))
+    if used.rowcount != 1:  # a concurrent redemption won
+        return "no such grant (or it was used already)"
     return None
 
 
@@ -194,6 +206,14 @@ async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None
     """Peer URLs of live instances holding `sha256`: verified replicas first, then
     unverified claims (every transfer checks the sha256, so a claim can serve bytes;
     it only never counts as a copy), reachable ones first."""
+    return [url for _id, url in await holders(conn, sha256, exclude)]
+
+
+async def holders(
+    conn: AsyncConnection, sha256: str, exclude: str | None = None
+) -> list[tuple[str, str]]:
+    """(instance id, peer URL) of every registered live instance holding `sha256`, in
+    the order of `sources`: the only places a server fetches an object from."""
     q = (
         sa.select(
             instances.c.id,
@@ -219,7 +239,32 @@ async def sources(conn: AsyncConnection, sha256: str, exclude: str | None = None
             r.id,
         )
     )
-    return [f"{r.peer_url}/objects/{sha256}" for r in rows]
+    return [(r.id, f"{r.peer_url}/objects/{sha256}") for r in rows]
+
+
+async def replica_bad(
+    conn: AsyncConnection, sha256: str, instance_id: str, why: str, now: float
+) -> None:
+    """A server fetched this replica and its bytes were wrong: it is no copy."""
+    result = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.sha256 == sha256,
+            replicas.c.instance_id == instance_id,
+            replicas.c.state.in_([PRESENT, UNVERIFIED]),
+        )
+        .values(state=FAILED, updated_at=now, reason=f"served wrong bytes: {why}"[:1000])
+    )
+    if result.rowcount:
+        await events.record(
+            conn,
+            now,
+            "warning",
+            "object.replica_bad",
+            f"instance {instance_id} served object {sha256[:12]}… with wrong bytes ({why}); "
+            f"its replica no longer counts",
+            instance_id=instance_id,
+        )
 
 
 async def durable_source(conn: AsyncConnection, obj, now: float) -> str | None:

@@ -21,6 +21,7 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import MiB, body_limit
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -111,6 +112,7 @@ async def register(
     response_model=HeartbeatReply,
     summary="Report observed state; get desired state (long-polls up to `wait`)",
 )
+@body_limit(16 * MiB)  # the sha256 of every object held, on a first heartbeat
 async def heartbeat(
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),

@@ -14,6 +14,8 @@ from corral.server.api.jobs import job_key
 from corral.server.auth import attempt_token
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import MiB, attempt_body, body_limit
+from corral.server.params import PathInt
 from corral.store import jobs as repo
 
 router = APIRouter(prefix="/api/v1/jobs/{job_id}/attempts/{number}", tags=["attempts"])
@@ -24,9 +26,10 @@ def _ack(job_id: int, number: int, state: str, recorded: bool = True) -> Attempt
 
 
 @router.post("/start", response_model=AttemptAck, summary="The runner started the command")
+@attempt_body
 async def start(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
@@ -51,9 +54,10 @@ async def _count_start(ctx: ServerContext, job_id: int, number: int, now: float)
 
 
 @router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
+@attempt_body
 async def heartbeat(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
@@ -62,9 +66,11 @@ async def heartbeat(
 
 
 @router.post("/logs", response_model=AttemptAck, summary="Append log chunks (idempotent by seq)")
+@attempt_body
+@body_limit(4 * MiB)  # a runner's batch is at most ~0.6 MB of output, base64
 async def logs(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     batch: LogBatch,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
@@ -79,9 +85,11 @@ async def logs(
 
 
 @router.post("/finish", response_model=AttemptAck, summary="The command exited")
+@attempt_body
+@body_limit(32 * MiB)  # up to 100,000 outputs
 async def finish(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     body: AttemptFinish,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
@@ -109,9 +117,10 @@ async def finish(
     response_model=AttemptAck,
     summary="The attempt ended without a result (runner died, could not start)",
 )
+@attempt_body
 async def lost(
-    job_id: int,
-    number: int,
+    job_id: PathInt,
+    number: PathInt,
     body: AttemptLost,
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),

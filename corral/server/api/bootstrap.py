@@ -52,6 +52,7 @@ async def render(ctx: ServerContext, fleet: str | None) -> str:
 @router.get(
     "/bootstrap.sh",
     response_class=PlainTextResponse,
+    responses={200: {"content": {"text/x-shellscript": {}}}},
     summary="Shell script that installs the fleet's agent build on a fresh host",
 )
 async def bootstrap(

@@ -19,6 +19,8 @@ from corral.server import uploads
 from corral.server.auth import require_admin, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import body_limit
+from corral.server.params import PathInt, PathSha256
 from corral.server.views import rollout_view
 from corral.store import components as repo
 
@@ -122,7 +124,7 @@ async def list_rollouts(
 
 
 @router.post("/rollouts/{rollout_id}/resume", response_model=RolloutView, dependencies=admin)
-async def resume(rollout_id: int, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
+async def resume(rollout_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> RolloutView:
     async def go(conn):
         return await rollout_view(conn, await repo.resume(conn, rollout_id, ctx.now()))
 
@@ -160,6 +162,7 @@ def artifacts_dir(ctx: ServerContext) -> Path:
 
 
 @router.put("/artifacts", dependencies=admin, summary="Upload an artifact; returns its sha256")
+@body_limit(MAX_ARTIFACT)  # streamed to disk, never held in memory
 async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dict:
     sha, size = await uploads.receive(request, artifacts_dir(ctx), MAX_ARTIFACT, "artifact")
     return {"sha256": sha, "size": size, "url": f"{ctx.config.url}/api/v1/artifacts/{sha}"}
@@ -169,8 +172,13 @@ async def upload(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dic
     "/artifacts/{sha256}",
     dependencies=[Depends(require_joiner)],
     summary="Download an artifact (ETag is its sha256; If-None-Match gets 304)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        304: {"description": "Not modified (If-None-Match matched)"},
+    },
 )
-async def download(sha256: str, request: Request, ctx: ServerContext = Depends(get_ctx)):
+async def download(sha256: PathSha256, request: Request, ctx: ServerContext = Depends(get_ctx)):
     uploads.check_sha256(sha256)
     path = artifacts_dir(ctx) / sha256
     if not path.exists():

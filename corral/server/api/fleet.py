@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Query
 
 from corral.api import EventView, InstanceView, ServerView
+from corral.api.common import INT64_MAX, INT64_MIN
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
@@ -39,9 +40,9 @@ async def get_instance(ref: str, ctx: ServerContext = Depends(get_ctx)) -> Insta
 @router.get("/events", response_model=list[EventView], tags=["events"])
 async def list_events(
     level: str = Query(default="info", description="minimum level: debug, info, warning, error"),
-    after: int = Query(default=0, ge=0, description="only events with id > after"),
+    after: int = Query(default=0, ge=0, le=INT64_MAX, description="only events with id > after"),
     limit: int = Query(default=100, ge=1, le=1000),
-    job: int | None = Query(default=None),
+    job: int | None = Query(default=None, ge=INT64_MIN, le=INT64_MAX),
     instance: str | None = Query(default=None),
     kind: str | None = Query(default=None),
     wait: float = Query(default=0, ge=0, le=60, description="hold the reply until an event"),

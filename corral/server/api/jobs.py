@@ -12,19 +12,20 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from corral.api import JobBatch, JobBatchReply, JobSubmit, JobView, LogChunkView, LogPage
+from corral.api.common import INT64_MAX, INT64_MIN
 from corral.api.jobs import MAX_BATCH
 from corral.domain.jobs import FINAL_JOB_STATES, JobState
 from corral.server import metrics
 from corral.server.auth import Principal, require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.params import PathInt
 from corral.server.views import job_view
 from corral.store import jobs as repo
 from corral.store import objects
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], dependencies=[Depends(require_admin)])
 
-_STATES = [s.value for s in JobState]
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
@@ -188,30 +189,29 @@ async def submit_batch(
 
 @router.get("", response_model=list[JobView], summary="List jobs, newest first")
 async def list_jobs(
-    state: list[str] | None = Query(default=None, description="filter by state (repeatable)"),
+    state: list[JobState] | None = Query(default=None, description="filter by state (repeatable)"),
     limit: int = Query(default=100, ge=1, le=5000),
-    before: int | None = Query(default=None, description="only jobs with id < before"),
+    before: int | None = Query(
+        default=None, ge=INT64_MIN, le=INT64_MAX, description="only jobs with id < before"
+    ),
     ctx: ServerContext = Depends(get_ctx),
 ) -> list[JobView]:
-    for s in state or []:
-        if s not in _STATES:
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"state: unknown job state {s!r}",
-                fields=[{"field": "state", "message": f"one of {', '.join(_STATES)}"}],
-            )
-    rows = await ctx.db.query(repo.list_jobs, states=state, limit=limit, before_id=before)
+    rows = await ctx.db.query(
+        repo.list_jobs,
+        states=[x.value for x in state] if state else None,
+        limit=limit,
+        before_id=before,
+    )
     return [job_view(r) for r in rows]
 
 
 @router.get("/{job_id}", response_model=JobView, summary="One job with its attempts")
-async def get_job(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+async def get_job(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     return await _view(ctx, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, summary="Cancel; kills its processes")
-async def cancel(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+async def cancel(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     row = await ctx.db.transact(repo.cancel, job_id, ctx.now())
     ctx.notifier.wake(job_key(job_id), "dispatch")
     if row["instance_id"]:
@@ -224,7 +224,7 @@ async def cancel(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     response_model=JobView,
     summary="Revoke the current attempt and queue the job again (counts as an attempt)",
 )
-async def requeue(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView:
+async def requeue(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobView:
     before = await _view(ctx, job_id)
     await ctx.db.transact(repo.requeue, job_id, ctx.now(), "requested by user")
     ctx.notifier.wake(job_key(job_id), "dispatch")
@@ -235,9 +235,13 @@ async def requeue(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> JobView
 
 @router.get("/{job_id}/logs", response_model=LogPage, summary="Read or follow a job's logs")
 async def logs(
-    job_id: int,
-    attempt: int | None = Query(default=None, ge=1, description="default: the current attempt"),
-    after: int = Query(default=-1, ge=-1, description="return chunks with seq > after"),
+    job_id: PathInt,
+    attempt: int | None = Query(
+        default=None, ge=1, le=INT64_MAX, description="default: the current attempt"
+    ),
+    after: int = Query(
+        default=-1, ge=-1, le=INT64_MAX, description="return chunks with seq > after"
+    ),
     wait: float = Query(default=0, ge=0, le=60, description="hold the reply until new output"),
     limit: int = Query(default=500, ge=1, le=5000),
     ctx: ServerContext = Depends(get_ctx),

@@ -4,6 +4,8 @@ upload (`corral put`), and the peer-token check agents make before serving data.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from pathlib import Path
 
 import httpx
@@ -15,12 +17,16 @@ from corral.server import uploads
 from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import body_limit
+from corral.server.params import PathInt, PathSha256
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
 
+log = logging.getLogger("corral.server")
 router = APIRouter(prefix="/api/v1", tags=["outputs"])
 admin = [Depends(require_admin)]
 PEER_TOKEN_HEADER = "X-Corral-Peer-Token"
+PEER_RECIPIENT_HEADER = "X-Corral-Peer-Recipient"  # the instance a token was issued to
 MAX_UPLOAD = 64 * 2**30
 
 
@@ -58,7 +64,7 @@ async def object_view(ctx: ServerContext, sha256: str) -> ObjectView:
 
 
 @router.get("/jobs/{job_id}/outputs", response_model=list[OutputView], dependencies=admin)
-async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> list[OutputView]:
+async def job_outputs(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> list[OutputView]:
     async def q(conn):
         await jobs_repo.require_job(conn, job_id)
         return await repo.list_outputs(conn, job_id)
@@ -78,7 +84,7 @@ async def job_outputs(job_id: int, ctx: ServerContext = Depends(get_ctx)) -> lis
 
 
 @router.get("/objects/{sha256}", response_model=ObjectView, dependencies=admin)
-async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
+async def get_object(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)) -> ObjectView:
     uploads.check_sha256(sha256)
     return await object_view(ctx, sha256)
 
@@ -88,29 +94,34 @@ async def get_object(sha256: str, ctx: ServerContext = Depends(get_ctx)) -> Obje
     dependencies=admin,
     summary="Download an object, streamed from an instance that holds it "
     "(or from its fleet's durable store)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
+async def content(sha256: PathSha256, ctx: ServerContext = Depends(get_ctx)):
     uploads.check_sha256(sha256)
 
     async def plan(conn):
         obj = await repo.get_object(conn, sha256)
         if obj is None:
-            return None, [], None
-        urls = await repo.sources(conn, sha256)
-        token = await repo.grant(conn, sha256, None, ctx.now()) if urls else None
+            return None, []
+        # only registered instances' peer endpoints; a token per holder (single-use)
+        srcs: list[tuple[str | None, str, str | None]] = [
+            (iid, url, await repo.grant(conn, sha256, None, ctx.now()))
+            for iid, url in await repo.holders(conn, sha256)
+        ]
         if durable := await repo.durable_source(conn, obj, ctx.now()):
-            urls.append(durable)  # last: instances first, the bucket if none answers
-        return obj, urls, token
+            srcs.append((None, durable, None))  # last: the bucket if no instance answers
+        return obj, srcs
 
-    obj, urls, token = await ctx.db.transact(plan)
+    obj, srcs = await ctx.db.transact(plan)
     if obj is None:
         raise ApiError(404, "not_found", f"object {sha256} not found")
     headers = {"X-Corral-Sha256": sha256, "Content-Length": str(obj["size"])}
     staged = staging_dir(ctx) / sha256
-    if not urls and staged.exists():
+    if not srcs and staged.exists():
         return FileResponse(staged, headers={"X-Corral-Sha256": sha256})
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300))
-    for url in urls:
+    client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=300), follow_redirects=False)
+    for instance_id, url, token in srcs:
         try:
             req = client.build_request(
                 "GET", url, headers={PEER_TOKEN_HEADER: token} if token else {}
@@ -121,22 +132,63 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
         if resp.status_code != 200:
             await resp.aclose()
             continue
-
-        async def body(resp=resp):
-            try:
-                async for chunk in resp.aiter_bytes(1024 * 1024):
-                    yield chunk
-            finally:
-                await resp.aclose()
-                await client.aclose()
-
-        return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+        return StreamingResponse(
+            verified(ctx, client, resp, sha256, obj["size"], instance_id),
+            headers=headers,
+            media_type="application/octet-stream",
+        )
     await client.aclose()
     raise ApiError(
         503,
         "unavailable",
-        f"no holder of {sha256[:12]}… answered ({len(urls)} tried); its state is {obj['state']}",
+        f"no holder of {sha256[:12]}… answered ({len(srcs)} tried); its state is {obj['state']}",
     )
+
+
+class WrongBytes(Exception):
+    pass
+
+
+async def verified(
+    ctx: ServerContext,
+    client: httpx.AsyncClient,
+    resp: httpx.Response,
+    sha256: str,
+    size: int,
+    instance_id: str | None,
+):
+    """The source's bytes, hashed as they pass; the last chunk is held back until the
+    whole body hashed right, so a client never gets a complete wrong body. On a
+    mismatch the stream is aborted (the client sees a body cut short) and that
+    replica is marked failed."""
+    digest, got, held = hashlib.sha256(), 0, b""
+    why = None
+    try:
+        async for chunk in resp.aiter_bytes(1024 * 1024):
+            got += len(chunk)
+            if got > size:
+                why = f"more than the object's {size} bytes"
+                break
+            digest.update(chunk)
+            if held:
+                yield held
+            held = chunk
+        else:
+            if got != size:
+                why = f"{got} of {size} bytes"
+            elif digest.hexdigest() != sha256:
+                why = f"sha256 {digest.hexdigest()[:12]}…"
+    finally:
+        await resp.aclose()
+        await client.aclose()
+    if why is None:
+        if held:
+            yield held
+        return
+    log.warning("object %s from %s: %s; download aborted", sha256[:12], instance_id, why)
+    if instance_id is not None:
+        await ctx.db.transact(repo.replica_bad, sha256, instance_id, why, ctx.now())
+    raise WrongBytes(f"object {sha256[:12]}… from {instance_id}: {why}")
 
 
 @router.put(
@@ -146,6 +198,7 @@ async def content(sha256: str, ctx: ServerContext = Depends(get_ctx)):
     dependencies=admin,
     summary="Upload a file as an object; answers once an instance holds it",
 )
+@body_limit(MAX_UPLOAD)  # streamed to disk, never held in memory
 async def put_object(
     request: Request,
     name: str | None = Query(default=None, max_length=1000),
@@ -172,7 +225,8 @@ async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get
     """An upload not yet on any instance, fetched by the instance it was placed on."""
     uploads.check_sha256(sha256)
     token = request.headers.get(PEER_TOKEN_HEADER, "")
-    why = await ctx.db.query(repo.verify_grant, sha256, token, ctx.now())
+    recipient = request.headers.get(PEER_RECIPIENT_HEADER) or None
+    why = await ctx.db.transact(repo.verify_grant, sha256, token, ctx.now(), recipient=recipient)
     if why:
         raise ApiError(403, "forbidden", why)
     path = staging_dir(ctx) / sha256
@@ -189,7 +243,9 @@ async def staged(sha256: str, request: Request, ctx: ServerContext = Depends(get
 async def verify(
     body: PeerVerify, who: Principal = Depends(require_agent), ctx: ServerContext = Depends(get_ctx)
 ) -> dict:
-    why = await ctx.db.query(repo.verify_grant, body.sha256, body.token, ctx.now())
+    why = await ctx.db.transact(
+        repo.verify_grant, body.sha256, body.token, ctx.now(), recipient=body.recipient
+    )
     if why:
         raise ApiError(403, "forbidden", why)
     return {"ok": True}
