@@ -206,7 +206,7 @@ def test_a_database_failure_is_a_503_and_is_counted(tmp_path: Path):
         r = await http.get("/api/v1/jobs", headers=auth)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "database_unavailable"
-        scrape = await http.get("/metrics")
+        scrape = await http.get("/metrics", headers=auth)
         assert scrape.status_code == 200  # this process's metrics, without the db gauges
         assert "corral_jobs{" not in scrape.text and "corral_build_info{" in scrape.text
         assert (errors("request"), errors("metrics")) == (before[0] + 1, before[1] + 1)

@@ -12,8 +12,10 @@ from corral.testing import Cluster, job_python, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    r = httpx.get(url + "/metrics", timeout=10)
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """/metrics, with the admin token (a server without --public-metrics needs one)."""
+    auth = {"Authorization": f"Bearer {server.admin_token}"}
+    r = httpx.get(server.url + "/metrics", headers=auth, timeout=10)
     assert r.status_code == 200, r.text
     out: dict[tuple[str, tuple], float] = {}
     for family in text_string_to_metric_families(r.text):
@@ -31,7 +33,7 @@ def test_metrics_move_when_jobs_run(cluster: Cluster, db_url: str):
     cluster.agent(server, name="m1")
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1)
-    before = scrape(server.url)
+    before = scrape(server)
     assert value(before, "corral_agents", state="running", lost="false") == 1
     assert value(before, "corral_attempts_started_total") == 0
     build = [k for k in before if k[0] == "corral_build_info"]
@@ -44,7 +46,7 @@ def test_metrics_move_when_jobs_run(cluster: Cluster, db_url: str):
         60,
         "both jobs to finish",
     )
-    after = scrape(server.url)
+    after = scrape(server)
     assert value(after, "corral_jobs_submitted_total", fleet="") == 2
     assert value(after, "corral_attempts_started_total") == 2
     assert value(after, "corral_attempts_finished_total", outcome="succeeded") == 1

@@ -27,6 +27,7 @@ from corral.server.api import objects as objects_api
 from corral.server.api.jobs import job_key
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import DASHBOARD_COOKIE, public_form
 from corral.server.health import health_report
 from corral.server.views import (
     attempt_view,
@@ -47,7 +48,7 @@ router = APIRouter(include_in_schema=False)
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 static = StaticFiles(directory=str(HERE / "static"))
-COOKIE = "corral_token"
+COOKIE = DASHBOARD_COOKIE
 PAGE = 50
 JOB_STATES = [s.value for s in JobState]
 
@@ -148,6 +149,7 @@ async def login_form(request: Request, ctx: ServerContext = Depends(get_ctx)):
 
 
 @router.post("/login", response_class=HTMLResponse)
+@public_form
 async def login(request: Request, ctx: ServerContext = Depends(get_ctx)):
     _same_origin(request)
     form = await _form(request)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, MutableMapping
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +38,9 @@ INT64_MAX = 2**63 - 1
 
 BEARER = "bearer"
 ATTEMPT = "attempt"
+PUBLIC = "public"
+DASHBOARD_COOKIE = "corral_token"  # corral.server.dashboard.COOKIE
+PUBLIC_FORM_LIMIT = 8 * 1024
 
 F = Callable[..., Any]
 
@@ -55,6 +59,24 @@ def attempt_body(fn: F) -> F:
     """This route's body is authenticated by the attempt token (runner routes)."""
     setattr(fn, AUTH_ATTR, ATTEMPT)
     return fn
+
+
+def public_form(fn: F) -> F:
+    """Anyone may send this route a small form (the sign-in form, which checks the token
+    it carries itself): not authenticated, capped at PUBLIC_FORM_LIMIT."""
+    setattr(fn, AUTH_ATTR, PUBLIC)
+    setattr(fn, LIMIT_ATTR, PUBLIC_FORM_LIMIT)
+    return fn
+
+
+def _cookie(headers: dict[str, str], name: str) -> str:
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(headers.get("cookie", ""))
+    except CookieError:
+        return ""
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None else ""
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -109,8 +131,11 @@ class BodyGuard:
     ) -> tuple[int, dict] | None:
         """Why this body may not be read (status, error body), or None."""
         ctx = self.routes_app.state.ctx
+        mode = getattr(endpoint, AUTH_ATTR, BEARER)
+        if mode == PUBLIC:
+            return None
         try:
-            if getattr(endpoint, AUTH_ATTR, BEARER) == ATTEMPT:
+            if mode == ATTEMPT:
                 token = headers.get(ATTEMPT_TOKEN_HEADER, "")
                 try:
                     job_id, number = int(params["job_id"]), int(params["number"])
@@ -129,6 +154,8 @@ class BodyGuard:
                 )
             scheme, _, secret = headers.get("authorization", "").partition(" ")
             secret = secret.strip()
+            if "authorization" not in headers:  # the dashboard's forms carry its cookie
+                scheme, secret = "bearer", _cookie(headers, DASHBOARD_COOKIE)
             if scheme.lower() != "bearer" or not secret:
                 return 401, error_body(
                     "unauthorized", "missing bearer token (Authorization: Bearer ...)"

@@ -12,13 +12,13 @@ from corral.server import metrics as m
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.guard import DASHBOARD_COOKIE
 from corral.server.health import health_report
 from corral.store import metrics as store_metrics
 from corral.store import tokens
 from corral.store.db import DatabaseError
 
 router = APIRouter(tags=["health"])
-DASHBOARD_COOKIE = "corral_token"
 
 
 async def require_observer(request: Request, ctx: ServerContext = Depends(get_ctx)) -> None:
