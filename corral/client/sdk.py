@@ -43,6 +43,22 @@ def _file_chunks(path, on_progress: Callable[[int], None] | None):
             yield chunk
 
 
+def last_lines(chunks: list[tuple[str, bytes]], n: int) -> list[tuple[str, bytes]]:
+    """The pieces of `chunks` (stream, bytes) that make up their last `n` lines (both
+    streams together, in order; an unfinished last line counts as a line)."""
+    pieces: list[tuple[int, str, bytes]] = []
+    line = 0
+    for stream, data in chunks:
+        for piece in data.splitlines(keepends=True):
+            pieces.append((line, stream, piece))
+            if piece.endswith((b"\n", b"\r")):
+                line += 1
+    if not pieces or n <= 0:
+        return []
+    last = pieces[-1][0]
+    return [(stream, piece) for no, stream, piece in pieces if no > last - n]
+
+
 class CorralError(Exception):
     """An error answer from the server, or no answer at all."""
 
@@ -143,11 +159,27 @@ class Client:
         attempt: int | None = None,
         until_final: bool = True,
         wait: float = 10.0,
+        tail: int | None = None,
     ) -> LogPage:
         """Stream a job's output as it is produced, following it from attempt to
         attempt (or only `attempt`), until the job ends; with until_final=False, only
-        what is there now. Returns the last page (it carries the job's state)."""
+        what is there now; with `tail`, starting with only the last `tail` lines of what
+        is there now. Returns the last page (it carries the job's state)."""
         following, after = attempt or 0, -1
+        if tail is not None:
+            held: list[tuple[str, bytes]] = []
+            while True:
+                page = self.logs(job_id, attempt=following or None, after=after)
+                if not following and page.attempt:
+                    following = page.attempt
+                if not page.chunks:
+                    break
+                held += [(c.stream, base64.b64decode(c.data)) for c in page.chunks]
+                after = page.next_seq
+            for stream, data in last_lines(held, tail):
+                on_output(stream, data)
+            if not until_final:
+                return page
         while True:
             page = self.logs(
                 job_id, attempt=following or None, after=after, wait=wait if until_final else 0
