@@ -10,29 +10,27 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
-from corral.api import (
-    ComponentPublish,
-    ComponentView,
-    DrainView,
-    EventView,
-    FleetSpec,
-    FleetView,
-    InstanceComponentView,
-    InstanceView,
-    JobSubmit,
-    JobView,
-    LogPage,
-    ObjectView,
-    OutputView,
-    RolloutRequest,
-    RolloutView,
-    ServerView,
-)
+from corral.api.jobs import JobSubmit, JobView, LogPage
 from corral.client.config import resolve
 from corral.domain.jobs import FINAL_JOB_STATES
+
+if TYPE_CHECKING:
+    from corral.api import (
+        ComponentView,
+        DrainView,
+        EventView,
+        FleetView,
+        InstanceComponentView,
+        InstanceView,
+        ObjectView,
+        OutputView,
+        RolloutView,
+        ServerView,
+    )
 
 
 def _file_chunks(path, on_progress: Callable[[int], None] | None):
@@ -205,6 +203,8 @@ class Client:
     # -- fleet and control plane ------------------------------------------------------------
 
     def instances(self, include_terminated: bool = False) -> list[InstanceView]:
+        from corral.api import InstanceView
+
         return [
             InstanceView.model_validate(i)
             for i in self._call("GET", "/api/v1/instances", params={"all": include_terminated})
@@ -218,6 +218,8 @@ class Client:
         wait: float = 0,
         job: int | None = None,
     ) -> list[EventView]:
+        from corral.api import EventView
+
         params = {"level": level, "after": after, "limit": limit, "wait": wait}
         if job is not None:
             params["job"] = job
@@ -227,6 +229,8 @@ class Client:
         ]
 
     def servers(self, include_stopped: bool = False) -> list[ServerView]:
+        from corral.api import ServerView
+
         return [
             ServerView.model_validate(s)
             for s in self._call("GET", "/api/v1/servers", params={"all": include_stopped})
@@ -238,12 +242,16 @@ class Client:
     # -- outputs, uploads, instances and fleets ----------------------------------------------
 
     def outputs(self, job_id: int) -> list[OutputView]:
+        from corral.api import OutputView
+
         return [
             OutputView.model_validate(o)
             for o in self._call("GET", f"/api/v1/jobs/{job_id}/outputs")
         ]
 
     def object(self, sha256: str) -> ObjectView:
+        from corral.api import ObjectView
+
         return ObjectView.model_validate(self._call("GET", f"/api/v1/objects/{sha256}"))
 
     def download(self, sha256: str, dest, on_progress: Callable[[int], None] | None = None):
@@ -297,6 +305,8 @@ class Client:
         answer comes once an instance holds it, or after `wait` seconds."""
         from pathlib import Path
 
+        from corral.api import ObjectView
+
         return ObjectView.model_validate(
             self._call(
                 "PUT",
@@ -308,20 +318,40 @@ class Client:
         )
 
     def drain(self, instance: str, force: bool = False) -> DrainView:
+        from corral.api import DrainView
+
         return DrainView.model_validate(
             self._call("POST", f"/api/v1/instances/{instance}/drain", json={"force": force})
         )
 
+    def undrain(self, instance: str) -> InstanceView:
+        from corral.api import InstanceView
+
+        return InstanceView.model_validate(
+            self._call("POST", f"/api/v1/instances/{instance}/undrain")
+        )
+
+    def instance(self, instance: str) -> InstanceView:
+        from corral.api import InstanceView
+
+        return InstanceView.model_validate(self._call("GET", f"/api/v1/instances/{instance}"))
+
     def fleets(self) -> list[FleetView]:
+        from corral.api import FleetView
+
         return [FleetView.model_validate(f) for f in self._call("GET", "/api/v1/fleets")]
 
     def apply_fleet(self, spec: dict) -> FleetView:
+        from corral.api import FleetSpec, FleetView
+
         fleet = FleetSpec.model_validate(spec)
         return FleetView.model_validate(
             self._call("PUT", f"/api/v1/fleets/{fleet.name}", json=fleet.model_dump())
         )
 
     def scale(self, fleet: str, size: int) -> FleetView:
+        from corral.api import FleetView
+
         return FleetView.model_validate(
             self._call("POST", f"/api/v1/fleets/{fleet}/scale", json={"size": size})
         )
@@ -329,11 +359,15 @@ class Client:
     # -- components and rollouts -------------------------------------------------------------
 
     def components(self) -> list[ComponentView]:
+        from corral.api import ComponentView
+
         return [ComponentView.model_validate(c) for c in self._call("GET", "/api/v1/components")]
 
     def publish(
         self, name: str, version: str, url: str, sha256: str, size: int | None = None
     ) -> ComponentView:
+        from corral.api import ComponentPublish, ComponentView
+
         spec = ComponentPublish(name=name, version=version, url=url, sha256=sha256, size=size)
         return ComponentView.model_validate(
             self._call("POST", "/api/v1/components", json=spec.model_dump())
@@ -346,6 +380,8 @@ class Client:
         )
 
     def component_status(self, component: str | None = None) -> list[InstanceComponentView]:
+        from corral.api import InstanceComponentView
+
         params = {"component": component} if component else None
         return [
             InstanceComponentView.model_validate(r)
@@ -353,23 +389,31 @@ class Client:
         ]
 
     def rollout(self, component: str, version: str, **options) -> RolloutView:
+        from corral.api import RolloutRequest, RolloutView
+
         req = RolloutRequest(component=component, version=version, **options)
         return RolloutView.model_validate(
             self._call("POST", "/api/v1/rollouts", json=req.model_dump())
         )
 
     def rollouts(self, limit: int = 50) -> list[RolloutView]:
+        from corral.api import RolloutView
+
         return [
             RolloutView.model_validate(r)
             for r in self._call("GET", "/api/v1/rollouts", params={"limit": limit})
         ]
 
     def resume_rollout(self, rollout_id: int) -> RolloutView:
+        from corral.api import RolloutView
+
         return RolloutView.model_validate(
             self._call("POST", f"/api/v1/rollouts/{rollout_id}/resume")
         )
 
     def rollback(self, component: str, fleet: str | None = None) -> RolloutView:
+        from corral.api import RolloutView
+
         params = {"component": component, **({"fleet": fleet} if fleet else {})}
         return RolloutView.model_validate(
             self._call("POST", "/api/v1/rollouts/rollback", params=params)
