@@ -18,7 +18,18 @@ from corral.client.cli import app
 SERVER_EXTRA_HINT = "pip install 'corral[server]'"
 
 # the modules only `corral[server]` installs; a missing one means the extra is missing
-SERVER_PACKAGES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "aiosqlite", "asyncpg")
+SERVER_PACKAGES = (
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "alembic",
+    "aiosqlite",
+    "asyncpg",
+    "prometheus_client",
+    "jinja2",
+    "psutil",
+    "asyncssh",
+)
 
 
 def _server_up() -> Callable[..., Any]:
@@ -49,7 +60,7 @@ def load_daemon(name: str, loader: Callable[[], Callable[..., Any]]) -> Callable
         return loader()
     except ImportError as exc:
         missing = (exc.name or "").split(".")[0]
-        if missing in SERVER_PACKAGES or missing == "psutil" or missing == "asyncssh":
+        if missing in SERVER_PACKAGES:
             from corral.client.render import say
 
             say(
