@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -75,3 +76,68 @@ def test_job_text_is_never_markup_nor_terminal_control(server):
     assert view["command"] == NASTY_COMMAND
     assert view["name"] == NASTY_NAME
     assert "\x1b" not in r.stdout  # json.dumps escapes it as \u001b
+
+
+def test_tables_fit_the_terminal_pipes_get_tabs_and_yaml_is_data(server):
+    from corral.client.sdk import Client
+
+    long_cmd = ["sh", "-c", "echo" + " a-long-command-line" * 8]
+    with Client(server=server.url, token=server.admin_token) as c:
+        ids = [c.submit(long_cmd, name=f"named-{i}").id for i in range(3)]
+
+    # a terminal of 80 columns: no line is longer, ids and the NAME column are whole
+    r = cli(server, "jobs", tty=True, columns=80)
+    assert r.returncode == 0, r.stderr
+    lines = SGR.sub("", r.stdout).splitlines()
+    assert lines[0].split()[:3] == ["ID", "NAME", "STATE"]
+    assert all(len(line) <= 80 for line in lines), lines
+    for i, job_id in enumerate(ids):
+        row = next(line for line in lines if line.split()[0] == str(job_id))
+        assert f"named-{i}" in row
+        assert "…" in row  # the long command is cut to fit, with a mark
+    # a very narrow terminal drops whole columns rather than breaking an id
+    r = cli(server, "jobs", tty=True, columns=30)
+    lines = SGR.sub("", r.stdout).splitlines()
+    assert all(len(line) <= 30 for line in lines), lines
+    assert {line.split()[0] for line in lines[1:]} >= {str(i) for i in ids}
+
+    # wide: every column, nothing cut
+    r = cli(server, "jobs", "-o", "wide", tty=True, columns=80)
+    text = SGR.sub("", r.stdout)
+    assert "REASON" in text and shlex.join(long_cmd) in text
+
+    # piped: tab-separated, a header line, the command whole
+    r = cli(server, "jobs", tty=False)
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert rows[0][:4] == ["ID", "NAME", "STATE", "COMMAND"]
+    assert "\x1b" not in r.stdout
+    by_id = {row[0]: row for row in rows[1:]}
+    assert by_id[str(ids[0])][1] == "named-0"
+    assert by_id[str(ids[0])][3] == shlex.join(long_cmd)
+
+    # yaml and json carry the same data; timestamps are ISO-8601 UTC
+    import yaml
+
+    as_yaml = yaml.safe_load(cli(server, "jobs", "-o", "yaml", tty=False).stdout)
+    as_json = json.loads(cli(server, "jobs", "--json", tty=False).stdout)
+    assert as_yaml == as_json
+    assert {j["name"] for j in as_json} >= {"named-0", "named-1", "named-2"}
+
+    # --watch redraws until stopped (here: after 2 rounds)
+    r = cli(server, "jobs", "--watch", "--interval", "0.2", "--count", "2", tty=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ID\tNAME\tSTATE") == 2
+
+    # an unknown format is a usage error naming the choices
+    r = cli(server, "jobs", "-o", "xml", tty=False)
+    assert r.returncode == 2
+    assert "table, wide, json, yaml" in r.stderr
+
+
+def test_version_names_the_cli_and_the_server_build(server):
+    import corral
+
+    r = cli(server, "--version", tty=False)
+    assert r.returncode == 0, r.stderr
+    assert f"corral {corral.__version__} (CLI)" in r.stdout
+    assert f"server {corral.__version__}" in r.stdout

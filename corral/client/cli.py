@@ -20,6 +20,7 @@ import typer
 from corral.client.render import (
     Col,
     ago,
+    emit,
     output_format,
     print_data,
     render_table,
@@ -364,14 +365,10 @@ def jobs(
 
 def _show(draw, watching: bool, interval: float, count: int) -> None:
     """Print `draw()` once, or again and again with --watch."""
-    from corral.client.render import console
-
     if watching:
         watch(draw, interval, count)
         return
-    view = draw()
-    if view is not None:
-        console.print(view, soft_wrap=True)
+    emit(draw())
 
 
 @app.command()

@@ -224,7 +224,20 @@ def table(
 ) -> None:
     """Print rows: a table fitted to the terminal, all columns uncut with -o wide, or
     tab-separated lines (with a header line) when stdout is not a terminal."""
-    console.print(render_table(title, columns, rows, empty, fmt), soft_wrap=True)
+    emit(render_table(title, columns, rows, empty, fmt))
+
+
+class Plain(str):
+    """Lines for a pipe: written as they are (Rich would expand the tabs)."""
+
+
+def emit(view: Any) -> None:
+    """Print what render_table() (or any Rich renderable) made."""
+    if isinstance(view, Plain):
+        sys.stdout.write(view)
+        sys.stdout.flush()
+    elif view is not None:
+        console.print(view, soft_wrap=True)
 
 
 def render_table(
@@ -238,12 +251,12 @@ def render_table(
     keep = [i for i, c in enumerate(cols) if fmt == "wide" or not c.wide]
     cols = [cols[i] for i in keep]
     cells = [[_cell(r[i]) for i in keep] for r in rows]
-    if not cells:
-        return Text(empty, style="dim")
-    if not is_terminal():
+    if not is_terminal():  # for scripts: a header line, then one line per row
         lines = ["\t".join(c.name for c in cols)]
         lines += ["\t".join(c.plain for c in r) for r in cells]
-        return Text("\n".join(lines))
+        return Plain("\n".join(lines) + "\n")
+    if not cells:
+        return Text(empty, style="dim")
     if fmt == "wide":
         widths = {
             i: max([len(cols[i].name)] + [r[i].cell_len for r in cells]) for i in range(len(cols))
@@ -283,8 +296,8 @@ def watch(draw: Callable[[], Any], interval: float, count: int) -> None:
                 console.clear()
                 console.print(Text(f"every {interval:g}s   {stamp}   Ctrl-C stops", style="dim"))
             elif n:
-                console.print()
-            console.print(view, soft_wrap=True)
+                emit(Plain("\n"))
+            emit(view)
             n += 1
             if count and n >= count:
                 return
