@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from corral.client import components_cli, data_cli  # noqa: F401  (commands)
+from corral.client import components_cli, context_cli, data_cli  # noqa: F401  (commands)
 from corral.client.cli import app
 
 SERVER_EXTRA_HINT = "pip install 'corral[server]'"

@@ -49,15 +49,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# CORRAL_SERVER / CORRAL_TOKEN are read by the SDK's config (not by Typer), so an error
+# can say which of flag, environment, context or token file a bad token came from
 ServerOpt = typer.Option(
     None,
     "--server",
-    envvar="CORRAL_SERVER",
-    help="server URL (several: comma-separated, tried in turn)",
-    show_envvar=True,
+    help="server URL; several comma-separated are tried in turn [env: CORRAL_SERVER; "
+    "default: the current context, or the server `corral up` started]",
 )
 TokenOpt = typer.Option(
-    None, "--token", envvar="CORRAL_TOKEN", help="admin token", show_envvar=True
+    None,
+    "--token",
+    help="admin token [env: CORRAL_TOKEN; default: the context's token file, or the "
+    "one `corral up` wrote]",
 )
 JsonOpt = typer.Option(False, "--json", help="print JSON (the same as -o json)")
 OutputOpt = typer.Option(
