@@ -122,6 +122,9 @@ def test_tables_fit_the_terminal_pipes_get_tabs_and_yaml_is_data(server):
     as_json = json.loads(cli(server, "jobs", "--json", tty=False).stdout)
     assert as_yaml == as_json
     assert {j["name"] for j in as_json} >= {"named-0", "named-1", "named-2"}
+    iso_utc = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+    assert all(iso_utc.match(j["created_at"]) for j in as_json), as_json[0]["created_at"]
+    assert all(j["started_at"] is None for j in as_json)  # queued: not started
 
     # --watch redraws until stopped (here: after 2 rounds)
     r = cli(server, "jobs", "--watch", "--interval", "0.2", "--count", "2", tty=False)
