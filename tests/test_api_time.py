@@ -52,6 +52,7 @@ def test_openapi_says_date_time_and_none_stays_none():
             cpus=1,
             memory_mb=0,
             max_attempts=3,
+            attempt=0,
             instance_id=None,
             exit_code=None,
             reason=None,
