@@ -69,6 +69,15 @@ def test_job_text_is_never_markup_nor_terminal_control(server):
             assert r.returncode == 0, (args, tty, r.stdout, r.stderr)
             _assert_neutralised(r.stdout)
 
+    # a queued job says why it waits (the dispatcher's reason, once it has looked)
+    from corral.client.sdk import Client
+    from corral.testing import wait_for
+
+    with Client(server=server.url, token=server.admin_token) as c:
+        wait_for(lambda: c.job(job_id).reason, 30, "a reason for the queued job")
+    r = cli(server, "job", str(job_id), tty=False)
+    assert "waiting   no running instance" in r.stdout, r.stdout
+
     # JSON carries the text exactly as submitted (it is data, escaped by JSON itself)
     r = cli(server, "job", str(job_id), "-o", "json", tty=False)
     assert r.returncode == 0, r.stderr
