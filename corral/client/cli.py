@@ -397,9 +397,10 @@ def job(
     say(f"  attempts  {j.attempt} of max {j.max_attempts}")
     if j.exit_code is not None:
         say(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")
-    if j.reason:
-        label = "  waiting   " if j.state == "queued" else "  reason    "
-        say(label, (j.reason, "yellow" if j.state == "queued" else ""))
+    if j.reason and j.state == "queued":  # the dispatcher's word on why it waits
+        say("  waiting   ", (j.reason.removeprefix("waiting: "), "yellow"))
+    elif j.reason:
+        say("  reason    ", (j.reason, ""))
     for note in j.notes:
         say("  note      ", (note, ""))
     if j.workdir:
