@@ -160,3 +160,35 @@ def test_contexts_failover_and_where_a_bad_token_came_from(one_agent, tmp_path: 
     r = cli("context", "use", "nosuch", env=env)
     assert r.returncode == 2
     assert "lab, prod" in r.stderr
+
+
+def test_run_says_why_its_job_waits(one_agent):
+    """`corral run` following a job no instance can take says why, not only `corral job`."""
+    import selectors
+    import time
+
+    server = one_agent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update(CORRAL_SERVER=server.url, CORRAL_TOKEN=server.admin_token)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "run", "--cpus", "64", "--", "true"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while "waiting" not in seen and time.monotonic() < deadline:
+            if sel.select(timeout=1):
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                seen += line
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert "no running instance has 64 cpus" in seen, seen

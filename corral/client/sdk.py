@@ -78,6 +78,7 @@ def _log_steps(job_id, attempt, until_final, wait, tail):
     yields ("get", params) and is sent the LogPage; it yields ("out", (stream, bytes))
     and ("notice", text) for the caller to act on; it returns the last page."""
     following, after = attempt or 0, -1
+    said = None
     if tail is not None:
         held: list[tuple[str, bytes]] = []
         while True:
@@ -104,6 +105,9 @@ def _log_steps(job_id, attempt, until_final, wait, tail):
         after = page.next_seq
         if page.chunks:
             continue
+        if until_final and page.job_state == "queued" and page.reason and page.reason != said:
+            said = page.reason  # why it waits, once per new reason
+            yield ("notice", page.reason)
         moved_on = page.current_attempt and page.current_attempt != following
         if attempt is None and moved_on:
             if following:
