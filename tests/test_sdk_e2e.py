@@ -75,6 +75,8 @@ def test_sdk_runs_waits_and_fetches_results(one_agent, tmp_path: Path):
 
         # the CLI's logs --tail: only the last lines
         env = {"CORRAL_SERVER": server.url, "CORRAL_TOKEN": server.admin_token}
+        r = cli("--version", env=env)
+        assert "agent " in r.stdout and "on 1 instance(s)" in r.stdout, r.stdout
         r = cli("logs", str(job.id), "--tail", "2", env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout == "line 4\nline 5\n"

@@ -75,17 +75,21 @@ CountOpt = typer.Option(0, "--count", min=0, help="stop after this many redraws 
 def _version(value: bool) -> None:
     if not value:
         return
-    import os
-
     from corral import __version__
 
     print(f"corral {__version__} (CLI)")
     try:
         from corral.client.sdk import Client, CorralError
 
-        with Client(server=os.environ.get("CORRAL_SERVER"), timeout=3) as c:
+        with Client(timeout=3) as c:
             h = c.health()
-        print(f"server {h.get('build_version', '?')} at {c.server}")
+            print(f"server {h.get('build_version', '?')} at {c.server}")
+            try:
+                agents = [i.agent_version for i in c.instances() if i.agent_version]
+            except CorralError:  # e.g. no valid token: the versions stay unknown
+                agents = []
+        for v in sorted(set(agents)):
+            print(f"agent {v} on {agents.count(v)} instance(s)")
     except (CorralError, OSError, ValueError) as exc:
         message = getattr(exc, "message", str(exc))
         say(("server not reachable: ", "dim"), (message, "dim"), err=True)
