@@ -121,3 +121,18 @@ def _name(req: str) -> str:
     import re
 
     return re.split(r"[\[<>=~! ;]", req, maxsplit=1)[0].lower()
+
+
+def test_every_wire_model_and_client_module_imports_without_the_server_stack():
+    code = (
+        "import sys, corral.api as a\n"
+        "for n in a.__all__: getattr(a, n)\n"
+        "import corral.client.workdir, corral.client.sdk, corral.client.data_cli\n"
+        "import corral.client.context_cli, corral.client.components_cli\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_STACK!r}))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
