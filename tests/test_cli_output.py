@@ -139,6 +139,10 @@ def test_tables_fit_the_terminal_pipes_get_tabs_and_yaml_is_data(server):
     r = cli(server, "jobs", "--watch", "--interval", "0.2", "--count", "2", tty=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("ID\tNAME\tSTATE") == 2
+    for command, header in (("instances", "NAME\tID\tFLEET"), ("rollouts", "ID\tCOMPONENT")):
+        r = cli(server, command, "--watch", "--interval", "0.2", "--count", "2", tty=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count(header) == 2, r.stdout
 
     # an unknown format is a usage error naming the choices
     r = cli(server, "jobs", "-o", "xml", tty=False)
