@@ -21,7 +21,6 @@ from corral.client.cli import (
 )
 from corral.client.render import (
     Col,
-    err_console,
     output_format,
     print_data,
     print_json,
@@ -39,6 +38,8 @@ if TYPE_CHECKING:
 def _bar(description: str, total: int | None) -> tuple[Progress, TaskID]:
     from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from corral.client.render import err_console
 
     description = escape(description)
     bar = Progress(

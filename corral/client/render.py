@@ -15,14 +15,37 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str) -> Any:
+    """`console` and `err_console` are made on first use: Rich is not imported for
+    `corral --help`."""
+    if name in ("console", "err_console"):
+        from rich.console import Console
+
+        made = Console(stderr=name == "err_console", highlight=False)
+        globals()[name] = made
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console(err: bool = False) -> Console:
+    return __getattr__("err_console" if err else "console")
+
+
+def _text_class() -> type[Text]:
+    from rich.text import Text
+
+    return Text
+
 
 FORMATS = ("table", "wide", "json", "yaml")
 
@@ -66,12 +89,13 @@ def clean(value: object, *, newlines: bool = False) -> str:
 
 def styled(state: object) -> Text:
     value = clean(getattr(state, "value", state))
-    return Text(value, style=STATE_STYLE.get(value, ""))
+    return _text_class()(value, style=STATE_STYLE.get(value, ""))
 
 
 def text(*parts: str | Text | tuple[object, str]) -> Text:
     """A line from pieces: a `str` is our own fixed wording (printed as is, no markup),
     a `(value, style)` pair is user data (cleaned), a `Text` is already safe."""
+    Text = _text_class()
     out = Text()
     for p in parts:
         if isinstance(p, Text):
@@ -85,7 +109,7 @@ def text(*parts: str | Text | tuple[object, str]) -> Text:
 
 def say(*parts: str | Text | tuple[object, str], err: bool = False) -> None:
     """Print one line built by `text()`."""
-    (err_console if err else console).print(text(*parts), soft_wrap=True)
+    _console(err).print(text(*parts), soft_wrap=True)
 
 
 def ago(ts: dt.datetime | float | None, now: float | None = None) -> str:
@@ -154,7 +178,7 @@ def output_format(output: str | None, as_json: bool = False) -> str:
 
 
 def is_terminal() -> bool:
-    return console.is_terminal
+    return _console().is_terminal
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -172,10 +196,11 @@ class Col:
     wide: bool = False
 
 
-Cell = str | Text | tuple[object, str] | None | int | float
+Cell = Any  # str | Text | tuple[object, str] | None | int | float
 
 
 def _cell(v: Cell) -> Text:
+    Text = _text_class()
     if isinstance(v, Text):
         return v
     if isinstance(v, tuple):
@@ -237,7 +262,7 @@ def emit(view: Any) -> None:
         sys.stdout.write(view)
         sys.stdout.flush()
     elif view is not None:
-        console.print(view, soft_wrap=True)
+        _console().print(view, soft_wrap=True)
 
 
 def render_table(
@@ -256,13 +281,15 @@ def render_table(
         lines += ["\t".join(c.plain for c in r) for r in cells]
         return Plain("\n".join(lines) + "\n")
     if not cells:
-        return Text(empty, style="dim")
+        return _text_class()(empty, style="dim")
     if fmt == "wide":
         widths = {
             i: max([len(cols[i].name)] + [r[i].cell_len for r in cells]) for i in range(len(cols))
         }
     else:
-        widths = fit(cols, cells, console.width)
+        widths = fit(cols, cells, _console().width)
+    from rich.table import Table
+
     t = Table(
         title=title,
         box=None,
@@ -293,8 +320,10 @@ def watch(draw: Callable[[], Any], interval: float, count: int) -> None:
             view = draw()
             stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             if is_terminal():
-                console.clear()
-                console.print(Text(f"every {interval:g}s   {stamp}   Ctrl-C stops", style="dim"))
+                _console().clear()
+                _console().print(
+                    _text_class()(f"every {interval:g}s   {stamp}   Ctrl-C stops", style="dim")
+                )
             elif n:
                 emit(Plain("\n"))
             emit(view)
