@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,17 +35,23 @@ def corral_argv() -> list[str]:
 
 
 def timed(argv: list[str], runs: int, env: dict[str, str]) -> dict:
-    walls = []
+    """Wall time, and the CPU time (user + system) the command itself used: on a
+    machine shared with other work the CPU time is the steadier figure."""
+    walls, cpus = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         r = subprocess.run(argv, env=env, capture_output=True, timeout=120)
         walls.append(time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if r.returncode != 0:
             raise SystemExit(f"{argv} failed: {r.stderr.decode()[-500:]}")
     return {
         "median_s": round(statistics.median(walls), 3),
         "min_s": round(min(walls), 3),
         "max_s": round(max(walls), 3),
+        "cpu_median_s": round(statistics.median(cpus), 3),
         "runs": runs,
     }
 
