@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62})$"
 
@@ -66,3 +76,51 @@ def parse_memory_mb(text: str) -> int:
 def parse_bytes(text: str) -> int:
     """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
     return int(_parse_size(text, "b", "512K, 64M, 1G"))
+
+
+class UtcTime(float):
+    """A moment as seconds since the epoch (so the server's arithmetic on it stays
+    plain), shown on the wire as ISO-8601 UTC: `2026-05-01T12:00:00.250000Z`.
+    `.datetime` is the timezone-aware datetime."""
+
+    @property
+    def datetime(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self, dt.UTC)
+
+    def isoformat(self) -> str:
+        return self.datetime.isoformat().replace("+00:00", "Z")
+
+    def __repr__(self) -> str:
+        return f"UtcTime({self.isoformat()!r})"
+
+
+def _to_utc_time(value: Any) -> Any:
+    """Accept ISO-8601 (a naive one is UTC), a datetime, or epoch seconds."""
+    if value is None or isinstance(value, UtcTime):
+        return value
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO-8601 time") from None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return UtcTime(value.timestamp())
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return UtcTime(value)
+    return value
+
+
+def _iso(value: float) -> str:
+    return UtcTime(value).isoformat()
+
+
+Timestamp = Annotated[
+    float,
+    BeforeValidator(_to_utc_time),
+    AfterValidator(UtcTime),
+    PlainSerializer(_iso, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+"""A wire-schema time: ISO-8601 UTC in JSON, a `UtcTime` (epoch float) in Python."""

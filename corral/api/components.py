@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
-from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Strict
+from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Strict, Timestamp
 from corral.domain.reconcile import ComponentState, RolloutState
 
 
@@ -31,7 +31,7 @@ class ComponentView(BaseModel):
     url: str
     sha256: str
     size: int | None
-    created_at: float
+    created_at: Timestamp
 
 
 class RolloutRequest(Strict):
@@ -71,8 +71,8 @@ class RolloutView(BaseModel):
     max_unavailable: int
     failure_threshold: int
     allow_downgrade: bool
-    created_at: float
-    updated_at: float
+    created_at: Timestamp
+    updated_at: Timestamp
     message: str | None
     progress: RolloutProgress = Field(default_factory=RolloutProgress)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from corral.api.common import Strict
+from corral.api.common import Strict, Timestamp
 from corral.domain.instances import InstanceState
 from corral.domain.provisioning import ProvisionState
 
@@ -21,10 +21,10 @@ class InstanceView(BaseModel):
     running_attempts: int
     host: str | None
     agent_version: str | None
-    registered_at: float | None
-    last_heartbeat_at: float | None
-    drain_requested_at: float | None = None
-    retired_at: float | None = None
+    registered_at: Timestamp | None
+    last_heartbeat_at: Timestamp | None
+    drain_requested_at: Timestamp | None = None
+    retired_at: Timestamp | None = None
     message: str | None = None
     backend_ref: str | None = Field(
         default=None, description="its machine, as its backend names it (ssh:USER@HOST:PORT)"
@@ -34,7 +34,7 @@ class InstanceView(BaseModel):
     )
     provision_error: str | None = Field(default=None, description="the last provisioning error")
     provision_attempts: int = 0
-    provision_next_at: float | None = Field(default=None, description="when it is retried")
+    provision_next_at: Timestamp | None = Field(default=None, description="when it is retried")
     sandbox: str | None = Field(default=None, description="how its agent contains attempts")
 
 
@@ -44,14 +44,14 @@ class ServerView(BaseModel):
     host: str
     pid: int
     url: str | None
-    started_at: float
-    last_seen_at: float
+    started_at: Timestamp
+    last_seen_at: Timestamp
     alive: bool
 
 
 class EventView(BaseModel):
     id: int
-    ts: float
+    ts: Timestamp
     level: str
     kind: str
     message: str

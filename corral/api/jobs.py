@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Sha256, Strict
+from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Sha256, Strict, Timestamp
 from corral.domain.jobs import AttemptState, JobState
 from corral.domain.sandbox import DEFAULT_LOG_LIMIT, text_problem
 
@@ -110,9 +110,9 @@ class AttemptView(BaseModel):
     state: AttemptState
     exit_code: int | None = None
     reason: str | None = None
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
     cpu_seconds: float | None = Field(default=None, description="CPU time of all its processes")
     peak_memory_mb: int | None = Field(default=None, description="peak memory of its cgroup")
     limits_enforced: str | None = Field(
@@ -134,9 +134,9 @@ class JobView(BaseModel):
     instance_id: str | None
     exit_code: int | None
     reason: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
     result_attempt: int | None = Field(description="the attempt whose result is recorded")
     attempts: list[AttemptView] = Field(default_factory=list)
     workdir: str | None = None

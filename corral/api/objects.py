@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from corral.api.common import SHA256_PATTERN, Strict
+from corral.api.common import SHA256_PATTERN, Strict, Timestamp
 from corral.domain.drain import ObjectState, ReplicaState
 from corral.domain.instances import InstanceState
 
@@ -14,7 +14,7 @@ class ReplicaView(BaseModel):
     instance_name: str
     instance_state: InstanceState
     state: ReplicaState
-    created_at: float
+    created_at: Timestamp
 
 
 class ObjectView(BaseModel):

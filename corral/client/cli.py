@@ -1,7 +1,9 @@
 """The `corral` user commands: jobs, logs, instances, events, servers.
 
-Every command talks to the server's REST API through the SDK; `--json` prints what
-the API returned, for scripts.
+Every command talks to the server's REST API through the SDK. List and show commands
+take `-o table|wide|json|yaml` (`--json` is `-o json`); piped, a table is printed as
+tab-separated lines. Imports are lazy: `corral --help` loads neither the SDK nor the
+wire models, and no command loads the server stack.
 """
 
 from __future__ import annotations
@@ -13,39 +15,98 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-from corral.api import common
-from corral.api.common import parse_memory_mb
-from corral.client.render import ago, console, err_console, print_json, styled, table
-from corral.client.sdk import Client, CorralError
+from corral.client.render import (
+    Col,
+    ago,
+    emit,
+    output_format,
+    print_data,
+    render_table,
+    say,
+    styled,
+    table,
+    text,
+    watch,
+)
 from corral.domain.jobs import FINAL_JOB_STATES
+
+if TYPE_CHECKING:
+    from corral.client.sdk import Client
+
 
 app = typer.Typer(
     name="corral",
     help="corral: run batch and ML jobs on a fleet of machines.\n\n"
     "Start a local cluster with `corral up`, then submit with `corral run -- CMD`. "
-    "Commands find the server through --server / CORRAL_SERVER and authenticate with "
-    "--token / CORRAL_TOKEN (default: the files `corral up` writes in ~/.corral).",
+    "Commands find the server through --server / CORRAL_SERVER (or a context: "
+    "corral context) and authenticate with --token / CORRAL_TOKEN (default: the files "
+    "`corral up` writes in ~/.corral).",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
+# CORRAL_SERVER / CORRAL_TOKEN are read by the SDK's config (not by Typer), so an error
+# can say which of flag, environment, context or token file a bad token came from
 ServerOpt = typer.Option(
-    None, "--server", envvar="CORRAL_SERVER", help="server URL", show_envvar=True
+    None,
+    "--server",
+    help="server URL; several comma-separated are tried in turn [env: CORRAL_SERVER; "
+    "default: the current context, or the server `corral up` started]",
 )
 TokenOpt = typer.Option(
-    None, "--token", envvar="CORRAL_TOKEN", help="admin token", show_envvar=True
+    None,
+    "--token",
+    help="admin token [env: CORRAL_TOKEN; default: the context's token file, or the "
+    "one `corral up` wrote]",
 )
-JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
+JsonOpt = typer.Option(False, "--json", help="print JSON (the same as -o json)")
+OutputOpt = typer.Option(
+    None, "-o", "--output", help="table (default), wide (every column, uncut), json or yaml"
+)
+WatchOpt = typer.Option(False, "--watch", "-W", help="redraw every --interval seconds")
+IntervalOpt = typer.Option(2.0, "--interval", min=0.1, help="seconds between redraws (--watch)")
+CountOpt = typer.Option(0, "--count", min=0, help="stop after this many redraws (0: until Ctrl-C)")
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from corral import __version__
+
+    print(f"corral {__version__} (CLI)")
+    try:
+        from corral.client.sdk import Client, CorralError
+
+        with Client(timeout=3) as c:
+            h = c.health()
+            print(f"server {h.get('build_version', '?')} at {c.server}")
+            try:
+                agents = [i.agent_version for i in c.instances() if i.agent_version]
+            except CorralError:  # e.g. no valid token: the versions stay unknown
+                agents = []
+        for v in sorted(set(agents)):
+            print(f"agent {v} on {agents.count(v)} instance(s)")
+    except (CorralError, OSError, ValueError) as exc:
+        message = getattr(exc, "message", str(exc))
+        say(("server not reachable: ", "dim"), (message, "dim"), err=True)
+    raise typer.Exit(0)
 
 
 @app.callback()
-def _global(
+def _main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_version,
+        help="print the CLI version and, when one is reachable, the server's build",
+    ),
     ca: Path | None = typer.Option(
         None,
         "--ca",
@@ -60,7 +121,7 @@ def _global(
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    say(("error:", "red"), " ", (message, ""), err=True)
     raise typer.Exit(code)
 
 
@@ -68,6 +129,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def client(server: str | None, token: str | None) -> Iterator[Client]:
     """A client for one command; an API error it does not handle itself ends the
     command with the server's message."""
+    from corral.client.sdk import Client, CorralError
+
     try:
         c = Client(server=server, token=token)
     except CorralError as exc:  # e.g. a CA file that cannot be loaded
@@ -81,6 +144,8 @@ def client(server: str | None, token: str | None) -> Iterator[Client]:
 
 def parse_memory(text: str) -> int:
     """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
+    from corral.api.common import parse_memory_mb
+
     try:
         return parse_memory_mb(text)
     except ValueError as exc:
@@ -89,6 +154,8 @@ def parse_memory(text: str) -> int:
 
 def parse_bytes(text: str, option: str) -> int:
     """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
+    from corral.api import common
+
     try:
         return common.parse_bytes(text)
     except ValueError as exc:
@@ -126,7 +193,7 @@ def run(
     cpus: float = typer.Option(1.0, help="cpus the job needs"),
     memory: str | None = typer.Option(None, help="memory the job needs, e.g. 512M, 2G"),
     max_attempts: int = typer.Option(3, help="attempts before the job fails for good"),
-    name: str | None = typer.Option(None, help="a name to recognise the job by"),
+    name: str | None = typer.Option(None, help="a name to recognise the job by (NAME column)"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE for the job (repeatable)"),
     secret: list[str] = typer.Option(
         [],
@@ -210,7 +277,7 @@ def run(
                     c,
                     workdir,
                     parse_bytes(workdir_limit, "--workdir-limit"),
-                    lambda note: err_console.print(f"[dim]{note}[/dim]", highlight=False),
+                    lambda note: say((note, "dim"), err=True),
                 )
             except (WorkdirError, OSError) as exc:
                 fail(str(exc), 2)
@@ -233,8 +300,12 @@ def run(
             print(job.id)
             return
         if sys.stderr.isatty():
-            err_console.print(
-                f"[dim]job {job.id} submitted; following its output (Ctrl-C stops following)[/dim]"
+            say(
+                (
+                    f"job {job.id} submitted; following its output (Ctrl-C stops following)",
+                    "dim",
+                ),
+                err=True,
             )
         code = _follow(c, job.id)
     raise typer.Exit(code)
@@ -254,109 +325,169 @@ def parse_array(spec: str) -> tuple[int, int]:
     return first, last
 
 
-def _follow(c: Client, job_id: int, until_final: bool = True, attempt: int | None = None) -> int:
+def _follow(
+    c: Client,
+    job_id: int,
+    until_final: bool = True,
+    attempt: int | None = None,
+    tail: int | None = None,
+) -> int:
+    """Job output goes to stdout/stderr as the job wrote it (it is the job's own
+    output, like `cat`); only corral's own notices are cleaned."""
+    from corral.client.sdk import CorralError
+
     def out(stream: str, data: bytes) -> None:
         target = sys.stdout if stream == "out" else sys.stderr
         target.buffer.write(data)
         target.flush()
 
-    def notice(text: str) -> None:
-        err_console.print(f"[yellow]corral:[/yellow] job {job_id}: {text}", highlight=False)
+    def notice(message: str) -> None:
+        say(("corral:", "yellow"), f" job {job_id}: ", (message, ""), err=True)
 
     try:
         page = c.follow(
-            job_id, on_output=out, on_notice=notice, attempt=attempt, until_final=until_final
+            job_id,
+            on_output=out,
+            on_notice=notice,
+            attempt=attempt,
+            until_final=until_final,
+            tail=tail,
         )
     except KeyboardInterrupt:
-        err_console.print(
-            f"\nstopped following; job {job_id} keeps running (corral cancel {job_id} to stop it)"
+        say(
+            f"\nstopped following; job {job_id} keeps running (corral cancel {job_id} to stop it)",
+            err=True,
         )
         return 130
     except CorralError as exc:
         fail(exc.message)
     if page.job_state in FINAL_JOB_STATES and page.job_state != "succeeded":
         why = page.reason or page.job_state
-        err_console.print(
-            f"[red]corral:[/red] job {job_id} {page.job_state}: {why}", highlight=False
-        )
+        say(("corral:", "red"), f" job {job_id} {page.job_state}: ", (why, ""), err=True)
     return exit_code_of(page)
+
+
+JOB_COLUMNS = [
+    Col("ID", keep=100),
+    Col("NAME", keep=40, shrink=8),
+    Col("STATE", keep=90),
+    Col("COMMAND", keep=80, shrink=12),
+    Col("ATTEMPT", keep=30),
+    Col("INSTANCE", keep=20),
+    Col("EXIT", keep=35),
+    Col("CREATED", keep=45),
+    Col("FLEET", wide=True),
+    Col("CPUS", wide=True),
+    Col("MEMORY", wide=True),
+    Col("REASON", wide=True),
+]
+
+
+def _job_row(j) -> list:
+    return [
+        j.id,
+        j.name,
+        styled(j.state),
+        shlex.join(j.command),
+        f"{j.attempt}/{j.max_attempts}",
+        j.instance_id,
+        j.exit_code,
+        ago(j.created_at),
+        j.fleet,
+        f"{j.cpus:g}",
+        f"{j.memory_mb} MB" if j.memory_mb else None,
+        j.reason,
+    ]
 
 
 @app.command()
 def jobs(
     state: list[str] = typer.Option([], "--state", "-s", help="filter by state (repeatable)"),
     limit: int = typer.Option(50, help="how many (newest first)"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
+    watch_: bool = WatchOpt,
+    interval: float = IntervalOpt,
+    count: int = CountOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """List jobs, newest first."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
-        rows = c.jobs(states=state or None, limit=limit)
-    if as_json:
-        return print_json(rows)
-    table(
-        None,
-        ["ID", "STATE", "COMMAND", "ATTEMPT", "INSTANCE", "EXIT", "CREATED"],
-        [
-            (
-                j.id,
-                styled(j.state),
-                _cmd(j.command),
-                f"{j.attempt}/{j.max_attempts}",
-                j.instance_id,
-                j.exit_code,
-                ago(j.created_at),
+
+        def draw():
+            rows = c.jobs(states=state or None, limit=limit)
+            if print_data(rows, fmt):
+                return None
+            return render_table(
+                None,
+                JOB_COLUMNS,
+                [_job_row(j) for j in rows],
+                empty="no jobs yet: corral run -- echo hello",
+                fmt=fmt,
             )
-            for j in rows
-        ],
-        empty="no jobs yet: corral run -- echo hello",
-    )
+
+        _show(draw, watch_, interval, count)
 
 
-def _cmd(argv: list[str], width: int = 60) -> str:
-    text = shlex.join(argv)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _show(draw, watching: bool, interval: float, count: int) -> None:
+    """Print `draw()` once, or again and again with --watch."""
+    if watching:
+        watch(draw, interval, count)
+        return
+    emit(draw())
 
 
 @app.command()
 def job(
     job_id: int = typer.Argument(..., help="job id"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    """Show one job: state, result, reason, and every attempt."""
+    """Show one job: state, result, reason (why a queued job waits), every attempt."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
         j = c.job(job_id)
-    if as_json:
-        return print_json(j)
-    console.print(
-        f"[bold]job {j.id}[/bold]{' (' + j.name + ')' if j.name else ''}: {styled(j.state)}"
-    )
-    console.print(f"  command   {shlex.join(j.command)}", highlight=False)
-    console.print(
-        f"  needs     {j.cpus:g} cpus, {j.memory_mb} MB" + (f", fleet {j.fleet}" if j.fleet else "")
-    )
-    console.print(f"  attempts  {j.attempt} of max {j.max_attempts}")
+    if print_data(j, fmt):
+        return
+    named = text(" (", (j.name, "bold"), ")") if j.name else ""
+    say(text((f"job {j.id}", "bold")), named, ": ", styled(j.state))
+    say("  command   ", (shlex.join(j.command), ""))
+    fleet = text(", fleet ", (j.fleet, "")) if j.fleet else ""
+    say(f"  needs     {j.cpus:g} cpus, {j.memory_mb} MB", fleet)
+    say(f"  attempts  {j.attempt} of max {j.max_attempts}")
     if j.exit_code is not None:
-        console.print(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")
-    if j.reason:
-        console.print(f"  reason    {j.reason}", highlight=False)
+        say(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")
+    if j.reason and j.state == "queued":  # the dispatcher's word on why it waits
+        say("  waiting   ", (j.reason.removeprefix("waiting: "), "yellow"))
+    elif j.reason:
+        say("  reason    ", (j.reason, ""))
     for note in j.notes:
-        console.print(f"  note      {note}", highlight=False)
+        say("  note      ", (note, ""))
     if j.workdir:
-        console.print(f"  workdir   {j.workdir[:16]}…")
+        say("  workdir   ", (j.workdir[:16] + "…", ""))
     if j.secret_env:  # names only: the server never returns the values
-        console.print(f"  secrets   {', '.join(j.secret_env)} (values sealed)", highlight=False)
-    console.print(
+        say("  secrets   ", (", ".join(j.secret_env), ""), " (values sealed)")
+    say(
         f"  created   {ago(j.created_at)}; started {ago(j.started_at)}; "
         f"finished {ago(j.finished_at)}"
     )
     if j.attempts:
         table(
             None,
-            ["ATTEMPT", "STATE", "INSTANCE", "EXIT", "CPU", "PEAK MEM", "LIMITS", "REASON"],
+            [
+                Col("ATTEMPT", keep=100),
+                Col("STATE", keep=90),
+                Col("INSTANCE", keep=60),
+                Col("EXIT", keep=80),
+                Col("CPU", keep=30),
+                Col("PEAK MEM", keep=30),
+                Col("LIMITS", keep=20, shrink=8),
+                Col("REASON", keep=70, shrink=12),
+            ],
             [
                 (
                     a.number,
@@ -370,6 +501,7 @@ def job(
                 )
                 for a in j.attempts
             ],
+            fmt=fmt,
         )
 
 
@@ -377,13 +509,16 @@ def job(
 def logs(
     job_id: int = typer.Argument(..., help="job id"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends"),
+    tail: int | None = typer.Option(
+        None, "--tail", "-n", min=0, help="start with only the last N lines"
+    ),
     attempt: int | None = typer.Option(None, help="an earlier attempt's output"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Print a job's output (stdout to stdout, stderr to stderr)."""
     with client(server, token) as c:
-        code = _follow(c, job_id, until_final=follow, attempt=attempt)
+        code = _follow(c, job_id, until_final=follow, attempt=attempt, tail=tail)
     if follow:
         raise typer.Exit(code)
 
@@ -397,7 +532,7 @@ def cancel(
     """Cancel a job; its processes (the whole tree) are killed."""
     with client(server, token) as c:
         j = c.cancel(job_id)
-    console.print(f"job {j.id} {styled(j.state)}")
+    say(f"job {j.id} ", styled(j.state))
 
 
 @app.command()
@@ -411,52 +546,75 @@ def requeue(
     The old attempt's runner can no longer change the job; its agent kills it."""
     with client(server, token) as c:
         j = c.requeue(job_id)
-    console.print(f"job {j.id} {styled(j.state)} (attempt {j.attempt} revoked)")
+    say(f"job {j.id} ", styled(j.state), f" (attempt {j.attempt} revoked)")
+
+
+INSTANCE_COLUMNS = [
+    Col("NAME", keep=100),
+    Col("ID", keep=30),
+    Col("FLEET", keep=50),
+    Col("STATE", keep=90),
+    Col("CPUS", keep=40),
+    Col("MEMORY", keep=35),
+    Col("ATTEMPTS", keep=60),
+    Col("HEARTBEAT", keep=70),
+    Col("SANDBOX", keep=10, shrink=8),
+    Col("PROVISION", keep=20, shrink=12),
+    Col("HOST", wide=True),
+    Col("AGENT", wide=True),
+    Col("MESSAGE", wide=True),
+]
+
+
+def _instance_row(i) -> list:
+    state = styled(i.state)
+    if i.lost:
+        state.append(" lost", style="red")
+    return [
+        i.name,
+        i.id,
+        i.fleet,
+        state,
+        f"{i.cpus:g}",
+        f"{i.memory_mb} MB",
+        i.running_attempts,
+        ago(i.last_heartbeat_at),
+        i.sandbox,
+        provisioning(i),
+        i.host,
+        i.agent_version,
+        i.message,
+    ]
 
 
 @app.command()
 def instances(
     all: bool = typer.Option(False, "--all", "-a", help="include terminated instances"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
+    watch_: bool = WatchOpt,
+    interval: float = IntervalOpt,
+    count: int = CountOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """List the fleet's instances."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
-        rows = c.instances(include_terminated=all)
-    if as_json:
-        return print_json(rows)
-    table(
-        None,
-        [
-            "NAME",
-            "ID",
-            "FLEET",
-            "STATE",
-            "CPUS",
-            "MEMORY",
-            "ATTEMPTS",
-            "HEARTBEAT",
-            "SANDBOX",
-            "PROVISION",
-        ],
-        [
-            (
-                i.name,
-                i.id,
-                i.fleet,
-                styled(i.state) + (" [red]lost[/red]" if i.lost else ""),
-                f"{i.cpus:g}",
-                f"{i.memory_mb} MB",
-                i.running_attempts,
-                ago(i.last_heartbeat_at),
-                i.sandbox,
-                provisioning(i),
+
+        def draw():
+            rows = c.instances(include_terminated=all)
+            if print_data(rows, fmt):
+                return None
+            return render_table(
+                None,
+                INSTANCE_COLUMNS,
+                [_instance_row(i) for i in rows],
+                empty="no instances: start some with `corral up --agents N` or `corral agent`",
+                fmt=fmt,
             )
-            for i in rows
-        ],
-        empty="no instances: start some with `corral up --agents N` or `corral agent`",
-    )
+
+        _show(draw, watch_, interval, count)
 
 
 def provisioning(i) -> str:
@@ -477,57 +635,79 @@ def events(
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events"),
     limit: int = typer.Option(50, help="how many recent events"),
     job_id: int | None = typer.Option(None, "--job", help="only this job's events"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
-    """What the control plane decided and why (requeues, lost instances, warnings)."""
+    """What the control plane decided and why (requeues, lost instances, warnings).
+
+    With -o json and -f, one JSON object per line."""
+    from corral.client.sdk import CorralError
+
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
         try:
             rows = c.events(level=level, limit=limit, job=job_id)
-            if as_json and not follow:
-                return print_json(rows)
+            if not follow and print_data(rows, fmt):
+                return
             for e in rows:
-                _print_event(e, as_json)
+                _print_event(e, fmt)
             after = rows[-1].id if rows else 0
             while follow:
                 rows = c.events(level=level, after=after, wait=20, job=job_id)
                 for e in rows:
-                    _print_event(e, as_json)
+                    _print_event(e, fmt)
                     after = e.id
         except CorralError as exc:
             fail(exc.message)
         except KeyboardInterrupt:
-            return None
+            return
 
 
-def _print_event(e, as_json: bool) -> None:
-    if as_json:
+def _print_event(e, fmt: str) -> None:
+    if fmt in ("json", "yaml"):
         sys.stdout.write(e.model_dump_json() + "\n")
         sys.stdout.flush()
         return
-    console.print(
-        f"[dim]{ago(e.ts):>9}[/dim] {styled(e.level):<7} [bold]{e.kind}[/bold] {e.message}",
-        highlight=False,
+    say(
+        (f"{ago(e.ts):>9}", "dim"),
+        " ",
+        styled(e.level),
+        " " * max(1, 8 - len(e.level)),
+        (e.kind, "bold"),
+        " ",
+        (e.message, ""),
     )
 
 
 @app.command()
 def servers(
     all: bool = typer.Option(False, "--all", "-a", help="include servers stopped long ago"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """The API servers sharing this database, with their builds."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
         rows = c.servers(include_stopped=all)
-    if as_json:
-        return print_json(rows)
+    if print_data(rows, fmt):
+        return
     builds = {s.build_version for s in rows if s.alive}
     table(
         None,
-        ["ID", "BUILD", "HOST", "PID", "URL", "STARTED", "LAST SEEN", "ALIVE"],
+        [
+            Col("ID", keep=100),
+            Col("BUILD", keep=90),
+            Col("HOST", keep=50, shrink=8),
+            Col("PID", keep=20),
+            Col("URL", keep=60, shrink=12),
+            Col("STARTED", keep=30),
+            Col("LAST SEEN", keep=70),
+            Col("ALIVE", keep=80),
+        ],
         [
             (
                 s.id,
@@ -541,9 +721,12 @@ def servers(
             )
             for s in rows
         ],
+        fmt=fmt,
     )
     if len(builds) > 1:
-        err_console.print(
-            f"[yellow]warning:[/yellow] servers of different builds are running: "
-            f"{', '.join(sorted(builds))}"
+        say(
+            ("warning:", "yellow"),
+            " servers of different builds are running: ",
+            (", ".join(sorted(builds)), ""),
+            err=True,
         )

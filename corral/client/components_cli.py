@@ -5,11 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail
-from corral.client.render import ago, console, print_json, styled, table
-from corral.client.sdk import CorralError
+from corral.client.cli import (
+    CountOpt,
+    IntervalOpt,
+    JsonOpt,
+    OutputOpt,
+    ServerOpt,
+    TokenOpt,
+    WatchOpt,
+    _show,
+    app,
+    client,
+    fail,
+)
+from corral.client.render import (
+    Col,
+    ago,
+    output_format,
+    print_data,
+    render_table,
+    say,
+    styled,
+    table,
+)
 
 components_app = typer.Typer(
     help="Components: versioned artifacts every agent keeps installed (the runner, the "
@@ -24,34 +43,56 @@ app.add_typer(components_app, name="components")
 @components_app.callback()
 def components_list(
     ctx: typer.Context,
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     if ctx.invoked_subcommand is not None:
-        return None
+        return
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
         published, status = c.components(), c.component_status()
-    if as_json:
-        return print_json(
-            {
-                "components": [p.model_dump() for p in published],
-                "instances": [s.model_dump() for s in status],
-            }
-        )
+    if print_data({"components": published, "instances": status}, fmt):
+        return
     table(
         "published",
-        ["NAME", "VERSION", "SCHEME", "SHA256", "SIZE", "URL", "PUBLISHED"],
         [
-            (p.name, p.version, p.scheme, p.sha256[:12] + "…", p.size, p.url, ago(p.created_at))
+            Col("NAME", keep=100),
+            Col("VERSION", keep=90),
+            Col("SCHEME", keep=30),
+            Col("SHA256", keep=40),
+            Col("SIZE", keep=35),
+            Col("URL", keep=50, shrink=16),
+            Col("PUBLISHED", keep=60),
+        ],
+        [
+            (
+                p.name,
+                p.version,
+                p.scheme,
+                p.sha256 if fmt == "wide" else p.sha256[:12] + "…",
+                p.size,
+                p.url,
+                ago(p.created_at),
+            )
             for p in published
         ],
         empty="no components published: corral components publish NAME VERSION --url ...",
+        fmt=fmt,
     )
     if status:
         table(
             "on instances",
-            ["INSTANCE", "COMPONENT", "INSTALLED", "TARGET", "STATE", "ORDERS", "LAST ERROR"],
+            [
+                Col("INSTANCE", keep=100),
+                Col("COMPONENT", keep=95),
+                Col("INSTALLED", keep=80),
+                Col("TARGET", keep=85),
+                Col("STATE", keep=90),
+                Col("ORDERS", keep=30),
+                Col("LAST ERROR", keep=50, shrink=12),
+            ],
             [
                 (
                     s.instance_name,
@@ -64,6 +105,7 @@ def components_list(
                 )
                 for s in status
             ],
+            fmt=fmt,
         )
 
 
@@ -86,6 +128,11 @@ def publish(
 ) -> None:
     """Record a component version: an artifact URL and its sha256 (or --file to let
     the server store it). Versions are immutable."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from corral.client.sdk import CorralError
+
     if (file is None) == (url is None):
         fail("give exactly one of --url (with --sha256) or --file", 2)
     with client(server, token) as c:
@@ -99,7 +146,7 @@ def publish(
                     TransferSpeedColumn(),
                     transient=True,
                 ) as bar:
-                    task = bar.add_task(f"uploading {file.name}", total=total)
+                    task = bar.add_task(escape(f"uploading {file.name}"), total=total)
                     stored = c.upload(file, on_progress=lambda n: bar.advance(task, n))
                 url, sha256, size = stored["url"], stored["sha256"], stored["size"]
             elif not sha256 or not url:
@@ -109,9 +156,10 @@ def publish(
             fail(exc.message)
         except ValueError as exc:
             fail(str(exc), 2)
-    console.print(
-        f"published {comp.name} {comp.version} ({comp.scheme}), sha256 {comp.sha256[:12]}…",
-        highlight=False,
+    say(
+        "published ",
+        (f"{comp.name} {comp.version}", ""),
+        f" ({comp.scheme}), sha256 {comp.sha256[:12]}…",
     )
 
 
@@ -134,6 +182,7 @@ def rollout(
         False, "--rollback", help="return to the version before the last rollout"
     ),
     resume: int | None = typer.Option(None, "--resume", help="resume paused rollout ID"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
@@ -143,6 +192,7 @@ def rollout(
     Examples: corral rollout runner 1.4.0 --max-unavailable 5;
     corral rollout runner --rollback; corral rollout runner --resume 7
     """
+    fmt = output_format(output, as_json)
     chosen = sum([version is not None, rollback, resume is not None])
     if chosen != 1:
         fail("give a VERSION, or --rollback, or --resume ID", 2)
@@ -161,43 +211,67 @@ def rollout(
                 downgrade=downgrade,
                 force=force,
             )
-    if as_json:
-        return print_json(r)
+    if print_data(r, fmt):
+        return
     where = "every fleet" if r.fleet == "*" else f"fleet {r.fleet}"
-    console.print(
-        f"rollout {r.id}: {r.component} {r.previous_version or '(none)'} -> "
-        f"{r.version} on {where}: {styled(r.state)}",
-        highlight=False,
+    say(
+        f"rollout {r.id}: ",
+        (f"{r.component} {r.previous_version or '(none)'} -> {r.version} on {where}", ""),
+        ": ",
+        styled(r.state),
     )
+
+
+ROLLOUT_COLUMNS = [
+    Col("ID", keep=100),
+    Col("COMPONENT", keep=95),
+    Col("FROM", keep=40),
+    Col("TO", keep=90),
+    Col("FLEET", keep=60),
+    Col("STATE", keep=92),
+    Col("PROGRESS", keep=70, shrink=12),
+    Col("MESSAGE", keep=50, shrink=12),
+]
 
 
 @app.command()
 def rollouts(
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
+    watch_: bool = WatchOpt,
+    interval: float = IntervalOpt,
+    count: int = CountOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Rollouts, newest first, with their progress."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
-        rows = c.rollouts()
-    if as_json:
-        return print_json(rows)
-    table(
-        None,
-        ["ID", "COMPONENT", "FROM", "TO", "FLEET", "STATE", "PROGRESS", "MESSAGE"],
-        [
-            (
-                r.id,
-                r.component,
-                r.previous_version,
-                r.version,
-                r.fleet,
-                styled(r.state),
-                f"{r.progress.converged}/{r.progress.total} done, {r.progress.in_flight} "
-                f"installing, {r.progress.failed} failed, {r.progress.held} held",
-                r.message,
+
+        def draw():
+            rows = c.rollouts()
+            if print_data(rows, fmt):
+                return None
+            return render_table(
+                None,
+                ROLLOUT_COLUMNS,
+                [
+                    (
+                        r.id,
+                        r.component,
+                        r.previous_version,
+                        r.version,
+                        r.fleet,
+                        styled(r.state),
+                        f"{r.progress.converged}/{r.progress.total} done, "
+                        f"{r.progress.in_flight} installing, {r.progress.failed} failed, "
+                        f"{r.progress.held} held",
+                        r.message,
+                    )
+                    for r in rows
+                ],
+                empty="no rollouts yet: corral rollout NAME VERSION",
+                fmt=fmt,
             )
-            for r in rows
-        ],
-        empty="no rollouts yet: corral rollout NAME VERSION",
-    )
+
+        _show(draw, watch_, interval, count)

@@ -4,20 +4,44 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
 import typer
-import yaml
-from pydantic import ValidationError
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TransferSpeedColumn
 
-from corral.api import FleetSpec
-from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail
-from corral.client.render import console, err_console, print_json, styled, table
-from corral.client.sdk import CorralError
+from corral.client.cli import (
+    JsonOpt,
+    OutputOpt,
+    ServerOpt,
+    TokenOpt,
+    app,
+    client,
+    fail,
+)
+from corral.client.render import (
+    Col,
+    output_format,
+    print_data,
+    print_json,
+    say,
+    styled,
+    table,
+    text,
+)
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+    from rich.progress import Progress, TaskID
 
 
 def _bar(description: str, total: int | None) -> tuple[Progress, TaskID]:
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from corral.client.render import err_console
+
+    description = escape(description)
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -58,11 +82,12 @@ def outputs(
     args: list[str] = typer.Argument(
         ..., metavar="[get] JOB_ID [PATH]", help="JOB_ID lists; get JOB_ID [PATH] downloads"
     ),
-    dest: Path | None = typer.Option(
+    dest: str | None = typer.Option(
         None,
         "-o",
         "--output",
-        help="where to write (a file for one PATH, a directory otherwise; default ./job-ID/)",
+        help="listing: the format (table, wide, json, yaml); get: where to write (a file "
+        "for one PATH, a directory otherwise; default ./job-ID/)",
     ),
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
@@ -77,27 +102,37 @@ def outputs(
     if not rest or not rest[0].isdigit() or len(rest) > (2 if get else 1):
         fail("usage: corral outputs JOB_ID  |  corral outputs get JOB_ID [PATH] [-o DEST]", 2)
     job_id = int(rest[0])
+    fmt = "table" if get else output_format(dest, as_json)
     with client(server, token) as c:
         files = c.outputs(job_id)
         if not get:
-            if as_json:
-                return print_json(files)
+            if print_data(files, fmt):
+                return
             table(
                 None,
-                ["PATH", "SIZE", "SHA256", "COPIES", "STATE"],
+                [
+                    Col("PATH", keep=100, shrink=16),
+                    Col("SIZE", keep=80),
+                    Col("SHA256", keep=50),
+                    Col("COPIES", keep=60),
+                    Col("STATE", keep=90),
+                ],
                 [
                     (
                         o.path,
                         human(o.size),
-                        o.sha256[:16] + "…",
+                        o.sha256 if fmt == "wide" else o.sha256[:16] + "…",
                         f"{o.copies} (1 durable)" if o.durable else o.copies,
                         styled(o.state),
                     )
                     for o in files
                 ],
                 empty=f"job {job_id} has no outputs",
+                fmt=fmt,
             )
-            return None
+            return
+        from corral.client.sdk import CorralError
+
         if len(rest) == 2:
             files = [o for o in files if o.path == rest[1]]
         where = dest or (Path(f"job-{job_id}") if len(rest) == 1 else Path("."))
@@ -110,9 +145,9 @@ def outputs(
         if len(rest) == 2:
             if not files:
                 fail(f"job {job_id} has no output {rest[1]!r} (see corral outputs {job_id})")
-            target = {files[0].path: dest or Path(Path(rest[1]).name)}
+            target = {files[0].path: Path(dest) if dest else Path(Path(rest[1]).name)}
         else:
-            base = dest or Path(f"job-{job_id}")
+            base = Path(dest) if dest else Path(f"job-{job_id}")
             target = {o.path: base / PurePosixPath(o.path) for o in files}
         total = sum(o.size for o in files)
         bar, task = _bar(f"job {job_id} outputs", total)
@@ -123,7 +158,7 @@ def outputs(
                 except CorralError as exc:
                     fail(f"{o.path}: {exc.message}")
     for o in files:
-        console.print(f"{target[o.path]}  {human(o.size)}  sha256 ok", highlight=False)
+        say((target[o.path], ""), f"  {human(o.size)}  sha256 ok")
 
 
 @app.command()
@@ -143,10 +178,11 @@ def put(
     if as_json:
         return print_json(obj)
     placed = [r.instance_name for r in obj.replicas if r.state == "present"]
-    err_console.print(
-        f"stored {human(obj.size)} as {obj.name}"
-        + (f" on {', '.join(placed)}" if placed else " (placement pending)"),
-        highlight=False,
+    say(
+        f"stored {human(obj.size)} as ",
+        (obj.name, ""),
+        text(" on ", (", ".join(placed), "")) if placed else " (placement pending)",
+        err=True,
     )
     print(obj.sha256)
 
@@ -159,52 +195,109 @@ def drain(
         "--force",
         help="retire even if outputs only it holds would be lost (they are listed)",
     ),
+    wait: bool = typer.Option(
+        False, "--wait", help="show the copying as it goes and return once it is retired"
+    ),
+    timeout: float = typer.Option(0, help="with --wait: give up after this many seconds"),
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Stop giving an instance jobs, copy its unique outputs to running instances, then
     retire it. Without a place for its data it stays draining and says so."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
         view = c.drain(instance, force=force)
-    if as_json:
-        return print_json(view)
+        if not print_data(view, fmt):
+            i = view.instance
+            say(f"instance {i.name} ({i.id}) ", styled(i.state))
+            if view.at_risk:
+                verb = "will be LOST" if force else "only it holds (copying them first)"
+                say(f"{len(view.at_risk)} object(s) {verb}:", err=force)
+                for a in view.at_risk[:50]:
+                    say(f"  {human(a.size):>9}  ", (", ".join(a.names), ""))
+        if wait:
+            _wait_retired(c, view, timeout)
+
+
+def _wait_retired(c, view, timeout: float) -> None:
+    """Poll until the instance is retired, with a bar of the bytes of its unique
+    objects that now have a copy elsewhere."""
     i = view.instance
-    console.print(f"instance {i.name} ({i.id}) {styled(i.state)}", highlight=False)
-    if view.at_risk:
-        verb = "will be LOST" if force else "only it holds (copying them first)"
-        (err_console if force else console).print(
-            f"{len(view.at_risk)} object(s) {verb}:", highlight=False
-        )
-        for a in view.at_risk[:50]:
-            console.print(f"  {human(a.size):>9}  {', '.join(a.names)}", highlight=False)
+    risky = {a.sha256: a.size for a in view.at_risk[:500]}
+    copied: set[str] = set()
+    deadline = time.monotonic() + timeout if timeout else None
+    bar, task = _bar(f"draining {i.name}", sum(risky.values()) or None)
+    state = i.state
+    with bar:
+        while state not in ("retired", "terminated"):
+            if deadline and time.monotonic() > deadline:
+                fail(f"instance {i.name} still {state} after {timeout:g}s", 1)
+            for sha, size in risky.items():
+                if sha in copied:
+                    continue
+                obj = c.object(sha)
+                if obj.durable or any(
+                    r.instance_id != i.id and r.state == "present" and r.instance_state == "running"
+                    for r in obj.replicas
+                ):
+                    copied.add(sha)
+                    bar.advance(task, size)
+            now = c.instance(i.id)
+            state = now.state
+            bar.update(task, description=f"draining {i.name}: {state}")
+            if state not in ("retired", "terminated"):
+                time.sleep(1)
+    say(f"instance {i.name} ", styled(state), f" ({len(copied)}/{len(risky)} object(s) copied)")
+
+
+@app.command()
+def undrain(
+    instance: str = typer.Argument(..., help="instance name or id"),
+    output: str | None = OutputOpt,
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Stop draining an instance: it takes jobs again."""
+    fmt = output_format(output, as_json)
+    with client(server, token) as c:
+        i = c.undrain(instance)
+    if not print_data(i, fmt):
+        say(f"instance {i.name} ({i.id}) ", styled(i.state))
+
+
+FLEET_COLUMNS = [
+    Col("NAME", keep=100),
+    Col("BACKEND", keep=60),
+    Col("MIN", keep=40),
+    Col("MAX", keep=40),
+    Col("TARGET", keep=80),
+    Col("RUNNING", keep=90),
+    Col("PENDING", keep=50),
+    Col("DRAINING", keep=50),
+    Col("IDLE TIMEOUT", keep=20),
+    Col("DURABLE", keep=10),
+]
 
 
 @app.command()
 def fleets(
+    output: str | None = OutputOpt,
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Fleets: backend, size range, target, instances."""
+    fmt = output_format(output, as_json)
     with client(server, token) as c:
         rows = c.fleets()
-    if as_json:
-        return print_json(rows)
+    if print_data(rows, fmt):
+        return
     table(
         None,
-        [
-            "NAME",
-            "BACKEND",
-            "MIN",
-            "MAX",
-            "TARGET",
-            "RUNNING",
-            "PENDING",
-            "DRAINING",
-            "IDLE TIMEOUT",
-            "DURABLE",
-        ],
+        FLEET_COLUMNS,
         [
             (
                 f.name,
@@ -221,6 +314,7 @@ def fleets(
             for f in rows
         ],
         empty="no fleets: corral fleet apply fleet.yml",
+        fmt=fmt,
     )
 
 
@@ -261,6 +355,11 @@ def fleet_apply(
       known_hosts: ~/.ssh/known_hosts   # optional; default DATA_DIR/known_hosts (first use)
       wipe: false            # delete an instance's data dir on its host when it retires
     """
+    import yaml
+    from pydantic import ValidationError
+
+    from corral.api import FleetSpec
+
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -274,10 +373,10 @@ def fleet_apply(
     with client(server, token) as c:
         f = c.apply_fleet(spec.model_dump())
     hosts = f" on {len(f.hosts)} host(s)" if f.hosts else ""
-    console.print(
-        f"fleet {f.name}: {f.backend}, {f.min_size}..{f.max_size} instances{hosts}, "
-        f"target {f.target_size}",
-        highlight=False,
+    say(
+        "fleet ",
+        (f.name, ""),
+        f": {f.backend}, {f.min_size}..{f.max_size} instances{hosts}, target {f.target_size}",
     )
 
 
@@ -304,9 +403,10 @@ def scale(
     first; none is terminated before its data has a copy elsewhere."""
     with client(server, token) as c:
         f = c.scale(fleet, size)
-    console.print(
-        f"fleet {f.name}: target {f.target_size} ({f.running} running, {f.draining} draining)",
-        highlight=False,
+    say(
+        "fleet ",
+        (f.name, ""),
+        f": target {f.target_size} ({f.running} running, {f.draining} draining)",
     )
 
 
