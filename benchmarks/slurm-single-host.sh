@@ -26,7 +26,11 @@ start() {
         chmod 400 /etc/munge/munge.key
     fi
     mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
-    pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+    if ! pgrep -x munged >/dev/null; then
+        # started here: stop stops it too
+        runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+        pgrep -n -x munged >"$SLURM_DIR/munged.pid"
+    fi
     host=$(hostname -s)
     cat >"$CONF" <<CONF
 ClusterName=corralbench
@@ -82,7 +86,7 @@ CONF
 }
 
 stop() {
-    for f in "$SLURM_DIR/slurmd.pid" "$SLURM_DIR/slurmctld.pid"; do
+    for f in "$SLURM_DIR/slurmd.pid" "$SLURM_DIR/slurmctld.pid" "$SLURM_DIR/munged.pid"; do
         if [ -s "$f" ]; then
             pid=$(cat "$f")
             kill "$pid" 2>/dev/null || true
