@@ -7,7 +7,7 @@ import sys
 import typer
 
 from corral.client.cli import JsonOpt, ServerOpt, TokenOpt, app, client, fail
-from corral.client.render import ago, err_console, print_json, table
+from corral.client.render import ago, print_json, say, table
 
 tokens_app = typer.Typer(
     help="Credentials: the admin token (people), the join token (new agents) and one "
@@ -64,10 +64,11 @@ def tokens_rotate(
         fail(f"KIND must be admin or join, not {kind!r}", 2)
     with client(server, token) as c:
         rotated = c.rotate_token(kind)
-    err_console.print(
-        f"{kind} token rotated: {rotated.revoked} old token(s) revoked; the new one "
-        f"({rotated.id}) is below and is not shown again",
-        highlight=False,
+    say(
+        f"{kind} token rotated: {rotated.revoked} old token(s) revoked; the new one ",
+        ("(" + rotated.id + ")", ""),
+        " is below and is not shown again",
+        err=True,
     )
     sys.stdout.write(rotated.secret + "\n")
 
@@ -81,4 +82,4 @@ def tokens_revoke(
     """Revoke one credential at once (an agent whose credential is revoked exits)."""
     with client(server, token) as c:
         t = c.revoke_token(token_id)
-    err_console.print(f"{t.kind} token {t.id} revoked", highlight=False)
+    say((t.kind, ""), " token ", (t.id, ""), " revoked", err=True)
