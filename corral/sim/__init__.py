@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from corral.sim import invariants
+from corral.sim.inline_sqlite import inline
 from corral.sim.world import Settings, World
 
 __all__ = ["Settings", "run"]
@@ -22,6 +23,13 @@ __all__ = ["Settings", "run"]
 async def run(settings: Settings, data_dir: Path | None = None) -> dict:
     """Run one seed to the end; the report lists every invariant violation seen."""
     started = time.monotonic()
+    violations: list[str] = []
+    ticks = 0
+    with inline():
+        return await _run(settings, data_dir, started)
+
+
+async def _run(settings: Settings, data_dir: Path | None, started: float) -> dict:
     violations: list[str] = []
     ticks = 0
     async with World(settings, data_dir) as world:
