@@ -229,3 +229,13 @@ def test_no_event_sequence_breaks_the_invariants(seq):
         if was_exited:
             starts_after_exit += out
     assert starts_after_exit == []  # an agent that left does nothing at all
+
+
+def test_a_lost_report_that_did_not_arrive_is_sent_again():
+    st_, _ = running()
+    step(st_, reply(start=[start(1, 1)]))
+    step(st_, S.RunnerExited(1, 1, report_lost=True, reason="runner died"), 1.0)
+    step(st_, S.LostReported(1, 1, delivered=False), 1.0)
+    again = [i for i in step(st_, S.Tick(), 2.0) if isinstance(i, S.ReportLost)]
+    assert again == [S.ReportLost(1, 1, "tok-1-1", "runner ended unreported")]
+    assert [i for i in step(st_, S.Tick(), 3.0) if isinstance(i, S.ReportLost)] == []

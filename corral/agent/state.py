@@ -315,6 +315,7 @@ class AgentState:
     install_errors: dict[str, tuple[str, str]] = field(default_factory=dict)  # (sha, error)
     held: set[str] = field(default_factory=set)
     fetching: set[str] = field(default_factory=set)
+    reporting: set[tuple[int, int]] = field(default_factory=set)  # ReportLost in flight
     object_errors: dict[str, str] = field(default_factory=dict)
     offloading: set[str] = field(default_factory=set)
     offloaded: set[str] = field(default_factory=set)
@@ -327,13 +328,20 @@ class AgentState:
     # validate() checks the instructions of the last event against the state they left
     last: list[Instruction] = field(default_factory=list)
 
+    def adopt(self, job_id: int, attempt: int, token: str) -> None:
+        """A runner an earlier incarnation of this agent started (found on disk)."""
+        self.attempts[(job_id, attempt)] = Attempt(job_id, attempt, token, AttemptPhase.RUNNING)
+
     # ---- dispatch ----------------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Instruction]:
         out: list[Instruction] = []
         match event:
             case Tick():
-                pass
+                out += [
+                    ReportLost(a.job_id, a.attempt, a.token, "runner ended unreported")
+                    for a in self._unreported()
+                ]
             case Registered():
                 self._registered(event, now)
             case RegisterFailed() | HeartbeatFailed():
@@ -367,9 +375,11 @@ class AgentState:
                     self.objects_sent = None  # only this report makes a replica trusted
                 out += self._gone(event.job_id, event.attempt, event.report_lost, event.reason, now)
             case LostReported():
-                a = self.attempts.get((event.job_id, event.attempt))
+                key = (event.job_id, event.attempt)
+                a = self.attempts.get(key)
+                self.reporting.discard(key)
                 if a is not None and a.phase is AttemptPhase.LOST and event.delivered:
-                    del self.attempts[(event.job_id, event.attempt)]
+                    del self.attempts[key]
                     out += self._release(event.job_id)
             case TransferDone():
                 self.fetching.discard(event.sha256)
@@ -551,9 +561,22 @@ class AgentState:
         self.wake = True
         if report_lost and a.phase is not AttemptPhase.KILLING:
             a.phase = AttemptPhase.LOST
+            self.reporting.add((job_id, attempt))
             return [ReportLost(job_id, attempt, a.token, reason)]
         del self.attempts[(job_id, attempt)]
         return self._release(job_id)
+
+    def _unreported(self) -> list[Attempt]:
+        """Attempts that ended unreported whose last report did not reach a server."""
+        if self.phase is Phase.EXITED:
+            return []
+        found = [
+            a
+            for key, a in sorted(self.attempts.items())
+            if a.phase is AttemptPhase.LOST and key not in self.reporting
+        ]
+        self.reporting.update((a.job_id, a.attempt) for a in found)
+        return found
 
     def _release(self, job_id: int) -> list[Instruction]:
         """The job's older attempt is gone: a start held back for it may go now."""
