@@ -23,8 +23,6 @@ __all__ = ["Settings", "run"]
 async def run(settings: Settings, data_dir: Path | None = None) -> dict:
     """Run one seed to the end; the report lists every invariant violation seen."""
     started = time.monotonic()
-    violations: list[str] = []
-    ticks = 0
     with inline():
         return await _run(settings, data_dir, started)
 
@@ -45,6 +43,7 @@ async def _run(settings: Settings, data_dir: Path | None, started: float) -> dic
             if world.now - t0 >= settings.fault_seconds and await _quiet(world):
                 break
         violations += invariants.told_by_the_outside(world.ledger)
+        violations += invariants.components(world)
         violations += await invariants.settled(world)
         states = await world.ctx.db.query(_job_states)
         ledger = world.ledger
