@@ -131,6 +131,13 @@ class RunnerExited:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """Objects landed in the local store (a runner's outputs, before it reports them)."""
+
+    sha256s: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class LostReported:
     job_id: int
     attempt: int
@@ -187,6 +194,7 @@ Event = (
     | StartFailed
     | RunnerExited
     | LostReported
+    | Stored
     | TransferDone
     | TransferFailed
     | OffloadDone
@@ -381,6 +389,10 @@ class AgentState:
                 if a is not None and a.phase is AttemptPhase.LOST and event.delivered:
                     del self.attempts[key]
                     out += self._release(event.job_id)
+            case Stored():
+                if not self.held.issuperset(event.sha256s):
+                    self.held.update(event.sha256s)
+                    self.wake = True
             case TransferDone():
                 self.fetching.discard(event.sha256)
                 self.held.add(event.sha256)

@@ -115,8 +115,10 @@ def components(world: World) -> list[str]:
     for (agent, sha), n in sorted(ledger.downloads.items()):
         if n > 1:
             out.append(f"I4: {agent} downloaded artifact {sha[:12]} in full {n} times")
-    out += [f"I5: install order for {o}, a version the database never desired" for o in
-            ledger.undesired_orders]
+    out += [
+        f"I5: install order for {o}, a version the database never desired"
+        for o in ledger.undesired_orders
+    ]
     for agent, seen in sorted(ledger.versions.items()):
         for before, after in itertools.pairwise(seen):
             if compare(after, before) < 0:

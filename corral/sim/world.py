@@ -39,6 +39,7 @@ from corral.agent.state import (
     RunnerExited,
     SendHeartbeat,
     StartAttempt,
+    Stored,
     Tick,
     TransferDone,
     TransferFailed,
@@ -290,6 +291,7 @@ class World:
         components and the runners it finds on disk."""
         sm = AgentState(instance_id=agent.instance_id)
         sm.installed = dict(agent.components)
+        sm.held = set(agent.objects)
         for r in agent.live_runners():
             sm.adopt(r.job_id, r.attempt, r.token)
         agent.sm = sm
@@ -407,7 +409,7 @@ class World:
 
     def deliver(self, agent: Agent, event: object, delay: float = 0.0) -> None:
         """An event reaches the agent after `delay`; reordering delays some at random."""
-        if self.now < agent.reorder_until and not isinstance(event, HeartbeatReplied):
+        if self.now < agent.reorder_until and not isinstance(event, HeartbeatReplied | Stored):
             delay += self.rng.choice([0.0, 0.0, 1.0, 2.0])
         agent.inbox.append((self.now + delay, next(self._seq), event))
 
@@ -424,10 +426,11 @@ class World:
             return
         due = sorted(e for e in agent.inbox if e[0] <= t)
         agent.inbox = [e for e in agent.inbox if e[0] > t]
-        events = [e for _, _, e in due]
+        events = [e for _, _, e in due if not isinstance(e, Stored)]
         if t < agent.reorder_until:
             self.rng.shuffle(events)
-        events.append(Tick())
+        # what is on the local disk the agent sees before anything it tells the server
+        events = [e for _, _, e in due if isinstance(e, Stored)] + [*events, Tick()]
         for _ in range(50):  # a reply's orders can answer at once; never spin forever
             if not events or agent.exited:
                 break
@@ -612,6 +615,8 @@ class World:
             elif t - r.began_at >= r.duration:
                 for o in r.outputs:  # written to the agent's store before the finish
                     agent.objects.add(o.sha256)
+                if r.outputs:
+                    self.deliver(agent, Stored(tuple(o.sha256 for o in r.outputs)))
                 before = await db.query(jobs_repo.get_job, r.job_id)
                 try:
                     _, recorded = await db.transact(
