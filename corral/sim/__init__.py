@@ -19,6 +19,8 @@ from corral.sim.world import Settings, World
 
 __all__ = ["Settings", "run"]
 
+QUIET_TICKS = 3  # a run ends once it has been quiet this many ticks in a row
+
 
 async def run(settings: Settings, data_dir: Path | None = None) -> dict:
     """Run one seed to the end; the report lists every invariant violation seen."""
@@ -29,7 +31,7 @@ async def run(settings: Settings, data_dir: Path | None = None) -> dict:
 
 async def _run(settings: Settings, data_dir: Path | None, started: float) -> dict:
     violations: list[str] = []
-    ticks = 0
+    ticks = quiet = 0
     async with World(settings, data_dir) as world:
         t0 = world.now
         while world.now - t0 < settings.limit_seconds:
@@ -41,7 +43,11 @@ async def _run(settings: Settings, data_dir: Path | None, started: float) -> dic
                 ) + await invariants.nothing_new_on_retired(conn)
             violations += [f"t={world.now - t0:.0f}s {v}" for v in found]
             if world.now - t0 >= settings.fault_seconds and await _quiet(world):
-                break
+                quiet += 1
+                if quiet >= QUIET_TICKS:  # the agents have reported what the runners left
+                    break
+            else:
+                quiet = 0
         violations += invariants.told_by_the_outside(world.ledger)
         violations += invariants.components(world)
         violations += await invariants.settled(world)

@@ -107,6 +107,9 @@ class Settings:
     p_net: float = 0.004  # each of: agent<->server cut, agent<->agent cut, duplicates, reorder
     p_disk: float = 0.003  # each of: slow disk, failing installs, a corrupt download
     p_newer_component: float = 0.15  # a new host comes with a newer runner than desired
+    # switches the tests turn off to prove the checks catch what they name
+    verify_downloads: bool = True
+    cache_artifacts: bool = True
     max_agents: int = 8
 
 
@@ -221,9 +224,6 @@ class World:
         self._seq = itertools.count()
         self.published: dict[str, str] = {}
         self.rollout_at: float | None = T0 + settings.fault_seconds / 2
-        # switches the tests turn off to prove the checks catch what they name
-        self.verify_downloads = True
-        self.cache_artifacts = True
 
     @property
     def now(self) -> float:
@@ -566,10 +566,10 @@ class World:
                 got = order.sha256
                 key = (agent.name, order.sha256)
                 self.ledger.downloads[key] = self.ledger.downloads.get(key, 0) + 1
-            if self.verify_downloads and got != order.sha256:
+            if self.s.verify_downloads and got != order.sha256:
                 return InstallFailed(order.component, order.sha256, "sha256 mismatch")
             agent.cache.add(got)
-            if not self.cache_artifacts:
+            if not self.s.cache_artifacts:
                 agent.cache.discard(got)
         else:
             got = order.sha256
