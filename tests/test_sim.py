@@ -129,8 +129,8 @@ def test_the_checks_catch_install_orders_without_a_cap(monkeypatch: pytest.Monke
     """Failure 1 put back: every heartbeat orders the install again, uncounted."""
     real = components_repo.reconcile
 
-    def uncapped(status, now, policy, rand):
-        return real(status, 0.0, InstallPolicy(cap=10**6), rand)
+    def uncapped(status, now, policy, rand):  # no backoff (always due), no cap
+        return real(status, float("inf"), InstallPolicy(cap=10**6), rand)
 
     monkeypatch.setattr(components_repo, "reconcile", uncapped)
     found = _component_violation("I4")
