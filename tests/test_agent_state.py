@@ -239,3 +239,21 @@ def test_a_lost_report_that_did_not_arrive_is_sent_again():
     again = [i for i in step(st_, S.Tick(), 2.0) if isinstance(i, S.ReportLost)]
     assert again == [S.ReportLost(1, 1, "tok-1-1", "runner ended unreported")]
     assert [i for i in step(st_, S.Tick(), 3.0) if isinstance(i, S.ReportLost)] == []
+
+
+def test_the_property_catches_an_agent_that_runs_a_job_twice(monkeypatch: pytest.MonkeyPatch):
+    """The check put to the test: an agent that starts every order it gets, without
+    waiting for the job's older attempt to be gone, is caught by validate()."""
+
+    def eager(self, order):
+        key = (order.job_id, order.attempt)
+        if self.phase is not S.Phase.RUNNING or key in self.attempts:
+            return []
+        self.attempts[key] = S.Attempt(*key, order.token, S.AttemptPhase.STARTING)
+        return [S.StartAttempt(order)]
+
+    monkeypatch.setattr(S.AgentState, "_start", eager)
+    st_, _ = running()
+    step(st_, reply(start=[start(1, 1)]))
+    with pytest.raises(AssertionError, match="two live attempts"):
+        step(st_, reply(start=[start(1, 2)]), 1.0)

@@ -571,6 +571,9 @@ class AgentState:
         if a is None or a.phase is AttemptPhase.LOST:
             return []
         self.wake = True
+        if self.phase is Phase.EXITED:  # leaving already killed or reported it
+            del self.attempts[(job_id, attempt)]
+            return []
         if report_lost and a.phase is not AttemptPhase.KILLING:
             a.phase = AttemptPhase.LOST
             self.reporting.add((job_id, attempt))
