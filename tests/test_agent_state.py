@@ -257,3 +257,16 @@ def test_the_property_catches_an_agent_that_runs_a_job_twice(monkeypatch: pytest
     step(st_, reply(start=[start(1, 1)]))
     with pytest.raises(AssertionError, match="two live attempts"):
         step(st_, reply(start=[start(1, 2)]), 1.0)
+
+
+def test_a_stray_reply_is_not_taken_for_the_heartbeat_in_flight():
+    st_, _ = running()
+    first = st_.in_flight
+    assert isinstance(first, S.SendHeartbeat)
+    out = step(st_, S.HeartbeatReplied(reply().reply, first.seq))
+    step(st_, S.Tick(), 1.0)
+    second = st_.in_flight
+    assert isinstance(second, S.SendHeartbeat) and second.seq == first.seq + 1
+    # the first reply delivered again while the second heartbeat is out: ignored
+    assert step(st_, S.HeartbeatReplied(reply(start=[start(1, 1)]).reply, first.seq), 1.0) == []
+    assert st_.in_flight is second and out == []

@@ -71,6 +71,7 @@ class RegisterFailed:
 @dataclass(frozen=True)
 class HeartbeatReplied:
     reply: HeartbeatReply
+    seq: int | None = None  # the SendHeartbeat.seq it answers (None: the one in flight)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class SendHeartbeat:
     offloaded: tuple[str, ...]
     offload_errors: tuple[ObjectError, ...]
     wait: float
+    seq: int = 0  # numbers this heartbeat; its reply carries it back
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,7 @@ class AgentState:
     in_flight: SendHeartbeat | Register | None = None
     next_contact_at: float = 0.0
     failures: int = 0
+    sent_count: int = 0  # heartbeats sent: numbers them so a stray reply is not taken
     wake: bool = False  # something finished: heartbeat again now
     objects_sent: tuple[tuple[str, ...], float] | None = None
     # validate() checks the instructions of the last event against the state they left
@@ -359,7 +362,10 @@ class AgentState:
                     self.failures += 1
                     self.next_contact_at = now + RECONNECT.delay(self.failures, event.rand)
             case HeartbeatReplied():
-                out += self._replied(event.reply, now)
+                if event.seq is None or (
+                    isinstance(self.in_flight, SendHeartbeat) and event.seq == self.in_flight.seq
+                ):
+                    out += self._replied(event.reply, now)
             case HeartbeatRejected():
                 if isinstance(self.in_flight, SendHeartbeat):
                     self.in_flight = None
@@ -451,6 +457,7 @@ class AgentState:
         if self.phase is Phase.UNREGISTERED:
             self.in_flight = Register(self.instance_id)
             return [self.in_flight]
+        self.sent_count += 1
         self.in_flight = self.observed(now)
         self.wake = False
         return [self.in_flight]
@@ -487,6 +494,7 @@ class AgentState:
                 for s, e in sorted(self.offload_errors.items())
             ),
             wait=0.0 if self.wake else self.interval,
+            seq=self.sent_count,
         )
 
     def _replied(self, reply: HeartbeatReply, now: float) -> list[Instruction]:

@@ -460,8 +460,8 @@ class World:
                     return [HeartbeatFailed("server unreachable", self.rng.random())]
                 reply = await self.heartbeat(agent, instr)
                 if t < agent.duplicate_until:
-                    self.deliver(agent, HeartbeatReplied(reply), 1.0)
-                return [HeartbeatReplied(reply)]
+                    self.deliver(agent, HeartbeatReplied(reply, instr.seq), 1.0)
+                return [HeartbeatReplied(reply, instr.seq)]
             case StartAttempt():
                 self.start_runner(agent, instr.order)
                 self.deliver(agent, AttemptStarted(instr.order.job_id, instr.order.attempt), slow)
