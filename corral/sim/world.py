@@ -443,6 +443,9 @@ class World:
                 todo = agent.sm.last
             for instr in todo:
                 events += await self.execute(agent, instr)
+        for event in events:  # what did not fit in this tick comes next tick, never lost
+            if not isinstance(event, Tick):
+                agent.inbox.append((t + self.s.tick, next(self._seq), event))
 
     async def execute(self, agent: Agent, instr: object) -> list[object]:
         """Carry out one instruction as the daemon would, with the faults of the moment.
