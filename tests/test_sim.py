@@ -13,7 +13,10 @@ import os
 import pytest
 import sqlalchemy as sa
 
+from corral.domain import reconcile as reconcile_mod
+from corral.domain.reconcile import InstallPolicy
 from corral.sim import Settings, run
+from corral.store import components as components_repo
 from corral.store import drain
 from corral.store import jobs as jobs_repo
 from corral.store.schema import jobs
@@ -22,8 +25,8 @@ SEEDS = [int(s) for s in os.environ.get("CORRAL_SIM_SEEDS", "1 2 3").split()]
 pytestmark = pytest.mark.slow  # each seed is tens of seconds (the smoke test is fast)
 
 
-def simulate(seed: int, jobs: int = 100) -> dict:
-    return asyncio.run(run(Settings(seed=seed, jobs=jobs, agents=4)))
+def simulate(seed: int, jobs: int = 100, **kw) -> dict:
+    return asyncio.run(run(Settings(seed=seed, jobs=jobs, agents=kw.pop("agents", 4), **kw)))
 
 
 def test_invariants_hold_under_seeded_faults():
@@ -42,6 +45,11 @@ def test_invariants_hold_under_seeded_faults():
         "runner_silent_past_grace",
         "drain",
         "server_restarted",
+        "partition_agent_server",
+        "partition_agent_agent",
+        "slow_disk",
+        "duplicate_delivery",
+        "reordered_messages",
     } <= injected, injected
     assert sum(r["stale_updates_refused"] for r in reports) > 0
 
@@ -91,3 +99,70 @@ def test_the_checks_catch_a_retirement_that_ignores_data_at_risk(monkeypatch: py
     monkeypatch.setattr(drain, "may_retire", lambda live, risky, force: not live)
     found = _first_violation(("I2",))
     assert found and "held by no live instance" in found[0], found
+
+
+# ---- the component invariants (I4-I7): each check catches its failure put back ----------
+# Small worlds with faults on installs often, so each failure shows within a few seeds.
+COMPONENT_FAULTS = dict(jobs=4, agents=3, fault_seconds=60.0, p_disk=0.03)
+
+
+def _component_violation(prefix: str, **kw) -> list[str]:
+    for seed in (1, 2, 3, 4, 5):
+        found = [
+            v
+            for v in simulate(seed, **{**COMPONENT_FAULTS, **kw})["violations"]
+            if v.startswith(prefix)
+        ]
+        if found:
+            return found
+    return []
+
+
+def test_the_component_checks_pass_on_the_real_code():
+    for seed in (1, 2):
+        r = simulate(seed, **COMPONENT_FAULTS, p_newer_component=0.5)
+        assert r["violations"] == [], r["violations"]
+
+
+def test_the_checks_catch_install_orders_without_a_cap(monkeypatch: pytest.MonkeyPatch):
+    """Failure 1 put back: every heartbeat orders the install again, uncounted."""
+    real = components_repo.reconcile
+
+    def uncapped(status, now, policy, rand):  # no backoff (always due), no cap
+        return real(status, float("inf"), InstallPolicy(cap=10**6), rand)
+
+    monkeypatch.setattr(components_repo, "reconcile", uncapped)
+    found = _component_violation("I4")
+    assert found and "install orders" in found[0], found
+
+
+def test_the_checks_catch_a_download_per_install(monkeypatch: pytest.MonkeyPatch):
+    """Failure 1's other half: no artifact cache, so each order downloads it again."""
+    found = _component_violation("I4", cache_artifacts=False)
+    assert found and "downloaded artifact" in found[0], found
+
+
+def test_the_checks_catch_orders_a_server_computes_itself(monkeypatch: pytest.MonkeyPatch):
+    """I5 broken: a server orders its own build's version, not the database's."""
+    real = components_repo.sync
+
+    async def own_build(*args, **kwargs):
+        orders = await real(*args, **kwargs)
+        return [o.model_copy(update={"version": "9.9.9"}) for o in orders]
+
+    monkeypatch.setattr(components_repo, "sync", own_build)
+    found = _component_violation("I5")
+    assert found and "never desired" in found[0], found
+
+
+def test_the_checks_catch_an_automatic_downgrade(monkeypatch: pytest.MonkeyPatch):
+    """I6 broken: a host with a newer runner is not held but downgraded."""
+    monkeypatch.setattr(reconcile_mod, "is_downgrade", lambda current, target: False)
+    found = _component_violation("I6", p_newer_component=1.0)
+    assert found and "went down from 2.0.0" in found[0], found
+
+
+def test_the_checks_catch_an_unverified_download():
+    """I7 broken: an HTTP error page is installed because nothing checked its sha256."""
+    found = _component_violation("I7", verify_downloads=False)
+    assert found and "not the published artifact" in found[0], found

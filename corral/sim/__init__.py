@@ -14,16 +14,24 @@ import time
 from pathlib import Path
 
 from corral.sim import invariants
+from corral.sim.inline_sqlite import inline
 from corral.sim.world import Settings, World
 
 __all__ = ["Settings", "run"]
+
+QUIET_TICKS = 3  # a run ends once it has been quiet this many ticks in a row
 
 
 async def run(settings: Settings, data_dir: Path | None = None) -> dict:
     """Run one seed to the end; the report lists every invariant violation seen."""
     started = time.monotonic()
+    with inline():
+        return await _run(settings, data_dir, started)
+
+
+async def _run(settings: Settings, data_dir: Path | None, started: float) -> dict:
     violations: list[str] = []
-    ticks = 0
+    ticks = quiet = 0
     async with World(settings, data_dir) as world:
         t0 = world.now
         while world.now - t0 < settings.limit_seconds:
@@ -35,8 +43,13 @@ async def run(settings: Settings, data_dir: Path | None = None) -> dict:
                 ) + await invariants.nothing_new_on_retired(conn)
             violations += [f"t={world.now - t0:.0f}s {v}" for v in found]
             if world.now - t0 >= settings.fault_seconds and await _quiet(world):
-                break
+                quiet += 1
+                if quiet >= QUIET_TICKS:  # the agents have reported what the runners left
+                    break
+            else:
+                quiet = 0
         violations += invariants.told_by_the_outside(world.ledger)
+        violations += invariants.components(world)
         violations += await invariants.settled(world)
         states = await world.ctx.db.query(_job_states)
         ledger = world.ledger

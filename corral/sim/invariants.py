@@ -4,9 +4,11 @@ as sentences."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from corral.domain.jobs import JobState
+from corral.domain.versions import compare
 from corral.sim.world import Ledger, World, output_sha
 from corral.store import audit
 from corral.store.db import Connection
@@ -100,4 +102,33 @@ async def settled(world: World) -> list[str]:
                 f"I2: output {o['path']} of job {job['id']} ({o['sha256'][:12]}) "
                 f"is held by no live instance"
             )
+    return out
+
+
+def components(world: World) -> list[str]:
+    """I4-I7 from what the agents were told and what landed on their disks."""
+    ledger, out = world.ledger, []
+    cap = world.config.install_cap
+    for (agent, comp, sha), n in sorted(ledger.install_orders.items()):
+        if n > cap:
+            out.append(f"I4: {agent} got {n} install orders for {comp} {sha[:12]} (cap {cap})")
+    for (agent, sha), n in sorted(ledger.downloads.items()):
+        if n > 1:
+            out.append(f"I4: {agent} downloaded artifact {sha[:12]} in full {n} times")
+    out += [
+        f"I5: install order for {o}, a version the database never desired"
+        for o in ledger.undesired_orders
+    ]
+    for agent, seen in sorted(ledger.versions.items()):
+        for before, after in itertools.pairwise(seen):
+            if compare(after, before) < 0:
+                out.append(f"I6: runner on {agent} went down from {before} to {after}")
+    published = {(v, sha) for v, sha in world.published.items()}
+    for agent, comp, version, sha in ledger.on_disk:
+        if (version, sha) not in published:
+            out.append(
+                f"I7: {agent} has {comp} {version} on disk with sha256 {sha[:12]}, "
+                "not the published artifact"
+            )
+    out += [f"agent: {b}" for b in ledger.agent_broken]
     return out
