@@ -34,9 +34,13 @@ async def reap_once(ctx: ServerContext) -> bool:
     now = ctx.now()
     # leases ran on while no server was up to renew them: give agents one grace
     told = ctx.heartbeat_interval[0] if ctx.heartbeat_interval else cfg.heartbeat_base
-    if now - ctx.started_at < grace_period(told, cfg.agent_grace):
-        return False
     obs = observation(ctx)
+    if now - ctx.started_at < grace_period(told, cfg.agent_grace):
+        # nothing is reaped yet, but what this server could observe counts from its
+        # start: an outage in its first seconds extends deadlines like any other
+        await ctx.db.query(instances.count_live)
+        obs.observed(now, ctx.now())
+        return False
     gaps = obs.gaps(now)
     extra = obs.extension(now)  # the most any deadline is extended by: a coarse cutoff
 
