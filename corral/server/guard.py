@@ -161,13 +161,15 @@ class BodyGuard:
                     "unauthorized", "missing bearer token (Authorization: Bearer ...)"
                 )
             row = await ctx.db.query(tokens.lookup, secret)
+            if row is None:  # the same words as the route's own check (auth.py)
+                return 401, error_body(
+                    "unauthorized", await ctx.db.query(tokens.why_refused, secret)
+                )
         except (DatabaseError, OSError) as exc:
             return 503, error_body(
                 "database_unavailable",
                 f"the database is unavailable ({exc.__class__.__name__}); try again",
             )
-        if row is None:
-            return 401, error_body("unauthorized", "unknown or revoked token")
         scope[SCOPE_TOKEN_ROW] = (secret, row)
         return None
 
