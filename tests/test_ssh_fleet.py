@@ -27,8 +27,7 @@ from corral.client.sdk import Client
 from corral.testbed import Host, TestBed, agent_build, keypair, unavailable
 from corral.testing import Cluster, ServerProc, job_python, wait_for
 
-# One bed per module: its tests stay on one xdist worker.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ssh-bed")]
+pytestmark = pytest.mark.e2e
 
 FLEET = "ssh"
 # Fast retries; an agent grace above Cluster.FAST's 4 s, since an agent switching
