@@ -199,7 +199,25 @@ def _unreachable(server: str, exc: Exception) -> CorralError:
     )
 
 
+def _configure(c, server, token, ca) -> tuple[dict[str, str], ssl.SSLContext | bool]:
+    """Resolve server(s), token and CA as the CLI does, set them on client `c`, and
+    return its HTTP headers and TLS verification (shared by Client and AsyncClient)."""
+    try:
+        cfg = resolve(server, token, str(ca) if ca else None)
+    except ConfigError as exc:
+        raise CorralError(str(exc)) from None
+    c.server_urls = cfg.servers
+    c.server = cfg.servers[0]
+    c.token_source = cfg.token_source
+    headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
+    return headers, _verify(cfg.servers, cfg.ca)
+
+
 class Client:
+    server_urls: list[str]  # set by _configure
+    server: str  # the one that answered last
+    token_source: str
+
     def __init__(
         self,
         server: str | None = None,
@@ -207,17 +225,8 @@ class Client:
         timeout: float = 30.0,
         ca: str | os.PathLike | None = None,
     ):
-        try:
-            cfg = resolve(server, token, str(ca) if ca else None)
-        except ConfigError as exc:
-            raise CorralError(str(exc)) from None
-        self.server_urls = cfg.servers
-        self.server = cfg.servers[0]
-        self.token_source = cfg.token_source
-        headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
-        self._http = httpx.Client(
-            headers=headers, timeout=timeout, verify=_verify(self.server_urls, cfg.ca)
-        )
+        headers, verify = _configure(self, server, token, ca)
+        self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -700,6 +709,10 @@ class AsyncClient:
     """The SDK for asyncio: the job calls of `Client` (run, submit, job, jobs, cancel,
     logs, outputs, instances, health), awaitable."""
 
+    server_urls: list[str]  # set by _configure
+    server: str  # the one that answered last
+    token_source: str
+
     def __init__(
         self,
         server: str | None = None,
@@ -707,17 +720,8 @@ class AsyncClient:
         timeout: float = 30.0,
         ca: str | os.PathLike | None = None,
     ):
-        try:
-            cfg = resolve(server, token, str(ca) if ca else None)
-        except ConfigError as exc:
-            raise CorralError(str(exc)) from None
-        self.server_urls = cfg.servers
-        self.server = cfg.servers[0]
-        self.token_source = cfg.token_source
-        headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
-        self._http = httpx.AsyncClient(
-            headers=headers, timeout=timeout, verify=_verify(self.server_urls, cfg.ca)
-        )
+        headers, verify = _configure(self, server, token, ca)
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout, verify=verify)
 
     async def aclose(self) -> None:
         await self._http.aclose()
