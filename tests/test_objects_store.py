@@ -14,6 +14,7 @@ from corral.store import dispatch, drain, events, fleets, instances, objects, of
 from corral.store import jobs as jobs_repo
 from corral.store.db import Database
 from corral.store.migrate import migrate
+from tests.storekit import register
 
 T0 = 2_000_000.0
 
@@ -31,18 +32,7 @@ async def setup(url: str, n: int = 2):
     await migrate(db)
     insts = []
     for k in range(n):
-        reg = await db.transact(
-            instances.register,
-            name=f"w{k}",
-            instance_id=None,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet=None,
-            peer_url=f"http://127.0.0.1:{9000 + k}",
-            now=T0,
-        )
+        reg = await register(db, f"w{k}", T0, peer_url=f"http://127.0.0.1:{9000 + k}")
         insts.append(reg.instance)
     return db, insts
 
@@ -248,18 +238,7 @@ def test_a_stranded_object_goes_to_the_durable_store_and_counts_only_once_confir
             now=T0,
             spec={"durable": {"endpoint": "http://127.0.0.1:9", "bucket": "b"}},
         )
-        await db.transact(
-            instances.register,
-            name="w0",
-            instance_id=None,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet="f",
-            peer_url="http://127.0.0.1:9000",
-            now=T0,
-        )
+        await register(db, "w0", T0, fleet="f", peer_url="http://127.0.0.1:9000")
         _, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
         await db.transact(drain.request_drain, holder, False, T0)
 

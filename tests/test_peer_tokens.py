@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from corral.store import instances, objects
+from corral.store import objects
 from corral.store.db import Database
 from corral.store.migrate import migrate
+from tests.storekit import register
 
 T0 = 1_000_000.0
 SHA = "ab" * 32
@@ -18,18 +19,7 @@ async def _setup(url: str):
     await migrate(db)
     ids = []
     for name in ("rcpt", "other"):
-        reg = await db.transact(
-            instances.register,
-            name=name,
-            instance_id=None,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet=None,
-            peer_url=None,
-            now=T0,
-        )
+        reg = await register(db, name, T0)
         ids.append(reg.instance["id"])
     return db, ids
 

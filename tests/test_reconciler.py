@@ -17,6 +17,7 @@ from corral.domain.reconcile import ComponentState, InstallPolicy
 from corral.store import components, events, instances
 from corral.store.db import Database
 from corral.store.migrate import migrate
+from tests.storekit import register
 
 T0 = 1_000_000.0
 POLICY = InstallPolicy(backoff=Backoff(base=30, factor=2, maximum=3600, jitter=0.2), cap=5)
@@ -35,18 +36,7 @@ async def setup(url: str, n_instances: int = 1):
     await migrate(db)
     insts = []
     for k in range(n_instances):
-        reg = await db.transact(
-            instances.register,
-            name=f"w{k}",
-            instance_id=None,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet=None,
-            peer_url=None,
-            now=T0,
-        )
+        reg = await register(db, f"w{k}", T0)
         insts.append(reg.instance)
     for v in ("1.0.0", "1.1.0", "1.2.0", "main.7"):
         await db.transact(

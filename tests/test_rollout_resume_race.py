@@ -17,9 +17,10 @@ from test_reconciler import T0, sha
 from corral.api import ComponentPublish, ObservedComponent, RolloutRequest
 from corral.domain.backoff import Backoff
 from corral.domain.reconcile import ComponentState, InstallPolicy
-from corral.store import components, instances
+from corral.store import components
 from corral.store.db import Database
 from corral.store.migrate import migrate
+from tests.storekit import register
 
 pytestmark = [pytest.mark.postgres]
 POLICY = InstallPolicy(backoff=Backoff(base=30, factor=2, maximum=60, jitter=0.0), cap=1)
@@ -49,20 +50,7 @@ def test_resume_between_a_heartbeats_read_and_write_is_kept(pg_url):
     async def main():
         db = Database(pg_url)
         await migrate(db)
-        inst = (
-            await db.transact(
-                instances.register,
-                name="w0",
-                instance_id=None,
-                cpus=1,
-                memory_mb=1,
-                host=None,
-                agent_version=None,
-                fleet=None,
-                peer_url=None,
-                now=T0,
-            )
-        ).instance
+        inst = (await register(db, "w0", T0)).instance
         for v in ("1.0.0", "1.1.0"):
             await db.transact(
                 components.publish,

@@ -18,6 +18,7 @@ from corral.store import jobs as repo
 from corral.store.db import Database
 from corral.store.migrate import head_revision, migrate
 from corral.store.schema import job_attempts, jobs, log_chunks, metadata
+from tests.storekit import register
 
 NOW = 1_000_000.0
 
@@ -33,18 +34,7 @@ async def open_db(url: str) -> Database:
 
 
 async def add_instance(db: Database, name: str = "i1", cpus: float = 4) -> str:
-    reg = await db.transact(
-        instances.register,
-        name=name,
-        instance_id=None,
-        cpus=cpus,
-        memory_mb=8000,
-        host="h",
-        agent_version="t",
-        fleet=None,
-        peer_url=None,
-        now=NOW,
-    )
+    reg = await register(db, name, NOW, cpus=cpus, memory_mb=8000, host="h", agent_version="t")
     return reg.instance["id"]
 
 
@@ -274,31 +264,9 @@ def test_retired_name_can_never_register_again(db_url):
 
         await db.transact(instances.transition, inst, InstanceState.DRAINING, NOW)
         await db.transact(instances.transition, inst, InstanceState.RETIRED, NOW)
-        reg = await db.transact(
-            instances.register,
-            name="old",
-            instance_id=None,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet=None,
-            peer_url=None,
-            now=NOW,
-        )
+        reg = await register(db, "old", NOW)
         assert reg.decision.admission.value == "exit"
-        reg = await db.transact(
-            instances.register,
-            name="old",
-            instance_id=inst,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet=None,
-            peer_url=None,
-            now=NOW,
-        )
+        reg = await register(db, "old", NOW, instance_id=inst)
         assert reg.decision.admission.value == "exit"
         await db.dispose()
 
@@ -346,19 +314,7 @@ def test_a_retried_registration_with_the_same_join_key_gets_the_same_instance(db
     with a fresh credential (the unseen one is revoked); another key is refused."""
 
     async def join(db, key):
-        return await db.transact(
-            instances.register,
-            name="w",
-            instance_id=None,
-            cpus=1,
-            memory_mb=1,
-            host=None,
-            agent_version=None,
-            fleet=None,
-            peer_url=None,
-            now=NOW,
-            join_key=key,
-        )
+        return await register(db, "w", NOW, join_key=key)
 
     async def main():
         db = await open_db(db_url)
