@@ -46,10 +46,13 @@ class ServerContext:
         return self.clock()
 
     def recheck(self, remaining: float) -> float:
-        """How long a waiter may sleep on in-process wake-ups alone. With SQLite every
-        write happens in this process; on PostgreSQL another server may write, so
-        waiters look at the database again every half second."""
-        return min(remaining, 0.5) if self.db.is_postgres else remaining
+        """How long a waiter may sleep on wake-ups alone. With SQLite every write
+        happens in this process; on PostgreSQL another server may write, and its
+        wake-ups arrive by LISTEN/NOTIFY (corral.store.wakebus) while that channel is
+        up; while it is down waiters look at the database again every half second."""
+        if self.db.is_postgres and not self.notifier.cross_server:
+            return min(remaining, 0.5)
+        return remaining
 
 
 def get_ctx(request: Request) -> ServerContext:

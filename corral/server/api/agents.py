@@ -192,7 +192,11 @@ async def heartbeat(
             or remaining <= 0
         ):
             return reply
-        await ctx.notifier.wait(key, gen, ctx.recheck(remaining))
+        woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
+        if not woken and held >= remaining:
+            # held to the end and nothing for this instance changed on any server (every
+            # change wakes it: in process, or by LISTEN/NOTIFY): the last look stands
+            return reply
 
 
 OFFLOAD_URL_TTL = 3600
