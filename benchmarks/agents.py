@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.dispatch import percentile
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
+from corral.agent.upstream import retry_after
 from corral.testing import Cluster
 
 
@@ -78,7 +79,7 @@ async def agent_life(
             continue
         if r.status_code != 200:
             stats.error(f"register HTTP {r.status_code}")
-            await asyncio.sleep(1 + random.random())
+            await asyncio.sleep(max(asked(r), 1 + random.random()))
             continue
         stats.register.append(time.perf_counter() - t)
         reply = r.json()
@@ -107,10 +108,19 @@ async def agent_life(
                 beat["objects"] = None  # unchanged since the first report
             else:
                 stats.error(f"heartbeat HTTP {r.status_code}")
+                await asyncio.sleep(max(asked(r), 0.2 + random.random()))  # as the agent
+                continue
         except httpx.HTTPError as exc:
             stats.error(f"heartbeat {type(exc).__name__}")
+            await asyncio.sleep(0.2 + random.random())
+            continue
         if not wait:
             await asyncio.sleep(interval)
+
+
+def asked(r: httpx.Response) -> float:
+    """The server's Retry-After in seconds (0 if none), as the agent reads it."""
+    return retry_after(r.headers.get("retry-after")) or 0.0
 
 
 COMPONENTS = [  # what an idle agent reports each heartbeat

@@ -15,6 +15,7 @@ from corral.domain.providers import Backend
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
 from corral.server.config import ServerConfig
+from corral.server.loadgate import LoadGate
 from corral.server.notify import Notifier
 from corral.store.db import Database
 from corral.store.sqlite_lock import SqliteServerLock
@@ -41,6 +42,13 @@ class ServerContext:
     stopping: bool = False  # set on the first SIGINT/SIGTERM: place nothing more
     heartbeat_interval: tuple[float, float] | None = None  # (interval, computed at)
     observation: Observation | None = None  # when the reaper could last observe (reaper.py)
+    agent_gate: LoadGate | None = None  # admission of agent exchanges (made on first use)
+
+    def gate(self) -> LoadGate:
+        if self.agent_gate is None:
+            slots = self.config.agent_slots or self.db.pool_size // 2 or 1
+            self.agent_gate = LoadGate(slots, self.config.agent_queue, self.config.agent_max_wait)
+        return self.agent_gate
 
     def now(self) -> float:
         return self.clock()
