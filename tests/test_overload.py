@@ -48,6 +48,14 @@ def test_a_full_gate_refuses_and_an_admitted_exchange_waits() -> None:
     asyncio.run(main())
 
 
+def test_a_gate_refuses_an_exchange_that_already_queued_too_long() -> None:
+    gate = LoadGate(slots=4, queue=100, max_wait=2.0)
+    gate.check(age=1.9)
+    with pytest.raises(Overloaded) as refused:
+        gate.check(age=2.5)
+    assert refused.value.retry_after >= 3
+
+
 def test_a_gate_refuses_a_wait_it_expects_too_long() -> None:
     async def main() -> None:
         gate = LoadGate(slots=1, queue=100, max_wait=1.0)

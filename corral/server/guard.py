@@ -15,6 +15,7 @@ Routes state their needs with the decorators below (set on the endpoint function
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, MutableMapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -114,6 +115,9 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
+SCOPE_RECEIVED = "corral.received"
+
+
 class BodyGuard:
     def __init__(self, app: ASGIApp, routes_app: Any) -> None:
         self.app = app
@@ -177,6 +181,7 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[SCOPE_RECEIVED] = time.monotonic()  # how long it queued here (loadgate.py)
         headers = _headers(scope)
         endpoint, params = self._endpoint(scope)
         limit: int = getattr(endpoint, LIMIT_ATTR, DEFAULT_BODY_LIMIT)

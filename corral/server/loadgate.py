@@ -49,8 +49,13 @@ class LoadGate:
         self.mean_s = 0.02  # an exchange's time in the gate, smoothed
         self.refused = 0
 
-    def check(self) -> None:
-        """Raise Overloaded if an exchange arriving now would be refused."""
+    def check(self, age: float = 0.0) -> None:
+        """Raise Overloaded if an exchange arriving now would be refused: also one that
+        has already waited `age` > max_wait seconds since the server received it (the
+        event loop itself is behind; its client may have given up)."""
+        if age > self.max_wait:
+            self.refused += 1
+            raise Overloaded(retry_after(1, 1, age, random.random()))
         if self.busy >= self.slots and (
             self.waiting >= self.queue
             or (self.waiting + 1) * self.mean_s / self.slots > self.max_wait

@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from corral.api import (
     HeartbeatReply,
@@ -23,7 +23,7 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.server.guard import MiB, body_limit
+from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
@@ -58,11 +58,12 @@ def _busy(exc: Overloaded) -> ApiError:
     )
 
 
-async def not_overloaded(ctx: ServerContext = Depends(get_ctx)) -> None:
+async def not_overloaded(request: Request, ctx: ServerContext = Depends(get_ctx)) -> None:
     """Before the route's work: refuse at once when the gate is full. (The body guard
     has checked the credential already: unauthenticated requests get 401, not 503.)"""
     try:
-        ctx.gate().check()
+        received = request.scope.get(SCOPE_RECEIVED)
+        ctx.gate().check(time.monotonic() - received if received is not None else 0.0)
     except Overloaded as exc:
         raise _busy(exc) from None
 
