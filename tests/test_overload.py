@@ -102,6 +102,10 @@ def test_a_saturated_server_answers_503_with_retry_after(tmp_path: Path) -> None
                     r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=agent)
                     assert r.status_code == 503, r.text
                     assert int(r.headers["retry-after"]) >= 1
+                    # refused before the credential's lookup: no database work at all
+                    bogus = {"Authorization": "Bearer cra_not_looked_up"}
+                    r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=bogus)
+                    assert r.status_code == 503, r.text
                 r = await http.post("/api/v1/agents/register", json=body, headers=join)
                 assert r.status_code == 200, r.text
                 r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=agent)

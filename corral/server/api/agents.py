@@ -23,7 +23,7 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit
+from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
@@ -84,6 +84,7 @@ async def admitted(ctx: ServerContext, *, refuse: bool = True) -> AsyncIterator[
     summary="Join, or rejoin after a restart",
     dependencies=[Depends(not_overloaded)],
 )
+@shed_under_load
 async def register(
     body: RegisterRequest,
     who: Principal = Depends(require_joiner),
@@ -153,6 +154,7 @@ async def register(
     dependencies=[Depends(not_overloaded)],
 )
 @body_limit(16 * MiB)  # the sha256 of every object held, on a first heartbeat
+@shed_under_load
 async def heartbeat(
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),
