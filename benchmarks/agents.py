@@ -5,10 +5,13 @@ takes to declare it lost. Bounded in time; prints JSON.
 
     python benchmarks/agents.py --agents 1000 [--db URL] [--servers 2] --duration 120
 
-Simulated agents send an empty observed state (no attempts, components or objects)
-and non-waiting heartbeats (`wait=0`, then sleep the told interval): the latency
-measured is the server's work per heartbeat, not a long-poll's hold. Submitted jobs
-target a fleet no agent is in, so they stay queued (placement is dispatch.py's).
+Simulated agents report what a real agent reports when idle: the components it
+has installed (the same each time) and, on its first heartbeat, the objects it holds
+(none). By default heartbeats do not wait (`wait=0`, then sleep the told interval):
+the latency measured is the server's work per heartbeat, not a long-poll's hold.
+With `--wait S` they long-poll as the agent does (`server_cpu_ms_per_heartbeat` then
+includes what the server spends while holding them). Submitted jobs target a fleet
+no agent is in, so they stay queued (placement is dispatch.py's).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.dispatch import percentile
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
+from corral.agent.upstream import retry_after
 from corral.testing import Cluster
 
 
@@ -54,6 +59,7 @@ async def agent_life(
     stop: float,
     silence: asyncio.Event | None,
     registered: dict[int, str],
+    wait: float = 0.0,
 ) -> None:
     url = urls[k % len(urls)]
     name = f"sim{k:05d}"
@@ -73,7 +79,7 @@ async def agent_life(
             continue
         if r.status_code != 200:
             stats.error(f"register HTTP {r.status_code}")
-            await asyncio.sleep(1 + random.random())
+            await asyncio.sleep(max(asked(r), 1 + random.random()))
             continue
         stats.register.append(time.perf_counter() - t)
         reply = r.json()
@@ -81,7 +87,13 @@ async def agent_life(
         return
     registered[k] = reply["instance_id"]
     cred = {"Authorization": f"Bearer {reply['credential']}"}
-    beat = {"instance_id": reply["instance_id"], "incarnation": reply["incarnation"], "wait": 0}
+    beat = {
+        "instance_id": reply["instance_id"],
+        "incarnation": reply["incarnation"],
+        "wait": wait,
+        "components": COMPONENTS,
+        "objects": [],
+    }
     interval = reply["interval"]
     await asyncio.sleep(random.random() * interval)  # agents do not start in step
     while time.monotonic() < stop:
@@ -93,11 +105,28 @@ async def agent_life(
             if r.status_code == 200:
                 stats.heartbeat.append(time.perf_counter() - t)
                 interval = r.json()["interval"]
+                beat["objects"] = None  # unchanged since the first report
             else:
                 stats.error(f"heartbeat HTTP {r.status_code}")
+                await asyncio.sleep(max(asked(r), 0.2 + random.random()))  # as the agent
+                continue
         except httpx.HTTPError as exc:
             stats.error(f"heartbeat {type(exc).__name__}")
-        await asyncio.sleep(interval)
+            await asyncio.sleep(0.2 + random.random())
+            continue
+        if not wait:
+            await asyncio.sleep(interval)
+
+
+def asked(r: httpx.Response) -> float:
+    """The server's Retry-After in seconds (0 if none), as the agent reads it."""
+    return retry_after(r.headers.get("retry-after")) or 0.0
+
+
+COMPONENTS = [  # what an idle agent reports each heartbeat
+    {"name": "runner", "version": "1.0.0", "sha256": "a" * 64},
+    {"name": "agent", "version": "1.0.0", "sha256": "b" * 64},
+]
 
 
 async def submitter(
@@ -140,7 +169,15 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         tasks = [
             asyncio.create_task(
                 agent_life(
-                    k, http, urls, join, stats, stop, silence if k == 0 else None, registered
+                    k,
+                    http,
+                    urls,
+                    join,
+                    stats,
+                    stop,
+                    silence if k == 0 else None,
+                    registered,
+                    args.wait,
                 )
             )
             for k in range(args.agents)
@@ -174,6 +211,7 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
                 detect_s = time.monotonic() - t_silence
             false_lost |= lost - {silenced}
         cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        beats = len(stats.heartbeat) - heartbeats_before
         wall = time.monotonic() - w0
         await sub
         for t in tasks:
@@ -186,9 +224,10 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         "register_p99_ms": ms(stats.register, 99),
         "heartbeat_p50_ms": ms(stats.heartbeat, 50),
         "heartbeat_p99_ms": ms(stats.heartbeat, 99),
-        "heartbeats_per_s": round((len(stats.heartbeat) - heartbeats_before) / wall, 1),
+        "heartbeats_per_s": round(beats / wall, 1),
         "submit_p99_ms": ms(stats.submit, 99),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
+        "server_cpu_ms_per_heartbeat": round(1000 * (cpu1 - cpu0) / beats, 2) if beats else None,
         "server_rss_mb": round(rss, 1),
         "false_lost": len(false_lost),
         "detect_s": round(detect_s, 1) if detect_s is not None else None,
@@ -205,6 +244,7 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--connections", type=int, default=100, help="client connection pool")
     ap.add_argument("--request-timeout", type=float, default=30)
+    ap.add_argument("--wait", type=float, default=0.0, help="long-poll each heartbeat this long")
     args = ap.parse_args()
     if args.servers > 1 and not args.db:
         raise SystemExit("--servers 2 needs --db")
@@ -231,6 +271,8 @@ def main() -> None:
                 "servers": args.servers,
                 "agents": args.agents,
                 "duration_s": args.duration,
+                "wait_s": args.wait,
+                "load_avg": [round(x, 2) for x in os.getloadavg()],
                 **result,
                 "machine": machine,
             },

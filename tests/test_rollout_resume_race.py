@@ -84,8 +84,13 @@ def test_resume_between_a_heartbeats_read_and_write_is_kept(pg_url):
 
         orders = await heartbeat(T0 + 102, lambda conn: AfterFirstRead(conn, resume))
         (row,) = await db.query(components.instance_status)
-        # the resume stands: the instance is ordered again, not written back as failed
+        # the resume stands: it is not written back as failed. The heartbeat that read
+        # the old row decided nothing changed and writes nothing (no write when nothing
+        # changed), so the order comes with the next heartbeat.
         assert row["state"] != ComponentState.INSTALL_FAILED, row
+        assert orders == []
+        orders = await heartbeat(T0 + 103)
+        (row,) = await db.query(components.instance_status)
         assert [o.version for o in orders] == ["1.1.0"]
         assert row["state"] == ComponentState.INSTALLING and row["attempts"] == 1
         await db.dispose()

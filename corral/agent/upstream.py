@@ -18,7 +18,7 @@ import random
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from corral.domain.backoff import Backoff
 
@@ -56,19 +56,40 @@ class Retry:
         self.deadline = deadline
         self.failures = 0
 
-    def failed(self, error: str) -> float:
+    def failed(self, error: str, retry_after: float | None = None) -> float:
+        """`retry_after`: what the server asked (503 Retry-After); waited at least."""
         self.failures += 1
         self.upstream._index = (self.upstream._index + 1) % len(self.upstream.urls)
         delay = RETRY.delay(self.failures, random.random())
+        if retry_after is not None:
+            delay = max(delay, retry_after)
         if self.deadline is not None and time.monotonic() + delay > self.deadline:
             raise Unreachable(error)
         return delay
+
+
+RETRY_AFTER_MAX = 300.0
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header given in seconds (the form corral servers
+    send), capped at RETRY_AFTER_MAX; None if absent or not a number of seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        return None
+    return min(seconds, RETRY_AFTER_MAX)
 
 
 @dataclass
 class Response:
     status_code: int
     content: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
 
     @property
     def text(self) -> str:
@@ -112,7 +133,8 @@ class SyncServer:
         try:
             conn.request(method, prefix + path, body=body, headers=self.headers)
             resp = conn.getresponse()
-            return Response(resp.status, resp.read())
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            return Response(resp.status, resp.read(), headers)
         except (OSError, http.client.HTTPException):
             self.close()  # a broken keep-alive connection is not reused
             raise
@@ -133,7 +155,9 @@ class SyncServer:
                 resp = self._once(method, path, body)
                 if resp.status_code not in RETRY_STATUSES:
                     return resp
-                delay = retry.failed(f"HTTP {resp.status_code}")
+                delay = retry.failed(
+                    f"HTTP {resp.status_code}", retry_after(resp.headers.get("retry-after"))
+                )
             except (OSError, http.client.HTTPException) as exc:
                 delay = retry.failed(f"{exc.__class__.__name__}: {exc}")
             if stop is not None and stop():

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 
 from corral.agent import tls
-from corral.agent.upstream import RETRY_STATUSES, Upstream
+from corral.agent.upstream import RETRY_STATUSES, Upstream, retry_after
 
 
 class AsyncServer:
@@ -42,7 +42,9 @@ class AsyncServer:
                 )
                 if resp.status_code not in RETRY_STATUSES:
                     return resp
-                delay = retry.failed(f"HTTP {resp.status_code}")
+                delay = retry.failed(
+                    f"HTTP {resp.status_code}", retry_after(resp.headers.get("retry-after"))
+                )
             except httpx.TransportError as exc:
                 delay = retry.failed(f"{exc.__class__.__name__}: {exc}")
             await asyncio.sleep(delay)

@@ -54,6 +54,7 @@ from corral.store.db import Database
 from corral.store.migrate import migrate
 from corral.store.sealing import Sealer, SealError
 from corral.store.sqlite_lock import SqliteServerLock
+from corral.store.wakebus import WakeBus
 
 log = logging.getLogger("corral.server")
 
@@ -239,10 +240,26 @@ def start_loops(ctx: ServerContext) -> list[asyncio.Task]:
     ]
 
 
+def start_wake_bus(ctx: ServerContext) -> asyncio.Task | None:
+    """On PostgreSQL: share long-poll wake-ups with the other servers (LISTEN/NOTIFY)."""
+    if not ctx.db.is_postgres:
+        return None
+    bus = WakeBus(
+        ctx.db.url,
+        on_keys=lambda keys: ctx.notifier.wake_local(*keys),
+        on_state=ctx.notifier.set_cross_server,
+    )
+    ctx.notifier.publish = bus.publish
+    return asyncio.get_running_loop().create_task(bus.run(), name="corral-wake-bus")
+
+
 def create_app(ctx: ServerContext) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = start_loops(ctx)
+        bus = start_wake_bus(ctx)
+        if bus is not None:
+            tasks.append(bus)
         try:
             yield
         finally:

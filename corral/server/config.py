@@ -58,6 +58,12 @@ class ServerConfig:
         default_factory=lambda: os.environ.get("CORRAL_SECRET_KEY") or None, repr=False
     )
     public_metrics: bool = False  # /metrics and /docs without a token (--public-metrics)
+    # agent exchanges (register, heartbeat) using the database at once, and waiting for
+    # it (at most agent_queue, expecting to wait at most agent_max_wait s); beyond,
+    # 503 with Retry-After (server/loadgate.py). 0 slots: half the database pool
+    agent_slots: int = 0
+    agent_queue: int = 200
+    agent_max_wait: float = 2.0
 
     @property
     def database_url(self) -> str:

@@ -15,6 +15,7 @@ from corral.domain.providers import Backend
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
 from corral.server.config import ServerConfig
+from corral.server.loadgate import LoadGate
 from corral.server.notify import Notifier
 from corral.store.db import Database
 from corral.store.sqlite_lock import SqliteServerLock
@@ -41,15 +42,25 @@ class ServerContext:
     stopping: bool = False  # set on the first SIGINT/SIGTERM: place nothing more
     heartbeat_interval: tuple[float, float] | None = None  # (interval, computed at)
     observation: Observation | None = None  # when the reaper could last observe (reaper.py)
+    agent_gate: LoadGate | None = None  # admission of agent exchanges (made on first use)
+
+    def gate(self) -> LoadGate:
+        if self.agent_gate is None:
+            slots = self.config.agent_slots or self.db.pool_size // 2 or 1
+            self.agent_gate = LoadGate(slots, self.config.agent_queue, self.config.agent_max_wait)
+        return self.agent_gate
 
     def now(self) -> float:
         return self.clock()
 
     def recheck(self, remaining: float) -> float:
-        """How long a waiter may sleep on in-process wake-ups alone. With SQLite every
-        write happens in this process; on PostgreSQL another server may write, so
-        waiters look at the database again every half second."""
-        return min(remaining, 0.5) if self.db.is_postgres else remaining
+        """How long a waiter may sleep on wake-ups alone. With SQLite every write
+        happens in this process; on PostgreSQL another server may write, and its
+        wake-ups arrive by LISTEN/NOTIFY (corral.store.wakebus) while that channel is
+        up; while it is down waiters look at the database again every half second."""
+        if self.db.is_postgres and not self.notifier.cross_server:
+            return min(remaining, 0.5)
+        return remaining
 
 
 def get_ctx(request: Request) -> ServerContext:

@@ -15,6 +15,7 @@ Routes state their needs with the decorators below (set on the endpoint function
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, MutableMapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -22,7 +23,9 @@ from typing import Any
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from corral.server import metrics
 from corral.server.errors import error_body
+from corral.server.loadgate import Overloaded
 from corral.server.routes import flat_routes, match
 from corral.store import jobs as jobs_repo
 from corral.store import tokens
@@ -32,6 +35,7 @@ MiB = 2**20
 DEFAULT_BODY_LIMIT = 1 * MiB
 LIMIT_ATTR = "__corral_body_limit__"
 AUTH_ATTR = "__corral_body_auth__"
+SHED_ATTR = "__corral_shed__"
 ATTEMPT_TOKEN_HEADER = "x-corral-attempt-token"
 SCOPE_TOKEN_ROW = "corral.token_row"  # (secret, row) checked by the guard, reused by auth
 INT64_MAX = 2**63 - 1
@@ -53,6 +57,13 @@ def body_limit(limit: int) -> Callable[[F], F]:
         return fn
 
     return mark
+
+
+def shed_under_load(fn: F) -> F:
+    """Refuse this route with 503 and Retry-After, before anything else, while the
+    agent gate is full (corral.server.loadgate)."""
+    setattr(fn, SHED_ATTR, True)
+    return fn
 
 
 def attempt_body(fn: F) -> F:
@@ -112,6 +123,9 @@ async def send_json(send: Send, status: int, body: dict, headers: list | None = 
 
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+SCOPE_RECEIVED = "corral.received"
 
 
 class BodyGuard:
@@ -177,6 +191,7 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[SCOPE_RECEIVED] = time.monotonic()  # how long it queued here (loadgate.py)
         headers = _headers(scope)
         endpoint, params = self._endpoint(scope)
         limit: int = getattr(endpoint, LIMIT_ATTR, DEFAULT_BODY_LIMIT)
@@ -186,6 +201,15 @@ class BodyGuard:
             declared_size = int(declared) if declared is not None else None
         except ValueError:
             declared_size = None  # the HTTP server refuses such a request itself
+        if getattr(endpoint, SHED_ATTR, False):
+            try:  # before the credential's lookup: a refusal costs no database work
+                self.routes_app.state.ctx.gate().check()
+            except Overloaded as exc:
+                metrics.AGENT_REFUSED.inc()
+                retry = [(b"retry-after", str(exc.retry_after).encode())]
+                body = error_body("overloaded", f"{exc}: too many agent exchanges waiting")
+                await send_json(send, 503, body, [*retry, (b"connection", b"close")])
+                return
         if chunked or (declared_size or 0) > 0:
             denial = await self._denial(scope, headers, endpoint, params)
             if denial is not None:

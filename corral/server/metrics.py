@@ -55,6 +55,9 @@ HEARTBEAT = Histogram(
     "Time to handle one agent heartbeat exchange (its database transaction, not the long-poll)",
     buckets=_LATENCY,
 )
+AGENT_REFUSED = Counter(
+    "corral_agent_exchanges_refused", "Agent registrations and heartbeats refused (503: busy)"
+)
 INSTALL_ORDERS = Counter(
     "corral_install_orders_sent", "Install orders sent to agents by this server", ["component"]
 )

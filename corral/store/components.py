@@ -606,6 +606,8 @@ async def _sync_one(
         event = ("warning", "component.held", f"{where}: {name}: {d.reason}")
     if d.state is not None:
         values.update(state=d.state, attempts=d.attempts, next_attempt_at=d.next_attempt_at)
+    if order is None and event is None and _unchanged(row, values):
+        return True, None  # the same report and the same decision: nothing to write
     c = instance_components.c
     result = await conn.execute(
         sa.update(instance_components)
@@ -631,6 +633,12 @@ async def _sync_one(
     if event is not None:
         await events.record(conn, now, event[0], event[1], event[2], instance_id=instance["id"])
     return True, order
+
+
+def _unchanged(row, values: dict[str, object]) -> bool:
+    """Whether writing `values` would change nothing in `row` but its `updated_at`
+    (which therefore says when the row last changed, not when it was last seen)."""
+    return all(row[k] == v for k, v in values.items() if k != "updated_at")
 
 
 async def instance_status(conn: AsyncConnection, component: str | None = None):

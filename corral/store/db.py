@@ -83,6 +83,7 @@ class Database:
         self.is_postgres = self.url.startswith("postgresql")
         self.is_sqlite = not self.is_postgres
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self.pool_size = 8 if self.is_sqlite else 10  # connections kept (more may overflow)
         if self.is_sqlite:
             path = self.sqlite_path
             if path is not None:
@@ -91,7 +92,7 @@ class Database:
             self.engine: AsyncEngine = create_async_engine(
                 self.url,
                 echo=echo,
-                pool_size=8,
+                pool_size=self.pool_size,
                 max_overflow=8,
                 pool_timeout=60,
                 execution_options=options,
@@ -101,7 +102,7 @@ class Database:
             self.engine = create_async_engine(
                 self.url,
                 echo=echo,
-                pool_size=10,
+                pool_size=self.pool_size,
                 max_overflow=10,
                 pool_pre_ping=True,
                 pool_timeout=60,

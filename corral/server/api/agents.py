@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from corral.api import (
     HeartbeatReply,
@@ -21,7 +23,8 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.server.guard import MiB, body_limit
+from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
+from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -45,7 +48,43 @@ async def current_interval(ctx: ServerContext) -> float:
     return interval
 
 
-@router.post("/register", response_model=RegisterReply, summary="Join, or rejoin after a restart")
+def _busy(exc: Overloaded) -> ApiError:
+    metrics.AGENT_REFUSED.inc()
+    return ApiError(
+        503,
+        "overloaded",
+        f"{exc}: this server has more agent exchanges waiting than it can serve soon",
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+async def not_overloaded(request: Request, ctx: ServerContext = Depends(get_ctx)) -> None:
+    """Before the route's work: refuse at once when the gate is full. (The body guard
+    has checked the credential already: unauthenticated requests get 401, not 503.)"""
+    try:
+        received = request.scope.get(SCOPE_RECEIVED)
+        ctx.gate().check(time.monotonic() - received if received is not None else 0.0)
+    except Overloaded as exc:
+        raise _busy(exc) from None
+
+
+@contextlib.asynccontextmanager
+async def admitted(ctx: ServerContext, *, refuse: bool = True) -> AsyncIterator[None]:
+    """Through the agent gate, or 503 with Retry-After when it is full."""
+    try:
+        async with ctx.gate().enter(refuse=refuse):
+            yield
+    except Overloaded as exc:
+        raise _busy(exc) from None
+
+
+@router.post(
+    "/register",
+    response_model=RegisterReply,
+    summary="Join, or rejoin after a restart",
+    dependencies=[Depends(not_overloaded)],
+)
+@shed_under_load
 async def register(
     body: RegisterRequest,
     who: Principal = Depends(require_joiner),
@@ -67,23 +106,24 @@ async def register(
     interval = await current_interval(ctx)
     grace = grace_period(interval, ctx.config.agent_grace)
     try:
-        reg = await ctx.db.transact(
-            instances.register,
-            name=body.name,
-            instance_id=instance_id,
-            cpus=body.cpus,
-            memory_mb=body.memory_mb,
-            host=body.host,
-            agent_version=body.agent_version,
-            fleet=body.fleet,
-            peer_url=body.peer_url,
-            now=ctx.now(),
-            sandbox=body.sandbox,
-            sandbox_warnings=body.sandbox_warnings,
-            join_key=body.join_key,
-            interval=interval,
-            grace=grace,
-        )
+        async with admitted(ctx):
+            reg = await ctx.db.transact(
+                instances.register,
+                name=body.name,
+                instance_id=instance_id,
+                cpus=body.cpus,
+                memory_mb=body.memory_mb,
+                host=body.host,
+                agent_version=body.agent_version,
+                fleet=body.fleet,
+                peer_url=body.peer_url,
+                now=ctx.now(),
+                sandbox=body.sandbox,
+                sandbox_warnings=body.sandbox_warnings,
+                join_key=body.join_key,
+                interval=interval,
+                grace=grace,
+            )
     except instances.NameInUse as exc:
         raise ApiError(409, "name_in_use", str(exc)) from None
     except instances.UnknownFleet as exc:
@@ -111,8 +151,10 @@ async def register(
     "/heartbeat",
     response_model=HeartbeatReply,
     summary="Report observed state; get desired state (long-polls up to `wait`)",
+    dependencies=[Depends(not_overloaded)],
 )
 @body_limit(16 * MiB)  # the sha256 of every object held, on a first heartbeat
+@shed_under_load
 async def heartbeat(
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),
@@ -173,7 +215,8 @@ async def heartbeat(
 
         uploaded = False
         t0 = time.perf_counter()
-        reply = await ctx.db.transact(exchange)
+        async with admitted(ctx, refuse=first):
+            reply = await ctx.db.transact(exchange)
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
         for order in reply.install:
             metrics.INSTALL_ORDERS.labels(order.component).inc()
@@ -192,7 +235,11 @@ async def heartbeat(
             or remaining <= 0
         ):
             return reply
-        await ctx.notifier.wait(key, gen, ctx.recheck(remaining))
+        woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
+        if not woken and held >= remaining:
+            # held to the end and nothing for this instance changed on any server (every
+            # change wakes it: in process, or by LISTEN/NOTIFY): the last look stands
+            return reply
 
 
 OFFLOAD_URL_TTL = 3600

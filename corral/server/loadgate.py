@@ -1,0 +1,83 @@
+"""Admission under load: agent exchanges that would queue too long are refused at once
+with 503 and a Retry-After, instead of waiting for a database connection until they
+time out (the pool's 500s, agents declared lost, registrations that never finish).
+
+A gate lets `slots` exchanges use the database at once and more wait for a slot,
+while the wait they can expect (those ahead × an exchange's smoothed time / slots)
+stays under `max_wait` seconds, and never more than `queue` of them; the next is
+refused, told to come back when the backlog it saw should be gone. Exchanges
+already admitted (a long-poll woken to look again) wait, never refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections.abc import AsyncIterator
+
+RETRY_AFTER_MIN = 1
+RETRY_AFTER_MAX = 30
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"server busy: retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+def retry_after(backlog: int, slots: int, mean_s: float, u: float) -> int:
+    """Whole seconds until a backlog of `backlog` exchanges, `slots` at a time and
+    `mean_s` each, should be gone, stretched by up to 100% (`u` in [0, 1)) so the
+    refused do not all come back at once."""
+    drain = backlog * mean_s / max(1, slots)
+    return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(drain * (1 + u))))
+
+
+class LoadGate:
+    def __init__(self, slots: int, queue: int, max_wait: float = float("inf")):
+        if slots < 1 or queue < 0 or max_wait < 0:
+            raise ValueError("a load gate needs slots >= 1, queue >= 0 and max_wait >= 0")
+        self.slots = slots
+        self.queue = queue
+        self.max_wait = max_wait
+        self._sem = asyncio.Semaphore(slots)
+        self.busy = 0
+        self.waiting = 0
+        self.mean_s = 0.02  # an exchange's time in the gate, smoothed
+        self.refused = 0
+
+    def check(self, age: float = 0.0) -> None:
+        """Raise Overloaded if an exchange arriving now would be refused: also one that
+        has already waited `age` > max_wait seconds since the server received it (the
+        event loop itself is behind; its client may have given up)."""
+        if age > self.max_wait:
+            self.refused += 1
+            raise Overloaded(retry_after(1, 1, age, random.random()))
+        if self.busy >= self.slots and (
+            self.waiting >= self.queue
+            or (self.waiting + 1) * self.mean_s / self.slots > self.max_wait
+        ):
+            self.refused += 1
+            backlog = self.busy + self.waiting + 1
+            raise Overloaded(retry_after(backlog, self.slots, self.mean_s, random.random()))
+
+    @contextlib.asynccontextmanager
+    async def enter(self, *, refuse: bool = True) -> AsyncIterator[None]:
+        if refuse:
+            self.check()
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.busy += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self._sem.release()
+            self.mean_s += 0.1 * (time.perf_counter() - t0 - self.mean_s)
