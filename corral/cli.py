@@ -136,7 +136,7 @@ def skip_httpx_cli() -> None:
     """httpx's `__init__` imports its own command-line client (httpx._main, which loads
     click, rich's progress and syntax and pygments when they are installed) and falls
     back to a stub when that import fails. This process never runs httpx's CLI, and
-    importing it is a fifth of `corral run`'s start-up, so it is marked absent
+    importing it was about a tenth of `corral run`'s start-up, so it is marked absent
     (sys.modules[name] = None makes its import fail) before anything imports httpx.
     Only the `corral` command does this, never `import corral` (the SDK in a user's
     program leaves httpx as it is)."""
