@@ -136,3 +136,228 @@ def test_every_wire_model_and_client_module_imports_without_the_server_stack():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+# `corral run --detach` against a stand-in server that accepts the job: which modules the
+# command imported and which wire models it built
+RUN_PROBE = """
+import json, sys
+sys.argv = ["corral", "run", "--detach", "--", "true"]
+import corral.cli
+code = 0
+try:
+    corral.cli.main()
+except SystemExit as exc:
+    code = exc.code
+from pydantic import BaseModel
+
+def below(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from below(sub)
+
+wire = {m for m in below(BaseModel) if m.__module__.startswith("corral.api.")}
+built = sorted({m.__name__ for m in wire if m.__pydantic_complete__} - {"Strict", "Wire"})
+loaded = sorted(name for name, m in sys.modules.items() if m is not None)
+print(json.dumps({"code": code, "modules": loaded, "built": built}), file=sys.stderr)
+"""
+
+# what `corral run --detach` has no use for: httpx's own CLI (click, rich, pygments),
+# the output formats and the other commands' modules, the models of other endpoints
+NOT_FOR_RUN = (
+    "httpx._main",
+    "click",
+    "rich",
+    "pygments",
+    "yaml",
+    "dotenv",
+    "corral.client.components_cli",
+    "corral.client.context_cli",
+    "corral.client.data_cli",
+    "corral.client.tokens_cli",
+    "corral.client.workdir",
+    "corral.api.agents",
+    "corral.api.components",
+    "corral.api.fleets",
+    "corral.api.instances",
+    "corral.api.objects",
+    "corral.api.tokens",
+)
+
+JOB_VIEW = {
+    "id": 7,
+    "name": None,
+    "state": "queued",
+    "command": ["true"],
+    "fleet": None,
+    "cpus": 1.0,
+    "memory_mb": 0,
+    "max_attempts": 3,
+    "attempt": 0,
+    "instance_id": None,
+    "exit_code": None,
+    "reason": None,
+    "created_at": "2026-01-01T00:00:00Z",
+    "started_at": None,
+    "finished_at": None,
+    "result_attempt": None,
+}
+
+
+@pytest.fixture
+def accepting_server():
+    """A stand-in for the API that accepts any job submit as job 7 (the import probe
+    needs the whole submit path, reply included, not a real cluster)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Accept(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            ok = self.path == "/api/v1/jobs"
+            body = json.dumps(JOB_VIEW if ok else {"error": {"message": "no", "code": "x"}})
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Accept)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server):
+    import os
+
+    env = {**os.environ, "CORRAL_SERVER": accepting_server, "CORRAL_TOKEN": "t"}
+    r = subprocess.run(
+        [sys.executable, "-c", RUN_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    result = json.loads(r.stderr.strip().splitlines()[-1])
+    assert (result["code"], r.stdout) == (0, "7\n"), r.stderr
+    modules = set(result["modules"])
+    assert not [m for m in NOT_FOR_RUN if m in modules]
+    assert "httpx" in modules  # it did send the job
+    # the request it validates and the reply it parses; not the other 45 wire models
+    assert result["built"] == ["JobSubmit", "JobView"]
+
+
+def test_the_sdk_leaves_httpx_whole():
+    """Only the `corral` command skips httpx's CLI; a program using the SDK keeps it."""
+    code = "import corral.client.sdk, httpx._main, httpx\nprint(httpx.main is httpx._main.main)"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert (r.returncode, r.stdout.strip()) == (0, "True"), r.stderr
+
+
+def test_wire_models_are_built_on_first_use():
+    code = (
+        "import corral.api.jobs as j\n"
+        "print(j.JobView.__pydantic_complete__)\n"
+        "v = j.JobView.model_validate(" + repr(JOB_VIEW) + ")\n"
+        "print(j.JobView.__pydantic_complete__, v.created_at.isoformat())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "2026-01-01T00:00:00Z"]
+
+
+def _names(app) -> dict[str, str]:
+    """{command or group name: the module that defines it} of a Typer app."""
+    from typer.main import get_command_name
+
+    out = {}
+    for c in app.registered_commands:
+        out[c.name or get_command_name(c.callback.__name__)] = c.callback.__module__
+    for g in app.registered_groups:
+        out[g.name] = g.typer_instance.registered_commands[0].callback.__module__
+    return out
+
+
+def test_the_command_table_says_where_each_command_lives():
+    """`corral NAME` imports only COMMAND_MODULES[NAME]: a command added to another
+    module without its line in the table would be missing from `corral NAME`."""
+    import corral.cli
+
+    names = _names(corral.cli.full_app())
+    elsewhere = {n: m for n, m in names.items() if m not in ("corral.client.cli", "corral.cli")}
+    assert elsewhere == corral.cli.COMMAND_MODULES
+    assert set(corral.cli.MODULES) == set(elsewhere.values())
+
+
+def test_help_lists_the_daemons_after_the_user_commands():
+    import corral.cli
+
+    modules = list(_names(corral.cli.full_app()).values())
+    commands = modules[: len(corral.cli.full_app().registered_commands)]
+    assert commands == sorted(commands, key=lambda m: m == "corral.cli")
+    assert commands[-3:] == ["corral.cli"] * 3
+
+
+def test_one_command_app_answers_as_the_whole_app_does():
+    """What `corral NAME ...` runs (an app holding only NAME) prints and exits as the
+    whole app does: the help of every command and group, and usage errors."""
+    from typer.testing import CliRunner
+
+    import corral.cli
+
+    runner = CliRunner()
+    names = list(_names(corral.cli.full_app()))
+    cases = [[name, "--help"] for name in names] + [
+        ["--ca", "ca.pem", "run", "--help"],
+        ["run", "--no-such-option"],
+        ["run"],
+        ["fleet", "nosuch"],
+        ["job"],
+    ]
+    for argv in cases:
+        only = corral.cli.command_for(argv)
+        assert len(only.registered_commands) + len(only.registered_groups) == 1
+        got = runner.invoke(only, argv)
+        want = runner.invoke(corral.cli.full_app(), argv)
+        assert (got.exit_code, got.output) == (want.exit_code, want.output), argv
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["run", "--detach", "--", "true"], "run"),
+        (["--ca", "x.pem", "jobs"], "jobs"),
+        (["--ca=x.pem", "fleet", "apply", "f.yml"], "fleet"),
+        (["--help"], None),
+        (["--version", "jobs"], None),
+        ([], None),
+        (["--ca"], None),
+    ],
+)
+def test_command_name(args, name):
+    from corral.cli import command_name
+
+    assert command_name(args) == name
+
+
+def test_unknown_or_no_command_gets_the_whole_app():
+    import corral.cli
+
+    whole = corral.cli.full_app()
+    for args in (["nosuch"], ["--help"], []):
+        assert len(corral.cli.command_for(args).registered_commands) == len(
+            whole.registered_commands
+        )

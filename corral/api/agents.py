@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from corral.api.common import NAME_PATTERN, Sha256, Strict
+from corral.api.common import NAME_PATTERN, Sha256, Strict, Wire
 from corral.api.components import InstallOrder, ObservedComponent
 from corral.api.objects import Fetch, ObjectError
 from corral.domain.instances import InstanceState
@@ -36,7 +36,7 @@ class RegisterRequest(Strict):
     )
 
 
-class RegisterReply(BaseModel):
+class RegisterReply(Wire):
     action: Literal["welcome", "exit"]
     reason: str
     instance_id: str | None = None
@@ -72,7 +72,7 @@ class HeartbeatRequest(Strict):
     wait: float = Field(default=0.0, ge=0, le=60, description="hold the reply this long if idle")
 
 
-class StartOrder(BaseModel):
+class StartOrder(Wire):
     job_id: int
     attempt: int
     token: str
@@ -85,13 +85,13 @@ class StartOrder(BaseModel):
     log_limit: int = DEFAULT_LOG_LIMIT
 
 
-class KillOrder(BaseModel):
+class KillOrder(Wire):
     job_id: int
     attempt: int
     reason: str
 
 
-class OffloadOrder(BaseModel):
+class OffloadOrder(Wire):
     """Upload an object held here to a durable store: PUT its bytes to `url` (signed,
     short-lived) with exactly `headers`."""
 
@@ -101,7 +101,7 @@ class OffloadOrder(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
-class HeartbeatReply(BaseModel):
+class HeartbeatReply(Wire):
     action: Literal["continue", "exit"]
     reason: str = ""
     interval: float

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
-from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Strict, Timestamp
+from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Strict, Timestamp, Wire
 from corral.domain.reconcile import ComponentState, RolloutState
 
 
@@ -24,7 +24,7 @@ class ComponentPublish(Strict):
         return v
 
 
-class ComponentView(BaseModel):
+class ComponentView(Wire):
     name: str
     version: str
     scheme: str
@@ -52,7 +52,7 @@ class RolloutRequest(Strict):
     force: bool = Field(default=False, description="allow a version of another scheme or channel")
 
 
-class RolloutProgress(BaseModel):
+class RolloutProgress(Wire):
     total: int = 0
     converged: int = 0
     in_flight: int = 0
@@ -61,7 +61,7 @@ class RolloutProgress(BaseModel):
     waiting: int = 0
 
 
-class RolloutView(BaseModel):
+class RolloutView(Wire):
     id: int
     component: str
     version: str
@@ -77,7 +77,7 @@ class RolloutView(BaseModel):
     progress: RolloutProgress = Field(default_factory=RolloutProgress)
 
 
-class InstanceComponentView(BaseModel):
+class InstanceComponentView(Wire):
     instance_id: str
     instance_name: str
     component: str
@@ -100,7 +100,7 @@ class ObservedComponent(Strict):
     error_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
 
 
-class InstallOrder(BaseModel):
+class InstallOrder(Wire):
     component: str
     version: str
     url: str

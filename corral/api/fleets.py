@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from corral.api.common import NAME_PATTERN, Strict, parse_memory_mb
+from corral.api.common import NAME_PATTERN, Strict, Wire, parse_memory_mb
 
 BACKENDS = ("local", "ssh")  # where instances come from
 DURABLE_KEYS = {"endpoint", "bucket", "access_key", "secret_key", "region"}
@@ -316,7 +316,7 @@ class FleetSpec(Strict):
         return out
 
 
-class FleetView(BaseModel):
+class FleetView(Wire):
     name: str
     backend: str
     min_size: int

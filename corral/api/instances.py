@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from corral.api.common import Strict, Timestamp
+from corral.api.common import Strict, Timestamp, Wire
 from corral.domain.instances import InstanceState
 from corral.domain.provisioning import ProvisionState
 
 
-class InstanceView(BaseModel):
+class InstanceView(Wire):
     id: str
     name: str
     fleet: str | None
@@ -38,7 +38,7 @@ class InstanceView(BaseModel):
     sandbox: str | None = Field(default=None, description="how its agent contains attempts")
 
 
-class ServerView(BaseModel):
+class ServerView(Wire):
     id: str
     build_version: str
     host: str
@@ -49,7 +49,7 @@ class ServerView(BaseModel):
     alive: bool
 
 
-class EventView(BaseModel):
+class EventView(Wire):
     id: int
     ts: Timestamp
     level: str
@@ -64,13 +64,13 @@ class DrainRequest(Strict):
     force: bool = False
 
 
-class AtRisk(BaseModel):
+class AtRisk(Wire):
     sha256: str
     size: int
     names: list[str]
 
 
-class DrainView(BaseModel):
+class DrainView(Wire):
     instance: InstanceView
     at_risk: list[AtRisk] = Field(
         default_factory=list, description="objects only this instance holds right now"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Sha256, Strict, Timestamp
+from corral.api.common import NAME_PATTERN, SHA256_PATTERN, Sha256, Strict, Timestamp, Wire
 from corral.domain.jobs import AttemptState, JobState
 from corral.domain.sandbox import DEFAULT_LOG_LIMIT, text_problem
 
@@ -100,11 +100,11 @@ class JobBatch(Strict):
     jobs: list[JobSubmit] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-class JobBatchReply(BaseModel):
+class JobBatchReply(Wire):
     ids: list[int] = Field(description="the new jobs' ids, in the order submitted")
 
 
-class AttemptView(BaseModel):
+class AttemptView(Wire):
     number: int
     instance_id: str | None
     state: AttemptState
@@ -121,7 +121,7 @@ class AttemptView(BaseModel):
     notes: list[str] = Field(default_factory=list, description="e.g. outputs skipped, and why")
 
 
-class JobView(BaseModel):
+class JobView(Wire):
     id: int
     name: str | None
     state: JobState
@@ -149,13 +149,13 @@ class JobView(BaseModel):
     )
 
 
-class LogChunkView(BaseModel):
+class LogChunkView(Wire):
     seq: int
     stream: Literal["out", "err"]
     data: str  # base64
 
 
-class LogPage(BaseModel):
+class LogPage(Wire):
     job_id: int
     attempt: int
     chunks: list[LogChunkView]
@@ -204,7 +204,7 @@ class AttemptLost(Strict):
     reason: str = Field(max_length=4000)
 
 
-class AttemptAck(BaseModel):
+class AttemptAck(Wire):
     job_id: int
     attempt: int
     job_state: str

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from corral.api.common import SHA256_PATTERN, Strict, Timestamp
+from corral.api.common import SHA256_PATTERN, Strict, Timestamp, Wire
 from corral.domain.drain import ObjectState, ReplicaState
 from corral.domain.instances import InstanceState
 
 
-class ReplicaView(BaseModel):
+class ReplicaView(Wire):
     instance_id: str
     instance_name: str
     instance_state: InstanceState
@@ -17,7 +17,7 @@ class ReplicaView(BaseModel):
     created_at: Timestamp
 
 
-class ObjectView(BaseModel):
+class ObjectView(Wire):
     sha256: str
     size: int
     name: str | None
@@ -27,7 +27,7 @@ class ObjectView(BaseModel):
     replicas: list[ReplicaView] = Field(default_factory=list)
 
 
-class OutputView(BaseModel):
+class OutputView(Wire):
     path: str
     sha256: str
     size: int
@@ -50,7 +50,7 @@ class ObjectError(Strict):
     error: str = Field(max_length=4000)
 
 
-class Fetch(BaseModel):
+class Fetch(Wire):
     """Where to get an object: peer URLs of instances holding it, and a one-time
     token the holder checks with the server (None when it is already local)."""
 

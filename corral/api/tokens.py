@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from corral.api.common import Wire
 
 
-class TokenView(BaseModel):
+class TokenView(Wire):
     id: str
     kind: Literal["admin", "join", "agent"]
     instance_id: str | None = Field(default=None, description="agent credentials: whose")
@@ -19,7 +21,7 @@ class TokenView(BaseModel):
     revoked_at: float | None = None
 
 
-class TokenRotated(BaseModel):
+class TokenRotated(Wire):
     id: str
     kind: Literal["admin", "join"]
     secret: str = Field(description="the new token: shown this once, stored only as a hash")
