@@ -55,11 +55,15 @@ def acts(out: list) -> list:
 
 
 def test_registers_then_heartbeats_one_at_a_time():
-    st_, _ = running()
-    assert step(st_, S.Tick(), 5.0) == []  # one heartbeat in flight at a time
-    assert step(st_, reply(), 5.0) == []  # idle: no spinning
-    hb = step(st_, S.Tick(), 5.6)
+    st_, _ = running()  # its first heartbeat went at 0.0
+    assert step(st_, S.Tick(), 0.2) == []  # one heartbeat in flight at a time
+    assert step(st_, reply(), 0.3) == []  # idle and not held by the server: no spinning
+    assert step(st_, S.Tick(), 0.4) == []
+    hb = step(st_, S.Tick(), 0.5)  # IDLE_GAP after the last one went
     assert [type(i) for i in hb] == [S.SendHeartbeat] and hb[0].instance_id == "i-1"
+    # a reply the server held (a long poll) is followed by the next heartbeat at once
+    again = step(st_, reply(), 5.0)
+    assert [type(i) for i in again] == [S.SendHeartbeat]
 
 
 def heartbeat_in(out: list) -> S.SendHeartbeat:
