@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 from collections import deque
@@ -57,6 +58,7 @@ from corral.agent.state import (
     InstallDone,
     Instruction,
     KillAttempt,
+    LostReported,
     OffloadObject,
     Register,
     Registered,
@@ -380,9 +382,13 @@ class Agent:
         credential)."""
         ident = self.identity
         secret = ident.credential if ident else self.config.join_token
-        event, reply = await server_calls.register(
-            self.server, self._register_body(), secret, ident is not None
-        )
+        try:
+            event, reply = await server_calls.register(
+                self.server, self._register_body(), secret, ident is not None
+            )
+        except Exception as exc:  # e.g. a reply that is not what the API says
+            log.exception("registration broke")
+            return [RegisterFailed(repr(exc), random.random())]
         if isinstance(event, Registered) and reply is not None:
             if ident is None and event.credential is not None:
                 self.identity = Identity(event.instance_id, event.credential, self.config.name)
@@ -398,9 +404,13 @@ class Agent:
         return [event]
 
     async def _heartbeat(self, hb: SendHeartbeat) -> list[Event]:
-        event = await server_calls.heartbeat(
-            self.server, hb, self.me.credential, self.state.interval
-        )
+        try:
+            event = await server_calls.heartbeat(
+                self.server, hb, self.me.credential, self.state.interval
+            )
+        except Exception as exc:  # e.g. a reply that is not what the API says
+            log.exception("heartbeat broke")
+            return [HeartbeatFailed(repr(exc), random.random())]
         if isinstance(event, HeartbeatReplied) and event.reply.action != "exit":
             self.selfupdate.heartbeat_ok()  # a new agent build that heartbeats is committed
             if self.selfupdate.rollback_error:
@@ -416,7 +426,11 @@ class Agent:
         return AttemptStarted(order.job_id, order.attempt)
 
     async def _report(self, order: ReportLost, within: float) -> None:
-        event = await server_calls.report_lost(self.server, order, within)
+        try:
+            event = await server_calls.report_lost(self.server, order, within)
+        except Exception:  # a bug: say so; the machine reports it again later
+            log.exception("the report of lost attempt %s/%s broke", order.job_id, order.attempt)
+            event = LostReported(order.job_id, order.attempt, False)
         if event.delivered:
             log.warning("attempt %s/%s lost (%s)", order.job_id, order.attempt, order.reason)
         if self.exit is None:

@@ -74,6 +74,9 @@ async def install(installer: Installer, order: InstallOrder, auth: dict[str, str
             exc,
         )
         return InstallFailed(order.component, order.sha256, str(exc))
+    except Exception as exc:  # a bug: say so, and let the next order try again
+        log.exception("install of %s %s broke", order.component, order.version)
+        return InstallFailed(order.component, order.sha256, f"the agent failed: {exc!r}")
     log.info("%s %s installed", order.component, order.version)
     return InstallDone(order.component, order.version, order.sha256)
 
@@ -97,6 +100,9 @@ async def fetch(
         except (transfer.TransferError, OSError) as exc:
             log.warning("replication of %s failed: %s", order.sha256[:12], exc)
             return TransferFailed(order.sha256, str(exc))
+        except Exception as exc:  # a bug: say so, and let the next order try again
+            log.exception("replication of %s broke", order.sha256[:12])
+            return TransferFailed(order.sha256, f"the agent failed: {exc!r}")
     log.info("replicated object %s", order.sha256[:12])
     return TransferDone(order.sha256)
 
@@ -112,5 +118,8 @@ async def offload(objects: ObjectStore, order: OffloadOrder, slots: asyncio.Sema
         except (transfer.TransferError, OSError) as exc:
             log.warning("upload of %s to the durable store failed: %s", order.sha256[:12], exc)
             return OffloadFailed(order.sha256, str(exc))
+        except Exception as exc:  # a bug: say so, and let the next order try again
+            log.exception("upload of %s broke", order.sha256[:12])
+            return OffloadFailed(order.sha256, f"the agent failed: {exc!r}")
     log.info("uploaded object %s to the durable store", order.sha256[:12])
     return OffloadDone(order.sha256)
