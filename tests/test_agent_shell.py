@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from corral.agent.daemon import Agent, AgentConfig
 from corral.agent.state import (
     AgentState,
@@ -23,6 +25,8 @@ from corral.agent.state import (
     Stop,
 )
 from corral.testing import Cluster, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 class WithholdsStarts(AgentState):
