@@ -55,11 +55,15 @@ def acts(out: list) -> list:
 
 
 def test_registers_then_heartbeats_one_at_a_time():
-    st_, _ = running()
-    assert step(st_, S.Tick(), 5.0) == []  # one heartbeat in flight at a time
-    assert step(st_, reply(), 5.0) == []  # idle: no spinning
-    hb = step(st_, S.Tick(), 5.6)
+    st_, _ = running()  # its first heartbeat went at 0.0
+    assert step(st_, S.Tick(), 0.2) == []  # one heartbeat in flight at a time
+    assert step(st_, reply(), 0.3) == []  # idle and not held by the server: no spinning
+    assert step(st_, S.Tick(), 0.4) == []
+    hb = step(st_, S.Tick(), 0.5)  # IDLE_GAP after the last one went
     assert [type(i) for i in hb] == [S.SendHeartbeat] and hb[0].instance_id == "i-1"
+    # a reply the server held (a long poll) is followed by the next heartbeat at once
+    again = step(st_, reply(), 5.0)
+    assert [type(i) for i in again] == [S.SendHeartbeat]
 
 
 def heartbeat_in(out: list) -> S.SendHeartbeat:
@@ -138,6 +142,54 @@ def test_superseded_leaves_the_runners_to_the_new_agent():
     assert out == [S.Exit(S.EXIT_SUPERSEDED, "another agent holds the data dir", tombstone=False)]
 
 
+def test_an_exit_that_says_superseded_leaves_the_runners_and_writes_no_tombstone():
+    st_, _ = running()
+    step(st_, reply(start=[start(1, 1)]))
+    step(st_, S.Tick(), 1.0)
+    reason = "incarnation 1 superseded by 2"
+    out = step(st_, reply(action="exit", reason=reason), 1.0)
+    assert out == [S.Exit(S.EXIT_SUPERSEDED, reason, tombstone=False)]
+
+
+def test_a_refused_registration_exits_without_touching_the_runners():
+    st_ = S.AgentState(instance_id="i-1")
+    st_.adopt(3, 1, "tok-3-1")
+    assert step(st_, S.Tick(), 0.0) == [S.Register("i-1")]
+    out = step(st_, S.Fatal(2, "registration refused (HTTP 403): no"), 0.1)
+    assert out == [S.Exit(2, "registration refused (HTTP 403): no", tombstone=False)]
+    assert step(st_, S.Tick(), 9.0) == []
+
+
+def test_a_rolled_back_agent_build_is_reported_until_a_heartbeat_carried_it():
+    st_ = S.AgentState()
+    step(st_, S.RolledBack("d" * 64, "agent 2.0 rolled back: it crashed"), 0.0)
+    step(st_, S.Tick(), 0.0)
+    hb = heartbeat_in(step(st_, S.Registered("i-1", 1, 1.0), 0.0))
+    (agent,) = [c for c in hb.components if c.name == "agent"]
+    assert (agent.error_sha256, agent.error) == ("d" * 64, "agent 2.0 rolled back: it crashed")
+    step(st_, S.HeartbeatFailed("down"), 0.1)  # not carried yet: it goes again
+    hb = heartbeat_in(step(st_, S.Tick(), 60.0))
+    assert [c.name for c in hb.components] == ["agent"]
+    step(st_, reply(), 60.1)
+    hb = heartbeat_in(step(st_, S.Tick(), 61.0))
+    assert hb.components == ()
+
+
+def test_a_runner_that_ended_makes_the_next_heartbeat_carry_every_object():
+    st_, _ = running()
+    step(st_, reply(start=[start(1, 1)]))
+    step(st_, S.AttemptStarted(1, 1))
+    step(st_, reply(), 1.0)  # that heartbeat carried the (empty) object list
+    step(st_, S.Stored(("a" * 64,)), 1.1)  # an output lands; the runner has not ended
+    hb = heartbeat_in(step(st_, reply(), 2.0))
+    assert hb.objects == ("a" * 64,)
+    hb = heartbeat_in(step(st_, reply(), 3.0))
+    assert hb.objects is None  # unchanged: not sent again
+    step(st_, S.RunnerExited(1, 1), 3.1)
+    hb = heartbeat_in(step(st_, reply(), 4.0))
+    assert hb.objects == ("a" * 64,)  # the runner's end: the full list again
+
+
 def test_unreachable_server_backs_off_and_keeps_jobs():
     st_, _ = running()
     step(st_, reply(start=[start(1, 1)]))
@@ -186,7 +238,10 @@ replies = st.builds(
     st.lists(fetches, max_size=2),
 )
 leaving = st.one_of(
-    st.builds(S.Retire, st.just("r")), st.builds(S.Superseded, st.just("s")), st.just(S.Stop())
+    st.builds(S.Retire, st.just("r")),
+    st.builds(S.Superseded, st.just("s")),
+    st.just(S.Stop()),
+    st.builds(S.Fatal, st.just(2), st.just("refused")),
 )
 outputs = st.lists(shas).map(tuple)
 exits = st.builds(S.RunnerExited, jobs, numbers, st.booleans(), st.just("r"), outputs)
@@ -206,6 +261,8 @@ events = st.one_of(
     st.builds(S.TransferFailed, shas, st.just("e")),
     st.builds(S.InstallDone, st.just("runner"), st.sampled_from(["1.0.0", "1.1.0"]), shas),
     st.builds(S.InstallFailed, st.just("runner"), shas, st.just("e")),
+    st.builds(S.RolledBack, shas, st.just("rolled back")),
+    st.builds(S.Stored, st.lists(shas).map(tuple)),
     leaving,
 )
 

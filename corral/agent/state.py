@@ -37,12 +37,12 @@ from corral.api import (
     StartOrder,
 )
 from corral.domain.backoff import Backoff
-from corral.domain.instances import AGENT_EXIT_RETIRED
+from corral.domain.instances import AGENT_EXIT_RETIRED, AGENT_EXIT_SUPERSEDED, superseded
 
 RECONNECT = Backoff(base=0.5, factor=2.0, maximum=10.0, jitter=0.5)
 OBJECTS_REFRESH = 30.0  # the full object list goes up at least this often
 IDLE_GAP = 0.5  # never heartbeat more often than this when the server sent nothing
-EXIT_SUPERSEDED = 4  # another agent process took over this data dir
+EXIT_SUPERSEDED = AGENT_EXIT_SUPERSEDED  # another agent process took over this instance
 
 # ---- events (what happened) ----------------------------------------------------------------
 
@@ -97,6 +97,23 @@ class Superseded:
     """Another agent process holds this data dir now: leave its runners alone."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The agent cannot go on (its registration was refused, it has no join token):
+    exit with `code`, leaving its runners and its data dir as they are."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """A new agent build was rolled back (found at start): tell the server once."""
+
+    sha256: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,8 @@ Event = (
     | HeartbeatRejected
     | Retire
     | Superseded
+    | Fatal
+    | RolledBack
     | Stop
     | AttemptStarted
     | StartFailed
@@ -330,7 +349,9 @@ class AgentState:
     offloading: set[str] = field(default_factory=set)
     offloaded: set[str] = field(default_factory=set)
     offload_errors: dict[str, str] = field(default_factory=dict)
+    rollback: tuple[str, str] | None = None  # (sha256, why) of a rolled-back agent build
     in_flight: SendHeartbeat | Register | None = None
+    sent_at: float = 0.0  # when the heartbeat in flight went out
     next_contact_at: float = 0.0
     failures: int = 0
     sent_count: int = 0  # heartbeats sent: numbers them so a stray reply is not taken
@@ -375,6 +396,10 @@ class AgentState:
                 out += self._leave(AGENT_EXIT_RETIRED, event.reason, tombstone=True, kill=True)
             case Superseded():
                 out += self._leave(EXIT_SUPERSEDED, event.reason, tombstone=False, kill=False)
+            case Fatal():
+                out += self._leave(event.code, event.reason, tombstone=False, kill=False)
+            case RolledBack():
+                self.rollback = (event.sha256, event.error)
             case Stop():
                 out += self._leave(0, event.reason, tombstone=False, kill=True, report=True)
             case AttemptStarted():
@@ -384,9 +409,11 @@ class AgentState:
             case StartFailed():
                 out += self._gone(event.job_id, event.attempt, True, event.error, now)
             case RunnerExited():
-                if event.outputs:
-                    self.held.update(event.outputs)
-                    self.objects_sent = None  # only this report makes a replica trusted
+                self.held.update(event.outputs)
+                if (event.job_id, event.attempt) in self.attempts:
+                    # its outputs are in the store now: the next heartbeat carries the
+                    # full list (only this report makes a replica the server trusts)
+                    self.objects_sent = None
                 out += self._gone(event.job_id, event.attempt, event.report_lost, event.reason, now)
             case LostReported():
                 key = (event.job_id, event.attempt)
@@ -458,6 +485,7 @@ class AgentState:
             self.in_flight = Register(self.instance_id)
             return [self.in_flight]
         self.sent_count += 1
+        self.sent_at = now
         self.in_flight = self.observed(now)
         self.wake = False
         return [self.in_flight]
@@ -469,7 +497,10 @@ class AgentState:
             name: ObservedComponent(name=name, version=v, sha256=s)
             for name, (v, s) in sorted(self.installed.items())
         }
-        for name, (sha, error) in sorted(self.install_errors.items()):
+        errors = dict(self.install_errors)
+        if self.rollback is not None:
+            errors["agent"] = self.rollback
+        for name, (sha, error) in sorted(errors.items()):
             o = comps.get(name) or ObservedComponent(name=name)
             comps[name] = o.model_copy(update={"error": error[:4000], "error_sha256": sha})
         held = tuple(sorted(self.held))
@@ -504,8 +535,14 @@ class AgentState:
         self.in_flight = None
         self.failures = 0
         if reply.action == "exit":
+            if superseded(reply.reason):  # a newer process of this instance: its jobs now
+                return self._leave(EXIT_SUPERSEDED, reply.reason, tombstone=False, kill=False)
             return self._leave(AGENT_EXIT_RETIRED, reply.reason, tombstone=True, kill=True)
         # what the server has now got is no longer news
+        if self.rollback is not None and any(
+            c.name == "agent" and c.error_sha256 == self.rollback[0] for c in sent.components
+        ):
+            self.rollback = None
         if sent.objects is not None:
             self.objects_sent = (sent.objects, now)
         for e in sent.object_errors:
@@ -531,7 +568,8 @@ class AgentState:
                 self.offloading.add(o.sha256)
                 out.append(OffloadObject(o))
         # the server holds idle heartbeats; never spin if it did not
-        self.next_contact_at = now if (reply.start or reply.kill) else now + IDLE_GAP
+        idle = self.sent_at + IDLE_GAP
+        self.next_contact_at = now if (reply.start or reply.kill) else max(now, idle)
         return out
 
     # ---- attempts ----------------------------------------------------------------------------
