@@ -608,6 +608,7 @@ class Agent:
         tracked = list(self.supervisor.tracked.values())
         for t in tracked:
             self.supervisor.kill(t.job_id, t.attempt, reason)
+        self.supervisor.stop_zygote()
         return tracked
 
     async def _shutdown(self) -> None:
