@@ -236,6 +236,7 @@ class Supervisor:
         except ZygoteUnavailable as exc:
             log.warning("%s; spawning the runner of %s instead", exc, d.name)
             self.zygote_ready = False
+            self._reap_zygote()
             self._maybe_respawn_zygote()
             return None
 
