@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -41,9 +42,13 @@ def _zygote(agent) -> psutil.Process | None:
     return same_process(info["pid"], info["create_time"])
 
 
-def _runner(agent, job_id: int, n: int = 1) -> psutil.Process:
+def _runner_pid(agent, job_id: int, n: int = 1) -> int:
     info = json.loads((agent.data_dir / "attempts" / f"{job_id}-{n}" / "runner.pid").read_text())
-    return psutil.Process(info["pid"])
+    return int(info["pid"])
+
+
+def _runner(agent, job_id: int, n: int = 1) -> psutil.Process:
+    return psutil.Process(_runner_pid(agent, job_id, n))
 
 
 def _dead(p: psutil.Process) -> bool:
@@ -95,6 +100,19 @@ def test_an_attempt_forked_by_the_zygote_runs_and_records_its_result(
     out = b"".join(base64.b64decode(c.data) for c in client.logs(job.id).chunks)
     assert b"j1 done" in out
     assert "forked runner for attempt" in agent.log()
+
+    # an agent restart re-attaches to the same zygote, which forks the next runners
+    agent.kill()
+    agent.start()
+    cluster.wait_agents_running(client, 1)
+    wait_for(lambda: f"attached to zygote {zygote.pid}" in agent.log(), 30, "re-attaching")
+    job2 = _submit(client, jobfiles, work, "j2")
+    final2 = wait_for(
+        lambda: (j := client.job(job2.id)).state in ("succeeded", "failed") and j, 30, "job 2"
+    )
+    assert (final2.state, final2.attempt) == ("succeeded", 1)
+    zlog = (agent.data_dir / "zygote.log").read_text()
+    assert re.search(rf"\[{zygote.pid}\]: forked runner \d+ for {job2.id}-1$", zlog, re.M), zlog
     assert _zygote(agent) is not None and _zygote(agent).pid == zygote.pid
 
 

@@ -51,7 +51,7 @@ SOCKET_NAME = "zygote.sock"
 PID_NAME = "zygote.pid"
 LOG_NAME = "zygote.log"
 ORPHAN_GRACE = 60.0
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 3.0  # the agent waits this long at most before spawning instead
 MAX_REQUEST = 64 * 1024
 EXIT_CHILD_CRASHED = 70
 _PATH_MAX = 100  # sun_path is 108 bytes; past this, connect through /proc/self/fd
@@ -371,7 +371,6 @@ class Zygote:
             if self.listener is not None:
                 self.listener.close()
             os.setsid()  # its own session: nothing aimed at the zygote reaches it
-            gc.unfreeze()
             import random
 
             random.seed()  # also done by Python's at-fork hook; never shared state
@@ -405,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m corral.agent.zygote DATA_DIR [ORPHAN_GRACE]", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     grace = float(argv[1]) if len(argv) == 2 else ORPHAN_GRACE
     try:
