@@ -39,6 +39,7 @@ log = logging.getLogger("corral.agent.supervisor")
 
 ZYGOTE_READY_WAIT = 15.0  # a new zygote imports the runner's code first
 ZYGOTE_RETRY_EVERY = 30.0  # a zygote that keeps failing is not restarted in a loop
+ZYGOTE_RECHECK_EVERY = 2.0  # a zygote not ready is asked again at most this often
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Supervisor:
         self.zygote_ready = False
         self._zygote_popen: subprocess.Popen | None = None
         self._zygote_started_at: float | None = None
+        self._zygote_recheck_at = 0.0
 
     @staticmethod
     def dirname(job_id: int, attempt: int) -> str:
@@ -224,9 +226,14 @@ class Supervisor:
         if not self.use_zygote:
             return None
         if not self.zygote_ready:
-            # being started, or failed a while ago: try it, never wait for it here
+            # being started, or failed a while ago: look again now and then, briefly
+            # (this runs on the agent's event loop; a hung zygote must not stall it)
+            now = time.monotonic()
+            if now < self._zygote_recheck_at:
+                return None
+            self._zygote_recheck_at = now + ZYGOTE_RECHECK_EVERY
             try:
-                self.zygote.ping()
+                self.zygote.ping(timeout=0.5)
                 self.zygote_ready = True
             except ZygoteUnavailable:
                 self._maybe_respawn_zygote()

@@ -113,7 +113,7 @@ class ZygoteClient:
     def socket_file(self) -> Path:
         return self.data_dir / SOCKET_NAME
 
-    def request(self, body: dict) -> dict:
+    def request(self, body: dict, timeout: float | None = None) -> dict:
         if self._owner is None:
             self._owner = _owner()
         try:
@@ -121,7 +121,7 @@ class ZygoteClient:
                 _socket_path(self.data_dir) as path,
                 socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
             ):
-                s.settimeout(self.timeout)
+                s.settimeout(timeout or self.timeout)
                 s.connect(path)
                 s.sendall(json.dumps({**body, "owner": self._owner}).encode() + b"\n")
                 line = _read_line(s)
@@ -136,8 +136,8 @@ class ZygoteClient:
             raise ZygoteUnavailable(f"the zygote refused: {error}")
         return reply
 
-    def ping(self) -> dict:
-        return self.request({"op": "ping"})
+    def ping(self, timeout: float | None = None) -> dict:
+        return self.request({"op": "ping"}, timeout)
 
     def start(self, attempt_dir: Path) -> int:
         """Fork a runner for the attempt; its pid (runner.pid is written already)."""
