@@ -87,6 +87,18 @@ def _reap_if_child(pid: int) -> None:
         pass
 
 
+def _wait_child(pid: int, timeout: float) -> None:
+    """Collect `pid` if it is our child, waiting up to `timeout` for it to exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
+
+
 class Supervisor:
     def __init__(
         self,
@@ -209,6 +221,7 @@ class Supervisor:
     def stop_zygote(self) -> None:
         """Tell the zygote to exit (its runners go on). For a stopping agent."""
         self.zygote_ready = False
+        info = _read_json(self.data_dir / PID_NAME) or {}
         try:
             self.zygote.quit()
         except ZygoteUnavailable:
@@ -218,7 +231,9 @@ class Supervisor:
                 self._zygote_popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        self._reap_zygote()
+            self._zygote_popen = None
+        elif isinstance(info.get("pid"), int):
+            _wait_child(info["pid"], 5.0)  # ours if started before a re-exec
 
     def _start_by_zygote(self, d: Path) -> int | None:
         """The runner's pid, forked by the zygote; None when it could not (then the
