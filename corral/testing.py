@@ -13,6 +13,7 @@ cluster's directory (runners and the commands they ran), so nothing outlives a t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -399,15 +400,34 @@ class Cluster:
                 dirs += [d for d in (s.data_dir / "agents").iterdir() if d.is_dir()]
         return dirs
 
-    def leftovers(self) -> list[psutil.Process]:
+    def zygotes(self) -> list[psutil.Process]:
+        """The live zygotes of this cluster's agents (one per agent data dir at most)."""
+        from corral.agent.proctree import same_process
+        from corral.agent.zygote import PID_NAME
+
+        out = []
+        for d in self.agent_dirs():
+            try:
+                info = json.loads((d / PID_NAME).read_text())
+            except (OSError, ValueError):
+                continue
+            p = same_process(info["pid"], info.get("create_time"))
+            if p is not None:
+                out.append(p)
+        return out
+
+    def leftovers(self, zygotes: bool = False) -> list[psutil.Process]:
         """Processes under this cluster's directory that are still alive (runners,
         and the commands they ran, found by command line or working directory,
-        theirs or their agents' job directories)."""
+        theirs or their agents' job directories). An agent's zygote is part of the
+        agent, not a leftover of an attempt: counted only with `zygotes`."""
         from corral.agent.sandbox.host import default_jobs_dir
 
         roots = [str(self.base.resolve())]
         roots += [str(default_jobs_dir(d, os.geteuid() == 0)) for d in self.agent_dirs()]
         mine = {p.pid for p in self.procs if p.alive()}
+        if not zygotes:
+            mine |= {p.pid for p in self.zygotes()}
         out = []
         for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
             try:
@@ -430,7 +450,7 @@ class Cluster:
         owned: list[Proc] = [*reversed(self.agents), *self.servers, *self.procs]
         for proc in owned:
             proc.stop(timeout=20)
-        for p in self.leftovers():
+        for p in self.leftovers(zygotes=True):
             try:
                 p.kill()
             except psutil.Error:

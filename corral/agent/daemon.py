@@ -318,7 +318,7 @@ class Agent:
             case SendHeartbeat():
                 self._spawn(self._heartbeat(instruction))
             case StartAttempt():
-                return [self._start(instruction.order)]
+                return [await self._start(instruction.order)]
             case KillAttempt(job_id=job, attempt=n, reason=reason):
                 await asyncio.to_thread(self.supervisor.kill, job, n, reason)
                 return [RunnerExited(job, n, False, "killed")]
@@ -417,9 +417,9 @@ class Agent:
                 self.selfupdate.error_reported()
         return [event]
 
-    def _start(self, order: StartOrder) -> Event:
-        try:
-            self.supervisor.start(order)
+    async def _start(self, order: StartOrder) -> Event:
+        try:  # off the loop: a zygote that is slow to answer must not stall heartbeats
+            await asyncio.to_thread(self.supervisor.start, order)
         except OSError as exc:  # e.g. a full disk: that attempt cannot run here
             log.warning("cannot start attempt %s/%s: %s", order.job_id, order.attempt, exc)
             return StartFailed(order.job_id, order.attempt, f"the agent cannot start it: {exc}")
@@ -460,6 +460,10 @@ class Agent:
             log.info("%s", instruction.reason)
         else:
             log.error("%s", instruction.reason)
+        if instruction.tombstone or instruction.code == 0:
+            # a retiring or stopping agent: its zygote goes too (its runners go on);
+            # a superseded one leaves it to the process that is this instance now
+            await asyncio.to_thread(self.supervisor.stop_zygote)
         self.exit = instruction
 
     # -- serving peers -------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """Runner supervision: start, watch, kill and reap one runner process per attempt.
 
+Runners come from the agent's zygote (corral.agent.zygote: a long-lived process
+with the runner's code loaded that forks one runner per attempt in about a
+millisecond); when the zygote is gone or refuses, a runner is spawned as a fresh
+process instead, with a warning, and a new zygote is started for the next ones.
+
 Everything needed to find a runner again lives in its attempt directory (root-only,
 in the agent's data dir) and its attempt's cgroup, so an agent that restarts (even
 after SIGKILL) adopts the runners its previous incarnation started instead of losing
@@ -17,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +32,14 @@ from corral.agent.artifacts import Installer
 from corral.agent.identity import write_json_atomic
 from corral.agent.proctree import kill_tree, same_process
 from corral.agent.sandbox.host import Host
+from corral.agent.zygote import LOG_NAME, PID_NAME, ZygoteClient, ZygoteUnavailable, fingerprint
 from corral.api import ObservedAttempt, StartOrder
 
 log = logging.getLogger("corral.agent.supervisor")
+
+ZYGOTE_READY_WAIT = 15.0  # a new zygote imports the runner's code first
+ZYGOTE_RETRY_EVERY = 30.0  # a zygote that keeps failing is not restarted in a loop
+ZYGOTE_RECHECK_EVERY = 2.0  # a zygote not ready is asked again at most this often
 
 
 @dataclass
@@ -37,7 +48,9 @@ class Tracked:
     attempt: int
     token: str
     dir: Path
-    popen: subprocess.Popen | None = None  # None when adopted from an earlier incarnation
+    # None when forked by the zygote or adopted from an earlier incarnation: then the
+    # runner is found through its runner.pid
+    popen: subprocess.Popen | None = None
 
 
 @dataclass
@@ -74,6 +87,18 @@ def _reap_if_child(pid: int) -> None:
         pass
 
 
+def _wait_child(pid: int, timeout: float) -> None:
+    """Collect `pid` if it is our child, waiting up to `timeout` for it to exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
+
+
 class Supervisor:
     def __init__(
         self,
@@ -82,6 +107,7 @@ class Supervisor:
         instance_id: str | None = None,
         installer: Installer | None = None,
         host: Host | None = None,
+        zygote: bool = True,
     ):
         self.data_dir = data_dir
         self.attempts_dir = data_dir / "attempts"
@@ -92,6 +118,12 @@ class Supervisor:
         self.host = host or Host("plain", str(data_dir / "jobs"), "", os.getuid(), os.getgid())
         self.tracked: dict[tuple[int, int], Tracked] = {}
         self.attempts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.use_zygote = zygote and os.environ.get("CORRAL_ZYGOTE", "1") != "0"
+        self.zygote = ZygoteClient(data_dir)
+        self.zygote_ready = False
+        self._zygote_popen: subprocess.Popen | None = None
+        self._zygote_started_at: float | None = None
+        self._zygote_recheck_at = 0.0
 
     @staticmethod
     def dirname(job_id: int, attempt: int) -> str:
@@ -117,6 +149,123 @@ class Supervisor:
                 group.kill()
                 group.remove()
                 log.warning("killed the leftovers of attempt %s/%s (no runner)", *key)
+        if self.use_zygote:
+            self.attach_zygote()
+
+    # -- the zygote -----------------------------------------------------------------------------
+
+    def attach_zygote(self, wait: float = ZYGOTE_READY_WAIT) -> bool:
+        """Use the zygote an earlier incarnation started if it is there and of this
+        build; else start one (and wait up to `wait` seconds for it to answer)."""
+        try:
+            reply = self.zygote.ping()
+        except ZygoteUnavailable:
+            reply = None
+        if reply is not None and reply.get("version") == fingerprint():
+            self.zygote_ready = True
+            log.info("attached to zygote %s", reply.get("pid"))
+            return True
+        if reply is not None:
+            log.info(
+                "zygote %s runs another build (%s); replacing it",
+                reply.get("pid"),
+                reply.get("version"),
+            )
+            self.stop_zygote()
+        self._spawn_zygote()
+        if wait <= 0:
+            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                self.zygote.ping()
+                self.zygote_ready = True
+                return True
+            except ZygoteUnavailable:
+                if self._zygote_popen is not None and self._zygote_popen.poll() is not None:
+                    break
+                time.sleep(0.02)
+        log.warning(
+            "the zygote did not start (see %s); runners are spawned instead",
+            self.data_dir / LOG_NAME,
+        )
+        return False
+
+    def _spawn_zygote(self) -> None:
+        self.zygote_ready = False
+        self._zygote_started_at = time.monotonic()
+        self._reap_zygote()
+        try:
+            self.zygote.socket_file.unlink()  # a dead zygote's (a live one answered)
+        except FileNotFoundError:
+            pass
+        with open(self.data_dir / LOG_NAME, "ab") as out:
+            self._zygote_popen = subprocess.Popen(
+                [sys.executable, "-m", "corral.agent.zygote", str(self.data_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # like the runners: it outlives an agent restart
+                env=runner_environment(),
+                cwd="/",
+            )
+        log.info("started zygote (pid %d)", self._zygote_popen.pid)
+
+    def _reap_zygote(self) -> None:
+        if self._zygote_popen is not None and self._zygote_popen.poll() is not None:
+            self._zygote_popen = None
+        info = _read_json(self.data_dir / PID_NAME)
+        if info and isinstance(info.get("pid"), int):
+            _reap_if_child(info["pid"])  # started by this process before a re-exec
+
+    def stop_zygote(self) -> None:
+        """Tell the zygote to exit (its runners go on). For a stopping agent."""
+        self.zygote_ready = False
+        info = _read_json(self.data_dir / PID_NAME) or {}
+        try:
+            self.zygote.quit()
+        except ZygoteUnavailable:
+            return
+        if self._zygote_popen is not None:
+            try:
+                self._zygote_popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._zygote_popen = None
+        elif isinstance(info.get("pid"), int):
+            _wait_child(info["pid"], 5.0)  # ours if started before a re-exec
+
+    def _start_by_zygote(self, d: Path) -> int | None:
+        """The runner's pid, forked by the zygote; None when it could not (then the
+        caller spawns one, and a new zygote is on its way for the next attempts)."""
+        if not self.use_zygote:
+            return None
+        if not self.zygote_ready:
+            # being started, or failed a while ago: look again now and then, briefly
+            # (this runs on the agent's event loop; a hung zygote must not stall it)
+            now = time.monotonic()
+            if now < self._zygote_recheck_at:
+                return None
+            self._zygote_recheck_at = now + ZYGOTE_RECHECK_EVERY
+            try:
+                self.zygote.ping(timeout=0.5)
+                self.zygote_ready = True
+            except ZygoteUnavailable:
+                self._maybe_respawn_zygote()
+                return None
+        try:
+            return self.zygote.start(d)
+        except ZygoteUnavailable as exc:
+            log.warning("%s; spawning the runner of %s instead", exc, d.name)
+            self.zygote_ready = False
+            self._reap_zygote()
+            self._maybe_respawn_zygote()
+            return None
+
+    def _maybe_respawn_zygote(self) -> None:
+        started = self._zygote_started_at
+        if started is None or time.monotonic() - started >= ZYGOTE_RETRY_EVERY:
+            self._spawn_zygote()
 
     def start(self, order: StartOrder) -> None:
         key = (order.job_id, order.attempt)
@@ -147,6 +296,12 @@ class Supervisor:
             },
             durable=False,
         )
+        if self.installer is None or self.installer.installed("runner") is None:
+            pid = self._start_by_zygote(d)
+            if pid is not None:
+                self.tracked[key] = Tracked(order.job_id, order.attempt, order.token, d)
+                log.info("forked runner for attempt %s/%s (pid %d)", *key, pid)
+                return
         with open(d / "runner.log", "ab") as out:
             popen = subprocess.Popen(
                 [*self.runner_command(), str(d)],

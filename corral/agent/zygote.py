@@ -1,0 +1,421 @@
+"""The zygote: a long-lived runner parent per agent that forks one runner per attempt.
+
+Starting a runner as a fresh Python process costs about 0.1 CPU-s of interpreter
+start-up and imports, the largest part of a trivial job's cost. The zygote pays it
+once: it imports the runner's code, then waits on a unix socket in the agent's data
+dir (0600, in the 0700 data dir, and it checks its peer's uid). Asked to start an
+attempt, it forks; the child leaves the zygote behind (its own session, the socket
+closed, signal handlers reset, stdio on the attempt's runner.log) and runs exactly
+what `python -m corral.agent.runner ATTEMPT_DIR` runs (`runner.main`), so the
+sandbox, the per-job lock, fencing and logs behave as with a spawned runner.
+
+The zygote writes the child's runner.pid (pid and start time) before it answers, so
+the agent can always find the runner again from its attempt directory, as it adopts
+spawned runners. A child does not depend on the zygote after the fork: if the
+zygote dies, its children are re-parented and go on; the agent sees them through
+their runner.pid and their attempts' cgroups.
+
+Like the runners, the zygote is detached from the agent (its own session), so it
+survives an agent restart and the next agent re-attaches to it through the socket.
+It exits when told to (a stopping agent, or an agent of another build), or when the
+agent it serves has been gone for ORPHAN_GRACE seconds with no new agent attaching.
+
+Protocol: one JSON line per connection each way. Requests carry "owner" (the
+agent's pid and start time); "op" is "ping", "start" (with "dir") or "quit".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import corral
+
+log = logging.getLogger("corral.agent.zygote")
+
+SOCKET_NAME = "zygote.sock"
+PID_NAME = "zygote.pid"
+LOG_NAME = "zygote.log"
+ORPHAN_GRACE = 60.0
+REQUEST_TIMEOUT = 3.0  # the agent waits this long at most before spawning instead
+MAX_REQUEST = 64 * 1024
+EXIT_CHILD_CRASHED = 70
+_PATH_MAX = 100  # sun_path is 108 bytes; past this, connect through /proc/self/fd
+
+
+class ZygoteUnavailable(Exception):
+    """The zygote is not there or refused: start the runner another way."""
+
+
+def fingerprint() -> str:
+    """The build a zygote runs: an agent only uses a zygote of its own build."""
+    return f"{corral.__version__} {sys.executable} {Path(corral.__file__).resolve().parent}"
+
+
+@contextlib.contextmanager
+def _socket_path(data_dir: Path) -> Iterator[str]:
+    """The socket's address; a long data dir is reached through an open fd of it."""
+    path = str(data_dir / SOCKET_NAME)
+    if len(os.fsencode(path)) <= _PATH_MAX:
+        yield path
+        return
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
+
+
+def _owner() -> dict:
+    import psutil
+
+    return {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = b""
+    while b"\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return buf.split(b"\n", 1)[0]
+
+
+# -- the agent's side --------------------------------------------------------------------------
+
+
+class ZygoteClient:
+    """How the agent talks to its zygote."""
+
+    def __init__(self, data_dir: Path, timeout: float = REQUEST_TIMEOUT):
+        self.data_dir = data_dir
+        self.timeout = timeout
+        self._owner: dict | None = None
+
+    @property
+    def socket_file(self) -> Path:
+        return self.data_dir / SOCKET_NAME
+
+    def request(self, body: dict, timeout: float | None = None) -> dict:
+        if self._owner is None:
+            self._owner = _owner()
+        try:
+            with (
+                _socket_path(self.data_dir) as path,
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+            ):
+                s.settimeout(timeout or self.timeout)
+                s.connect(path)
+                s.sendall(json.dumps({**body, "owner": self._owner}).encode() + b"\n")
+                line = _read_line(s)
+        except (OSError, ValueError) as exc:
+            raise ZygoteUnavailable(f"cannot reach the zygote: {exc}") from exc
+        try:
+            reply = json.loads(line)
+        except ValueError as exc:
+            raise ZygoteUnavailable(f"the zygote answered {line[:200]!r}") from exc
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else reply
+            raise ZygoteUnavailable(f"the zygote refused: {error}")
+        return reply
+
+    def ping(self, timeout: float | None = None) -> dict:
+        return self.request({"op": "ping"}, timeout)
+
+    def start(self, attempt_dir: Path) -> int:
+        """Fork a runner for the attempt; its pid (runner.pid is written already)."""
+        return int(self.request({"op": "start", "dir": str(attempt_dir)})["pid"])
+
+    def quit(self) -> None:
+        self.request({"op": "quit"})
+
+
+# -- the zygote --------------------------------------------------------------------------------
+
+
+def _set_comm(name: bytes) -> None:
+    """The process's short name in ps/top (the command line stays the zygote's)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_bytes(name[:15])
+
+
+class Zygote:
+    def __init__(self, data_dir: Path, orphan_grace: float = ORPHAN_GRACE):
+        self.data_dir = data_dir
+        self.attempts_dir = (data_dir / "attempts").resolve()
+        self.orphan_grace = orphan_grace
+        self.listener: socket.socket | None = None
+        self.children: set[int] = set()
+        self.exited: list[tuple[int, int]] = []
+        self.stopping = False
+        self.owner: tuple[int, float] | None = None
+        self.owner_gone_since: float | None = None
+        self.inode: int | None = None
+
+    # -- start-up and the loop --------------------------------------------------------------
+
+    def preload(self) -> None:
+        """Everything a runner imports, imported once here (that is the point)."""
+        import corral.agent.runner
+        import corral.agent.sandbox.workdir  # noqa: F401
+
+    def bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with _socket_path(self.data_dir) as path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a dead zygote's: the agent checked before starting us
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+        os.chmod(self.data_dir / SOCKET_NAME, 0o600)
+        self.inode = os.stat(self.data_dir / SOCKET_NAME).st_ino
+        sock.listen(64)
+        self.listener = sock
+        return sock
+
+    def serve(self) -> int:
+        import psutil
+
+        from corral.agent.identity import write_json_atomic
+
+        self.preload()
+        listener = self.bind()
+        signal.signal(signal.SIGCHLD, self._on_sigchld)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        write_json_atomic(
+            self.data_dir / PID_NAME,
+            {"pid": os.getpid(), "create_time": psutil.Process().create_time()},
+            durable=False,
+        )
+        gc.freeze()  # what is loaded now stays shared with the children, not copied
+        _set_comm(b"corral-zygote")
+        log.info("zygote %d ready (%s)", os.getpid(), fingerprint())
+        try:
+            while not self.stopping:
+                try:
+                    ready, _, _ = select.select([listener], [], [], 1.0)
+                except InterruptedError:  # pragma: no cover - retried by Python (PEP 475)
+                    ready = []
+                self._log_exited()
+                if ready:
+                    self._accept()
+                self._check_owner()
+        finally:
+            self._cleanup()
+        return 0
+
+    def _on_sigchld(self, _signum, _frame) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.exited.append((pid, status))
+
+    def _on_stop(self, _signum, _frame) -> None:
+        self.stopping = True
+
+    def _log_exited(self) -> None:
+        while self.exited:
+            pid, status = self.exited.pop(0)
+            log.info("runner %d exited (code %s)", pid, os.waitstatus_to_exitcode(status))
+
+    def _check_owner(self) -> None:
+        from corral.agent.proctree import same_process
+
+        if self.owner is None or same_process(*self.owner) is not None:
+            self.owner_gone_since = None
+            return
+        now = time.monotonic()
+        if self.owner_gone_since is None:
+            self.owner_gone_since = now
+            log.info("agent %d is gone; waiting for the next one", self.owner[0])
+        elif now - self.owner_gone_since > self.orphan_grace:
+            log.info("no agent for %.0f s; exiting (runners go on)", self.orphan_grace)
+            self.stopping = True
+
+    def _cleanup(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        # the socket file goes only if it is still ours (a successor may have bound anew)
+        sock = self.data_dir / SOCKET_NAME
+        with contextlib.suppress(OSError):
+            if os.stat(sock).st_ino == self.inode:
+                sock.unlink()
+        pid_file = self.data_dir / PID_NAME
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(pid_file.read_text()).get("pid") == os.getpid():
+                pid_file.unlink()
+        log.info("zygote %d stopped", os.getpid())
+
+    # -- one request ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        if self.listener is None:
+            return
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(REQUEST_TIMEOUT)
+            try:
+                reply = self._handle(conn)
+            except Exception as exc:
+                log.warning("request failed: %s", exc)
+                reply = {"ok": False, "error": str(exc)[:500]}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _handle(self, conn: socket.socket) -> dict:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.geteuid():
+            return {"ok": False, "error": f"uid {uid} may not use this zygote"}
+        req = json.loads(_read_line(conn))
+        owner = req.get("owner") or {}
+        if owner.get("pid"):
+            self.owner = (int(owner["pid"]), float(owner["create_time"]))
+            self.owner_gone_since = None
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid(), "version": fingerprint()}
+        if op == "quit":
+            self.stopping = True
+            return {"ok": True}
+        if op == "start":
+            return {"ok": True, "pid": self._fork(self._attempt_dir(req.get("dir")), conn)}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _attempt_dir(self, raw: object) -> Path:
+        """Only an attempt directory of this agent (root-only, in its data dir): the
+        runner trusts its spec.json, so nothing else may be run from here."""
+        if not isinstance(raw, str):
+            raise ValueError("no attempt directory")
+        d = Path(raw)
+        st = os.lstat(d)
+        if d.resolve().parent != self.attempts_dir or not os.path.isdir(d) or os.path.islink(d):
+            raise ValueError(f"{raw} is not an attempt directory of this agent")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ValueError(f"{raw} is not private to the agent")
+        if not (d / "spec.json").is_file():
+            raise ValueError(f"{raw} has no spec.json")
+        return d
+
+    def _fork(self, attempt_dir: Path, conn: socket.socket) -> int:
+        import psutil
+
+        from corral.agent.identity import write_json_atomic
+
+        if threading.active_count() != 1:
+            raise RuntimeError("the zygote has threads; it does not fork")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        # until runner.pid is written, the child's exit is not collected (its start
+        # time stays readable)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(attempt_dir, conn, blocked)  # never returns
+            self.children.add(pid)
+            try:
+                created = psutil.Process(pid).create_time()
+                write_json_atomic(
+                    attempt_dir / "runner.pid",
+                    {"pid": pid, "create_time": created},
+                    mode=0o600,
+                    durable=False,
+                )
+            except Exception:
+                os.kill(pid, signal.SIGKILL)  # never a runner the agent cannot find
+                raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        log.info("forked runner %d for %s", pid, attempt_dir.name)
+        return pid
+
+    def _child(self, attempt_dir: Path, conn: socket.socket, mask: set) -> None:
+        """In the forked child: become an independent runner, run it, exit."""
+        code = EXIT_CHILD_CRASHED
+        try:
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            conn.close()
+            if self.listener is not None:
+                self.listener.close()
+            os.setsid()  # its own session: nothing aimed at the zygote reaches it
+            import random
+
+            random.seed()  # also done by Python's at-fork hook; never shared state
+            logging.root.handlers.clear()  # as a spawned runner: no log config
+            _set_comm(b"corral-runner")
+            out = os.open(attempt_dir / "runner.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+            from corral.agent import runner
+
+            code = runner.main([str(attempt_dir)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    if len(argv) not in (1, 2):
+        print("usage: python -m corral.agent.zygote DATA_DIR [ORPHAN_GRACE]", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    grace = float(argv[1]) if len(argv) == 2 else ORPHAN_GRACE
+    try:
+        return Zygote(Path(argv[0]), grace).serve()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            log.error("the zygote socket is in use: %s", exc)
+        else:
+            log.error("zygote: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
