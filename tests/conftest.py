@@ -56,6 +56,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Whatever a test sets in this process's environment (e.g. the CLI's `--ca` sets
+    CORRAL_CA in-process) is undone after it: tests sharing a worker must not inherit
+    it, nor the agents they start."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
     url = os.environ.get(PG_ENV)

@@ -327,3 +327,22 @@ def test_a_stray_reply_is_not_taken_for_the_heartbeat_in_flight():
     # the first reply delivered again while the second heartbeat is out: ignored
     assert step(st_, S.HeartbeatReplied(reply(start=[start(1, 1)]).reply, first.seq), 1.0) == []
     assert st_.in_flight is second and out == []
+
+
+def test_an_offload_order_for_an_object_not_held_is_answered_not_dropped():
+    """The server may order an upload of a runner's output before the agent's store
+    scan saw it; an order the machine cannot carry out is reported back as an offload
+    error (the server retries it), never silently dropped (the server would wait on it
+    for ever)."""
+    from corral.api import OffloadOrder
+
+    st_, _ = running()
+    o = OffloadOrder(sha256=SHAS[0], size=1, url="http://s3/x", headers={})
+    out = step(st_, reply(offload=[o]))
+    assert kinds(out) == []
+    hb = heartbeat_in(out + step(st_, S.Tick(), 1.0))
+    assert [e.sha256 for e in hb.offload_errors] == [SHAS[0]]
+    assert "not held" in hb.offload_errors[0].error
+    # once held, the same order is carried out
+    step(st_, S.Stored((SHAS[0],)), 1.0)
+    assert kinds(step(st_, reply(offload=[o]), 1.5)) == ["OffloadObject"]

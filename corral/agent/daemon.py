@@ -415,6 +415,10 @@ class Agent:
             self.selfupdate.heartbeat_ok()  # a new agent build that heartbeats is committed
             if self.selfupdate.rollback_error:
                 self.selfupdate.error_reported()
+            if event.reply.offload:  # a runner's fresh outputs the last scan missed
+                new = set(await asyncio.to_thread(self.objects.list)) - self.state.held
+                if new:
+                    return [Stored(tuple(sorted(new))), event]
         return [event]
 
     async def _start(self, order: StartOrder) -> Event:

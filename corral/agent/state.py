@@ -564,9 +564,14 @@ class AgentState:
                 self.fetching.add(f.sha256)
                 out.append(FetchObject(f))
         for o in reply.offload:
-            if o.sha256 in self.held and o.sha256 not in self.offloading:
+            if o.sha256 in self.offloading:
+                continue
+            if o.sha256 in self.held:
                 self.offloading.add(o.sha256)
                 out.append(OffloadObject(o))
+            else:  # never dropped in silence: the server waits on every order it gave
+                self.offload_errors[o.sha256] = "not held by this instance"
+                self.wake = True
         # the server holds idle heartbeats; never spin if it did not
         idle = self.sent_at + IDLE_GAP
         self.next_contact_at = now if (reply.start or reply.kill) else max(now, idle)
