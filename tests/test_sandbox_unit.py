@@ -128,7 +128,13 @@ def test_a_log_is_cut_at_its_limit_with_the_marker():
     assert log_marker(64 * 2**20) == b"[corral: log truncated after 64 MiB]\n"
     assert cut_log(0, 10, b"12345") == (b"12345", False)
     assert cut_log(8, 10, b"12345") == (b"12" + log_marker(10), True)
-    assert cut_log(10, 10, b"x") == (b"", True)
+    # output that fills the limit exactly is whole; the next byte brings the marker
+    # (a pipe read in 64 KiB pieces meets a 4 MiB limit exactly on a boundary)
+    assert cut_log(5, 10, b"12345") == (b"12345", False)
+    assert cut_log(10, 10, b"x") == (log_marker(10), True)
+    assert cut_log(10, 10, b"") == (b"", False)
+    # after the marker, nothing more
+    assert cut_log(10 + len(log_marker(10)), 10, b"x") == (b"", True)
     assert log_marker(1000) == b"[corral: log truncated after 1000 bytes]\n"
 
 

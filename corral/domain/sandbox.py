@@ -291,9 +291,13 @@ def log_marker(limit: int) -> bytes:
 def cut_log(used: int, limit: int, data: bytes) -> tuple[bytes, bool]:
     """What of `data` an attempt's log keeps after `used` bytes: all of it while it
     fits; at the limit, what fits plus the marker; after that, nothing. Returns
-    (kept, cut): `cut` once the log ends with the marker."""
-    if used >= limit:
+    (kept, cut): `cut` once the log ends with the marker. `used` counts the marker once
+    it is written, so a log that filled its limit exactly (`used == limit`) has no
+    marker yet: the next byte past it brings the marker."""
+    if used > limit:
         return b"", True
+    if used == limit:
+        return (log_marker(limit), True) if data else (b"", False)
     room = limit - used
     if len(data) <= room:
         return data, False
