@@ -26,7 +26,7 @@ from corral.agent.state import (
 )
 from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
-from corral.api import HeartbeatReply, RegisterReply
+from corral.api import HeartbeatReply, HeartbeatRequest, RegisterReply
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
 BAD_CONFIGURATION = 2  # the agent's exit code when it cannot go on as configured
@@ -76,7 +76,17 @@ async def register(
 async def heartbeat(
     server: AsyncServer, hb: SendHeartbeat, credential: str, interval: float
 ) -> Event:
-    body = hb.request().model_dump()
+    body = HeartbeatRequest(
+        instance_id=hb.instance_id,
+        incarnation=hb.incarnation,
+        attempts=list(hb.attempts),
+        components=list(hb.components),
+        objects=list(hb.objects) if hb.objects is not None else None,
+        object_errors=list(hb.object_errors),
+        offloaded=list(hb.offloaded),
+        offload_errors=list(hb.offload_errors),
+        wait=hb.wait,
+    ).model_dump()
     try:
         resp = await server.request(
             "POST",

@@ -29,7 +29,6 @@ from enum import StrEnum
 from corral.api import (
     Fetch,
     HeartbeatReply,
-    HeartbeatRequest,
     InstallOrder,
     ObjectError,
     ObservedAttempt,
@@ -244,20 +243,6 @@ class SendHeartbeat:
     offload_errors: tuple[ObjectError, ...]
     wait: float
     seq: int = 0  # numbers this heartbeat; its reply carries it back
-
-    def request(self) -> HeartbeatRequest:
-        """The wire body (the daemon and the simulator send the same one)."""
-        return HeartbeatRequest(
-            instance_id=self.instance_id,
-            incarnation=self.incarnation,
-            attempts=list(self.attempts),
-            components=list(self.components),
-            objects=list(self.objects) if self.objects is not None else None,
-            object_errors=list(self.object_errors),
-            offloaded=list(self.offloaded),
-            offload_errors=list(self.offload_errors),
-            wait=self.wait,
-        )
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from corral.api import (
     ComponentPublish,
     Fetch,
     HeartbeatReply,
+    HeartbeatRequest,
     InstallOrder,
     JobSubmit,
     OutputFile,
@@ -522,7 +523,14 @@ class World:
         return Registered(reg.instance["id"], reg.instance["incarnation"], 1.0)
 
     async def heartbeat(self, agent: Agent, hb: SendHeartbeat) -> HeartbeatReply:
-        body = hb.request()
+        body = HeartbeatRequest(
+            instance_id=hb.instance_id,
+            incarnation=hb.incarnation,
+            attempts=list(hb.attempts),
+            components=list(hb.components),
+            objects=list(hb.objects) if hb.objects is not None else None,
+            object_errors=list(hb.object_errors),
+        )
         who = Principal(kind="agent", token_id="sim", instance_id=hb.instance_id)
         reply = await agents_api.heartbeat(body=body, who=who, ctx=self.ctx)
         if agent.instance_id in self.retired_at and (reply.start or reply.replicate):
