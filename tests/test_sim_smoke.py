@@ -27,3 +27,13 @@ def test_a_bad_seed_range_is_refused_with_the_reason(capsys):
         main(["--seeds", "9-2"])
     assert exc.value.code == 2
     assert "9-2" in capsys.readouterr().err
+
+
+def test_a_run_is_not_judged_while_a_host_is_still_cut_off():
+    """Seed 512 once ended while the only holder of an output was still partitioned
+    (its fault outlived the fault window), so the output's copy was not yet confirmed
+    and the end check reported it lost. A run is settled only once every fault's
+    effect is over and the agents have said what they hold."""
+    summary = sweep([512], workers=1, jobs=8, agents=3, fault_seconds=40.0)
+    assert summary["faults"].get("host_partitioned_past_grace"), summary["faults"]
+    assert summary["violations"] == [], summary["violations"]

@@ -72,7 +72,12 @@ async def _run(settings: Settings, data_dir: Path | None, started: float) -> dic
 
 
 async def _quiet(world: World) -> bool:
-    """Every job final and no instance still draining."""
+    """Every job final, no instance still draining, and no fault still in effect: a
+    fault injected near the end of the window can outlive it (a host cut off for
+    seconds more), and until that host is back and has said what it holds, the
+    server cannot have confirmed it."""
+    if any(world.still_faulty(a) for a in world.agents.values()):
+        return False
     states = await world.ctx.db.query(_job_states)
     if set(states) - {"succeeded", "failed", "cancelled"}:
         return False

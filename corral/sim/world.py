@@ -297,6 +297,19 @@ class World:
         agent.sm = sm
         agent.inbox.clear()
 
+    def still_faulty(self, agent: Agent) -> bool:
+        """A fault's effect on this live agent is not over, or events for it are still
+        on their way."""
+        if agent.exited:
+            return False
+        t = self.now
+        return (
+            agent.down_until is not None
+            or t < max(agent.frozen_until, agent.server_cut_until, agent.peer_cut_until)
+            or t < agent.slow_disk_until
+            or bool(agent.inbox)
+        )
+
     # ---- one tick -------------------------------------------------------------------------
 
     async def step(self) -> None:
