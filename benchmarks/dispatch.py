@@ -20,11 +20,15 @@ import argparse
 import contextlib
 import itertools
 import json
+import re
+import shlex
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,7 +36,7 @@ from benchmarks.bare import run_bare
 from benchmarks.cpumeter import CgroupMeter, PgMeter, dbname_of
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
-from corral.testing import Cluster, wait_for
+from corral.testing import Cluster, ServerProc, wait_for
 
 ACTIVE = ["queued", "locked", "running"]
 
@@ -43,6 +47,43 @@ def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     k = max(0, min(len(values) - 1, round(q / 100 * (len(values) - 1))))
     return values[k]
+
+
+_SAMPLE = re.compile(
+    r'^(corral_http_requests_total|corral_db_statements_total)(?:\{route="([^"]*)"\})? (\S+)$'
+)
+
+
+def server_counts(servers: list[ServerProc]) -> dict[str, float]:
+    """HTTP requests by route and database statements, summed over the servers (from
+    their /metrics; empty on a build that does not count them)."""
+    out: dict[str, float] = {}
+    for s in servers:
+        text = httpx.get(
+            s.url + "/metrics",
+            headers={"Authorization": f"Bearer {s.admin_token}"},
+            timeout=30,
+            verify=str(s.ca) if s.ca else True,
+        ).text
+        for line in text.splitlines():
+            m = _SAMPLE.match(line)
+            if m:
+                key = f"requests:{m.group(2)}" if m.group(2) else "statements"
+                out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict:
+    if not after:
+        return {}
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    delta = {k: v for k, v in delta.items() if v > 0}
+    requests = {k.split(":", 1)[1]: round(v / jobs, 3) for k, v in delta.items() if ":" in k}
+    return {
+        "http_requests_per_job": round(sum(requests.values()), 3),
+        "http_requests_per_job_by_route": dict(sorted(requests.items())),
+        "db_statements_per_job": round(delta.get("statements", 0.0) / jobs, 2),
+    }
 
 
 def run_corral(
@@ -98,6 +139,7 @@ def run_corral(
         srv0 = meter.seconds("servers", server_pids)
         ag0 = meter.seconds("agents", agent_pids)
         bench0 = meter.seconds("bench") if meter.root else None
+        counts0 = server_counts(c.servers)
         t0 = time.time()
         counter = itertools.count()
         with ThreadPoolExecutor(submitters) as pool:
@@ -114,6 +156,7 @@ def run_corral(
             f"{jobs} jobs to finish",
             interval=0.2,
         )
+        counts = per_job(counts0, server_counts(c.servers), jobs)
         cpu = {
             "server": meter.seconds("servers", server_pids) - srv0,
             "agents_runners_commands": meter.seconds("agents", agent_pids) - ag0,
@@ -132,6 +175,7 @@ def run_corral(
             "agents": agents,
             "slots_per_agent": slots,
             "cpu_meter": meter.method,
+            "command": list(command),
             "idle": {
                 "jobs": idle_jobs,
                 "submit_to_start_p50_s": round(percentile(idle, 50), 4),
@@ -147,6 +191,8 @@ def run_corral(
                 "wall_s": round(last - first, 1),
                 # all in: servers + agents/runners/commands + PostgreSQL backends
                 "cpu_seconds_per_job": {k: round(v / jobs, 4) for k, v in cpu.items()},
+                # the servers' own counts (burst phase, incl. the metrics reads)
+                **counts,
             },
         }
 
@@ -166,6 +212,9 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=1, help="servers on one PostgreSQL")
     ap.add_argument("--submitters", type=int, default=8, help="concurrent submitting clients")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument(
+        "--command", default="true", help="each job's command (default `true`; e.g. 'echo hi')"
+    )
     args = ap.parse_args()
 
     width = int(args.agents * args.slots)
@@ -180,6 +229,7 @@ def main() -> None:
         servers=args.servers,
         submitters=args.submitters,
         timeout=args.timeout,
+        command=tuple(shlex.split(args.command)),
     )
     result = {
         "benchmark": "dispatch",

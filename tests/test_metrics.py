@@ -65,4 +65,8 @@ def test_metrics_move_when_jobs_run(cluster: Cluster, db_url: str):
     assert value(after, "corral_jobs", state="failed", fleet="") == 1
     assert value(after, "corral_attempts", state="succeeded") == 1
     assert value(after, "corral_db_pool_size") > 0
+    # what it took, by route and in statements (benchmarks/dispatch.py divides these)
+    assert value(after, "corral_http_requests_total", route="attempts.start") == 2
+    assert value(after, "corral_http_requests_total", route="attempts.finish") == 2
+    assert value(after, "corral_db_statements_total") > value(before, "corral_db_statements_total")
     assert value(after, "corral_database_errors_total", where="request") == 0

@@ -128,6 +128,14 @@ def _headers(scope: Scope) -> dict[str, str]:
 SCOPE_RECEIVED = "corral.received"
 
 
+def _route_name(endpoint: Any) -> str:
+    """`attempts.finish`, `agents.heartbeat`, ...: the metric label of a route."""
+    if endpoint is None:
+        return "unmatched"
+    module = getattr(endpoint, "__module__", "") or ""
+    return f"{module.rsplit('.', 1)[-1]}.{getattr(endpoint, '__name__', '?')}"
+
+
 class BodyGuard:
     def __init__(self, app: ASGIApp, routes_app: Any) -> None:
         self.app = app
@@ -194,6 +202,7 @@ class BodyGuard:
         scope[SCOPE_RECEIVED] = time.monotonic()  # how long it queued here (loadgate.py)
         headers = _headers(scope)
         endpoint, params = self._endpoint(scope)
+        metrics.HTTP_REQUESTS.labels(_route_name(endpoint)).inc()
         limit: int = getattr(endpoint, LIMIT_ATTR, DEFAULT_BODY_LIMIT)
         declared = headers.get("content-length")
         chunked = "transfer-encoding" in headers

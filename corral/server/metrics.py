@@ -24,7 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from corral.store.metrics import Snapshot
@@ -54,6 +54,9 @@ HEARTBEAT = Histogram(
     "corral_heartbeat_handling_seconds",
     "Time to handle one agent heartbeat exchange (its database transaction, not the long-poll)",
     buckets=_LATENCY,
+)
+HTTP_REQUESTS = Counter(
+    "corral_http_requests", "Requests this server received, by route (module.function)", ["route"]
 )
 AGENT_REFUSED = Counter(
     "corral_agent_exchanges_refused", "Agent registrations and heartbeats refused (503: busy)"
@@ -101,11 +104,12 @@ def heartbeat_minutes() -> list[tuple[float, float, int]]:
 class StateCollector(Collector):
     """Gauges of one database snapshot, plus the connection pool of this server."""
 
-    def __init__(self, snap: Snapshot, pool=None):
+    def __init__(self, snap: Snapshot, pool=None, statements: int | None = None):
         self.snap = snap
         self.pool = pool
+        self.statements = statements
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.snap
         g = GaugeMetricFamily("corral_jobs", "Jobs by state and fleet", labels=["state", "fleet"])
         for (state, fleet), n in sorted(s.jobs.items()):
@@ -161,13 +165,19 @@ class StateCollector(Collector):
             yield GaugeMetricFamily(
                 "corral_db_pool_size", "Configured size of the pool", value=self.pool.size()
             )
+        if self.statements is not None:
+            yield CounterMetricFamily(
+                "corral_db_statements",
+                "Statements this server process sent to the database",
+                value=self.statements,
+            )
 
 
-def exposition(snap: Snapshot | None, pool=None) -> bytes:
+def exposition(snap: Snapshot | None, pool=None, statements: int | None = None) -> bytes:
     """The text a scrape gets: this process's metrics, then the database's gauges."""
     out = generate_latest(REGISTRY)
     if snap is not None:
         reg = CollectorRegistry(auto_describe=False)
-        reg.register(StateCollector(snap, pool))
+        reg.register(StateCollector(snap, pool, statements))
         out += generate_latest(reg)
     return out

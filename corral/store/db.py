@@ -109,6 +109,13 @@ class Database:
                 execution_options=options,
             )
 
+        # every statement this process sent (a cursor hook; the /metrics counter)
+        self.statements = 0
+        event.listen(self.engine.sync_engine, "before_cursor_execute", self._count_statement)
+
+    def _count_statement(self, *_args: Any) -> None:
+        self.statements += 1
+
     @property
     def sqlite_path(self) -> str | None:
         if not self.is_sqlite:

@@ -54,7 +54,8 @@ async def metrics(ctx: ServerContext = Depends(get_ctx)) -> Response:
     except (DatabaseError, OSError):
         m.DATABASE_ERRORS.labels("metrics").inc()
         snap = None
-    return Response(m.exposition(snap, ctx.db.engine.pool), media_type=m.CONTENT_TYPE_LATEST)
+    body = m.exposition(snap, ctx.db.engine.pool, ctx.db.statements)
+    return Response(body, media_type=m.CONTENT_TYPE_LATEST)
 
 
 @router.get("/docs", include_in_schema=False, dependencies=[Depends(require_observer)])
