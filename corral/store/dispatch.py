@@ -77,11 +77,29 @@ async def lock_jobs(
             )
         ).all()
         capacities = await _capacities(conn, instances.c.id.in_([r.id for r in locked]))
-    placements: list[Placement] = []
-    for job_id, instance_id in place(demands, capacities):
-        result = await conn.execute(
+    placements = await _lock_planned(conn, place(demands, capacities), now)
+    await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
+    return placements
+
+
+async def _lock_planned(
+    conn: AsyncConnection, plan: list[tuple[int, str]], now: float
+) -> list[Placement]:
+    """Lock the planned (job, instance) pairs with two statements whatever their number:
+    one UPDATE of the jobs (each gets its planned instance; a job no longer queued is
+    left alone and not returned) and one multi-row INSERT of their attempts."""
+    if not plan:
+        return []
+    where = dict(plan)
+    if len(set(where.values())) == 1:
+        instance_id: sa.ColumnElement = sa.literal(plan[0][1])
+    else:
+        instance_id = sa.case(where, value=jobs.c.id)
+    locked = {
+        row.id: row
+        for row in await conn.execute(
             sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED)
+            .where(jobs.c.id.in_(list(where)), jobs.c.state == JobState.QUEUED)
             .values(
                 state=JobState.LOCKED,
                 current_attempt=jobs.c.current_attempt + 1,
@@ -89,25 +107,32 @@ async def lock_jobs(
                 updated_at=now,
                 reason=None,
             )
-            .returning(jobs.c.current_attempt, jobs.c.cpus, jobs.c.memory_mb)
+            .returning(jobs.c.id, jobs.c.current_attempt, jobs.c.cpus, jobs.c.memory_mb)
         )
-        row = result.first()
-        if row is None:
-            continue
+    }
+    placements = [
+        Placement(job_id, locked[job_id].current_attempt, instance)
+        for job_id, instance in plan
+        if job_id in locked
+    ]
+    if placements:
         await conn.execute(
             sa.insert(job_attempts).values(
-                job_id=job_id,
-                number=row.current_attempt,
-                instance_id=instance_id,
-                state=AttemptState.ISSUED,
-                cpus=row.cpus,
-                memory_mb=row.memory_mb,
-                created_at=now,
-                updated_at=now,
+                [
+                    {
+                        "job_id": p.job_id,
+                        "number": p.attempt,
+                        "instance_id": p.instance_id,
+                        "state": AttemptState.ISSUED,
+                        "cpus": locked[p.job_id].cpus,
+                        "memory_mb": locked[p.job_id].memory_mb,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for p in placements
+                ]
             )
         )
-        placements.append(Placement(job_id, row.current_attempt, instance_id))
-    await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
     return placements
 
 
@@ -175,6 +200,7 @@ async def _capacities(conn: AsyncConnection, which) -> list[Capacity]:
 async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:
     """A job no instance could ever hold says so in its reason, instead of waiting mutely."""
     reasons = {q["id"]: q["reason"] for q in queued}
+    changes: dict[str | None, list[int]] = {}
     for d in demands:
         if d.job_id in placed:
             continue
@@ -189,7 +215,10 @@ async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:
         if why != reasons.get(d.job_id) and (
             why or reasons.get(d.job_id, "").startswith("waiting")
         ):
-            await conn.execute(sa.update(jobs).where(jobs.c.id == d.job_id).values(reason=why))
+            changes.setdefault(why, []).append(d.job_id)
+    # one UPDATE per distinct reason (jobs of one shape share theirs), not per job
+    for why, ids in changes.items():
+        await conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids)).values(reason=why))
 
 
 def _environment(
@@ -244,20 +273,37 @@ async def deliver_attempts(
         .mappings()
         .all()
     )
+    if not rows:
+        return []
+    secrets_of = {r["job_id"]: new_attempt_secret() for r in rows}
+    hashes = {job_id: hash_secret(secret) for job_id, secret in secrets_of.items()}
+    # one UPDATE for all of them (one row per job: its current attempt); a token is
+    # issued only where none was, and RETURNING says which
+    issued = {
+        (row.job_id, row.number)
+        for row in (
+            await conn.execute(
+                sa.update(job_attempts)
+                .where(
+                    sa.tuple_(job_attempts.c.job_id, job_attempts.c.number).in_(
+                        [(r["job_id"], r["number"]) for r in rows]
+                    ),
+                    job_attempts.c.state == AttemptState.ISSUED,
+                    job_attempts.c.token_hash.is_(None),
+                )
+                .values(
+                    token_hash=sa.case(hashes, value=job_attempts.c.job_id),
+                    delivered_at=now,
+                    updated_at=now,
+                )
+                .returning(job_attempts.c.job_id, job_attempts.c.number)
+            )
+        ).all()
+    }
     orders = []
     for r in rows:
-        secret = new_attempt_secret()
-        result = await conn.execute(
-            sa.update(job_attempts)
-            .where(
-                job_attempts.c.job_id == r["job_id"],
-                job_attempts.c.number == r["number"],
-                job_attempts.c.state == AttemptState.ISSUED,
-                job_attempts.c.token_hash.is_(None),
-            )
-            .values(token_hash=hash_secret(secret), delivered_at=now, updated_at=now)
-        )
-        if result.rowcount == 1:
+        secret = secrets_of[r["job_id"]]
+        if (r["job_id"], r["number"]) in issued:
             inputs = (
                 await objects.fetches_for(conn, instance_id, r["inputs"], now, server_url)
                 if r["inputs"]

@@ -1,0 +1,173 @@
+"""The dispatcher places a pass's jobs with a bounded number of statements, whatever the
+number of jobs, and delivers an instance's attempts likewise; the placed rows are
+exactly what one-by-one placement wrote.
+
+Statements are counted with a SQLAlchemy cursor hook around one call of the store
+function (no server, no loops)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from corral.api import JobSubmit
+from corral.domain.jobs import AttemptState, JobState
+from corral.store import dispatch
+from corral.store import jobs as repo
+from corral.store.schema import job_attempts, jobs
+from tests.test_store import NOW, add_instance, open_db
+
+
+class Counted:
+    """Statements sent on the engine while inside `with counted:`."""
+
+    def __init__(self, engine) -> None:
+        self.on = False
+        self.seen: list[str] = []
+        event.listen(engine.sync_engine, "before_cursor_execute", self._hook)
+
+    def _hook(self, _conn, _cursor, statement, _params, _context, _many) -> None:
+        if self.on and not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK")):
+            self.seen.append(" ".join(statement.split())[:80])
+
+    def __enter__(self):
+        self.seen.clear()
+        self.on = True
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.on = False
+
+
+async def _pass(db, n_jobs: int, prefix: str) -> tuple[list[str], list[str], dict]:
+    """Submit n_jobs (plus n_jobs/5 no instance can hold), run one dispatcher pass and one
+    delivery per instance; the statements of each, and what they wrote."""
+    a = await add_instance(db, name=f"{prefix}a", cpus=n_jobs // 2)
+    b = await add_instance(db, name=f"{prefix}b", cpus=n_jobs // 2)
+    ids = await db.transact(repo.submit_many, [JobSubmit(command=["true"], cpus=1)] * n_jobs, NOW)
+    huge = await db.transact(
+        repo.submit_many, [JobSubmit(command=["true"], cpus=64)] * (n_jobs // 5), NOW
+    )
+    counter = Counted(db.engine)
+    with counter:
+        placed = await db.transact(dispatch.lock_jobs, db, NOW + 1)
+    locking = list(counter.seen)
+    with counter:
+        orders = await db.transact(dispatch.deliver_attempts, a, NOW + 2)
+    delivering = list(counter.seen)
+    orders += await db.transact(dispatch.deliver_attempts, b, NOW + 2)
+    async with db.read() as conn:
+        job_rows = (await conn.execute(sa.select(jobs).order_by(jobs.c.id))).mappings().all()
+        attempt_rows = (
+            (await conn.execute(sa.select(job_attempts).order_by(job_attempts.c.job_id)))
+            .mappings()
+            .all()
+        )
+    # every delivered token works: it starts its attempt
+    for o in orders:
+        assert await db.transact(repo.start_attempt, o.job_id, o.attempt, o.token, NOW + 3)
+    return (
+        locking,
+        delivering,
+        {
+            "ids": ids,
+            "huge": huge,
+            "instances": {a, b},
+            "placed": placed,
+            "orders": orders,
+            "jobs": job_rows,
+            "attempts": attempt_rows,
+        },
+    )
+
+
+def test_a_pass_places_50_jobs_with_a_bounded_number_of_statements(db_url):
+    async def main():
+        db = await open_db(db_url)
+        try:
+            return await _pass(db, 50, "fifty"), await _pass(db, 10, "ten")
+        finally:
+            await db.dispose()
+
+    (locking50, delivering50, got), (locking10, delivering10, _) = asyncio.run(main())
+    # independent of the number of jobs: the same statements for 10 and for 50 jobs
+    assert len(locking50) == len(locking10), (locking10, locking50)
+    assert len(locking50) <= 10, locking50
+    assert len(delivering50) == len(delivering10), (delivering10, delivering50)
+    assert len(delivering50) <= 3, delivering50
+
+    # the semantics of one-by-one placement
+    ids, huge = got["ids"], got["huge"]
+    placed = got["placed"]
+    assert sorted(p.job_id for p in placed) == ids
+    assert {p.attempt for p in placed} == {1}
+    assert {p.instance_id for p in placed} == got["instances"]
+    where = {p.job_id: p.instance_id for p in placed}
+    by_id = {r["id"]: r for r in got["jobs"]}
+    for job_id in ids:
+        r = by_id[job_id]
+        assert (r["state"], r["current_attempt"], r["instance_id"], r["reason"]) == (
+            JobState.LOCKED,
+            1,
+            where[job_id],
+            None,
+        )
+        assert r["updated_at"] == NOW + 1
+    for job_id in huge:
+        r = by_id[job_id]
+        assert (r["state"], r["current_attempt"], r["instance_id"]) == (JobState.QUEUED, 0, None)
+        assert r["reason"].startswith("waiting: no running instance has 64 cpus")
+    attempts = {(r["job_id"], r["number"]): r for r in got["attempts"]}
+    assert sorted(attempts) == [(j, 1) for j in ids]
+    for job_id in ids:
+        r = attempts[(job_id, 1)]
+        assert (r["instance_id"], r["cpus"], r["created_at"]) == (where[job_id], 1, NOW + 1)
+        assert r["delivered_at"] == NOW + 2 and r["token_hash"] is not None
+        assert r["state"] == AttemptState.ISSUED
+    # each delivered once, each with its own token
+    orders = got["orders"]
+    assert sorted(o.job_id for o in orders) == ids
+    assert len({o.token for o in orders}) == len(orders)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_job_no_longer_queued_is_skipped(db_url, monkeypatch):
+    """A job cancelled between the pass's read and its UPDATE gets no attempt."""
+
+    async def main():
+        db = await open_db(db_url)
+        try:
+            inst = await add_instance(db, name="a", cpus=8)
+            ids = await db.transact(repo.submit_many, [JobSubmit(command=["true"])] * 3, NOW)
+            real = dispatch._capacities
+
+            async def cancel_one_then(conn, which):
+                await conn.execute(
+                    sa.update(jobs).where(jobs.c.id == ids[1]).values(state=JobState.CANCELLED)
+                )
+                return await real(conn, which)
+
+            monkeypatch.setattr(dispatch, "_capacities", cancel_one_then)
+            placed = await db.transact(dispatch.lock_jobs, db, NOW + 1)
+            assert [(p.job_id, p.attempt, p.instance_id) for p in placed] == [
+                (ids[0], 1, inst),
+                (ids[2], 1, inst),
+            ]
+            async with db.read() as conn:
+                n = (
+                    await conn.execute(sa.select(sa.func.count()).select_from(job_attempts))
+                ).scalar_one()
+                cancelled = (
+                    (await conn.execute(sa.select(jobs).where(jobs.c.id == ids[1])))
+                    .mappings()
+                    .one()
+                )
+            assert n == 2
+            assert (cancelled["state"], cancelled["current_attempt"]) == (JobState.CANCELLED, 0)
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
