@@ -3,6 +3,8 @@ processes), and fleet-wide gauges come from the database at scrape time."""
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,6 +67,9 @@ def test_metrics_move_when_jobs_run(cluster: Cluster, db_url: str):
     assert value(after, "corral_jobs", state="failed", fleet="") == 1
     assert value(after, "corral_attempts", state="succeeded") == 1
     assert value(after, "corral_db_pool_size") > 0
+    # its one line of output, printed as it exited, rode with the finish and was stored
+    page = client.logs(ok.id, attempt=1)
+    assert b"".join(base64.b64decode(c.data) for c in page.chunks) == b"ok\n"
     # what it took, by route and in statements (benchmarks/dispatch.py divides these)
     assert value(after, "corral_http_requests_total", route="attempts.start") == 2
     assert value(after, "corral_http_requests_total", route="attempts.finish") == 2

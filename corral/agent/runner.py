@@ -47,6 +47,8 @@ from corral.domain.sandbox import DEFAULT_LOG_LIMIT, command_result, cut_log
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
 CHUNK = 64 * 1024
 MAX_BATCH_BYTES = 512 * 1024
+MAX_BATCH_CHUNKS = 1000  # what a LogBatch (and a finish) takes
+LOG_LINGER = 0.1  # new output waits this long for more, or for the command's end
 MAX_BUFFERED = 64 * 1024 * 1024  # past this, the command blocks on its pipe
 HEARTBEAT_EVERY = 5.0
 LOCK_WAIT = 60.0
@@ -92,18 +94,29 @@ class LogBuffer:
             self.closed_streams += 1
             self._cond.notify_all()
 
-    def take(self, timeout: float) -> list[tuple[int, str, bytes]]:
+    def take(self, timeout: float, linger: float = 0.0) -> list[tuple[int, str, bytes]]:
+        """The next batch to ship (waiting up to `timeout` for output), or [] once the
+        command's streams are closed: what is left then goes with the finish. New
+        output waits up to `linger` for more (a full batch does not wait), so the last
+        output of a command that ends meanwhile rides with its finish."""
         with self._cond:
-            if not self._items:
+            if not self._items and self.closed_streams < 2:
                 self._cond.wait(timeout)
-            batch: list[tuple[int, str, bytes]] = []
-            size = 0
-            for item in self._items:
-                if batch and size + len(item[2]) > MAX_BATCH_BYTES:
-                    break
-                batch.append(item)
-                size += len(item[2])
-            return batch
+            if linger and self._items:
+                end = time.monotonic() + linger
+                while self.closed_streams < 2 and self._bytes < MAX_BATCH_BYTES:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self.closed_streams >= 2:
+                return []
+            return _batches(self._items)[0] if self._items else []
+
+    def rest(self) -> list[tuple[int, str, bytes]]:
+        """Everything not shipped yet, in order."""
+        with self._cond:
+            return list(self._items)
 
     def shipped(self, batch: list) -> None:
         with self._cond:
@@ -114,6 +127,35 @@ class LogBuffer:
     def empty(self) -> bool:
         with self._cond:
             return not self._items
+
+
+def _batches(items: list[tuple[int, str, bytes]]) -> list[list[tuple[int, str, bytes]]]:
+    """Items in order, cut into batches of at most MAX_BATCH_BYTES (or one item) and
+    MAX_BATCH_CHUNKS items."""
+    out: list[list[tuple[int, str, bytes]]] = []
+    batch: list[tuple[int, str, bytes]] = []
+    size = 0
+    for item in items:
+        if batch and (size + len(item[2]) > MAX_BATCH_BYTES or len(batch) >= MAX_BATCH_CHUNKS):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item[2])
+    if batch:
+        out.append(batch)
+    return out
+
+
+def _wire(batch: list[tuple[int, str, bytes]]) -> list[dict]:
+    return [{"seq": s, "stream": st, "data": base64.b64encode(d).decode()} for s, st, d in batch]
+
+
+class HttpError(RuntimeError):
+    """The server answered a call with an error other than a refused token."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Runner:
@@ -152,7 +194,9 @@ class Runner:
             self.stale.set()
             raise Stale(f"{action}: HTTP {resp.status_code} {resp.text[:300]}")
         if resp.status_code >= 400:
-            raise RuntimeError(f"{action}: HTTP {resp.status_code} {resp.text[:300]}")
+            raise HttpError(
+                resp.status_code, f"{action}: HTTP {resp.status_code} {resp.text[:300]}"
+            )
         return resp.json()
 
     def call_anyway(self, action: str, body: dict) -> dict:
@@ -205,28 +249,21 @@ class Runner:
             self.logs.stream_closed()
 
     def ship_logs(self) -> None:
-        """Ship output as it comes; heartbeat the attempt when there is none."""
+        """Ship output as it comes; heartbeat the attempt when there is none. Once the
+        command's streams are closed, what is left is the finish's to carry."""
         last_contact = time.monotonic()
         while not self.stale.is_set():
-            batch = self.logs.take(timeout=0.2)
+            batch = self.logs.take(timeout=0.2, linger=LOG_LINGER)
             try:
                 if batch:
-                    self.call(
-                        "logs",
-                        {
-                            "chunks": [
-                                {"seq": s, "stream": st, "data": base64.b64encode(d).decode()}
-                                for s, st, d in batch
-                            ]
-                        },
-                    )
+                    self.call("logs", {"chunks": _wire(batch)})
                     self.logs.shipped(batch)
                     last_contact = time.monotonic()
+                elif self.logs.closed_streams >= 2:
+                    return
                 elif time.monotonic() - last_contact >= HEARTBEAT_EVERY:
                     self.call("heartbeat")
                     last_contact = time.monotonic()
-                elif self.logs.closed_streams >= 2 and self.logs.empty():
-                    return
             except (Stale, Unreachable):
                 if self.stale.is_set() or self.terminated.is_set():
                     return
@@ -428,10 +465,25 @@ class Runner:
         outputs: list | None = None,
         measured: dict | None = None,
     ) -> int:
-        body = {"exit_code": exit_code, "reason": reason, "outputs": outputs or []}
+        body: dict = {"exit_code": exit_code, "reason": reason, "outputs": outputs or []}
         body.update({k: v for k, v in (measured or {}).items() if v is not None})
         try:
-            reply = self.call("finish", body)
+            # the output not shipped yet: all but its last batch first, in order; the
+            # last batch rides with the finish (stored with the result, before it)
+            batches = _batches(self.logs.rest())
+            for batch in batches[:-1]:
+                self.call("logs", {"chunks": _wire(batch)})
+                self.logs.shipped(batch)
+            if batches:
+                body["chunks"] = _wire(batches[-1])
+            try:
+                reply = self.call("finish", body)
+            except HttpError as exc:
+                if exc.status != 422 or "chunks" not in body:
+                    raise
+                # a server from before finishes carried chunks: ship them on their own
+                self.call("logs", {"chunks": body.pop("chunks")})
+                reply = self.call("finish", body)
         except (Stale, Unreachable) as exc:
             self.done("stale", reason=str(exc))
             return EXIT_STALE

@@ -198,6 +198,12 @@ class AttemptFinish(Strict):
     cpu_seconds: float | None = Field(default=None, ge=0)
     peak_memory_mb: int | None = Field(default=None, ge=0)
     limits_enforced: str | None = Field(default=None, max_length=200)
+    chunks: list[LogChunkIn] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="the attempt's last log chunks (as POST .../logs takes them), stored "
+        "with the result in one transaction, before it",
+    )
 
 
 class AttemptLost(Strict):

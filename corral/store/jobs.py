@@ -529,11 +529,19 @@ async def finish_attempt(
     now: float,
     outputs: list[OutputFile] | None = None,
     measured: dict | None = None,
+    chunks: list[tuple[int, str, bytes]] | None = None,
 ) -> tuple[str, bool]:
     """Record the command's result and its outputs, together. Returns (job state,
     recorded now?). A retry of the same finish (its reply was lost) is answered
     without writing anything again. `measured`: what the sandbox measured and noted
-    (cpu_seconds, peak_memory_mb, limits_enforced, notes)."""
+    (cpu_seconds, peak_memory_mb, limits_enforced, notes). `chunks`: the attempt's
+    last log chunks, stored first (as append_logs does, fenced and within the log
+    limit), so the output and the result arrive together."""
+    if chunks:
+        try:
+            await append_logs(conn, job_id, number, token, chunks, now)
+        except StaleToken:
+            pass  # a retried finish (stored the first time) or a stale token: see below
     target_attempt = AttemptState.SUCCEEDED if exit_code == 0 else AttemptState.FAILED
     target_job = after_command_exit(exit_code) if exit_code is not None else JobState.FAILED
     if exit_code is None and not reason:

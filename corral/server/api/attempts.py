@@ -84,7 +84,11 @@ async def logs(
     return _ack(job_id, number, "running")
 
 
-@router.post("/finish", response_model=AttemptAck, summary="The command exited")
+@router.post(
+    "/finish",
+    response_model=AttemptAck,
+    summary="The command exited (with its last log chunks, if any)",
+)
 @attempt_body
 @body_limit(32 * MiB)  # up to 100,000 outputs
 async def finish(
@@ -94,6 +98,10 @@ async def finish(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
+    try:
+        chunks = repo.decode_chunks(body.chunks)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
     state, recorded = await ctx.db.transact(
         repo.finish_attempt,
         job_id,
@@ -104,6 +112,7 @@ async def finish(
         ctx.now(),
         body.outputs,
         body.model_dump(include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}),
+        chunks,
     )
     ctx.notifier.wake(job_key(job_id), "dispatch")
     if recorded:
