@@ -186,7 +186,7 @@ class Runner:
         resp = self.server.request(
             "POST",
             f"{self.base}/{action}",
-            json=body or {},
+            json=body,  # start and heartbeat have none: no body, no check before reading it
             deadline=deadline,
             stop=self.terminated.is_set,
         )

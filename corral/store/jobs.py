@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -421,9 +422,23 @@ async def fence(
     return row
 
 
+@dataclass(frozen=True)
+class Started:
+    job_state: str
+    recorded: bool  # False: a retried start of an attempt that already runs
+    submit_to_start: float | None  # the job's first start: seconds since its submit
+
+
 async def start_attempt(
     conn: AsyncConnection, job_id: int, number: int, token: str, now: float
 ) -> str:
+    return (await record_start(conn, job_id, number, token, now)).job_state
+
+
+async def record_start(
+    conn: AsyncConnection, job_id: int, number: int, token: str, now: float
+) -> Started:
+    """The runner started the command: the attempt and its job are running."""
     try:
         await fence(
             conn,
@@ -438,7 +453,7 @@ async def start_attempt(
     except StaleToken:
         # a retried start (the reply was lost) is fine if this token already runs
         await fence(conn, job_id, number, token, now, [AttemptState.RUNNING])
-        return JobState.RUNNING
+        return Started(JobState.RUNNING, False, None)
     row = await _move_job(
         conn,
         job_id,
@@ -449,7 +464,8 @@ async def start_attempt(
     )
     if row is None:
         raise await _stale(conn, job_id, number)
-    return row["state"]
+    first = row["started_at"] == now
+    return Started(row["state"], True, max(0.0, now - row["created_at"]) if first else None)
 
 
 async def touch_attempt(

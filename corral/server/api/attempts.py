@@ -33,24 +33,13 @@ async def start(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    now = ctx.now()
-    state = await ctx.db.transact(repo.start_attempt, job_id, number, token, now)
+    started = await ctx.db.transact(repo.record_start, job_id, number, token, ctx.now())
     ctx.notifier.wake(job_key(job_id))
-    await _count_start(ctx, job_id, number, now)
-    return _ack(job_id, number, state)
-
-
-async def _count_start(ctx: ServerContext, job_id: int, number: int, now: float) -> None:
-    """Metrics of a start recorded just now (a retried start was counted already)."""
-
-    async def q(conn):
-        return await repo.get_job(conn, job_id), await repo.get_attempt(conn, job_id, number)
-
-    job, attempt = await ctx.db.query(q)
-    if attempt is not None and attempt["started_at"] == now:
+    if started.recorded:  # a retried start was counted already
         metrics.ATTEMPTS_STARTED.inc()
-    if job is not None and job["started_at"] == now:
-        metrics.SUBMIT_TO_START.observe(max(0.0, now - job["created_at"]))
+    if started.submit_to_start is not None:
+        metrics.SUBMIT_TO_START.observe(started.submit_to_start)
+    return _ack(job_id, number, started.job_state)
 
 
 @router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
