@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from corral.agent.runner import MAX_BATCH_BYTES, LogBuffer, Runner
+from corral.api import JobSubmit
 from corral.domain.errors import StaleToken
 from corral.domain.sandbox import cut_log
 from corral.store import dispatch
@@ -26,70 +27,77 @@ async def _logs(db, job_id: int, n: int) -> bytes:
     return b"".join(bytes(c["data"]) for c in await db.query(repo.read_logs, job_id, n, -1))
 
 
-def test_a_finish_stores_its_chunks_with_the_result_and_a_retry_stores_nothing_twice(db_url):
+async def _locked(db, **spec) -> tuple[int, int, str, str]:
+    """A job locked and delivered wherever the dispatcher puts it (earlier cases' instances
+    may have room): (job id, attempt, instance, token)."""
+    job_id = await db.transact(repo.submit, JobSubmit(command=["true"], **spec), NOW)
+    (p,) = [p for p in await db.transact(dispatch.lock_jobs, db, NOW) if p.job_id == job_id]
+    (order,) = [
+        o
+        for o in await db.transact(dispatch.deliver_attempts, p.instance_id, NOW)
+        if o.job_id == job_id
+    ]
+    return job_id, order.attempt, p.instance_id, order.token
+
+
+async def _stored_once(db) -> None:
+    """With the result, in order; a retried finish (lost reply) stores nothing twice."""
+    job_id, n, _inst, token = await locked_job(db)
+    await db.transact(repo.start_attempt, job_id, n, token, NOW + 1)
+    await db.transact(repo.append_logs, job_id, n, token, [(0, "out", b"a\n")], NOW + 2)
+    last = [(1, "out", b"b\n"), (2, "err", b"c\n")]
+    got = await db.transact(
+        repo.finish_attempt, job_id, n, token, 0, None, NOW + 3, None, None, last
+    )
+    assert got == ("succeeded", True)
+    assert await _logs(db, job_id, n) == b"a\nb\nc\n"
+    again = await db.transact(
+        repo.finish_attempt, job_id, n, token, 0, None, NOW + 9, None, None, last
+    )
+    assert again == ("succeeded", False)
+    assert await _logs(db, job_id, n) == b"a\nb\nc\n"
+    row = await job_row(db, job_id)
+    assert (row["state"], row["finished_at"]) == ("succeeded", NOW + 3)
+
+
+async def _stale_stores_nothing(db) -> None:
+    job_id, n, inst, token1 = await _locked(db)
+    await db.transact(repo.start_attempt, job_id, n, token1, NOW)
+    await db.transact(repo.requeue, job_id, NOW + 1, "test")
+    await db.transact(dispatch.lock_jobs, db, NOW + 2)
+    await db.transact(dispatch.deliver_attempts, inst, NOW + 2)
+    with pytest.raises(StaleToken):
+        await db.transact(
+            repo.finish_attempt, job_id, 1, token1, 0, None, NOW + 3, None, None,
+            [(0, "out", b"late\n")],
+        )  # fmt: skip
+    async with db.read() as conn:
+        count = (
+            sa.select(sa.func.count()).select_from(log_chunks).where(log_chunks.c.job_id == job_id)
+        )
+        assert (await conn.execute(count)).scalar_one() == 0
+    assert (await job_row(db, job_id))["state"] == "locked"
+
+
+async def _within_the_limit(db) -> None:
+    job_id, n, _inst, token = await _locked(db, log_limit=1024)
+    await db.transact(repo.start_attempt, job_id, n, token, NOW)
+    await db.transact(repo.append_logs, job_id, n, token, [(0, "out", b"x" * 1000)], NOW)
+    last = [(1, "out", b"y" * 100), (2, "out", b"z" * 100)]
+    await db.transact(repo.finish_attempt, job_id, n, token, 0, None, NOW + 1, None, None, last)
+    kept, _cut = cut_log(1000, 1024, b"y" * 100)
+    assert await _logs(db, job_id, n) == b"x" * 1000 + kept
+
+
+def test_a_finish_stores_its_chunks_once_fenced_and_within_the_limit(db_url):
+    """(one database for the three cases: a fresh one costs more than the cases)"""
+
     async def main():
         db = await open_db(db_url)
         try:
-            job_id, n, _inst, token = await locked_job(db)
-            await db.transact(repo.start_attempt, job_id, n, token, NOW + 1)
-            await db.transact(repo.append_logs, job_id, n, token, [(0, "out", b"a\n")], NOW + 2)
-            last = [(1, "out", b"b\n"), (2, "err", b"c\n")]
-            got = await db.transact(
-                repo.finish_attempt, job_id, n, token, 0, None, NOW + 3, None, None, last
-            )
-            assert got == ("succeeded", True)
-            assert await _logs(db, job_id, n) == b"a\nb\nc\n"
-            # the reply was lost: the same finish again
-            again = await db.transact(
-                repo.finish_attempt, job_id, n, token, 0, None, NOW + 9, None, None, last
-            )
-            assert again == ("succeeded", False)
-            assert await _logs(db, job_id, n) == b"a\nb\nc\n"
-            row = await job_row(db, job_id)
-            assert (row["state"], row["finished_at"]) == ("succeeded", NOW + 3)
-        finally:
-            await db.dispose()
-
-    asyncio.run(main())
-
-
-def test_a_stale_finish_stores_no_chunk(db_url):
-    async def main():
-        db = await open_db(db_url)
-        try:
-            job_id, n, inst, token1 = await locked_job(db)
-            await db.transact(repo.start_attempt, job_id, n, token1, NOW)
-            await db.transact(repo.requeue, job_id, NOW + 1, "test")
-            await db.transact(dispatch.lock_jobs, db, NOW + 2)
-            await db.transact(dispatch.deliver_attempts, inst, NOW + 2)
-            with pytest.raises(StaleToken):
-                await db.transact(
-                    repo.finish_attempt, job_id, 1, token1, 0, None, NOW + 3, None, None,
-                    [(0, "out", b"late\n")],
-                )  # fmt: skip
-            async with db.read() as conn:
-                count = sa.select(sa.func.count()).select_from(log_chunks)
-                assert (await conn.execute(count)).scalar_one() == 0
-            assert (await job_row(db, job_id))["state"] == "locked"
-        finally:
-            await db.dispose()
-
-    asyncio.run(main())
-
-
-def test_chunks_with_a_finish_keep_the_log_limit(db_url):
-    async def main():
-        db = await open_db(db_url)
-        try:
-            job_id, n, _inst, token = await locked_job(db, log_limit=1024)
-            await db.transact(repo.start_attempt, job_id, n, token, NOW)
-            await db.transact(repo.append_logs, job_id, n, token, [(0, "out", b"x" * 1000)], NOW)
-            last = [(1, "out", b"y" * 100), (2, "out", b"z" * 100)]
-            await db.transact(
-                repo.finish_attempt, job_id, n, token, 0, None, NOW + 1, None, None, last
-            )
-            kept, _cut = cut_log(1000, 1024, b"y" * 100)
-            assert await _logs(db, job_id, n) == b"x" * 1000 + kept
+            await _stored_once(db)
+            await _stale_stores_nothing(db)
+            await _within_the_limit(db)
         finally:
             await db.dispose()
 
