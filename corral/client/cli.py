@@ -291,23 +291,23 @@ def run(
             print("\n".join(map(str, ids)))
             return
         try:
-            job = c.submit(  # one key per invocation: its own retries make one job
+            job_id = c.submit_for_id(  # one key per invocation: its own retries make one job
                 command, idempotency_key=f"cli-{uuid.uuid4().hex}", **given
             )
-        except ValueError as exc:  # pydantic validation on the client side
+        except ValueError as exc:  # the spec refused by JobSubmit (checked on the client)
             fail(str(exc), 2)
         if detach:
-            print(job.id)
+            print(job_id)
             return
         if sys.stderr.isatty():
             say(
                 (
-                    f"job {job.id} submitted; following its output (Ctrl-C stops following)",
+                    f"job {job_id} submitted; following its output (Ctrl-C stops following)",
                     "dim",
                 ),
                 err=True,
             )
-        code = _follow(c, job.id)
+        code = _follow(c, job_id)
     raise typer.Exit(code)
 
 
