@@ -303,18 +303,20 @@ class Client:
         self, body: dict, idempotency_key: str | None, check: Callable[[], None] | None = None
     ) -> dict:
         """POST a job under one Idempotency-Key, retried while no server answers or it
-        answers 5xx. `check`, if given, runs once when the first try fails (it may
-        raise instead)."""
+        answers 5xx. `check`, if given, runs once when the first try fails in any way,
+        the body not even encoding as JSON included (it may raise instead)."""
         key = idempotency_key or uuid.uuid4().hex
         for attempt in range(self.SUBMIT_TRIES):
             try:
                 return self._call(
                     "POST", "/api/v1/jobs", json=body, headers={"Idempotency-Key": key}
                 )
-            except CorralError as exc:
+            except Exception as exc:
                 if check is not None:
                     check()
                     check = None
+                if not isinstance(exc, CorralError):
+                    raise
                 retryable = exc.status is None or exc.status >= 500
                 if not retryable or attempt + 1 == self.SUBMIT_TRIES:
                     raise
