@@ -144,7 +144,7 @@ def test_every_wire_model_and_client_module_imports_without_the_server_stack():
 # command imported and which wire models it built
 RUN_PROBE = """
 import json, sys
-sys.argv = ["corral", "run", "--detach", "--", "true"]
+sys.argv = ["corral", *json.loads(sys.argv[1])]
 import corral.cli
 code = 0
 try:
@@ -242,12 +242,20 @@ def accepting_server():
         httpd.server_close()
 
 
-def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--detach", "--", "true"],
+        # sizes are parsed without the wire models too
+        ["run", "--detach", "--memory", "2G", "--log-limit", "64M", "--", "true"],
+    ],
+)
+def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server, args):
     import os
 
     env = {**os.environ, "CORRAL_SERVER": accepting_server, "CORRAL_TOKEN": "t"}
     r = subprocess.run(
-        [sys.executable, "-c", RUN_PROBE],
+        [sys.executable, "-c", RUN_PROBE, json.dumps(args)],
         capture_output=True,
         text=True,
         timeout=60,

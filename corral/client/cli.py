@@ -144,7 +144,7 @@ def client(server: str | None, token: str | None) -> Iterator[Client]:
 
 def parse_memory(text: str) -> int:
     """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
-    from corral.api.common import parse_memory_mb
+    from corral.domain.sizes import parse_memory_mb
 
     try:
         return parse_memory_mb(text)
@@ -154,10 +154,10 @@ def parse_memory(text: str) -> int:
 
 def parse_bytes(text: str, option: str) -> int:
     """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
-    from corral.api import common
+    from corral.domain import sizes
 
     try:
-        return common.parse_bytes(text)
+        return sizes.parse_bytes(text)
     except ValueError as exc:
         fail(f"{option} {exc}", 2)
 
