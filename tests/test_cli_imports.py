@@ -144,13 +144,14 @@ def test_every_wire_model_and_client_module_imports_without_the_server_stack():
 # command imported and which wire models it built
 RUN_PROBE = """
 import json, sys
-sys.argv = ["corral", "run", "--detach", "--", "true"]
+sys.argv = ["corral", *json.loads(sys.argv[1])]
 import corral.cli
 code = 0
 try:
     corral.cli.main()
 except SystemExit as exc:
     code = exc.code
+loaded = sorted(name for name, m in sys.modules.items() if m is not None)
 from pydantic import BaseModel
 
 def below(cls):
@@ -160,13 +161,17 @@ def below(cls):
 
 wire = {m for m in below(BaseModel) if m.__module__.startswith("corral.api.")}
 built = sorted({m.__name__ for m in wire if m.__pydantic_complete__} - {"Strict", "Wire"})
-loaded = sorted(name for name, m in sys.modules.items() if m is not None)
 print(json.dumps({"code": code, "modules": loaded, "built": built}), file=sys.stderr)
 """
 
 # what `corral run --detach` has no use for: httpx's own CLI (click, rich, pygments),
-# the output formats and the other commands' modules, the models of other endpoints
+# the output formats and the other commands' modules, the wire models (the server checks
+# the job it is sent; the client checks it too only when the server refuses it), pydantic
 NOT_FOR_RUN = (
+    "pydantic",
+    "pydantic_core",
+    "corral.api.common",
+    "corral.api.jobs",
     "httpx._main",
     "click",
     "rich",
@@ -237,12 +242,20 @@ def accepting_server():
         httpd.server_close()
 
 
-def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--detach", "--", "true"],
+        # sizes are parsed without the wire models too
+        ["run", "--detach", "--memory", "2G", "--log-limit", "64M", "--", "true"],
+    ],
+)
+def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server, args):
     import os
 
     env = {**os.environ, "CORRAL_SERVER": accepting_server, "CORRAL_TOKEN": "t"}
     r = subprocess.run(
-        [sys.executable, "-c", RUN_PROBE],
+        [sys.executable, "-c", RUN_PROBE, json.dumps(args)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -254,8 +267,115 @@ def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server):
     modules = set(result["modules"])
     assert not [m for m in NOT_FOR_RUN if m in modules]
     assert "httpx" in modules  # it did send the job
-    # the request it validates and the reply it parses; not the other 45 wire models
-    assert result["built"] == ["JobSubmit", "JobView"]
+    # no wire model at all: the job the server took needs no checking, and only its id
+    # is printed
+    assert result["built"] == []
+
+
+@pytest.fixture
+def refusing_server():
+    """A stand-in for the API that refuses every submit as the real one refuses a job
+    spec it cannot accept (422); it counts the submits it was sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"error": {"message": "server says no", "code": "invalid"}})
+            self.send_response(422)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _client_check(**spec) -> str:
+    """What `corral run` says of a job spec the client's own check (JobSubmit) refuses."""
+    from pydantic import ValidationError
+
+    from corral.api.jobs import JobSubmit
+
+    with pytest.raises(ValidationError) as exc:
+        JobSubmit(**spec)
+    return f"error: {exc.value}\n"
+
+
+def test_a_refused_job_spec_is_told_as_the_client_check_tells_it(refusing_server):
+    """`corral run` sends the job without checking it first (the server checks it); when
+    the server refuses it, the client's own check says why, in the words it always
+    used, with exit code 2."""
+    url, seen = refusing_server
+    env = {**os.environ, "CORRAL_SERVER": url, "CORRAL_TOKEN": "t"}
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "run", "--detach", "--cpus", "0", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr == _client_check(command=["true"], cpus=0.0)
+    assert len(seen) == 1  # not retried
+
+
+# a job spec JobSubmit refuses, and whether it can be sent at all (the server refuses what
+# it is sent; what does not encode as JSON, an undecodable argument or NaN, is not sent)
+BAD_SPECS = [
+    ({"command": ["true"], "cpus": 0.0}, 1),
+    ({"command": [""]}, 1),
+    ({"command": ["true"], "env": {"A": "x\x00y"}}, 1),
+    ({"command": ["true"], "env": {"A": "1"}, "secret_env": {"A": "2"}}, 1),
+    ({"command": ["true"], "no_such_field": 1}, 1),
+    ({"command": ["true", "\udcff"]}, 0),
+    ({"command": ["true"], "cpus": float("nan")}, 0),
+]
+
+
+@pytest.mark.parametrize(("spec", "sent"), BAD_SPECS)
+def test_submit_for_id_refuses_what_submit_refuses(refusing_server, spec, sent):
+    from pydantic import ValidationError
+
+    from corral.client.sdk import Client
+
+    url, seen = refusing_server
+    with Client(server=url, token="t") as c, pytest.raises(ValidationError) as exc:
+        c.submit_for_id(**spec)
+    assert f"error: {exc.value}\n" == _client_check(**spec)
+    assert len(seen) == sent
+
+
+def test_a_bad_job_spec_is_refused_at_once_when_no_server_answers():
+    """No server to check it: the client's check refuses the spec, without the submit's
+    retries and their back-off."""
+    from pydantic import ValidationError
+
+    from corral.client.sdk import Client
+
+    spec = {"command": ["true"], "cpus": 0.0}
+    with (
+        Client(server="http://127.0.0.1:9", token="t") as c,
+        mock.patch("corral.client.sdk.time.sleep") as sleep,
+        pytest.raises(ValidationError) as exc,
+    ):
+        c.submit_for_id(**spec)
+    assert f"error: {exc.value}\n" == _client_check(**spec)
+    assert sleep.call_count == 0
 
 
 def test_the_sdk_leaves_httpx_whole():

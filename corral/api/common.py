@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -16,6 +15,10 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
+
+# the size parsers live in the domain (the CLI uses them without pydantic); re-exported
+from corral.domain.sizes import parse_bytes as parse_bytes
+from corral.domain.sizes import parse_memory_mb as parse_memory_mb
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62})$"
 
@@ -60,31 +63,6 @@ class Strict(Wire):
         if _beyond_int64(value):
             raise ValueError("integer out of range (at most 64 bits)")
         return value
-
-
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-
-
-def _parse_size(text: str, default_unit: str, examples: str) -> float:
-    """A size in KiB-based units: its value in bytes for `default_unit` 'b', in MiB
-    for 'm'."""
-    m = _MEMORY.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a size (examples: {examples})")
-    value, unit = float(m.group(1)), (m.group(2) or default_unit)[0].lower()
-    exponent = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit]
-    base = {"b": 0, "m": 2}[default_unit]
-    return value * 1024.0 ** (exponent - base)
-
-
-def parse_memory_mb(text: str) -> int:
-    """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
-    return int(_parse_size(text, "m", "512M, 2G"))
-
-
-def parse_bytes(text: str) -> int:
-    """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
-    return int(_parse_size(text, "b", "512K, 64M, 1G"))
 
 
 class UtcTime(float):

@@ -144,7 +144,7 @@ def client(server: str | None, token: str | None) -> Iterator[Client]:
 
 def parse_memory(text: str) -> int:
     """'512' and '512M' are megabytes; '2G' is 2048 MB; '1.5GiB' is 1536 MB."""
-    from corral.api.common import parse_memory_mb
+    from corral.domain.sizes import parse_memory_mb
 
     try:
         return parse_memory_mb(text)
@@ -154,10 +154,10 @@ def parse_memory(text: str) -> int:
 
 def parse_bytes(text: str, option: str) -> int:
     """'4M' is 4 MiB, '1G' 1 GiB, '512K' 512 KiB; a plain number is bytes."""
-    from corral.api import common
+    from corral.domain import sizes
 
     try:
-        return common.parse_bytes(text)
+        return sizes.parse_bytes(text)
     except ValueError as exc:
         fail(f"{option} {exc}", 2)
 
@@ -291,23 +291,23 @@ def run(
             print("\n".join(map(str, ids)))
             return
         try:
-            job = c.submit(  # one key per invocation: its own retries make one job
+            job_id = c.submit_for_id(  # one key per invocation: its own retries make one job
                 command, idempotency_key=f"cli-{uuid.uuid4().hex}", **given
             )
-        except ValueError as exc:  # pydantic validation on the client side
+        except ValueError as exc:  # the spec refused by JobSubmit (checked on the client)
             fail(str(exc), 2)
         if detach:
-            print(job.id)
+            print(job_id)
             return
         if sys.stderr.isatty():
             say(
                 (
-                    f"job {job.id} submitted; following its output (Ctrl-C stops following)",
+                    f"job {job_id} submitted; following its output (Ctrl-C stops following)",
                     "dim",
                 ),
                 err=True,
             )
-        code = _follow(c, job.id)
+        code = _follow(c, job_id)
     raise typer.Exit(code)
 
 

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from corral.api.jobs import MAX_BATCH, JobSubmit, JobView, LogPage
 from corral.client.config import ConfigError, resolve
 from corral.domain.jobs import FINAL_JOB_STATES
 
+# the wire models (and pydantic) load when a method first needs them: `corral run` sends
+# a job and prints its id without them (see Client.submit_for_id)
 if TYPE_CHECKING:
     from corral.api import (
         ComponentView,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
         TokenRotated,
         TokenView,
     )
+    from corral.api.jobs import JobSubmit, JobView, LogPage
 
 
 def _file_chunks(path, on_progress: Callable[[int], None] | None):
@@ -272,20 +274,49 @@ class Client:
         """Submit a job. The call sends one Idempotency-Key (`idempotency_key`, or a
         new random one) and retries with it when the server cannot be reached or
         answers 5xx: a retry of a submit the server did commit returns that job, never
-        a second one."""
+        a second one. A spec JobSubmit refuses raises its ValidationError (a
+        ValueError) before any request."""
+        from corral.api.jobs import JobSubmit, JobView
+
         spec = JobSubmit(command=command, **options)
+        body = spec.model_dump(exclude_defaults=True)
+        return JobView.model_validate(self._post_job(body, idempotency_key))
+
+    def submit_for_id(
+        self, command: list[str], *, idempotency_key: str | None = None, **options
+    ) -> int:
+        """Submit a job as `submit` does and return only its id, without loading the
+        wire models (pydantic and their schemas are half of `corral run`'s start-up).
+        The server checks the spec (the same JobSubmit); the client checks it too only
+        when the server refuses it or cannot be reached, so that a bad spec raises
+        the same ValidationError as `submit`, and is never retried."""
+
+        def check() -> None:
+            from corral.api.jobs import JobSubmit
+
+            JobSubmit(command=command, **options)
+
+        reply = self._post_job({"command": command, **options}, idempotency_key, check)
+        return int(reply["id"])
+
+    def _post_job(
+        self, body: dict, idempotency_key: str | None, check: Callable[[], None] | None = None
+    ) -> dict:
+        """POST a job under one Idempotency-Key, retried while no server answers or it
+        answers 5xx. `check`, if given, runs once when the first try fails in any way,
+        the body not even encoding as JSON included (it may raise instead)."""
         key = idempotency_key or uuid.uuid4().hex
         for attempt in range(self.SUBMIT_TRIES):
             try:
-                return JobView.model_validate(
-                    self._call(
-                        "POST",
-                        "/api/v1/jobs",
-                        json=spec.model_dump(exclude_defaults=True),
-                        headers={"Idempotency-Key": key},
-                    )
+                return self._call(
+                    "POST", "/api/v1/jobs", json=body, headers={"Idempotency-Key": key}
                 )
-            except CorralError as exc:
+            except Exception as exc:
+                if check is not None:
+                    check()
+                    check = None
+                if not isinstance(exc, CorralError):
+                    raise
                 retryable = exc.status is None or exc.status >= 500
                 if not retryable or attempt + 1 == self.SUBMIT_TRIES:
                     raise
@@ -299,6 +330,8 @@ class Client:
 
     def submit_array(self, command: list[str], first: int, last: int, **options) -> list[int]:
         """Tasks `first`..`last` of one command, each with $CORRAL_ARRAY_INDEX set."""
+        from corral.api.jobs import MAX_BATCH, JobSubmit
+
         env = dict(options.pop("env", None) or {})
         specs = [
             JobSubmit(command=command, env={**env, "CORRAL_ARRAY_INDEX": str(i)}, **options)
@@ -312,23 +345,33 @@ class Client:
     def jobs(
         self, states: list[str] | None = None, limit: int = 100, before: int | None = None
     ) -> list[JobView]:
+        from corral.api.jobs import JobView
+
         params = {"limit": limit, "state": states or []}
         if before is not None:
             params["before"] = before
         return [JobView.model_validate(j) for j in self._call("GET", "/api/v1/jobs", params=params)]
 
     def job(self, job_id: int) -> JobView:
+        from corral.api.jobs import JobView
+
         return JobView.model_validate(self._call("GET", f"/api/v1/jobs/{job_id}"))
 
     def cancel(self, job_id: int) -> JobView:
+        from corral.api.jobs import JobView
+
         return JobView.model_validate(self._call("POST", f"/api/v1/jobs/{job_id}/cancel"))
 
     def requeue(self, job_id: int) -> JobView:
+        from corral.api.jobs import JobView
+
         return JobView.model_validate(self._call("POST", f"/api/v1/jobs/{job_id}/requeue"))
 
     def logs(
         self, job_id: int, *, attempt: int | None = None, after: int = -1, wait: float = 0
     ) -> LogPage:
+        from corral.api.jobs import LogPage
+
         params = {"after": after, "wait": wait}
         if attempt:
             params["attempt"] = attempt
@@ -755,25 +798,35 @@ class AsyncClient:
         )
 
     async def submit(self, command: list[str], **options) -> JobView:
+        from corral.api.jobs import JobSubmit, JobView
+
         spec = JobSubmit(command=command, **options)
         return JobView.model_validate(
             await self._call("POST", "/api/v1/jobs", json=spec.model_dump(exclude_defaults=True))
         )
 
     async def job(self, job_id: int) -> JobView:
+        from corral.api.jobs import JobView
+
         return JobView.model_validate(await self._call("GET", f"/api/v1/jobs/{job_id}"))
 
     async def jobs(self, states: list[str] | None = None, limit: int = 100) -> list[JobView]:
+        from corral.api.jobs import JobView
+
         params = {"limit": limit, "state": states or []}
         rows = await self._call("GET", "/api/v1/jobs", params=params)
         return [JobView.model_validate(j) for j in rows]
 
     async def cancel(self, job_id: int) -> JobView:
+        from corral.api.jobs import JobView
+
         return JobView.model_validate(await self._call("POST", f"/api/v1/jobs/{job_id}/cancel"))
 
     async def logs(
         self, job_id: int, *, attempt: int | None = None, after: int = -1, wait: float = 0
     ) -> LogPage:
+        from corral.api.jobs import LogPage
+
         params: dict = {"after": after, "wait": wait}
         if attempt:
             params["attempt"] = attempt
