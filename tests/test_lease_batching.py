@@ -257,3 +257,30 @@ def test_needs_exchange_is_conservative() -> None:
     assert needs_exchange(last, b"d", 3, 110.0, 10.0)  # too long ago
     assert needs_exchange(last, b"d", 3, 99.0, 10.0)  # the clock went back
     assert needs_exchange(last, b"d", 3, 105.0, 10.0, wakes_trusted=False)
+
+
+def test_a_credentials_later_uses_are_recorded_by_the_flush(tmp_path: Path) -> None:
+    """Its first use is written at once; a use a minute later goes with the next
+    flush, not in a transaction of its own."""
+
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("user")
+        await h.settle(cred, beat)
+        await flush_leases(h.ctx)
+        async with h.ctx.db.engine.connect() as conn:
+            q = sa.text("SELECT last_used_at FROM tokens WHERE instance_id = :i")
+            first = (await conn.execute(q, {"i": beat["instance_id"]})).scalar_one()
+        assert first is not None
+        h.t += 61.0
+        h.counter.clear()
+        h.counter.on = True
+        await h.beat(cred, beat)
+        assert not [w for w in h.counter.writes() if w[1] == "tokens"], h.counter.seen
+        h.counter.clear()
+        await flush_leases(h.ctx)
+        assert [w[:2] for w in h.counter.writes()] == [("UPDATE", "tokens")], h.counter.seen
+        async with h.ctx.db.engine.connect() as conn:
+            used = (await conn.execute(q, {"i": beat["instance_id"]})).scalar_one()
+        assert used == h.t
+
+    asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
