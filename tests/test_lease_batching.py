@@ -24,6 +24,8 @@ from corral.server.config import ServerConfig
 from corral.server.leases import flush_leases
 from corral.server.loops import reaper
 from corral.server.loops.dispatcher import dispatch_once
+from corral.server.loops.drainer import drain_once
+from corral.store import drain
 from corral.store.schema import instances
 
 WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\s+(?:INTO\s+)?\"?(\w+)", re.I)
@@ -231,7 +233,11 @@ def test_a_change_runs_the_full_exchange_at_once(change: str, tmp_path: Path) ->
                 reply = await h.beat(cred, beat)
                 (start,) = reply["start"]
                 beat["attempts"] = [
-                    {"job_id": start["job_id"], "attempt": start["attempt"], "token": "t"}
+                    {
+                        "job_id": start["job_id"],
+                        "attempt": start["attempt"],
+                        "token": start["token"],
+                    }
                 ]
                 h.transactions = 0
             else:
@@ -282,5 +288,33 @@ def test_a_credentials_later_uses_are_recorded_by_the_flush(tmp_path: Path) -> N
         async with h.ctx.db.engine.connect() as conn:
             used = (await conn.execute(q, {"i": beat["instance_id"]})).scalar_one()
         assert used == h.t
+
+    asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
+
+
+def test_a_drain_begun_without_a_wake_up_is_seen_at_the_next_heartbeat(tmp_path: Path) -> None:
+    """A fleet's scale-in drains an instance in the store without waking it; the
+    drainer's next pass wakes it, so its next (unchanged) report runs the exchange
+    and is told `draining` at once, not after heartbeat_full_every."""
+
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("shrunk")
+        admin = {"Authorization": f"Bearer {h.ctx.admin_token}"}
+        r = await h.http.post("/api/v1/jobs", json={"command": ["true"]}, headers=admin)
+        assert r.status_code in (200, 201), r.text
+        await dispatch_once(h.ctx)
+        (start,) = (await h.beat(cred, beat))["start"]  # a running attempt: no retirement
+        beat["attempts"] = [
+            {"job_id": start["job_id"], "attempt": start["attempt"], "token": start["token"]}
+        ]
+        beat["objects"] = None
+        await h.beat(cred, beat)
+        h.t += 1.0
+        assert (await h.beat(cred, beat))["state"] == "running"
+        assert h.ctx.leases.is_pending(beat["instance_id"])  # the cheap path, so far
+        await h.ctx.db.transact(drain.request_drain, beat["instance_id"], False, h.t)
+        await drain_once(h.ctx)
+        h.t += 1.0
+        assert (await h.beat(cred, beat))["state"] == "draining"
 
     asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))

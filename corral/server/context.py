@@ -45,6 +45,7 @@ class ServerContext:
     observation: Observation | None = None  # when the reaper could last observe (reaper.py)
     agent_gate: LoadGate | None = None  # admission of agent exchanges (made on first use)
     leases: Leases = field(default_factory=Leases)  # renewals not yet written (leases.py)
+    drains_seen: set[str] = field(default_factory=set)  # draining instances woken once
 
     def gate(self) -> LoadGate:
         if self.agent_gate is None:
