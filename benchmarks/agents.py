@@ -158,6 +158,22 @@ async def lost_instances(http: httpx.AsyncClient, url: str, admin: str) -> set[s
     return {i["id"] for i in r.json() if i["lost"]}
 
 
+async def batched_heartbeats(http: httpx.AsyncClient, urls: list[str], admin: str) -> int | None:
+    """Heartbeats the servers answered with a batched lease renewal (no exchange),
+    from their /metrics; None when the servers do not count them."""
+    total, seen = 0.0, False
+    for url in urls:
+        try:
+            r = await http.get(url + "/metrics", headers={"Authorization": f"Bearer {admin}"})
+        except httpx.HTTPError:
+            return None
+        for line in r.text.splitlines():
+            if line.startswith("corral_heartbeats_batched_total "):
+                total += float(line.split()[1])
+                seen = True
+    return int(total) if seen else None
+
+
 async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[int]) -> dict:
     stats = Stats()
     limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=200)
@@ -192,6 +208,7 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         w0 = time.monotonic()
         sub = asyncio.create_task(submitter(http, urls, admin, stats, stop))
         heartbeats_before = len(stats.heartbeat)
+        batched_before = await batched_heartbeats(http, urls, admin)
         await asyncio.sleep(min(5.0, args.duration / 4))
         silenced = registered.get(0)  # agent 0's instance: its task stops heartbeating
         silence.set()
@@ -212,6 +229,12 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
             false_lost |= lost - {silenced}
         cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
         beats = len(stats.heartbeat) - heartbeats_before
+        batched_after = await batched_heartbeats(http, urls, admin)
+        batched = (
+            batched_after - batched_before
+            if batched_after is not None and batched_before is not None
+            else None
+        )
         wall = time.monotonic() - w0
         await sub
         for t in tasks:
@@ -225,6 +248,8 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         "heartbeat_p50_ms": ms(stats.heartbeat, 50),
         "heartbeat_p99_ms": ms(stats.heartbeat, 99),
         "heartbeats_per_s": round(beats / wall, 1),
+        # of those, answered with a batched lease renewal only (corral/server/leases.py)
+        "heartbeats_batched_pct": round(100 * batched / beats, 1) if batched and beats else batched,
         "submit_p99_ms": ms(stats.submit, 99),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
         "server_cpu_ms_per_heartbeat": round(1000 * (cpu1 - cpu0) / beats, 2) if beats else None,

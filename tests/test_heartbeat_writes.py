@@ -1,9 +1,15 @@
-"""A heartbeat that reports what the last one reported writes nothing but the lease.
+"""A full exchange on a heartbeat that reports what the last one reported writes
+nothing but the lease.
 
 In process (no loops, no real agent): an agent registers, reports components and a
 running attempt, and then sends the same heartbeat again. Every statement the second
 exchange sends to the database is counted (a SQLAlchemy cursor hook): the only write
-allowed is the one UPDATE of `instances` that renews the lease."""
+allowed is the one UPDATE of `instances` that renews the lease.
+
+Such a heartbeat usually skips the exchange altogether (its renewal is batched:
+tests/test_lease_batching.py); the full exchange still runs on it at least every
+`heartbeat_full_every` seconds and after a wake-up, which is what this test pins
+(`heartbeat_full_every=0`: every heartbeat runs it)."""
 
 from __future__ import annotations
 
@@ -50,7 +56,8 @@ class Statements:
 
 
 async def _exchange(tmp_path: Path, db_url: str) -> tuple[list[tuple[str, str]], list[str]]:
-    ctx = await open_context(ServerConfig(data_dir=tmp_path / "srv", db_url=db_url))
+    config = ServerConfig(data_dir=tmp_path / "srv", db_url=db_url, heartbeat_full_every=0.0)
+    ctx = await open_context(config)
     counter = Statements(ctx.db.engine)
     try:
         app = create_app(ctx)  # ASGITransport runs no lifespan: no background loops

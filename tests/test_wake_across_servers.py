@@ -1,6 +1,8 @@
 """Two servers on one PostgreSQL, in process (no loops): a long-poll held on server B
 is woken by a change made on server A through LISTEN/NOTIFY, and B does not re-run
-the heartbeat exchange on a timer while it holds it.
+the heartbeat exchange on a timer while it holds it. (A hold whose report is the one
+B answered just before begins with a batched lease renewal instead of an exchange,
+corral.server.leases; the wake-up still runs the exchange.)
 
 Exchanges on B are counted by the statement each one runs (deliver_attempts' select
 of attempts not yet handed out) on B's own engine."""
@@ -87,7 +89,13 @@ async def _two_servers(tmp_path: Path, pg_url: str) -> None:
             held = asyncio.create_task(
                 http_b.post("/api/v1/agents/heartbeat", json={**beat, "wait": 50}, headers=agent)
             )
-            await asyncio.wait_for(_until(lambda: exchanges.n - before == 1), 20)
+            # the hold has begun: with its first look (an exchange), or, as the report is
+            # the one B answered just before, with only its lease renewed (no exchange)
+            iid = reg["instance_id"]
+            await asyncio.wait_for(
+                _until(lambda: exchanges.n - before == 1 or b.leases.is_pending(iid)), 20
+            )
+            looked = exchanges.n - before
             r = await http_a.post(
                 "/api/v1/jobs",
                 json={"command": ["true"]},
@@ -98,7 +106,8 @@ async def _two_servers(tmp_path: Path, pg_url: str) -> None:
             r = await asyncio.wait_for(held, 20)  # well before the 50 s hold ends
             assert r.status_code == 200, r.text
             assert len(r.json()["start"]) == 1, r.text
-            assert exchanges.n - before == 2  # the first look, and the one it was woken for
+            # the first look (unless only the lease was renewed), and the one it was woken for
+            assert exchanges.n - before == looked + 1
     finally:
         for t in buses:
             assert t is not None

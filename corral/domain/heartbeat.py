@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from corral.domain.instances import InstanceState
+
 
 def heartbeat_interval(
     fleet_size: int, base: float = 2.0, max_per_second: float = 50.0, ceiling: float = 30.0
@@ -117,3 +119,41 @@ class Observation:
     def extension(self, now: float, recovery: float = AGENT_RETRY_CEILING) -> float:
         """The most any deadline can be extended by now (for a coarse query cutoff)."""
         return unobserved(-math.inf, now, self.gaps(now), recovery)
+
+
+# ---- when a heartbeat may skip the exchange ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LastExchange:
+    """What this server knows of an instance's last full exchange that ordered nothing:
+    the digest of the body it answered, the instance's wake generation before it ran,
+    when it ran, and the instance state it replied."""
+
+    digest: bytes
+    generation: int
+    at: float
+    state: InstanceState
+
+
+def needs_exchange(
+    last: LastExchange | None,
+    digest: bytes,
+    generation: int,
+    now: float,
+    full_every: float,
+    wakes_trusted: bool = True,
+) -> bool:
+    """Must this heartbeat run the full exchange, or may it only renew the lease?
+
+    It may skip only when the agent reports exactly what it reported to the last full
+    exchange (same digest), that exchange ordered nothing, nothing woke the instance
+    since (every change for an instance wakes it, from any server while wake-ups cross
+    servers: `wakes_trusted`), and it ran less than `full_every` seconds ago (decisions
+    driven by time alone, such as an install's backoff, are taken at most that late).
+    Anything uncertain runs the exchange."""
+    if last is None or not wakes_trusted:
+        return True
+    if digest != last.digest or generation != last.generation:
+        return True
+    return not (0.0 <= now - last.at < full_every)

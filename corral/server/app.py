@@ -38,6 +38,7 @@ from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.guard import BodyGuard
 from corral.server.health import install_health
+from corral.server.leases import flush_leases
 from corral.server.loops.autoscaler import autoscale_once
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import drain_once
@@ -226,6 +227,7 @@ def start_loops(ctx: ServerContext) -> list[asyncio.Task]:
     specs = [
         ("dispatcher", dispatch_once, cfg.dispatch_interval, "dispatch"),
         ("reaper", reap_once, cfg.reaper_interval, None),
+        ("leases", flush_leases, cfg.lease_flush_interval, None),
         ("presence", presence_once, cfg.presence_interval, None),
         ("fleets", provision_once, 2.0, "fleets"),
         ("reconciler", reconcile_once, cfg.reconcile_interval, "reconcile"),
@@ -266,6 +268,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            try:  # renewals heard but not written: the agents are alive
+                await flush_leases(ctx)
+            except Exception:
+                log.exception("could not write the last lease renewals")
 
     app = FastAPI(
         title="corral",

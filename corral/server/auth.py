@@ -45,8 +45,10 @@ async def _principal(request: Request, ctx: ServerContext, kinds: tuple[str, ...
         raise ApiError(403, "forbidden", f"a {row['kind']} token cannot do this")
     now = ctx.now()
     last = row["last_used_at"]
-    if last is None or now - last >= TOUCH_EVERY:
+    if last is None:  # its first use shows at once
         await ctx.db.transact(tokens.touch, row["id"], now)
+    elif now - last >= TOUCH_EVERY:
+        ctx.leases.used(row["id"], now)  # written with the next lease flush (leases.py)
     return Principal(row["kind"], row["id"], row["instance_id"])
 
 

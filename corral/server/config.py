@@ -31,6 +31,10 @@ class ServerConfig:
     attempt_grace: float = 60.0  # a running attempt's runner must be heard from within this
     dispatch_interval: float = 1.0
     reaper_interval: float = 1.0
+    lease_flush_interval: float = 1.0  # batched lease renewals are written this often
+    # a heartbeat that reports nothing new skips the exchange (only renews its lease) for
+    # at most this long after the last full one (time-driven decisions: at most this late)
+    heartbeat_full_every: float = 10.0
     presence_interval: float = 5.0
     server_grace: float = 30.0  # a server unseen this long counts as gone
     reconcile_interval: float = 2.0
@@ -85,6 +89,7 @@ class ServerConfig:
             "attempt_grace",
             "dispatch_interval",
             "reaper_interval",
+            "lease_flush_interval",
             "presence_interval",
         ):
             if getattr(self, name) <= 0:

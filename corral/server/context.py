@@ -15,6 +15,7 @@ from corral.domain.providers import Backend
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
 from corral.server.config import ServerConfig
+from corral.server.leases import Leases
 from corral.server.loadgate import LoadGate
 from corral.server.notify import Notifier
 from corral.store.db import Database
@@ -43,6 +44,8 @@ class ServerContext:
     heartbeat_interval: tuple[float, float] | None = None  # (interval, computed at)
     observation: Observation | None = None  # when the reaper could last observe (reaper.py)
     agent_gate: LoadGate | None = None  # admission of agent exchanges (made on first use)
+    leases: Leases = field(default_factory=Leases)  # renewals not yet written (leases.py)
+    drains_seen: set[str] = field(default_factory=set)  # draining instances woken once
 
     def gate(self) -> LoadGate:
         if self.agent_gate is None:

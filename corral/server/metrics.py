@@ -50,6 +50,10 @@ DISPATCH_PASS = Histogram(
     "corral_dispatch_pass_seconds", "Duration of one dispatcher pass", buckets=_LATENCY
 )
 PLACEMENTS = Counter("corral_dispatch_placements", "Attempts placed on instances")
+HEARTBEATS_BATCHED = Counter(
+    "corral_heartbeats_batched",
+    "Heartbeats that reported nothing new: their lease renewal was batched, no exchange ran",
+)
 HEARTBEAT = Histogram(
     "corral_heartbeat_handling_seconds",
     "Time to handle one agent heartbeat exchange (its database transaction, not the long-poll)",

@@ -62,6 +62,7 @@ from corral.server.app import close_context, open_context
 from corral.server.auth import Principal
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
+from corral.server.leases import flush_leases
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import drain_once
 from corral.server.loops.reaper import reap_once
@@ -320,7 +321,7 @@ class World:
         if self.rollout_at is not None and self.now >= self.rollout_at:
             self.rollout_at = None
             await self.rollout("1.1.0")
-        loops = [dispatch_once, reap_once, drain_once, reconcile_once]
+        loops = [dispatch_once, reap_once, drain_once, reconcile_once, flush_leases]
         self.rng.shuffle(loops)
         for body in loops:
             await body(self.ctx)

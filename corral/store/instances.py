@@ -242,6 +242,57 @@ async def heartbeat(
     return decision, row
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """A lease renewal heard but not yet written (corral.server.leases)."""
+
+    instance_id: str
+    incarnation: int
+    heard_at: float
+    lease_until: float | None
+    interval: float | None
+
+
+_RENEW = (
+    sa.update(instances)
+    .where(
+        instances.c.id == sa.bindparam("r_id"),
+        instances.c.incarnation == sa.bindparam("r_incarnation"),
+        # a lost instance comes back through a full exchange (it records its return)
+        instances.c.lost_at.is_(None),
+        # never moves a lease back (a full exchange, or another server, wrote a later one)
+        sa.or_(
+            instances.c.last_heartbeat_at.is_(None),
+            instances.c.last_heartbeat_at < sa.bindparam("r_heard"),
+        ),
+    )
+    .values(
+        last_heartbeat_at=sa.bindparam("r_heard"),
+        lease_until=sa.bindparam("r_lease"),
+        heartbeat_interval=sa.bindparam("r_interval"),
+    )
+)
+
+
+async def renew_leases(conn: AsyncConnection, renewals: list[Renewal]) -> None:
+    """Write many lease renewals in one statement (executemany)."""
+    if not renewals:
+        return
+    await conn.execute(
+        _RENEW,
+        [
+            {
+                "r_id": r.instance_id,
+                "r_incarnation": r.incarnation,
+                "r_heard": r.heard_at,
+                "r_lease": r.lease_until,
+                "r_interval": r.interval,
+            }
+            for r in renewals
+        ],
+    )
+
+
 async def transition(
     conn: AsyncConnection,
     instance_id: str,

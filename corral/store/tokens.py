@@ -115,6 +115,19 @@ async def touch(conn: AsyncConnection, token_id: str, now: float) -> None:
     await conn.execute(sa.update(tokens).where(tokens.c.id == token_id).values(last_used_at=now))
 
 
+_TOUCH = (
+    sa.update(tokens)
+    .where(tokens.c.id == sa.bindparam("t_id"))
+    .values(last_used_at=sa.bindparam("t_at"))
+)
+
+
+async def touch_many(conn: AsyncConnection, uses: dict[str, float]) -> None:
+    """Record the last use of many tokens in one statement (executemany)."""
+    if uses:
+        await conn.execute(_TOUCH, [{"t_id": k, "t_at": at} for k, at in uses.items()])
+
+
 async def lookup(conn: AsyncConnection, secret: str | None) -> sa.RowMapping | None:
     if not secret or not well_formed(secret.split("_", 1)[-1]):
         return None

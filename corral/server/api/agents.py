@@ -16,7 +16,12 @@ from corral.api import (
     RegisterReply,
     RegisterRequest,
 )
-from corral.domain.heartbeat import grace_period, heartbeat_interval
+from corral.domain.heartbeat import (
+    LastExchange,
+    grace_period,
+    heartbeat_interval,
+    needs_exchange,
+)
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
 from corral.server import metrics
@@ -24,6 +29,7 @@ from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
+from corral.server.leases import body_digest
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
@@ -135,7 +141,9 @@ async def register(
             interval=interval,
             instance_id=reg.instance["id"] if reg.instance else None,
         )
-    ctx.notifier.wake("dispatch")
+    # a new incarnation: what the old one reported no longer stands, on any server
+    ctx.leases.forget(reg.instance["id"])
+    ctx.notifier.wake("dispatch", instance_key(reg.instance["id"]))
     return RegisterReply(
         action="welcome",
         reason=reg.decision.reason,
@@ -167,10 +175,22 @@ async def heartbeat(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait, interval)
     key = instance_key(body.instance_id)
+    digest = body_digest(body)
     first = True
     uploaded = False
     while True:
         gen = ctx.notifier.generation(key)
+        if first:
+            renewed = cheap_renewal(ctx, body, digest, gen, interval, grace)
+            if renewed is not None:
+                first = False  # the lease is renewed; a wake-up runs the full exchange
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return renewed
+                woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
+                if not woken and held >= remaining:
+                    return renewed
+                continue
 
         async def exchange(conn, first=first):
             nonlocal uploaded
@@ -218,6 +238,7 @@ async def heartbeat(
         async with admitted(ctx, refuse=first):
             reply = await ctx.db.transact(exchange)
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
+        remember(ctx, body.instance_id, reply, digest, gen)
         for order in reply.install:
             metrics.INSTALL_ORDERS.labels(order.component).inc()
         metrics.REPLICATION_ORDERS.inc(sum(f.size for f in reply.replicate))
@@ -240,6 +261,48 @@ async def heartbeat(
             # held to the end and nothing for this instance changed on any server (every
             # change wakes it: in process, or by LISTEN/NOTIFY): the last look stands
             return reply
+
+
+def _quiet(reply: HeartbeatReply) -> bool:
+    return reply.action == "continue" and not (
+        reply.start or reply.kill or reply.install or reply.replicate or reply.offload
+    )
+
+
+def remember(
+    ctx: ServerContext, instance_id: str, reply: HeartbeatReply, digest: bytes, gen: int
+) -> None:
+    """After a full exchange: one that ordered nothing lets the same report, heard
+    again soon with nothing woken meanwhile, skip the exchange; any other does not (its
+    orders are delivered again until the agent's report shows it acted on them)."""
+    if _quiet(reply) and reply.state is not None:
+        ctx.leases.last[instance_id] = LastExchange(digest, gen, ctx.now(), reply.state)
+    else:
+        ctx.leases.last.pop(instance_id, None)
+
+
+def cheap_renewal(
+    ctx: ServerContext,
+    body: HeartbeatRequest,
+    digest: bytes,
+    gen: int,
+    interval: float,
+    grace: float,
+) -> HeartbeatReply | None:
+    """The reply of a heartbeat whose exchange would change nothing: its lease renewal
+    is batched (corral.server.leases), no transaction. None: run the full exchange."""
+    now = ctx.now()
+    last = ctx.leases.last.get(body.instance_id)
+    wakes_trusted = not ctx.db.is_postgres or ctx.notifier.cross_server
+    if last is None or needs_exchange(
+        last, digest, gen, now, ctx.config.heartbeat_full_every, wakes_trusted
+    ):
+        return None
+    ctx.leases.renew(
+        instances.Renewal(body.instance_id, body.incarnation, now, now + grace, interval)
+    )
+    metrics.HEARTBEATS_BATCHED.inc()
+    return HeartbeatReply(action="continue", interval=interval, state=last.state)
 
 
 OFFLOAD_URL_TTL = 3600

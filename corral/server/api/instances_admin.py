@@ -61,7 +61,7 @@ async def undrain_instance(ref: str, ctx: ServerContext = Depends(get_ctx)):
         return instance_view(rows[row["id"]])
 
     view = await ctx.db.transact(go)
-    ctx.notifier.wake("dispatch")
+    ctx.notifier.wake("dispatch", ("instance", view.id))
     return view
 
 

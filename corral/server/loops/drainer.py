@@ -32,6 +32,13 @@ async def drain_once(ctx: ServerContext) -> bool:
             results.append(await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace))
 
     await ctx.db.transact(step)
+    # an instance whose drain began (by an operator, a fleet scale-in, the autoscaler):
+    # its agent must look at once (its state; a heartbeat that reports nothing new
+    # otherwise skips the exchange, corral.server.leases)
+    draining = {r.instance_id for r in results}
+    for instance_id in sorted(draining - ctx.drains_seen):
+        ctx.notifier.wake(("instance", instance_id))
+    ctx.drains_seen = draining
     for r in results:
         if r.retired and requested.get(r.instance_id) is not None:
             metrics.DRAIN_DURATION.observe(max(0.0, now - (requested[r.instance_id] or now)))

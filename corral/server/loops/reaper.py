@@ -15,6 +15,7 @@ import logging
 from corral.domain.heartbeat import Observation, grace_period, is_silent_too_long
 from corral.server import metrics
 from corral.server.context import ServerContext
+from corral.server.leases import flush_leases
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
 
@@ -31,6 +32,8 @@ def observation(ctx: ServerContext) -> Observation:
 
 async def reap_once(ctx: ServerContext) -> bool:
     cfg = ctx.config
+    # renewals this server heard are written before anything is judged
+    await flush_leases(ctx)
     now = ctx.now()
     # leases ran on while no server was up to renew them: give agents one grace
     told = ctx.heartbeat_interval[0] if ctx.heartbeat_interval else cfg.heartbeat_base
@@ -49,11 +52,14 @@ async def reap_once(ctx: ServerContext) -> bool:
 
     changed: list[tuple[int, int, str | None]] = []
     lost_instances: list[str] = []
+    touched: set[str] = set()  # instances an attempt was lost on: their agents must look
 
     async def lost(conn):
         for inst in await instances.find_lost(conn, ctx.db, now, now - cfg.agent_grace):
             # its own grace (derived from the interval it was told: its lease), extended
             # by any silence this server could not observe
+            if ctx.leases.is_pending(inst["id"]):
+                continue  # renewed here since the flush above: heard, not yet written
             lease, heard = inst["lease_until"], inst["last_heartbeat_at"]
             if not overdue(heard, lease - heard if lease is not None else cfg.agent_grace):
                 continue
@@ -91,6 +97,7 @@ async def reap_once(ctx: ServerContext) -> bool:
                 instance_id=a["instance_id"],
             )
             changed.append((a["job_id"], a["number"], state))
+            touched.add(a["instance_id"])
 
     async def silent(conn):
         for a in await dispatch.claim_silent(conn, ctx.db, now - cfg.attempt_grace - extra):
@@ -105,6 +112,7 @@ async def reap_once(ctx: ServerContext) -> bool:
                 instance_id=a["instance_id"],
             )
             changed.append((a["job_id"], a["number"], state))
+            touched.add(a["instance_id"])
 
     for step in (lost, unstarted, silent):
         await ctx.db.transact(step)
@@ -122,7 +130,7 @@ async def reap_once(ctx: ServerContext) -> bool:
     metrics.ATTEMPTS_FINISHED.labels("lost").inc(sum(1 for *_, state in changed if state))
     for job_id, _n, _state in changed:
         ctx.notifier.wake(("job", job_id))
-    for instance_id in lost_instances:
+    for instance_id in [*lost_instances, *sorted(touched)]:
         ctx.notifier.wake(("instance", instance_id))
     if changed:
         ctx.notifier.wake("dispatch")
