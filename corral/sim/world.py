@@ -225,6 +225,10 @@ class World:
         self._seq = itertools.count()
         self.published: dict[str, str] = {}
         self.rollout_at: float | None = T0 + settings.fault_seconds / 2
+        # every seed restarts the server at least once, at a time of its own (the random
+        # restarts are rare enough that a short run could otherwise have none)
+        when = random.Random(f"restart/{settings.seed}").uniform(0.2, 0.8)
+        self.restart_at: float | None = T0 + settings.fault_seconds * when
 
     @property
     def now(self) -> float:
@@ -382,7 +386,9 @@ class World:
                     )
         if rng.random() < s.p_drain:
             await self.drain_one()
-        if rng.random() < s.p_server_restart:
+        due = self.restart_at is not None and t >= self.restart_at
+        if due or rng.random() < s.p_server_restart:
+            self.restart_at = None
             await close_context(self.ctx)
             self._ctx = await open_context(self.config, clock=self.clock)
             self.ledger.fault("server_restarted", t, "server")
