@@ -4,11 +4,13 @@ packaging keeps them in the `server` extra; the daemons say how to get them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -211,19 +213,18 @@ JOB_VIEW = {
 }
 
 
-@pytest.fixture
-def accepting_server():
-    """A stand-in for the API that accepts any job submit as job 7 (the import probe
-    needs the whole submit path, reply included, not a real cluster)."""
+@contextlib.contextmanager
+def _stand_in(answer: Callable[[str, bytes], tuple[int, dict]]) -> Iterator[str]:
+    """A stand-in for the API on loopback: every POST is answered by `answer(path,
+    body)` -> (status, JSON reply)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Accept(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            ok = self.path == "/api/v1/jobs"
-            body = json.dumps(JOB_VIEW if ok else {"error": {"message": "no", "code": "x"}})
-            self.send_response(200 if ok else 404)
+            status, reply = answer(self.path, self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps(reply)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -232,7 +233,7 @@ def accepting_server():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Accept)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -240,6 +241,20 @@ def accepting_server():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def accepting_server():
+    """A stand-in for the API that accepts any job submit as job 7 (the import probe
+    needs the whole submit path, reply included, not a real cluster)."""
+
+    def answer(path: str, _body: bytes) -> tuple[int, dict]:
+        if path == "/api/v1/jobs":
+            return 200, JOB_VIEW
+        return 404, {"error": {"message": "no", "code": "x"}}
+
+    with _stand_in(answer) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -276,32 +291,14 @@ def test_run_detach_imports_and_builds_only_what_it_uses(accepting_server, args)
 def refusing_server():
     """A stand-in for the API that refuses every submit as the real one refuses a job
     spec it cannot accept (422); it counts the submits it was sent."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     seen: list[dict] = []
 
-    class Refuse(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps({"error": {"message": "server says no", "code": "invalid"}})
-            self.send_response(422)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
+    def answer(_path: str, body: bytes) -> tuple[int, dict]:
+        seen.append(json.loads(body))
+        return 422, {"error": {"message": "server says no", "code": "invalid"}}
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _stand_in(answer) as url:
+        yield url, seen
 
 
 def _client_check(**spec) -> str:
