@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 from prometheus_client import REGISTRY
 
-from corral.server.app import close_context, create_app, open_context
+from corral.server.app import close_context, open_context
 from corral.server.config import ServerConfig
 from corral.server.loops.dispatcher import dispatch_once
+from tests import appkit
 from tests.test_heartbeat_writes import Statements
 
 TX = ("BEGIN", "COMMIT", "ROLLBACK")
@@ -28,23 +28,13 @@ async def _start(tmp_path: Path, db_url: str) -> tuple[list[str], dict, float, f
     ctx = await open_context(ServerConfig(data_dir=tmp_path / "srv", db_url=db_url))
     counter = Statements(ctx.db.engine)
     try:
-        app = create_app(ctx)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://srv") as http:
-            join = {"Authorization": f"Bearer {ctx.join_token}"}
-            r = await http.post(
-                "/api/v1/agents/register",
-                json={"name": "one", "cpus": 4, "memory_mb": 1024},
-                headers=join,
-            )
-            reg = r.json()
-            agent = {"Authorization": f"Bearer {reg['credential']}"}
+        async with appkit.client(ctx) as http:
+            agent = await appkit.join(http, ctx, "one")
             admin = {"Authorization": f"Bearer {ctx.admin_token}"}
             r = await http.post("/api/v1/jobs", json={"command": ["true"]}, headers=admin)
             assert r.status_code in (200, 201), r.text
             await dispatch_once(ctx)
-            beat = {"instance_id": reg["instance_id"], "incarnation": reg["incarnation"]}
-            r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=agent)
+            r = await http.post("/api/v1/agents/heartbeat", json=agent.beat, headers=agent.headers)
             (order,) = r.json()["start"]
             url = f"/api/v1/jobs/{order['job_id']}/attempts/{order['attempt']}/start"
             token = {"X-Corral-Attempt-Token": order["token"]}

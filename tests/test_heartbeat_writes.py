@@ -17,13 +17,13 @@ import asyncio
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import event
 
-from corral.server.app import close_context, create_app, open_context
+from corral.server.app import close_context, open_context
 from corral.server.config import ServerConfig
 from corral.server.loops.dispatcher import dispatch_once
+from tests import appkit
 
 WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\s+(?:INTO\s+)?\"?(\w+)", re.I)
 
@@ -60,26 +60,16 @@ async def _exchange(tmp_path: Path, db_url: str) -> tuple[list[tuple[str, str]],
     ctx = await open_context(config)
     counter = Statements(ctx.db.engine)
     try:
-        app = create_app(ctx)  # ASGITransport runs no lifespan: no background loops
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://srv") as http:
-            join = {"Authorization": f"Bearer {ctx.join_token}"}
-            r = await http.post(
-                "/api/v1/agents/register",
-                json={"name": "quiet", "cpus": 4, "memory_mb": 1024},
-                headers=join,
-            )
-            assert r.status_code == 200, r.text
-            reg = r.json()
-            agent = {"Authorization": f"Bearer {reg['credential']}"}
+        async with appkit.client(ctx) as http:  # no lifespan: no background loops
+            joined = await appkit.join(http, ctx, "quiet")
+            agent = joined.headers
             admin = {"Authorization": f"Bearer {ctx.admin_token}"}
             r = await http.post("/api/v1/jobs", json={"command": ["true"]}, headers=admin)
             assert r.status_code in (200, 201), r.text
             await dispatch_once(ctx)
 
             beat = {
-                "instance_id": reg["instance_id"],
-                "incarnation": reg["incarnation"],
+                **joined.beat,
                 "components": COMPONENTS,
                 "objects": [],
             }

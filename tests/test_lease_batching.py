@@ -19,7 +19,7 @@ from sqlalchemy import event
 
 from corral.domain.heartbeat import LastExchange, needs_exchange
 from corral.domain.instances import InstanceState
-from corral.server.app import close_context, create_app, open_context
+from corral.server.app import close_context, open_context
 from corral.server.config import ServerConfig
 from corral.server.leases import flush_leases
 from corral.server.loops import reaper
@@ -27,6 +27,7 @@ from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import drain_once
 from corral.store import drain
 from corral.store.schema import instances
+from tests import appkit
 
 WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\s+(?:INTO\s+)?\"?(\w+)", re.I)
 BEGIN_WRITE = re.compile(r"^\s*BEGIN\s+IMMEDIATE", re.I)
@@ -82,21 +83,8 @@ class Harness:
         ctx.db.transact = counting
 
     async def register(self, name: str) -> tuple[dict, dict]:
-        join = {"Authorization": f"Bearer {self.ctx.join_token}"}
-        r = await self.http.post(
-            "/api/v1/agents/register",
-            json={"name": name, "cpus": 4, "memory_mb": 1024},
-            headers=join,
-        )
-        assert r.status_code == 200, r.text
-        reg = r.json()
-        beat = {
-            "instance_id": reg["instance_id"],
-            "incarnation": reg["incarnation"],
-            "components": COMPONENTS,
-            "objects": [],
-        }
-        return {"Authorization": f"Bearer {reg['credential']}"}, beat
+        joined = await appkit.join(self.http, self.ctx, name)
+        return joined.headers, {**joined.beat, "components": COMPONENTS, "objects": []}
 
     async def beat(self, cred: dict, beat: dict) -> dict:
         r = await self.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
@@ -119,8 +107,7 @@ class Harness:
 async def _with_server(tmp_path: Path, db_url: str, body) -> None:
     ctx = await open_context(ServerConfig(data_dir=tmp_path / "srv", db_url=db_url))
     try:
-        transport = httpx.ASGITransport(app=create_app(ctx))
-        async with httpx.AsyncClient(transport=transport, base_url="http://srv") as http:
+        async with appkit.client(ctx) as http:
             await body(Harness(ctx, http))
     finally:
         await close_context(ctx)

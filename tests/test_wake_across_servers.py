@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import event
 
-from corral.server.app import close_context, create_app, open_context, start_wake_bus
+from corral.server.app import close_context, open_context, start_wake_bus
 from corral.server.config import ServerConfig
 from corral.server.loops.dispatcher import dispatch_once
 from corral.store.wakebus import decode, encode
+from tests import appkit
 
 pytestmark = [pytest.mark.postgres]
 
@@ -59,22 +59,9 @@ async def _two_servers(tmp_path: Path, pg_url: str) -> None:
         await asyncio.wait_for(
             _until(lambda: a.notifier.cross_server and b.notifier.cross_server), 20
         )
-        http_a = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(a)), base_url="http://a"
-        )
-        http_b = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(b)), base_url="http://b"
-        )
-        async with http_a, http_b:
-            r = await http_b.post(
-                "/api/v1/agents/register",
-                json={"name": "far", "cpus": 2, "memory_mb": 512},
-                headers={"Authorization": f"Bearer {b.join_token}"},
-            )
-            assert r.status_code == 200, r.text
-            reg = r.json()
-            agent = {"Authorization": f"Bearer {reg['credential']}"}
-            beat = {"instance_id": reg["instance_id"], "incarnation": reg["incarnation"]}
+        async with appkit.client(a, "a") as http_a, appkit.client(b, "b") as http_b:
+            joined = await appkit.join(http_b, b, "far", cpus=2, memory_mb=512)
+            reg, agent, beat = joined.reg, joined.headers, joined.beat
 
             # an idle hold of 3 s on B: one exchange, not one every half second
             before = exchanges.n
