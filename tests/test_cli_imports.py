@@ -430,6 +430,7 @@ def test_help_lists_the_daemons_after_the_user_commands():
     assert commands[-3:] == ["corral.cli"] * 3
 
 
+@pytest.mark.slow  # every command's help, twice: ~10 s
 def test_one_command_app_answers_as_the_whole_app_does():
     """What `corral NAME ...` runs (an app holding only NAME) prints and exits as the
     whole app does: the help of every command and group, and usage errors."""

@@ -29,6 +29,7 @@ def test_a_bad_seed_range_is_refused_with_the_reason(capsys):
     assert "9-2" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a 40 s fault window: seconds of work
 def test_a_run_is_not_judged_while_a_host_is_still_cut_off():
     """Seed 512 once ended while the only holder of an output was still partitioned
     (its fault outlived the fault window), so the output's copy was not yet confirmed
