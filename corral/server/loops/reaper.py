@@ -36,7 +36,7 @@ async def reap_once(ctx: ServerContext) -> bool:
     await flush_leases(ctx)
     now = ctx.now()
     # leases ran on while no server was up to renew them: give agents one grace
-    told = ctx.heartbeat_interval[0] if ctx.heartbeat_interval else cfg.heartbeat_base
+    told = ctx.pacing[0].interval if ctx.pacing else cfg.heartbeat_base
     obs = observation(ctx)
     if now - ctx.started_at < grace_period(told, cfg.agent_grace):
         # nothing is reaped yet, but what this server could observe counts from its
