@@ -500,6 +500,7 @@ class AgentState:
         self.interval = ev.interval
         self.lease_interval = None  # until an exchange says how this incarnation renews
         self.renewing = False
+        self.wake = True  # the first exchange is not held: it says how to renew the lease
         self.phase = Phase.RUNNING
         self.in_flight = None
         self.failures = 0

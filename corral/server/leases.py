@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from corral.api import HeartbeatRequest
-from corral.domain.heartbeat import LastExchange
+from corral.domain.heartbeat import LastExchange, Pacing, pacing
+from corral.store import instances
 from corral.store.instances import Renewal, renew_leases
 from corral.store.tokens import touch_many
 
@@ -38,6 +39,25 @@ def body_digest(body: HeartbeatRequest) -> bytes:
     """What the agent reported, without how long it is willing to wait."""
     raw = body.model_dump_json(exclude={"wait"}).encode()
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+async def current_pacing(ctx: ServerContext) -> Pacing:
+    """What agents are told now (recomputed from the fleet's size every 10 s)."""
+    cached = ctx.pacing
+    now = ctx.now()
+    if cached and now - cached[1] < 10:
+        return cached[0]
+    cfg = ctx.config
+    pace = pacing(
+        await ctx.db.query(instances.count_live),
+        base=cfg.heartbeat_base,
+        max_per_second=cfg.heartbeat_max_rate,
+        lease_base=cfg.lease_base,
+        lease_max_per_second=cfg.lease_max_rate,
+        lease_ceiling=cfg.lease_ceiling,
+    )
+    ctx.pacing = (pace, now)
+    return pace
 
 
 def instance_key(instance_id: str) -> tuple[str, str]:

@@ -21,7 +21,6 @@ from corral.domain.heartbeat import (
     Pacing,
     grace_period,
     needs_exchange,
-    pacing,
     renewal_interval,
 )
 from corral.domain.instances import Admission
@@ -31,30 +30,11 @@ from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
-from corral.server.leases import Pinger, body_digest, instance_key
+from corral.server.leases import Pinger, body_digest, current_pacing, instance_key
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
-
-
-async def current_pacing(ctx: ServerContext) -> Pacing:
-    """What agents are told now (recomputed from the fleet's size every 10 s)."""
-    cached = ctx.pacing
-    now = ctx.now()
-    if cached and now - cached[1] < 10:
-        return cached[0]
-    cfg = ctx.config
-    pace = pacing(
-        await ctx.db.query(instances.count_live),
-        base=cfg.heartbeat_base,
-        max_per_second=cfg.heartbeat_max_rate,
-        lease_base=cfg.lease_base,
-        lease_max_per_second=cfg.lease_max_rate,
-        lease_ceiling=cfg.lease_ceiling,
-    )
-    ctx.pacing = (pace, now)
-    return pace
 
 
 def _busy(exc: Overloaded) -> ApiError:
