@@ -77,10 +77,9 @@ async def register(
     return event, reply
 
 
-async def heartbeat(
-    server: AsyncServer, hb: SendHeartbeat, credential: str, interval: float
-) -> Event:
-    body = HeartbeatRequest(
+def heartbeat_body(hb: SendHeartbeat) -> HeartbeatRequest:
+    """What a heartbeat sends (the simulator hands the same to the route's handler)."""
+    return HeartbeatRequest(
         instance_id=hb.instance_id,
         incarnation=hb.incarnation,
         attempts=list(hb.attempts),
@@ -91,7 +90,13 @@ async def heartbeat(
         offload_errors=list(hb.offload_errors),
         wait=hb.wait,
         renews_every=hb.renews_every,
-    ).model_dump()
+    )
+
+
+async def heartbeat(
+    server: AsyncServer, hb: SendHeartbeat, credential: str, interval: float
+) -> Event:
+    body = heartbeat_body(hb).model_dump()
     try:
         resp = await server.request(
             "POST",

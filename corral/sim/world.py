@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.agent.server_calls import heartbeat_body
 from corral.agent.state import (
     AgentState,
     AttemptStarted,
@@ -50,7 +51,6 @@ from corral.api import (
     ComponentPublish,
     Fetch,
     HeartbeatReply,
-    HeartbeatRequest,
     InstallOrder,
     JobSubmit,
     OutputFile,
@@ -596,15 +596,9 @@ class World:
         return Registered(reg.instance["id"], reg.instance["incarnation"], 1.0)
 
     async def heartbeat(self, agent: Agent, hb: SendHeartbeat) -> HeartbeatReply:
-        body = HeartbeatRequest(
-            instance_id=hb.instance_id,
-            incarnation=hb.incarnation,
-            attempts=list(hb.attempts),
-            components=list(hb.components),
-            objects=list(hb.objects) if hb.objects is not None else None,
-            object_errors=list(hb.object_errors),
-            renews_every=hb.renews_every,
-        )
+        # the agent's own body; the hold is the simulator's (World.answer_held): the
+        # handler itself must not wait on the real clock
+        body = heartbeat_body(hb).model_copy(update={"wait": 0.0})
         who = Principal(kind="agent", token_id="sim", instance_id=hb.instance_id)
         reply = await agents_api.heartbeat(body=body, who=who, ctx=self.ctx)
         if agent.instance_id in self.retired_at and (reply.start or reply.replicate):
