@@ -35,6 +35,41 @@ _NO_CONTENT = {"type": "http.response.start", "status": 204, "headers": []}
 _EMPTY = {"type": "http.response.body", "body": b""}
 
 
+def _error(description: str) -> dict:
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+
+# Its entry in the OpenAPI document (the route is not the framework's: openapi.py adds it)
+OPENAPI = {
+    "post": {
+        "tags": ["agents"],
+        "summary": "Renew this agent's lease between heartbeats (no body)",
+        "description": "Sent by agents a heartbeat reply told a `lease_interval`, with the "
+        "agent's own credential (`Authorization: Bearer ...`). Touches no database.",
+        "operationId": "renew_lease",
+        "parameters": [
+            {
+                "name": INCARNATION_HEADER,
+                "in": "header",
+                "required": True,
+                "schema": {"type": "integer"},
+                "description": "the incarnation the agent's registration gave it",
+            }
+        ],
+        "responses": {
+            "204": {"description": "Renewed"},
+            "400": _error("A missing or bad incarnation header, or a body"),
+            "401": _error("No bearer credential"),
+            "409": _error(
+                "Run a full heartbeat exchange first: this server has not admitted this "
+                "credential, it is another incarnation, or there is news for the instance"
+            ),
+        },
+    }
+}
+
+
 class LeaseRoute:
     def __init__(self, app: ASGIApp, routes_app: Any) -> None:
         self.app = app
