@@ -1,5 +1,6 @@
 """Agents at scale: N simulated agents speak the real REST protocol to a real server
-(register with the join token, then heartbeat at the interval each reply tells them),
+(register with the join token, then heartbeat at the interval each reply tells them,
+renewing their leases between heartbeats when a reply says to),
 a client submits jobs meanwhile, and one agent is silenced to see how long the server
 takes to declare it lost. Bounded in time; prints JSON.
 
@@ -43,6 +44,7 @@ class Stats:
     def __init__(self) -> None:
         self.register: list[float] = []
         self.heartbeat: list[float] = []
+        self.renewal: list[float] = []  # lease renewals between exchanges
         self.submit: list[float] = []
         self.errors: dict[str, int] = {}
 
@@ -60,6 +62,7 @@ async def agent_life(
     silence: asyncio.Event | None,
     registered: dict[int, str],
     wait: float = 0.0,
+    renew_http: httpx.AsyncClient | None = None,
 ) -> None:
     url = urls[k % len(urls)]
     name = f"sim{k:05d}"
@@ -95,27 +98,77 @@ async def agent_life(
         "objects": [],
     }
     interval = reply["interval"]
+    lease: dict = {"every": None, "task": None}
+    exchange_now = asyncio.Event()  # a renewal was refused: exchange at once
     await asyncio.sleep(random.random() * interval)  # agents do not start in step
+    try:
+        while time.monotonic() < stop:
+            if silence is not None and silence.is_set():
+                return  # the silenced agent: no more heartbeats or renewals
+            t = time.perf_counter()
+            try:
+                r = await http.post(url + "/api/v1/agents/heartbeat", json=beat, headers=cred)
+                if r.status_code == 200:
+                    stats.heartbeat.append(time.perf_counter() - t)
+                    answer = r.json()
+                    interval = answer["interval"]
+                    beat["objects"] = None  # unchanged since the first report
+                    every = answer.get("lease_interval")
+                    beat["renews_every"] = every
+                    if every != lease["every"]:
+                        if lease["task"] is not None:
+                            lease["task"].cancel()
+                        lease["every"] = every
+                        lease["task"] = every and asyncio.create_task(
+                            renewals(
+                                url, http, cred, beat, every, stats, stop, silence, exchange_now
+                            )
+                        )
+                else:
+                    stats.error(f"heartbeat HTTP {r.status_code}")
+                    await asyncio.sleep(max(asked(r), 0.2 + random.random()))  # as the agent
+                    continue
+            except httpx.HTTPError as exc:
+                stats.error(f"heartbeat {type(exc).__name__}")
+                await asyncio.sleep(0.2 + random.random())
+                continue
+            if not wait:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(exchange_now.wait(), interval)
+                exchange_now.clear()
+    finally:
+        if lease["task"] is not None:
+            lease["task"].cancel()
+
+
+async def renewals(
+    url: str,
+    http: httpx.AsyncClient,
+    cred: dict,
+    beat: dict,
+    every: float,
+    stats: Stats,
+    stop: float,
+    silence: asyncio.Event | None,
+    exchange_now: asyncio.Event,
+) -> None:
+    """Renew the lease between exchanges, as the agent does when told to."""
+    headers = {**cred, "X-Corral-Incarnation": str(beat["incarnation"])}
     while time.monotonic() < stop:
+        await asyncio.sleep(every)
         if silence is not None and silence.is_set():
-            return  # the silenced agent: no more heartbeats
+            return
         t = time.perf_counter()
         try:
-            r = await http.post(url + "/api/v1/agents/heartbeat", json=beat, headers=cred)
-            if r.status_code == 200:
-                stats.heartbeat.append(time.perf_counter() - t)
-                interval = r.json()["interval"]
-                beat["objects"] = None  # unchanged since the first report
-            else:
-                stats.error(f"heartbeat HTTP {r.status_code}")
-                await asyncio.sleep(max(asked(r), 0.2 + random.random()))  # as the agent
-                continue
+            r = await http.post(url + "/api/v1/agents/lease", headers=headers)
         except httpx.HTTPError as exc:
-            stats.error(f"heartbeat {type(exc).__name__}")
-            await asyncio.sleep(0.2 + random.random())
+            stats.error(f"renewal {type(exc).__name__}")
             continue
-        if not wait:
-            await asyncio.sleep(interval)
+        if r.status_code == 204:
+            stats.renewal.append(time.perf_counter() - t)
+        else:
+            stats.error(f"renewal HTTP {r.status_code}")
+            exchange_now.set()
 
 
 def asked(r: httpx.Response) -> float:
@@ -177,7 +230,14 @@ async def batched_heartbeats(http: httpx.AsyncClient, urls: list[str], admin: st
 async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[int]) -> dict:
     stats = Stats()
     limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=200)
-    async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as http:
+    # renewals on connections of their own, as each agent has its own connection: in the
+    # exchanges' pool they would queue behind held and slow exchanges
+    own = min(args.agents, 1000)
+    renew_limits = httpx.Limits(max_connections=own, max_keepalive_connections=own)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as http,
+        httpx.AsyncClient(limits=renew_limits, timeout=args.request_timeout) as renew_http,
+    ):
         t0 = time.monotonic()
         stop = t0 + args.register_timeout + args.duration
         silence = asyncio.Event()
@@ -194,6 +254,7 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
                     silence if k == 0 else None,
                     registered,
                     args.wait,
+                    renew_http,
                 )
             )
             for k in range(args.agents)
@@ -208,6 +269,7 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         w0 = time.monotonic()
         sub = asyncio.create_task(submitter(http, urls, admin, stats, stop))
         heartbeats_before = len(stats.heartbeat)
+        renewals_before = len(stats.renewal)
         batched_before = await batched_heartbeats(http, urls, admin)
         await asyncio.sleep(min(5.0, args.duration / 4))
         silenced = registered.get(0)  # agent 0's instance: its task stops heartbeating
@@ -229,6 +291,7 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
             false_lost |= lost - {silenced}
         cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
         beats = len(stats.heartbeat) - heartbeats_before
+        renewed = len(stats.renewal) - renewals_before
         batched_after = await batched_heartbeats(http, urls, admin)
         batched = (
             batched_after - batched_before
@@ -253,6 +316,13 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         "submit_p99_ms": ms(stats.submit, 99),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
         "server_cpu_ms_per_heartbeat": round(1000 * (cpu1 - cpu0) / beats, 2) if beats else None,
+        # lease renewals between exchanges (told to agents whose exchanges come rarer)
+        "renewals_per_s": round(renewed / wall, 1),
+        "renewal_p99_ms": ms(stats.renewal, 99),
+        # all the server's CPU over every liveness signal (exchanges and renewals)
+        "server_cpu_ms_per_signal": (
+            round(1000 * (cpu1 - cpu0) / (beats + renewed), 3) if beats + renewed else None
+        ),
         "server_rss_mb": round(rss, 1),
         "false_lost": len(false_lost),
         "detect_s": round(detect_s, 1) if detect_s is not None else None,

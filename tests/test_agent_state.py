@@ -230,12 +230,15 @@ fetches = st.builds(
     Fetch, sha256=shas, size=st.just(1), name=st.just("o"), sources=st.just(["p"]), token=st.none()
 )
 replies = st.builds(
-    lambda action, s, k, i, f: reply(action=action, start=s, kill=k, install=i, replicate=f),
+    lambda action, s, k, i, f, lease: reply(
+        action=action, start=s, kill=k, install=i, replicate=f, lease_interval=lease
+    ),
     st.sampled_from(["continue"] * 9 + ["exit"]),
     st.lists(starts, max_size=3),
     st.lists(kills, max_size=2),
     st.lists(installs, max_size=2),
     st.lists(fetches, max_size=2),
+    st.sampled_from([None, None, 0.3]),
 )
 leaving = st.one_of(
     st.builds(S.Retire, st.just("r")),
@@ -253,6 +256,7 @@ events = st.one_of(
     st.builds(S.RegisterFailed, st.just("down"), st.floats(0, 0.99)),
     st.builds(S.HeartbeatFailed, st.just("down"), st.floats(0, 0.99)),
     st.just(S.HeartbeatRejected()),
+    st.builds(S.LeaseAnswered, st.booleans(), st.booleans()),
     *[st.builds(S.AttemptStarted, jobs, numbers)] * 2,
     st.builds(S.StartFailed, jobs, numbers, st.just("disk full")),
     *[exits] * 3,
@@ -286,6 +290,47 @@ def test_no_event_sequence_breaks_the_invariants(seq):
         if was_exited:
             starts_after_exit += out
     assert starts_after_exit == []  # an agent that left does nothing at all
+
+
+def renewals(out: list) -> list:
+    return [i for i in out if isinstance(i, S.RenewLease)]
+
+
+def test_a_held_heartbeat_does_not_stop_lease_renewals():
+    """Told to renew every 0.5 s between exchanges: with a heartbeat held by the
+    server, renewals go out every 0.5 s after the last renewal of any kind, one at a
+    time, and the next heartbeat says how often this agent renews."""
+    st_, _ = running()
+    out = step(st_, reply(lease_interval=0.5), 0.1)
+    assert renewals(out) == []  # the heartbeat that went out at 0.0 renewed it
+    held = heartbeat_in(step(st_, S.Tick(), 0.5))  # the next exchange, held by the server
+    assert held.renews_every == 0.5
+    assert renewals(step(st_, S.Tick(), 0.9)) == []
+    assert renewals(step(st_, S.Tick(), 1.0)) == [S.RenewLease("i-1", 1, 0.5)]
+    assert renewals(step(st_, S.Tick(), 1.6)) == []  # one renewal in flight at a time
+    assert renewals(step(st_, S.LeaseAnswered(renewed=True), 1.7)) == [S.RenewLease("i-1", 1, 0.5)]
+
+
+def test_a_renewal_refused_makes_the_next_heartbeat_go_at_once():
+    st_, _ = running()
+    step(st_, reply(lease_interval=0.5), 0.1)
+    step(st_, S.Tick(), 0.5)  # a heartbeat held by the server
+    step(st_, S.Tick(), 1.0)  # a renewal
+    out = step(st_, S.LeaseAnswered(renewed=False, exchange=True), 1.1)
+    assert out == []  # one heartbeat in flight at a time: it waits for the held one
+    hb = heartbeat_in(step(st_, reply(lease_interval=0.5), 1.2))
+    assert hb.wait == 0.0  # not held: the server wants to hear from it now
+
+
+def test_no_renewal_before_registration_or_after_the_credential_is_refused():
+    st_ = S.AgentState(lease_interval=0.5)
+    assert renewals(step(st_, S.Tick(), 5.0)) == []  # unregistered: it registers first
+    st_, _ = running()
+    step(st_, reply(lease_interval=0.5), 0.1)
+    step(st_, S.Tick(), 0.5)
+    step(st_, S.HeartbeatRejected(), 0.6)
+    assert st_.phase is S.Phase.UNREGISTERED
+    assert renewals(step(st_, S.Tick(), 2.0)) == []
 
 
 def test_a_lost_report_that_did_not_arrive_is_sent_again():

@@ -13,6 +13,7 @@ import pytest
 from corral.domain.heartbeat import grace_period, heartbeat_interval
 from corral.server.config import ServerConfig
 from corral.testing import Cluster, job_python, wait_for
+from tests.test_metrics import scrape
 
 FLEETS = [1, 10, 100, 500, 1_000, 1_500, 2_000, 5_000, 10_000, 20_000]
 
@@ -81,3 +82,38 @@ def test_a_silent_agent_is_declared_lost_and_the_event_names_its_interval(
         agent.signal(signal.SIGCONT)
     (event,) = [e for e in client.events(level="warning") if e.kind == "instance.lost"]
     assert "quiet" in event.message and "told to heartbeat every" in event.message
+
+
+@pytest.mark.slow
+def test_an_agent_told_to_renew_between_exchanges_is_kept_alive_and_found_by_its_lease(
+    cluster: Cluster,
+) -> None:
+    """Exchanges every 20 s (as a fleet of 1,000 is told) and lease renewals every
+    second: a job longer than the grace runs on its first attempt with no instance
+    declared lost (the renewals kept it alive between exchanges); then the agent is
+    stopped and is declared lost by the grace of its renewal interval."""
+    server = cluster.server(
+        extra=["--heartbeat-interval", "20", "--lease-interval", "1", "--agent-grace", "3"]
+    )
+    agent = cluster.agent(server, name="renewing")
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 1, timeout=60)
+    job = client.submit([job_python(), "-c", "import time; time.sleep(8)"])
+    wait_for(
+        lambda: client.job(job.id).state in ("succeeded", "failed", "cancelled"),
+        90,
+        "the job to finish",
+    )
+    j = client.job(job.id)
+    assert j.state == "succeeded" and j.attempt == 1, j
+    assert not [e for e in client.events(level="warning") if e.kind == "instance.lost"]
+
+    agent.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: any(i.lost for i in client.instances()), 60, "the silent agent to be lost")
+    finally:
+        agent.signal(signal.SIGCONT)
+    (event,) = [e for e in client.events(level="warning") if e.kind == "instance.lost"]
+    # judged by the grace of its renewal interval (1 s), not its exchanges' (20 s)
+    assert "told to heartbeat every 1s" in event.message, event.message
+    assert scrape(server)[("corral_lease_renewals_total", ())] >= 1

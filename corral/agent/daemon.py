@@ -58,11 +58,13 @@ from corral.agent.state import (
     InstallDone,
     Instruction,
     KillAttempt,
+    LeaseAnswered,
     LostReported,
     OffloadObject,
     Register,
     Registered,
     RegisterFailed,
+    RenewLease,
     ReportLost,
     RolledBack,
     RunnerExited,
@@ -267,6 +269,9 @@ class Agent:
             due = next_tick
             if self.state.in_flight is None:
                 due = min(due, max(now, self.state.next_contact_at))
+            lease_due = self.state.lease_due()
+            if lease_due is not None:
+                due = min(due, max(now, lease_due))
             try:
                 event = await asyncio.wait_for(self.events.get(), due - now)
             except TimeoutError:
@@ -317,6 +322,8 @@ class Agent:
                 self._spawn(self._register())
             case SendHeartbeat():
                 self._spawn(self._heartbeat(instruction))
+            case RenewLease():
+                self._spawn(self._one(self._renew_lease(instruction)))
             case StartAttempt():
                 return [await self._start(instruction.order)]
             case KillAttempt(job_id=job, attempt=n, reason=reason):
@@ -402,6 +409,13 @@ class Agent:
                 reply.state,
             )
         return [event]
+
+    async def _renew_lease(self, order: RenewLease) -> Event:
+        try:
+            return await server_calls.renew_lease(self.server, order, self.me.credential)
+        except Exception:
+            log.exception("lease renewal broke")
+            return LeaseAnswered(renewed=False)
 
     async def _heartbeat(self, hb: SendHeartbeat) -> list[Event]:
         try:

@@ -17,9 +17,11 @@ from corral.agent.state import (
     HeartbeatFailed,
     HeartbeatRejected,
     HeartbeatReplied,
+    LeaseAnswered,
     LostReported,
     Registered,
     RegisterFailed,
+    RenewLease,
     ReportLost,
     Retire,
     SendHeartbeat,
@@ -29,6 +31,8 @@ from corral.agent.upstream_async import AsyncServer
 from corral.api import HeartbeatReply, HeartbeatRequest, RegisterReply
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
+LEASE_PATH = "/api/v1/agents/lease"  # corral.server.lease_route (not imported: server side)
+INCARNATION_HEADER = "X-Corral-Incarnation"
 BAD_CONFIGURATION = 2  # the agent's exit code when it cannot go on as configured
 
 
@@ -73,10 +77,9 @@ async def register(
     return event, reply
 
 
-async def heartbeat(
-    server: AsyncServer, hb: SendHeartbeat, credential: str, interval: float
-) -> Event:
-    body = HeartbeatRequest(
+def heartbeat_body(hb: SendHeartbeat) -> HeartbeatRequest:
+    """What a heartbeat sends (the simulator hands the same to the route's handler)."""
+    return HeartbeatRequest(
         instance_id=hb.instance_id,
         incarnation=hb.incarnation,
         attempts=list(hb.attempts),
@@ -86,7 +89,14 @@ async def heartbeat(
         offloaded=list(hb.offloaded),
         offload_errors=list(hb.offload_errors),
         wait=hb.wait,
-    ).model_dump()
+        renews_every=hb.renews_every,
+    )
+
+
+async def heartbeat(
+    server: AsyncServer, hb: SendHeartbeat, credential: str, interval: float
+) -> Event:
+    body = heartbeat_body(hb).model_dump()
     try:
         resp = await server.request(
             "POST",
@@ -105,6 +115,28 @@ async def heartbeat(
             f"heartbeat: HTTP {resp.status_code} {resp.text[:200]}", random.random()
         )
     return HeartbeatReplied(HeartbeatReply.model_validate(resp.json()), hb.seq)
+
+
+async def renew_lease(server: AsyncServer, order: RenewLease, credential: str) -> LeaseAnswered:
+    """One lease renewal between exchanges (no body; the server answers 204, or 409
+    when it wants a full exchange first)."""
+    try:
+        resp = await server.request(
+            "POST",
+            LEASE_PATH,
+            headers={
+                "Authorization": f"Bearer {credential}",
+                INCARNATION_HEADER: str(order.incarnation),
+            },
+            timeout=order.within,
+            deadline=time.monotonic() + order.within,
+        )
+    except Unreachable:
+        return LeaseAnswered(renewed=False)
+    if resp.status_code == 204:
+        return LeaseAnswered(renewed=True)
+    # 409 (exchange first), 401, or a server without the route: the exchange decides
+    return LeaseAnswered(renewed=False, exchange=resp.status_code < 500)
 
 
 async def report_lost(server: AsyncServer, order: ReportLost, within: float) -> LostReported:

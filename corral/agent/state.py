@@ -17,8 +17,9 @@ What it guarantees (`validate()` checks these after every event in the tests):
 - a component is never installed over the same sha256 it already has, and at most one
   install per component is under way (a repeated order while one runs is dropped);
 - a retiring (or superseded, or stopping) agent starts, fetches and installs nothing;
-- one heartbeat or registration in flight at a time; an object is fetched at most
-  once at a time, and never when it is already held.
+- one heartbeat or registration in flight at a time, and one lease renewal (only by a
+  registered, running agent); an object is fetched at most once at a time, and never
+  when it is already held.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ class HeartbeatReplied:
 class HeartbeatFailed:
     error: str
     rand: float = 0.5
+
+
+@dataclass(frozen=True)
+class LeaseAnswered:
+    """A lease renewal came back: renewed, or the server wants a full exchange first
+    (`exchange`), or it did not get through (neither: the next one is due as usual)."""
+
+    renewed: bool
+    exchange: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,7 @@ Event = (
     | HeartbeatReplied
     | HeartbeatFailed
     | HeartbeatRejected
+    | LeaseAnswered
     | Retire
     | Superseded
     | Fatal
@@ -243,6 +254,16 @@ class SendHeartbeat:
     offload_errors: tuple[ObjectError, ...]
     wait: float
     seq: int = 0  # numbers this heartbeat; its reply carries it back
+    renews_every: float | None = None  # the lease interval it renews at between exchanges
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    """Renew the lease between exchanges (a tiny request: POST /api/v1/agents/lease)."""
+
+    instance_id: str
+    incarnation: int
+    within: float  # give up after this long: the next renewal is due then
 
 
 @dataclass(frozen=True)
@@ -291,6 +312,7 @@ class Exit:
 Instruction = (
     Register
     | SendHeartbeat
+    | RenewLease
     | StartAttempt
     | KillAttempt
     | ReportLost
@@ -356,6 +378,9 @@ class AgentState:
     failures: int = 0
     sent_count: int = 0  # heartbeats sent: numbers them so a stray reply is not taken
     wake: bool = False  # something finished: heartbeat again now
+    lease_interval: float | None = None  # renew the lease this often between exchanges
+    renewed_at: float = 0.0  # when the last renewal (an exchange or a lease request) went out
+    renewing: bool = False  # a lease renewal request in flight
     objects_sent: tuple[tuple[str, ...], float] | None = None
     # validate() checks the instructions of the last event against the state they left
     last: list[Instruction] = field(default_factory=list)
@@ -387,6 +412,10 @@ class AgentState:
                     isinstance(self.in_flight, SendHeartbeat) and event.seq == self.in_flight.seq
                 ):
                     out += self._replied(event.reply, now)
+            case LeaseAnswered():
+                self.renewing = False
+                if event.exchange and self.phase is Phase.RUNNING:
+                    self.wake = True  # the server has news, or must admit us again
             case HeartbeatRejected():
                 if isinstance(self.in_flight, SendHeartbeat):
                     self.in_flight = None
@@ -469,6 +498,9 @@ class AgentState:
         self.instance_id = ev.instance_id
         self.incarnation = ev.incarnation
         self.interval = ev.interval
+        self.lease_interval = None  # until an exchange says how this incarnation renews
+        self.renewing = False
+        self.wake = True  # the first exchange is not held: it says how to renew the lease
         self.phase = Phase.RUNNING
         self.in_flight = None
         self.failures = 0
@@ -476,6 +508,9 @@ class AgentState:
         self.next_contact_at = now
 
     def _contact(self, now: float) -> list[Instruction]:
+        return self._exchange(now) + self._renew(now)
+
+    def _exchange(self, now: float) -> list[Instruction]:
         """Register or heartbeat when due and nothing is in flight."""
         if self.in_flight is not None or self.phase is Phase.EXITED:
             return []
@@ -486,9 +521,26 @@ class AgentState:
             return [self.in_flight]
         self.sent_count += 1
         self.sent_at = now
+        self.renewed_at = now  # every exchange renews the lease
         self.in_flight = self.observed(now)
         self.wake = False
         return [self.in_flight]
+
+    def lease_due(self) -> float | None:
+        """When the next lease renewal between exchanges is due (None: none is)."""
+        if self.phase is not Phase.RUNNING or self.lease_interval is None or self.renewing:
+            return None
+        return self.renewed_at + self.lease_interval
+
+    def _renew(self, now: float) -> list[Instruction]:
+        """Renew the lease when its interval has passed since the last renewal (a
+        held exchange renewed it only when it went out)."""
+        due = self.lease_due()
+        if due is None or now < due or self.instance_id is None:
+            return []
+        self.renewing = True
+        self.renewed_at = now
+        return [RenewLease(self.instance_id, self.incarnation, self.lease_interval or 0.0)]
 
     def observed(self, now: float) -> SendHeartbeat:
         if self.instance_id is None:
@@ -526,6 +578,7 @@ class AgentState:
             ),
             wait=0.0 if self.wake else self.interval,
             seq=self.sent_count,
+            renews_every=self.lease_interval,
         )
 
     def _replied(self, reply: HeartbeatReply, now: float) -> list[Instruction]:
@@ -552,6 +605,7 @@ class AgentState:
         for e in sent.offload_errors:
             self.offload_errors.pop(e.sha256, None)
         self.interval = reply.interval
+        self.lease_interval = reply.lease_interval
         out: list[Instruction] = []
         for k in reply.kill:
             out += self._kill(k.job_id, k.attempt, k.reason)
@@ -731,6 +785,12 @@ class AgentState:
             _require(have is None or have[1] != sha, f"installing {name} over the same sha256")
         in_flight = [i for i in self.last if isinstance(i, SendHeartbeat | Register)]
         _require(len(in_flight) <= 1, "two heartbeats or registrations at once")
+        renewals = [i for i in self.last if isinstance(i, RenewLease)]
+        _require(len(renewals) <= 1, "two lease renewals at once")
+        _require(
+            not renewals or self.phase is Phase.RUNNING,
+            f"a lease renewal by an agent that is {self.phase}",
+        )
 
 
 def _require(ok: bool, broken: str) -> None:

@@ -70,6 +70,13 @@ class HeartbeatRequest(Strict):
     )
     offload_errors: list[ObjectError] = Field(default_factory=list, max_length=10_000)
     wait: float = Field(default=0.0, ge=0, le=60, description="hold the reply this long if idle")
+    renews_every: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="the lease interval this agent renews at between exchanges "
+        "(POST /api/v1/agents/lease); None: it renews only by exchanging",
+    )
 
 
 class StartOrder(Wire):
@@ -105,6 +112,11 @@ class HeartbeatReply(Wire):
     action: Literal["continue", "exit"]
     reason: str = ""
     interval: float
+    lease_interval: float | None = Field(
+        default=None,
+        description="renew the lease (POST /api/v1/agents/lease) this often between "
+        "exchanges; None: every exchange renews it, no renewals needed",
+    )
     state: InstanceState | None = None
     start: list[StartOrder] = Field(default_factory=list)
     kill: list[KillOrder] = Field(default_factory=list)

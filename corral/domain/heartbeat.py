@@ -24,6 +24,47 @@ def heartbeat_interval(
     return min(max(interval, base), max(ceiling, base))
 
 
+def lease_interval(
+    fleet_size: int, exchange_interval: float, base: float, max_per_second: float, ceiling: float
+) -> float | None:
+    """Seconds between one agent's lease renewals (tiny liveness requests sent between
+    exchanges), or None when its exchanges come as often (a small fleet: every exchange
+    renews the lease). Paced like the exchanges, at a higher fleet-wide rate and a low
+    ceiling, so a silent agent is found within a few of them at any fleet size."""
+    every = heartbeat_interval(fleet_size, base, max_per_second, ceiling)
+    return every if every < exchange_interval else None
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """What a server tells its agents: exchange every `interval` seconds (a held
+    long-poll), and renew the lease every `lease` seconds between exchanges (None:
+    the exchanges are often enough)."""
+
+    interval: float
+    lease: float | None
+
+
+def pacing(
+    fleet_size: int,
+    *,
+    base: float,
+    max_per_second: float,
+    lease_base: float,
+    lease_max_per_second: float,
+    lease_ceiling: float,
+) -> Pacing:
+    interval = heartbeat_interval(fleet_size, base, max_per_second)
+    lease = lease_interval(fleet_size, interval, lease_base, lease_max_per_second, lease_ceiling)
+    return Pacing(interval, lease)
+
+
+def renewal_interval(exchange_interval: float, lease: float | None) -> float:
+    """How often an agent renews its lease: its pings' interval when it pings, else
+    its exchanges'. The grace (grace_period) is derived from this."""
+    return exchange_interval if lease is None else min(exchange_interval, lease)
+
+
 def grace_period(interval: float, configured: float) -> float:
     """How long an agent may be silent before it counts as lost: at least three
     intervals, so one slow heartbeat never costs a job."""

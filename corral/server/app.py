@@ -38,6 +38,7 @@ from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.guard import BodyGuard
 from corral.server.health import install_health
+from corral.server.lease_route import LeaseRoute
 from corral.server.leases import flush_leases
 from corral.server.loops.autoscaler import autoscale_once
 from corral.server.loops.dispatcher import dispatch_once
@@ -285,6 +286,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     metrics.BUILD_INFO.labels(ctx.config.build_version, ctx.server_id).set(1)
     errors.install(app)
     app.add_middleware(BodyGuard, routes_app=app)
+    app.add_middleware(LeaseRoute, routes_app=app)  # outermost: before anything else runs
     for module in (
         jobs,
         attempts,

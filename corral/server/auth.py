@@ -19,6 +19,7 @@ class Principal:
     kind: str
     token_id: str
     instance_id: str | None = None
+    credential_hash: str | None = None  # sha256 of the secret (lease renewals find it by it)
 
 
 def _bearer(request: Request) -> str:
@@ -49,7 +50,7 @@ async def _principal(request: Request, ctx: ServerContext, kinds: tuple[str, ...
         await ctx.db.transact(tokens.touch, row["id"], now)
     elif now - last >= TOUCH_EVERY:
         ctx.leases.used(row["id"], now)  # written with the next lease flush (leases.py)
-    return Principal(row["kind"], row["id"], row["instance_id"])
+    return Principal(row["kind"], row["id"], row["instance_id"], row["token_hash"])
 
 
 async def require_admin(request: Request, ctx: ServerContext = Depends(get_ctx)) -> Principal:

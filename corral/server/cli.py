@@ -28,6 +28,7 @@ def add_timing_options(
     install_backoff=None,
     install_cap=None,
     autoscale_interval=None,
+    lease_interval=None,
 ) -> ServerConfig:
     if agent_grace is not None:
         config.agent_grace = agent_grace
@@ -37,6 +38,8 @@ def add_timing_options(
         config.attempt_grace = attempt_grace
     if heartbeat_interval is not None:
         config.heartbeat_base = heartbeat_interval
+    if lease_interval is not None:
+        config.lease_base = lease_interval
     if install_backoff is not None:
         config.install_backoff = install_backoff
     if install_cap is not None:
@@ -66,8 +69,8 @@ def server(
     ),
     agent_grace: float | None = typer.Option(
         None,
-        help="seconds without a heartbeat before an instance counts as lost, at least; "
-        "agents told a longer heartbeat interval get 3 intervals + 1 s [20]",
+        help="seconds without a heartbeat or lease renewal before an instance counts as "
+        "lost, at least; agents told to renew less often get 3 intervals + 1 s [10]",
     ),
     start_timeout: float | None = typer.Option(
         None, help="seconds an attempt may take to start before it is requeued [60]"
@@ -77,6 +80,11 @@ def server(
     ),
     heartbeat_interval: float | None = typer.Option(
         None, help="agent heartbeat interval for small fleets, seconds [2]"
+    ),
+    lease_interval: float | None = typer.Option(
+        None,
+        help="how often agents renew their lease between heartbeats once the fleet is large "
+        "enough that heartbeats come less often than this, seconds [2]",
     ),
     install_backoff: float | None = typer.Option(
         None, help="seconds before an install order is repeated; doubles each time [30]"
@@ -136,6 +144,7 @@ def server(
             heartbeat_interval,
             install_backoff,
             install_cap,
+            lease_interval=lease_interval,
         )
         if provision_backoff is not None:
             config.provision_backoff = provision_backoff

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
-from corral.domain.heartbeat import Observation
+from corral.domain.heartbeat import Observation, Pacing
 from corral.domain.providers import Backend
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
@@ -41,7 +41,7 @@ class ServerContext:
     sqlite_lock: SqliteServerLock | None = None
     health_providers: list[HealthProvider] = field(default_factory=list)
     stopping: bool = False  # set on the first SIGINT/SIGTERM: place nothing more
-    heartbeat_interval: tuple[float, float] | None = None  # (interval, computed at)
+    pacing: tuple[Pacing, float] | None = None  # what agents are told, and when computed
     observation: Observation | None = None  # when the reaper could last observe (reaper.py)
     agent_gate: LoadGate | None = None  # admission of agent exchanges (made on first use)
     leases: Leases = field(default_factory=Leases)  # renewals not yet written (leases.py)

@@ -12,15 +12,22 @@ Credentials' recorded uses (`tokens.last_used_at`, at most once a minute per tok
 are written by the same flush instead of a write transaction of their own.
 
 Also kept per instance: the last full exchange that ordered nothing (`LastExchange`),
-which the next heartbeat compares itself with."""
+which the next heartbeat compares itself with; and, for agents told to renew their
+lease between exchanges, what a renewal request (`POST /api/v1/agents/lease`, served
+by `corral.server.lease_route` before the web framework) is checked against: the
+credential and incarnation of the agent's last exchange on this server, and the wake
+generation then. A renewal that does not match gets "exchange first": the agent then
+runs a full exchange, which admits it again. A renewal touches no database."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from corral.api import HeartbeatRequest
-from corral.domain.heartbeat import LastExchange
+from corral.domain.heartbeat import LastExchange, Pacing, pacing
+from corral.store import instances
 from corral.store.instances import Renewal, renew_leases
 from corral.store.tokens import touch_many
 
@@ -34,11 +41,50 @@ def body_digest(body: HeartbeatRequest) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
+async def current_pacing(ctx: ServerContext) -> Pacing:
+    """What agents are told now (recomputed from the fleet's size every 10 s)."""
+    cached = ctx.pacing
+    now = ctx.now()
+    if cached and now - cached[1] < 10:
+        return cached[0]
+    cfg = ctx.config
+    pace = pacing(
+        await ctx.db.query(instances.count_live),
+        base=cfg.heartbeat_base,
+        max_per_second=cfg.heartbeat_max_rate,
+        lease_base=cfg.lease_base,
+        lease_max_per_second=cfg.lease_max_rate,
+        lease_ceiling=cfg.lease_ceiling,
+    )
+    ctx.pacing = (pace, now)
+    return pace
+
+
+def instance_key(instance_id: str) -> tuple[str, str]:
+    """The wake-up key of an instance (corral.server.notify): every change that gives
+    it something to do wakes it."""
+    return ("instance", instance_id)
+
+
+@dataclass(frozen=True)
+class Pinger:
+    """An agent this server lets renew its lease without an exchange: what its last
+    full exchange here established."""
+
+    incarnation: int
+    generation: int  # the instance's wake generation before that exchange ran
+    until: float  # renewals accepted until then; later, an exchange first
+    lease: float  # the renewal interval it was told
+    grace: float  # each renewal keeps it alive this long
+
+
 class Leases:
     def __init__(self) -> None:
         self.pending: dict[str, Renewal] = {}
         self.last: dict[str, LastExchange] = {}
         self.uses: dict[str, float] = {}  # token id -> last use, not yet written
+        self.pingers: dict[str, Pinger] = {}  # instance id -> what its renewals must match
+        self.credentials: dict[str, str] = {}  # sha256 of an agent credential -> instance id
 
     def used(self, token_id: str, at: float) -> None:
         """A credential was used (recorded at most about once a minute per token)."""
@@ -65,8 +111,34 @@ class Leases:
             self.used(token_id, at)
 
     def forget(self, instance_id: str) -> None:
-        """A new incarnation registered: what the old one reported says nothing."""
+        """A new incarnation registered (or its credential was revoked): what the old
+        one reported says nothing, and its renewals need an exchange first."""
         self.last.pop(instance_id, None)
+        self.pingers.pop(instance_id, None)
+
+    def admit(self, instance_id: str, credential_hash: str | None, pinger: Pinger) -> None:
+        """After a full exchange that told the agent to renew between exchanges."""
+        self.pingers[instance_id] = pinger
+        if credential_hash is not None:
+            self.credentials[credential_hash] = instance_id
+
+
+def renew_by_request(ctx: ServerContext, instance_id: str, incarnation: int) -> bool:
+    """A renewal request from an agent whose credential maps to `instance_id`: renew
+    its lease in the buffer (True), or False when it must run a full exchange first
+    (unknown here, another incarnation, its admission expired, or something woke the
+    instance since its last exchange: there may be news for it)."""
+    p = ctx.leases.pingers.get(instance_id)
+    now = ctx.now()
+    if (
+        p is None
+        or p.incarnation != incarnation
+        or now > p.until
+        or ctx.notifier.generation(instance_key(instance_id)) != p.generation
+    ):
+        return False
+    ctx.leases.renew(Renewal(instance_id, incarnation, now, now + p.grace, p.lease))
+    return True
 
 
 async def flush_leases(ctx: ServerContext) -> bool:

@@ -54,6 +54,10 @@ HEARTBEATS_BATCHED = Counter(
     "corral_heartbeats_batched",
     "Heartbeats that reported nothing new: their lease renewal was batched, no exchange ran",
 )
+LEASE_RENEWALS = Counter(
+    "corral_lease_renewals",
+    "Lease renewals between exchanges (POST /api/v1/agents/lease) that renewed a lease",
+)
 HEARTBEAT = Histogram(
     "corral_heartbeat_handling_seconds",
     "Time to handle one agent heartbeat exchange (its database transaction, not the long-poll)",

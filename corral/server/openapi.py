@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from corral.server import auth
+from corral.server import auth, lease_route
 from corral.server.api import health
 from corral.server.routes import flat_routes
 
@@ -121,6 +121,7 @@ def install(app: FastAPI) -> None:
                         "description": DESCRIPTIONS[code],
                         "content": {"application/json": {"schema": ref}},
                     }
+        schema["paths"][lease_route.PATH] = lease_route.OPENAPI  # served before the framework
         app.openapi_schema = schema
         return schema
 

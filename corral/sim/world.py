@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.agent.server_calls import heartbeat_body
 from corral.agent.state import (
     AgentState,
     AttemptStarted,
@@ -30,10 +31,12 @@ from corral.agent.state import (
     InstallDone,
     InstallFailed,
     KillAttempt,
+    LeaseAnswered,
     LostReported,
     Register,
     Registered,
     RegisterFailed,
+    RenewLease,
     ReportLost,
     Retire,
     RunnerExited,
@@ -48,7 +51,6 @@ from corral.api import (
     ComponentPublish,
     Fetch,
     HeartbeatReply,
-    HeartbeatRequest,
     InstallOrder,
     JobSubmit,
     OutputFile,
@@ -62,7 +64,7 @@ from corral.server.app import close_context, open_context
 from corral.server.auth import Principal
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
-from corral.server.leases import flush_leases
+from corral.server.leases import flush_leases, instance_key, renew_by_request
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import drain_once
 from corral.server.loops.reaper import reap_once
@@ -130,6 +132,19 @@ class Runner:
 
 
 @dataclass
+class Held:
+    """A heartbeat held by the server as a long-poll: its reply so far, answered at
+    `until`, or at once when the instance is woken (then exchanged again), or failed
+    when the connection breaks (a partition, a server restart)."""
+
+    hb: SendHeartbeat
+    reply: HeartbeatReply
+    until: float
+    generation: int
+    ctx: ServerContext
+
+
+@dataclass
 class Agent:
     """One simulated host: what is really on it (runners, objects, components, the
     artifact cache) and the agent process, whose decisions are the real
@@ -153,6 +168,7 @@ class Agent:
     corrupt_downloads: int = 0  # the next downloads are an HTTP error page
     duplicate_until: float = 0.0  # replies delivered twice
     reorder_until: float = 0.0  # completions delivered late and out of order
+    held: Held | None = None  # a heartbeat the server holds (a long-poll)
 
     @property
     def incarnation(self) -> int:
@@ -201,6 +217,10 @@ class World:
         self.clock = Clock(T0)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="corral-sim-")
         self.data_dir = Path(data_dir) if data_dir else Path(self._tmp.name)  # type: ignore[union-attr]
+        # half the seeds have agents exchange every 3 s and renew their leases every
+        # 1 s in between (the renewal requests of large fleets); the others exchange
+        # every second, each exchange renewing the lease
+        renewing = random.Random(f"lease/{settings.seed}").random() < 0.5
         self.config = ServerConfig(
             data_dir=self.data_dir,
             agent_grace=4,
@@ -209,7 +229,8 @@ class World:
             drain_grace=60,
             retire_grace=5,
             transfer_timeout=30,
-            heartbeat_base=1,
+            heartbeat_base=3 if renewing else 1,
+            lease_base=1,
             install_backoff=4,
             install_backoff_max=30,
             install_cap=3,
@@ -301,6 +322,7 @@ class World:
             sm.adopt(r.job_id, r.attempt, r.token)
         agent.sm = sm
         agent.inbox.clear()
+        agent.held = None  # the old process's connection is gone
 
     def still_faulty(self, agent: Agent) -> bool:
         """A fault's effect on this live agent is not over, or events for it are still
@@ -444,13 +466,14 @@ class World:
             self.restart(agent)
         if t < agent.frozen_until:
             return
+        answered = await self.answer_held(agent)
         due = sorted(e for e in agent.inbox if e[0] <= t)
         agent.inbox = [e for e in agent.inbox if e[0] > t]
         events = [e for _, _, e in due if not isinstance(e, Stored)]
         if t < agent.reorder_until:
             self.rng.shuffle(events)
         # what is on the local disk the agent sees before anything it tells the server
-        events = [e for _, _, e in due if isinstance(e, Stored)] + [*events, Tick()]
+        events = [e for _, _, e in due if isinstance(e, Stored)] + [*events, *answered, Tick()]
         for _ in range(50):  # a reply's orders can answer at once; never spin forever
             if not events or agent.exited:
                 break
@@ -484,7 +507,20 @@ class World:
                 reply = await self.heartbeat(agent, instr)
                 if t < agent.duplicate_until:
                     self.deliver(agent, HeartbeatReplied(reply, instr.seq), 1.0)
+                if instr.wait > 0 and agents_api.ordered_nothing(reply):
+                    # held as the route holds it: until the wait ends or a wake-up
+                    key = instance_key(instr.instance_id)
+                    until = t + min(instr.wait, reply.interval)
+                    gen = self.ctx.notifier.generation(key)
+                    agent.held = Held(instr, reply, until, gen, self.ctx)
+                    return []
                 return [HeartbeatReplied(reply, instr.seq)]
+            case RenewLease():
+                if cut:
+                    return [LeaseAnswered(renewed=False)]
+                # as the lease route does once the credential named the instance
+                ok = renew_by_request(self.ctx, instr.instance_id, instr.incarnation)
+                return [LeaseAnswered(renewed=ok, exchange=not ok)]
             case StartAttempt():
                 self.start_runner(agent, instr.order)
                 self.deliver(agent, AttemptStarted(instr.order.job_id, instr.order.attempt), slow)
@@ -524,6 +560,23 @@ class World:
                 self.exit(agent)
         return []
 
+    async def answer_held(self, agent: Agent) -> list[object]:
+        """The end of a held heartbeat: its connection broke, its wait ended (the reply
+        so far), or the instance was woken (the exchange runs again)."""
+        h = agent.held
+        if h is None:
+            return []
+        if self.now < agent.server_cut_until or h.ctx is not self.ctx:
+            agent.held = None
+            return [HeartbeatFailed("the held heartbeat's connection broke", self.rng.random())]
+        if self.now >= h.until:
+            agent.held = None
+            return [HeartbeatReplied(h.reply, h.hb.seq)]
+        if self.ctx.notifier.generation(instance_key(h.hb.instance_id)) != h.generation:
+            agent.held = None
+            return [HeartbeatReplied(await self.heartbeat(agent, h.hb), h.hb.seq)]
+        return []
+
     async def register(self, agent: Agent) -> object:
         reg = await self.ctx.db.transact(
             instances.register,
@@ -543,14 +596,9 @@ class World:
         return Registered(reg.instance["id"], reg.instance["incarnation"], 1.0)
 
     async def heartbeat(self, agent: Agent, hb: SendHeartbeat) -> HeartbeatReply:
-        body = HeartbeatRequest(
-            instance_id=hb.instance_id,
-            incarnation=hb.incarnation,
-            attempts=list(hb.attempts),
-            components=list(hb.components),
-            objects=list(hb.objects) if hb.objects is not None else None,
-            object_errors=list(hb.object_errors),
-        )
+        # the agent's own body; the hold is the simulator's (World.answer_held): the
+        # handler itself must not wait on the real clock
+        body = heartbeat_body(hb).model_copy(update={"wait": 0.0})
         who = Principal(kind="agent", token_id="sim", instance_id=hb.instance_id)
         reply = await agents_api.heartbeat(body=body, who=who, ctx=self.ctx)
         if agent.instance_id in self.retired_at and (reply.start or reply.replicate):

@@ -18,9 +18,10 @@ from corral.api import (
 )
 from corral.domain.heartbeat import (
     LastExchange,
+    Pacing,
     grace_period,
-    heartbeat_interval,
     needs_exchange,
+    renewal_interval,
 )
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
@@ -29,29 +30,11 @@ from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
-from corral.server.leases import body_digest
+from corral.server.leases import Pinger, body_digest, current_pacing, instance_key
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
-
-
-def instance_key(instance_id: str) -> tuple[str, str]:
-    return ("instance", instance_id)
-
-
-async def current_interval(ctx: ServerContext) -> float:
-    cached = ctx.heartbeat_interval
-    now = ctx.now()
-    if cached and now - cached[1] < 10:
-        return cached[0]
-
-    n = await ctx.db.query(instances.count_live)
-    interval = heartbeat_interval(
-        n, base=ctx.config.heartbeat_base, max_per_second=ctx.config.heartbeat_max_rate
-    )
-    ctx.heartbeat_interval = (interval, now)
-    return interval
 
 
 def _busy(exc: Overloaded) -> ApiError:
@@ -109,7 +92,7 @@ async def register(
             )
         instance_id = None
     # the interval this reply tells the agent sets how long it may then stay silent
-    interval = await current_interval(ctx)
+    interval = (await current_pacing(ctx)).interval
     grace = grace_period(interval, ctx.config.agent_grace)
     try:
         async with admitted(ctx):
@@ -170,19 +153,25 @@ async def heartbeat(
 ) -> HeartbeatReply:
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
-    interval = await current_interval(ctx)
-    grace = grace_period(interval, ctx.config.agent_grace)
+    pace = await current_pacing(ctx)
+    interval = pace.interval
+    # how long it may stay silent: from how often it renews its lease, by its own
+    # account (an agent that does not renew between exchanges: its exchanges)
+    renews = renewal_interval(interval, body.renews_every)
+    grace = grace_period(renews, ctx.config.agent_grace)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait, interval)
     key = instance_key(body.instance_id)
     digest = body_digest(body)
     first = True
     uploaded = False
+    exchanged_at: float | None = None
     while True:
         gen = ctx.notifier.generation(key)
         if first:
-            renewed = cheap_renewal(ctx, body, digest, gen, interval, grace)
+            renewed = cheap_renewal(ctx, body, digest, gen, pace, grace)
             if renewed is not None:
+                admit_renewals(ctx, who, body.incarnation, gen, ctx.now(), pace)
                 first = False  # the lease is renewed; a wake-up runs the full exchange
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -201,11 +190,13 @@ async def heartbeat(
                 body.incarnation,
                 now,
                 touch=first,
-                interval=interval,
+                interval=renews,
                 grace=grace,
             )
             if decision.admission is Admission.EXIT or row is None:
                 return HeartbeatReply(action="exit", reason=decision.reason, interval=interval)
+            nonlocal exchanged_at
+            exchanged_at = now
             kills = await dispatch.kills_for(conn, body.instance_id, body.attempts)
             starts = await dispatch.deliver_attempts(conn, body.instance_id, now, ctx.config.url)
             installs = await components.sync(conn, row, body.components, now, ctx.install_policy)
@@ -225,6 +216,7 @@ async def heartbeat(
             return HeartbeatReply(
                 action="continue",
                 interval=interval,
+                lease_interval=pace.lease,
                 state=row["state"],
                 start=starts,
                 kill=kills,
@@ -239,6 +231,10 @@ async def heartbeat(
             reply = await ctx.db.transact(exchange)
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
         remember(ctx, body.instance_id, reply, digest, gen)
+        if exchanged_at is not None:
+            admit_renewals(ctx, who, body.incarnation, gen, exchanged_at, pace)
+        elif reply.action == "exit":
+            ctx.leases.forget(body.instance_id)  # no renewal keeps it now
         for order in reply.install:
             metrics.INSTALL_ORDERS.labels(order.component).inc()
         metrics.REPLICATION_ORDERS.inc(sum(f.size for f in reply.replicate))
@@ -263,7 +259,8 @@ async def heartbeat(
             return reply
 
 
-def _quiet(reply: HeartbeatReply) -> bool:
+def ordered_nothing(reply: HeartbeatReply) -> bool:
+    """The reply gives the agent nothing to do (a held long-poll may go on waiting)."""
     return reply.action == "continue" and not (
         reply.start or reply.kill or reply.install or reply.replicate or reply.offload
     )
@@ -275,10 +272,33 @@ def remember(
     """After a full exchange: one that ordered nothing lets the same report, heard
     again soon with nothing woken meanwhile, skip the exchange; any other does not (its
     orders are delivered again until the agent's report shows it acted on them)."""
-    if _quiet(reply) and reply.state is not None:
+    if ordered_nothing(reply) and reply.state is not None:
         ctx.leases.last[instance_id] = LastExchange(digest, gen, ctx.now(), reply.state)
     else:
         ctx.leases.last.pop(instance_id, None)
+
+
+def admit_renewals(
+    ctx: ServerContext,
+    who: Principal,
+    incarnation: int,
+    gen: int,
+    at: float,
+    pace: Pacing,
+) -> None:
+    """After a full exchange that told the agent to renew its lease between exchanges:
+    this server accepts its renewals (corral.server.lease_route) until about three
+    exchange intervals later, or until anything wakes the instance."""
+    if pace.lease is None or who.instance_id is None:
+        return
+    pinger = Pinger(
+        incarnation=incarnation,
+        generation=gen,
+        until=at + 3 * pace.interval + ctx.config.heartbeat_full_every,
+        lease=pace.lease,
+        grace=grace_period(pace.lease, ctx.config.agent_grace),
+    )
+    ctx.leases.admit(who.instance_id, who.credential_hash, pinger)
 
 
 def cheap_renewal(
@@ -286,7 +306,7 @@ def cheap_renewal(
     body: HeartbeatRequest,
     digest: bytes,
     gen: int,
-    interval: float,
+    pace: Pacing,
     grace: float,
 ) -> HeartbeatReply | None:
     """The reply of a heartbeat whose exchange would change nothing: its lease renewal
@@ -299,10 +319,18 @@ def cheap_renewal(
     ):
         return None
     ctx.leases.renew(
-        instances.Renewal(body.instance_id, body.incarnation, now, now + grace, interval)
+        instances.Renewal(
+            body.instance_id,
+            body.incarnation,
+            now,
+            now + grace,
+            renewal_interval(pace.interval, body.renews_every),
+        )
     )
     metrics.HEARTBEATS_BATCHED.inc()
-    return HeartbeatReply(action="continue", interval=interval, state=last.state)
+    return HeartbeatReply(
+        action="continue", interval=pace.interval, lease_interval=pace.lease, state=last.state
+    )
 
 
 OFFLOAD_URL_TTL = 3600

@@ -112,4 +112,7 @@ async def revoke(
         )
         return row
 
-    return token_view(await ctx.db.transact(go))
+    row = await ctx.db.transact(go)
+    if row["instance_id"] is not None:  # its lease renewals stop here at once
+        ctx.leases.forget(row["instance_id"])
+    return token_view(row)

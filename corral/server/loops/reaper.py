@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import logging
 
-from corral.domain.heartbeat import Observation, grace_period, is_silent_too_long
+from corral.domain.heartbeat import (
+    Observation,
+    grace_period,
+    is_silent_too_long,
+    renewal_interval,
+)
 from corral.server import metrics
 from corral.server.context import ServerContext
-from corral.server.leases import flush_leases
+from corral.server.leases import current_pacing, flush_leases
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
 
@@ -36,7 +41,8 @@ async def reap_once(ctx: ServerContext) -> bool:
     await flush_leases(ctx)
     now = ctx.now()
     # leases ran on while no server was up to renew them: give agents one grace
-    told = ctx.heartbeat_interval[0] if ctx.heartbeat_interval else cfg.heartbeat_base
+    pace = await current_pacing(ctx)
+    told = renewal_interval(pace.interval, pace.lease)
     obs = observation(ctx)
     if now - ctx.started_at < grace_period(told, cfg.agent_grace):
         # nothing is reaped yet, but what this server could observe counts from its

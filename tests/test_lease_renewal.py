@@ -1,0 +1,188 @@
+"""Lease renewals between exchanges (`POST /api/v1/agents/lease`).
+
+A fleet large enough that its agents exchange rarely (the interval grows with the
+fleet) renews leases with a tiny request that touches no database; the grace, and so
+how soon a silent agent is found, follows the renewal interval each agent was told,
+not the exchange interval. In process, the clock under the test's control (the
+harness of test_lease_batching)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from corral.domain.heartbeat import grace_period, heartbeat_interval, lease_interval, pacing
+from corral.server.app import close_context, open_context
+from corral.server.config import ServerConfig
+from corral.server.lease_route import INCARNATION_HEADER, PATH
+from corral.server.leases import flush_leases, instance_key
+from corral.server.loops import reaper
+from corral.store.tokens import AGENT
+from tests import appkit
+from tests.test_lease_batching import Harness, _db_url
+
+# ---- pure: the pacing at any fleet size ----------------------------------------------------
+
+
+def test_small_fleets_renew_only_by_exchanging() -> None:
+    cfg = ServerConfig()
+    for n in (0, 1, 10, 100):
+        interval = heartbeat_interval(n, cfg.heartbeat_base, cfg.heartbeat_max_rate)
+        assert lease_interval(n, interval, cfg.lease_base, cfg.lease_max_rate, 4.0) is None
+
+
+@pytest.mark.parametrize("agents", [101, 500, 1_000, 2_000, 5_000, 10_000])
+def test_a_silent_agent_is_found_within_15_s_up_to_10000_agents(agents: int) -> None:
+    """Grace + one reaper pass + one flush of the buffered renewals: within 15 s, and
+    never fewer than three renewal intervals (one slow renewal never costs a job)."""
+    cfg = ServerConfig()
+    pace = pacing(
+        agents,
+        base=cfg.heartbeat_base,
+        max_per_second=cfg.heartbeat_max_rate,
+        lease_base=cfg.lease_base,
+        lease_max_per_second=cfg.lease_max_rate,
+        lease_ceiling=cfg.lease_ceiling,
+    )
+    assert pace.lease is not None and pace.lease < pace.interval
+    grace = grace_period(pace.lease, cfg.agent_grace)
+    assert grace >= 3 * pace.lease
+    assert grace + cfg.reaper_interval + cfg.lease_flush_interval <= 15.0
+    # the whole fleet's renewals stay within the rate one server is paced for
+    assert agents / pace.lease <= cfg.lease_max_rate
+
+
+# ---- the route, in process -----------------------------------------------------------------
+
+
+def _large_fleet_config(tmp_path: Path, db_url: str) -> ServerConfig:
+    # exchanges every 20 s (as a fleet of 1,000 is told), renewals every 2 s
+    return ServerConfig(data_dir=tmp_path / "srv", db_url=db_url, heartbeat_base=20)
+
+
+async def _run(tmp_path: Path, db_url: str, body) -> None:
+    ctx = await open_context(_large_fleet_config(tmp_path, db_url))
+    try:
+        async with appkit.client(ctx) as http:
+            await body(Harness(ctx, http))
+    finally:
+        await close_context(ctx)
+
+
+def _renewal(cred: dict, incarnation: int) -> dict:
+    return {**cred, INCARNATION_HEADER: str(incarnation)}
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_renewal_touches_no_database_and_the_flush_writes_the_short_lease(
+    tmp_path: Path, db: str, request
+) -> None:
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("big-1")
+        n = beat["incarnation"]
+        r = await h.http.post(PATH, headers=_renewal(cred, n))
+        assert r.status_code == 409, "a renewal before any exchange here is refused"
+        assert r.json()["error"]["code"] == "exchange_needed"
+
+        reply = await h.beat(cred, beat)
+        assert reply["interval"] == 20 and reply["lease_interval"] == 2
+        beat["renews_every"] = reply["lease_interval"]
+        await h.beat(cred, beat)  # the agent now says it renews every 2 s
+
+        h.t += 1.5
+        h.counter.clear()
+        h.counter.on, before = True, h.transactions
+        r = await h.http.post(PATH, headers=_renewal(cred, n))
+        h.counter.on = False
+        assert r.status_code == 204, r.text
+        assert h.counter.seen == [] and h.transactions == before, "a renewal used the database"
+        assert h.ctx.leases.is_pending(beat["instance_id"])
+
+        await flush_leases(h.ctx)
+        row = await h.row(beat["instance_id"])
+        assert row["last_heartbeat_at"] == h.t
+        assert row["lease_until"] == h.t + grace_period(2, h.ctx.config.agent_grace)
+        assert row["heartbeat_interval"] == 2
+
+    asyncio.run(_run(tmp_path, _db_url(db, tmp_path, request), body))
+
+
+def test_a_renewal_that_does_not_match_the_last_exchange_asks_for_one(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("big-2")
+        n, iid = beat["incarnation"], beat["instance_id"]
+        await h.beat(cred, beat)
+        assert (await h.http.post(PATH, headers=_renewal(cred, n))).status_code == 204
+
+        # another incarnation, a bad header, a body, another method, no credential
+        assert (await h.http.post(PATH, headers=_renewal(cred, n + 1))).status_code == 409
+        assert (await h.http.post(PATH, headers=_renewal(cred, "x"))).status_code == 400  # type: ignore[arg-type]
+        with_body = await h.http.post(PATH, headers=_renewal(cred, n), content=b"{}")
+        assert with_body.status_code == 400
+        assert (await h.http.get(PATH, headers=_renewal(cred, n))).status_code == 405
+        anon = await h.http.post(PATH, headers={INCARNATION_HEADER: str(n)})
+        assert anon.status_code == 401
+        stranger = {"Authorization": "Bearer cr_agent_" + "A" * 43, INCARNATION_HEADER: str(n)}
+        assert (await h.http.post(PATH, headers=stranger)).status_code == 409
+
+        # something woke the instance (an order for it): exchange first
+        h.ctx.notifier.wake(instance_key(iid))
+        assert (await h.http.post(PATH, headers=_renewal(cred, n))).status_code == 409
+        await h.beat(cred, beat)  # the exchange admits it again
+        assert (await h.http.post(PATH, headers=_renewal(cred, n))).status_code == 204
+
+        # the admission runs out about three exchange intervals after the last exchange
+        h.t += 3 * 20 + h.ctx.config.heartbeat_full_every + 1
+        assert (await h.http.post(PATH, headers=_renewal(cred, n))).status_code == 409
+
+    asyncio.run(_run(tmp_path, str(tmp_path / "corral.db"), body))
+
+
+def test_a_revoked_credential_stops_renewing_at_once(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("big-3")
+        n = beat["incarnation"]
+        await h.beat(cred, beat)
+        assert (await h.http.post(PATH, headers=_renewal(cred, n))).status_code == 204
+        admin = {"Authorization": f"Bearer {h.ctx.admin_token}"}
+        listed = (await h.http.get("/api/v1/tokens", headers=admin)).json()
+        (mine,) = [
+            t for t in listed if t["kind"] == AGENT and t.get("instance_id") == beat["instance_id"]
+        ]
+        r = await h.http.post(f"/api/v1/tokens/{mine['id']}/revoke", headers=admin)
+        assert r.status_code == 200, r.text
+        assert (await h.http.post(PATH, headers=_renewal(cred, n))).status_code == 409
+
+    asyncio.run(_run(tmp_path, str(tmp_path / "corral.db"), body))
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_the_reaper_judges_a_renewing_agent_by_its_renewal_interval(
+    tmp_path: Path, db: str, request
+) -> None:
+    """Two agents told to exchange every 20 s and renew every 2 s: the one that keeps
+    renewing (and never exchanges again) is never lost; the silent one is lost after
+    its renewal grace (10 s), long before three exchange intervals (61 s)."""
+
+    async def body(h: Harness) -> None:
+        grace = grace_period(2, h.ctx.config.agent_grace)
+        agents = []
+        for name in ("alive", "silent"):
+            cred, beat = await h.register(name)
+            beat["renews_every"] = (await h.beat(cred, beat))["lease_interval"]
+            await h.beat(cred, beat)
+            agents.append((cred, beat))
+        (alive_cred, alive), (_, silent) = agents
+        start = h.t
+        while h.t < start + grace + 8:
+            h.t += 2
+            r = await h.http.post(PATH, headers=_renewal(alive_cred, alive["incarnation"]))
+            assert r.status_code == 204, r.text
+            await reaper.reap_once(h.ctx)
+        assert not (await h.row(alive["instance_id"]))["lost_at"], "a renewing agent was lost"
+        lost_at = (await h.row(silent["instance_id"]))["lost_at"]
+        assert lost_at is not None and lost_at <= start + grace + 2 + 1e-6
+
+    asyncio.run(_run(tmp_path, _db_url(db, tmp_path, request), body))
