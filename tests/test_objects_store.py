@@ -136,6 +136,47 @@ def test_replication_orders_reach_only_running_recipients(db_url):
     run(main())
 
 
+def test_a_copy_reported_at_once_counts_only_if_ordered_and_from_the_live_incarnation(db_url):
+    """The agent's report of a landed copy outside its heartbeat (the copies route):
+    an ordered copy is present at once, and its source retires; a report from an older
+    incarnation, or of an object never ordered there, changes nothing."""
+
+    async def main():
+        db, (a, b) = await setup(db_url)
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        result = await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        assert result.copies == [(sha("o"), other["id"])]
+        other_row = await db.query(instances.get_instance, other["id"])
+        (_order,) = await db.transact(objects.sync, other_row, [], [], T0, "http://s")
+        stale = other_row["incarnation"] - 1
+        landed = objects.copies_landed
+        assert await db.transact(landed, other["id"], stale, [sha("o")], T0 + 1) == 0
+        assert await db.transact(landed, other["id"], other_row["incarnation"], [sha("x")], T0) == 0
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "pending"
+        assert (
+            await db.transact(landed, other["id"], other_row["incarnation"], [sha("o")], T0 + 1)
+            == 1
+        )
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "present"
+        # reported twice (the heartbeat's list, or a retried report): nothing more to do
+        assert (
+            await db.transact(landed, other["id"], other_row["incarnation"], [sha("o")], T0 + 1)
+            == 0
+        )
+        holder_row = await db.query(instances.get_instance, holder)
+        result = await db.transact(drain.drain_step, holder_row, T0 + 2, drain_grace=600)
+        assert result.retired
+        # a retired instance's report is not heard either
+        assert await db.transact(landed, holder, holder_row["incarnation"], [sha("o")], T0) == 0
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_draining_recipient_gets_no_orders_and_its_pending_copy_is_cancelled(db_url):
     async def main():
         db, insts = await setup(db_url, 3)

@@ -20,6 +20,7 @@ from corral.agent.state import (
     LostReported,
     Registered,
     RegisterFailed,
+    ReportCopies,
     ReportLost,
     Retire,
     SendHeartbeat,
@@ -105,6 +106,29 @@ async def heartbeat(
             f"heartbeat: HTTP {resp.status_code} {resp.text[:200]}", random.random()
         )
     return HeartbeatReplied(HeartbeatReply.model_validate(resp.json()), hb.seq)
+
+
+REPORT_COPIES_WITHIN = 5.0
+
+
+async def report_copies(server: AsyncServer, report: ReportCopies, credential: str) -> bool:
+    """Tell the server ordered copies landed here. False: it did not hear (the next
+    heartbeat's object list tells it)."""
+    try:
+        resp = await server.request(
+            "POST",
+            "/api/v1/agents/copies",
+            json={
+                "instance_id": report.instance_id,
+                "incarnation": report.incarnation,
+                "sha256s": list(report.sha256s),
+            },
+            headers={"Authorization": f"Bearer {credential}"},
+            deadline=time.monotonic() + REPORT_COPIES_WITHIN,
+        )
+    except Unreachable:
+        return False
+    return resp.status_code == 200
 
 
 async def report_lost(server: AsyncServer, order: ReportLost, within: float) -> LostReported:

@@ -18,7 +18,9 @@ What it guarantees (`validate()` checks these after every event in the tests):
   install per component is under way (a repeated order while one runs is dropped);
 - a retiring (or superseded, or stopping) agent starts, fetches and installs nothing;
 - one heartbeat or registration in flight at a time; an object is fetched at most
-  once at a time, and never when it is already held.
+  once at a time, and never when it is already held;
+- a copy is reported (at once, outside the heartbeat) only once it is held, and
+  never by an agent that left.
 """
 
 from __future__ import annotations
@@ -272,6 +274,17 @@ class FetchObject:
 
 
 @dataclass(frozen=True)
+class ReportCopies:
+    """Tell the server at once that ordered copies landed here (verified by hash), so a
+    drain waiting on them need not wait for the next heartbeat (held by the server up
+    to the interval). Best effort: the heartbeat's object list reports them too."""
+
+    instance_id: str
+    incarnation: int
+    sha256s: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class OffloadObject:
     order: OffloadOrder
 
@@ -295,6 +308,7 @@ Instruction = (
     | KillAttempt
     | ReportLost
     | FetchObject
+    | ReportCopies
     | OffloadObject
     | Install
     | Exit
@@ -427,10 +441,13 @@ class AgentState:
                     self.held.update(event.sha256s)
                     self.wake = True
             case TransferDone():
+                fetched = event.sha256 in self.fetching
                 self.fetching.discard(event.sha256)
                 self.held.add(event.sha256)
                 self.object_errors.pop(event.sha256, None)
                 self.wake = True
+                if fetched and self.phase is Phase.RUNNING and self.instance_id is not None:
+                    out.append(ReportCopies(self.instance_id, self.incarnation, (event.sha256,)))
             case TransferFailed():
                 self.fetching.discard(event.sha256)
                 if event.sha256 not in self.held:
@@ -719,8 +736,14 @@ class AgentState:
                 )
             if isinstance(i, FetchObject):
                 _require(i.order.sha256 not in self.held, "fetch of an object already held")
+            if isinstance(i, ReportCopies):
+                _require(self.held.issuperset(i.sha256s), "a copy reported that is not held")
         if self.phase is Phase.EXITED:
-            bad = [i for i in self.last if isinstance(i, StartAttempt | Install | FetchObject)]
+            bad = [
+                i
+                for i in self.last
+                if isinstance(i, StartAttempt | Install | FetchObject | ReportCopies)
+            ]
             _require(not bad, f"an agent that left was told to {bad[:1]!r}")
             _require(
                 not any(isinstance(i, SendHeartbeat | Register) for i in self.last),

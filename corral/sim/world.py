@@ -34,6 +34,7 @@ from corral.agent.state import (
     Register,
     Registered,
     RegisterFailed,
+    ReportCopies,
     ReportLost,
     Retire,
     RunnerExited,
@@ -512,6 +513,19 @@ class World:
                 except StaleToken:
                     pass  # a 409: the server already moved on
                 return [LostReported(instr.job_id, instr.attempt, True)]
+            case ReportCopies():
+                # as the route does: copies made present wake the drainer
+                landed = 0
+                if not cut:
+                    landed = await self.ctx.db.transact(
+                        objects_repo.copies_landed,
+                        instr.instance_id,
+                        instr.incarnation,
+                        list(instr.sha256s),
+                        t,
+                    )
+                if landed:
+                    self.ctx.notifier.wake("drain")
             case FetchObject():
                 ok = await self.copy(agent, instr.order)
                 if ok:

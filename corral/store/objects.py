@@ -436,6 +436,35 @@ async def sync(
     return [o for o in orders if o.token]
 
 
+async def copies_landed(
+    conn: AsyncConnection, instance_id: str, incarnation: int, shas: list[str], now: float
+) -> int:
+    """The agent of `instance_id` reports, before its next heartbeat, ordered copies it
+    now holds (fetched and hashed by its own code): each one ordered onto it (pending)
+    is present, as the same report in a heartbeat's object list makes it. Anything else
+    (no order, or a report from an older incarnation or an instance that is not live)
+    is left for the heartbeat. Returns how many copies this made present."""
+    inst = (
+        await conn.execute(
+            sa.select(instances.c.state, instances.c.incarnation).where(
+                instances.c.id == instance_id
+            )
+        )
+    ).first()
+    if inst is None or inst.incarnation != incarnation or inst.state not in LIVE_HOLDER_STATES:
+        return 0
+    result = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.instance_id == instance_id,
+            replicas.c.sha256.in_(shas),
+            replicas.c.state == PENDING,
+        )
+        .values(state=PRESENT, updated_at=now, reason=None, reported_at=now)
+    )
+    return result.rowcount
+
+
 async def _reported(conn: AsyncConnection, instance, sha256: str, now: float) -> None:
     """The agent reports holding `sha256`, with no order for it."""
     iid = instance["id"]
