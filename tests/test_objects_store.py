@@ -177,6 +177,55 @@ def test_a_copy_reported_at_once_counts_only_if_ordered_and_from_the_live_incarn
     run(main())
 
 
+def test_a_landed_copy_wakes_the_drainer_only_when_a_step_has_work(db_url):
+    """A drain step after every landed copy is a pass over every draining instance:
+    due when the source's last copy on its way landed, not while others still are."""
+
+    async def main():
+        db, (a, b) = await setup(db_url)
+        out = [OutputFile(path=p, sha256=sha(p), size=5) for p in ("o1", "o2")]
+        _job_id, holder, _ = await finished_job(db, out)
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        await db.transact(objects.sync, holder_row, [sha("o1"), sha("o2")], [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        result = await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        assert len(result.copies) == 2
+        row = await db.query(instances.get_instance, other["id"])
+        args = (other["id"], row["incarnation"])
+        assert await db.transact(drain.copies_landed, *args, [sha("o1")], T0 + 1) == (1, False)
+        assert await db.transact(drain.copies_landed, *args, [sha("o2")], T0 + 1) == (1, True)
+        assert await db.transact(drain.copies_landed, *args, [sha("o2")], T0 + 1) == (0, False)
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_landed_copy_wakes_the_drainer_when_more_copies_wait_to_be_ordered(db_url):
+    async def main():
+        db, (a, b) = await setup(db_url)
+        out = [OutputFile(path=p, sha256=sha(p), size=5) for p in ("o1", "o2", "o3")]
+        _job_id, holder, _ = await finished_job(db, out)
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        held = [sha(p) for p in ("o1", "o2", "o3")]
+        await db.transact(objects.sync, holder_row, held, [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        # two copies in flight at most: the third waits for a step after one lands
+        result = await db.transact(
+            drain.drain_step, holder_row, T0, drain_grace=600, max_in_flight=2
+        )
+        assert len(result.copies) == 2
+        row = await db.query(instances.get_instance, other["id"])
+        first = result.copies[0][0]
+        assert await db.transact(
+            drain.copies_landed, other["id"], row["incarnation"], [first], T0 + 1
+        ) == (1, True)
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_draining_recipient_gets_no_orders_and_its_pending_copy_is_cancelled(db_url):
     async def main():
         db, insts = await setup(db_url, 3)

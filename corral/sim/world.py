@@ -515,16 +515,16 @@ class World:
                 return [LostReported(instr.job_id, instr.attempt, True)]
             case ReportCopies():
                 # as the route does: copies made present wake the drainer
-                landed = 0
+                step_due = False
                 if not cut:
-                    landed = await self.ctx.db.transact(
-                        objects_repo.copies_landed,
+                    _, step_due = await self.ctx.db.transact(
+                        drain.copies_landed,
                         instr.instance_id,
                         instr.incarnation,
                         list(instr.sha256s),
                         t,
                     )
-                if landed:
+                if step_due:
                     self.ctx.notifier.wake("drain")
             case FetchObject():
                 ok = await self.copy(agent, instr.order)

@@ -19,6 +19,7 @@ from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import body_limit
 from corral.server.params import PathInt, PathSha256
+from corral.store import drain as drain_repo
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
 
@@ -262,12 +263,13 @@ async def copies_landed(
     ctx: ServerContext = Depends(get_ctx),
 ) -> dict:
     """What the agent's next heartbeat would report, without waiting for it: a drain
-    waiting on these copies may retire its instance now."""
+    waiting on these copies may retire its instance now (the drainer is woken when a
+    step has something to do)."""
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
-    present = await ctx.db.transact(
-        repo.copies_landed, body.instance_id, body.incarnation, body.sha256s, ctx.now()
+    present, step_due = await ctx.db.transact(
+        drain_repo.copies_landed, body.instance_id, body.incarnation, body.sha256s, ctx.now()
     )
-    if present:
+    if step_due:
         ctx.notifier.wake("drain")
     return {"present": present}
