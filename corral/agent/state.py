@@ -445,9 +445,12 @@ class AgentState:
                 self.fetching.discard(event.sha256)
                 self.held.add(event.sha256)
                 self.object_errors.pop(event.sha256, None)
-                self.wake = True
                 if fetched and self.phase is Phase.RUNNING and self.instance_id is not None:
+                    # reported at once on its own; the next heartbeat lists it too (not
+                    # one woken per copy: a drain lands many, each a full exchange)
                     out.append(ReportCopies(self.instance_id, self.incarnation, (event.sha256,)))
+                else:
+                    self.wake = True
             case TransferFailed():
                 self.fetching.discard(event.sha256)
                 if event.sha256 not in self.held:
