@@ -177,6 +177,34 @@ def test_a_copy_reported_at_once_counts_only_if_ordered_and_from_the_live_incarn
     run(main())
 
 
+def test_a_heartbeat_list_older_than_a_copy_report_does_not_undo_it(db_url):
+    """A heartbeat composed before a copy landed, whose exchange runs after the copy's
+    own report: its list omits the copy, which stays present (the newer report wins).
+    A list received after the report that omits it marks it missing."""
+
+    async def main():
+        db, (a, b) = await setup(db_url)
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        row = await db.query(instances.get_instance, other["id"])
+        await db.transact(objects.sync, row, [], [], T0, "http://s")  # the order goes out
+        # a heartbeat received at T0 + 1 (listing nothing), the copy's report at T0 + 2,
+        # then that heartbeat's exchange
+        args = (other["id"], row["incarnation"], [sha("o")], T0 + 2)
+        assert await db.transact(objects.copies_landed, *args) == 1
+        await db.transact(objects.sync, row, [], [], T0 + 3, "http://s", listed_before=T0 + 1)
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "present"
+        await db.transact(objects.sync, row, [], [], T0 + 5, "http://s", listed_before=T0 + 4)
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "missing"
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_landed_copy_wakes_the_drainer_only_when_a_step_has_work(db_url):
     """A drain step after every landed copy is a pass over every draining instance:
     due when the source's last copy on its way landed, not while others still are."""

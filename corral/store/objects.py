@@ -396,13 +396,17 @@ async def sync(
     errors: list[ObjectError],
     now: float,
     server_url: str,
+    listed_before: float | None = None,
 ) -> list[Fetch]:
     """Reconcile what the agent reports holding with the replica table, and hand out
     the replication orders placed on it (only while it is running).
 
     The report is the agent's own: an ordered copy it lists is present; an object
     nobody else holds verified (its own outputs) is present; an object another
-    instance already holds verified stays unverified until a server proves it."""
+    instance already holds verified stays unverified until a server proves it.
+    `listed_before`: when the server received the list (it was composed before then):
+    a present replica it omits is missing, unless the agent reported that copy on its
+    own (`copies_landed`) after that moment."""
     iid = instance["id"]
     rows = {
         r["sha256"]: r
@@ -428,7 +432,11 @@ async def sync(
                     await set_replica(conn, sha, iid, PRESENT, now, reported_at=now)
                 elif row["state"] == UNVERIFIED and row["reported_at"] is None:
                     await _reported(conn, instance, sha, now)
-            elif row["state"] == PRESENT:
+            elif row["state"] == PRESENT and not (
+                listed_before is not None and (row["reported_at"] or 0.0) > listed_before
+            ):
+                # (a copy the agent reported on its own after this list was sent, i.e.
+                # after `listed_before`, stays: the newer report wins)
                 await set_replica(conn, sha, iid, MISSING, now, "the agent no longer has it")
                 await events.record(
                     conn,

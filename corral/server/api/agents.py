@@ -170,6 +170,7 @@ async def heartbeat(
 ) -> HeartbeatReply:
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
+    received = ctx.now()  # its object list was composed before this
     interval = await current_interval(ctx)
     grace = grace_period(interval, ctx.config.agent_grace)
     loop = asyncio.get_running_loop()
@@ -216,6 +217,7 @@ async def heartbeat(
                 body.object_errors if first else [],
                 now,
                 ctx.config.url,
+                listed_before=received,
             )
             if first:
                 uploaded = await offloads.report(
