@@ -207,7 +207,25 @@ def test_replicas_are_fetched_once_and_reported():
     step(st_, S.Tick(), 1.0)
     assert step(st_, reply(replicate=[f]), 1.0) == []
     out = step(st_, S.TransferDone(SHAS[2]), 1.5)
-    assert out[0].objects == (SHAS[2],)
+    # reported at once on its own, and in the next heartbeat's object list
+    assert kinds(out) == ["ReportCopies"] and out[0].sha256s == (SHAS[2],)
+    hb = next(i for i in out + step(st_, S.Tick(), 2.0) if isinstance(i, S.SendHeartbeat))
+    assert hb.objects == (SHAS[2],)
+
+
+def test_a_copy_that_lands_while_a_heartbeat_is_held_is_reported_at_once():
+    """The server holds an idle heartbeat up to the interval: the copy's report must
+    not wait for it (a drain waits on that report to retire its instance)."""
+    st_, _ = running()
+    f = Fetch(sha256=SHAS[2], size=1, name="o", sources=["http://p"], token="t")
+    step(st_, reply(replicate=[f]))
+    out = step(st_, S.Tick(), 1.0)
+    assert [type(i).__name__ for i in out] == ["SendHeartbeat"]  # held by the server
+    out = step(st_, S.TransferDone(SHAS[2]), 1.5)
+    assert [type(i).__name__ for i in out] == ["ReportCopies"]
+    assert (out[0].instance_id, out[0].incarnation) == (st_.instance_id, st_.incarnation)
+    # a copy it did not fetch on an order (found on disk) is the heartbeat's to report
+    assert step(st_, S.TransferDone("d" * 64), 1.6) == []
 
 
 def test_validate_catches_two_live_attempts_of_one_job():

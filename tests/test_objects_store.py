@@ -136,6 +136,124 @@ def test_replication_orders_reach_only_running_recipients(db_url):
     run(main())
 
 
+def test_a_copy_reported_at_once_counts_only_if_ordered_and_from_the_live_incarnation(db_url):
+    """The agent's report of a landed copy outside its heartbeat (the copies route):
+    an ordered copy is present at once, and its source retires; a report from an older
+    incarnation, or of an object never ordered there, changes nothing."""
+
+    async def main():
+        db, (a, b) = await setup(db_url)
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        result = await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        assert result.copies == [(sha("o"), other["id"])]
+        other_row = await db.query(instances.get_instance, other["id"])
+        (_order,) = await db.transact(objects.sync, other_row, [], [], T0, "http://s")
+        stale = other_row["incarnation"] - 1
+        landed = objects.copies_landed
+        assert await db.transact(landed, other["id"], stale, [sha("o")], T0 + 1) == 0
+        assert await db.transact(landed, other["id"], other_row["incarnation"], [sha("x")], T0) == 0
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "pending"
+        assert (
+            await db.transact(landed, other["id"], other_row["incarnation"], [sha("o")], T0 + 1)
+            == 1
+        )
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "present"
+        # reported twice (the heartbeat's list, or a retried report): nothing more to do
+        assert (
+            await db.transact(landed, other["id"], other_row["incarnation"], [sha("o")], T0 + 1)
+            == 0
+        )
+        holder_row = await db.query(instances.get_instance, holder)
+        result = await db.transact(drain.drain_step, holder_row, T0 + 2, drain_grace=600)
+        assert result.retired
+        # a retired instance's report is not heard either
+        assert await db.transact(landed, holder, holder_row["incarnation"], [sha("o")], T0) == 0
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_heartbeat_list_older_than_a_copy_report_does_not_undo_it(db_url):
+    """A heartbeat composed before a copy landed, whose exchange runs after the copy's
+    own report: its list omits the copy, which stays present (the newer report wins).
+    A list received after the report that omits it marks it missing."""
+
+    async def main():
+        db, (a, b) = await setup(db_url)
+        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        row = await db.query(instances.get_instance, other["id"])
+        await db.transact(objects.sync, row, [], [], T0, "http://s")  # the order goes out
+        # a heartbeat received at T0 + 1 (listing nothing), the copy's report at T0 + 2,
+        # then that heartbeat's exchange
+        args = (other["id"], row["incarnation"], [sha("o")], T0 + 2)
+        assert await db.transact(objects.copies_landed, *args) == 1
+        await db.transact(objects.sync, row, [], [], T0 + 3, "http://s", listed_before=T0 + 1)
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "present"
+        await db.transact(objects.sync, row, [], [], T0 + 5, "http://s", listed_before=T0 + 4)
+        assert await db.query(objects.replica_state, sha("o"), other["id"]) == "missing"
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_landed_copy_wakes_the_drainer_only_when_a_step_has_work(db_url):
+    """A drain step after every landed copy is a pass over every draining instance:
+    due when the source's last copy on its way landed, not while others still are."""
+
+    async def main():
+        db, (a, b) = await setup(db_url)
+        out = [OutputFile(path=p, sha256=sha(p), size=5) for p in ("o1", "o2")]
+        _job_id, holder, _ = await finished_job(db, out)
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        await db.transact(objects.sync, holder_row, [sha("o1"), sha("o2")], [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        result = await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        assert len(result.copies) == 2
+        row = await db.query(instances.get_instance, other["id"])
+        args = (other["id"], row["incarnation"])
+        assert await db.transact(drain.copies_landed, *args, [sha("o1")], T0 + 1) == (1, False)
+        assert await db.transact(drain.copies_landed, *args, [sha("o2")], T0 + 1) == (1, True)
+        assert await db.transact(drain.copies_landed, *args, [sha("o2")], T0 + 1) == (0, False)
+        await db.dispose()
+
+    run(main())
+
+
+def test_a_landed_copy_wakes_the_drainer_when_more_copies_wait_to_be_ordered(db_url):
+    async def main():
+        db, (a, b) = await setup(db_url)
+        out = [OutputFile(path=p, sha256=sha(p), size=5) for p in ("o1", "o2", "o3")]
+        _job_id, holder, _ = await finished_job(db, out)
+        other = b if holder == a["id"] else a
+        holder_row = await db.query(instances.get_instance, holder)
+        held = [sha(p) for p in ("o1", "o2", "o3")]
+        await db.transact(objects.sync, holder_row, held, [], T0, "http://s")
+        await db.transact(drain.request_drain, holder, False, T0)
+        # two copies in flight at most: the third waits for a step after one lands
+        result = await db.transact(
+            drain.drain_step, holder_row, T0, drain_grace=600, max_in_flight=2
+        )
+        assert len(result.copies) == 2
+        row = await db.query(instances.get_instance, other["id"])
+        first = result.copies[0][0]
+        assert await db.transact(
+            drain.copies_landed, other["id"], row["incarnation"], [first], T0 + 1
+        ) == (1, True)
+        await db.dispose()
+
+    run(main())
+
+
 def test_a_draining_recipient_gets_no_orders_and_its_pending_copy_is_cancelled(db_url):
     async def main():
         db, insts = await setup(db_url, 3)

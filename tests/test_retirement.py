@@ -77,6 +77,9 @@ def test_retiring_worker_whose_heartbeat_arrives_after_removal_never_comes_back(
         names = {i.id: i.name for i in client.instances()}
 
         proxy.hold(late)  # its heartbeats now wait at the proxy
+        # its next heartbeat is held before the removal starts (a drain can retire it
+        # before that heartbeat is even sent: the late one must come after the removal)
+        wait_for(lambda: late in proxy.delayed, 10, "a heartbeat of the late worker held")
         client.scale("local", 1)
         wait_for(
             lambda: all(

@@ -65,6 +65,7 @@ from corral.agent.state import (
     Registered,
     RegisterFailed,
     RenewLease,
+    ReportCopies,
     ReportLost,
     RolledBack,
     RunnerExited,
@@ -337,6 +338,8 @@ class Agent:
             case FetchObject(order=order):
                 fetch = executors.fetch(self.objects, order, self.me.instance_id, self.fetch_slots)
                 self._spawn(self._one(fetch))
+            case ReportCopies():
+                self._spawn(self._report_copies(instruction))
             case OffloadObject(order=order):
                 self._spawn(self._one(executors.offload(self.objects, order, self.fetch_slots)))
             case Install(order=order):
@@ -434,6 +437,14 @@ class Agent:
                 if new:
                     return [Stored(tuple(sorted(new))), event]
         return [event]
+
+    async def _report_copies(self, report: ReportCopies) -> list[Event]:
+        """Best effort: the next heartbeat's object list reports them all the same."""
+        try:
+            await server_calls.report_copies(self.server, report, self.me.credential)
+        except Exception:  # a bug: say so; the heartbeat carries the report
+            log.exception("the report of copies %s broke", [s[:12] for s in report.sha256s])
+        return []
 
     async def _start(self, order: StartOrder) -> Event:
         try:  # off the loop: a zygote that is slow to answer must not stall heartbeats

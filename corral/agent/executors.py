@@ -96,6 +96,7 @@ async def fetch(
                 order.sources,
                 order.token,
                 recipient=recipient,
+                direct=True,  # a replica: cold data, past the page cache
             )
         except (transfer.TransferError, OSError) as exc:
             log.warning("replication of %s failed: %s", order.sha256[:12], exc)

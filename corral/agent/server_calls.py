@@ -22,6 +22,7 @@ from corral.agent.state import (
     Registered,
     RegisterFailed,
     RenewLease,
+    ReportCopies,
     ReportLost,
     Retire,
     SendHeartbeat,
@@ -137,6 +138,29 @@ async def renew_lease(server: AsyncServer, order: RenewLease, credential: str) -
         return LeaseAnswered(renewed=True)
     # 409 (exchange first), 401, or a server without the route: the exchange decides
     return LeaseAnswered(renewed=False, exchange=resp.status_code < 500)
+
+
+REPORT_COPIES_WITHIN = 5.0
+
+
+async def report_copies(server: AsyncServer, report: ReportCopies, credential: str) -> bool:
+    """Tell the server ordered copies landed here. False: it did not hear (the next
+    heartbeat's object list tells it)."""
+    try:
+        resp = await server.request(
+            "POST",
+            "/api/v1/agents/copies",
+            json={
+                "instance_id": report.instance_id,
+                "incarnation": report.incarnation,
+                "sha256s": list(report.sha256s),
+            },
+            headers={"Authorization": f"Bearer {credential}"},
+            deadline=time.monotonic() + REPORT_COPIES_WITHIN,
+        )
+    except Unreachable:
+        return False
+    return resp.status_code == 200
 
 
 async def report_lost(server: AsyncServer, order: ReportLost, within: float) -> LostReported:

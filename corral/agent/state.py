@@ -19,7 +19,9 @@ What it guarantees (`validate()` checks these after every event in the tests):
 - a retiring (or superseded, or stopping) agent starts, fetches and installs nothing;
 - one heartbeat or registration in flight at a time, and one lease renewal (only by a
   registered, running agent); an object is fetched at most once at a time, and never
-  when it is already held.
+  when it is already held;
+- a copy is reported (at once, outside the heartbeat) only once it is held, and
+  never by an agent that left.
 """
 
 from __future__ import annotations
@@ -293,6 +295,17 @@ class FetchObject:
 
 
 @dataclass(frozen=True)
+class ReportCopies:
+    """Tell the server at once that ordered copies landed here (verified by hash), so a
+    drain waiting on them need not wait for the next heartbeat (held by the server up
+    to the interval). Best effort: the heartbeat's object list reports them too."""
+
+    instance_id: str
+    incarnation: int
+    sha256s: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class OffloadObject:
     order: OffloadOrder
 
@@ -317,6 +330,7 @@ Instruction = (
     | KillAttempt
     | ReportLost
     | FetchObject
+    | ReportCopies
     | OffloadObject
     | Install
     | Exit
@@ -456,10 +470,16 @@ class AgentState:
                     self.held.update(event.sha256s)
                     self.wake = True
             case TransferDone():
+                fetched = event.sha256 in self.fetching
                 self.fetching.discard(event.sha256)
                 self.held.add(event.sha256)
                 self.object_errors.pop(event.sha256, None)
-                self.wake = True
+                if fetched and self.phase is Phase.RUNNING and self.instance_id is not None:
+                    # reported at once on its own; the next heartbeat lists it too (not
+                    # one woken per copy: a drain lands many, each a full exchange)
+                    out.append(ReportCopies(self.instance_id, self.incarnation, (event.sha256,)))
+                else:
+                    self.wake = True
             case TransferFailed():
                 self.fetching.discard(event.sha256)
                 if event.sha256 not in self.held:
@@ -773,8 +793,14 @@ class AgentState:
                 )
             if isinstance(i, FetchObject):
                 _require(i.order.sha256 not in self.held, "fetch of an object already held")
+            if isinstance(i, ReportCopies):
+                _require(self.held.issuperset(i.sha256s), "a copy reported that is not held")
         if self.phase is Phase.EXITED:
-            bad = [i for i in self.last if isinstance(i, StartAttempt | Install | FetchObject)]
+            bad = [
+                i
+                for i in self.last
+                if isinstance(i, StartAttempt | Install | FetchObject | ReportCopies)
+            ]
             _require(not bad, f"an agent that left was told to {bad[:1]!r}")
             _require(
                 not any(isinstance(i, SendHeartbeat | Register) for i in self.last),

@@ -71,6 +71,7 @@ if TYPE_CHECKING:
         OutputFile,
     )
     from corral.api.objects import (
+        CopiesLanded,
         Fetch,
         ObjectError,
         ObjectView,
@@ -128,6 +129,7 @@ _WHERE = {
     "LogChunkView": "corral.api.jobs",
     "LogPage": "corral.api.jobs",
     "OutputFile": "corral.api.jobs",
+    "CopiesLanded": "corral.api.objects",
     "Fetch": "corral.api.objects",
     "ObjectError": "corral.api.objects",
     "ObjectView": "corral.api.objects",
@@ -150,6 +152,7 @@ __all__ = [
     "AttemptView",
     "ComponentPublish",
     "ComponentView",
+    "CopiesLanded",
     "DrainRequest",
     "DrainView",
     "EventView",

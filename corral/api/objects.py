@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from corral.api.common import SHA256_PATTERN, Strict, Timestamp, Wire
+from corral.api.common import SHA256_PATTERN, Sha256, Strict, Timestamp, Wire
 from corral.domain.drain import ObjectState, ReplicaState
 from corral.domain.instances import InstanceState
 
@@ -35,6 +35,15 @@ class OutputView(Wire):
     state: ObjectState
     copies: int = Field(description="present replicas on instances not retired (+1 if durable)")
     durable: bool = Field(default=False, description="a copy is in the fleet's durable store")
+
+
+class CopiesLanded(Strict):
+    """An agent's report, at once, of ordered copies it has fetched and hashed (its
+    heartbeats report them too; this saves the wait for the next one)."""
+
+    instance_id: str = Field(max_length=64)
+    incarnation: int
+    sha256s: list[Sha256] = Field(min_length=1, max_length=1000)
 
 
 class PeerVerify(Strict):

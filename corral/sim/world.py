@@ -37,6 +37,7 @@ from corral.agent.state import (
     Registered,
     RegisterFailed,
     RenewLease,
+    ReportCopies,
     ReportLost,
     Retire,
     RunnerExited,
@@ -548,6 +549,19 @@ class World:
                 except StaleToken:
                     pass  # a 409: the server already moved on
                 return [LostReported(instr.job_id, instr.attempt, True)]
+            case ReportCopies():
+                # as the route does: copies made present wake the drainer
+                step_due = False
+                if not cut:
+                    _, step_due = await self.ctx.db.transact(
+                        drain.copies_landed,
+                        instr.instance_id,
+                        instr.incarnation,
+                        list(instr.sha256s),
+                        t,
+                    )
+                if step_due:
+                    self.ctx.notifier.wake("drain")
             case FetchObject():
                 ok = await self.copy(agent, instr.order)
                 if ok:

@@ -308,6 +308,63 @@ async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: floa
         )
 
 
+async def copies_landed(
+    conn: AsyncConnection, instance_id: str, incarnation: int, shas: list[str], now: float
+) -> tuple[int, bool]:
+    """An agent's report of copies that landed on it (`objects.copies_landed`): how
+    many became present, and whether a drain step is due now."""
+    present = await objs.copies_landed(conn, instance_id, incarnation, shas, now)
+    return present, bool(present) and await step_due_after_copies(conn, shas)
+
+
+async def step_due_after_copies(conn: AsyncConnection, shas: list[str]) -> bool:
+    """Copies of `shas` just landed: may a drain step now do something for a draining
+    instance holding one of them? Yes when no copy of its objects is on its way any
+    more (it may retire), or when one of its objects has none on its way nor a copy on
+    a running instance (a copy to order, or an upload). No while other copies it waits
+    on are still in flight: a step then would find nothing to do (and costs the server
+    a pass over every draining instance; the drain loop's timer runs it anyway)."""
+    held_states = [objs.PRESENT, objs.UNVERIFIED]
+    sources = (
+        (
+            await conn.execute(
+                sa.select(replicas.c.instance_id)
+                .distinct()
+                .select_from(replicas.join(instances_t, instances_t.c.id == replicas.c.instance_id))
+                .where(
+                    replicas.c.sha256.in_(shas),
+                    replicas.c.state.in_(held_states),
+                    instances_t.c.state == InstanceState.DRAINING,
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for source in sources:
+        held = sa.select(replicas.c.sha256).where(
+            replicas.c.instance_id == source, replicas.c.state.in_(held_states)
+        )
+        covered = (
+            await conn.execute(
+                sa.select(replicas.c.sha256, replicas.c.state)
+                .select_from(replicas.join(instances_t, instances_t.c.id == replicas.c.instance_id))
+                .where(
+                    replicas.c.sha256.in_(held),
+                    replicas.c.instance_id != source,
+                    replicas.c.state.in_([objs.PENDING, objs.PRESENT]),
+                    instances_t.c.state == InstanceState.RUNNING,
+                )
+            )
+        ).all()
+        if not any(state == objs.PENDING for _, state in covered):
+            return True
+        mine = set((await conn.execute(held)).scalars())
+        if mine - {sha for sha, _ in covered}:
+            return True
+    return False
+
+
 async def claim_draining(conn: AsyncConnection, db: Database):
     q = db.claim(
         sa.select(instances_t)

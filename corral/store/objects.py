@@ -145,17 +145,34 @@ async def grant(
     conn: AsyncConnection, sha256: str, recipient_id: str | None, now: float, ttl: float = GRANT_TTL
 ) -> str:
     token = secrets.token_urlsafe(24)
+    await grant_many(conn, [(sha256, token)], recipient_id, now, ttl)
+    return token
+
+
+async def grant_many(
+    conn: AsyncConnection,
+    tokens: list[tuple[str, str]],
+    recipient_id: str | None,
+    now: float,
+    ttl: float = GRANT_TTL,
+) -> None:
+    """Record one-time grants: (sha256, token) each, for `recipient_id`."""
+    if not tokens:
+        return
     await conn.execute(
-        sa.insert(grants).values(
-            token_hash=hash_secret(token),
-            sha256=sha256,
-            recipient_id=recipient_id,
-            created_at=now,
-            expires_at=now + ttl,
-        )
+        sa.insert(grants),
+        [
+            dict(
+                token_hash=hash_secret(token),
+                sha256=sha,
+                recipient_id=recipient_id,
+                created_at=now,
+                expires_at=now + ttl,
+            )
+            for sha, token in tokens
+        ],
     )
     await conn.execute(sa.delete(grants).where(grants.c.expires_at < now - 3600))
-    return token
 
 
 async def verify_grant(
@@ -214,6 +231,13 @@ async def holders(
 ) -> list[tuple[str, str]]:
     """(instance id, peer URL) of every registered live instance holding `sha256`, in
     the order of `sources`: the only places a server fetches an object from."""
+    return (await holders_of(conn, [sha256], exclude)).get(sha256, [])
+
+
+async def holders_of(
+    conn: AsyncConnection, shas: list[str], exclude: str | None = None
+) -> dict[str, list[tuple[str, str]]]:
+    """`holders` of each of `shas`, in one query."""
     q = (
         sa.select(
             instances.c.id,
@@ -221,10 +245,11 @@ async def holders(
             instances.c.lost_at,
             instances.c.state,
             replicas.c.state.label("rstate"),
+            replicas.c.sha256,
         )
         .select_from(replicas.join(instances, instances.c.id == replicas.c.instance_id))
         .where(
-            replicas.c.sha256 == sha256,
+            replicas.c.sha256.in_(shas),
             replicas.c.state.in_([PRESENT, UNVERIFIED]),
             instances.c.state.in_(LIVE_HOLDER_STATES),
             instances.c.peer_url.is_not(None),
@@ -239,7 +264,10 @@ async def holders(
             r.id,
         )
     )
-    return [(r.id, f"{r.peer_url}/objects/{sha256}") for r in rows]
+    out: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        out.setdefault(r.sha256, []).append((r.id, f"{r.peer_url}/objects/{r.sha256}"))
+    return out
 
 
 async def replica_bad(
@@ -314,27 +342,47 @@ async def fetches_for(
     conn: AsyncConnection, instance_id: str, shas: list[str], now: float, server_url: str
 ) -> list[Fetch]:
     """How `instance_id` gets each object: nothing if it holds it, else sources and
-    a grant naming it as the recipient."""
+    a grant naming it as the recipient. (A handful of queries for all of `shas`: a
+    drain orders many copies onto one recipient at once.)"""
+    if not shas:
+        return []
+    objs = {
+        o["sha256"]: o
+        for o in (
+            await conn.execute(sa.select(objects).where(objects.c.sha256.in_(set(shas))))
+        ).mappings()
+    }
+    held = set(
+        (
+            await conn.execute(
+                sa.select(replicas.c.sha256).where(
+                    replicas.c.instance_id == instance_id,
+                    replicas.c.state == PRESENT,
+                    replicas.c.sha256.in_(list(objs)),
+                )
+            )
+        ).scalars()
+    )
+    where = await holders_of(conn, [s for s in objs if s not in held], exclude=instance_id)
     out = []
+    tokens: list[tuple[str, str]] = []
     for sha in shas:
-        obj = (
-            (await conn.execute(sa.select(objects).where(objects.c.sha256 == sha)))
-            .mappings()
-            .first()
-        )
+        obj = objs.get(sha)
         if obj is None:
             continue
         name = obj["name"] or sha
-        if await holds(conn, instance_id, sha):
+        if sha in held:
             out.append(Fetch(sha256=sha, size=obj["size"], name=name))
             continue
-        urls = await sources(conn, sha, exclude=instance_id)
+        urls = [url for _id, url in where.get(sha, [])]
         if obj["staged_on"]:
             urls.append(f"{server_url}/api/v1/objects/{sha}/staged")
         if durable := await durable_source(conn, obj, now):
             urls.append(durable)
-        token = await grant(conn, sha, instance_id, now)
+        token = secrets.token_urlsafe(24)
+        tokens.append((sha, token))
         out.append(Fetch(sha256=sha, size=obj["size"], name=name, sources=urls, token=token))
+    await grant_many(conn, tokens, instance_id, now)
     return out
 
 
@@ -348,13 +396,17 @@ async def sync(
     errors: list[ObjectError],
     now: float,
     server_url: str,
+    listed_before: float | None = None,
 ) -> list[Fetch]:
     """Reconcile what the agent reports holding with the replica table, and hand out
     the replication orders placed on it (only while it is running).
 
     The report is the agent's own: an ordered copy it lists is present; an object
     nobody else holds verified (its own outputs) is present; an object another
-    instance already holds verified stays unverified until a server proves it."""
+    instance already holds verified stays unverified until a server proves it.
+    `listed_before`: when the server received the list (it was composed before then):
+    a present replica it omits is missing, unless the agent reported that copy on its
+    own (`copies_landed`) after that moment."""
     iid = instance["id"]
     rows = {
         r["sha256"]: r
@@ -380,7 +432,11 @@ async def sync(
                     await set_replica(conn, sha, iid, PRESENT, now, reported_at=now)
                 elif row["state"] == UNVERIFIED and row["reported_at"] is None:
                     await _reported(conn, instance, sha, now)
-            elif row["state"] == PRESENT:
+            elif row["state"] == PRESENT and not (
+                listed_before is not None and (row["reported_at"] or 0.0) > listed_before
+            ):
+                # (a copy the agent reported on its own after this list was sent, i.e.
+                # after `listed_before`, stays: the newer report wins)
                 await set_replica(conn, sha, iid, MISSING, now, "the agent no longer has it")
                 await events.record(
                     conn,
@@ -425,15 +481,43 @@ async def sync(
         .scalars()
         .all()
     )
-    orders = []
-    for sha in due:
+    if not due:
+        return []
+    await conn.execute(
+        sa.update(replicas)
+        .where(replicas.c.sha256.in_(due), replicas.c.instance_id == iid)
+        .values(delivered_at=now)
+    )
+    return [o for o in await fetches_for(conn, iid, list(due), now, server_url) if o.token]
+
+
+async def copies_landed(
+    conn: AsyncConnection, instance_id: str, incarnation: int, shas: list[str], now: float
+) -> int:
+    """The agent of `instance_id` reports, before its next heartbeat, ordered copies it
+    now holds (fetched and hashed by its own code): each one ordered onto it (pending)
+    is present, as the same report in a heartbeat's object list makes it. Anything else
+    (no order, or a report from an older incarnation or an instance that is not live)
+    is left for the heartbeat. Returns how many copies this made present."""
+    inst = (
         await conn.execute(
-            sa.update(replicas)
-            .where(replicas.c.sha256 == sha, replicas.c.instance_id == iid)
-            .values(delivered_at=now)
+            sa.select(instances.c.state, instances.c.incarnation).where(
+                instances.c.id == instance_id
+            )
         )
-        orders.extend(await fetches_for(conn, iid, [sha], now, server_url))
-    return [o for o in orders if o.token]
+    ).first()
+    if inst is None or inst.incarnation != incarnation or inst.state not in LIVE_HOLDER_STATES:
+        return 0
+    result = await conn.execute(
+        sa.update(replicas)
+        .where(
+            replicas.c.instance_id == instance_id,
+            replicas.c.sha256.in_(shas),
+            replicas.c.state == PENDING,
+        )
+        .values(state=PRESENT, updated_at=now, reason=None, reported_at=now)
+    )
+    return result.rowcount
 
 
 async def _reported(conn: AsyncConnection, instance, sha256: str, now: float) -> None:

@@ -153,6 +153,7 @@ async def heartbeat(
 ) -> HeartbeatReply:
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
+    received = ctx.now()  # its object list was composed before this
     pace = await current_pacing(ctx)
     interval = pace.interval
     # how long it may stay silent: from how often it renews its lease, by its own
@@ -207,6 +208,7 @@ async def heartbeat(
                 body.object_errors if first else [],
                 now,
                 ctx.config.url,
+                listed_before=received,
             )
             if first:
                 uploaded = await offloads.report(

@@ -12,13 +12,14 @@ import httpx
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from corral.api import ObjectView, OutputView, PeerVerify, ReplicaView
+from corral.api import CopiesLanded, ObjectView, OutputView, PeerVerify, ReplicaView
 from corral.server import uploads
 from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import body_limit
 from corral.server.params import PathInt, PathSha256
+from corral.store import drain as drain_repo
 from corral.store import jobs as jobs_repo
 from corral.store import objects as repo
 
@@ -249,3 +250,26 @@ async def verify(
     if why:
         raise ApiError(403, "forbidden", why)
     return {"ok": True}
+
+
+@router.post(
+    "/agents/copies",
+    tags=["agents"],
+    summary="An agent reports ordered copies it has fetched and verified, at once",
+)
+async def copies_landed(
+    body: CopiesLanded,
+    who: Principal = Depends(require_agent),
+    ctx: ServerContext = Depends(get_ctx),
+) -> dict:
+    """What the agent's next heartbeat would report, without waiting for it: a drain
+    waiting on these copies may retire its instance now (the drainer is woken when a
+    step has something to do)."""
+    if body.instance_id != who.instance_id:
+        raise ApiError(403, "forbidden", "this credential belongs to another instance")
+    present, step_due = await ctx.db.transact(
+        drain_repo.copies_landed, body.instance_id, body.incarnation, body.sha256s, ctx.now()
+    )
+    if step_due:
+        ctx.notifier.wake("drain")
+    return {"present": present}
