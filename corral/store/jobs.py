@@ -225,6 +225,19 @@ async def submit_once(
     job_id = await first_job()
     if job_id is not None:
         return job_id, False
+    sync = conn.sync_connection
+    immediate = sync is not None and sync.get_execution_options().get("corral_write")
+    if conn.dialect.name == "sqlite" and immediate:
+        # SQLite write transactions begin IMMEDIATE (the database's one write lock is
+        # taken before the read above): no other request can insert the key between
+        # that read and these inserts, so no savepoint is needed (two statements less)
+        job_id = await submit(conn, spec, now)
+        await conn.execute(
+            sa.insert(submit_keys).values(
+                principal=principal, key=key, request_sha256=digest, job_id=job_id, created_at=now
+            )
+        )
+        return job_id, True
     try:
         async with conn.begin_nested():  # a concurrent first request may take the key
             job_id = await submit(conn, spec, now)
