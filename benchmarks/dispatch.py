@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,6 +53,26 @@ def percentile(values: list[float], q: float) -> float:
 _SAMPLE = re.compile(
     r'^(corral_http_requests_total|corral_db_statements_total)(?:\{route="([^"]*)"\})? (\S+)$'
 )
+
+
+def own_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes themselves (not their children)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def zygote_pids(agents: list) -> list[int]:
+    """The agents' pre-forked runner parents (from DATA_DIR/zygote.pid)."""
+    out = []
+    for a in agents:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            text = (a.data_dir / "zygote.pid").read_text()
+            out.append(int(json.loads(text)["pid"]) if text.lstrip().startswith("{") else int(text))
+    return out
 
 
 def server_counts(servers: list[ServerProc]) -> dict[str, float]:
@@ -138,6 +159,8 @@ def run_corral(
         agent_pids = [p.pid for p in c.agents]
         srv0 = meter.seconds("servers", server_pids)
         ag0 = meter.seconds("agents", agent_pids)
+        zyg_pids = zygote_pids(c.agents)
+        daemons0, zyg0 = own_cpu(agent_pids), own_cpu(zyg_pids)
         bench0 = meter.seconds("bench") if meter.root else None
         counts0 = server_counts(c.servers)
         t0 = time.time()
@@ -163,6 +186,13 @@ def run_corral(
             "postgresql": pg.stop(),
         }
         cpu["total"] = sum(cpu.values())
+        # the agents' tree split: the agent daemons, their zygotes, and the rest
+        # (runners forked per attempt, and the commands)
+        split = {
+            "agent_daemons": own_cpu(agent_pids) - daemons0,
+            "zygotes": own_cpu(zyg_pids) - zyg0,
+        }
+        split["runners_commands"] = cpu["agents_runners_commands"] - sum(split.values())
         if bench0 is not None:
             cpu["benchmark_clients"] = meter.seconds("bench") - bench0
         done = [j for j in client.jobs(limit=jobs + idle_jobs) if j.id in ids]
@@ -191,6 +221,9 @@ def run_corral(
                 "wall_s": round(last - first, 1),
                 # all in: servers + agents/runners/commands + PostgreSQL backends
                 "cpu_seconds_per_job": {k: round(v / jobs, 4) for k, v in cpu.items()},
+                "agents_split_cpu_seconds_per_job": {
+                    k: round(v / jobs, 4) for k, v in split.items()
+                },
                 # the servers' own counts (burst phase, incl. the metrics reads)
                 **counts,
             },

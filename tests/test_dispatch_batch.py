@@ -171,3 +171,24 @@ def test_a_job_no_longer_queued_is_skipped(db_url, monkeypatch):
             await db.dispose()
 
     asyncio.run(main())
+
+
+def test_on_sqlite_a_pass_reads_the_room_once(db_url):
+    """SQLite has one writer and the pass's transaction is it from its first read
+    (BEGIN IMMEDIATE): the instances' room read to plan cannot change before the pass
+    commits, so it is neither locked nor read again. PostgreSQL locks the chosen
+    instances and reads their room again (another server may have filled them)."""
+
+    async def main():
+        db = await open_db(db_url)
+        try:
+            return await _pass(db, 10, "once"), db.is_sqlite
+        finally:
+            await db.dispose()
+
+    (locking, _delivering, got), sqlite = asyncio.run(main())
+    room_reads = [s for s in locking if s.startswith("SELECT instances.id, instances.fleet")]
+    instance_locks = [s for s in locking if s.startswith("SELECT instances.id FROM instances")]
+    assert len(room_reads) == (1 if sqlite else 2), locking
+    assert len(instance_locks) == (0 if sqlite else 1), locking
+    assert sorted(p.job_id for p in got["placed"]) == got["ids"]  # all placed all the same

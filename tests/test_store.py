@@ -4,6 +4,7 @@ row claiming by several dispatchers at once."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -390,5 +391,31 @@ def test_concurrent_dispatchers_never_lock_a_job_twice(pg_url):
         assert all(cpus <= 50 for _i, cpus in load)
         for d in (*dispatchers, db):
             await d.dispose()
+
+    run(main())
+
+
+def test_a_keyed_submit_on_sqlite_needs_no_savepoint(tmp_path: Path):
+    """SQLite write transactions begin IMMEDIATE (one writer at a time), so a keyed
+    submit cannot race another one for its key: it sends its read and two inserts,
+    no SAVEPOINT; a retry with the key still gets the first job."""
+    from sqlalchemy import event
+
+    async def main():
+        db = await open_db(f"sqlite:///{tmp_path / 'c.db'}")
+        seen: list[str] = []
+        event.listen(
+            db.engine.sync_engine,
+            "before_cursor_execute",
+            lambda _c, _cur, statement, *_a: seen.append(statement.split()[0].upper()),
+        )
+        spec = JobSubmit(command=["true"])
+        first = await db.transact(repo.submit_once, spec, NOW, "tok", "k1")
+        writes = [s for s in seen if s not in ("BEGIN", "COMMIT", "ROLLBACK")]
+        again = await db.transact(repo.submit_once, spec, NOW, "tok", "k1")
+        assert first[1] is True and again == (first[0], False)
+        assert writes == ["SELECT", "INSERT", "INSERT"], writes
+        assert len(await db.query(repo.list_jobs)) == 1
+        await db.dispose()
 
     run(main())

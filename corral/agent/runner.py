@@ -317,13 +317,20 @@ class Runner:
 
     # -- the whole attempt ----------------------------------------------------------------------
 
+    def note_pid(self) -> None:
+        """runner.pid names this process (the agent finds and adopts runners by it).
+        A zygote-forked runner finds it written already by its zygote: not again."""
+        me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+        path = self.dir / "runner.pid"
+        try:
+            if json.loads(path.read_text()) == me:
+                return
+        except (OSError, ValueError):
+            pass
+        write_json_atomic(path, me, mode=0o600, durable=False)
+
     def run(self) -> int:
-        write_json_atomic(
-            self.dir / "runner.pid",
-            {"pid": os.getpid(), "create_time": psutil.Process().create_time()},
-            mode=0o600,
-            durable=False,
-        )
+        self.note_pid()
         if not self.acquire_job_lock():
             # Another runner of this job is alive here. Report nothing: if that one
             # holds this very attempt, a report would hurt it; if not, this attempt

@@ -173,6 +173,8 @@ class Zygote:
 
     def preload(self) -> None:
         """Everything a runner imports, imported once here (that is the point)."""
+        import encodings.idna  # noqa: F401 - the runner's first connect() encodes its host with it
+
         import corral.agent.runner
         import corral.agent.sandbox.workdir  # noqa: F401
 

@@ -15,6 +15,7 @@ from corral.domain.providers import Backend
 from corral.domain.provisioning import ProvisionPolicy
 from corral.domain.reconcile import InstallPolicy
 from corral.server.config import ServerConfig
+from corral.server.issued import IssuedTokens
 from corral.server.leases import Leases
 from corral.server.loadgate import LoadGate
 from corral.server.notify import Notifier
@@ -46,6 +47,7 @@ class ServerContext:
     agent_gate: LoadGate | None = None  # admission of agent exchanges (made on first use)
     leases: Leases = field(default_factory=Leases)  # renewals not yet written (leases.py)
     drains_seen: set[str] = field(default_factory=set)  # draining instances woken once
+    issued_tokens: IssuedTokens = field(default_factory=IssuedTokens)  # known to the guard
 
     def gate(self) -> LoadGate:
         if self.agent_gate is None:

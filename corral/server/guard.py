@@ -165,9 +165,12 @@ class BodyGuard:
                     return None  # the route's own validation answers (422)
                 if not (0 <= job_id <= INT64_MAX and 0 <= number <= INT64_MAX):
                     return None
+                if token and ctx.issued_tokens.known(job_id, number, token):
+                    return None  # seen passing a fence or this check before (issued.py)
                 if token and await ctx.db.query(
                     jobs_repo.attempt_token_issued, job_id, number, token
                 ):
+                    ctx.issued_tokens.add(job_id, number, token)
                     return None
                 return 401, error_body(
                     "unauthorized",

@@ -192,6 +192,18 @@ def _private_file(path: str) -> None:
             pass
 
 
+def holds_sqlite_write_lock(conn: AsyncConnection) -> bool:
+    """Inside a SQLite write transaction (`Database.transact`: BEGIN IMMEDIATE): the
+    database's one write lock is held from its first statement, so nothing another
+    request or process writes can appear between this transaction's reads and writes."""
+    sync = conn.sync_connection
+    return (
+        conn.dialect.name == "sqlite"
+        and sync is not None
+        and bool(sync.get_execution_options().get("corral_write"))
+    )
+
+
 def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table):
     """An INSERT for this connection's dialect; add .on_conflict_do_nothing()."""
     from sqlalchemy.dialects import postgresql, sqlite

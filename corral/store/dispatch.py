@@ -7,7 +7,7 @@ several servers' dispatchers and reapers never process one job or instance at on
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,7 +20,7 @@ from corral.domain.sandbox import DEFAULT_LOG_LIMIT
 from corral.domain.tokens import hash_secret, same_hash
 from corral.store import jobs as jobs_repo
 from corral.store import objects
-from corral.store.db import Database
+from corral.store.db import Database, holds_sqlite_write_lock
 from corral.store.schema import instances, job_attempts, jobs
 from corral.store.sealing import sealer_of
 
@@ -64,9 +64,15 @@ async def lock_jobs(
     # those: another server's dispatcher may have filled them meanwhile, and a drain
     # or retirement waits for this transaction, so no job lands on a leaving instance.
     everyone = await _capacities(conn, sa.true())
+    # one writer at a time on SQLite, and this transaction has been it since its first
+    # read: the room read above cannot change before it commits (no lock to take,
+    # nothing to read again; `place` updates what it is given, so plan on a copy)
+    unchanged = [replace(c) for c in everyone] if holds_sqlite_write_lock(conn) else None
     chosen = sorted({i for _j, i in place(demands, everyone)})
     capacities = []
-    if chosen:
+    if chosen and unchanged is not None:
+        capacities = [c for c in unchanged if c.instance_id in chosen]
+    elif chosen:
         locked = (
             await conn.execute(
                 db.lock(

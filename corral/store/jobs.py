@@ -35,7 +35,7 @@ from corral.domain.jobs import (
 from corral.domain.sandbox import DEFAULT_LOG_LIMIT, cut_log
 from corral.domain.tokens import hash_secret, well_formed
 from corral.store import events, objects
-from corral.store.db import insert_ignoring_duplicates
+from corral.store.db import holds_sqlite_write_lock, insert_ignoring_duplicates
 from corral.store.schema import job_attempts, jobs, log_chunks, submit_keys
 from corral.store.sealing import sealer_of
 
@@ -225,6 +225,17 @@ async def submit_once(
     job_id = await first_job()
     if job_id is not None:
         return job_id, False
+    if holds_sqlite_write_lock(conn):
+        # the database's one write lock was taken before the read above: no other
+        # request can insert the key between that read and these inserts, so no
+        # savepoint is needed (two statements less)
+        job_id = await submit(conn, spec, now)
+        await conn.execute(
+            sa.insert(submit_keys).values(
+                principal=principal, key=key, request_sha256=digest, job_id=job_id, created_at=now
+            )
+        )
+        return job_id, True
     try:
         async with conn.begin_nested():  # a concurrent first request may take the key
             job_id = await submit(conn, spec, now)

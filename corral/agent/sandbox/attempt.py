@@ -144,13 +144,19 @@ class AttemptSandbox:
         and the command's process group; under bubblewrap the pid namespace goes with
         its init."""
         pgid = self.proc.pid if self.proc is not None else None
+        emptied = False
         if self.group is not None:
-            self.group.kill(grace)
+            emptied = bool(self.group.dirs()) and self.group.kill(grace)
             pgid = None  # nothing of the attempt is outside its cgroup
-        try:
-            kill_tree(list(psutil.Process().children(recursive=True)), pgid, grace=grace)
-        except psutil.Error:
-            pass
+        if not emptied:
+            # without a cgroup (or one that would not empty): the runner's process
+            # tree, found by a scan of every process on the host. An emptied group
+            # needs no scan (its orphans re-parented here are only zombies now; the
+            # runner's exit hands them to init)
+            try:
+                kill_tree(list(psutil.Process().children(recursive=True)), pgid, grace=grace)
+            except psutil.Error:
+                pass
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=5)

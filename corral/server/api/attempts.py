@@ -34,6 +34,7 @@ async def start(
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     started = await ctx.db.transact(repo.record_start, job_id, number, token, ctx.now())
+    ctx.issued_tokens.add(job_id, number, token)  # it passed the fence: the guard knows it
     ctx.notifier.wake(job_key(job_id))
     if started.recorded:  # a retried start was counted already
         metrics.ATTEMPTS_STARTED.inc()
@@ -51,6 +52,7 @@ async def heartbeat(
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
     await ctx.db.transact(repo.touch_attempt, job_id, number, token, ctx.now())
+    ctx.issued_tokens.add(job_id, number, token)
     return _ack(job_id, number, "running")
 
 
