@@ -13,7 +13,8 @@ Answers: 204 renewed; 409 `exchange_needed` (this server has not admitted the ag
 is another incarnation, or something woke the instance: the agent runs a full exchange
 now, which admits it again); 401 no bearer credential; 400 a bad incarnation header or
 a body; 405 another method. A revoked credential stops renewing on the server that
-revoked it at once, elsewhere within its admission (about three exchange intervals).
+revoked it at once, elsewhere within its admission (five minutes, or three exchange
+intervals if longer, after the agent's last exchange there).
 """
 
 from __future__ import annotations

@@ -280,6 +280,17 @@ def remember(
         ctx.leases.last.pop(instance_id, None)
 
 
+ADMISSION_MIN = 300.0
+
+
+def admission_period(interval: float) -> float:
+    """How long after an agent's last exchange on this server its renewals are still
+    accepted: a few exchange intervals, and never less than five minutes, so an agent
+    whose exchanges an overloaded server refuses (503) stays alive by its renewals.
+    (A credential revoked on another server stops renewing here within this.)"""
+    return max(3 * interval, ADMISSION_MIN)
+
+
 def admit_renewals(
     ctx: ServerContext,
     who: Principal,
@@ -289,14 +300,14 @@ def admit_renewals(
     pace: Pacing,
 ) -> None:
     """After a full exchange that told the agent to renew its lease between exchanges:
-    this server accepts its renewals (corral.server.lease_route) until about three
-    exchange intervals later, or until anything wakes the instance."""
+    this server accepts its renewals (corral.server.lease_route) for the admission
+    period, or until anything wakes the instance."""
     if pace.lease is None or who.instance_id is None:
         return
     pinger = Pinger(
         incarnation=incarnation,
         generation=gen,
-        until=at + 3 * pace.interval + ctx.config.heartbeat_full_every,
+        until=at + admission_period(pace.interval),
         lease=pace.lease,
         grace=grace_period(pace.lease, ctx.config.agent_grace),
     )
