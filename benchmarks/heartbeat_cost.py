@@ -91,7 +91,9 @@ async def measure(db_url: str | None, data: Path, agents: int, rounds: int, full
             c0 = time.process_time()
             for _ in range(rounds):
                 for body, who in bodies:
-                    await agents_api.heartbeat(body=body, who=who, ctx=ctx)
+                    await agents_api.heartbeat(
+                        body=body, who=who, ctx=ctx, gone=agents_api.never_gone
+                    )
             handler_cpu = time.process_time() - c0
             await flush_leases(ctx)
     finally:

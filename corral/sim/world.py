@@ -614,7 +614,9 @@ class World:
         # handler itself must not wait on the real clock
         body = heartbeat_body(hb).model_copy(update={"wait": 0.0})
         who = Principal(kind="agent", token_id="sim", instance_id=hb.instance_id)
-        reply = await agents_api.heartbeat(body=body, who=who, ctx=self.ctx)
+        reply = await agents_api.heartbeat(
+            body=body, who=who, ctx=self.ctx, gone=agents_api.never_gone
+        )
         if agent.instance_id in self.retired_at and (reply.start or reply.replicate):
             self.ledger.starts_to_retired.append(agent.name)
         for order in reply.install:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
 
@@ -138,6 +138,20 @@ async def register(
     )
 
 
+Gone = Callable[[], Awaitable[bool]]
+
+
+async def client_gone(request: Request) -> Gone:
+    """Has the agent holding this request hung up? (Asked before a held heartbeat runs
+    its exchange again: orders go only to a connection still open.)"""
+    return request.is_disconnected
+
+
+async def never_gone() -> bool:
+    """For callers without a connection (the simulator, benchmarks)."""
+    return False
+
+
 @router.post(
     "/heartbeat",
     response_model=HeartbeatReply,
@@ -150,6 +164,7 @@ async def heartbeat(
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),
     ctx: ServerContext = Depends(get_ctx),
+    gone: Gone = Depends(client_gone),
 ) -> HeartbeatReply:
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
@@ -178,7 +193,7 @@ async def heartbeat(
                 if remaining <= 0:
                     return renewed
                 woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
-                if not woken and held >= remaining:
+                if (not woken and held >= remaining) or await gone():
                     return renewed
                 continue
 
@@ -258,6 +273,10 @@ async def heartbeat(
         if not woken and held >= remaining:
             # held to the end and nothing for this instance changed on any server (every
             # change wakes it: in process, or by LISTEN/NOTIFY): the last look stands
+            return reply
+        if await gone():
+            # its agent is gone (killed while held): an order put in this reply would be
+            # lost, and its attempt would wait out the start timeout
             return reply
 
 
