@@ -9,6 +9,7 @@ from corral.domain.instances import InstanceState
 from corral.server.auth import require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.leases import instance_key
 from corral.server.views import fleet_views, instance_view
 from corral.store import drain, fleets, instances, provisions, scaling
 
@@ -42,7 +43,7 @@ async def drain_instance(
         return DrainView(instance=instance_view(rows[inst["id"]]), at_risk=risk)
 
     view = await ctx.db.transact(go)
-    ctx.notifier.wake("drain", "dispatch", ("instance", view.instance.id))
+    ctx.notifier.wake("drain", "dispatch", instance_key(view.instance.id))
     return view
 
 
@@ -61,7 +62,7 @@ async def undrain_instance(ref: str, ctx: ServerContext = Depends(get_ctx)):
         return instance_view(rows[row["id"]])
 
     view = await ctx.db.transact(go)
-    ctx.notifier.wake("dispatch", ("instance", view.id))
+    ctx.notifier.wake("dispatch", instance_key(view.id))
     return view
 
 

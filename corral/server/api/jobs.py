@@ -19,6 +19,7 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_admin
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
+from corral.server.leases import instance_key
 from corral.server.params import PathInt
 from corral.server.views import job_view
 from corral.store import jobs as repo
@@ -215,7 +216,7 @@ async def cancel(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> JobV
     row = await ctx.db.transact(repo.cancel, job_id, ctx.now())
     ctx.notifier.wake(job_key(job_id), "dispatch")
     if row["instance_id"]:
-        ctx.notifier.wake(("instance", row["instance_id"]))
+        ctx.notifier.wake(instance_key(row["instance_id"]))
     return await _view(ctx, job_id)
 
 
@@ -229,7 +230,7 @@ async def requeue(job_id: PathInt, ctx: ServerContext = Depends(get_ctx)) -> Job
     await ctx.db.transact(repo.requeue, job_id, ctx.now(), "requested by user")
     ctx.notifier.wake(job_key(job_id), "dispatch")
     if before.instance_id:
-        ctx.notifier.wake(("instance", before.instance_id))
+        ctx.notifier.wake(instance_key(before.instance_id))
     return await _view(ctx, job_id)
 
 

@@ -18,6 +18,7 @@ from corral.server.auth import Principal, require_admin, require_agent
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import body_limit
+from corral.server.leases import instance_key
 from corral.server.params import PathInt, PathSha256
 from corral.store import drain as drain_repo
 from corral.store import jobs as jobs_repo
@@ -211,7 +212,7 @@ async def put_object(
     )
     target = await ctx.db.transact(repo.stage_upload, sha, size, name, ctx.server_id, ctx.now())
     if target:
-        ctx.notifier.wake(("instance", target))
+        ctx.notifier.wake(instance_key(target))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:

@@ -11,6 +11,7 @@ from corral.domain.instances import InstanceState
 from corral.domain.provisioning import ProvisionError, ProvisionState, stop_retry_at
 from corral.server import durable, metrics
 from corral.server.context import ServerContext
+from corral.server.leases import instance_key
 from corral.store import drain, events, fleets, instances, offloads, provisions
 from corral.store import objects as objs
 
@@ -37,15 +38,15 @@ async def drain_once(ctx: ServerContext) -> bool:
     # otherwise skips the exchange, corral.server.leases)
     draining = {r.instance_id for r in results}
     for instance_id in sorted(draining - ctx.drains_seen):
-        ctx.notifier.wake(("instance", instance_id))
+        ctx.notifier.wake(instance_key(instance_id))
     ctx.drains_seen = draining
     for r in results:
         if r.retired and requested.get(r.instance_id) is not None:
             metrics.DRAIN_DURATION.observe(max(0.0, now - (requested[r.instance_id] or now)))
         for _sha, recipient in r.copies:
-            ctx.notifier.wake(("instance", recipient))
+            ctx.notifier.wake(instance_key(recipient))
         if r.retired or r.offloads:  # its held heartbeat: exit, or upload these
-            ctx.notifier.wake(("instance", r.instance_id))
+            ctx.notifier.wake(instance_key(r.instance_id))
         if r.requeued:
             ctx.notifier.wake("dispatch")
     confirmed = await confirm_offloads(ctx)

@@ -20,7 +20,7 @@ from corral.domain.heartbeat import (
 )
 from corral.server import metrics
 from corral.server.context import ServerContext
-from corral.server.leases import current_pacing, flush_leases
+from corral.server.leases import current_pacing, flush_leases, instance_key
 from corral.store import dispatch, events, instances
 from corral.store import jobs as jobs_repo
 
@@ -137,7 +137,7 @@ async def reap_once(ctx: ServerContext) -> bool:
     for job_id, _n, _state in changed:
         ctx.notifier.wake(("job", job_id))
     for instance_id in [*lost_instances, *sorted(touched)]:
-        ctx.notifier.wake(("instance", instance_id))
+        ctx.notifier.wake(instance_key(instance_id))
     if changed:
         ctx.notifier.wake("dispatch")
     return False
