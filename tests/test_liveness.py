@@ -67,6 +67,18 @@ def test_a_healthy_agent_told_a_long_interval_is_never_lost(cluster: Cluster) ->
     assert not [e for e in client.events(level="warning") if e.kind == "instance.lost"]
 
 
+def _stopped_until_lost(agent, client):
+    """Stop the agent (SIGSTOP) until the server declares its instance lost; its one
+    `instance.lost` event."""
+    agent.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: any(i.lost for i in client.instances()), 60, "the silent agent to be lost")
+    finally:
+        agent.signal(signal.SIGCONT)
+    (event,) = [e for e in client.events(level="warning") if e.kind == "instance.lost"]
+    return event
+
+
 @pytest.mark.slow
 def test_a_silent_agent_is_declared_lost_and_the_event_names_its_interval(
     cluster: Cluster,
@@ -75,12 +87,7 @@ def test_a_silent_agent_is_declared_lost_and_the_event_names_its_interval(
     agent = cluster.agent(server, name="quiet")
     client = cluster.client(server)
     cluster.wait_agents_running(client, 1, timeout=60)
-    agent.signal(signal.SIGSTOP)
-    try:
-        wait_for(lambda: any(i.lost for i in client.instances()), 60, "the silent agent to be lost")
-    finally:
-        agent.signal(signal.SIGCONT)
-    (event,) = [e for e in client.events(level="warning") if e.kind == "instance.lost"]
+    event = _stopped_until_lost(agent, client)
     assert "quiet" in event.message and "told to heartbeat every" in event.message
 
 
@@ -108,12 +115,7 @@ def test_an_agent_told_to_renew_between_exchanges_is_kept_alive_and_found_by_its
     assert j.state == "succeeded" and j.attempt == 1, j
     assert not [e for e in client.events(level="warning") if e.kind == "instance.lost"]
 
-    agent.signal(signal.SIGSTOP)
-    try:
-        wait_for(lambda: any(i.lost for i in client.instances()), 60, "the silent agent to be lost")
-    finally:
-        agent.signal(signal.SIGCONT)
-    (event,) = [e for e in client.events(level="warning") if e.kind == "instance.lost"]
+    event = _stopped_until_lost(agent, client)
     # judged by the grace of its renewal interval (1 s), not its exchanges' (20 s)
     assert "told to heartbeat every 1s" in event.message, event.message
     assert scrape(server)[("corral_lease_renewals_total", ())] >= 1
