@@ -46,6 +46,20 @@ async def finished_job(db, outputs):
     return job_id, p.instance_id, order.token
 
 
+async def draining_holder_of_one_output(db_url: str):
+    """Two instances; the one that ran a job holds its one output "o" and is draining:
+    its drain step ordered the copy to the other. (db, holder id, the other's row)"""
+    db, (a, b) = await setup(db_url)
+    _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
+    other = b if holder == a["id"] else a
+    holder_row = await db.query(instances.get_instance, holder)
+    await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
+    await db.transact(drain.request_drain, holder, False, T0)
+    result = await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+    assert result.copies == [(sha("o"), other["id"])]
+    return db, holder, other
+
+
 def test_outputs_are_recorded_with_the_finish_and_a_stale_finish_records_none(db_url):
     async def main():
         db, _ = await setup(db_url, 1)
@@ -142,14 +156,8 @@ def test_a_copy_reported_at_once_counts_only_if_ordered_and_from_the_live_incarn
     incarnation, or of an object never ordered there, changes nothing."""
 
     async def main():
-        db, (a, b) = await setup(db_url)
-        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
-        other = b if holder == a["id"] else a
+        db, holder, other = await draining_holder_of_one_output(db_url)
         holder_row = await db.query(instances.get_instance, holder)
-        await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
-        await db.transact(drain.request_drain, holder, False, T0)
-        result = await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
-        assert result.copies == [(sha("o"), other["id"])]
         other_row = await db.query(instances.get_instance, other["id"])
         (_order,) = await db.transact(objects.sync, other_row, [], [], T0, "http://s")
         stale = other_row["incarnation"] - 1
@@ -183,13 +191,7 @@ def test_a_heartbeat_list_older_than_a_copy_report_does_not_undo_it(db_url):
     A list received after the report that omits it marks it missing."""
 
     async def main():
-        db, (a, b) = await setup(db_url)
-        _job_id, holder, _ = await finished_job(db, [OutputFile(path="o", sha256=sha("o"), size=5)])
-        other = b if holder == a["id"] else a
-        holder_row = await db.query(instances.get_instance, holder)
-        await db.transact(objects.sync, holder_row, [sha("o")], [], T0, "http://s")
-        await db.transact(drain.request_drain, holder, False, T0)
-        await db.transact(drain.drain_step, holder_row, T0, drain_grace=600)
+        db, _holder, other = await draining_holder_of_one_output(db_url)
         row = await db.query(instances.get_instance, other["id"])
         await db.transact(objects.sync, row, [], [], T0, "http://s")  # the order goes out
         # a heartbeat received at T0 + 1 (listing nothing), the copy's report at T0 + 2,
