@@ -66,7 +66,7 @@ async def require_joiner(request: Request, ctx: ServerContext = Depends(get_ctx)
     return await _principal(request, ctx, (tokens.JOIN, tokens.AGENT, tokens.ADMIN))
 
 
-def attempt_token(request: Request) -> str:
+async def attempt_token(request: Request) -> str:
     value = request.headers.get(ATTEMPT_TOKEN_HEADER)
     if not value:
         raise ApiError(401, "unauthorized", f"missing {ATTEMPT_TOKEN_HEADER} header")

@@ -68,6 +68,7 @@ class ServerContext:
         return remaining
 
 
-def get_ctx(request: Request) -> ServerContext:
+async def get_ctx(request: Request) -> ServerContext:
+    # async: FastAPI runs a plain `def` dependency in a worker thread on every request
     ctx: ServerContext = request.app.state.ctx
     return ctx
