@@ -345,10 +345,12 @@ def main() -> None:
                 slots=args.width / 2,
                 db=db,
                 timeout=args.timeout,
+                submit="array",  # as Slurm is given its jobs: one array
             )
             cpu = r["burst"]["cpu_seconds_per_job"]
             results[name] = {
                 "jobs": n,
+                "submission": r["burst"]["submission"],
                 "throughput_jobs_per_s": r["burst"]["throughput_jobs_per_s"],
                 "cpu_seconds_per_job": cpu["total"],
                 "idle_submit_to_start_p50_s": r["idle"]["submit_to_start_p50_s"],

@@ -13,6 +13,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from corral.agent.relay import RelayClient
 from corral.agent.runner import MAX_BATCH_BYTES, LogBuffer, Runner
 from corral.api import JobSubmit
 from corral.domain.errors import StaleToken
@@ -163,7 +164,9 @@ def _runner(server: FakeServer, tmp_path) -> Runner:
     r = Runner.__new__(Runner)
     r.dir = tmp_path
     r.base = "/api/v1/jobs/1/attempts/1"
+    r.job_id, r.attempt, r.spec = 1, 1, {"token": "t"}
     r.server = server
+    r.relay = RelayClient(tmp_path)  # no agent listens: the runner reports directly
     r.logs = LogBuffer()
     r.stale = threading.Event()
     r.terminated = threading.Event()

@@ -43,6 +43,7 @@ from corral.agent.identity import (
 )
 from corral.agent.objects import ObjectStore
 from corral.agent.peer import PeerServer
+from corral.agent.relay_server import SEND_WITHIN, RelayServer
 from corral.agent.sandbox import host as sandbox_host
 from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
 from corral.agent.state import (
@@ -160,6 +161,8 @@ class Agent:
         self.objects = ObjectStore(self.data_dir)
         self.peer: PeerServer | None = None
         self.peer_url: str | None = None
+        self.relay: RelayServer | None = None
+        self.relay_refused_until = 0.0  # a server without the relay route: not asked again soon
         self.fetch_slots = asyncio.Semaphore(4)
         self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
         self.selfupdate = SelfUpdate(
@@ -211,6 +214,7 @@ class Agent:
             log.warning("attempt sandbox: %s", warning)
         self.identity = load_identity(self.data_dir)
         await self.start_peer()
+        await self.start_relay()
         self.supervisor.adopt()
         self.load_state()
         watchdog = asyncio.get_running_loop().create_task(self._watch_parent())
@@ -224,6 +228,8 @@ class Agent:
                 self.sandbox.close()  # empty parent groups and jobs dir only
             if self.peer is not None:
                 self.peer.stop()
+            if self.relay is not None:
+                await self.relay.stop()
             await self.server.close()
 
     def load_state(self) -> None:
@@ -527,6 +533,35 @@ class Agent:
         self.peer_url = self.config.peer_url or f"http://{host}:{self.peer.port}"
         self.config.peer_port = self.peer.port  # a re-exec keeps the same address
         asyncio.get_running_loop().create_task(self.peer.serve())
+
+    # -- relaying runners' reports ------------------------------------------------------------
+
+    async def start_relay(self) -> None:
+        """Runners hand their attempt reports to this agent, which sends what waits as
+        one request (corral.agent.relay). CORRAL_RELAY=0 turns it off: runners then
+        report to the server themselves, as they do whenever the relay is not there."""
+        if os.environ.get("CORRAL_RELAY", "1") == "0":
+            return
+        self.relay = RelayServer(self.data_dir, self.relay_reports)
+        try:
+            await self.relay.start()
+        except OSError as exc:
+            log.warning("cannot open the runners' relay socket (%s); runners report directly", exc)
+            self.relay = None
+
+    async def relay_reports(self, reports: list[dict]) -> list[dict] | None:
+        if self.identity is None or time.monotonic() < self.relay_refused_until:
+            return None
+        answers, status = await server_calls.relay_reports(
+            self.server, reports, self.identity.credential, SEND_WITHIN
+        )
+        if status in (404, 405):  # a server from before the relay: runners go direct
+            self.relay_refused_until = time.monotonic() + 300
+            log.info(
+                "the server does not take relayed reports (HTTP %s); runners report directly",
+                status,
+            )
+        return answers
 
     def _auth_for(self, url: str) -> dict[str, str]:
         """Artifacts a corral server stores need this instance's credential."""

@@ -38,10 +38,11 @@ import psutil
 from corral.agent import transfer
 from corral.agent.identity import write_json_atomic
 from corral.agent.objects import ObjectStore
+from corral.agent.relay import NotRelayed, RelayClient
 from corral.agent.sandbox.attempt import AttemptSandbox
 from corral.agent.sandbox.host import Host
 from corral.agent.transfer import TransferError
-from corral.agent.upstream import SyncServer, Unreachable
+from corral.agent.upstream import RETRY_STATUSES, Response, SyncServer, Unreachable
 from corral.domain.sandbox import DEFAULT_LOG_LIMIT, command_result, cut_log
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
@@ -168,6 +169,7 @@ class Runner:
         self.server = SyncServer(
             self.spec["servers"], headers={ATTEMPT_TOKEN_HEADER: self.spec["token"]}, timeout=30
         )
+        self.relay = RelayClient(Path(self.spec["data_dir"]))  # the agent sends for many
         self.logs = LogBuffer(self.spec.get("log_limit") or DEFAULT_LOG_LIMIT)
         self.stale = threading.Event()
         self.terminated = threading.Event()
@@ -183,13 +185,7 @@ class Runner:
     def call(self, action: str, body: dict | None = None, deadline: float | None = None) -> dict:
         if self.stale.is_set():
             raise Stale("already stale")
-        resp = self.server.request(
-            "POST",
-            f"{self.base}/{action}",
-            json=body,  # start and heartbeat have none: no body, no check before reading it
-            deadline=deadline,
-            stop=self.terminated.is_set,
-        )
+        resp = self._send(action, body, deadline)
         if resp.status_code in (401, 403, 404, 409):
             self.stale.set()
             raise Stale(f"{action}: HTTP {resp.status_code} {resp.text[:300]}")
@@ -198,6 +194,26 @@ class Runner:
                 resp.status_code, f"{action}: HTTP {resp.status_code} {resp.text[:300]}"
             )
         return resp.json()
+
+    def _send(self, action: str, body: dict | None, deadline: float | None) -> Response:
+        """Through the agent's relay (one request for many runners' reports), else
+        straight to the server: every report is idempotent, so one the relay may
+        have delivered can be sent again."""
+        try:
+            status, content = self.relay.report(
+                self.job_id, self.attempt, self.spec["token"], action, body, self.terminated.is_set
+            )
+            if status not in RETRY_STATUSES:
+                return Response(status, content)
+        except NotRelayed:
+            pass
+        return self.server.request(
+            "POST",
+            f"{self.base}/{action}",
+            json=body,  # start and heartbeat have none: no body, no check before reading it
+            deadline=deadline,
+            stop=self.terminated.is_set,
+        )
 
     def call_anyway(self, action: str, body: dict) -> dict:
         """A call made after this runner stopped shipping (it clears the stale flag

@@ -163,6 +163,33 @@ async def report_copies(server: AsyncServer, report: ReportCopies, credential: s
     return resp.status_code == 200
 
 
+RELAY_PATH = "/api/v1/agents/attempts"
+
+
+async def relay_reports(
+    server: AsyncServer, reports: list[dict], credential: str, within: float
+) -> tuple[list[dict] | None, int | None]:
+    """Runners' attempt reports as one request: (their answers in order, None) or, when
+    the server did not answer them, (None, its HTTP status or None if unreachable)."""
+    try:
+        resp = await server.request(
+            "POST",
+            RELAY_PATH,
+            json={"reports": reports},
+            headers={"Authorization": f"Bearer {credential}"},
+            deadline=time.monotonic() + within,
+        )
+    except Unreachable:
+        return None, None
+    if resp.status_code != 200:
+        return None, resp.status_code
+    try:
+        results = resp.json()["results"]
+    except (ValueError, KeyError, TypeError):
+        return None, resp.status_code
+    return results, None
+
+
 async def report_lost(server: AsyncServer, order: ReportLost, within: float) -> LostReported:
     """Tell the server an attempt ended without its runner reporting (a 409 or 404
     means the server has moved on already: delivered all the same)."""

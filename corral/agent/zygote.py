@@ -40,10 +40,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import corral
+from corral.agent.unixsock import socket_path
 
 log = logging.getLogger("corral.agent.zygote")
 
@@ -54,7 +54,6 @@ ORPHAN_GRACE = 60.0
 REQUEST_TIMEOUT = 3.0  # the agent waits this long at most before spawning instead
 MAX_REQUEST = 64 * 1024
 EXIT_CHILD_CRASHED = 70
-_PATH_MAX = 100  # sun_path is 108 bytes; past this, connect through /proc/self/fd
 
 
 class ZygoteUnavailable(Exception):
@@ -64,20 +63,6 @@ class ZygoteUnavailable(Exception):
 def fingerprint() -> str:
     """The build a zygote runs: an agent only uses a zygote of its own build."""
     return f"{corral.__version__} {sys.executable} {Path(corral.__file__).resolve().parent}"
-
-
-@contextlib.contextmanager
-def _socket_path(data_dir: Path) -> Iterator[str]:
-    """The socket's address; a long data dir is reached through an open fd of it."""
-    path = str(data_dir / SOCKET_NAME)
-    if len(os.fsencode(path)) <= _PATH_MAX:
-        yield path
-        return
-    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
-    finally:
-        os.close(fd)
 
 
 def _owner() -> dict:
@@ -118,7 +103,7 @@ class ZygoteClient:
             self._owner = _owner()
         try:
             with (
-                _socket_path(self.data_dir) as path,
+                socket_path(self.data_dir, SOCKET_NAME) as path,
                 socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
             ):
                 s.settimeout(timeout or self.timeout)
@@ -180,7 +165,7 @@ class Zygote:
 
     def bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with _socket_path(self.data_dir) as path:
+        with socket_path(self.data_dir, SOCKET_NAME) as path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # a dead zygote's: the agent checked before starting us
             old = os.umask(0o177)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -215,3 +215,36 @@ class AttemptAck(Wire):
     attempt: int
     job_state: str
     recorded: bool = True
+
+
+MAX_RELAYED = 256  # reports in one relayed request
+ATTEMPT_ACTIONS = ("start", "heartbeat", "logs", "finish", "lost")
+
+
+class AttemptReport(Strict):
+    """One runner's report, relayed by its agent: what POST
+    /api/v1/jobs/{job_id}/attempts/{attempt}/{action} takes, with the attempt's token."""
+
+    job_id: int = Field(ge=1)
+    attempt: int = Field(ge=1)
+    token: str = Field(min_length=1, max_length=200)
+    action: Literal["start", "heartbeat", "logs", "finish", "lost"]
+    body: dict[str, Any] | None = Field(
+        default=None, description="the route's body: LogBatch, AttemptFinish or AttemptLost"
+    )
+
+
+class AttemptReports(Strict):
+    reports: list[AttemptReport] = Field(min_length=1, max_length=MAX_RELAYED)
+
+
+class AttemptReportResult(Wire):
+    """What the route would have answered: its status and its body (an AttemptAck, or
+    the error body)."""
+
+    status: int
+    body: dict[str, Any]
+
+
+class AttemptReportsReply(Wire):
+    results: list[AttemptReportResult] = Field(description="one per report, in order")

@@ -300,6 +300,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         tokens_api,
     ):
         app.include_router(module.router)
+    app.include_router(attempts.relay_router)
     from corral.server import dashboard
 
     app.include_router(dashboard.router)

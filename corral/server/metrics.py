@@ -41,6 +41,10 @@ ATTEMPTS_FINISHED = Counter(
     "Attempts that ended, by outcome (succeeded, failed, lost)",
     ["outcome"],
 )
+RELAYED_REPORTS = Counter(
+    "corral_relayed_attempt_reports",
+    "Runners' attempt reports that reached this server through their agent's relay",
+)
 SUBMIT_TO_START = Histogram(
     "corral_submit_to_start_seconds",
     "Time from a job's submission to the start of its first attempt",
