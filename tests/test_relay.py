@@ -267,3 +267,32 @@ def test_runners_report_through_their_agent_and_directly_when_it_is_gone(cluster
 
 
 GATED = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.05)\n"
+
+
+def test_a_relay_that_does_not_answer_is_given_up_for_the_direct_route(tmp_path, relay):
+    r = relay()
+    r.gate.clear()  # the server never answers the relay
+    client = RelayClient(tmp_path, timeout=0.5)
+    with pytest.raises(NotRelayed, match="no answer"):
+        client.report(1, 1, "tok", "finish", {"exit_code": 0})
+    r.gate.set()
+
+
+def test_a_stopped_agent_is_seen_as_not_answering():
+    import signal
+    import subprocess
+
+    from corral.agent.relay import _running
+    from corral.testing import wait_for
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _running(proc.pid)
+        proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: not _running(proc.pid), 10, "the process to show as stopped")
+        proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: _running(proc.pid), 10, "the process to run again")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _running(proc.pid)

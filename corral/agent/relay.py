@@ -34,7 +34,8 @@ from corral.agent.unixsock import socket_path
 
 SOCKET_NAME = "relay.sock"
 MAX_REPORT = 1024 * 1024  # bytes of one report's JSON; larger ones go straight to the server
-ANSWER_WITHIN = 30.0  # a runner waits this long for its answer, then goes direct
+ANSWER_WITHIN = 5.0  # a runner waits this long for its answer, then goes direct
+LOOK_EVERY = 0.25  # while waiting, how often the runner looks whether its agent is stopped
 
 
 class NotRelayed(Exception):
@@ -49,6 +50,7 @@ class RelayClient:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._agent_pid = 0  # the relay's end (SO_PEERCRED)
         self.down_until = 0.0  # after a failure, go direct for a while
 
     def report(
@@ -85,9 +87,11 @@ class RelayClient:
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                sock.settimeout(1.0)
+                sock.settimeout(LOOK_EVERY)
                 with socket_path(self.data_dir, SOCKET_NAME) as path:
                     sock.connect(path)
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                self._agent_pid = int.from_bytes(creds[:4], "little", signed=True)
             except OSError:
                 sock.close()
                 raise
@@ -103,7 +107,9 @@ class RelayClient:
                 raise TimeoutError("stopped")
             try:
                 chunk = sock.recv(65536)
-            except TimeoutError:  # the 1 s socket timeout: look at stop and the deadline
+            except TimeoutError:
+                if not _running(self._agent_pid):  # a stopped (frozen) agent answers nothing
+                    raise TimeoutError("the agent is stopped") from None
                 continue
             if not chunk:
                 raise ConnectionError("the relay closed the connection")
@@ -112,7 +118,21 @@ class RelayClient:
         return line
 
     def close(self) -> None:
+        self._agent_pid = 0
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock, self._buf = None, b""
+
+
+def _running(pid: int) -> bool:
+    """Whether the process is there and not stopped (SIGSTOP, a debugger) or dead."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"T", b"t", b"Z", b"X")

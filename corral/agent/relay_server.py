@@ -20,7 +20,9 @@ log = logging.getLogger("corral.agent.relay")
 
 MAX_BATCH = 256  # reports in one request (corral.api.jobs.MAX_RELAYED)
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-SEND_WITHIN = 20.0  # the agent retries a batch this long (failover, 503s) before giving up
+# The agent tries a batch this long (failover, a 5xx) and then hands it back: the runners
+# send their reports themselves, each with its own backoff and the server's Retry-After.
+SEND_WITHIN = 2.0
 
 Waiting = tuple[dict, int, asyncio.Future]  # a report, its size, where its answer goes
 

@@ -12,14 +12,20 @@ is fenced by its token, not by the agent's credential.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.api import AttemptAck, AttemptFinish, AttemptLost, LogBatch
-from corral.api.jobs import AttemptReportResult, AttemptReports, AttemptReportsReply
+from corral.api.jobs import (
+    AttemptReport,
+    AttemptReportResult,
+    AttemptReports,
+    AttemptReportsReply,
+)
 from corral.domain.errors import IllegalTransition, StaleToken
 from corral.server import metrics
 from corral.server.api.jobs import job_key
@@ -42,71 +48,88 @@ def _ack(job_id: int, number: int, state: str, recorded: bool = True) -> Attempt
 # -- what each report does (the routes and the relay share these) ------------------------------
 
 
-async def do_start(ctx: ServerContext, job_id: int, number: int, token: str) -> AttemptAck:
-    started = await ctx.db.transact(repo.record_start, job_id, number, token, ctx.now())
-    ctx.issued_tokens.add(job_id, number, token)  # it passed the fence: the guard knows it
-    ctx.notifier.wake(job_key(job_id))
-    if started.recorded:  # a retried start was counted already
-        metrics.ATTEMPTS_STARTED.inc()
-    if started.submit_to_start is not None:
-        metrics.SUBMIT_TO_START.observe(started.submit_to_start)
-    return _ack(job_id, number, started.job_state)
+@dataclass
+class Report:
+    """One report, checked and decoded, ready for its transaction."""
+
+    action: str
+    job_id: int
+    number: int
+    token: str
+    body: Any = None  # LogBatch, AttemptFinish, AttemptLost or None
+    chunks: list | None = None  # decoded log chunks (logs, finish)
 
 
-async def do_heartbeat(ctx: ServerContext, job_id: int, number: int, token: str) -> AttemptAck:
-    await ctx.db.transact(repo.touch_attempt, job_id, number, token, ctx.now())
-    ctx.issued_tokens.add(job_id, number, token)
-    return _ack(job_id, number, "running")
+def prepared(action: str, job_id: int, number: int, token: str, body: Any = None) -> Report:
+    chunks = None
+    if action in ("logs", "finish"):
+        try:
+            chunks = repo.decode_chunks(body.chunks)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from None
+    return Report(action, job_id, number, token, body, chunks)
 
 
-async def do_logs(
-    ctx: ServerContext, job_id: int, number: int, token: str, batch: LogBatch
-) -> AttemptAck:
-    try:
-        chunks = repo.decode_chunks(batch.chunks)
-    except ValueError as exc:
-        raise ApiError(422, "invalid_request", str(exc)) from None
-    await ctx.db.transact(repo.append_logs, job_id, number, token, chunks, ctx.now())
-    ctx.notifier.wake(job_key(job_id))
-    return _ack(job_id, number, "running")
+async def store(conn: AsyncConnection, r: Report, now: float) -> Any:
+    """The report's writes (fenced by its token), in the caller's transaction."""
+    if r.action == "start":
+        return await repo.record_start(conn, r.job_id, r.number, r.token, now)
+    if r.action == "heartbeat":
+        return await repo.touch_attempt(conn, r.job_id, r.number, r.token, now)
+    if r.action == "logs":
+        return await repo.append_logs(conn, r.job_id, r.number, r.token, r.chunks or [], now)
+    if r.action == "finish":
+        b = r.body
+        measured = b.model_dump(
+            include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}
+        )
+        return await repo.finish_attempt(
+            conn,
+            r.job_id,
+            r.number,
+            r.token,
+            b.exit_code,
+            b.reason,
+            now,
+            b.outputs,
+            measured,
+            r.chunks,
+        )
+    return await repo.lose_attempt(conn, r.job_id, r.number, r.body.reason, now, token=r.token)
 
 
-async def do_finish(
-    ctx: ServerContext, job_id: int, number: int, token: str, body: AttemptFinish
-) -> AttemptAck:
-    try:
-        chunks = repo.decode_chunks(body.chunks)
-    except ValueError as exc:
-        raise ApiError(422, "invalid_request", str(exc)) from None
-    state, recorded = await ctx.db.transact(
-        repo.finish_attempt,
-        job_id,
-        number,
-        token,
-        body.exit_code,
-        body.reason,
-        ctx.now(),
-        body.outputs,
-        body.model_dump(include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}),
-        chunks,
-    )
-    ctx.notifier.wake(job_key(job_id), "dispatch")
-    if recorded:
-        outcome = "succeeded" if body.exit_code == 0 else "failed"
-        metrics.ATTEMPTS_FINISHED.labels(outcome).inc()
-    return _ack(job_id, number, state, recorded)
-
-
-async def do_lost(
-    ctx: ServerContext, job_id: int, number: int, token: str, body: AttemptLost
-) -> AttemptAck:
-    state = await ctx.db.transact(
-        repo.lose_attempt, job_id, number, body.reason, ctx.now(), token=token
-    )
-    ctx.notifier.wake(job_key(job_id), "dispatch")
-    if state:
+def after(ctx: ServerContext, r: Report, value: Any) -> AttemptAck:
+    """Once its transaction committed: wake-ups, metrics, and the route's answer."""
+    if r.action == "start":
+        ctx.issued_tokens.add(r.job_id, r.number, r.token)  # it passed the fence
+        ctx.notifier.wake(job_key(r.job_id))
+        if value.recorded:  # a retried start was counted already
+            metrics.ATTEMPTS_STARTED.inc()
+        if value.submit_to_start is not None:
+            metrics.SUBMIT_TO_START.observe(value.submit_to_start)
+        return _ack(r.job_id, r.number, value.job_state)
+    if r.action == "heartbeat":
+        ctx.issued_tokens.add(r.job_id, r.number, r.token)
+        return _ack(r.job_id, r.number, "running")
+    if r.action == "logs":
+        ctx.notifier.wake(job_key(r.job_id))
+        return _ack(r.job_id, r.number, "running")
+    ctx.notifier.wake(job_key(r.job_id), "dispatch")
+    if r.action == "finish":
+        state, recorded = value
+        if recorded:
+            outcome = "succeeded" if r.body.exit_code == 0 else "failed"
+            metrics.ATTEMPTS_FINISHED.labels(outcome).inc()
+        return _ack(r.job_id, r.number, state, recorded)
+    if value:
         metrics.ATTEMPTS_FINISHED.labels("lost").inc()
-    return _ack(job_id, number, state or "unchanged")
+    return _ack(r.job_id, r.number, value or "unchanged")
+
+
+async def handle(ctx: ServerContext, r: Report) -> AttemptAck:
+    """One report in its own transaction (the runner's own routes)."""
+    value = await ctx.db.transact(store, r, ctx.now())
+    return after(ctx, r, value)
 
 
 # -- the runner's routes -------------------------------------------------------------------------
@@ -120,7 +143,7 @@ async def start(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    return await do_start(ctx, job_id, number, token)
+    return await handle(ctx, prepared("start", job_id, number, token))
 
 
 @router.post("/heartbeat", response_model=AttemptAck, summary="The runner is alive")
@@ -131,7 +154,7 @@ async def heartbeat(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    return await do_heartbeat(ctx, job_id, number, token)
+    return await handle(ctx, prepared("heartbeat", job_id, number, token))
 
 
 @router.post("/logs", response_model=AttemptAck, summary="Append log chunks (idempotent by seq)")
@@ -144,7 +167,7 @@ async def logs(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    return await do_logs(ctx, job_id, number, token, batch)
+    return await handle(ctx, prepared("logs", job_id, number, token, batch))
 
 
 @router.post(
@@ -161,7 +184,7 @@ async def finish(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    return await do_finish(ctx, job_id, number, token, body)
+    return await handle(ctx, prepared("finish", job_id, number, token, body))
 
 
 @router.post(
@@ -177,21 +200,21 @@ async def lost(
     token: str = Depends(attempt_token),
     ctx: ServerContext = Depends(get_ctx),
 ) -> AttemptAck:
-    return await do_lost(ctx, job_id, number, token, body)
+    return await handle(ctx, prepared("lost", job_id, number, token, body))
 
 
 # -- the agent's relay -------------------------------------------------------------------------
 
-Action = Callable[[ServerContext, int, int, str, Any], Awaitable[AttemptAck]]
-
-# action -> (the body's model or None, what it does)
-ACTIONS: dict[str, tuple[type[BaseModel] | None, Action]] = {
-    "start": (None, lambda ctx, j, n, t, _b: do_start(ctx, j, n, t)),
-    "heartbeat": (None, lambda ctx, j, n, t, _b: do_heartbeat(ctx, j, n, t)),
-    "logs": (LogBatch, do_logs),
-    "finish": (AttemptFinish, do_finish),
-    "lost": (AttemptLost, do_lost),
+BODIES: dict[str, type[BaseModel] | None] = {
+    "start": None,
+    "heartbeat": None,
+    "logs": LogBatch,
+    "finish": AttemptFinish,
+    "lost": AttemptLost,
 }
+# what a report's own route answers with a 4xx (anything else fails the whole request)
+REFUSED = (ApiError, StaleToken, repo.JobNotFound, repo.JobConflict, IllegalTransition)
+TRANSACTION_REPORTS = 64  # reports per transaction: the write lock is not held long
 
 
 def _invalid(exc: ValidationError) -> tuple[int, dict]:
@@ -206,30 +229,46 @@ def _invalid(exc: ValidationError) -> tuple[int, dict]:
     return 422, error_body("invalid_request", summary or "invalid body", fields=fields)
 
 
-async def _one(ctx: ServerContext, report) -> tuple[int, dict]:
-    """(status, body) exactly as the report's own route answers, but a database that
-    does not answer, which fails the whole request (503: the agent sends it again)."""
-    model, act = ACTIONS[report.action]
+def _refusal(exc: Exception) -> tuple[int, dict]:
+    """(status, body) as the report's own route answers this error."""
+    if isinstance(exc, ApiError):
+        return exc.status, error_body(exc.code, exc.message, **exc.extra)
+    if isinstance(exc, StaleToken):
+        return 409, error_body("stale_token", str(exc))
+    if isinstance(exc, repo.JobNotFound):
+        return 404, error_body("not_found", f"job {exc.args[0]} not found")
+    if isinstance(exc, DatabaseConflict):
+        return 409, error_body("conflict", "the request conflicts with what is stored")
+    return 409, error_body("conflict", str(exc))
+
+
+def _check(report: AttemptReport) -> Report | tuple[int, dict]:
+    """The report ready for its transaction, or the 422 its route would answer."""
+    model = BODIES[report.action]
     try:
         body = None
         if model is not None:
             body = model.model_validate(report.body if report.body is not None else {})
         elif report.body:
             return 422, error_body("invalid_request", f"{report.action} takes no body")
-        ack = await act(ctx, report.job_id, report.attempt, report.token, body)
+        return prepared(report.action, report.job_id, report.attempt, report.token, body)
     except ValidationError as exc:
         return _invalid(exc)
     except ApiError as exc:
-        return exc.status, error_body(exc.code, exc.message, **exc.extra)
-    except StaleToken as exc:
-        return 409, error_body("stale_token", str(exc))
-    except repo.JobNotFound as exc:
-        return 404, error_body("not_found", f"job {exc.args[0]} not found")
-    except (repo.JobConflict, IllegalTransition) as exc:
-        return 409, error_body("conflict", str(exc))
-    except DatabaseConflict:
-        return 409, error_body("conflict", "the request conflicts with what is stored")
-    return 200, ack.model_dump(mode="json")
+        return _refusal(exc)
+
+
+async def store_each(conn: AsyncConnection, reports: list[Report], now: float) -> list:
+    """Every report's writes in one transaction, each in its own savepoint: a refused
+    report leaves nothing behind and the others go on."""
+    out: list = []
+    for r in reports:
+        try:
+            async with conn.begin_nested():
+                out.append((True, await store(conn, r, now)))
+        except (*REFUSED, DatabaseConflict) as exc:
+            out.append((False, exc))
+    return out
 
 
 @relay_router.post(
@@ -240,14 +279,27 @@ async def _one(ctx: ServerContext, report) -> tuple[int, dict]:
 )
 @body_limit(8 * MiB)  # the relay sends ~4 MiB at most (a report over 1 MiB goes direct)
 async def relayed(
-    body: AttemptReports,
-    ctx: ServerContext = Depends(get_ctx),
+    body: AttemptReports, ctx: ServerContext = Depends(get_ctx)
 ) -> AttemptReportsReply:
-    """Each report is handled as its own route would handle it, in order, each in its own
-    transaction: one report's 409 does not undo another's start."""
-    results = []
-    for report in body.reports:
-        status, answer = await _one(ctx, report)
-        results.append(AttemptReportResult(status=status, body=answer))
+    """Each report is answered as its own route would answer it, in order; their writes
+    share a transaction (a savepoint each), so one report's 409 undoes nothing else."""
+    answers: list[tuple[int, dict] | None] = []
+    ready: list[tuple[int, Report]] = []
+    for k, report in enumerate(body.reports):
+        checked = _check(report)
+        if isinstance(checked, Report):
+            ready.append((k, checked))
+            answers.append(None)
+        else:
+            answers.append(checked)
+    for i in range(0, len(ready), TRANSACTION_REPORTS):
+        chunk = ready[i : i + TRANSACTION_REPORTS]
+        stored = await ctx.db.transact(store_each, [r for _k, r in chunk], ctx.now())
+        for (k, r), (ok, value) in zip(chunk, stored, strict=True):
+            answers[k] = (
+                (200, after(ctx, r, value).model_dump(mode="json")) if ok else _refusal(value)
+            )
     metrics.RELAYED_REPORTS.inc(len(body.reports))
-    return AttemptReportsReply(results=results)
+    return AttemptReportsReply(
+        results=[AttemptReportResult(status=s, body=b) for s, b in filter(None, answers)]
+    )
