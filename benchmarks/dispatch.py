@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import re
@@ -38,6 +39,7 @@ from benchmarks.bare import run_bare
 from benchmarks.cpumeter import CgroupMeter, PgMeter, dbname_of
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
+from corral.api import JobView
 from corral.testing import Cluster, ServerProc, wait_for
 
 ACTIVE = ["queued", "locked", "running"]
@@ -143,16 +145,20 @@ def run_corral(
         c.wait_agents_running(client, agents)
 
         # idle: one job at a time
-        idle = []
+        idle: list[float] = []
+
+        def succeeded(job_id: int) -> JobView | None:
+            j = client.job(job_id)
+            return j if j.state == "succeeded" else None
+
         for _ in range(idle_jobs):
-            job = client.submit(list(command))
-            done = wait_for(
-                lambda job=job: (j := client.job(job.id)).state == "succeeded" and j,
-                60,
-                "an idle-phase job",
-                interval=0.005,
+            job_id = client.submit(list(command)).id
+            ran = wait_for(
+                functools.partial(succeeded, job_id), 60, "an idle-phase job", interval=0.005
             )
-            idle.append(done.started_at - done.created_at)
+            assert ran is not None
+            assert ran.started_at is not None
+            idle.append(ran.started_at - ran.created_at)
 
         # burst: N jobs at once
         clients = [c.client(procs[k % servers]) for k in range(submitters)]
@@ -202,8 +208,8 @@ def run_corral(
             cpu["benchmark_clients"] = meter.seconds("bench") - bench0
         done = [j for j in client.jobs(limit=jobs + idle_jobs) if j.id in ids]
         first = min(j.created_at for j in done)
-        last = max(j.finished_at for j in done if j.finished_at)
-        lat = [j.started_at - j.created_at for j in done if j.started_at]
+        last = max(j.finished_at for j in done if j.finished_at is not None)
+        lat = [j.started_at - j.created_at for j in done if j.started_at is not None]
         return {
             "database": "postgresql" if db else "sqlite",
             "servers": servers,

@@ -134,7 +134,7 @@ def main() -> None:
         "scenarios": {},
     }
     for scenario in ("two_builds", "never_lands"):
-        row = {}
+        row: dict = {}
         with ArtifactServer() as art:
             urls = {v: art.put(f"/runner/{v}", b) for v, b in builds.items()}
             pair = {v: urls[v] for v in ("0.20.18", "0.20.23")}

@@ -42,7 +42,7 @@ COMPONENTS = [
 
 def connect(url: str) -> http.client.HTTPConnection:
     u = urlsplit(url)
-    return http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    return http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=30)
 
 
 def call(conn: http.client.HTTPConnection, path: str, headers: dict, body: dict | None = None):

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -313,7 +313,7 @@ class Cluster:
 
     def agent(
         self,
-        server: ServerProc | str | list[ServerProc | str],
+        server: ServerProc | str | Sequence[ServerProc | str],
         *,
         name: str | None = None,
         cpus: float | None = 2,
@@ -323,7 +323,7 @@ class Cluster:
         data_dir: Path | None = None,
     ) -> AgentProc:
         """An agent of these servers (ServerProcs or URLs, e.g. a load balancer's)."""
-        servers = server if isinstance(server, list) else [server]
+        servers = [server] if isinstance(server, (ServerProc, str)) else list(server)
         urls = [s if isinstance(s, str) else s.url for s in servers]
         if join_token is None:
             join_token = next(s.join_token for s in servers if isinstance(s, ServerProc))
