@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
 
 def body_digest(body: HeartbeatRequest) -> bytes:
-    """What the agent reported, without how long it is willing to wait."""
-    raw = body.model_dump_json(exclude={"wait"}).encode()
+    """What the agent reported, without how long it is willing to wait and without
+    its object list (a report that lists its objects always runs the exchange; one
+    that says they are unchanged reports what the last exchange got)."""
+    raw = body.model_dump_json(exclude={"wait", "objects"}).encode()
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
@@ -55,6 +57,7 @@ async def current_pacing(ctx: ServerContext) -> Pacing:
         lease_base=cfg.lease_base,
         lease_max_per_second=cfg.lease_max_rate,
         lease_ceiling=cfg.lease_ceiling,
+        ceiling=cfg.heartbeat_ceiling,
     )
     ctx.pacing = (pace, now)
     return pace

@@ -19,6 +19,7 @@ from corral.api import (
 from corral.domain.heartbeat import (
     LastExchange,
     Pacing,
+    full_exchange_every,
     grace_period,
     needs_exchange,
     renewal_interval,
@@ -346,8 +347,9 @@ def cheap_renewal(
     now = ctx.now()
     last = ctx.leases.last.get(body.instance_id)
     wakes_trusted = not ctx.db.is_postgres or ctx.notifier.cross_server
+    full_every = full_exchange_every(pace.interval, ctx.config.heartbeat_full_every)
     if last is None or needs_exchange(
-        last, digest, gen, now, ctx.config.heartbeat_full_every, wakes_trusted
+        last, digest, gen, now, full_every, wakes_trusted, lists_objects=body.objects is not None
     ):
         return None
     ctx.leases.renew(
