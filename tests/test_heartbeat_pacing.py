@@ -29,6 +29,7 @@ from corral.domain.heartbeat import (
 from corral.domain.instances import InstanceState
 from corral.server.config import ServerConfig
 from corral.server.leases import flush_leases
+from corral.server.loops import reaper
 from tests.test_lease_batching import Harness, _with_server
 
 FLEETS = [1, 10, 100, 101, 500, 1_000, 1_500, 2_000, 5_000, 10_000]  # per server
@@ -149,3 +150,56 @@ def test_unchanged_objects_after_a_listing_skip_the_exchange(tmp_path: Path) -> 
 
     asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
 
+
+# ---- under load: refused heartbeats still prove their agent alive ---------------------------
+
+
+def _fill(gate) -> None:
+    """Every slot busy and the queue full: the next exchange is refused."""
+    gate.busy, gate.waiting = gate.slots, gate.queue
+
+
+def test_an_agent_refused_for_load_is_not_declared_lost(tmp_path: Path) -> None:
+    """A freshly registered agent (no renewals admitted yet) whose first exchange is
+    refused with 503 and a Retry-After longer than its lease: the refusal renews its
+    lease past that Retry-After, so waiting as told does not get it declared lost
+    (with a 10 s grace and a 30 s Retry-After, it was). A silent one beside it is."""
+
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("refused")
+        _, silent = await h.register("silent")
+        registered_lease = (await h.row(beat["instance_id"]))["lease_until"]
+        gate = h.ctx.gate()
+        _fill(gate)
+        h.t += 1.0
+        r = await h.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
+        assert r.status_code == 503, r.text
+        retry = float(r.headers["retry-after"])
+        assert h.ctx.leases.is_pending(beat["instance_id"])
+        gate.busy = gate.waiting = 0
+        # it waits as told; meanwhile its registration's lease has run out
+        h.t = max(h.t + retry, registered_lease + 1.0)
+        await reaper.reap_once(h.ctx)
+        assert (await h.row(beat["instance_id"]))["lost_at"] is None
+        assert (await h.row(silent["instance_id"]))["lost_at"] is not None
+        await h.beat(cred, beat)  # comes back as told: served
+
+    asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
+
+
+def test_a_heartbeat_that_changes_nothing_is_served_while_the_gate_is_full(
+    tmp_path: Path,
+) -> None:
+    """It needs no database work (a buffered renewal): refusing it would only send
+    its agent back later with the same report."""
+
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("steady")
+        await h.settle(cred, beat)
+        await flush_leases(h.ctx)
+        _fill(h.ctx.gate())
+        h.t += 1.0
+        await h.beat(cred, beat)  # 200, asserted by beat()
+        assert h.ctx.leases.is_pending(beat["instance_id"])
+
+    asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))

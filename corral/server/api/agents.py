@@ -157,11 +157,13 @@ async def never_gone() -> bool:
     "/heartbeat",
     response_model=HeartbeatReply,
     summary="Report observed state; get desired state (long-polls up to `wait`)",
-    dependencies=[Depends(not_overloaded)],
 )
 @body_limit(16 * MiB)  # the sha256 of every object held, on a first heartbeat
-@shed_under_load
+# not shed before its credential is read (shed_under_load): a heartbeat that would
+# change nothing is served while the gate is full, and one refused still proves its
+# agent alive (refused_alive)
 async def heartbeat(
+    request: Request,
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),
     ctx: ServerContext = Depends(get_ctx),
@@ -197,6 +199,11 @@ async def heartbeat(
                 if (not woken and held >= remaining) or await gone():
                     return renewed
                 continue
+            try:  # the full exchange needs the database: refused at once when full
+                received_at = request.scope.get(SCOPE_RECEIVED)
+                ctx.gate().check(time.monotonic() - received_at if received_at else 0.0)
+            except Overloaded as exc:
+                raise refused_alive(ctx, body, renews, grace, exc) from None
 
         async def exchange(conn, first=first):
             nonlocal uploaded
@@ -245,8 +252,11 @@ async def heartbeat(
 
         uploaded = False
         t0 = time.perf_counter()
-        async with admitted(ctx, refuse=first):
-            reply = await ctx.db.transact(exchange)
+        try:
+            async with ctx.gate().enter(refuse=first):
+                reply = await ctx.db.transact(exchange)
+        except Overloaded as exc:
+            raise refused_alive(ctx, body, renews, grace, exc) from None
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
         remember(ctx, body.instance_id, reply, digest, gen)
         if exchanged_at is not None:
@@ -279,6 +289,27 @@ async def heartbeat(
             # its agent is gone (killed while held): an order put in this reply would be
             # lost, and its attempt would wait out the start timeout
             return reply
+
+
+def refused_alive(
+    ctx: ServerContext,
+    body: HeartbeatRequest,
+    renews: float,
+    grace: float,
+    exc: Overloaded,
+) -> ApiError:
+    """A heartbeat refused for load (503) still proves its agent alive: its lease is
+    renewed (buffered, no database) to outlast the Retry-After it is told plus its
+    grace, so an agent kept out by a busy server is not declared lost meanwhile (a
+    freshly registered one has no renewals admitted yet to keep it alive). The
+    renewal names the incarnation the agent reports: a stale one renews nothing."""
+    now = ctx.now()
+    ctx.leases.renew(
+        instances.Renewal(
+            body.instance_id, body.incarnation, now, now + exc.retry_after + grace, renews
+        )
+    )
+    return _busy(exc)
 
 
 def ordered_nothing(reply: HeartbeatReply) -> bool:
