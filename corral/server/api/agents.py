@@ -30,7 +30,7 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
+from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit
 from corral.server.leases import Pinger, body_digest, current_pacing, instance_key
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
@@ -48,21 +48,26 @@ def _busy(exc: Overloaded) -> ApiError:
     )
 
 
-async def not_overloaded(request: Request, ctx: ServerContext = Depends(get_ctx)) -> None:
-    """Before the route's work: refuse at once when the gate is full. (The body guard
-    has checked the credential already: unauthenticated requests get 401, not 503.)"""
+async def registration_not_overloaded(
+    request: Request, ctx: ServerContext = Depends(get_ctx)
+) -> None:
+    """Before a registration's work: refuse at once when the registrations already
+    waiting for the gate are too many (registrations go ahead of heartbeats there).
+    (The body guard has checked the credential already: unauthenticated requests get
+    401, not 503.)"""
     try:
         received = request.scope.get(SCOPE_RECEIVED)
-        ctx.gate().check(time.monotonic() - received if received is not None else 0.0)
+        age = time.monotonic() - received if received is not None else 0.0
+        ctx.gate().check(age, urgent=True)
     except Overloaded as exc:
         raise _busy(exc) from None
 
 
 @contextlib.asynccontextmanager
-async def admitted(ctx: ServerContext, *, refuse: bool = True) -> AsyncIterator[None]:
+async def admitted(ctx: ServerContext, *, urgent: bool = False) -> AsyncIterator[None]:
     """Through the agent gate, or 503 with Retry-After when it is full."""
     try:
-        async with ctx.gate().enter(refuse=refuse):
+        async with ctx.gate().enter(urgent=urgent):
             yield
     except Overloaded as exc:
         raise _busy(exc) from None
@@ -72,9 +77,9 @@ async def admitted(ctx: ServerContext, *, refuse: bool = True) -> AsyncIterator[
     "/register",
     response_model=RegisterReply,
     summary="Join, or rejoin after a restart",
-    dependencies=[Depends(not_overloaded)],
+    dependencies=[Depends(registration_not_overloaded)],
 )
-@shed_under_load
+# not shed with the heartbeats (shed_under_load): registrations go ahead of them
 async def register(
     body: RegisterRequest,
     who: Principal = Depends(require_joiner),
@@ -96,7 +101,7 @@ async def register(
     interval = (await current_pacing(ctx)).interval
     grace = grace_period(interval, ctx.config.agent_grace)
     try:
-        async with admitted(ctx):
+        async with admitted(ctx, urgent=True):
             reg = await ctx.db.transact(
                 instances.register,
                 name=body.name,
