@@ -279,7 +279,10 @@ async def batched_heartbeats(http: httpx.AsyncClient, urls: list[str], admin: st
 
 async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[int]) -> dict:
     stats = Stats()
-    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=200)
+    # a real agent has a connection of its own: by default so does each simulated one
+    # (with fewer, requests queue in this process's pool, and that wait is measured)
+    conns = args.connections or args.agents + 10
+    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
     async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as http:
         t0 = time.monotonic()
         stop = t0 + args.register_timeout + args.duration
@@ -384,7 +387,9 @@ def main() -> None:
     ap.add_argument("--register-timeout", type=float, default=180)
     ap.add_argument("--db", default=None, help="PostgreSQL server URL (throwaway database)")
     ap.add_argument("--servers", type=int, default=1)
-    ap.add_argument("--connections", type=int, default=100, help="client connection pool")
+    ap.add_argument(
+        "--connections", type=int, default=0, help="client connection pool (0: one per agent)"
+    )
     ap.add_argument("--request-timeout", type=float, default=30)
     ap.add_argument("--wait", type=float, default=0.0, help="long-poll each heartbeat this long")
     args = ap.parse_args()
