@@ -98,6 +98,13 @@ class Leases:
         if prev is None or prev.heard_at <= renewal.heard_at:
             self.pending[renewal.instance_id] = renewal
 
+    def written(self, instance_id: str, at: float) -> None:
+        """An exchange wrote the instance's lease as heard at `at`: a renewal pending
+        from no later than that says nothing more (corral.server.api.agents.heard_alive)."""
+        prev = self.pending.get(instance_id)
+        if prev is not None and prev.heard_at <= at:
+            del self.pending[instance_id]
+
     def is_pending(self, instance_id: str) -> bool:
         return instance_id in self.pending
 

@@ -204,6 +204,9 @@ async def heartbeat(
                 if (not woken and held >= remaining) or await gone():
                     return renewed
                 continue
+            # its arrival proves the agent alive, whether the exchange below runs
+            # at once, waits for the gate, or is refused (buffered: no database)
+            heard_alive(ctx, body, renews, grace)
             try:  # the full exchange needs the database: refused at once when full
                 received_at = request.scope.get(SCOPE_RECEIVED)
                 ctx.gate().check(time.monotonic() - received_at if received_at else 0.0)
@@ -265,9 +268,12 @@ async def heartbeat(
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
         remember(ctx, body.instance_id, reply, digest, gen)
         if exchanged_at is not None:
+            if first:  # it wrote the lease: the one buffered on arrival is moot
+                ctx.leases.written(body.instance_id, exchanged_at)
             admit_renewals(ctx, who, body.incarnation, gen, exchanged_at, pace)
         elif reply.action == "exit":
             ctx.leases.forget(body.instance_id)  # no renewal keeps it now
+            ctx.leases.pending.pop(body.instance_id, None)  # nor the one heard on arrival
         for order in reply.install:
             metrics.INSTALL_ORDERS.labels(order.component).inc()
         metrics.REPLICATION_ORDERS.inc(sum(f.size for f in reply.replicate))
@@ -296,6 +302,21 @@ async def heartbeat(
             return reply
 
 
+def heard_alive(
+    ctx: ServerContext, body: HeartbeatRequest, renews: float, grace: float, extra: float = 0.0
+) -> None:
+    """A heartbeat that arrived proves its agent alive before its exchange runs: its
+    lease is renewed in the buffer (corral.server.leases, no database), so one kept
+    waiting for the gate behind a registration storm, or refused, is not declared lost
+    meanwhile (a freshly registered agent has no renewals admitted yet to keep it
+    alive). The renewal names the incarnation the agent reports: a stale one renews
+    nothing, and a lost instance comes back only through its exchange."""
+    now = ctx.now()
+    ctx.leases.renew(
+        instances.Renewal(body.instance_id, body.incarnation, now, now + extra + grace, renews)
+    )
+
+
 def refused_alive(
     ctx: ServerContext,
     body: HeartbeatRequest,
@@ -303,17 +324,9 @@ def refused_alive(
     grace: float,
     exc: Overloaded,
 ) -> ApiError:
-    """A heartbeat refused for load (503) still proves its agent alive: its lease is
-    renewed (buffered, no database) to outlast the Retry-After it is told plus its
-    grace, so an agent kept out by a busy server is not declared lost meanwhile (a
-    freshly registered one has no renewals admitted yet to keep it alive). The
-    renewal names the incarnation the agent reports: a stale one renews nothing."""
-    now = ctx.now()
-    ctx.leases.renew(
-        instances.Renewal(
-            body.instance_id, body.incarnation, now, now + exc.retry_after + grace, renews
-        )
-    )
+    """A heartbeat refused for load (503): its lease is renewed to outlast the
+    Retry-After it is told plus its grace (heard_alive)."""
+    heard_alive(ctx, body, renews, grace, extra=exc.retry_after)
     return _busy(exc)
 
 
