@@ -7,8 +7,9 @@ takes to declare it lost. Bounded in time; prints JSON.
     python benchmarks/agents.py --agents 1000 [--db URL] [--servers 2] --duration 120
 
 Simulated agents report what a real agent reports when idle: the components it
-has installed (the same each time) and, on its first heartbeat, the objects it holds
-(none). By default heartbeats do not wait (`wait=0`, then sleep the told interval):
+has installed (the same each time) and, on its first heartbeat and then once per
+`objects_refresh(interval)` as the agent does, the objects it holds (none). By
+default heartbeats do not wait (`wait=0`, then sleep the told interval):
 the latency measured is the server's work per heartbeat, not a long-poll's hold.
 With `--wait S` they long-poll as the agent does (`server_cpu_ms_per_heartbeat` then
 includes what the server spends while holding them). Submitted jobs target a fleet
@@ -38,6 +39,7 @@ from benchmarks.dispatch import percentile
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
 from corral.agent.upstream import retry_after
+from corral.domain.heartbeat import objects_refresh
 from corral.testing import Cluster
 
 
@@ -98,6 +100,7 @@ async def agent_life(
         "objects": [],
     }
     interval = reply["interval"]
+    listed_at = time.monotonic()
     lease: dict = {"every": None, "task": None}
     exchange_now = asyncio.Event()  # a renewal was refused: exchange at once
     await asyncio.sleep(random.random() * interval)  # agents do not start in step
@@ -112,7 +115,12 @@ async def agent_life(
                     stats.heartbeat.append(time.perf_counter() - t)
                     answer = r.json()
                     interval = answer["interval"]
-                    beat["objects"] = None  # unchanged since the first report
+                    if beat["objects"] is not None:
+                        listed_at = time.monotonic()
+                    # unchanged since the last list; the whole list again (a refresh,
+                    # as the agent sends it) once objects_refresh has passed
+                    due = time.monotonic() - listed_at >= objects_refresh(interval)
+                    beat["objects"] = [] if due else None
                     every = answer.get("lease_interval")
                     beat["renews_every"] = every
                     if every != lease["every"]:
@@ -271,7 +279,10 @@ async def batched_heartbeats(http: httpx.AsyncClient, urls: list[str], admin: st
 
 async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[int]) -> dict:
     stats = Stats()
-    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=200)
+    # a real agent has a connection of its own: by default so does each simulated one
+    # (with fewer, requests queue in this process's pool, and that wait is measured)
+    conns = args.connections or args.agents + 10
+    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
     async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as http:
         t0 = time.monotonic()
         stop = t0 + args.register_timeout + args.duration
@@ -376,7 +387,9 @@ def main() -> None:
     ap.add_argument("--register-timeout", type=float, default=180)
     ap.add_argument("--db", default=None, help="PostgreSQL server URL (throwaway database)")
     ap.add_argument("--servers", type=int, default=1)
-    ap.add_argument("--connections", type=int, default=100, help="client connection pool")
+    ap.add_argument(
+        "--connections", type=int, default=0, help="client connection pool (0: one per agent)"
+    )
     ap.add_argument("--request-timeout", type=float, default=30)
     ap.add_argument("--wait", type=float, default=0.0, help="long-poll each heartbeat this long")
     args = ap.parse_args()

@@ -71,9 +71,52 @@ def test_a_gate_refuses_a_wait_it_expects_too_long() -> None:
     asyncio.run(main())
 
 
-async def _enter_and_leave(gate: LoadGate, refuse: bool = True) -> None:
-    async with gate.enter(refuse=refuse):
-        pass
+async def _enter_and_leave(
+    gate: LoadGate, refuse: bool = True, urgent: bool = False, order: list | None = None
+) -> None:
+    async with gate.enter(refuse=refuse, urgent=urgent):
+        if order is not None:
+            order.append("registration" if urgent else "heartbeat")
+
+
+def test_registrations_go_ahead_of_waiting_heartbeats() -> None:
+    """A slot freed goes to a waiting registration before heartbeats that came first,
+    and a registration is refused only for the registrations ahead of it."""
+
+    async def main() -> None:
+        gate = LoadGate(slots=1, queue=2)
+        order: list[str] = []
+        async with gate.enter():
+            beats = [asyncio.create_task(_enter_and_leave(gate, order=order)) for _ in range(2)]
+            await asyncio.sleep(0)
+            assert gate.waiting == 2
+            with pytest.raises(Overloaded):
+                gate.check()  # a third heartbeat: the queue is full
+            reg = asyncio.create_task(_enter_and_leave(gate, urgent=True, order=order))
+            await asyncio.sleep(0)
+            assert gate.waiting_urgent == 1
+        await asyncio.wait_for(asyncio.gather(*beats, reg), 10)
+        assert order == ["registration", "heartbeat", "heartbeat"]
+        assert (gate.busy, gate.waiting, gate.waiting_urgent) == (0, 0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on() -> None:
+    async def main() -> None:
+        gate = LoadGate(slots=1, queue=5)
+        async with gate.enter():
+            first = asyncio.create_task(_enter_and_leave(gate))
+            second = asyncio.create_task(_enter_and_leave(gate))
+            await asyncio.sleep(0)
+        first.cancel()  # the slot was handed to it; it gives it up
+        await asyncio.wait_for(second, 10)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        async with gate.enter():  # no slot lost
+            assert gate.busy == 1
+
+    asyncio.run(main())
 
 
 def test_a_saturated_server_answers_503_with_retry_after(tmp_path: Path) -> None:
@@ -102,10 +145,11 @@ def test_a_saturated_server_answers_503_with_retry_after(tmp_path: Path) -> None
                     r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=agent)
                     assert r.status_code == 503, r.text
                     assert int(r.headers["retry-after"]) >= 1
-                    # refused before the credential's lookup: no database work at all
+                    # a heartbeat's credential is read before it is refused (a refusal
+                    # renews the agent's lease: tests/test_heartbeat_pacing.py)
                     bogus = {"Authorization": "Bearer cra_not_looked_up"}
                     r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=bogus)
-                    assert r.status_code == 503, r.text
+                    assert r.status_code == 401, r.text
                 r = await http.post("/api/v1/agents/register", json=body, headers=join)
                 assert r.status_code == 200, r.text
                 r = await http.post("/api/v1/agents/heartbeat", json=beat, headers=agent)

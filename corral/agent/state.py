@@ -40,10 +40,10 @@ from corral.api import (
     StartOrder,
 )
 from corral.domain.backoff import Backoff
+from corral.domain.heartbeat import objects_refresh
 from corral.domain.instances import AGENT_EXIT_RETIRED, AGENT_EXIT_SUPERSEDED, superseded
 
 RECONNECT = Backoff(base=0.5, factor=2.0, maximum=10.0, jitter=0.5)
-OBJECTS_REFRESH = 30.0  # the full object list goes up at least this often
 IDLE_GAP = 0.5  # never heartbeat more often than this when the server sent nothing
 EXIT_SUPERSEDED = AGENT_EXIT_SUPERSEDED  # another agent process took over this instance
 
@@ -577,7 +577,10 @@ class AgentState:
             comps[name] = o.model_copy(update={"error": error[:4000], "error_sha256": sha})
         held = tuple(sorted(self.held))
         sent = self.objects_sent
-        objects = None if sent and sent[0] == held and now - sent[1] < OBJECTS_REFRESH else held
+        # the full list goes up at least every objects_refresh (stretched with the
+        # exchange interval: a list forces a full exchange)
+        fresh = sent and sent[0] == held and now - sent[1] < objects_refresh(self.interval)
+        objects = None if fresh else held
         return SendHeartbeat(
             instance_id=self.instance_id,
             incarnation=self.incarnation,

@@ -69,7 +69,12 @@ class HeartbeatRequest(Strict):
         "as ordered, since the last heartbeat",
     )
     offload_errors: list[ObjectError] = Field(default_factory=list, max_length=10_000)
-    wait: float = Field(default=0.0, ge=0, le=60, description="hold the reply this long if idle")
+    wait: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,  # the exchange interval grows up to 300 s at scale (domain.heartbeat)
+        description="hold the reply this long if idle",
+    )
     renews_every: float | None = Field(
         default=None,
         gt=0,

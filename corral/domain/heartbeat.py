@@ -45,6 +45,14 @@ class Pacing:
     lease: float | None
 
 
+# The exchange interval's ceiling when agents renew their lease between exchanges:
+# liveness then rides on the renewals (whose own ceiling bounds detection), so the
+# exchange interval keeps growing with the fleet up to this instead of the 30 s that
+# bounds it when exchanges are all the liveness there is.
+EXCHANGE_CEILING = 300.0
+EXCHANGE_CEILING_WITHOUT_LEASES = 30.0
+
+
 def pacing(
     fleet_size: int,
     *,
@@ -53,10 +61,44 @@ def pacing(
     lease_base: float,
     lease_max_per_second: float,
     lease_ceiling: float,
+    ceiling: float = EXCHANGE_CEILING,
 ) -> Pacing:
-    interval = heartbeat_interval(fleet_size, base, max_per_second)
+    """What agents are told at this fleet size. Exchanges come at most
+    `max_per_second` a second fleet-wide (each agent's interval grows with the fleet
+    up to `ceiling`); once they come rarer than the renewals would, renewals carry
+    liveness in between. Without renewals the exchange interval is capped at
+    EXCHANGE_CEILING_WITHOUT_LEASES, as it always was."""
+    interval = heartbeat_interval(fleet_size, base, max_per_second, ceiling)
     lease = lease_interval(fleet_size, interval, lease_base, lease_max_per_second, lease_ceiling)
+    if lease is None:
+        interval = min(interval, max(EXCHANGE_CEILING_WITHOUT_LEASES, base))
     return Pacing(interval, lease)
+
+
+# A full exchange runs at least once per this many exchange intervals even when the
+# agent reports nothing new (time-driven decisions, e.g. an install's backoff); the
+# agent sends its whole object list at least once per OBJECTS_REFRESH_INTERVALS.
+FULL_EVERY_INTERVALS = 3.0
+OBJECTS_REFRESH_INTERVALS = 10.0
+OBJECTS_REFRESH_MIN = 30.0
+
+
+def full_exchange_every(interval: float, configured: float) -> float:
+    """How long after a full exchange an unchanged report may still skip one: the
+    configured period, stretched to a few exchange intervals so that at scale (long
+    intervals) most exchanges that report nothing new stay cheap. With the period
+    shorter than the interval every exchange would be a full one. A configured 0
+    turns the skipping off (every exchange is a full one)."""
+    if configured <= 0:
+        return 0.0
+    return max(configured, FULL_EVERY_INTERVALS * interval)
+
+
+def objects_refresh(interval: float) -> float:
+    """How often an agent sends its whole object list though nothing changed (a
+    refresh, not news: a changed list goes up at once). A list forces a full exchange,
+    so it is stretched with the exchange interval like `full_exchange_every`."""
+    return max(OBJECTS_REFRESH_MIN, OBJECTS_REFRESH_INTERVALS * interval)
 
 
 def renewal_interval(exchange_interval: float, lease: float | None) -> float:
@@ -184,6 +226,7 @@ def needs_exchange(
     now: float,
     full_every: float,
     wakes_trusted: bool = True,
+    lists_objects: bool = False,
 ) -> bool:
     """Must this heartbeat run the full exchange, or may it only renew the lease?
 
@@ -192,8 +235,10 @@ def needs_exchange(
     since (every change for an instance wakes it, from any server while wake-ups cross
     servers: `wakes_trusted`), and it ran less than `full_every` seconds ago (decisions
     driven by time alone, such as an install's backoff, are taken at most that late).
-    Anything uncertain runs the exchange."""
-    if last is None or not wakes_trusted:
+    A report that lists its objects (`lists_objects`: a first report or a refresh)
+    always runs it; one that says they are unchanged matches the last exchange's
+    (the digest leaves the object list out). Anything uncertain runs the exchange."""
+    if last is None or not wakes_trusted or lists_objects:
         return True
     if digest != last.digest or generation != last.generation:
         return True

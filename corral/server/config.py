@@ -24,6 +24,10 @@ class ServerConfig:
     )
     heartbeat_base: float = 2.0  # seconds between one agent's heartbeats, small fleets
     heartbeat_max_rate: float = 50.0  # heartbeats per second the whole fleet may send
+    # the exchange interval grows with the fleet up to this once agents renew their
+    # lease between exchanges (liveness no longer waits for exchanges; without
+    # renewals it stays capped at 30 s: domain.heartbeat.pacing)
+    heartbeat_ceiling: float = 300.0
     # between exchanges agents renew their lease with a tiny request, paced like the
     # exchanges at a higher fleet-wide rate, never rarer than the ceiling; only when
     # exchanges come rarer than that (fleets above ~100 agents by default)
@@ -40,7 +44,9 @@ class ServerConfig:
     reaper_interval: float = 1.0
     lease_flush_interval: float = 1.0  # batched lease renewals are written this often
     # a heartbeat that reports nothing new skips the exchange (only renews its lease) for
-    # at most this long after the last full one (time-driven decisions: at most this late)
+    # at most this long after the last full one (time-driven decisions: at most this
+    # late), or a few exchange intervals when those are longer
+    # (domain.heartbeat.full_exchange_every)
     heartbeat_full_every: float = 10.0
     presence_interval: float = 5.0
     server_grace: float = 30.0  # a server unseen this long counts as gone

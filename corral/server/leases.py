@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
 
 def body_digest(body: HeartbeatRequest) -> bytes:
-    """What the agent reported, without how long it is willing to wait."""
-    raw = body.model_dump_json(exclude={"wait"}).encode()
+    """What the agent reported, without how long it is willing to wait and without
+    its object list (a report that lists its objects always runs the exchange; one
+    that says they are unchanged reports what the last exchange got)."""
+    raw = body.model_dump_json(exclude={"wait", "objects"}).encode()
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
@@ -55,6 +57,7 @@ async def current_pacing(ctx: ServerContext) -> Pacing:
         lease_base=cfg.lease_base,
         lease_max_per_second=cfg.lease_max_rate,
         lease_ceiling=cfg.lease_ceiling,
+        ceiling=cfg.heartbeat_ceiling,
     )
     ctx.pacing = (pace, now)
     return pace
@@ -94,6 +97,13 @@ class Leases:
         prev = self.pending.get(renewal.instance_id)
         if prev is None or prev.heard_at <= renewal.heard_at:
             self.pending[renewal.instance_id] = renewal
+
+    def written(self, instance_id: str, at: float) -> None:
+        """An exchange wrote the instance's lease as heard at `at`: a renewal pending
+        from no later than that says nothing more (corral.server.api.agents.heard_alive)."""
+        prev = self.pending.get(instance_id)
+        if prev is not None and prev.heard_at <= at:
+            del self.pending[instance_id]
 
     def is_pending(self, instance_id: str) -> bool:
         return instance_id in self.pending

@@ -7,6 +7,13 @@ while the wait they can expect (those ahead × an exchange's smoothed time / slo
 stays under `max_wait` seconds, and never more than `queue` of them; the next is
 refused, told to come back when the backlog it saw should be gone. Exchanges
 already admitted (a long-poll woken to look again) wait, never refused.
+
+Registrations go first (`urgent`): a free slot goes to a waiting registration before
+any waiting heartbeat, and a registration's expected wait counts only the
+registrations ahead of it. A registration is a few statements; until it is done its
+agent can do nothing at all, while a heartbeat kept waiting (or refused) still keeps
+its agent alive (corral.server.api.agents.refused_alive), so a registration storm no
+longer queues behind the exchanges of the agents already in.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import math
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 RETRY_AFTER_MIN = 1
@@ -43,41 +51,74 @@ class LoadGate:
         self.slots = slots
         self.queue = queue
         self.max_wait = max_wait
-        self._sem = asyncio.Semaphore(slots)
+        self._free = slots
+        # waiters for a slot: registrations (urgent) are served before the rest
+        self._urgent: deque[asyncio.Future[None]] = deque()
+        self._normal: deque[asyncio.Future[None]] = deque()
         self.busy = 0
         self.waiting = 0
+        self.waiting_urgent = 0
         self.mean_s = 0.02  # an exchange's time in the gate, smoothed
         self.refused = 0
 
-    def check(self, age: float = 0.0) -> None:
+    def check(self, age: float = 0.0, *, urgent: bool = False) -> None:
         """Raise Overloaded if an exchange arriving now would be refused: also one that
         has already waited `age` > max_wait seconds since the server received it (the
-        event loop itself is behind; its client may have given up)."""
+        event loop itself is behind; its client may have given up). An urgent one (a
+        registration) counts only the urgent ones ahead of it."""
         if age > self.max_wait:
             self.refused += 1
             raise Overloaded(retry_after(1, 1, age, random.random()))
+        ahead = self.waiting_urgent if urgent else self.waiting
         if self.busy >= self.slots and (
-            self.waiting >= self.queue
-            or (self.waiting + 1) * self.mean_s / self.slots > self.max_wait
+            ahead >= self.queue or (ahead + 1) * self.mean_s / self.slots > self.max_wait
         ):
             self.refused += 1
-            backlog = self.busy + self.waiting + 1
+            backlog = self.busy + ahead + 1
             raise Overloaded(retry_after(backlog, self.slots, self.mean_s, random.random()))
 
-    @contextlib.asynccontextmanager
-    async def enter(self, *, refuse: bool = True) -> AsyncIterator[None]:
-        if refuse:
-            self.check()
-        self.waiting += 1
+    async def _acquire(self, urgent: bool) -> None:
+        if self._free > 0 and not self._urgent and (urgent or not self._normal):
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line = self._urgent if urgent else self._normal
+        line.append(fut)
         try:
-            await self._sem.acquire()
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed a slot as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    line.remove(fut)
+            raise
+
+    def _release(self) -> None:
+        for line in (self._urgent, self._normal):
+            while line:
+                fut = line.popleft()
+                if not fut.done():
+                    fut.set_result(None)  # the slot passes straight to it
+                    return
+        self._free += 1
+
+    @contextlib.asynccontextmanager
+    async def enter(self, *, refuse: bool = True, urgent: bool = False) -> AsyncIterator[None]:
+        if refuse:
+            self.check(urgent=urgent)
+        self.waiting += 1
+        self.waiting_urgent += urgent
+        try:
+            await self._acquire(urgent)
         finally:
             self.waiting -= 1
+            self.waiting_urgent -= urgent
         self.busy += 1
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.busy -= 1
-            self._sem.release()
+            self._release()
             self.mean_s += 0.1 * (time.perf_counter() - t0 - self.mean_s)

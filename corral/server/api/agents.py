@@ -19,6 +19,7 @@ from corral.api import (
 from corral.domain.heartbeat import (
     LastExchange,
     Pacing,
+    full_exchange_every,
     grace_period,
     needs_exchange,
     renewal_interval,
@@ -29,7 +30,7 @@ from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
-from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit, shed_under_load
+from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit
 from corral.server.leases import Pinger, body_digest, current_pacing, instance_key
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
@@ -47,21 +48,26 @@ def _busy(exc: Overloaded) -> ApiError:
     )
 
 
-async def not_overloaded(request: Request, ctx: ServerContext = Depends(get_ctx)) -> None:
-    """Before the route's work: refuse at once when the gate is full. (The body guard
-    has checked the credential already: unauthenticated requests get 401, not 503.)"""
+async def registration_not_overloaded(
+    request: Request, ctx: ServerContext = Depends(get_ctx)
+) -> None:
+    """Before a registration's work: refuse at once when the registrations already
+    waiting for the gate are too many (registrations go ahead of heartbeats there).
+    (The body guard has checked the credential already: unauthenticated requests get
+    401, not 503.)"""
     try:
         received = request.scope.get(SCOPE_RECEIVED)
-        ctx.gate().check(time.monotonic() - received if received is not None else 0.0)
+        age = time.monotonic() - received if received is not None else 0.0
+        ctx.gate().check(age, urgent=True)
     except Overloaded as exc:
         raise _busy(exc) from None
 
 
 @contextlib.asynccontextmanager
-async def admitted(ctx: ServerContext, *, refuse: bool = True) -> AsyncIterator[None]:
+async def admitted(ctx: ServerContext, *, urgent: bool = False) -> AsyncIterator[None]:
     """Through the agent gate, or 503 with Retry-After when it is full."""
     try:
-        async with ctx.gate().enter(refuse=refuse):
+        async with ctx.gate().enter(urgent=urgent):
             yield
     except Overloaded as exc:
         raise _busy(exc) from None
@@ -71,9 +77,9 @@ async def admitted(ctx: ServerContext, *, refuse: bool = True) -> AsyncIterator[
     "/register",
     response_model=RegisterReply,
     summary="Join, or rejoin after a restart",
-    dependencies=[Depends(not_overloaded)],
+    dependencies=[Depends(registration_not_overloaded)],
 )
-@shed_under_load
+# not shed with the heartbeats (shed_under_load): registrations go ahead of them
 async def register(
     body: RegisterRequest,
     who: Principal = Depends(require_joiner),
@@ -95,7 +101,7 @@ async def register(
     interval = (await current_pacing(ctx)).interval
     grace = grace_period(interval, ctx.config.agent_grace)
     try:
-        async with admitted(ctx):
+        async with admitted(ctx, urgent=True):
             reg = await ctx.db.transact(
                 instances.register,
                 name=body.name,
@@ -156,15 +162,18 @@ async def never_gone() -> bool:
     "/heartbeat",
     response_model=HeartbeatReply,
     summary="Report observed state; get desired state (long-polls up to `wait`)",
-    dependencies=[Depends(not_overloaded)],
 )
 @body_limit(16 * MiB)  # the sha256 of every object held, on a first heartbeat
-@shed_under_load
+# not shed before its credential is read (shed_under_load): a heartbeat that would
+# change nothing is served while the gate is full, and one refused still proves its
+# agent alive (refused_alive)
 async def heartbeat(
     body: HeartbeatRequest,
     who: Principal = Depends(require_agent),
     ctx: ServerContext = Depends(get_ctx),
     gone: Gone = Depends(client_gone),
+    # None: called without a connection (the simulator, benchmarks): nothing queued
+    request: Request = None,  # type: ignore[assignment]
 ) -> HeartbeatReply:
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
@@ -196,6 +205,14 @@ async def heartbeat(
                 if (not woken and held >= remaining) or await gone():
                     return renewed
                 continue
+            # its arrival proves the agent alive, whether the exchange below runs
+            # at once, waits for the gate, or is refused (buffered: no database)
+            heard_alive(ctx, body, renews, grace)
+            try:  # the full exchange needs the database: refused at once when full
+                received_at = request.scope.get(SCOPE_RECEIVED) if request else None
+                ctx.gate().check(time.monotonic() - received_at if received_at else 0.0)
+            except Overloaded as exc:
+                raise refused_alive(ctx, body, renews, grace, exc) from None
 
         async def exchange(conn, first=first):
             nonlocal uploaded
@@ -244,14 +261,20 @@ async def heartbeat(
 
         uploaded = False
         t0 = time.perf_counter()
-        async with admitted(ctx, refuse=first):
-            reply = await ctx.db.transact(exchange)
+        try:
+            async with ctx.gate().enter(refuse=first):
+                reply = await ctx.db.transact(exchange)
+        except Overloaded as exc:
+            raise refused_alive(ctx, body, renews, grace, exc) from None
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
         remember(ctx, body.instance_id, reply, digest, gen)
         if exchanged_at is not None:
+            if first:  # it wrote the lease: the one buffered on arrival is moot
+                ctx.leases.written(body.instance_id, exchanged_at)
             admit_renewals(ctx, who, body.incarnation, gen, exchanged_at, pace)
         elif reply.action == "exit":
             ctx.leases.forget(body.instance_id)  # no renewal keeps it now
+            ctx.leases.pending.pop(body.instance_id, None)  # nor the one heard on arrival
         for order in reply.install:
             metrics.INSTALL_ORDERS.labels(order.component).inc()
         metrics.REPLICATION_ORDERS.inc(sum(f.size for f in reply.replicate))
@@ -278,6 +301,34 @@ async def heartbeat(
             # its agent is gone (killed while held): an order put in this reply would be
             # lost, and its attempt would wait out the start timeout
             return reply
+
+
+def heard_alive(
+    ctx: ServerContext, body: HeartbeatRequest, renews: float, grace: float, extra: float = 0.0
+) -> None:
+    """A heartbeat that arrived proves its agent alive before its exchange runs: its
+    lease is renewed in the buffer (corral.server.leases, no database), so one kept
+    waiting for the gate behind a registration storm, or refused, is not declared lost
+    meanwhile (a freshly registered agent has no renewals admitted yet to keep it
+    alive). The renewal names the incarnation the agent reports: a stale one renews
+    nothing, and a lost instance comes back only through its exchange."""
+    now = ctx.now()
+    ctx.leases.renew(
+        instances.Renewal(body.instance_id, body.incarnation, now, now + extra + grace, renews)
+    )
+
+
+def refused_alive(
+    ctx: ServerContext,
+    body: HeartbeatRequest,
+    renews: float,
+    grace: float,
+    exc: Overloaded,
+) -> ApiError:
+    """A heartbeat refused for load (503): its lease is renewed to outlast the
+    Retry-After it is told plus its grace (heard_alive)."""
+    heard_alive(ctx, body, renews, grace, extra=exc.retry_after)
+    return _busy(exc)
 
 
 def ordered_nothing(reply: HeartbeatReply) -> bool:
@@ -346,8 +397,9 @@ def cheap_renewal(
     now = ctx.now()
     last = ctx.leases.last.get(body.instance_id)
     wakes_trusted = not ctx.db.is_postgres or ctx.notifier.cross_server
+    full_every = full_exchange_every(pace.interval, ctx.config.heartbeat_full_every)
     if last is None or needs_exchange(
-        last, digest, gen, now, ctx.config.heartbeat_full_every, wakes_trusted
+        last, digest, gen, now, full_every, wakes_trusted, lists_objects=body.objects is not None
     ):
         return None
     ctx.leases.renew(
