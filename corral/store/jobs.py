@@ -15,12 +15,13 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.api import JobSubmit, LogChunkIn, OutputFile
-from corral.domain.errors import StaleToken
+from corral.domain.errors import IllegalTransition, StaleToken
 from corral.domain.jobs import (
     ACTIVE_JOB_STATES,
     FINAL_JOB_STATES,
@@ -717,3 +718,68 @@ async def lose_attempt(
             instance_id=instance_id or job["instance_id"],
         )
     return row["state"]
+
+
+# -- a runner's reports, one or many in a transaction ------------------------------------------
+
+
+@dataclass
+class Report:
+    """One report of a runner about its attempt, checked and decoded."""
+
+    action: str  # start, heartbeat, logs, finish, lost
+    job_id: int
+    number: int
+    token: str
+    body: Any = None  # the route's body: LogBatch, AttemptFinish, AttemptLost or None
+    chunks: list[tuple[int, str, bytes]] | None = None  # decoded log chunks (logs, finish)
+
+
+async def apply_report(conn: AsyncConnection, r: Report, now: float) -> Any:
+    """The report's writes, fenced by its token, in the caller's transaction."""
+    if r.action == "start":
+        return await record_start(conn, r.job_id, r.number, r.token, now)
+    if r.action == "heartbeat":
+        return await touch_attempt(conn, r.job_id, r.number, r.token, now)
+    if r.action == "logs":
+        return await append_logs(conn, r.job_id, r.number, r.token, r.chunks or [], now)
+    if r.action == "finish":
+        b = r.body
+        measured = b.model_dump(
+            include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}
+        )
+        return await finish_attempt(
+            conn,
+            r.job_id,
+            r.number,
+            r.token,
+            b.exit_code,
+            b.reason,
+            now,
+            b.outputs,
+            measured,
+            r.chunks,
+        )
+    if r.action == "lost":
+        return await lose_attempt(conn, r.job_id, r.number, r.body.reason, now, token=r.token)
+    raise ValueError(f"unknown report {r.action!r}")
+
+
+# what refuses one report (its route answers 4xx) without failing the others
+REFUSED = (StaleToken, JobNotFound, JobConflict, IllegalTransition, sa.exc.IntegrityError)
+
+
+async def apply_reports(
+    conn: AsyncConnection, reports: list[Report], now: float
+) -> list[tuple[bool, Any]]:
+    """Every report's writes in this transaction, each in its own savepoint: a refused
+    report leaves nothing behind and the others go on. (True, its value) or (False,
+    what refused it), in order."""
+    out: list[tuple[bool, Any]] = []
+    for r in reports:
+        try:
+            async with conn.begin_nested():
+                out.append((True, await apply_report(conn, r, now)))
+        except REFUSED as exc:
+            out.append((False, exc))
+    return out

@@ -12,12 +12,10 @@ is fenced by its token, not by the agent's credential.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.api import AttemptAck, AttemptFinish, AttemptLost, LogBatch
 from corral.api.jobs import (
@@ -26,7 +24,7 @@ from corral.api.jobs import (
     AttemptReports,
     AttemptReportsReply,
 )
-from corral.domain.errors import IllegalTransition, StaleToken
+from corral.domain.errors import StaleToken
 from corral.server import metrics
 from corral.server.api.jobs import job_key
 from corral.server.auth import attempt_token, require_agent
@@ -36,6 +34,7 @@ from corral.server.guard import MiB, attempt_body, body_limit
 from corral.server.params import PathInt
 from corral.store import jobs as repo
 from corral.store.db import DatabaseConflict
+from corral.store.jobs import Report
 
 router = APIRouter(prefix="/api/v1/jobs/{job_id}/attempts/{number}", tags=["attempts"])
 relay_router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -48,18 +47,6 @@ def _ack(job_id: int, number: int, state: str, recorded: bool = True) -> Attempt
 # -- what each report does (the routes and the relay share these) ------------------------------
 
 
-@dataclass
-class Report:
-    """One report, checked and decoded, ready for its transaction."""
-
-    action: str
-    job_id: int
-    number: int
-    token: str
-    body: Any = None  # LogBatch, AttemptFinish, AttemptLost or None
-    chunks: list | None = None  # decoded log chunks (logs, finish)
-
-
 def prepared(action: str, job_id: int, number: int, token: str, body: Any = None) -> Report:
     chunks = None
     if action in ("logs", "finish"):
@@ -68,34 +55,6 @@ def prepared(action: str, job_id: int, number: int, token: str, body: Any = None
         except ValueError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from None
     return Report(action, job_id, number, token, body, chunks)
-
-
-async def store(conn: AsyncConnection, r: Report, now: float) -> Any:
-    """The report's writes (fenced by its token), in the caller's transaction."""
-    if r.action == "start":
-        return await repo.record_start(conn, r.job_id, r.number, r.token, now)
-    if r.action == "heartbeat":
-        return await repo.touch_attempt(conn, r.job_id, r.number, r.token, now)
-    if r.action == "logs":
-        return await repo.append_logs(conn, r.job_id, r.number, r.token, r.chunks or [], now)
-    if r.action == "finish":
-        b = r.body
-        measured = b.model_dump(
-            include={"cpu_seconds", "peak_memory_mb", "limits_enforced", "notes"}
-        )
-        return await repo.finish_attempt(
-            conn,
-            r.job_id,
-            r.number,
-            r.token,
-            b.exit_code,
-            b.reason,
-            now,
-            b.outputs,
-            measured,
-            r.chunks,
-        )
-    return await repo.lose_attempt(conn, r.job_id, r.number, r.body.reason, now, token=r.token)
 
 
 def after(ctx: ServerContext, r: Report, value: Any) -> AttemptAck:
@@ -128,7 +87,7 @@ def after(ctx: ServerContext, r: Report, value: Any) -> AttemptAck:
 
 async def handle(ctx: ServerContext, r: Report) -> AttemptAck:
     """One report in its own transaction (the runner's own routes)."""
-    value = await ctx.db.transact(store, r, ctx.now())
+    value = await ctx.db.transact(repo.apply_report, r, ctx.now())
     return after(ctx, r, value)
 
 
@@ -212,8 +171,6 @@ BODIES: dict[str, type[BaseModel] | None] = {
     "finish": AttemptFinish,
     "lost": AttemptLost,
 }
-# what a report's own route answers with a 4xx (anything else fails the whole request)
-REFUSED = (ApiError, StaleToken, repo.JobNotFound, repo.JobConflict, IllegalTransition)
 TRANSACTION_REPORTS = 64  # reports per transaction: the write lock is not held long
 
 
@@ -258,19 +215,6 @@ def _check(report: AttemptReport) -> Report | tuple[int, dict]:
         return _refusal(exc)
 
 
-async def store_each(conn: AsyncConnection, reports: list[Report], now: float) -> list:
-    """Every report's writes in one transaction, each in its own savepoint: a refused
-    report leaves nothing behind and the others go on."""
-    out: list = []
-    for r in reports:
-        try:
-            async with conn.begin_nested():
-                out.append((True, await store(conn, r, now)))
-        except (*REFUSED, DatabaseConflict) as exc:
-            out.append((False, exc))
-    return out
-
-
 @relay_router.post(
     "/attempts",
     response_model=AttemptReportsReply,
@@ -294,7 +238,7 @@ async def relayed(
             answers.append(checked)
     for i in range(0, len(ready), TRANSACTION_REPORTS):
         chunk = ready[i : i + TRANSACTION_REPORTS]
-        stored = await ctx.db.transact(store_each, [r for _k, r in chunk], ctx.now())
+        stored = await ctx.db.transact(repo.apply_reports, [r for _k, r in chunk], ctx.now())
         for (k, r), (ok, value) in zip(chunk, stored, strict=True):
             answers[k] = (
                 (200, after(ctx, r, value).model_dump(mode="json")) if ok else _refusal(value)
