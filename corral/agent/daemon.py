@@ -160,7 +160,8 @@ class Agent:
         self.objects = ObjectStore(self.data_dir)
         self.peer: PeerServer | None = None
         self.peer_url: str | None = None
-        self.fetch_slots = asyncio.Semaphore(4)
+        self.fetch_slots = asyncio.Semaphore(4)  # copies streaming at once
+        self.fetch_ahead = asyncio.Semaphore(4)  # and opening their source meanwhile
         self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
         self.selfupdate = SelfUpdate(
             self.data_dir, self.installer, config.argv(), config.switch_timeout
@@ -336,7 +337,9 @@ class Agent:
                 self.reports.add(task)
                 task.add_done_callback(self.reports.discard)
             case FetchObject(order=order):
-                fetch = executors.fetch(self.objects, order, self.me.instance_id, self.fetch_slots)
+                fetch = executors.fetch(
+                    self.objects, order, self.me.instance_id, self.fetch_slots, self.fetch_ahead
+                )
                 self._spawn(self._one(fetch))
             case ReportCopies():
                 self._spawn(self._report_copies(instruction))
