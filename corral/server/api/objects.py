@@ -270,16 +270,22 @@ async def copies_landed(
     loop's next pass."""
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
-    now = ctx.now()
-    landed = await ctx.db.transact(
-        drain_repo.copies_landed,
-        ctx.db,
-        body.instance_id,
-        body.incarnation,
-        body.sha256s,
-        now,
-        drain_grace=ctx.config.drain_grace,
-    )
+    now = 0.0
+
+    async def land(conn):
+        nonlocal now
+        now = ctx.now()  # in the transaction: a retirement is stamped when it is decided
+        return await drain_repo.copies_landed(
+            conn,
+            ctx.db,
+            body.instance_id,
+            body.incarnation,
+            body.sha256s,
+            now,
+            drain_grace=ctx.config.drain_grace,
+        )
+
+    landed = await ctx.db.transact(land)
     announce(ctx, landed.steps, now)
     if landed.step_due:
         ctx.notifier.wake("drain")

@@ -24,6 +24,8 @@ async def drain_once(ctx: ServerContext) -> bool:
     results: list[drain.DrainResult] = []
 
     async def step(conn):
+        nonlocal now
+        now = ctx.now()  # in the transaction: a retirement is stamped when it is decided
         results.clear()
         await drain.cancel_doomed_copies(conn, now, cfg.transfer_timeout)
         await offloads.expire(conn, now, cfg.transfer_timeout)
