@@ -233,6 +233,14 @@ def main() -> None:
                 600,
                 "the jobs writing the outputs",
             )
+            # the instances hold them by their own report (a job's finish is only a
+            # claim): the drain starts from settled instances, not amid the exchanges
+            # that report the outputs
+            wait_for(
+                lambda: all(o.copies >= 1 for j in ids for o in client.outputs(j)),
+                60,
+                "the instances' reports of the outputs",
+            )
             leaving = [i.id for i in client.instances() if i.fleet == "work"]
             roles = {
                 i.name: ("leaving agents" if i.fleet == "work" else "recipient agent")
@@ -249,11 +257,13 @@ def main() -> None:
                     i.id: i for i in client.instances(include_terminated=True) if i.id in leaving
                 }
 
+            # the clock is the database's (drain requested -> retired); polling it less
+            # often takes less of the server's CPU from the drain it measures
             wait_for(
                 lambda: all(i.state in ("retired", "terminated") for i in states().values()),
                 1800,
                 "retirement",
-                0.2,
+                0.5,
             )
             retired = states()
             used = cpu.used()
