@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psutil
+
 from benchmarks.machine import describe
 from corral.testing import Cluster, S3Server, job_python, wait_for
 
@@ -47,11 +49,12 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def loopback_throughput(total: int, tmp: Path) -> tuple[float, float]:
+def loopback_throughput(total: int, tmp: Path, runs: int = 3) -> tuple[float, float, float]:
     """Bytes per second of one HTTP transfer of `total` bytes on loopback, hashed on
-    the way in like corral hashes every copy: the best of three, and the first (the
+    the way in like corral hashes every copy: the best of `runs`, and the first (the
     only one that writes into page cache not used before: on a fresh VM, touching new
-    memory costs more than the copy itself)."""
+    memory costs more than the copy itself); and the CPU seconds of the best (both
+    ends: they are threads of this process)."""
     blob = tmp / "blob"
     with open(blob, "wb") as f:
         left = total
@@ -68,9 +71,9 @@ def loopback_throughput(total: int, tmp: Path) -> tuple[float, float]:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
+        measured = []
+        for _ in range(runs):
+            t0, c0 = time.perf_counter(), time.process_time()
             conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1])
             conn.request("GET", "/blob")
             resp = conn.getresponse()
@@ -80,12 +83,47 @@ def loopback_throughput(total: int, tmp: Path) -> tuple[float, float]:
                     h.update(chunk)
                     f.write(chunk)
             conn.close()
-            runs.append(total / (time.perf_counter() - t0))
-        return max(runs), runs[0]
+            measured.append((total / (time.perf_counter() - t0), time.process_time() - c0))
+        best = max(measured)
+        return best[0], measured[0][0], best[1]
     finally:
         srv.shutdown()
         blob.unlink()
         (tmp / "copy").unlink(missing_ok=True)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this benchmark's processes, by role: the server,
+    the recipient agent, the leaving agents (`roles`: agent name -> role). A count,
+    less noisy than time on a shared machine. `sample` often: an agent that retires
+    exits, and its last sample is what it used."""
+
+    def __init__(self, roles: dict[str, str]):
+        self.roles = roles
+        self.last: dict[int, tuple[str, float]] = {}
+        self.start: dict[int, float] = {}
+
+    def sample(self) -> None:
+        for p in psutil.Process().children(recursive=True):
+            try:
+                cmd = p.cmdline()
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            if "--name" in cmd:
+                role = self.roles.get(cmd[cmd.index("--name") + 1], "other")
+            elif "server" in cmd or "up" in cmd:
+                role = "server"
+            else:
+                role = "other"
+            self.last[p.pid] = (role, t.user + t.system)
+            self.start.setdefault(p.pid, t.user + t.system)
+
+    def used(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in self.last.items():
+            out[role] = round(out.get(role, 0.0) + cpu - self.start[pid], 2)
+        return dict(sorted(out.items()))
 
 
 def timeline(db: Path, leaving: list[str]) -> list[dict[str, object]]:
@@ -156,7 +194,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="corral-drain-") as tmp:
         tmp = Path(tmp)
         tmp.chmod(0o755)  # the writer must be readable by a root agent's job user
-        raw, raw_first = loopback_throughput(per_job * n_jobs, tmp)
+        raw, raw_first, raw_cpu = loopback_throughput(per_job * n_jobs, tmp)
         writer = tmp / "writer.py"
         writer.write_text(WRITER)
         with Cluster(tmp / "c") as c:
@@ -195,22 +233,40 @@ def main() -> None:
                 600,
                 "the jobs writing the outputs",
             )
+            # the instances hold them by their own report (a job's finish is only a
+            # claim): the drain starts from settled instances, not amid the exchanges
+            # that report the outputs
+            wait_for(
+                lambda: all(o.copies >= 1 for j in ids for o in client.outputs(j)),
+                60,
+                "the instances' reports of the outputs",
+            )
             leaving = [i.id for i in client.instances() if i.fleet == "work"]
+            roles = {
+                i.name: ("leaving agents" if i.fleet == "work" else "recipient agent")
+                for i in client.instances()
+            }
+            cpu = CpuMeter(roles)
+            cpu.sample()
             t0 = time.time()
             client.scale("work", 0)
 
             def states() -> dict[str, object]:
+                cpu.sample()
                 return {
                     i.id: i for i in client.instances(include_terminated=True) if i.id in leaving
                 }
 
+            # the clock is the database's (drain requested -> retired); polling it less
+            # often takes less of the server's CPU from the drain it measures
             wait_for(
                 lambda: all(i.state in ("retired", "terminated") for i in states().values()),
                 1800,
                 "retirement",
-                0.2,
+                0.5,
             )
             retired = states()
+            used = cpu.used()
             t_safe = max(i.retired_at for i in retired.values()) - min(
                 i.drain_requested_at for i in retired.values()
             )
@@ -221,6 +277,11 @@ def main() -> None:
                 0.2,
             )
             t_gone = time.time() - t0
+            # the raw copy again, right after the drain (the cluster still up, idle): on
+            # a shared machine the load before the cluster started may differ a lot
+            after = tmp / "after"
+            after.mkdir()
+            raw_after, _, _ = loopback_throughput(per_job * n_jobs, after)
             moved = sum(o.size for j in ids for o in client.outputs(j))
             assert all(o.copies >= 1 for j in ids for o in client.outputs(j))
             copies = (
@@ -246,6 +307,14 @@ def main() -> None:
                 "raw_copy_seconds": round(raw_seconds, 2),
                 "raw_loopback_first_mb_per_s": round(raw_first / 2**20, 1),
                 "ratio_to_raw": round(t_safe / raw_seconds, 1),
+                "raw_copy_cpu_seconds": round(raw_cpu, 2),
+                "raw_loopback_after_mb_per_s": round(raw_after / 2**20, 1),
+                # the goal's measure: effective throughput / raw throughput, against the
+                # raw copy before the cluster started and right after the drain
+                "throughput_vs_raw": round(raw_seconds / t_safe, 2),
+                "throughput_vs_raw_after": round(moved / raw_after / t_safe, 2),
+                # from the scale-in until all retired (seen by polling every 0.2 s)
+                "cpu_seconds_during_drain": used,
                 "note": "terminated includes the retire grace (5 s) before hosts are terminated",
                 "machine": describe(),
                 **({"timeline": copies} if copies is not None else {}),

@@ -17,6 +17,7 @@ from corral.store.migrate import migrate
 from tests.storekit import register
 
 T0 = 2_000_000.0
+GRACE = {"drain_grace": 600}
 
 
 def run(coro):
@@ -223,9 +224,16 @@ def test_a_landed_copy_wakes_the_drainer_only_when_a_step_has_work(db_url):
         assert len(result.copies) == 2
         row = await db.query(instances.get_instance, other["id"])
         args = (other["id"], row["incarnation"])
-        assert await db.transact(drain.copies_landed, *args, [sha("o1")], T0 + 1) == (1, False)
-        assert await db.transact(drain.copies_landed, *args, [sha("o2")], T0 + 1) == (1, True)
-        assert await db.transact(drain.copies_landed, *args, [sha("o2")], T0 + 1) == (0, False)
+        landed = await db.transact(drain.copies_landed, db, *args, [sha("o1")], T0 + 1, **GRACE)
+        assert (landed.present, landed.steps, landed.step_due) == (1, [], False)
+        # the last copy on its way: the source's step runs in the same transaction,
+        # and retires it
+        landed = await db.transact(drain.copies_landed, db, *args, [sha("o2")], T0 + 1, **GRACE)
+        assert landed.present == 1 and not landed.step_due
+        assert [(s.instance_id, s.retired, s.copies) for s in landed.steps] == [(holder, True, [])]
+        assert (await db.query(instances.get_instance, holder))["state"] == "retired"
+        landed = await db.transact(drain.copies_landed, db, *args, [sha("o2")], T0 + 1, **GRACE)
+        assert (landed.present, landed.steps) == (0, [])
         await db.dispose()
 
     run(main())
@@ -248,9 +256,14 @@ def test_a_landed_copy_wakes_the_drainer_when_more_copies_wait_to_be_ordered(db_
         assert len(result.copies) == 2
         row = await db.query(instances.get_instance, other["id"])
         first = result.copies[0][0]
-        assert await db.transact(
-            drain.copies_landed, other["id"], row["incarnation"], [first], T0 + 1
-        ) == (1, True)
+        landed = await db.transact(
+            drain.copies_landed, db, other["id"], row["incarnation"], [first], T0 + 1, **GRACE
+        )
+        # the step runs at once: it orders the third copy (the source stays draining)
+        assert landed.present == 1 and not landed.step_due
+        (step,) = landed.steps
+        assert step.instance_id == holder and not step.retired
+        assert [s for s, _ in step.copies] == [s for s in held if s not in dict(result.copies)]
         await db.dispose()
 
     run(main())

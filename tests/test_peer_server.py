@@ -114,3 +114,81 @@ def test_a_fetch_stores_exactly_the_bytes_whose_sha256_was_ordered(peer, tmp_pat
         transfer.fetch(dst, wrong, SIZE, [f"{url}/objects/{sha}"], GOOD, direct=direct)
     assert not dst.has(wrong)
     assert [p.name for p in dst.root.iterdir()] == [sha]
+
+
+def test_a_copy_opens_its_source_while_the_one_before_it_still_streams(tmp_path):
+    """Replication copies stream `slots` at a time, and the next ones open their source
+    meanwhile (the request, the peer's check with the server, the answer's head): a
+    drain's copies follow one another without a gap. A source whose body is held back
+    half-way: the next copy's request reaches its source before that body ends."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from corral.agent import executors
+    from corral.agent.state import TransferDone
+    from corral.api import Fetch
+    from corral.testing import wait_for
+
+    blobs = [os.urandom(2 * transfer.CHUNK + 7) for _ in range(2)]
+    first, second = (hashlib.sha256(b).hexdigest() for b in blobs)
+    by_sha = dict(zip((first, second), blobs, strict=True))
+    requested: list[str] = []
+    release = threading.Event()
+
+    class Source(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            sha = self.path.rsplit("/", 1)[-1]
+            requested.append(sha)
+            body = by_sha[sha]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: transfer.CHUNK])
+            self.wfile.flush()
+            if sha == first:  # the rest once the test saw the next copy's request
+                release.wait(30)
+            self.wfile.write(body[transfer.CHUNK :])
+
+        def log_message(self, *args) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Source)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/objects"
+    store = ObjectStore(tmp_path / "dst")
+
+    async def main() -> list[object]:
+        slots, ahead = asyncio.Semaphore(1), asyncio.Semaphore(1)
+        copies = [
+            asyncio.create_task(
+                executors.fetch(
+                    store,
+                    Fetch(
+                        sha256=sha,
+                        size=len(by_sha[sha]),
+                        name=sha,
+                        sources=[f"{url}/{sha}"],
+                        token=GOOD,
+                    ),
+                    "i-1",
+                    slots,
+                    ahead,
+                )
+            )
+            for sha in (first, second)
+        ]
+        try:
+            await asyncio.to_thread(
+                wait_for, lambda: second in requested, 10, "the second copy's request"
+            )
+            assert not copies[0].done()  # the first copy still streams
+        finally:
+            release.set()
+        return list(await asyncio.gather(*copies))
+
+    try:
+        assert asyncio.run(main()) == [TransferDone(first), TransferDone(second)]
+    finally:
+        release.set()
+        srv.shutdown()
+    assert store.path(first).read_bytes() == blobs[0]
+    assert store.path(second).read_bytes() == blobs[1]

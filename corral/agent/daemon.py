@@ -163,7 +163,8 @@ class Agent:
         self.peer_url: str | None = None
         self.relay: RelayServer | None = None
         self.relay_refused_until = 0.0  # a server without the relay route: not asked again soon
-        self.fetch_slots = asyncio.Semaphore(4)
+        self.fetch_slots = asyncio.Semaphore(4)  # copies streaming at once
+        self.fetch_ahead = asyncio.Semaphore(4)  # and opening their source meanwhile
         self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
         self.selfupdate = SelfUpdate(
             self.data_dir, self.installer, config.argv(), config.switch_timeout
@@ -342,7 +343,9 @@ class Agent:
                 self.reports.add(task)
                 task.add_done_callback(self.reports.discard)
             case FetchObject(order=order):
-                fetch = executors.fetch(self.objects, order, self.me.instance_id, self.fetch_slots)
+                fetch = executors.fetch(
+                    self.objects, order, self.me.instance_id, self.fetch_slots, self.fetch_ahead
+                )
                 self._spawn(self._one(fetch))
             case ReportCopies():
                 self._spawn(self._report_copies(instruction))

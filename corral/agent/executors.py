@@ -5,9 +5,11 @@ store. I/O only; the decision to do it was `corral.agent.state`'s."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -81,29 +83,75 @@ async def install(installer: Installer, order: InstallOrder, auth: dict[str, str
     return InstallDone(order.component, order.version, order.sha256)
 
 
+# Replication copies run on threads of their own: an opened source waits on the
+# peer's question to the server, and must not hold a thread the agent's own work
+# (asyncio.to_thread: its tick, its store listing) needs. Enough for `slots`
+# copies streaming and as many opened ahead of them (daemon.py: 4 and 4).
+FETCH_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="corral-fetch")
+
+
 async def fetch(
-    objects: ObjectStore, order: Fetch, recipient: str, slots: asyncio.Semaphore
+    objects: ObjectStore,
+    order: Fetch,
+    recipient: str,
+    slots: asyncio.Semaphore,
+    ahead: asyncio.Semaphore | None = None,
 ) -> Event:
     """Copy an object from a peer, as ordered (the server only orders running
-    instances, and the source checks that with the server again)."""
-    async with slots:
+    instances, and the source checks that with the server again). At most `slots`
+    copies stream at once; with `ahead`, up to that many more open their source
+    meanwhile (the request, the peer's check of the token with the server, the
+    answer's head), so the next copy streams as soon as a slot frees: a drain's
+    copies then follow one another with no gap, as one stream would."""
+    loop = asyncio.get_running_loop()
+    try:
+        if objects.has(order.sha256):
+            return TransferDone(order.sha256)
+        opened = None
+        if ahead is not None:
+            async with ahead:
+                opened = await loop.run_in_executor(
+                    FETCH_THREADS,
+                    functools.partial(
+                        transfer.open_source, order.sources, order.token, recipient=recipient
+                    ),
+                )
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    opened.close()
+                    raise
+        else:
+            await slots.acquire()
         try:
-            await asyncio.to_thread(
-                transfer.fetch,
-                objects,
-                order.sha256,
-                order.size,
-                order.sources,
-                order.token,
-                recipient=recipient,
-                direct=True,  # a replica: cold data, past the page cache
+            if opened is None:
+                opened = await loop.run_in_executor(
+                    FETCH_THREADS,
+                    functools.partial(
+                        transfer.open_source, order.sources, order.token, recipient=recipient
+                    ),
+                )
+            await loop.run_in_executor(
+                FETCH_THREADS,
+                functools.partial(
+                    transfer.receive,
+                    objects,
+                    order.sha256,
+                    order.size,
+                    opened,
+                    order.token,
+                    recipient=recipient,
+                    direct=True,  # a replica: cold data, past the page cache
+                ),
             )
-        except (transfer.TransferError, OSError) as exc:
-            log.warning("replication of %s failed: %s", order.sha256[:12], exc)
-            return TransferFailed(order.sha256, str(exc))
-        except Exception as exc:  # a bug: say so, and let the next order try again
-            log.exception("replication of %s broke", order.sha256[:12])
-            return TransferFailed(order.sha256, f"the agent failed: {exc!r}")
+        finally:
+            slots.release()
+    except (transfer.TransferError, OSError) as exc:
+        log.warning("replication of %s failed: %s", order.sha256[:12], exc)
+        return TransferFailed(order.sha256, str(exc))
+    except Exception as exc:  # a bug: say so, and let the next order try again
+        log.exception("replication of %s broke", order.sha256[:12])
+        return TransferFailed(order.sha256, f"the agent failed: {exc!r}")
     log.info("replicated object %s", order.sha256[:12])
     return TransferDone(order.sha256)
 

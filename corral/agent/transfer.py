@@ -16,6 +16,7 @@ import io
 import mmap
 import os
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral.agent.objects import ObjectStore
@@ -163,6 +164,83 @@ def _write(fd: int, data: memoryview, offset: int, direct: bool) -> bool:
     return direct
 
 
+@dataclass
+class Opened:
+    """A source that answered 200: its body not read yet (`receive` reads it)."""
+
+    url: str
+    conn: http.client.HTTPConnection
+    resp: http.client.HTTPResponse
+    rest: list[str]  # the sources after it, tried if its body turns out wrong
+    errors: list[str]  # what the sources before it answered
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_source(
+    sources: list[str],
+    token: str | None,
+    timeout: float = 60.0,
+    recipient: str | None = None,
+    errors: list[str] | None = None,
+) -> Opened:
+    """Ask each source in turn until one answers 200 (a peer answers once the server
+    confirmed the token), without reading the body. A replication order's copy opens
+    its source while earlier copies still stream (executors.fetch): the request, the
+    peer's question to the server and the answer's head are no gap between copies."""
+    errors = list(errors or [])
+    for k, url in enumerate(sources):
+        try:
+            conn, resp = _get(url, token, timeout, recipient)
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"{url}: {exc}")
+            continue
+        if resp.status == 200:
+            return Opened(url, conn, resp, sources[k + 1 :], errors)
+        try:
+            errors.append(f"{url}: HTTP {resp.status} {resp.read(300).decode(errors='replace')}")
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"{url}: HTTP {resp.status} ({exc})")
+        finally:
+            conn.close()
+    raise TransferError("; ".join(errors) or "no source holds it")
+
+
+def receive(
+    store: ObjectStore,
+    sha256: str,
+    size: int | None,
+    opened: Opened,
+    token: str | None,
+    timeout: float = 60.0,
+    recipient: str | None = None,
+    direct: bool = False,
+) -> Path:
+    """Read an opened source's body into `store`, verified by sha256; if its bytes are
+    wrong (or it breaks off), the sources after it are tried as `fetch` would."""
+    while True:
+        url = opened.url
+        tmp = store.temp()
+        try:
+            try:
+                h = hashlib.sha256()
+                with open(tmp, "wb", buffering=0) as f:
+                    got = _receive(opened.resp, f, h, size, url, direct)
+            finally:
+                opened.close()
+            if size is not None and got != size:
+                raise TransferError(f"{url}: short body, {got} of {size} bytes")
+            if h.hexdigest() != sha256:
+                raise TransferError(f"{url}: sha256 {h.hexdigest()[:12]}… is not {sha256[:12]}…")
+            return store.accept(tmp, sha256)
+        except (OSError, http.client.HTTPException, TransferError) as exc:
+            error = str(exc) if isinstance(exc, TransferError) else f"{url}: {exc}"
+        finally:
+            tmp.unlink(missing_ok=True)
+        opened = open_source(opened.rest, token, timeout, recipient, [*opened.errors, error])
+
+
 def fetch(
     store: ObjectStore,
     sha256: str,
@@ -179,29 +257,5 @@ def fetch(
     see `_receive`)."""
     if store.has(sha256):
         return store.path(sha256)
-    errors = []
-    for url in sources:
-        tmp = store.temp()
-        try:
-            conn, resp = _get(url, token, timeout, recipient)
-            try:
-                if resp.status != 200:
-                    errors.append(
-                        f"{url}: HTTP {resp.status} {resp.read(300).decode(errors='replace')}"
-                    )
-                    continue
-                h = hashlib.sha256()
-                with open(tmp, "wb", buffering=0) as f:
-                    got = _receive(resp, f, h, size, url, direct)
-            finally:
-                conn.close()
-            if size is not None and got != size:
-                raise TransferError(f"{url}: short body, {got} of {size} bytes")
-            if h.hexdigest() != sha256:
-                raise TransferError(f"{url}: sha256 {h.hexdigest()[:12]}… is not {sha256[:12]}…")
-            return store.accept(tmp, sha256)
-        except (OSError, http.client.HTTPException, TransferError) as exc:
-            errors.append(str(exc) if isinstance(exc, TransferError) else f"{url}: {exc}")
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise TransferError("; ".join(errors) or "no source holds it")
+    opened = open_source(sources, token, timeout, recipient)
+    return receive(store, sha256, size, opened, token, timeout, recipient, direct)

@@ -67,7 +67,7 @@ from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
 from corral.server.leases import flush_leases, instance_key, renew_by_request
 from corral.server.loops.dispatcher import dispatch_once
-from corral.server.loops.drainer import drain_once
+from corral.server.loops.drainer import announce, drain_once
 from corral.server.loops.reaper import reap_once
 from corral.server.loops.reconciler import reconcile_once
 from corral.store import components as components_repo
@@ -550,18 +550,21 @@ class World:
                     pass  # a 409: the server already moved on
                 return [LostReported(instr.job_id, instr.attempt, True)]
             case ReportCopies():
-                # as the route does: copies made present wake the drainer
-                step_due = False
+                # as the route does: copies made present, the drain steps they make
+                # due run at once (a source may retire), their wake-ups
                 if not cut:
-                    _, step_due = await self.ctx.db.transact(
+                    landed = await self.ctx.db.transact(
                         drain.copies_landed,
+                        self.ctx.db,
                         instr.instance_id,
                         instr.incarnation,
                         list(instr.sha256s),
                         t,
+                        drain_grace=self.ctx.config.drain_grace,
                     )
-                if step_due:
-                    self.ctx.notifier.wake("drain")
+                    announce(self.ctx, landed.steps, t)
+                    if landed.step_due:
+                        self.ctx.notifier.wake("drain")
             case FetchObject():
                 ok = await self.copy(agent, instr.order)
                 if ok:

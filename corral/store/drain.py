@@ -45,6 +45,20 @@ class DrainResult:
     stranded: int = 0
     requeued: int = 0
     offloads: int = 0  # new uploads ordered to the fleet's durable store
+    drain_requested_at: float | None = None
+
+
+@dataclass
+class Landed:
+    """What an agent's report of landed copies did (`copies_landed`)."""
+
+    present: int  # copies it made present
+    # drain steps it ran at once, in its own transaction, for the draining instances
+    # these copies may have made safe (they retire here, not on the drain loop's pass)
+    steps: list[DrainResult]
+    # a step is due that this transaction could not run (another server's drain pass
+    # holds that instance): the drain loop must look
+    step_due: bool = False
 
 
 RETRY_FAILED_COPY_AFTER = 10.0
@@ -131,30 +145,54 @@ async def object_infos(
     ]
 
 
-async def recipients(conn: AsyncConnection, exclude: str) -> list[Recipient]:
+async def recipients(conn: AsyncConnection, exclude: str | None = None) -> list[Recipient]:
+    """Running, reachable instances (but `exclude`), with the bytes each holds or
+    has on its way. A drain pass computes them once for all its draining instances
+    (only running instances receive, so a draining one is never among them)."""
     load = await objs.bytes_held(conn)
     q = sa.select(instances_t.c.id).where(
         instances_t.c.state == InstanceState.RUNNING,
         instances_t.c.lost_at.is_(None),
-        instances_t.c.id != exclude,
     )
+    if exclude is not None:
+        q = q.where(instances_t.c.id != exclude)
     return [Recipient(i, load.get(i, 0)) for i in (await conn.execute(q)).scalars()]
 
 
 async def describe_risk(conn: AsyncConnection, risky: list[ObjectInfo]) -> list[AtRisk]:
-    out = []
-    for o in risky:
-        names = (
+    """Each object with up to five of the job outputs it is (or the upload's name).
+    Two queries for all of them: a drain request describes what it must move."""
+    if not risky:
+        return []
+    shas = [o.sha256 for o in risky]
+    names: dict[str, list[str]] = {}
+    for sha, job_id, path in (
+        await conn.execute(
+            sa.select(job_outputs.c.sha256, job_outputs.c.job_id, job_outputs.c.path)
+            .where(job_outputs.c.sha256.in_(shas))
+            .order_by(job_outputs.c.sha256, job_outputs.c.job_id, job_outputs.c.path)
+        )
+    ).all():
+        labels = names.setdefault(sha, [])
+        if len(labels) < 5:
+            labels.append(f"job {job_id}: {path}")
+    uploads = dict(
+        (
             await conn.execute(
-                sa.select(job_outputs.c.job_id, job_outputs.c.path)
-                .where(job_outputs.c.sha256 == o.sha256)
-                .limit(5)
+                sa.select(objects.c.sha256, objects.c.name).where(
+                    objects.c.sha256.in_([s for s in shas if s not in names])
+                )
             )
         ).all()
-        obj = await objs.get_object(conn, o.sha256)
-        labels = [f"job {j}: {p}" for j, p in names] or [f"upload {obj['name'] or o.sha256}"]
-        out.append(AtRisk(sha256=o.sha256, size=o.size, names=labels))
-    return out
+    )
+    return [
+        AtRisk(
+            sha256=o.sha256,
+            size=o.size,
+            names=names.get(o.sha256) or [f"upload {uploads.get(o.sha256) or o.sha256}"],
+        )
+        for o in risky
+    ]
 
 
 async def request_drain(conn: AsyncConnection, instance_id: str, force: bool, now: float):
@@ -186,10 +224,20 @@ async def request_drain(conn: AsyncConnection, instance_id: str, force: bool, no
 
 
 async def drain_step(
-    conn: AsyncConnection, inst, now: float, *, drain_grace: float, max_in_flight: int = 8
+    conn: AsyncConnection,
+    inst,
+    now: float,
+    *,
+    drain_grace: float,
+    max_in_flight: int = 8,
+    targets: list[Recipient] | None = None,
 ) -> DrainResult:
+    """One step of `inst`'s drain: requeue its attempts past the grace, order copies
+    of what only it holds (or uploads), retire it when the database shows nothing at
+    risk. `targets`: the recipients (`recipients()`), shared by the steps of one pass
+    (the copies a step plans count towards each one's load); computed here if None."""
     iid = inst["id"]
-    result = DrainResult(iid, [])
+    result = DrainResult(iid, [], drain_requested_at=inst["drain_requested_at"])
     live = await dispatch.live_attempts_on(conn, iid)
     if live and now - (inst["drain_requested_at"] or now) > drain_grace:
         for a in live:
@@ -204,18 +252,19 @@ async def drain_step(
             result.requeued += 1
         live = await dispatch.live_attempts_on(conn, iid)
     risky = at_risk(await object_infos(conn, iid, now), iid)
+    if targets is None and risky:
+        targets = await recipients(conn, iid)
     copies, stranded = plan_copies(
         risky,
-        await recipients(conn, iid),
+        targets or [],
         max_in_flight,
         now=now,
         retry_after=RETRY_FAILED_COPY_AFTER,
     )
-    for c in copies:
-        await objs.set_replica(conn, c.sha256, c.recipient, objs.PENDING, now)
-        result.copies.append((c.sha256, c.recipient))
+    await order_copies(conn, [(c.sha256, c.recipient) for c in copies], now)
+    result.copies.extend((c.sha256, c.recipient) for c in copies)
     result.stranded = len(stranded)
-    durable_fleet = await _durable_fleet(conn, inst)
+    durable_fleet = await _durable_fleet(conn, inst) if stranded else None
     if stranded and durable_fleet:
         result.offloads = await offloads.order(
             conn, [o.sha256 for o in stranded], durable_fleet, iid, now
@@ -254,6 +303,43 @@ async def drain_step(
         await retire(conn, inst, risky, now)
         result.retired = True
     return result
+
+
+async def order_copies(conn: AsyncConnection, copies: list[tuple[str, str]], now: float) -> None:
+    """A pending replica for each (sha256, recipient): a new order, delivered afresh
+    (as `objects.set_replica(..., PENDING)`, in two statements for all of them)."""
+    if not copies:
+        return
+    pairs = set(copies)
+    existing = {
+        (r.sha256, r.instance_id)
+        for r in (
+            await conn.execute(
+                sa.select(replicas.c.sha256, replicas.c.instance_id).where(
+                    replicas.c.sha256.in_({s for s, _ in pairs}),
+                    replicas.c.instance_id.in_({i for _, i in pairs}),
+                )
+            )
+        ).all()
+    }
+    new = [
+        {
+            "sha256": s,
+            "instance_id": i,
+            "state": objs.PENDING,
+            "created_at": now,
+            "updated_at": now,
+            "reason": None,
+            "reported_at": None,
+        }
+        for s, i in copies
+        if (s, i) not in existing
+    ]
+    if new:
+        await conn.execute(sa.insert(replicas), new)
+    for s, i in copies:
+        if (s, i) in existing:  # an earlier copy there failed (or went missing)
+            await objs.set_replica(conn, s, i, objs.PENDING, now)
 
 
 async def _durable_fleet(conn: AsyncConnection, inst) -> str | None:
@@ -309,21 +395,45 @@ async def retire(conn: AsyncConnection, inst, risky: list[ObjectInfo], now: floa
 
 
 async def copies_landed(
-    conn: AsyncConnection, instance_id: str, incarnation: int, shas: list[str], now: float
-) -> tuple[int, bool]:
-    """An agent's report of copies that landed on it (`objects.copies_landed`): how
-    many became present, and whether a drain step is due now."""
+    conn: AsyncConnection,
+    db: Database,
+    instance_id: str,
+    incarnation: int,
+    shas: list[str],
+    now: float,
+    *,
+    drain_grace: float,
+) -> Landed:
+    """An agent's report of copies that landed on it (`objects.copies_landed`), and
+    the drain step of each draining instance those copies may have made safe, run
+    here, in the same transaction: the last copy confirmed, its source retires now
+    (the step decides it from the database, as the drain loop's would), not on the
+    drain loop's next pass."""
     present = await objs.copies_landed(conn, instance_id, incarnation, shas, now)
-    return present, bool(present) and await step_due_after_copies(conn, shas)
+    landed = Landed(present, [])
+    if not present:
+        return landed
+    due = await step_due_after_copies(conn, shas)
+    if not due:
+        return landed
+    claimed = await claim_draining(conn, db, due)
+    targets = None
+    for inst in claimed:
+        if targets is None:
+            targets = await recipients(conn)
+        landed.steps.append(
+            await drain_step(conn, inst, now, drain_grace=drain_grace, targets=targets)
+        )
+    landed.step_due = len(claimed) < len(due)
+    return landed
 
 
-async def step_due_after_copies(conn: AsyncConnection, shas: list[str]) -> bool:
-    """Copies of `shas` just landed: may a drain step now do something for a draining
-    instance holding one of them? Yes when no copy of its objects is on its way any
-    more (it may retire), or when one of its objects has none on its way nor a copy on
-    a running instance (a copy to order, or an upload). No while other copies it waits
-    on are still in flight: a step then would find nothing to do (and costs the server
-    a pass over every draining instance; the drain loop's timer runs it anyway)."""
+async def step_due_after_copies(conn: AsyncConnection, shas: list[str]) -> list[str]:
+    """Copies of `shas` just landed: for which draining instances holding one of them
+    may a drain step now do something? Those with no copy of their objects on its way
+    any more (they may retire), or with an object that has none on its way nor a copy
+    on a running instance (a copy to order, or an upload). Not one that other copies
+    are still on their way for: a step then would find nothing to do."""
     held_states = [objs.PRESENT, objs.UNVERIFIED]
     sources = (
         (
@@ -341,6 +451,7 @@ async def step_due_after_copies(conn: AsyncConnection, shas: list[str]) -> bool:
         .scalars()
         .all()
     )
+    due = []
     for source in sources:
         held = sa.select(replicas.c.sha256).where(
             replicas.c.instance_id == source, replicas.c.state.in_(held_states)
@@ -358,19 +469,21 @@ async def step_due_after_copies(conn: AsyncConnection, shas: list[str]) -> bool:
             )
         ).all()
         if not any(state == objs.PENDING for _, state in covered):
-            return True
+            due.append(source)
+            continue
         mine = set((await conn.execute(held)).scalars())
         if mine - {sha for sha, _ in covered}:
-            return True
-    return False
+            due.append(source)
+    return due
 
 
-async def claim_draining(conn: AsyncConnection, db: Database):
-    q = db.claim(
-        sa.select(instances_t)
-        .where(instances_t.c.state == InstanceState.DRAINING)
-        .order_by(instances_t.c.drain_requested_at)
-    )
+async def claim_draining(conn: AsyncConnection, db: Database, ids: list[str] | None = None):
+    """Draining instances (of `ids`, if given) this transaction may step: on
+    PostgreSQL, those no other server's transaction holds."""
+    q = sa.select(instances_t).where(instances_t.c.state == InstanceState.DRAINING)
+    if ids is not None:
+        q = q.where(instances_t.c.id.in_(ids))
+    q = db.claim(q.order_by(instances_t.c.drain_requested_at, instances_t.c.id))
     return (await conn.execute(q)).mappings().all()
 
 

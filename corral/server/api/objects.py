@@ -19,6 +19,7 @@ from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import body_limit
 from corral.server.leases import instance_key
+from corral.server.loops.drainer import announce
 from corral.server.params import PathInt, PathSha256
 from corral.store import drain as drain_repo
 from corral.store import jobs as jobs_repo
@@ -263,14 +264,29 @@ async def copies_landed(
     who: Principal = Depends(require_agent),
     ctx: ServerContext = Depends(get_ctx),
 ) -> dict:
-    """What the agent's next heartbeat would report, without waiting for it: a drain
-    waiting on these copies may retire its instance now (the drainer is woken when a
-    step has something to do)."""
+    """What the agent's next heartbeat would report, without waiting for it. A drain
+    step these copies make due (a source whose last copy landed, or one with more to
+    order) runs in the same transaction: the source retires now, not on the drain
+    loop's next pass."""
     if body.instance_id != who.instance_id:
         raise ApiError(403, "forbidden", "this credential belongs to another instance")
-    present, step_due = await ctx.db.transact(
-        drain_repo.copies_landed, body.instance_id, body.incarnation, body.sha256s, ctx.now()
-    )
-    if step_due:
+    now = 0.0
+
+    async def land(conn):
+        nonlocal now
+        now = ctx.now()  # in the transaction: a retirement is stamped when it is decided
+        return await drain_repo.copies_landed(
+            conn,
+            ctx.db,
+            body.instance_id,
+            body.incarnation,
+            body.sha256s,
+            now,
+            drain_grace=ctx.config.drain_grace,
+        )
+
+    landed = await ctx.db.transact(land)
+    announce(ctx, landed.steps, now)
+    if landed.step_due:
         ctx.notifier.wake("drain")
-    return {"present": present}
+    return {"present": landed.present}

@@ -22,37 +22,54 @@ async def drain_once(ctx: ServerContext) -> bool:
     cfg = ctx.config
     now = ctx.now()
     results: list[drain.DrainResult] = []
-    requested: dict[str, float | None] = {}
 
     async def step(conn):
+        nonlocal now
+        now = ctx.now()  # in the transaction: a retirement is stamped when it is decided
         results.clear()
         await drain.cancel_doomed_copies(conn, now, cfg.transfer_timeout)
         await offloads.expire(conn, now, cfg.transfer_timeout)
+        targets = None  # the recipients, computed once for every step of this pass
         for inst in await drain.claim_draining(conn, ctx.db):
-            requested[inst["id"]] = inst["drain_requested_at"]
-            results.append(await drain.drain_step(conn, inst, now, drain_grace=cfg.drain_grace))
+            if targets is None:
+                targets = await drain.recipients(conn)
+            results.append(
+                await drain.drain_step(
+                    conn, inst, now, drain_grace=cfg.drain_grace, targets=targets
+                )
+            )
 
     await ctx.db.transact(step)
+    announce(ctx, results, now)
     # an instance whose drain began (by an operator, a fleet scale-in, the autoscaler):
     # its agent must look at once (its state; a heartbeat that reports nothing new
-    # otherwise skips the exchange, corral.server.leases)
+    # otherwise skips the exchange, corral.server.leases). After the recipients: their
+    # exchanges (the orders) go first, the data moves sooner.
     draining = {r.instance_id for r in results}
     for instance_id in sorted(draining - ctx.drains_seen):
         ctx.notifier.wake(instance_key(instance_id))
     ctx.drains_seen = draining
-    for r in results:
-        if r.retired and requested.get(r.instance_id) is not None:
-            metrics.DRAIN_DURATION.observe(max(0.0, now - (requested[r.instance_id] or now)))
-        for _sha, recipient in r.copies:
-            ctx.notifier.wake(instance_key(recipient))
-        if r.retired or r.offloads:  # its held heartbeat: exit, or upload these
-            ctx.notifier.wake(instance_key(r.instance_id))
-        if r.requeued:
-            ctx.notifier.wake("dispatch")
     confirmed = await confirm_offloads(ctx)
     await terminate_retired(ctx, now)
     await clean_staging(ctx)
     return confirmed  # run again at once: the instance may retire now
+
+
+def announce(ctx: ServerContext, results: list[drain.DrainResult], now: float) -> None:
+    """After drain steps committed (the drain loop's, or those a copies report ran):
+    wake the recipients of new copies first (their held heartbeats take the orders),
+    then the instances told to exit or to upload, then the dispatcher for requeued
+    attempts."""
+    recipients = {recipient: None for r in results for _sha, recipient in r.copies}
+    for recipient in recipients:
+        ctx.notifier.wake(instance_key(recipient))
+    for r in results:
+        if r.retired and r.drain_requested_at is not None:
+            metrics.DRAIN_DURATION.observe(max(0.0, now - r.drain_requested_at))
+        if r.retired or r.offloads:  # its held heartbeat: exit, or upload these
+            ctx.notifier.wake(instance_key(r.instance_id))
+    if any(r.requeued for r in results):
+        ctx.notifier.wake("dispatch")
 
 
 async def confirm_offloads(ctx: ServerContext) -> bool:
