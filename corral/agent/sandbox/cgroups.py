@@ -18,8 +18,10 @@ import hashlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from corral.domain.sandbox import (
     LIMIT_CONTROLLERS,
@@ -34,6 +36,11 @@ from corral.domain.sandbox import (
 )
 
 ATTEMPT_PREFIX = "a-"
+T = TypeVar("T")
+
+
+class CgroupMoveError(OSError):
+    """This process could not leave an attempt's group again after a spawn."""
 
 
 def agent_key(data_dir: Path) -> str:
@@ -256,6 +263,48 @@ class AttemptGroup:
                 os.close(fd)
             raise
         return fds
+
+    def spawn_inside(self, start: Callable[[], T]) -> T:
+        """Call `start` (which starts the command) with this process inside the
+        attempt's groups, then move this process back where it was: the command is
+        born inside (from its first instruction, as with `open_for_joining`), and the
+        caller may start it without running code between fork and exec (so Python's
+        subprocess takes its vfork path instead of copying this process). Raises
+        CgroupMoveError if this process cannot get out again (it must not stay:
+        killing the group would kill it)."""
+        layout = cgroup_layout(
+            Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
+        )
+        homes: list[str] = []
+        if self.v2 is not None:
+            if layout.v2_dir is None:
+                raise OSError(errno.ENOENT, "this process has no cgroup v2 group")
+            homes.append(layout.v2_dir)
+        for c in self.v1:
+            if c not in layout.v1_dirs:
+                raise OSError(errno.ENOENT, f"this process has no {c} group")
+            homes.append(layout.v1_dirs[c])
+        back: list[int] = []
+        into: list[int] = []
+        try:
+            for home in homes:
+                back.append(os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))  # noqa: PERF401
+            into = self.open_for_joining()
+            try:
+                for fd in into:
+                    os.write(fd, b"0")
+                return start()
+            finally:
+                for fd in back:
+                    try:
+                        os.write(fd, b"0")
+                    except OSError as exc:
+                        raise CgroupMoveError(
+                            exc.errno, f"cannot leave the attempt's group: {exc.strerror}"
+                        ) from exc
+        finally:
+            for fd in back + into:
+                os.close(fd)
 
     def pids(self) -> list[int]:
         out: set[int] = set()
