@@ -121,12 +121,10 @@ def _popen(argv: list[str]) -> subprocess.Popen:
     )
 
 
-def test_a_trivial_command_costs_no_thread_and_its_output_rides_the_finish(tmp_path):
+def test_a_trivial_command_costs_no_thread_and_its_output_rides_the_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "LOG_LINGER", 30.0)  # "ends within the linger", always
     server = FakeServer()
-    r = _runner(server, tmp_path)
-    r.shipper = None
-    r.started_at = runner_mod.time.monotonic()
-    r.sandbox = _Sandbox()
+    r = _watching(server, tmp_path)
     threads = threading.active_count()
     proc = _popen(["sh", "-c", "echo out; echo err >&2"])
     assert r._watch(proc) == 0
@@ -137,19 +135,39 @@ def test_a_trivial_command_costs_no_thread_and_its_output_rides_the_finish(tmp_p
     assert r.logs.closed_streams == 2
 
 
-def test_a_silent_long_command_is_heartbeated_and_a_stale_one_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner_mod, "HEARTBEAT_EVERY", 0.3)
-    server = FakeServer()
+def _watching(server: FakeServer, tmp_path: Path):
     r = _runner(server, tmp_path)
     r.shipper = None
     r.started_at = runner_mod.time.monotonic()
     r.sandbox = _Sandbox()
+    return r
+
+
+def test_a_silent_long_command_is_heartbeated(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_EVERY", 0.3)
+    server = FakeServer()
+    r = _watching(server, tmp_path)
     proc = _popen(["sleep", "2"])
     assert r._watch(proc) == 0
     r._drain(proc)
     r.join_shipper()
     assert "heartbeat" in [a for a, _ in server.calls]
-    # a refused heartbeat makes the attempt stale: the watch stops at once
+
+
+def test_output_waiting_past_the_linger_is_shipped_before_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "LOG_LINGER", 0.05)
+    server = FakeServer()
+    r = _watching(server, tmp_path)
+    proc = _popen(["sh", "-c", "echo early; sleep 0.8"])
+    assert r._watch(proc) == 0
+    r._drain(proc)
+    r.join_shipper()
+    assert [a for a, _ in server.calls] == ["logs"]
+    assert r.logs.rest() == []
+
+
+def test_a_refused_heartbeat_stops_the_watch(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_EVERY", 0.3)
     server = FakeServer()
 
     def refused(_method, url, json, deadline=None, stop=None):
@@ -162,13 +180,12 @@ def test_a_silent_long_command_is_heartbeated_and_a_stale_one_stopped(tmp_path, 
         return Resp
 
     server.request = refused  # type: ignore[method-assign]
-    r = _runner(server, tmp_path)
-    r.shipper = None
-    r.started_at = runner_mod.time.monotonic()
+    r = _watching(server, tmp_path)
     proc = _popen(["sleep", "30"])
     try:
         assert r._watch(proc) is None
         assert r.stale.is_set()
+        assert [a for a, _ in server.calls] == ["heartbeat"]
     finally:
         proc.kill()
         proc.wait()

@@ -92,6 +92,11 @@ class LogBuffer:
             self._bytes += len(data)
             self._cond.notify_all()
 
+    def size(self) -> int:
+        """Bytes waiting to be shipped."""
+        with self._cond:
+            return self._bytes
+
     def full(self) -> bool:
         """Past MAX_BUFFERED: `put` would wait for the shipper."""
         with self._cond:
@@ -499,7 +504,8 @@ class Runner:
         """Read the command's output into the log buffer until it exits (its exit
         status), or until the attempt is stale or the runner terminated (None). One
         thread: the command's pipes and its exit (a pidfd) in one selector; the
-        shipper is started once there is output, or a heartbeat is due."""
+        shipper is started once output has waited LOG_LINGER (or fills a batch), or
+        a heartbeat is near."""
         sel = selectors.DefaultSelector()
         pidfd = _pidfd(proc.pid)
         streams: dict[int, tuple[IO[bytes], str]] = {}
@@ -513,13 +519,23 @@ class Runner:
             if pidfd is not None:
                 sel.register(pidfd, selectors.EVENT_READ)
             paused = False  # past MAX_BUFFERED the pipes wait (and so does the command)
+            waiting: float | None = None  # since when output waits for a shipper
             while True:
                 if self.stale.is_set() or self.terminated.is_set():
                     return None
                 if proc.poll() is not None:
                     return proc.returncode
-                if self.shipper is None and time.monotonic() - self.started_at >= POLL * 5:
-                    self.start_shipper()  # long enough to need heartbeats at their times
+                timeout = POLL if pidfd is not None else 0.01
+                if self.shipper is None:
+                    now = time.monotonic()
+                    if (
+                        now - self.started_at >= POLL * 5  # heartbeats due at their times
+                        or (waiting is not None and now - waiting >= LOG_LINGER)
+                        or self.logs.size() >= MAX_BATCH_BYTES
+                    ):
+                        self.start_shipper()
+                    elif waiting is not None:
+                        timeout = min(timeout, waiting + LOG_LINGER - now)
                 if self.logs.full() != paused:
                     paused = not paused
                     for fd in streams:
@@ -530,7 +546,6 @@ class Runner:
                 if not sel.get_map():
                     time.sleep(POLL / 4)  # nothing to wait on but the buffer and the flags
                     continue
-                timeout = POLL if pidfd is not None else 0.01
                 for key, _ in sel.select(timeout):
                     if key.fd == pidfd:
                         continue  # proc.poll() collects it above
@@ -541,7 +556,10 @@ class Runner:
                     pipe, stream = streams[key.fd]
                     if data:
                         self.logs.put(stream, data)
-                        self.start_shipper()
+                        if waiting is None:
+                            # what the shipper would do: wait LOG_LINGER for more, or
+                            # for the end (then the output rides with the finish)
+                            waiting = time.monotonic()
                     else:
                         sel.unregister(key.fd)
                         del streams[key.fd]

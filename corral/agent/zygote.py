@@ -179,6 +179,10 @@ class Zygote:
 
         import corral.agent.runner
         import corral.agent.sandbox.workdir  # noqa: F401
+        from corral.agent.sandbox import cgroups
+
+        with contextlib.suppress(OSError):
+            cgroups.cgroup_mounts()  # read by each runner's spawn otherwise
 
     def bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -27,11 +27,13 @@ from corral.domain.sandbox import (
     LIMIT_CONTROLLERS,
     CgroupLayout,
     LimitPlan,
+    Mount,
     cgroup_layout,
     cpu_max_v2,
     cpu_quota_v1,
     parse_controllers,
     parse_flat_keyed,
+    parse_mountinfo,
     plan_limits,
 )
 
@@ -59,16 +61,41 @@ def parse_attempt_name(name: str) -> tuple[int, int] | None:
     return (int(job), int(n)) if job.isdigit() and n.isdigit() else None
 
 
-def _read(path: Path) -> str:
+def _read(path: Path | str) -> str:
+    """A cgroup file's text, or "" (gone, or not there on this kernel)."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+def _write(path: Path | str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+_mounts: list[Mount] | None = None
+
+
+def cgroup_mounts() -> list[Mount]:
+    """This host's mounts, read once per process (cgroup hierarchies do not move;
+    a zygote reads them before it forks, so its runners never do)."""
+    global _mounts
+    if _mounts is None:
+        _mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return _mounts
 
 
 @dataclass
@@ -272,9 +299,7 @@ class AttemptGroup:
         subprocess takes its vfork path instead of copying this process). Raises
         CgroupMoveError if this process cannot get out again (it must not stay:
         killing the group would kill it)."""
-        layout = cgroup_layout(
-            Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
-        )
+        layout = cgroup_layout(cgroup_mounts(), Path("/proc/self/cgroup").read_text())
         homes: list[str] = []
         if self.v2 is not None:
             if layout.v2_dir is None:
