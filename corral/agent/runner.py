@@ -13,8 +13,14 @@ call means this attempt is no longer the job's current one: the runner kills the
 whole attempt and exits without reporting anything more.
 
 Files in the attempt directory (the agent's, never the job's): spec.json (written by
-the agent), runner.pid, command.json, done.json (written last: how the runner ended).
-The job's own directory is elsewhere (spec "job_dir").
+the agent), runner.pid (by the zygote that forked the runner, or the runner),
+command.json (only without a cgroup: the agent then ends a dead runner's command by
+its process group), done.json (written last: how the runner ended). The job's own
+directory is elsewhere (spec "job_dir").
+
+A trivial job costs the runner no thread: the command's pipes and exit are watched
+on the main thread, and the log shipper (which also heartbeats) starts only when
+output has waited LOG_LINGER, or the attempt has run about a second.
 """
 
 from __future__ import annotations
