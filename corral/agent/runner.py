@@ -13,8 +13,14 @@ call means this attempt is no longer the job's current one: the runner kills the
 whole attempt and exits without reporting anything more.
 
 Files in the attempt directory (the agent's, never the job's): spec.json (written by
-the agent), runner.pid, command.json, done.json (written last: how the runner ended).
-The job's own directory is elsewhere (spec "job_dir").
+the agent), runner.pid (by the zygote that forked the runner, or the runner),
+command.json (only without a cgroup: the agent then ends a dead runner's command by
+its process group), done.json (written last: how the runner ended). The job's own
+directory is elsewhere (spec "job_dir").
+
+A trivial job costs the runner no thread: the command's pipes and exit are watched
+on the main thread, and the log shipper (which also heartbeats) starts only when
+output has waited LOG_LINGER, or the attempt has run about a second.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import selectors
 import shutil
 import signal
 import subprocess
@@ -32,6 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -50,6 +58,7 @@ CHUNK = 64 * 1024
 MAX_BATCH_BYTES = 512 * 1024
 MAX_BATCH_CHUNKS = 1000  # what a LogBatch (and a finish) takes
 LOG_LINGER = 0.1  # new output waits this long for more, or for the command's end
+POLL = 0.2  # how often the runner looks at its stale and terminated flags
 MAX_BUFFERED = 64 * 1024 * 1024  # past this, the command blocks on its pipe
 HEARTBEAT_EVERY = 5.0
 LOCK_WAIT = 60.0
@@ -89,6 +98,16 @@ class LogBuffer:
             self._seq += 1
             self._bytes += len(data)
             self._cond.notify_all()
+
+    def size(self) -> int:
+        """Bytes waiting to be shipped."""
+        with self._cond:
+            return self._bytes
+
+    def full(self) -> bool:
+        """Past MAX_BUFFERED: `put` would wait for the shipper."""
+        with self._cond:
+            return self._bytes > MAX_BUFFERED
 
     def stream_closed(self) -> None:
         with self._cond:
@@ -178,7 +197,17 @@ class Runner:
         self.sandbox = AttemptSandbox(
             self.host, self.job_id, self.attempt, Path(self.spec["job_dir"])
         )
-        self.store = ObjectStore(Path(self.spec["data_dir"]))
+        self._store: ObjectStore | None = None
+        self.shipper: threading.Thread | None = None
+        self.started_at = time.monotonic()
+
+    @property
+    def store(self) -> ObjectStore:
+        """The agent's object store, opened (its directory made) when first used: a
+        job without inputs or outputs never needs it."""
+        if self._store is None:
+            self._store = ObjectStore(Path(self.spec["data_dir"]))
+        return self._store
 
     # -- talking to the server ----------------------------------------------------------------
 
@@ -225,8 +254,11 @@ class Runner:
 
     def acquire_job_lock(self) -> bool:
         path = Path(self.spec["job_lock"])
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # the first job on this agent: the locks dir is new
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.spec.get("lock_wait", LOCK_WAIT)
         while True:
             try:
@@ -264,10 +296,12 @@ class Runner:
             pipe.close()
             self.logs.stream_closed()
 
-    def ship_logs(self) -> None:
+    def ship_logs(self, last_contact: float | None = None) -> None:
         """Ship output as it comes; heartbeat the attempt when there is none. Once the
-        command's streams are closed, what is left is the finish's to carry."""
-        last_contact = time.monotonic()
+        command's streams are closed, what is left is the finish's to carry.
+        `last_contact`: when the server last heard of this attempt (its start)."""
+        if last_contact is None:
+            last_contact = time.monotonic()
         while not self.stale.is_set():
             batch = self.logs.take(timeout=0.2, linger=LOG_LINGER)
             try:
@@ -286,6 +320,21 @@ class Runner:
             except RuntimeError as exc:
                 print(f"runner: {exc}", file=sys.stderr)
                 time.sleep(1)
+
+    def start_shipper(self) -> None:
+        """The shipper thread, started when there is something for it to do: output
+        to ship, inputs to fetch (heartbeats meanwhile), or an attempt running long
+        enough to need a heartbeat. A trivial job ends before any of it: its output
+        rides with the finish, and the runner starts no thread at all."""
+        if self.shipper is None:
+            self.shipper = threading.Thread(
+                target=self.ship_logs, args=(self.started_at,), daemon=True
+            )
+            self.shipper.start()
+
+    def join_shipper(self) -> None:
+        if self.shipper is not None:
+            self.shipper.join()
 
     def done(self, status: str, **extra) -> None:
         write_json_atomic(
@@ -335,7 +384,9 @@ class Runner:
 
     def note_pid(self) -> None:
         """runner.pid names this process (the agent finds and adopts runners by it).
-        A zygote-forked runner finds it written already by its zygote: not again."""
+        A runner its zygote forked does not call this: the zygote writes runner.pid
+        before it answers the agent (or kills the child); a spawned runner writes it
+        here, unless the same pid and start time are there already."""
         me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
         path = self.dir / "runner.pid"
         try:
@@ -345,8 +396,9 @@ class Runner:
             pass
         write_json_atomic(path, me, mode=0o600, durable=False)
 
-    def run(self) -> int:
-        self.note_pid()
+    def run(self, pid_noted: bool = False) -> int:
+        if not pid_noted:
+            self.note_pid()
         if not self.acquire_job_lock():
             # Another runner of this job is alive here. Report nothing: if that one
             # holds this very attempt, a report would hurt it; if not, this attempt
@@ -359,18 +411,17 @@ class Runner:
         except (Stale, Unreachable) as exc:
             self.done("stale", reason=str(exc))
             return EXIT_STALE
-        shipper = threading.Thread(target=self.ship_logs, daemon=True)
-        shipper.start()  # it also heartbeats the attempt while inputs arrive
+        self.started_at = time.monotonic()
         try:
-            return self._run_started(shipper)
+            return self._run_started()
         finally:
             self.sandbox.remove()
 
-    def _lost(self, shipper: threading.Thread, reason: str) -> int:
+    def _lost(self, reason: str) -> int:
         """The attempt could not run here (not the job's fault): report it lost so
         the job is tried again."""
         self.stale.set()
-        shipper.join()
+        self.join_shipper()
         try:
             self.call_anyway("lost", {"reason": reason[:4000]})
         except (Stale, Unreachable):
@@ -378,20 +429,22 @@ class Runner:
         self.done("lost", reason=reason)
         return EXIT_STALE
 
-    def _run_started(self, shipper: threading.Thread) -> int:
+    def _run_started(self) -> int:
         try:
             self.sandbox.prepare(self.spec.get("cpus") or 0, self.spec.get("memory_mb") or 0)
         except OSError as exc:
-            return self._lost(shipper, f"cannot prepare the attempt's sandbox: {exc}")
+            return self._lost(f"cannot prepare the attempt's sandbox: {exc}")
+        if self.spec.get("inputs") or self.spec.get("workdir"):
+            self.start_shipper()  # it heartbeats the attempt while inputs arrive
         try:
             self.fetch_inputs()
             self.unpack_workdir()
         except (TransferError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return self._lost(shipper, f"no space left on device for inputs: {exc}")
-            return self._lost(shipper, f"inputs unavailable: {exc}")
+                return self._lost(f"no space left on device for inputs: {exc}")
+            return self._lost(f"inputs unavailable: {exc}")
         except Exception as exc:  # an unsafe or damaged working directory archive
-            return self._end_early(shipper, None, f"workdir: {exc}")
+            return self._end_early(None, f"workdir: {exc}")
         env = self.sandbox.environment(
             self.spec.get("env", {}),
             {
@@ -407,55 +460,50 @@ class Runner:
         try:
             proc = self.sandbox.spawn(command, env)
         except FileNotFoundError:
-            return self._end_early(shipper, 127, f"command not found: {command[0]}")
+            return self._end_early(127, f"command not found: {command[0]}")
         except PermissionError:
-            return self._end_early(shipper, 126, f"permission denied: {command[0]}")
+            return self._end_early(126, f"permission denied: {command[0]}")
         except (OSError, subprocess.SubprocessError) as exc:
             return self._end_early(
-                shipper, 126, f"cannot run {command[0]}: {getattr(exc, 'strerror', None) or exc}"
+                126, f"cannot run {command[0]}: {getattr(exc, 'strerror', None) or exc}"
             )
-        write_json_atomic(
-            self.dir / "command.json",
-            {
-                "pid": proc.pid,
-                "pgid": proc.pid,
-                "create_time": psutil.Process(proc.pid).create_time(),
-            },
-            mode=0o600,
-            durable=False,
-        )
-        readers = [
-            threading.Thread(target=self.read_stream, args=(proc.stdout, "out"), daemon=True),
-            threading.Thread(target=self.read_stream, args=(proc.stderr, "err"), daemon=True),
-        ]
-        for t in readers:
-            t.start()
-        while True:
-            try:
-                returncode = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if self.stale.is_set() or self.terminated.is_set():
-                    self.sandbox.kill(KILL_GRACE)
-                    if self.terminated.is_set():
-                        self.done("killed", reason="runner terminated")
-                        return 0
-                    self.done("stale", reason="the server refused this attempt's token")
-                    return EXIT_STALE
+        if self.sandbox.group is None:
+            # the agent ends a dead runner's command by its process group when there
+            # is no cgroup (with one, the attempt's cgroup is what it kills)
+            write_json_atomic(
+                self.dir / "command.json",
+                {
+                    "pid": proc.pid,
+                    "pgid": proc.pid,
+                    "create_time": psutil.Process(proc.pid).create_time(),
+                },
+                mode=0o600,
+                durable=False,
+            )
+        returncode = self._watch(proc)
+        if returncode is None:  # stale or terminated while the command ran
+            self.sandbox.kill(KILL_GRACE)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            if self.terminated.is_set():
+                self.done("killed", reason="runner terminated")
+                return 0
+            self.done("stale", reason="the server refused this attempt's token")
+            return EXIT_STALE
         # the command is done; anything it left (in its cgroup, its session, or
         # re-parented to this subreaper) goes too, and with it any pipe a leftover
-        # process still holds, so the readers reach end of file
+        # process still holds, so its output reaches end of file
         self.sandbox.kill(KILL_GRACE)
-        for t in readers:
-            t.join()
+        self._drain(proc)
         if self.terminated.is_set():
             # stopped by the agent: the control plane decides what becomes of the
             # attempt, so its exit (likely our own SIGTERM) is not the job's result
             self.stale.set()
-            shipper.join()
+            self.join_shipper()
             self.done("killed", reason="runner terminated")
             return 0
-        shipper.join()
+        self.join_shipper()
         if self.stale.is_set():
             self.done("stale", reason="the server refused this attempt's token")
             return EXIT_STALE
@@ -474,11 +522,90 @@ class Runner:
             return self.finish(None, f"could not store the job's outputs: {exc}", measured=measured)
         return self.finish(code, reason, collected.outputs, {**measured, "notes": collected.notes})
 
-    def _end_early(self, shipper: threading.Thread, code: int | None, reason: str) -> int:
+    def _watch(self, proc: subprocess.Popen) -> int | None:
+        """Read the command's output into the log buffer until it exits (its exit
+        status), or until the attempt is stale or the runner terminated (None). One
+        thread: the command's pipes and its exit (a pidfd) in one selector; the
+        shipper is started once output has waited LOG_LINGER (or fills a batch), or
+        a heartbeat is near."""
+        sel = selectors.DefaultSelector()
+        pidfd = _pidfd(proc.pid)
+        streams: dict[int, tuple[IO[bytes], str]] = {}
+        for pipe, stream in ((proc.stdout, "out"), (proc.stderr, "err")):
+            if pipe is not None:
+                streams[pipe.fileno()] = (pipe, stream)
+        try:
+            for fd in streams:
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_READ)
+            if pidfd is not None:
+                sel.register(pidfd, selectors.EVENT_READ)
+            paused = False  # past MAX_BUFFERED the pipes wait (and so does the command)
+            waiting: float | None = None  # since when output waits for a shipper
+            while True:
+                if self.stale.is_set() or self.terminated.is_set():
+                    return None
+                if proc.poll() is not None:
+                    return proc.returncode
+                timeout = POLL if pidfd is not None else 0.01
+                if self.shipper is None:
+                    now = time.monotonic()
+                    if (
+                        now - self.started_at >= POLL * 5  # heartbeats due at their times
+                        or (waiting is not None and now - waiting >= LOG_LINGER)
+                        or self.logs.size() >= MAX_BATCH_BYTES
+                    ):
+                        self.start_shipper()
+                    elif waiting is not None:
+                        timeout = min(timeout, waiting + LOG_LINGER - now)
+                if self.logs.full() != paused:
+                    paused = not paused
+                    for fd in streams:
+                        if paused:
+                            sel.unregister(fd)
+                        else:
+                            sel.register(fd, selectors.EVENT_READ)
+                if not sel.get_map():
+                    time.sleep(POLL / 4)  # nothing to wait on but the buffer and the flags
+                    continue
+                for key, _ in sel.select(timeout):
+                    if key.fd == pidfd:
+                        continue  # proc.poll() collects it above
+                    try:
+                        data = os.read(key.fd, CHUNK)
+                    except BlockingIOError:
+                        continue
+                    pipe, stream = streams[key.fd]
+                    if data:
+                        self.logs.put(stream, data)
+                        if waiting is None:
+                            # what the shipper would do: wait LOG_LINGER for more, or
+                            # for the end (then the output rides with the finish)
+                            waiting = time.monotonic()
+                    else:
+                        sel.unregister(key.fd)
+                        del streams[key.fd]
+                        pipe.close()
+                        self.logs.stream_closed()
+        finally:
+            sel.close()
+            if pidfd is not None:
+                os.close(pidfd)
+            for fd in streams:
+                os.set_blocking(fd, True)
+
+    def _drain(self, proc: subprocess.Popen) -> None:
+        """The rest of the command's output, to end of file (the attempt is killed
+        by now: nothing can keep a pipe open)."""
+        for pipe, stream in ((proc.stdout, "out"), (proc.stderr, "err")):
+            if pipe is not None and not pipe.closed:
+                self.read_stream(pipe, stream)
+
+    def _end_early(self, code: int | None, reason: str) -> int:
         """The command never ran: say why, as the attempt's result."""
         self.logs.stream_closed()
         self.logs.stream_closed()
-        shipper.join()
+        self.join_shipper()
         return self.finish(code, reason, measured={"limits_enforced": self.sandbox.limits_enforced})
 
     def finish(
@@ -514,6 +641,14 @@ class Runner:
         return 0
 
 
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of the command (readable once it exits), where the kernel has them."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def _become_subreaper() -> None:
     """Orphaned grandchildren of the command re-parent to the runner, not init, so
     the runner can always find and kill the whole tree (Linux only)."""
@@ -524,7 +659,8 @@ def _become_subreaper() -> None:
             pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, pid_noted: bool = False) -> int:
+    """`pid_noted`: runner.pid is (being) written by whoever forked this process."""
     argv = argv if argv is not None else sys.argv[1:]
     if argv == ["--self-test"]:
         print(SELF_TEST_OK)
@@ -540,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    return runner.run()
+    return runner.run(pid_noted)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ SOCKET_NAME = "zygote.sock"
 PID_NAME = "zygote.pid"
 LOG_NAME = "zygote.log"
 ORPHAN_GRACE = 60.0
+OWNER_CHECK_EVERY = 1.0
 REQUEST_TIMEOUT = 3.0  # the agent waits this long at most before spawning instead
 MAX_REQUEST = 64 * 1024
 EXIT_CHILD_CRASHED = 70
@@ -152,6 +153,7 @@ class Zygote:
         self.stopping = False
         self.owner: tuple[int, float] | None = None
         self.owner_gone_since: float | None = None
+        self.owner_checked_at = 0.0
         self.inode: int | None = None
 
     # -- start-up and the loop --------------------------------------------------------------
@@ -162,6 +164,10 @@ class Zygote:
 
         import corral.agent.runner
         import corral.agent.sandbox.workdir  # noqa: F401
+        from corral.agent.sandbox import cgroups
+
+        with contextlib.suppress(OSError):
+            cgroups.cgroup_mounts()  # read by each runner's spawn otherwise
 
     def bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -232,8 +238,13 @@ class Zygote:
             log.info("runner %d exited (code %s)", pid, os.waitstatus_to_exitcode(status))
 
     def _check_owner(self) -> None:
+        """At most once a second (the loop comes here after every request)."""
         from corral.agent.proctree import same_process
 
+        now = time.monotonic()
+        if now - self.owner_checked_at < OWNER_CHECK_EVERY:
+            return
+        self.owner_checked_at = now
         if self.owner is None or same_process(*self.owner) is not None:
             self.owner_gone_since = None
             return
@@ -372,7 +383,7 @@ class Zygote:
             os.close(out)
             from corral.agent import runner
 
-            code = runner.main([str(attempt_dir)])
+            code = runner.main([str(attempt_dir)], pid_noted=True)  # see _fork
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:

@@ -91,11 +91,13 @@ def _join(mountpoint: str, path: str) -> str:
     return mountpoint.rstrip("/") + ("/" + path if path else "") or "/"
 
 
-def cgroup_layout(mountinfo: str, proc_cgroup: str) -> CgroupLayout:
+def cgroup_layout(mountinfo: str | list[Mount], proc_cgroup: str) -> CgroupLayout:
+    """`mountinfo`: its text, or its mounts parsed already."""
     own = parse_proc_cgroup(proc_cgroup)
     v2_dir = None
     v1: dict[str, str] = {}
-    for m in parse_mountinfo(mountinfo):
+    mounts = parse_mountinfo(mountinfo) if isinstance(mountinfo, str) else mountinfo
+    for m in mounts:
         if m.fstype == "cgroup2" and v2_dir is None and "" in own:
             v2_dir = _join(m.mountpoint, own[""])
         elif m.fstype == "cgroup":

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -20,7 +21,7 @@ from corral.agent.objects import ObjectStore
 from corral.agent.proctree import kill_tree
 from corral.agent.sandbox.cgroups import AttemptGroup, Stats
 from corral.agent.sandbox.collect import Collected, collect_outputs
-from corral.agent.sandbox.host import Host, namespace_args
+from corral.agent.sandbox.host import Host, namespace_args, setpriv_args
 from corral.agent.sandbox.jobuser import give_tree
 from corral.domain.sandbox import job_environment
 
@@ -65,10 +66,16 @@ class AttemptSandbox:
 
     def prepare(self, cpus: float, memory_mb: int) -> None:
         """The private directory (0700, the job's) and the cgroup with its limits."""
-        self.dir.mkdir(mode=0o700)
-        for d in SUBDIRS:
-            (self.dir / d).mkdir(mode=0o700)
-        self.give(self.dir)
+        top = str(self.dir)
+        os.mkdir(top, 0o700)
+        subdirs = [os.path.join(top, d) for d in SUBDIRS]
+        for d in subdirs:
+            os.mkdir(d, 0o700)
+        if self.as_job_user:
+            # the job's from here on: what was just made, no walk (the top last, so
+            # nothing of the job's can be inside before)
+            for d in [*subdirs, top]:
+                os.lchown(d, self.host.uid, self.host.gid)
         if self.group is not None:
             self.limits_enforced = self.group.create(cpus, memory_mb)
         elif memory_mb or cpus:
@@ -101,6 +108,27 @@ class AttemptSandbox:
                 "--",
                 *command,
             ]
+        popen: dict[str, Any] = dict(
+            cwd=self.work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            umask=0o022,
+        )
+        if self.group is not None and self._spawns_inside():
+            # no code between fork and exec: the runner steps into the attempt's
+            # groups while it starts the command (born inside), and setpriv drops to
+            # the job user; subprocess then uses vfork instead of copying the runner
+            setpriv = self.host.setpriv
+            if self.as_job_user and setpriv is not None:
+                # setpriv would report a missing command as its own failure
+                self._check_runnable(command[0], env.get("PATH", ""))
+                command = [*setpriv_args(setpriv, self.host.uid, self.host.gid), *command]
+            group = self.group
+            self.proc = group.spawn_inside(lambda: subprocess.Popen(command, **popen))
+            return self.proc
         fds = self.group.open_for_joining() if self.group is not None else []
 
         def enter_cgroup() -> None:  # in the child, between fork and exec
@@ -113,20 +141,19 @@ class AttemptSandbox:
         try:
             self.proc = subprocess.Popen(
                 command,
-                cwd=self.work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                umask=0o022,
                 preexec_fn=enter_cgroup if fds else None,  # noqa: PLW1509 - only os.write
+                **popen,
                 **user,
             )
         finally:
             for fd in fds:
                 os.close(fd)
         return self.proc
+
+    def _spawns_inside(self) -> bool:
+        """Whether `spawn` may start the command by stepping into its groups (root,
+        which may move itself back; with setpriv when the job has a user of its own)."""
+        return os.geteuid() == 0 and (not self.as_job_user or self.host.setpriv is not None)
 
     @staticmethod
     def _check_runnable(cmd: str, path: str) -> None:
@@ -183,4 +210,19 @@ class AttemptSandbox:
         if self.group is not None:
             self.group.kill()
             self.group.remove()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _remove_dir(self.dir)
+
+
+def _remove_dir(top: Path) -> None:
+    """The attempt's directory, gone. Most jobs leave its subdirectories empty: an
+    rmdir each, no walk (rmdir never follows a link: a subdirectory the job replaced
+    by a link, or anything left inside, takes the safe walk of rmtree)."""
+    try:
+        for d in SUBDIRS:
+            try:
+                os.rmdir(os.path.join(top, d))
+            except FileNotFoundError:
+                pass
+        os.rmdir(top)
+    except OSError:
+        shutil.rmtree(top, ignore_errors=True)

@@ -18,22 +18,31 @@ import hashlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from corral.domain.sandbox import (
     LIMIT_CONTROLLERS,
     CgroupLayout,
     LimitPlan,
+    Mount,
     cgroup_layout,
     cpu_max_v2,
     cpu_quota_v1,
     parse_controllers,
     parse_flat_keyed,
+    parse_mountinfo,
     plan_limits,
 )
 
 ATTEMPT_PREFIX = "a-"
+T = TypeVar("T")
+
+
+class CgroupMoveError(OSError):
+    """This process could not leave an attempt's group again after a spawn."""
 
 
 def agent_key(data_dir: Path) -> str:
@@ -52,16 +61,41 @@ def parse_attempt_name(name: str) -> tuple[int, int] | None:
     return (int(job), int(n)) if job.isdigit() and n.isdigit() else None
 
 
-def _read(path: Path) -> str:
+def _read(path: Path | str) -> str:
+    """A cgroup file's text, or "" (gone, or not there on this kernel)."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+def _write(path: Path | str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+_mounts: list[Mount] | None = None
+
+
+def cgroup_mounts() -> list[Mount]:
+    """This host's mounts, read once per process (cgroup hierarchies do not move;
+    a zygote reads them before it forks, so its runners never do)."""
+    global _mounts
+    if _mounts is None:
+        _mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return _mounts
 
 
 @dataclass
@@ -256,6 +290,46 @@ class AttemptGroup:
                 os.close(fd)
             raise
         return fds
+
+    def spawn_inside(self, start: Callable[[], T]) -> T:
+        """Call `start` (which starts the command) with this process inside the
+        attempt's groups, then move this process back where it was: the command is
+        born inside (from its first instruction, as with `open_for_joining`), and the
+        caller may start it without running code between fork and exec (so Python's
+        subprocess takes its vfork path instead of copying this process). Raises
+        CgroupMoveError if this process cannot get out again (it must not stay:
+        killing the group would kill it)."""
+        layout = cgroup_layout(cgroup_mounts(), Path("/proc/self/cgroup").read_text())
+        homes: list[str] = []
+        if self.v2 is not None:
+            if layout.v2_dir is None:
+                raise OSError(errno.ENOENT, "this process has no cgroup v2 group")
+            homes.append(layout.v2_dir)
+        for c in self.v1:
+            if c not in layout.v1_dirs:
+                raise OSError(errno.ENOENT, f"this process has no {c} group")
+            homes.append(layout.v1_dirs[c])
+        back: list[int] = []
+        into: list[int] = []
+        try:
+            for home in homes:
+                back.append(os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))  # noqa: PERF401
+            into = self.open_for_joining()
+            try:
+                for fd in into:
+                    os.write(fd, b"0")
+                return start()
+            finally:
+                for fd in back:
+                    try:
+                        os.write(fd, b"0")
+                    except OSError as exc:
+                        raise CgroupMoveError(
+                            exc.errno, f"cannot leave the attempt's group: {exc.strerror}"
+                        ) from exc
+        finally:
+            for fd in back + into:
+                os.close(fd)
 
     def pids(self) -> list[int]:
         out: set[int] = set()

@@ -33,6 +33,7 @@ class Host:
     cgroups: cgroups.Cgroups | None = None
     bwrap: str | None = None
     hide: list[str] = field(default_factory=list)
+    setpriv: str | None = None  # util-linux setpriv, checked to drop to the job user
     description: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -46,6 +47,7 @@ class Host:
             "cgroups": self.cgroups.to_json() if self.cgroups else None,
             "bwrap": self.bwrap,
             "hide": self.hide,
+            "setpriv": self.setpriv,
         }
 
     @classmethod
@@ -59,6 +61,7 @@ class Host:
             cgroups=cgroups.Cgroups.from_json(d.get("cgroups")),
             bwrap=d.get("bwrap"),
             hide=list(d.get("hide") or []),
+            setpriv=d.get("setpriv"),
         )
 
     def close(self) -> None:
@@ -97,6 +100,45 @@ def probe_bwrap() -> tuple[str | None, str | None]:
     if r.returncode != 0:
         return None, f"the kernel refuses unprivileged namespaces: {r.stderr.strip()[:300]}"
     return bwrap, None
+
+
+def setpriv_args(setpriv: str, uid: int, gid: int) -> list[str]:
+    """The prefix that runs a command as uid/gid with no supplementary group (real,
+    effective and saved ids alike: it cannot become root again)."""
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+
+
+def probe_setpriv(uid: int, gid: int) -> str | None:
+    """setpriv's path if it drops a root process to uid/gid as the job needs (all
+    three ids of each, no group left); else None: the runner drops the user itself
+    between fork and exec (a full fork of the runner per command)."""
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+    if setpriv is None:
+        return None
+    cat = shutil.which("cat", path="/usr/bin:/bin")
+    if cat is None:
+        return None
+    try:
+        r = subprocess.run(
+            [*setpriv_args(setpriv, uid, gid), cat, "/proc/self/status"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    status = dict(line.split(":", 1) for line in r.stdout.splitlines() if line.count(":") >= 1)
+    ok = (
+        r.returncode == 0
+        and status.get("Uid", "").split() == [str(uid)] * 4
+        and status.get("Gid", "").split() == [str(gid)] * 4
+        and status.get("Groups", "").split() == []
+        and int(status.get("CapEff", "1").strip() or "1", 16) == 0
+    )
+    return setpriv if ok else None
 
 
 def namespace_args(hide: list[str]) -> list[str]:
@@ -159,6 +201,7 @@ def detect(
             raise SandboxError(str(exc)) from None
         _own_dir(jobs, 0o711)  # the job user may enter its own directory, list nothing
         host = Host("user", str(jobs), user.name, user.uid, user.gid, cg)
+        host.setpriv = probe_setpriv(user.uid, user.gid)
         facts = SandboxFacts(
             root=True,
             cgroup=cg is not None,

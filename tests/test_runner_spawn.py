@@ -1,0 +1,191 @@
+"""How a runner starts its command and waits for it, with real processes: the
+command is in its attempt's cgroups from its first instruction and runs as the job
+user (every id, no group, no capability) whichever way it was started; the runner
+is back in its own groups afterwards; and a trivial job costs the runner no thread
+and no call but its finish, while a silent long one is still heartbeated."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from corral.agent import runner as runner_mod
+from corral.agent.sandbox import cgroups
+from corral.agent.sandbox.attempt import AttemptSandbox
+from corral.agent.sandbox.host import Host, detect
+from tests.test_finish_logs import FakeServer, _runner
+
+pytestmark = pytest.mark.slow
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def root_host(tmp_path: Path):
+    """A root agent's host facts (job user, cgroups) for a throwaway data dir."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the job user, cgroups)")
+    data = tmp_path / "data"
+    data.mkdir()
+    host = detect(data)
+    if host.cgroups is None:
+        host.close()
+        if _in_ci():
+            pytest.fail("no cgroups here")
+        pytest.skip("no cgroups here")
+    try:
+        yield host
+    finally:
+        cgroups.cleanup_agent_groups(cgroups.agent_key(data))
+        host.close()
+
+
+def _status(text: str) -> dict[str, str]:
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {k: v.strip() for k, v in pairs}
+
+
+def _own_cgroups() -> str:
+    return Path("/proc/self/cgroup").read_text()
+
+
+@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "preexec"])
+def test_the_command_is_born_in_its_cgroup_as_the_job_user(root_host: Host, setpriv: bool):
+    if setpriv and root_host.setpriv is None:
+        pytest.skip("no usable setpriv on this host")
+    if not setpriv:
+        root_host.setpriv = None  # the fallback: user and cgroup set between fork and exec
+    job_dir = Path(root_host.jobs_dir) / f"1-1-{secrets.token_hex(6)}"
+    sandbox = AttemptSandbox(root_host, 1, 1, job_dir)
+    sandbox.prepare(0.5, 256)
+    assert sandbox.group is not None
+    before = _own_cgroups()
+    try:
+        env = sandbox.environment({}, {})
+        proc = sandbox.spawn(["cat", "/proc/self/status", "/proc/self/cgroup"], env)
+        out, _err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert _own_cgroups() == before, "the runner must be back in its own groups"
+        text = out.decode()
+        st = _status(text)
+        uid, gid = str(root_host.uid), str(root_host.gid)
+        assert st["Uid"].split() == [uid] * 4  # real, effective, saved, filesystem
+        assert st["Gid"].split() == [gid] * 4
+        assert st["Groups"] == ""
+        assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+        assert int(st["CapAmb"], 16) == 0
+        # its cgroups: the attempt's, in v2 and in each v1 twin
+        lines = [line for line in text.splitlines() if line[:1].isdigit() and line.count(":") >= 2]
+        own = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in lines}
+        name = cgroups.attempt_name(1, 1)
+        assert own[""].endswith(f"/{name}"), own
+        for controller in sandbox.group.v1:
+            key = next(k for k in own if controller in k.split(","))
+            assert own[key].endswith(f"/{name}"), own
+    finally:
+        sandbox.kill()
+        sandbox.remove()
+    assert not job_dir.exists()
+
+
+def test_a_missing_command_is_not_found_whichever_way_it_starts(root_host: Host):
+    job_dir = Path(root_host.jobs_dir) / f"2-1-{secrets.token_hex(6)}"
+    sandbox = AttemptSandbox(root_host, 2, 1, job_dir)
+    sandbox.prepare(0, 0)
+    before = _own_cgroups()
+    try:
+        with pytest.raises(FileNotFoundError):
+            sandbox.spawn(["no-such-command-here"], sandbox.environment({}, {}))
+        assert _own_cgroups() == before
+    finally:
+        sandbox.remove()
+
+
+class _Sandbox:
+    """What `_watch` and `_drain` need of a sandbox: nothing but kill."""
+
+    def kill(self, grace: float = 0.0) -> None:
+        pass
+
+
+def _popen(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_a_trivial_command_costs_no_thread_and_its_output_rides_the_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "LOG_LINGER", 30.0)  # "ends within the linger", always
+    server = FakeServer()
+    r = _watching(server, tmp_path)
+    threads = threading.active_count()
+    proc = _popen(["sh", "-c", "echo out; echo err >&2"])
+    assert r._watch(proc) == 0
+    r._drain(proc)
+    assert r.shipper is None and threading.active_count() == threads  # none was started
+    assert server.calls == []
+    assert sorted(d for _s, _st, d in r.logs.rest()) == [b"err\n", b"out\n"]
+    assert r.logs.closed_streams == 2
+
+
+def _watching(server: FakeServer, tmp_path: Path):
+    r = _runner(server, tmp_path)
+    r.shipper = None
+    r.started_at = runner_mod.time.monotonic()
+    r.sandbox = _Sandbox()
+    return r
+
+
+def test_a_silent_long_command_is_heartbeated(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_EVERY", 0.3)
+    server = FakeServer()
+    r = _watching(server, tmp_path)
+    proc = _popen(["sleep", "2"])
+    assert r._watch(proc) == 0
+    r._drain(proc)
+    r.join_shipper()
+    assert "heartbeat" in [a for a, _ in server.calls]
+
+
+def test_output_waiting_past_the_linger_is_shipped_before_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "LOG_LINGER", 0.05)
+    server = FakeServer()
+    r = _watching(server, tmp_path)
+    proc = _popen(["sh", "-c", "echo early; sleep 0.8"])
+    assert r._watch(proc) == 0
+    r._drain(proc)
+    r.join_shipper()
+    assert [a for a, _ in server.calls] == ["logs"]
+    assert r.logs.rest() == []
+
+
+def test_a_refused_heartbeat_stops_the_watch(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "HEARTBEAT_EVERY", 0.3)
+    server = FakeServer()
+
+    def refused(_method, url, json, deadline=None, stop=None):
+        server.calls.append((url.rsplit("/", 1)[1], json))
+
+        class Resp:
+            status_code = 409
+            text = "stale"
+
+        return Resp
+
+    server.request = refused  # type: ignore[method-assign]
+    r = _watching(server, tmp_path)
+    proc = _popen(["sleep", "30"])
+    try:
+        assert r._watch(proc) is None
+        assert r.stale.is_set()
+        assert [a for a, _ in server.calls] == ["heartbeat"]
+    finally:
+        proc.kill()
+        proc.wait()
