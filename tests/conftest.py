@@ -86,9 +86,37 @@ def pg_server_url() -> str:
     return url
 
 
+async def _migrate(url: str) -> None:
+    from corral.store.db import Database
+    from corral.store.migrate import migrate
+
+    db = Database(url)
+    try:
+        await migrate(db)
+    finally:
+        await db.dispose()
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server_url: str):
+    """A database migrated to head once per worker, which each test's database copies
+    (CREATE DATABASE ... TEMPLATE: a file copy in the server, not 30 migrations)."""
+    name = f"corral_tmpl_{_worker()}_{secrets.token_hex(4)}"
+    asyncio.run(_admin(pg_server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        asyncio.run(_migrate(_with_db(pg_server_url, name)))
+        yield name
+    finally:
+        asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
-def pg_url(pg_server_url: str):
-    """A fresh, empty database for one test, dropped afterwards."""
+def pg_empty_url(pg_server_url: str):
+    """A fresh, empty database for one test (no schema), dropped afterwards."""
     name = f"corral_test_{secrets.token_hex(6)}"
     asyncio.run(_admin(pg_server_url, f'CREATE DATABASE "{name}"'))
     try:
@@ -97,11 +125,43 @@ def pg_url(pg_server_url: str):
         asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture
+def pg_url(pg_server_url: str, pg_template: str):
+    """A fresh database for one test, its schema at head, dropped afterwards."""
+    name = f"corral_test_{secrets.token_hex(6)}"
+    asyncio.run(_admin(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    try:
+        yield _with_db(pg_server_url, name)
+    finally:
+        asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A SQLite file migrated to head once per worker; each test gets a copy."""
+    path = tmp_path_factory.mktemp("schema") / "corral.db"
+    asyncio.run(_migrate(f"sqlite:///{path}"))
+    return path
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request, tmp_path: Path) -> str:
+    """A fresh database of each kind for one test, its schema at head."""
     if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        for suffix in ("", "-wal"):
+            if Path(f"{template}{suffix}").exists():
+                shutil.copyfile(f"{template}{suffix}", f"{tmp_path / 'corral.db'}{suffix}")
         return f"sqlite:///{tmp_path / 'corral.db'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_db_url(request, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind (no schema): for the migrations' own tests."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    return request.getfixturevalue("pg_empty_url")
 
 
 @pytest.fixture

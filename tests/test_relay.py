@@ -119,6 +119,7 @@ class Relay:
         self.answer = answer or (lambda r: {"status": 200, "body": {"echo": r["job_id"]}})
         self.gate = threading.Event()
         self.gate.set()
+        self.held = 0  # reports whose request is on its way (or held at the gate)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -126,6 +127,7 @@ class Relay:
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
 
     async def _send(self, reports: list[dict]):
+        self.held += len(reports)
         await asyncio.to_thread(self.gate.wait, 10)
         self.batches.append(reports)
         return [self.answer(r) for r in reports]
@@ -158,29 +160,29 @@ def test_the_relay_socket_is_the_agents_alone(tmp_path, relay):
 
 
 def test_reports_waiting_together_go_as_one_request_and_each_gets_its_answer(tmp_path, relay):
+    from corral.testing import wait_for
+
     r = relay()
     r.gate.clear()  # the first request is held: the others queue behind it
     answers: dict[int, tuple[int, bytes]] = {}
 
     def runner(job_id: int) -> None:
-        answers[job_id] = RelayClient(tmp_path).report(job_id, 1, "tok", "start", None)
+        client = RelayClient(tmp_path, timeout=60)
+        answers[job_id] = client.report(job_id, 1, "tok", "start", None)
 
     first = threading.Thread(target=runner, args=(1,))
     first.start()
-    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), r.loop).result(5)
-    deadline_threads = [threading.Thread(target=runner, args=(k,)) for k in range(2, 12)]
-    for t in deadline_threads:
+    wait_for(lambda: r.held == 1, 10, "the first report's request to be on its way")
+    rest = [threading.Thread(target=runner, args=(k,)) for k in range(2, 12)]
+    for t in rest:
         t.start()
-    # wait until all ten queue behind the held request, then let it go
-    from corral.testing import wait_for
-
-    wait_for(lambda: len(r.server.waiting) == 10, 10, "ten reports queued")
+    wait_for(lambda: len(r.server.waiting) == 10, 10, "ten reports queued behind it")
     r.gate.set()
-    for t in [first, *deadline_threads]:
+    for t in [first, *rest]:
         t.join(10)
     assert {k: json.loads(v[1])["echo"] for k, v in answers.items()} == {k: k for k in range(1, 12)}
     assert all(status == 200 for status, _ in answers.values())
-    assert sorted(len(b) for b in r.batches) == [1, 10]  # 11 reports, 2 requests
+    assert [len(b) for b in r.batches] == [1, 10]  # 11 reports, 2 requests
 
 
 def test_a_report_the_relay_cannot_deliver_is_the_runners_to_send(tmp_path, relay):

@@ -54,9 +54,9 @@ async def job_row(db: Database, job_id: int):
     return await db.query(repo.get_job, job_id)
 
 
-def test_migrations_reach_head_and_match_the_models(db_url):
+def test_migrations_reach_head_and_match_the_models(empty_db_url):
     async def main():
-        db = await open_db(db_url)
+        db = await open_db(empty_db_url)
         assert await migrate(db) == head_revision()  # idempotent
 
         def diff(sync_conn):

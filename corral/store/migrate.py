@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -22,7 +23,9 @@ def alembic_config() -> Config:
     return cfg
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision of this build (read from its migration scripts once)."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head() or "base"
 
 
@@ -34,6 +37,9 @@ async def migrate(db: Database) -> str:
             sync_conn.execute(
                 sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK}
             )
+        current = MigrationContext.configure(sync_conn).get_current_revision()
+        if current == head_revision():  # a restart: nothing to run, no scripts to load
+            return current
         cfg = alembic_config()
         cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, "head")
