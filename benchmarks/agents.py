@@ -165,9 +165,19 @@ class RawRenewer:
         self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def renew(self) -> int:
-        """The answer's status; raises OSError when the connection fails."""
-        if self.conn is None:
-            self.conn = await asyncio.open_connection(self.host, self.port)
+        """The answer's status; raises OSError when the connection fails. A kept
+        connection the server closed meanwhile (its keep-alive timeout) is opened again
+        once, as an HTTP client's pool does."""
+        if self.conn is not None:
+            try:
+                return await self._once()
+            except OSError:
+                pass  # closed while idle: a new connection below
+        self.conn = await asyncio.open_connection(self.host, self.port)
+        return await self._once()
+
+    async def _once(self) -> int:
+        assert self.conn is not None
         reader, writer = self.conn
         try:
             writer.write(self.request)

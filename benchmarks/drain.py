@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 
 from benchmarks.machine import describe
+from corral.api import InstanceView
 from corral.testing import Cluster, S3Server, job_python, wait_for
 
 WRITER = textwrap.dedent("""
@@ -191,8 +192,8 @@ def main() -> None:
     total = int(args.mb * 2**20)
     n_jobs = args.instances * args.jobs_per_instance
     per_job = total // n_jobs
-    with tempfile.TemporaryDirectory(prefix="corral-drain-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="corral-drain-") as tmpname:
+        tmp = Path(tmpname)
         tmp.chmod(0o755)  # the writer must be readable by a root agent's job user
         raw, raw_first, raw_cpu = loopback_throughput(per_job * n_jobs, tmp)
         writer = tmp / "writer.py"
@@ -251,7 +252,7 @@ def main() -> None:
             t0 = time.time()
             client.scale("work", 0)
 
-            def states() -> dict[str, object]:
+            def states() -> dict[str, InstanceView]:
                 cpu.sample()
                 return {
                     i.id: i for i in client.instances(include_terminated=True) if i.id in leaving
@@ -267,9 +268,11 @@ def main() -> None:
             )
             retired = states()
             used = cpu.used()
-            t_safe = max(i.retired_at for i in retired.values()) - min(
-                i.drain_requested_at for i in retired.values()
-            )
+            retired_at = [i.retired_at for i in retired.values()]
+            requested_at = [i.drain_requested_at for i in retired.values()]
+            assert None not in retired_at, retired
+            assert None not in requested_at, retired
+            t_safe = max(t for t in retired_at if t) - min(t for t in requested_at if t)
             wait_for(
                 lambda: all(i.state == "terminated" for i in states().values()),
                 600,

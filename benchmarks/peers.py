@@ -215,7 +215,9 @@ def run_slurm(args, meter: CgroupMeter, tmp: Path) -> dict:
     slurm_dir = tempfile.mkdtemp(prefix="corral-slurm-", dir="/var/tmp")
     env = {**os.environ, "SLURM_DIR": slurm_dir}
     with meter.inside("slurm"):
-        subprocess.run([script, "start", str(args.width)], check=True, env=env, timeout=120)
+        subprocess.run(  # its messages to stderr: stdout is the JSON
+            [script, "start", str(args.width)], check=True, env=env, timeout=120, stdout=sys.stderr
+        )
     try:
         out = tmp / "slurm-out"
         out.mkdir()  # Slurm runs the jobs as root here, as it runs its daemons
@@ -253,7 +255,7 @@ def run_slurm(args, meter: CgroupMeter, tmp: Path) -> dict:
         t1 = time.time()
         cpu = meter.seconds("slurm") - cpu0
     finally:
-        subprocess.run([script, "stop"], env=env, check=False, timeout=60)
+        subprocess.run([script, "stop"], env=env, check=False, timeout=60, stdout=sys.stderr)
         shutil.rmtree(slurm_dir, ignore_errors=True)
     return {
         "submission": "one job array (sbatch --array)",

@@ -769,17 +769,8 @@ async def apply_report(conn: AsyncConnection, r: Report, now: float) -> Any:
 REFUSED = (StaleToken, JobNotFound, JobConflict, IllegalTransition, sa.exc.IntegrityError)
 
 
-async def apply_reports(
-    conn: AsyncConnection, reports: list[Report], now: float
-) -> list[tuple[bool, Any]]:
-    """Every report's writes in this transaction, each in its own savepoint: a refused
-    report leaves nothing behind and the others go on. (True, its value) or (False,
-    what refused it), in order."""
-    out: list[tuple[bool, Any]] = []
-    for r in reports:
-        try:
-            async with conn.begin_nested():
-                out.append((True, await apply_report(conn, r, now)))
-        except REFUSED as exc:
-            out.append((False, exc))
-    return out
+async def apply_reports(conn: AsyncConnection, reports: list[Report], now: float) -> list[Any]:
+    """Every report's writes in this transaction, in order; the first refused report
+    (REFUSED) raises, so the caller's transaction writes nothing and the caller can
+    apply them one by one instead."""
+    return [await apply_report(conn, r, now) for r in reports]

@@ -215,6 +215,24 @@ def _check(report: AttemptReport) -> Report | tuple[int, dict]:
         return _refusal(exc)
 
 
+async def _apply(ctx: ServerContext, reports: list[Report]) -> list[tuple[bool, Any]]:
+    """(True, value) or (False, what refused it) per report. All in one transaction;
+    when one is refused (a stale token: rare), that transaction writes nothing and each
+    report gets a transaction of its own, so one report's 409 undoes no other's start."""
+    now = ctx.now()
+    try:
+        return [(True, v) for v in await ctx.db.transact(repo.apply_reports, reports, now)]
+    except repo.REFUSED:
+        pass
+    out: list[tuple[bool, Any]] = []
+    for r in reports:
+        try:
+            out.append((True, await ctx.db.transact(repo.apply_report, r, now)))
+        except repo.REFUSED as exc:
+            out.append((False, exc))
+    return out
+
+
 @relay_router.post(
     "/attempts",
     response_model=AttemptReportsReply,
@@ -226,7 +244,7 @@ async def relayed(
     body: AttemptReports, ctx: ServerContext = Depends(get_ctx)
 ) -> AttemptReportsReply:
     """Each report is answered as its own route would answer it, in order; their writes
-    share a transaction (a savepoint each), so one report's 409 undoes nothing else."""
+    share one transaction unless one is refused."""
     answers: list[tuple[int, dict] | None] = []
     ready: list[tuple[int, Report]] = []
     for k, report in enumerate(body.reports):
@@ -238,7 +256,7 @@ async def relayed(
             answers.append(checked)
     for i in range(0, len(ready), TRANSACTION_REPORTS):
         chunk = ready[i : i + TRANSACTION_REPORTS]
-        stored = await ctx.db.transact(repo.apply_reports, [r for _k, r in chunk], ctx.now())
+        stored = await _apply(ctx, [r for _k, r in chunk])
         for (k, r), (ok, value) in zip(chunk, stored, strict=True):
             answers[k] = (
                 (200, after(ctx, r, value).model_dump(mode="json")) if ok else _refusal(value)
