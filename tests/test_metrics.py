@@ -71,7 +71,10 @@ def test_metrics_move_when_jobs_run(cluster: Cluster, db_url: str):
     page = client.logs(ok.id, attempt=1)
     assert b"".join(base64.b64decode(c.data) for c in page.chunks) == b"ok\n"
     # what it took, by route and in statements (benchmarks/dispatch.py divides these)
-    assert value(after, "corral_http_requests_total", route="attempts.start") == 2
-    assert value(after, "corral_http_requests_total", route="attempts.finish") == 2
+    # each runner's start and finish, through its agent's relay or (relay away) directly
+    for action in ("start", "finish"):
+        direct = value(after, "corral_http_requests_total", route=f"attempts.{action}")
+        relayed = value(after, "corral_relayed_attempt_reports_total", action=action)
+        assert direct + relayed == 2, (action, direct, relayed)
     assert value(after, "corral_db_statements_total") > value(before, "corral_db_statements_total")
     assert value(after, "corral_database_errors_total", where="request") == 0

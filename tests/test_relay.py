@@ -227,8 +227,8 @@ def _counts(server) -> dict[str, float]:
     ).text
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("corral_relayed_attempt_reports_total "):
-            out["relayed"] = float(line.split()[1])
+        if line.startswith("corral_relayed_attempt_reports_total{"):
+            out["relayed"] = out.get("relayed", 0.0) + float(line.split()[1])
         elif line.startswith('corral_http_requests_total{route="attempts.'):
             route = line.split('"')[1]
             out[route] = out.get(route, 0.0) + float(line.split()[1])

@@ -43,7 +43,8 @@ ATTEMPTS_FINISHED = Counter(
 )
 RELAYED_REPORTS = Counter(
     "corral_relayed_attempt_reports",
-    "Runners' attempt reports that reached this server through their agent's relay",
+    "Runners' attempt reports that reached this server through their agent's relay, by action",
+    ["action"],
 )
 SUBMIT_TO_START = Histogram(
     "corral_submit_to_start_seconds",

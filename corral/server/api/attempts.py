@@ -261,7 +261,8 @@ async def relayed(
             answers[k] = (
                 (200, after(ctx, r, value).model_dump(mode="json")) if ok else _refusal(value)
             )
-    metrics.RELAYED_REPORTS.inc(len(body.reports))
+    for report in body.reports:
+        metrics.RELAYED_REPORTS.labels(report.action).inc()
     return AttemptReportsReply(
         results=[AttemptReportResult(status=s, body=b) for s, b in filter(None, answers)]
     )
