@@ -23,12 +23,11 @@ from corral.domain.heartbeat import (
     grace_period,
     needs_exchange,
     objects_refresh,
-    pacing,
     renewal_interval,
 )
 from corral.domain.instances import InstanceState
 from corral.server.config import ServerConfig
-from corral.server.leases import flush_leases
+from corral.server.leases import configured_pacing, flush_leases
 from corral.server.loops import reaper
 from tests.test_lease_batching import Harness, _with_server
 
@@ -36,16 +35,7 @@ FLEETS = [1, 10, 100, 101, 500, 1_000, 1_500, 2_000, 5_000, 10_000]  # per serve
 
 
 def _pace(agents: int, cfg: ServerConfig | None = None):
-    cfg = cfg or ServerConfig()
-    return pacing(
-        agents,
-        base=cfg.heartbeat_base,
-        max_per_second=cfg.heartbeat_max_rate,
-        lease_base=cfg.lease_base,
-        lease_max_per_second=cfg.lease_max_rate,
-        lease_ceiling=cfg.lease_ceiling,
-        ceiling=cfg.heartbeat_ceiling,
-    )
+    return configured_pacing(cfg or ServerConfig(), agents)
 
 
 @pytest.mark.parametrize("agents", FLEETS)

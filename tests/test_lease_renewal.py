@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from corral.domain.heartbeat import grace_period, heartbeat_interval, lease_interval, pacing
+from corral.domain.heartbeat import grace_period, heartbeat_interval, lease_interval
 from corral.server.api.agents import admission_period
 from corral.server.app import close_context, open_context
 from corral.server.config import ServerConfig
 from corral.server.lease_route import INCARNATION_HEADER, PATH
-from corral.server.leases import flush_leases, instance_key
+from corral.server.leases import configured_pacing, flush_leases, instance_key
 from corral.server.loops import reaper
 from corral.store.tokens import AGENT
 from tests import appkit
@@ -39,14 +39,7 @@ def test_a_silent_agent_is_found_within_15_s_up_to_10000_agents(agents: int) -> 
     """Grace + one reaper pass + one flush of the buffered renewals: within 15 s, and
     never fewer than three renewal intervals (one slow renewal never costs a job)."""
     cfg = ServerConfig()
-    pace = pacing(
-        agents,
-        base=cfg.heartbeat_base,
-        max_per_second=cfg.heartbeat_max_rate,
-        lease_base=cfg.lease_base,
-        lease_max_per_second=cfg.lease_max_rate,
-        lease_ceiling=cfg.lease_ceiling,
-    )
+    pace = configured_pacing(cfg, agents)  # what the server tells them
     assert pace.lease is not None and pace.lease < pace.interval
     grace = grace_period(pace.lease, cfg.agent_grace)
     assert grace >= 3 * pace.lease

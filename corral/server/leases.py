@@ -32,6 +32,7 @@ from corral.store.instances import Renewal, renew_leases
 from corral.store.tokens import touch_many
 
 if TYPE_CHECKING:
+    from corral.server.config import ServerConfig
     from corral.server.context import ServerContext
 
 
@@ -43,15 +44,10 @@ def body_digest(body: HeartbeatRequest) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
-async def current_pacing(ctx: ServerContext) -> Pacing:
-    """What agents are told now (recomputed from the fleet's size every 10 s)."""
-    cached = ctx.pacing
-    now = ctx.now()
-    if cached and now - cached[1] < 10:
-        return cached[0]
-    cfg = ctx.config
-    pace = pacing(
-        await ctx.db.query(instances.count_live),
+def configured_pacing(cfg: ServerConfig, fleet_size: int) -> Pacing:
+    """What a server with this configuration tells agents at this fleet size."""
+    return pacing(
+        fleet_size,
         base=cfg.heartbeat_base,
         max_per_second=cfg.heartbeat_max_rate,
         lease_base=cfg.lease_base,
@@ -59,6 +55,15 @@ async def current_pacing(ctx: ServerContext) -> Pacing:
         lease_ceiling=cfg.lease_ceiling,
         ceiling=cfg.heartbeat_ceiling,
     )
+
+
+async def current_pacing(ctx: ServerContext) -> Pacing:
+    """What agents are told now (recomputed from the fleet's size every 10 s)."""
+    cached = ctx.pacing
+    now = ctx.now()
+    if cached and now - cached[1] < 10:
+        return cached[0]
+    pace = configured_pacing(ctx.config, await ctx.db.query(instances.count_live))
     ctx.pacing = (pace, now)
     return pace
 
