@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral.domain.heartbeat import grace_period, heartbeat_interval, lease_interval
-from corral.server.api.agents import admission_period
+from corral.server.api.agents import HEARTBEAT_RETRY_MAX, admission_period
 from corral.server.app import close_context, open_context
 from corral.server.config import ServerConfig
 from corral.server.lease_route import INCARNATION_HEADER, PATH
@@ -22,7 +22,7 @@ from corral.server.leases import configured_pacing, flush_leases, instance_key
 from corral.server.loops import reaper
 from corral.store.tokens import AGENT
 from tests import appkit
-from tests.test_lease_batching import Harness, _db_url
+from tests.test_lease_batching import Harness, _db_url, _with_server
 
 # ---- pure: the pacing at any fleet size ----------------------------------------------------
 
@@ -183,3 +183,102 @@ def test_the_reaper_judges_a_renewing_agent_by_its_renewal_interval(
         assert lost_at is not None and lost_at <= start + grace + 2 + 1e-6
 
     asyncio.run(_run(tmp_path, _db_url(db, tmp_path, request), body))
+
+
+# ---- under load: a refused exchange never hides a silent agent for long ----------------------
+
+
+def _refuse_with(gate, seconds: float) -> None:
+    """Every slot busy and the queue full, each exchange slow enough that the next
+    one refused is told to come back after the longest Retry-After there is."""
+    gate.busy, gate.waiting, gate.mean_s = gate.slots, gate.queue, seconds
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_renewing_agent_refused_for_load_is_still_found_within_its_renewal_grace(
+    tmp_path: Path, db: str, request
+) -> None:
+    """An agent that renews between exchanges, woken (news for it), so its renewals
+    ask for an exchange first, and that exchange refused for load with a long
+    Retry-After: its renewals keep proving it alive meanwhile (so the refusal need not
+    stretch its lease), and once it falls silent it is lost within its renewal grace,
+    not the Retry-After plus that grace (30 + 10 s, as a benchmark at 500 agents saw)."""
+
+    async def body(h: Harness) -> None:
+        grace = grace_period(2, h.ctx.config.agent_grace)
+        agents = []
+        for name in ("waits", "dies"):
+            cred, beat = await h.register(name)
+            beat["renews_every"] = (await h.beat(cred, beat))["lease_interval"]
+            await h.beat(cred, beat)
+            # news for it: its renewals now ask for an exchange first
+            h.ctx.notifier.wake(instance_key(beat["instance_id"]))
+            agents.append((cred, beat))
+        gate = h.ctx.gate()
+        _refuse_with(gate, 100.0)
+        h.t += 1
+        retry = 0.0
+        for cred, beat in agents:
+            r = await h.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
+            assert r.status_code == 503, r.text
+            retry = float(r.headers["retry-after"])
+            assert retry > grace, "the test needs a Retry-After past the grace"
+        (cred, waits), (dies_cred, dies) = agents
+        # both wait as told, renewing every 2 s (each renewal asks for an exchange);
+        # one of them is killed after two renewals
+        start = h.t
+        last_heard = start
+        while h.t < start + retry:
+            h.t += 2
+            r = await h.http.post(PATH, headers=_renewal(cred, waits["incarnation"]))
+            assert r.status_code == 409, r.text
+            if h.t <= start + 4:
+                r = await h.http.post(PATH, headers=_renewal(dies_cred, dies["incarnation"]))
+                assert r.status_code == 409, r.text
+                last_heard = h.t
+            await flush_leases(h.ctx)
+            await reaper.reap_once(h.ctx)
+            assert not (await h.row(waits["instance_id"]))["lost_at"], (
+                f"a renewing agent was lost at +{h.t - start:.0f} s"
+            )
+        lost_at = (await h.row(dies["instance_id"]))["lost_at"]
+        assert lost_at is not None, "the killed agent outlived the Retry-After it was told"
+        assert lost_at <= last_heard + grace + 2 + 1e-6, (
+            f"found {lost_at - last_heard:.0f} s after it fell silent (grace {grace:.0f} s)"
+        )
+        gate.busy = gate.waiting = 0
+
+    asyncio.run(_run(tmp_path, _db_url(db, tmp_path, request), body))
+
+
+def test_an_agent_without_renewals_is_told_a_short_retry_and_found_soon_after(
+    tmp_path: Path,
+) -> None:
+    """A freshly registered agent has no renewals here to keep it alive, so its
+    refused exchange stretches its lease by the Retry-After it is told: that is kept
+    short (HEARTBEAT_RETRY_MAX) so a silent one is still found within 15 s. (A small
+    fleet's agents, exchanging every 2 s, the server's defaults.)"""
+
+    async def body(h: Harness) -> None:
+        cfg = h.ctx.config
+        cred, beat = await h.register("fresh")
+        iid = beat["instance_id"]
+        _refuse_with(h.ctx.gate(), 100.0)
+        h.t += 1
+        r = await h.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
+        assert r.status_code == 503, r.text
+        retry = float(r.headers["retry-after"])
+        assert retry <= HEARTBEAT_RETRY_MAX
+        silent_from = h.t  # it never comes back
+        while not (await h.row(iid))["lost_at"] and h.t < silent_from + 60:
+            h.t += 1
+            await flush_leases(h.ctx)
+            await reaper.reap_once(h.ctx)
+        lost_at = (await h.row(iid))["lost_at"]
+        assert lost_at is not None
+        assert lost_at - silent_from <= HEARTBEAT_RETRY_MAX + cfg.agent_grace + 1 + 1e-6
+        # the loop above is the reaper's and the flush's once-a-second pace
+        assert cfg.reaper_interval <= 1 and cfg.lease_flush_interval <= 1
+        assert lost_at - silent_from <= 15.0
+
+    asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))

@@ -27,7 +27,7 @@ from corral.domain.tokens import hash_secret
 from corral.server import metrics
 from corral.server.errors import error_body
 from corral.server.guard import send_json
-from corral.server.leases import renew_by_request
+from corral.server.leases import Renewed, renew_by_request
 
 PATH = "/api/v1/agents/lease"
 INCARNATION_HEADER = "X-Corral-Incarnation"
@@ -117,7 +117,10 @@ class LeaseRoute:
             return 400, f"{INCARNATION_HEADER}: an integer header is required"
         ctx = self.routes_app.state.ctx
         instance_id = ctx.leases.credentials.get(hash_secret(secret))
-        if instance_id is None or not renew_by_request(ctx, instance_id, n):
+        renewed = Renewed.REFUSED if instance_id is None else renew_by_request(ctx, instance_id, n)
+        if renewed is Renewed.REFUSED:
             return 409, "run a full heartbeat exchange first"
         metrics.LEASE_RENEWALS.inc()
+        if renewed is Renewed.NEWS:
+            return 409, "renewed; run a full heartbeat exchange: there is news for this instance"
         return 204, ""

@@ -21,6 +21,7 @@ runs a full exchange, which admits it again. A renewal touches no database."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -138,22 +139,36 @@ class Leases:
             self.credentials[credential_hash] = instance_id
 
 
-def renew_by_request(ctx: ServerContext, instance_id: str, incarnation: int) -> bool:
+class Renewed(enum.Enum):
+    """A renewal request's outcome (corral.server.lease_route answers 204 or 409)."""
+
+    RENEWED = "renewed"
+    NEWS = "news"  # renewed, and there is news for the instance: an exchange first
+    REFUSED = "refused"  # not renewed: an exchange first
+
+
+def renew_by_request(ctx: ServerContext, instance_id: str, incarnation: int) -> Renewed:
     """A renewal request from an agent whose credential maps to `instance_id`: renew
-    its lease in the buffer (True), or False when it must run a full exchange first
-    (unknown here, another incarnation, its admission expired, or something woke the
-    instance since its last exchange: there may be news for it)."""
+    its lease in the buffer, unless this server has not admitted it (unknown here,
+    another incarnation, or its admission expired: REFUSED). Something that woke the
+    instance since its last exchange does not stop the renewal (the request still
+    proves the agent alive, and its exchange may be refused for load meanwhile), but
+    asks for an exchange (NEWS)."""
     p = ctx.leases.pingers.get(instance_id)
     now = ctx.now()
-    if (
-        p is None
-        or p.incarnation != incarnation
-        or now > p.until
-        or ctx.notifier.generation(instance_key(instance_id)) != p.generation
-    ):
-        return False
+    if p is None or p.incarnation != incarnation or now > p.until:
+        return Renewed.REFUSED
     ctx.leases.renew(Renewal(instance_id, incarnation, now, now + p.grace, p.lease))
-    return True
+    if ctx.notifier.generation(instance_key(instance_id)) != p.generation:
+        return Renewed.NEWS
+    return Renewed.RENEWED
+
+
+def renews_meanwhile(ctx: ServerContext, instance_id: str, incarnation: int, until: float) -> bool:
+    """Whether this server accepts the agent's renewals until `until` (what keeps a
+    refused agent alive while it waits out a Retry-After)."""
+    p = ctx.leases.pingers.get(instance_id)
+    return p is not None and p.incarnation == incarnation and p.until >= until
 
 
 async def flush_leases(ctx: ServerContext) -> bool:

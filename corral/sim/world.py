@@ -65,7 +65,7 @@ from corral.server.app import close_context, open_context
 from corral.server.auth import Principal
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
-from corral.server.leases import flush_leases, instance_key, renew_by_request
+from corral.server.leases import Renewed, flush_leases, instance_key, renew_by_request
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import announce, drain_once
 from corral.server.loops.reaper import reap_once
@@ -520,8 +520,12 @@ class World:
                 if cut:
                     return [LeaseAnswered(renewed=False)]
                 # as the lease route does once the credential named the instance
-                ok = renew_by_request(self.ctx, instr.instance_id, instr.incarnation)
-                return [LeaseAnswered(renewed=ok, exchange=not ok)]
+                got = renew_by_request(self.ctx, instr.instance_id, instr.incarnation)
+                return [
+                    LeaseAnswered(
+                        renewed=got is Renewed.RENEWED, exchange=got is not Renewed.RENEWED
+                    )
+                ]
             case StartAttempt():
                 self.start_runner(agent, instr.order)
                 self.deliver(agent, AttemptStarted(instr.order.job_id, instr.order.attempt), slow)

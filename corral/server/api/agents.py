@@ -31,11 +31,23 @@ from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
 from corral.server.errors import ApiError
 from corral.server.guard import SCOPE_RECEIVED, MiB, body_limit
-from corral.server.leases import Pinger, body_digest, current_pacing, instance_key
+from corral.server.leases import (
+    Pinger,
+    body_digest,
+    current_pacing,
+    instance_key,
+    renews_meanwhile,
+)
 from corral.server.loadgate import Overloaded
 from corral.store import components, dispatch, fleets, instances, objects, offloads, tokens
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
+
+
+# The longest Retry-After a refused heartbeat is told when nothing but its exchanges
+# keeps its agent alive: its lease is stretched by that much (refused_alive), which a
+# silent agent's detection pays on top of its grace.
+HEARTBEAT_RETRY_MAX = 3
 
 
 def _busy(exc: Overloaded) -> ApiError:
@@ -325,10 +337,22 @@ def refused_alive(
     grace: float,
     exc: Overloaded,
 ) -> ApiError:
-    """A heartbeat refused for load (503): its lease is renewed to outlast the
-    Retry-After it is told plus its grace (heard_alive)."""
-    heard_alive(ctx, body, renews, grace, extra=exc.retry_after)
-    return _busy(exc)
+    """A heartbeat refused for load (503) still proves its agent alive. An agent this
+    server accepts renewals from (admitted, corral.server.leases.renews_meanwhile) stays
+    alive by them while it waits out the Retry-After, so its lease is renewed for its
+    grace only: if it dies meanwhile it is found as soon as any other. One that has only
+    its exchanges (freshly registered, or a small fleet's) is told a short Retry-After
+    (HEARTBEAT_RETRY_MAX) and its lease outlasts it (heard_alive), so waiting as told
+    never gets it declared lost and a dead one is still found within about 15 s."""
+    now = ctx.now()
+    if body.renews_every is not None and renews_meanwhile(
+        ctx, body.instance_id, body.incarnation, now + exc.retry_after
+    ):
+        heard_alive(ctx, body, renews, grace)
+        return _busy(exc)
+    retry = min(exc.retry_after, HEARTBEAT_RETRY_MAX)
+    heard_alive(ctx, body, renews, grace, extra=retry)
+    return _busy(Overloaded(retry))
 
 
 def ordered_nothing(reply: HeartbeatReply) -> bool:
