@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.dispatch import percentile
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
-from corral.agent.upstream import retry_after
+from corral.agent.upstream import after_retry_after, retry_after
 from corral.domain.heartbeat import objects_refresh
 from corral.testing import Cluster
 
@@ -232,8 +232,9 @@ async def renewals(
 
 
 def asked(r: httpx.Response) -> float:
-    """The server's Retry-After in seconds (0 if none), as the agent reads it."""
-    return retry_after(r.headers.get("retry-after")) or 0.0
+    """How long the agent waits when answered this: the server's Retry-After (0 if
+    none) plus the agent's random share of it (corral.agent.upstream)."""
+    return after_retry_after(retry_after(r.headers.get("retry-after")) or 0.0, random.random())
 
 
 COMPONENTS = [  # what an idle agent reports each heartbeat
@@ -368,6 +369,10 @@ async def drive(args, urls: list[str], join: str, admin: str, server_pids: list[
         "register_p99_ms": ms(stats.register, 99),
         "heartbeat_p50_ms": ms(stats.heartbeat, 50),
         "heartbeat_p99_ms": ms(stats.heartbeat, 99),
+        # after every agent registered: the steady state, without the registration
+        # storm's first exchanges
+        "heartbeat_steady_p50_ms": ms(stats.heartbeat[heartbeats_before:], 50),
+        "heartbeat_steady_p99_ms": ms(stats.heartbeat[heartbeats_before:], 99),
         "heartbeats_per_s": round(beats / wall, 1),
         # of those, answered with a batched lease renewal only (corral/server/leases.py)
         "heartbeats_batched_pct": round(100 * batched / beats, 1) if batched and beats else batched,

@@ -14,7 +14,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from corral.agent.upstream import RETRY, SyncServer, Upstream, retry_after
+from corral.agent.upstream import RETRY, RETRY_AFTER_SPREAD, SyncServer, Upstream, retry_after
 from corral.server.app import close_context, create_app, open_context
 from corral.server.config import ServerConfig
 from corral.server.loadgate import LoadGate, Overloaded
@@ -171,8 +171,21 @@ def test_retry_after_is_read_as_seconds() -> None:
 
 def test_the_retry_waits_at_least_what_the_server_asked() -> None:
     retry = Upstream(["http://a", "http://b"]).retry(None)
-    assert retry.failed("HTTP 503", 7.0) == 7.0
+    assert 7.0 <= retry.failed("HTTP 503", 7.0) <= 7.0 * (1 + RETRY_AFTER_SPREAD)
     assert retry.failed("HTTP 503") <= RETRY.maximum * (1 + RETRY.jitter)
+
+
+def test_clients_told_the_same_retry_after_do_not_come_back_together() -> None:
+    """A Retry-After is whole seconds: every agent refused in one burst is told the same
+    few, and coming back exactly then re-forms the burst (a benchmark at 200 agents saw
+    waves of 20-100 heartbeats queued 0.3-0.7 s behind each other). Each waits what it
+    was told plus a random part of it, so a burst spreads over that span."""
+    waits = sorted(Upstream(["http://a"]).retry(None).failed("HTTP 503", 2.0) for _ in range(200))
+    assert waits[0] >= 2.0 and waits[-1] <= 2.0 * (1 + RETRY_AFTER_SPREAD)
+    assert waits[-1] - waits[0] >= 0.5, "they come back within half a second of each other"
+    # no tenth of a second holds more than a quarter of them
+    crowd = max(sum(1 for w in waits if t <= w < t + 0.1) for t in waits)
+    assert crowd <= 50, f"{crowd} of 200 came back within 0.1 s of each other"
 
 
 class _Busy(http.server.BaseHTTPRequestHandler):

@@ -62,13 +62,22 @@ class Retry:
         self.upstream._index = (self.upstream._index + 1) % len(self.upstream.urls)
         delay = RETRY.delay(self.failures, random.random())
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            delay = max(delay, after_retry_after(retry_after, random.random()))
         if self.deadline is not None and time.monotonic() + delay > self.deadline:
             raise Unreachable(error)
         return delay
 
 
 RETRY_AFTER_MAX = 300.0
+# A client told to retry after R seconds waits R plus up to this share of R, at random:
+# a Retry-After is whole seconds, so every client refused in one burst is told the same
+# few, and coming back exactly then would re-form the burst.
+RETRY_AFTER_SPREAD = 0.5
+
+
+def after_retry_after(seconds: float, rand: float) -> float:
+    """How long to wait when told Retry-After `seconds` (`rand` in [0, 1))."""
+    return seconds * (1 + RETRY_AFTER_SPREAD * rand)
 
 
 def retry_after(value: str | None) -> float | None:
