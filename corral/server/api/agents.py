@@ -23,6 +23,7 @@ from corral.domain.heartbeat import (
     grace_period,
     needs_exchange,
     renewal_interval,
+    told_interval,
 )
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
@@ -197,7 +198,8 @@ async def heartbeat(
     renews = renewal_interval(interval, body.renews_every)
     grace = grace_period(renews, ctx.config.agent_grace)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + min(body.wait, interval)
+    told = told_interval(interval, body.instance_id, received)  # this reply's interval
+    deadline = loop.time() + min(body.wait, told)
     key = instance_key(body.instance_id)
     digest = body_digest(body)
     first = True
@@ -206,7 +208,7 @@ async def heartbeat(
     while True:
         gen = ctx.notifier.generation(key)
         if first:
-            renewed = cheap_renewal(ctx, body, digest, gen, pace, grace)
+            renewed = cheap_renewal(ctx, body, digest, gen, pace, grace, told)
             if renewed is not None:
                 admit_renewals(ctx, who, body.incarnation, gen, ctx.now(), pace)
                 first = False  # the lease is renewed; a wake-up runs the full exchange
@@ -239,7 +241,7 @@ async def heartbeat(
                 grace=grace,
             )
             if decision.admission is Admission.EXIT or row is None:
-                return HeartbeatReply(action="exit", reason=decision.reason, interval=interval)
+                return HeartbeatReply(action="exit", reason=decision.reason, interval=told)
             nonlocal exchanged_at
             exchanged_at = now
             kills = await dispatch.kills_for(conn, body.instance_id, body.attempts)
@@ -261,7 +263,7 @@ async def heartbeat(
             offload = await offload_orders(conn, body.instance_id, now)
             return HeartbeatReply(
                 action="continue",
-                interval=interval,
+                interval=told,
                 lease_interval=pace.lease,
                 state=row["state"],
                 start=starts,
@@ -415,6 +417,7 @@ def cheap_renewal(
     gen: int,
     pace: Pacing,
     grace: float,
+    told: float,
 ) -> HeartbeatReply | None:
     """The reply of a heartbeat whose exchange would change nothing: its lease renewal
     is batched (corral.server.leases), no transaction. None: run the full exchange."""
@@ -437,7 +440,7 @@ def cheap_renewal(
     )
     metrics.HEARTBEATS_BATCHED.inc()
     return HeartbeatReply(
-        action="continue", interval=pace.interval, lease_interval=pace.lease, state=last.state
+        action="continue", interval=told, lease_interval=pace.lease, state=last.state
     )
 
 
