@@ -56,6 +56,23 @@ def test_a_gate_refuses_an_exchange_that_already_queued_too_long() -> None:
     assert refused.value.retry_after >= 3
 
 
+def test_a_short_expected_wait_does_not_refuse_what_the_event_loop_delayed() -> None:
+    """The expected wait in the gate is kept short (an answer soon or a 503 at once);
+    how long a request already waited in the server before the gate (a slow loop, a
+    credential check) has its own, longer limit."""
+    cfg = ServerConfig()
+    assert cfg.agent_max_wait <= 0.1 < cfg.agent_max_age
+    gate = LoadGate(slots=4, queue=100, max_wait=cfg.agent_max_wait, max_age=cfg.agent_max_age)
+    gate.check(age=cfg.agent_max_age - 0.1)
+    with pytest.raises(Overloaded):
+        gate.check(age=cfg.agent_max_age + 0.1)
+    gate.mean_s, gate.busy, gate.waiting = 0.02, 4, 19  # 20 ahead x 20 ms / 4 slots = 0.1 s
+    gate.check()
+    gate.waiting = 20
+    with pytest.raises(Overloaded):
+        gate.check()
+
+
 def test_a_gate_refuses_a_wait_it_expects_too_long() -> None:
     async def main() -> None:
         gate = LoadGate(slots=1, queue=100, max_wait=1.0)

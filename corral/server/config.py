@@ -77,10 +77,16 @@ class ServerConfig:
     public_metrics: bool = False  # /metrics and /docs without a token (--public-metrics)
     # agent exchanges (register, heartbeat) using the database at once, and waiting for
     # it (at most agent_queue, expecting to wait at most agent_max_wait s); beyond,
-    # 503 with Retry-After (server/loadgate.py). 0 slots: half the database pool
+    # 503 with Retry-After (server/loadgate.py). 0 slots: half the database pool. The
+    # expected wait is kept short: an answer within about 0.1 s, or at once a 503 that
+    # the agent waits out (its liveness does not depend on being served meanwhile);
+    # a queue of seconds made every agent's exchange, and every submit behind them in
+    # the database, seconds late. One that already waited agent_max_age s in the
+    # server before reaching the gate (the event loop behind) is refused too.
     agent_slots: int = 0
     agent_queue: int = 200
-    agent_max_wait: float = 2.0
+    agent_max_wait: float = 0.1
+    agent_max_age: float = 2.0
 
     @property
     def database_url(self) -> str:

@@ -52,7 +52,12 @@ class ServerContext:
     def gate(self) -> LoadGate:
         if self.agent_gate is None:
             slots = self.config.agent_slots or self.db.pool_size // 2 or 1
-            self.agent_gate = LoadGate(slots, self.config.agent_queue, self.config.agent_max_wait)
+            self.agent_gate = LoadGate(
+                slots,
+                self.config.agent_queue,
+                self.config.agent_max_wait,
+                self.config.agent_max_age,
+            )
         return self.agent_gate
 
     def now(self) -> float:

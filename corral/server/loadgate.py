@@ -45,12 +45,23 @@ def retry_after(backlog: int, slots: int, mean_s: float, u: float) -> int:
 
 
 class LoadGate:
-    def __init__(self, slots: int, queue: int, max_wait: float = float("inf")):
-        if slots < 1 or queue < 0 or max_wait < 0:
-            raise ValueError("a load gate needs slots >= 1, queue >= 0 and max_wait >= 0")
+    def __init__(
+        self,
+        slots: int,
+        queue: int,
+        max_wait: float = float("inf"),
+        max_age: float | None = None,
+    ):
+        if slots < 1 or queue < 0 or max_wait < 0 or (max_age is not None and max_age < 0):
+            raise ValueError(
+                "a load gate needs slots >= 1, queue >= 0, max_wait >= 0 and max_age >= 0"
+            )
         self.slots = slots
         self.queue = queue
         self.max_wait = max_wait
+        # how long an exchange may already have waited in the server before it got here
+        # (the event loop itself behind): then its client may have given up
+        self.max_age = max_wait if max_age is None else max_age
         self._free = slots
         # waiters for a slot: registrations (urgent) are served before the rest
         self._urgent: deque[asyncio.Future[None]] = deque()
@@ -63,10 +74,10 @@ class LoadGate:
 
     def check(self, age: float = 0.0, *, urgent: bool = False) -> None:
         """Raise Overloaded if an exchange arriving now would be refused: also one that
-        has already waited `age` > max_wait seconds since the server received it (the
+        has already waited `age` > max_age seconds since the server received it (the
         event loop itself is behind; its client may have given up). An urgent one (a
         registration) counts only the urgent ones ahead of it."""
-        if age > self.max_wait:
+        if age > self.max_age:
             self.refused += 1
             raise Overloaded(retry_after(1, 1, age, random.random()))
         ahead = self.waiting_urgent if urgent else self.waiting
