@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.dispatch import percentile
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
-from corral.agent.upstream import after_retry_after, retry_after
+from corral.agent.upstream import retry_after
+from corral.domain.backoff import after_retry_after
 from corral.domain.heartbeat import objects_refresh
 from corral.testing import Cluster
 

@@ -74,6 +74,7 @@ class Harness:
         ctx.notifier.cross_server = True  # PostgreSQL: as with the wake bus up
         self.counter = Statements(ctx.db.engine)
         self.transactions = 0
+        self.last_registration: dict = {}  # the register route's last reply
         inner = ctx.db.transact
 
         async def counting(fn, *a, **kw):
@@ -84,6 +85,7 @@ class Harness:
 
     async def register(self, name: str) -> tuple[dict, dict]:
         joined = await appkit.join(self.http, self.ctx, name)
+        self.last_registration = joined.reg
         return joined.headers, {**joined.beat, "components": COMPONENTS, "objects": []}
 
     async def beat(self, cred: dict, beat: dict) -> dict:

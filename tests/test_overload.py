@@ -14,7 +14,8 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from corral.agent.upstream import RETRY, RETRY_AFTER_SPREAD, SyncServer, Upstream, retry_after
+from corral.agent.upstream import RETRY, SyncServer, Upstream, retry_after
+from corral.domain.backoff import RETRY_AFTER_SPREAD
 from corral.server.app import close_context, create_app, open_context
 from corral.server.config import ServerConfig
 from corral.server.loadgate import LoadGate, Overloaded
@@ -26,6 +27,31 @@ def test_advice_grows_with_the_backlog_and_stays_bounded() -> None:
     assert advised(400, 4, 0.05, 0.0) == 5
     assert advised(400, 4, 0.05, 0.99) == 10
     assert advised(10**9, 1, 1.0, 0.5) == 30
+
+
+def test_exchanges_refused_together_are_told_to_come_back_one_after_another() -> None:
+    """A refused exchange is told when the backlog it saw should be gone; those refused
+    just before it will come back too, so each is told a later time than the last (as
+    if they queued for the gate's capacity, without holding anything meanwhile). Told
+    all the same short wait, hundreds of refused agents came back together, were
+    refused again, and the server spent itself answering 503s (1,000 agents: 21,704
+    refusals, registration took 180 s)."""
+    gate = LoadGate(slots=1, queue=0, max_wait=0.1)
+    now = [100.0]
+    gate.clock = lambda: now[0]
+    gate.busy, gate.mean_s = 1, 0.02  # one slot, busy; 50 exchanges a second
+    told = []
+    for _ in range(500):
+        with pytest.raises(Overloaded) as refused:
+            gate.check()
+        told.append(refused.value.retry_after)
+    assert told[0] == 1
+    assert min(told[-50:]) >= 500 * 0.02  # the 500th comes back after the 499 before it
+    assert max(told[:50]) <= 3, "the first few are told the short wait they always were"
+    now[0] += 60.0  # a minute later the crowd is served: the advice is short again
+    with pytest.raises(Overloaded) as refused:
+        gate.check()
+    assert refused.value.retry_after == 1
 
 
 def test_a_full_gate_refuses_and_an_admitted_exchange_waits() -> None:
@@ -62,7 +88,13 @@ def test_a_short_expected_wait_does_not_refuse_what_the_event_loop_delayed() -> 
     credential check) has its own, longer limit."""
     cfg = ServerConfig()
     assert cfg.agent_max_wait <= 0.1 < cfg.agent_max_age
-    gate = LoadGate(slots=4, queue=100, max_wait=cfg.agent_max_wait, max_age=cfg.agent_max_age)
+    gate = LoadGate(
+        slots=4,
+        queue=1000,
+        max_wait=cfg.agent_max_wait,
+        max_age=cfg.agent_max_age,
+        urgent_max_wait=cfg.agent_register_max_wait,
+    )
     gate.check(age=cfg.agent_max_age - 0.1)
     with pytest.raises(Overloaded):
         gate.check(age=cfg.agent_max_age + 0.1)
@@ -71,6 +103,13 @@ def test_a_short_expected_wait_does_not_refuse_what_the_event_loop_delayed() -> 
     gate.waiting = 20
     with pytest.raises(Overloaded):
         gate.check()
+    # a registration may expect to wait longer (a storm of them is served from a queue)
+    assert cfg.agent_register_max_wait > cfg.agent_max_wait
+    gate.waiting_urgent = 20
+    gate.check(urgent=True)
+    gate.waiting_urgent = int(cfg.agent_register_max_wait * 4 / 0.02)
+    with pytest.raises(Overloaded):
+        gate.check(urgent=True)
 
 
 def test_a_gate_refuses_a_wait_it_expects_too_long() -> None:

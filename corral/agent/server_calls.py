@@ -74,7 +74,13 @@ async def register(
         return Retire(reply.reason), None
     if reply.instance_id is None or (not known and reply.credential is None):
         return Fatal(BAD_CONFIGURATION, "the server welcomed this agent without an identity"), None
-    event = Registered(reply.instance_id, reply.incarnation or 0, reply.interval, reply.credential)
+    event = Registered(
+        reply.instance_id,
+        reply.incarnation or 0,
+        reply.interval,
+        reply.credential,
+        reply.lease_interval,
+    )
     return event, reply
 
 

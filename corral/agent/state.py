@@ -61,6 +61,7 @@ class Registered:
     incarnation: int
     interval: float
     credential: str | None = None  # sent on first registration only
+    lease_interval: float | None = None  # renew this often from now on (None: exchanges do)
 
 
 @dataclass(frozen=True)
@@ -518,8 +519,10 @@ class AgentState:
         self.instance_id = ev.instance_id
         self.incarnation = ev.incarnation
         self.interval = ev.interval
-        self.lease_interval = None  # until an exchange says how this incarnation renews
+        # renewals from the registration on, when told (an exchange may say otherwise)
+        self.lease_interval = ev.lease_interval
         self.renewing = False
+        self.renewed_at = now
         self.wake = True  # the first exchange is not held: it says how to renew the lease
         self.phase = Phase.RUNNING
         self.in_flight = None

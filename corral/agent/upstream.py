@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from corral.domain.backoff import Backoff
+from corral.domain.backoff import Backoff, after_retry_after
 
 RETRY = Backoff(base=0.2, factor=2.0, maximum=5.0, jitter=0.5)
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -69,15 +69,6 @@ class Retry:
 
 
 RETRY_AFTER_MAX = 300.0
-# A client told to retry after R seconds waits R plus up to this share of R, at random:
-# a Retry-After is whole seconds, so every client refused in one burst is told the same
-# few, and coming back exactly then would re-form the burst.
-RETRY_AFTER_SPREAD = 0.5
-
-
-def after_retry_after(seconds: float, rand: float) -> float:
-    """How long to wait when told Retry-After `seconds` (`rand` in [0, 1))."""
-    return seconds * (1 + RETRY_AFTER_SPREAD * rand)
 
 
 def retry_after(value: str | None) -> float | None:

@@ -43,6 +43,11 @@ class RegisterReply(Wire):
     incarnation: int | None = None
     credential: str | None = Field(default=None, description="sent once, on first registration")
     interval: float = 2.0
+    lease_interval: float | None = Field(
+        default=None,
+        description="renew the lease (POST /api/v1/agents/lease) this often from now on, "
+        "also while the first exchange waits or is refused; None: exchanges renew it",
+    )
     state: InstanceState | None = None
 
 

@@ -33,3 +33,14 @@ class Backoff:
             raise ValueError("rand must be in [0, 1)")
         top = self.ceiling(failures)
         return top * (1 - self.jitter) + top * self.jitter * rand
+
+
+# A client told to retry after R seconds waits R plus up to this share of R, at random:
+# a Retry-After is whole seconds, so every client refused in one burst is told the same
+# few, and coming back exactly then would re-form the burst.
+RETRY_AFTER_SPREAD = 0.5
+
+
+def after_retry_after(seconds: float, rand: float) -> float:
+    """How long to wait when told Retry-After `seconds` (`rand` in [0, 1))."""
+    return seconds * (1 + RETRY_AFTER_SPREAD * rand)

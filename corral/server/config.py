@@ -81,11 +81,14 @@ class ServerConfig:
     # expected wait is kept short: an answer within about 0.1 s, or at once a 503 that
     # the agent waits out (its liveness does not depend on being served meanwhile);
     # a queue of seconds made every agent's exchange, and every submit behind them in
-    # the database, seconds late. One that already waited agent_max_age s in the
-    # server before reaching the gate (the event loop behind) is refused too.
+    # the database, seconds late. A registration may expect to wait longer
+    # (agent_register_max_wait): a storm of them is served fastest from a queue. One
+    # that already waited agent_max_age s in the server before reaching the gate (the
+    # event loop behind) is refused too.
     agent_slots: int = 0
     agent_queue: int = 200
     agent_max_wait: float = 0.1
+    agent_register_max_wait: float = 2.0
     agent_max_age: float = 2.0
 
     @property

@@ -57,6 +57,7 @@ class ServerContext:
                 self.config.agent_queue,
                 self.config.agent_max_wait,
                 self.config.agent_max_age,
+                self.config.agent_register_max_wait,
             )
         return self.agent_gate
 

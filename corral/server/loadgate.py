@@ -51,6 +51,7 @@ class LoadGate:
         queue: int,
         max_wait: float = float("inf"),
         max_age: float | None = None,
+        urgent_max_wait: float | None = None,
     ):
         if slots < 1 or queue < 0 or max_wait < 0 or (max_age is not None and max_age < 0):
             raise ValueError(
@@ -62,6 +63,10 @@ class LoadGate:
         # how long an exchange may already have waited in the server before it got here
         # (the event loop itself behind): then its client may have given up
         self.max_age = max_wait if max_age is None else max_age
+        # a registration may expect to wait longer: until it is in, its agent can do
+        # nothing, and a storm of them is served fastest from a queue (refused, they
+        # come back to find the heartbeats of those already in ahead of them)
+        self.urgent_max_wait = max_wait if urgent_max_wait is None else urgent_max_wait
         self._free = slots
         # waiters for a slot: registrations (urgent) are served before the rest
         self._urgent: deque[asyncio.Future[None]] = deque()
@@ -71,6 +76,10 @@ class LoadGate:
         self.waiting_urgent = 0
         self.mean_s = 0.02  # an exchange's time in the gate, smoothed
         self.refused = 0
+        # when the exchanges refused so far, each told to come back after the one
+        # refused before it, will all have been served (a queue in time, holding nothing)
+        self._told_until = 0.0
+        self.clock = time.monotonic
 
     def check(self, age: float = 0.0, *, urgent: bool = False) -> None:
         """Raise Overloaded if an exchange arriving now would be refused: also one that
@@ -81,12 +90,24 @@ class LoadGate:
             self.refused += 1
             raise Overloaded(retry_after(1, 1, age, random.random()))
         ahead = self.waiting_urgent if urgent else self.waiting
+        limit = self.urgent_max_wait if urgent else self.max_wait
         if self.busy >= self.slots and (
-            ahead >= self.queue or (ahead + 1) * self.mean_s / self.slots > self.max_wait
+            ahead >= self.queue or (ahead + 1) * self.mean_s / self.slots > limit
         ):
-            self.refused += 1
-            backlog = self.busy + ahead + 1
-            raise Overloaded(retry_after(backlog, self.slots, self.mean_s, random.random()))
+            raise self._refuse(self.busy + ahead + 1)
+
+    def _refuse(self, backlog: int) -> Overloaded:
+        """Told to come back once the backlog it saw and every exchange refused before
+        it (and told to come back meanwhile) should have been served: refused ones then
+        return about as fast as the gate serves, not all at once."""
+        self.refused += 1
+        now = self.clock()
+        each = self.mean_s / self.slots
+        told_before = max(0.0, self._told_until - now) / each if each > 0 else 0.0
+        self._told_until = max(self._told_until, now) + each
+        return Overloaded(
+            retry_after(backlog + math.ceil(told_before), self.slots, self.mean_s, random.random())
+        )
 
     async def _acquire(self, urgent: bool) -> None:
         if self._free > 0 and not self._urgent and (urgent or not self._normal):

@@ -16,6 +16,7 @@ from corral.api import (
     RegisterReply,
     RegisterRequest,
 )
+from corral.domain.backoff import RETRY_AFTER_SPREAD
 from corral.domain.heartbeat import (
     LastExchange,
     Pacing,
@@ -27,6 +28,7 @@ from corral.domain.heartbeat import (
 )
 from corral.domain.instances import Admission
 from corral.domain.presign import DurableStore
+from corral.domain.tokens import hash_secret
 from corral.server import metrics
 from corral.server.auth import Principal, require_agent, require_joiner
 from corral.server.context import ServerContext, get_ctx
@@ -45,9 +47,8 @@ from corral.store import components, dispatch, fleets, instances, objects, offlo
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 
 
-# The longest Retry-After a refused heartbeat is told when nothing but its exchanges
-# keeps its agent alive: its lease is stretched by that much (refused_alive), which a
-# silent agent's detection pays on top of its grace.
+# A refused heartbeat whose agent has nothing but its exchanges to keep it alive is
+# told a Retry-After of at most half its grace, and never less than this (refused_alive).
 HEARTBEAT_RETRY_MAX = 3
 
 
@@ -110,9 +111,11 @@ async def register(
                 "instance_id: rejoining needs the instance's own credential, not a join token",
             )
         instance_id = None
-    # the interval this reply tells the agent sets how long it may then stay silent
-    interval = (await current_pacing(ctx)).interval
-    grace = grace_period(interval, ctx.config.agent_grace)
+    # what this reply tells the agent sets how long it may then stay silent: its
+    # renewals' interval when it is told to renew between exchanges (from now on)
+    pace = await current_pacing(ctx)
+    interval = pace.interval
+    grace = grace_period(renewal_interval(interval, pace.lease), ctx.config.agent_grace)
     try:
         async with admitted(ctx, urgent=True):
             reg = await ctx.db.transact(
@@ -144,15 +147,25 @@ async def register(
             instance_id=reg.instance["id"] if reg.instance else None,
         )
     # a new incarnation: what the old one reported no longer stands, on any server
-    ctx.leases.forget(reg.instance["id"])
-    ctx.notifier.wake("dispatch", instance_key(reg.instance["id"]))
+    instance_id = reg.instance["id"]
+    ctx.leases.forget(instance_id)
+    # its renewals are accepted from now on, so a first exchange refused for load does
+    # not leave it to three exchange intervals' grace (the generation before the wake:
+    # its renewals ask for that first exchange)
+    gen = ctx.notifier.generation(instance_key(instance_id))
+    credential_hash = hash_secret(reg.credential) if reg.credential else who.credential_hash
+    admit_renewals(
+        ctx, instance_id, credential_hash, reg.instance["incarnation"], gen, ctx.now(), pace
+    )
+    ctx.notifier.wake("dispatch", instance_key(instance_id))
     return RegisterReply(
         action="welcome",
         reason=reg.decision.reason,
-        instance_id=reg.instance["id"],
+        instance_id=instance_id,
         incarnation=reg.instance["incarnation"],
         credential=reg.credential,
         interval=interval,
+        lease_interval=pace.lease,
         state=reg.instance["state"],
     )
 
@@ -210,7 +223,15 @@ async def heartbeat(
         if first:
             renewed = cheap_renewal(ctx, body, digest, gen, pace, grace, told)
             if renewed is not None:
-                admit_renewals(ctx, who, body.incarnation, gen, ctx.now(), pace)
+                admit_renewals(
+                    ctx,
+                    who.instance_id,
+                    who.credential_hash,
+                    body.incarnation,
+                    gen,
+                    ctx.now(),
+                    pace,
+                )
                 first = False  # the lease is renewed; a wake-up runs the full exchange
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -285,7 +306,9 @@ async def heartbeat(
         if exchanged_at is not None:
             if first:  # it wrote the lease: the one buffered on arrival is moot
                 ctx.leases.written(body.instance_id, exchanged_at)
-            admit_renewals(ctx, who, body.incarnation, gen, exchanged_at, pace)
+            admit_renewals(
+                ctx, who.instance_id, who.credential_hash, body.incarnation, gen, exchanged_at, pace
+            )
         elif reply.action == "exit":
             ctx.leases.forget(body.instance_id)  # no renewal keeps it now
             ctx.leases.pending.pop(body.instance_id, None)  # nor the one heard on arrival
@@ -343,17 +366,21 @@ def refused_alive(
     server accepts renewals from (admitted, corral.server.leases.renews_meanwhile) stays
     alive by them while it waits out the Retry-After, so its lease is renewed for its
     grace only: if it dies meanwhile it is found as soon as any other. One that has only
-    its exchanges (freshly registered, or a small fleet's) is told a short Retry-After
-    (HEARTBEAT_RETRY_MAX) and its lease outlasts it (heard_alive), so waiting as told
-    never gets it declared lost and a dead one is still found within about 15 s."""
+    its exchanges (freshly registered, or a small fleet's) is told a Retry-After of at
+    most half its grace (and at least HEARTBEAT_RETRY_MAX), and its lease is made to
+    outlast that (the agent may wait up to RETRY_AFTER_SPREAD more): waiting as told
+    never gets it declared lost, and in a small fleet (a 10 s grace) a dead one is still
+    found within about 15 s, while a large fleet's refused newcomers are spread over
+    up to half a minute instead of coming back every few seconds."""
     now = ctx.now()
     if body.renews_every is not None and renews_meanwhile(
         ctx, body.instance_id, body.incarnation, now + exc.retry_after
     ):
         heard_alive(ctx, body, renews, grace)
         return _busy(exc)
-    retry = min(exc.retry_after, HEARTBEAT_RETRY_MAX)
-    heard_alive(ctx, body, renews, grace, extra=retry)
+    retry = min(exc.retry_after, max(HEARTBEAT_RETRY_MAX, int(grace / 2)))
+    back_by = retry * (1 + RETRY_AFTER_SPREAD) + HEARTBEAT_RETRY_MAX  # with room to arrive
+    heard_alive(ctx, body, renews, grace, extra=max(0.0, back_by - grace))
     return _busy(Overloaded(retry))
 
 
@@ -389,16 +416,17 @@ def admission_period(interval: float) -> float:
 
 def admit_renewals(
     ctx: ServerContext,
-    who: Principal,
+    instance_id: str | None,
+    credential_hash: str | None,
     incarnation: int,
     gen: int,
     at: float,
     pace: Pacing,
 ) -> None:
-    """After a full exchange that told the agent to renew its lease between exchanges:
-    this server accepts its renewals (corral.server.lease_route) for the admission
-    period, or until anything wakes the instance."""
-    if pace.lease is None or who.instance_id is None:
+    """After a registration or a full exchange that told the agent to renew its lease
+    between exchanges: this server accepts its renewals (corral.server.lease_route)
+    for the admission period (one woken since `gen` is asked for an exchange)."""
+    if pace.lease is None or instance_id is None:
         return
     pinger = Pinger(
         incarnation=incarnation,
@@ -407,7 +435,7 @@ def admit_renewals(
         lease=pace.lease,
         grace=grace_period(pace.lease, ctx.config.agent_grace),
     )
-    ctx.leases.admit(who.instance_id, who.credential_hash, pinger)
+    ctx.leases.admit(instance_id, credential_hash, pinger)
 
 
 def cheap_renewal(
