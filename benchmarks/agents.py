@@ -105,6 +105,11 @@ async def agent_life(
     listed_at = time.monotonic()
     lease: dict = {"every": None, "task": None}
     exchange_now = asyncio.Event()  # a renewal was refused: exchange at once
+    if reply.get("lease_interval"):  # renew from the registration on, as the agent does
+        lease["every"] = beat["renews_every"] = reply["lease_interval"]
+        lease["task"] = asyncio.create_task(
+            renewals(url, cred, beat, lease["every"], stats, stop, silence, exchange_now)
+        )
     await asyncio.sleep(random.random() * interval)  # agents do not start in step
     try:
         while time.monotonic() < stop:
@@ -224,10 +229,11 @@ async def renewals(
             except OSError as exc:
                 stats.error(f"renewal {type(exc).__name__}")
                 continue
-            if status == 204:
+            if status in (204, 409):
                 stats.renewal.append(time.perf_counter() - t)
             else:
                 stats.error(f"renewal HTTP {status}")
+            if status != 204:  # 409: renewed or not, the server wants an exchange first
                 exchange_now.set()
     finally:
         renewer.close()
