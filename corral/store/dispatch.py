@@ -34,33 +34,30 @@ _QUEUED = (
     .order_by(jobs.c.id)
     .limit(sa.bindparam("q_batch"))
 )
-_RUNNING_INSTANCES = (
+# running instances with what their live attempts use: one statement, one snapshot
+_LIVE_ON = sa.and_(job_attempts.c.instance_id == instances.c.id, job_attempts.c.state.in_(_LIVE))
+_ROOM = (
     sa.select(
+        instances.c.id,
+        instances.c.fleet,
+        instances.c.cpus,
+        instances.c.memory_mb,
+        sa.func.sum(job_attempts.c.cpus).label("used_cpus"),
+        sa.func.sum(job_attempts.c.memory_mb).label("used_memory_mb"),
+        sa.func.count(job_attempts.c.job_id).label("n"),
+    )
+    .select_from(instances.outerjoin(job_attempts, _LIVE_ON))
+    .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
+    .group_by(
         instances.c.id,
         instances.c.fleet,
         instances.c.cpus,
         instances.c.memory_mb,
         instances.c.created_at,
     )
-    .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
     .order_by(instances.c.created_at, instances.c.id)
 )
-_RUNNING_INSTANCES_OF = _RUNNING_INSTANCES.where(
-    instances.c.id.in_(sa.bindparam("c_ids", expanding=True))
-)
-_USED = (
-    sa.select(
-        job_attempts.c.instance_id,
-        sa.func.sum(job_attempts.c.cpus).label("cpus"),
-        sa.func.sum(job_attempts.c.memory_mb).label("memory_mb"),
-        sa.func.count().label("n"),
-    )
-    .where(
-        job_attempts.c.state.in_(_LIVE),
-        job_attempts.c.instance_id.in_(sa.bindparam("c_ids", expanding=True)),
-    )
-    .group_by(job_attempts.c.instance_id)
-)
+_ROOM_OF = _ROOM.where(instances.c.id.in_(sa.bindparam("c_ids", expanding=True)))
 _UNDELIVERED = (
     sa.select(
         job_attempts.c.job_id,
@@ -209,28 +206,20 @@ async def _capacities(conn: AsyncConnection, ids: list[str] | None) -> list[Capa
     """Running instances (all, or those of `ids`) with the room their live attempts
     leave."""
     if ids is None:
-        result = await conn.execute(_RUNNING_INSTANCES)
+        result = await conn.execute(_ROOM)
     else:
-        result = await conn.execute(_RUNNING_INSTANCES_OF, {"c_ids": ids})
-    rows = result.mappings().all()
-    if not rows:
-        return []
-    used = {
-        row.instance_id: row
-        for row in (await conn.execute(_USED, {"c_ids": [r["id"] for r in rows]})).all()
-    }
+        result = await conn.execute(_ROOM_OF, {"c_ids": ids})
     out = []
-    for i, inst in enumerate(rows):
-        u = used.get(inst["id"])
+    for i, row in enumerate(result.all()):
         out.append(
             Capacity(
-                instance_id=inst["id"],
-                fleet=inst["fleet"],
-                cpus=inst["cpus"],
-                memory_mb=inst["memory_mb"],
-                used_cpus=float(u.cpus or 0) if u else 0.0,
-                used_memory_mb=int(u.memory_mb or 0) if u else 0,
-                running=int(u.n) if u else 0,
+                instance_id=row.id,
+                fleet=row.fleet,
+                cpus=row.cpus,
+                memory_mb=row.memory_mb,
+                used_cpus=float(row.used_cpus or 0),
+                used_memory_mb=int(row.used_memory_mb or 0),
+                running=int(row.n),
                 order=(i,),
             )
         )
