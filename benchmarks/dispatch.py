@@ -127,8 +127,10 @@ def wait_finished(client, timeout: float, what: str) -> int:
         if left <= 0:
             raise TimeoutError(f"{what}: still active after {timeout:g}s")
         requests += 1
-        # returns at once once the job has ended, else when it changes (or after 10 s)
-        client.logs(active[0].id, after=2**62, wait=min(10.0, left))
+        # returns at once once the job has ended, else when it changes (or after 10 s);
+        # `after` past any chunk's seq, within the column's range (PostgreSQL's integer:
+        # main's server answers 2**62, Job.wait's value, with a database error there)
+        client.logs(active[0].id, after=2**31 - 1, wait=min(10.0, left))
 
 
 def run_corral(
