@@ -130,9 +130,16 @@ async def count_jobs_by_state(conn: AsyncConnection) -> dict[str, int]:
     return dict((await conn.execute(q)).all())
 
 
+INT32_MAX = 2**31 - 1
+
+
 async def read_logs(
     conn: AsyncConnection, job_id: int, attempt: int, after_seq: int, limit: int = 500
 ):
+    if after_seq >= INT32_MAX and conn.dialect.name == "postgresql":
+        # no stored seq is larger (a 32-bit integer there), and the parameter would not
+        # fit: `Job.wait` asks past every chunk (2**62) to hear only of the job's end
+        return []
     q = (
         sa.select(log_chunks.c.seq, log_chunks.c.stream, log_chunks.c.data)
         .where(
