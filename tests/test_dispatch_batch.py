@@ -192,3 +192,40 @@ def test_on_sqlite_a_pass_reads_the_room_once(db_url):
     assert len(room_reads) == (1 if sqlite else 2), locking
     assert len(instance_locks) == (0 if sqlite else 1), locking
     assert sorted(p.job_id for p in got["placed"]) == got["ids"]  # all placed all the same
+
+
+def test_an_array_is_inserted_with_a_bounded_number_of_statements_ids_in_order(db_url):
+    """submit_many: the ids come back in the order given, each on its own spec, with a
+    bounded number of statements whatever the number of jobs (on SQLite the ids are the
+    ones SQLite gives rows one by one: the largest id + 1, + 2, ...)."""
+
+    async def main():
+        db = await open_db(db_url)
+        try:
+            counted = Counted(db.engine)
+            first = await db.transact(repo.submit_many, [JobSubmit(command=["true"])] * 3, NOW)
+            specs = [JobSubmit(command=["echo", str(k)], name=f"task-{k}") for k in range(300)]
+            with counted:
+                ids = await db.transact(repo.submit_many, specs, NOW)
+            assert len(counted.seen) <= 3, counted.seen
+            assert ids == list(range(first[-1] + 1, first[-1] + 301))
+            async with db.read() as conn:
+                rows = {
+                    r.id: r
+                    for r in await conn.execute(
+                        sa.select(jobs.c.id, jobs.c.name, jobs.c.command, jobs.c.state).where(
+                            jobs.c.id.in_(ids)
+                        )
+                    )
+                }
+            for k, job_id in enumerate(ids):
+                assert rows[job_id].name == f"task-{k}"
+                assert rows[job_id].command == ["echo", str(k)]
+                assert rows[job_id].state == JobState.QUEUED
+            # and a job submitted after them comes after them
+            (after,) = await db.transact(repo.submit_many, [JobSubmit(command=["true"])], NOW)
+            assert after == ids[-1] + 1
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())

@@ -52,6 +52,9 @@ async def _stored_once(db) -> None:
     )
     assert got == ("succeeded", True)
     assert await _logs(db, job_id, n) == b"a\nb\nc\n"
+    # past every chunk (Job.wait asks so, to hear only of the job's end): none, on
+    # PostgreSQL too, where the sequence is a 32-bit integer
+    assert list(await db.query(repo.read_logs, job_id, n, 2**62)) == []
     again = await db.transact(
         repo.finish_attempt, job_id, n, token, 0, None, NOW + 9, None, None, last
     )

@@ -39,7 +39,7 @@ async def _principal(request: Request, ctx: ServerContext, kinds: tuple[str, ...
     if checked is not None and checked[0] == secret:
         row = checked[1]
     else:
-        row = await ctx.db.query(tokens.lookup, secret)
+        row = await ctx.db.query_one(tokens.lookup, secret)
     if row is None:
         raise ApiError(401, "unauthorized", await ctx.db.query(tokens.why_refused, secret))
     if row["kind"] not in kinds:

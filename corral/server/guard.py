@@ -126,6 +126,7 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 SCOPE_RECEIVED = "corral.received"
+MATCHES_KEPT = 1024  # (path, method) -> route matches the guard remembers
 
 
 def _route_name(endpoint: Any) -> str:
@@ -141,12 +142,23 @@ class BodyGuard:
         self.app = app
         self.routes_app = routes_app  # the FastAPI app: its routes and state.ctx
         self._routes: list | None = None
+        self._matched: dict[tuple[str, str], tuple[Any, dict, Any]] = {}
 
-    def _endpoint(self, scope: Scope) -> tuple[Any, dict]:
+    def _endpoint(self, scope: Scope) -> tuple[Any, dict, Any]:
+        """The route's endpoint, its path parameters and its request counter."""
         if self._routes is None:  # the app is complete by its first request
             self._routes = flat_routes(self.routes_app)
-        endpoint, params, _ = match(self._routes, scope["path"], scope["method"])
-        return endpoint, params
+        key = (scope["path"], scope["method"])
+        found = self._matched.get(key)
+        if found is None:
+            # every route's pattern tried in turn: remembered for the paths requested
+            # again and again (an agent's heartbeat and relay); the routes never change
+            endpoint, params, _ = match(self._routes, *key)
+            if len(self._matched) >= MATCHES_KEPT:
+                self._matched.clear()
+            counter = metrics.HTTP_REQUESTS.labels(_route_name(endpoint))
+            found = self._matched[key] = (endpoint, params, counter)
+        return found
 
     async def _denial(
         self, scope: Scope, headers: dict[str, str], endpoint: Any, params: dict
@@ -167,7 +179,7 @@ class BodyGuard:
                     return None
                 if token and ctx.issued_tokens.known(job_id, number, token):
                     return None  # seen passing a fence or this check before (issued.py)
-                if token and await ctx.db.query(
+                if token and await ctx.db.query_one(
                     jobs_repo.attempt_token_issued, job_id, number, token
                 ):
                     ctx.issued_tokens.add(job_id, number, token)
@@ -185,7 +197,7 @@ class BodyGuard:
                 return 401, error_body(
                     "unauthorized", "missing bearer token (Authorization: Bearer ...)"
                 )
-            row = await ctx.db.query(tokens.lookup, secret)
+            row = await ctx.db.query_one(tokens.lookup, secret)
             if row is None:  # the same words as the route's own check (auth.py)
                 return 401, error_body(
                     "unauthorized", await ctx.db.query(tokens.why_refused, secret)
@@ -204,8 +216,8 @@ class BodyGuard:
             return
         scope[SCOPE_RECEIVED] = time.monotonic()  # how long it queued here (loadgate.py)
         headers = _headers(scope)
-        endpoint, params = self._endpoint(scope)
-        metrics.HTTP_REQUESTS.labels(_route_name(endpoint)).inc()
+        endpoint, params, requests = self._endpoint(scope)
+        requests.inc()
         limit: int = getattr(endpoint, LIMIT_ATTR, DEFAULT_BODY_LIMIT)
         declared = headers.get("content-length")
         chunked = "transfer-encoding" in headers

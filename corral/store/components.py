@@ -463,6 +463,11 @@ async def advance(conn: AsyncConnection, db: Database, now: float) -> list[str]:
 # ---- the heartbeat's share: observed in, install orders out ---------------------------------
 
 
+_COMPONENTS_OF = sa.select(instance_components).where(
+    instance_components.c.instance_id == sa.bindparam("c_instance_id")
+)
+
+
 async def sync(
     conn: AsyncConnection,
     instance,
@@ -476,13 +481,7 @@ async def sync(
     rng = rng or random.Random()
     rows = {
         r["component"]: r
-        for r in (
-            await conn.execute(
-                sa.select(instance_components).where(
-                    instance_components.c.instance_id == instance["id"]
-                )
-            )
-        )
+        for r in (await conn.execute(_COMPONENTS_OF, {"c_instance_id": instance["id"]}))
         .mappings()
         .all()
     }

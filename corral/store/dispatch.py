@@ -24,7 +24,80 @@ from corral.store.db import Database, holds_sqlite_write_lock
 from corral.store.schema import instances, job_attempts, jobs
 from corral.store.sealing import sealer_of
 
-_LIVE = [s.value for s in LIVE_ATTEMPT_STATES]
+_LIVE = sorted(s.value for s in LIVE_ATTEMPT_STATES)
+
+# Statements run per dispatcher pass and per agent exchange, built once (bind
+# parameters for what varies; an `expanding` one for a list).
+_QUEUED = (
+    sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
+    .where(jobs.c.state == JobState.QUEUED)
+    .order_by(jobs.c.id)
+    .limit(sa.bindparam("q_batch"))
+)
+# running instances with what their live attempts use: one statement, one snapshot
+_LIVE_ON = sa.and_(job_attempts.c.instance_id == instances.c.id, job_attempts.c.state.in_(_LIVE))
+_ROOM = (
+    sa.select(
+        instances.c.id,
+        instances.c.fleet,
+        instances.c.cpus,
+        instances.c.memory_mb,
+        sa.func.sum(job_attempts.c.cpus).label("used_cpus"),
+        sa.func.sum(job_attempts.c.memory_mb).label("used_memory_mb"),
+        sa.func.count(job_attempts.c.job_id).label("n"),
+    )
+    .select_from(instances.outerjoin(job_attempts, _LIVE_ON))
+    .where(instances.c.state == InstanceState.RUNNING, instances.c.lost_at.is_(None))
+    .group_by(
+        instances.c.id,
+        instances.c.fleet,
+        instances.c.cpus,
+        instances.c.memory_mb,
+        instances.c.created_at,
+    )
+    .order_by(instances.c.created_at, instances.c.id)
+)
+_ROOM_OF = _ROOM.where(instances.c.id.in_(sa.bindparam("c_ids", expanding=True)))
+_UNDELIVERED = (
+    sa.select(
+        job_attempts.c.job_id,
+        job_attempts.c.number,
+        jobs.c.command,
+        jobs.c.env,
+        jobs.c.secret_env,
+        jobs.c.cpus,
+        jobs.c.memory_mb,
+        jobs.c.inputs,
+        jobs.c.workdir,
+        jobs.c.log_limit,
+    )
+    .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+    .where(
+        job_attempts.c.instance_id == sa.bindparam("d_instance_id"),
+        job_attempts.c.state == AttemptState.ISSUED,
+        job_attempts.c.token_hash.is_(None),
+        jobs.c.current_attempt == job_attempts.c.number,
+        jobs.c.state == JobState.LOCKED,
+    )
+    .order_by(job_attempts.c.job_id)
+)
+_OBSERVED = (
+    sa.select(
+        job_attempts.c.job_id,
+        job_attempts.c.number,
+        job_attempts.c.state,
+        job_attempts.c.token_hash,
+        job_attempts.c.instance_id,
+        jobs.c.current_attempt,
+        jobs.c.state.label("job_state"),
+    )
+    .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+    .where(
+        sa.tuple_(job_attempts.c.job_id, job_attempts.c.number).in_(
+            sa.bindparam("k_keys", expanding=True)
+        )
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -41,20 +114,7 @@ async def lock_jobs(
 
     Each lock bumps the job's attempt number and creates the attempt row; its token
     is issued later, when the instance's agent collects it (see deliver_attempts)."""
-    queued = (
-        (
-            await conn.execute(
-                db.claim(
-                    sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
-                    .where(jobs.c.state == JobState.QUEUED)
-                    .order_by(jobs.c.id)
-                    .limit(batch)
-                )
-            )
-        )
-        .mappings()
-        .all()
-    )
+    queued = (await conn.execute(db.claim(_QUEUED), {"q_batch": batch})).mappings().all()
     if not queued:
         return []
     demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
@@ -63,7 +123,7 @@ async def lock_jobs(
     # uses (waiting for them, in id order), re-read their room and plan again on
     # those: another server's dispatcher may have filled them meanwhile, and a drain
     # or retirement waits for this transaction, so no job lands on a leaving instance.
-    everyone = await _capacities(conn, sa.true())
+    everyone = await _capacities(conn, None)
     # one writer at a time on SQLite, and this transaction has been it since its first
     # read: the room read above cannot change before it commits (no lock to take,
     # nothing to read again; `place` updates what it is given, so plan on a copy)
@@ -82,7 +142,7 @@ async def lock_jobs(
                 )
             )
         ).all()
-        capacities = await _capacities(conn, instances.c.id.in_([r.id for r in locked]))
+        capacities = await _capacities(conn, [r.id for r in locked])
     placements = await _lock_planned(conn, place(demands, capacities), now)
     await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
     return placements
@@ -142,61 +202,24 @@ async def _lock_planned(
     return placements
 
 
-async def _capacities(conn: AsyncConnection, which) -> list[Capacity]:
-    """Running instances (of `which`) with the room their live attempts leave."""
-    rows = (
-        (
-            await conn.execute(
-                sa.select(
-                    instances.c.id,
-                    instances.c.fleet,
-                    instances.c.cpus,
-                    instances.c.memory_mb,
-                    instances.c.created_at,
-                )
-                .where(
-                    instances.c.state == InstanceState.RUNNING,
-                    instances.c.lost_at.is_(None),
-                    which,
-                )
-                .order_by(instances.c.created_at, instances.c.id)
-            )
-        )
-        .mappings()
-        .all()
-    )
-    if not rows:
-        return []
-    used = {
-        row.instance_id: row
-        for row in (
-            await conn.execute(
-                sa.select(
-                    job_attempts.c.instance_id,
-                    sa.func.sum(job_attempts.c.cpus).label("cpus"),
-                    sa.func.sum(job_attempts.c.memory_mb).label("memory_mb"),
-                    sa.func.count().label("n"),
-                )
-                .where(
-                    job_attempts.c.state.in_(_LIVE),
-                    job_attempts.c.instance_id.in_([r["id"] for r in rows]),
-                )
-                .group_by(job_attempts.c.instance_id)
-            )
-        ).all()
-    }
+async def _capacities(conn: AsyncConnection, ids: list[str] | None) -> list[Capacity]:
+    """Running instances (all, or those of `ids`) with the room their live attempts
+    leave."""
+    if ids is None:
+        result = await conn.execute(_ROOM)
+    else:
+        result = await conn.execute(_ROOM_OF, {"c_ids": ids})
     out = []
-    for i, inst in enumerate(rows):
-        u = used.get(inst["id"])
+    for i, row in enumerate(result.all()):
         out.append(
             Capacity(
-                instance_id=inst["id"],
-                fleet=inst["fleet"],
-                cpus=inst["cpus"],
-                memory_mb=inst["memory_mb"],
-                used_cpus=float(u.cpus or 0) if u else 0.0,
-                used_memory_mb=int(u.memory_mb or 0) if u else 0,
-                running=int(u.n) if u else 0,
+                instance_id=row.id,
+                fleet=row.fleet,
+                cpus=row.cpus,
+                memory_mb=row.memory_mb,
+                used_cpus=float(row.used_cpus or 0),
+                used_memory_mb=int(row.used_memory_mb or 0),
+                running=int(row.n),
                 order=(i,),
             )
         )
@@ -250,35 +273,7 @@ async def deliver_attempts(
     A token is issued exactly once (`WHERE token_hash IS NULL`) and only its hash is
     kept. If the reply carrying it is lost, the attempt never starts and the reaper
     requeues it after the start timeout, with a new attempt and a new token."""
-    rows = (
-        (
-            await conn.execute(
-                sa.select(
-                    job_attempts.c.job_id,
-                    job_attempts.c.number,
-                    jobs.c.command,
-                    jobs.c.env,
-                    jobs.c.secret_env,
-                    jobs.c.cpus,
-                    jobs.c.memory_mb,
-                    jobs.c.inputs,
-                    jobs.c.workdir,
-                    jobs.c.log_limit,
-                )
-                .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
-                .where(
-                    job_attempts.c.instance_id == instance_id,
-                    job_attempts.c.state == AttemptState.ISSUED,
-                    job_attempts.c.token_hash.is_(None),
-                    jobs.c.current_attempt == job_attempts.c.number,
-                    jobs.c.state == JobState.LOCKED,
-                )
-                .order_by(job_attempts.c.job_id)
-            )
-        )
-        .mappings()
-        .all()
-    )
+    rows = (await conn.execute(_UNDELIVERED, {"d_instance_id": instance_id})).mappings().all()
     if not rows:
         return []
     secrets_of = {r["job_id"]: new_attempt_secret() for r in rows}
@@ -345,25 +340,7 @@ async def kills_for(
     if not observed:
         return []
     keys = [(o.job_id, o.attempt) for o in observed]
-    rows = (
-        (
-            await conn.execute(
-                sa.select(
-                    job_attempts.c.job_id,
-                    job_attempts.c.number,
-                    job_attempts.c.state,
-                    job_attempts.c.token_hash,
-                    job_attempts.c.instance_id,
-                    jobs.c.current_attempt,
-                    jobs.c.state.label("job_state"),
-                )
-                .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
-                .where(sa.tuple_(job_attempts.c.job_id, job_attempts.c.number).in_(keys))
-            )
-        )
-        .mappings()
-        .all()
-    )
+    rows = (await conn.execute(_OBSERVED, {"k_keys": keys})).mappings().all()
     by_key = {(r["job_id"], r["number"]): r for r in rows}
     kills = []
     for o in observed:

@@ -43,9 +43,11 @@ class Registration:
     credential: str | None = None
 
 
+_GET_INSTANCE = sa.select(instances).where(instances.c.id == sa.bindparam("i_id"))
+
+
 async def get_instance(conn: AsyncConnection, instance_id: str) -> sa.RowMapping | None:
-    q = sa.select(instances).where(instances.c.id == instance_id)
-    return (await conn.execute(q)).mappings().first()
+    return (await conn.execute(_GET_INSTANCE, {"i_id": instance_id})).mappings().first()
 
 
 async def require_instance(conn: AsyncConnection, instance_id: str) -> sa.RowMapping:
@@ -200,6 +202,21 @@ async def register(
     return Registration(decision, updated, credential)
 
 
+_HEARD = (
+    sa.update(instances)
+    .where(
+        instances.c.id == sa.bindparam("h_id"),
+        instances.c.incarnation == sa.bindparam("h_incarnation"),
+    )
+    .values(
+        last_heartbeat_at=sa.bindparam("h_now"),
+        lease_until=sa.bindparam("h_lease"),
+        heartbeat_interval=sa.bindparam("h_interval"),
+        lost_at=None,
+    )
+)
+
+
 async def heartbeat(
     conn: AsyncConnection,
     instance_id: str,
@@ -220,14 +237,14 @@ async def heartbeat(
     if decision.admission is Admission.EXIT or not touch or row is None:
         return decision, row
     await conn.execute(
-        sa.update(instances)
-        .where(instances.c.id == instance_id, instances.c.incarnation == incarnation)
-        .values(
-            last_heartbeat_at=now,
-            lease_until=None if grace is None else now + grace,
-            heartbeat_interval=interval,
-            lost_at=None,
-        )
+        _HEARD,
+        {
+            "h_id": instance_id,
+            "h_incarnation": incarnation,
+            "h_now": now,
+            "h_lease": None if grace is None else now + grace,
+            "h_interval": interval,
+        },
     )
     if row["lost_at"] is not None:
         await events.record(

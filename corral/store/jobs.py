@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -62,8 +63,18 @@ def _values(states: Iterable) -> list[str]:
 # ---- reading ---------------------------------------------------------------------------
 
 
+# Statements the per-job paths run on every call are built once (bind parameters for
+# what varies): building one costs more than running it on SQLite, and a built
+# statement's cache key is computed once, not per execution.
+_GET_JOB = sa.select(jobs).where(jobs.c.id == sa.bindparam("g_job_id"))
+_GET_ATTEMPT = sa.select(job_attempts).where(
+    job_attempts.c.job_id == sa.bindparam("g_job_id"),
+    job_attempts.c.number == sa.bindparam("g_number"),
+)
+
+
 async def get_job(conn: AsyncConnection, job_id: int) -> sa.RowMapping | None:
-    return (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).mappings().first()
+    return (await conn.execute(_GET_JOB, {"g_job_id": job_id})).mappings().first()
 
 
 async def require_job(conn: AsyncConnection, job_id: int) -> sa.RowMapping:
@@ -83,10 +94,8 @@ async def list_attempts(conn: AsyncConnection, job_id: int):
 
 
 async def get_attempt(conn: AsyncConnection, job_id: int, number: int) -> sa.RowMapping | None:
-    q = sa.select(job_attempts).where(
-        job_attempts.c.job_id == job_id, job_attempts.c.number == number
-    )
-    return (await conn.execute(q)).mappings().first()
+    params = {"g_job_id": job_id, "g_number": number}
+    return (await conn.execute(_GET_ATTEMPT, params)).mappings().first()
 
 
 async def list_jobs(
@@ -121,9 +130,16 @@ async def count_jobs_by_state(conn: AsyncConnection) -> dict[str, int]:
     return dict((await conn.execute(q)).all())
 
 
+INT32_MAX = 2**31 - 1
+
+
 async def read_logs(
     conn: AsyncConnection, job_id: int, attempt: int, after_seq: int, limit: int = 500
 ):
+    if after_seq >= INT32_MAX and conn.dialect.name == "postgresql":
+        # no stored seq is larger (a 32-bit integer there), and the parameter would not
+        # fit: `Job.wait` asks past every chunk (2**62) to hear only of the job's end
+        return []
     q = (
         sa.select(log_chunks.c.seq, log_chunks.c.stream, log_chunks.c.data)
         .where(
@@ -257,11 +273,26 @@ async def submit_once(
     return job_id, True
 
 
+_TOP_JOB_ID = sa.select(sa.func.max(jobs.c.id))
+_NEW_JOB = sa.insert(jobs)
+TOP_ROWID = 2**63 - 1
+
+
 async def submit_many(conn: AsyncConnection, specs: list[JobSubmit], now: float) -> list[int]:
     """Insert many jobs at once (multi-row INSERTs); their ids in the order given."""
     rows = [_job_row(conn, spec, now) for spec in specs]
     if len({frozenset(r) for r in rows}) > 1:  # some with secrets: their rows differ in keys
         return [await submit(conn, spec, now) for spec in specs]
+    if holds_sqlite_write_lock(conn):
+        # SQLite gives a new row the largest id + 1, and this transaction has held the
+        # one write lock since its first statement: the ids the rows would get one by
+        # one are known, so they go in one executemany (the RETURNING below, in the
+        # order given, is one INSERT per row on SQLite)
+        top = (await conn.execute(_TOP_JOB_ID)).scalar() or 0
+        if top + len(rows) < TOP_ROWID:  # past it SQLite picks ids at random
+            ids = list(range(top + 1, top + 1 + len(rows)))
+            await conn.execute(_NEW_JOB, [{**r, "id": i} for r, i in zip(rows, ids, strict=True)])
+            return ids
     result = await conn.execute(
         sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows
     )
@@ -347,23 +378,75 @@ async def requeue(conn: AsyncConnection, job_id: int, now: float, why: str) -> s
     return row
 
 
-async def _move_job(
-    conn: AsyncConnection, job_id: int, attempt: int, target: JobState, now: float, **values
-) -> sa.RowMapping | None:
-    """Move the job to `target` only if `attempt` is still its current one and the
-    transition table allows it from the state it is in — one statement."""
-    if target in FINAL_JOB_STATES:
-        values.setdefault("finished_at", now)
-    result = await conn.execute(
+# what the fenced moves of a job return to their callers (its JSON columns, command
+# and environment, are not decoded for nothing)
+_MOVED = (
+    jobs.c.id,
+    jobs.c.state,
+    jobs.c.instance_id,
+    jobs.c.current_attempt,
+    jobs.c.max_attempts,
+    jobs.c.created_at,
+    jobs.c.started_at,
+    jobs.c.finished_at,
+)
+
+
+@functools.cache
+def _move_statement(target: JobState, keys: tuple[str, ...], whole: bool) -> sa.Update:
+    """_move_job's UPDATE for this target and these columns (built once each)."""
+    return (
         sa.update(jobs)
         .where(
-            jobs.c.id == job_id,
-            jobs.c.current_attempt == attempt,
-            jobs.c.state.in_(_values(job_sources(target) & ACTIVE_JOB_STATES)),
+            jobs.c.id == sa.bindparam("m_job_id"),
+            jobs.c.current_attempt == sa.bindparam("m_attempt"),
+            jobs.c.state.in_(sorted(_values(job_sources(target) & ACTIVE_JOB_STATES))),
         )
-        .values(state=target, updated_at=now, **values)
-        .returning(*jobs.c)
+        .values(
+            state=target,
+            updated_at=sa.bindparam("m_now"),
+            **{k: sa.bindparam(f"m_{k}") for k in keys},
+        )
+        .returning(*(jobs.c if whole else _MOVED))
     )
+
+
+# the first start of a job stamps started_at; a later attempt's start keeps it
+_START_JOB = (
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("m_job_id"),
+        jobs.c.current_attempt == sa.bindparam("m_attempt"),
+        jobs.c.state.in_(sorted(_values(job_sources(JobState.RUNNING) & ACTIVE_JOB_STATES))),
+    )
+    .values(
+        state=JobState.RUNNING,
+        updated_at=sa.bindparam("m_now"),
+        started_at=sa.func.coalesce(jobs.c.started_at, sa.bindparam("m_now")),
+    )
+    .returning(*_MOVED)
+)
+
+
+async def _move_job(
+    conn: AsyncConnection,
+    job_id: int,
+    attempt: int,
+    target: JobState,
+    now: float,
+    *,
+    whole: bool = True,
+    **values,
+) -> sa.RowMapping | None:
+    """Move the job to `target` only if `attempt` is still its current one and the
+    transition table allows it from the state it is in — one statement. Returns the
+    job's row (`whole=False`: only the _MOVED columns), None if it did not move."""
+    if target in FINAL_JOB_STATES:
+        values.setdefault("finished_at", now)
+    keys = tuple(sorted(values))
+    params = {f"m_{k}": v for k, v in values.items()}
+    params.update(m_job_id=job_id, m_attempt=attempt, m_now=now)
+    result = await conn.execute(_move_statement(target, keys, whole), params)
     return result.mappings().first()
 
 
@@ -404,6 +487,22 @@ async def attempt_token_issued(conn: AsyncConnection, job_id: int, number: int, 
     return row.first() is not None
 
 
+@functools.cache
+def _fence_statement(states: tuple[str, ...], keys: tuple[str, ...]) -> sa.Update:
+    """fence's UPDATE for these allowed states and these columns (built once each)."""
+    return (
+        sa.update(job_attempts)
+        .where(
+            job_attempts.c.job_id == sa.bindparam("f_job_id"),
+            job_attempts.c.number == sa.bindparam("f_number"),
+            job_attempts.c.token_hash == sa.bindparam("f_hash"),
+            job_attempts.c.state.in_(list(states)),
+        )
+        .values(updated_at=sa.bindparam("f_now"), **{k: sa.bindparam(f"f_{k}") for k in keys})
+        .returning(*job_attempts.c)
+    )
+
+
 async def fence(
     conn: AsyncConnection,
     job_id: int,
@@ -417,18 +516,10 @@ async def fence(
     only for the current token in an allowed state. Raises StaleToken otherwise."""
     if not token or not well_formed(token):
         raise StaleToken(f"attempt {number} of job {job_id}: malformed attempt token")
-    result = await conn.execute(
-        sa.update(job_attempts)
-        .where(
-            job_attempts.c.job_id == job_id,
-            job_attempts.c.number == number,
-            job_attempts.c.token_hash == hash_secret(token),
-            job_attempts.c.state.in_(_values(states)),
-        )
-        .values(updated_at=now, **values)
-        .returning(*job_attempts.c)
-    )
-    row = result.mappings().first()
+    statement = _fence_statement(tuple(sorted(_values(states))), tuple(sorted(values)))
+    params = {f"f_{k}": v for k, v in values.items()}
+    params.update(f_job_id=job_id, f_number=number, f_hash=hash_secret(token), f_now=now)
+    row = (await conn.execute(statement, params)).mappings().first()
     if row is None:
         raise await _stale(conn, job_id, number)
     return row
@@ -466,14 +557,8 @@ async def record_start(
         # a retried start (the reply was lost) is fine if this token already runs
         await fence(conn, job_id, number, token, now, [AttemptState.RUNNING])
         return Started(JobState.RUNNING, False, None)
-    row = await _move_job(
-        conn,
-        job_id,
-        number,
-        JobState.RUNNING,
-        now,
-        started_at=sa.func.coalesce(jobs.c.started_at, now),
-    )
+    params = {"m_job_id": job_id, "m_attempt": number, "m_now": now}
+    row = (await conn.execute(_START_JOB, params)).mappings().first()
     if row is None:
         raise await _stale(conn, job_id, number)
     first = row["started_at"] == now
@@ -609,6 +694,7 @@ async def finish_attempt(
         number,
         target_job,
         now,
+        whole=False,
         exit_code=exit_code,
         reason=reason,
         result_attempt=number,
@@ -679,6 +765,7 @@ async def lose_attempt(
             number,
             JobState.QUEUED,
             now,
+            whole=False,
             instance_id=None,
             reason=f"requeued after attempt {number}: {why}",
         )
@@ -689,6 +776,7 @@ async def lose_attempt(
             number,
             JobState.FAILED,
             now,
+            whole=False,
             reason=outcome.reason,
             result_attempt=number,
         )

@@ -389,6 +389,13 @@ async def fetches_for(
 # ---- the heartbeat's share ------------------------------------------------------------------
 
 
+# the read of every agent exchange, built once
+_HELD_OR_ORDERED = sa.select(replicas).where(
+    replicas.c.instance_id == sa.bindparam("r_instance_id"),
+    replicas.c.state.in_([PENDING, PRESENT, UNVERIFIED]),
+)
+
+
 async def sync(
     conn: AsyncConnection,
     instance,
@@ -410,14 +417,7 @@ async def sync(
     iid = instance["id"]
     rows = {
         r["sha256"]: r
-        for r in (
-            await conn.execute(
-                sa.select(replicas).where(
-                    replicas.c.instance_id == iid,
-                    replicas.c.state.in_([PENDING, PRESENT, UNVERIFIED]),
-                )
-            )
-        ).mappings()
+        for r in (await conn.execute(_HELD_OR_ORDERED, {"r_instance_id": iid})).mappings()
     }
     for err in errors:
         row = rows.get(err.sha256)
@@ -468,19 +468,15 @@ async def sync(
                 await _reported(conn, instance, sha, now)
     if instance["state"] != InstanceState.RUNNING:
         return []
-    due = (
-        (
-            await conn.execute(
-                sa.select(replicas.c.sha256).where(
-                    replicas.c.instance_id == iid,
-                    replicas.c.state == PENDING,
-                    replicas.c.delivered_at.is_(None),
-                )
-            )
-        )
-        .scalars()
-        .all()
-    )
+    # the orders not yet handed out: the pending rows read above that this report left
+    # pending (an error made one failed, a listing made one present; nothing here makes
+    # one pending), no second read
+    listed = set(reported) if reported is not None else set()
+    due = [
+        sha
+        for sha, row in rows.items()
+        if row["state"] == PENDING and row["delivered_at"] is None and sha not in listed
+    ]
     if not due:
         return []
     await conn.execute(
@@ -488,7 +484,7 @@ async def sync(
         .where(replicas.c.sha256.in_(due), replicas.c.instance_id == iid)
         .values(delivered_at=now)
     )
-    return [o for o in await fetches_for(conn, iid, list(due), now, server_url) if o.token]
+    return [o for o in await fetches_for(conn, iid, due, now, server_url) if o.token]
 
 
 async def copies_landed(

@@ -61,20 +61,21 @@ async def order(
     return placed
 
 
+_UNDELIVERED = (
+    sa.select(offloads.c.sha256, offloads.c.fleet, objects.c.size)
+    .select_from(offloads.join(objects, objects.c.sha256 == offloads.c.sha256))
+    .where(
+        offloads.c.instance_id == sa.bindparam("o_instance_id"),
+        offloads.c.state == PENDING,
+        offloads.c.delivered_at.is_(None),
+    )
+)
+
+
 async def deliver(conn: AsyncConnection, instance_id: str, now: float):
     """The orders not yet handed to `instance_id`, marked as handed over now.
     Rows carry the object's size and the fleet whose store takes it."""
-    rows = (
-        await conn.execute(
-            sa.select(offloads.c.sha256, offloads.c.fleet, objects.c.size)
-            .select_from(offloads.join(objects, objects.c.sha256 == offloads.c.sha256))
-            .where(
-                offloads.c.instance_id == instance_id,
-                offloads.c.state == PENDING,
-                offloads.c.delivered_at.is_(None),
-            )
-        )
-    ).all()
+    rows = (await conn.execute(_UNDELIVERED, {"o_instance_id": instance_id})).all()
     if rows:
         await conn.execute(
             sa.update(offloads)

@@ -128,21 +128,16 @@ async def touch_many(conn: AsyncConnection, uses: dict[str, float]) -> None:
         await conn.execute(_TOUCH, [{"t_id": k, "t_at": at} for k, at in uses.items()])
 
 
+_LOOKUP = sa.select(tokens).where(
+    tokens.c.token_hash == sa.bindparam("t_hash"), tokens.c.revoked_at.is_(None)
+)
+
+
 async def lookup(conn: AsyncConnection, secret: str | None) -> sa.RowMapping | None:
+    """The live credential with this secret (every authenticated request asks)."""
     if not secret or not well_formed(secret.split("_", 1)[-1]):
         return None
-    row = (
-        (
-            await conn.execute(
-                sa.select(tokens).where(
-                    tokens.c.token_hash == hash_secret(secret), tokens.c.revoked_at.is_(None)
-                )
-            )
-        )
-        .mappings()
-        .first()
-    )
-    return row
+    return (await conn.execute(_LOOKUP, {"t_hash": hash_secret(secret)})).mappings().first()
 
 
 async def why_refused(conn: AsyncConnection, secret: str | None) -> str:
