@@ -245,6 +245,9 @@ def test_a_hostile_job_under_corral_up_finds_no_secret(cluster: Cluster, jobfile
     (inst,) = cluster.wait_agents_running(client, 1)
     agent_dir = server.data_dir / "agents" / inst.name
     ident = agent_dir / "identity.json"
+    # the server lists the instance once its registration commits; the agent writes its
+    # credential when the reply reaches it, a moment later
+    wait_for(ident.exists, 15, "the agent to save its identity")
     agent_pid = next(
         p.pid
         for p in psutil.process_iter(["cmdline"])
