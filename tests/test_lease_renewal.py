@@ -195,6 +195,16 @@ def test_the_reaper_judges_a_renewing_agent_by_its_renewal_interval(
 # ---- under load: a refused exchange never hides a silent agent for long ----------------------
 
 
+async def _reap_until_lost(h: Harness, instance_id: str, limit: float) -> float | None:
+    """Flush and reap once a second (the loops' pace) until the instance is lost or the
+    clock passes `limit`: its `lost_at`."""
+    while not (await h.row(instance_id))["lost_at"] and h.t < limit:
+        h.t += 1
+        await flush_leases(h.ctx)
+        await reaper.reap_once(h.ctx)
+    return (await h.row(instance_id))["lost_at"]
+
+
 def _refuse_with(gate, seconds: float) -> None:
     """Every slot busy and the queue full, each exchange slow enough that the next
     one refused is told to come back after the longest Retry-After there is."""
@@ -278,11 +288,7 @@ def test_an_agent_without_renewals_is_told_a_short_retry_and_found_soon_after(
         retry = float(r.headers["retry-after"])
         assert retry <= HEARTBEAT_RETRY_MAX
         silent_from = h.t  # it never comes back
-        while not (await h.row(iid))["lost_at"] and h.t < silent_from + 60:
-            h.t += 1
-            await flush_leases(h.ctx)
-            await reaper.reap_once(h.ctx)
-        lost_at = (await h.row(iid))["lost_at"]
+        lost_at = await _reap_until_lost(h, iid, silent_from + 60)
         assert lost_at is not None
         # not lost while it could still come back as told (the agent waits up to
         # RETRY_AFTER_SPREAD more than the Retry-After)
@@ -321,11 +327,7 @@ def test_a_newly_registered_agent_renews_from_its_registration(
         assert r.status_code == 503, r.text
         assert float(r.headers["retry-after"]) > grace, "a renewing newcomer may wait long"
         last_heard = h.t
-        while not (await h.row(iid))["lost_at"] and h.t < last_heard + 70:
-            h.t += 1
-            await flush_leases(h.ctx)
-            await reaper.reap_once(h.ctx)
-        lost_at = (await h.row(iid))["lost_at"]
+        lost_at = await _reap_until_lost(h, iid, last_heard + 70)
         assert lost_at is not None and lost_at - last_heard <= grace + 1 + 1e-6, (
             f"found {lost_at - last_heard if lost_at else None} s after it fell silent"
         )
@@ -356,11 +358,7 @@ def test_an_agent_that_only_exchanges_in_a_large_fleet_is_found_soon_after_a_ref
         retry = float(r.headers["retry-after"])
         assert retry <= HEARTBEAT_RETRY_MAX
         silent_from = h.t
-        while not (await h.row(iid))["lost_at"] and h.t < silent_from + 90:
-            h.t += 1
-            await flush_leases(h.ctx)
-            await reaper.reap_once(h.ctx)
-        lost_at = (await h.row(iid))["lost_at"]
+        lost_at = await _reap_until_lost(h, iid, silent_from + 90)
         assert lost_at is not None
         assert lost_at - silent_from > retry * (1 + RETRY_AFTER_SPREAD)
         assert cfg.reaper_interval <= 1 and cfg.lease_flush_interval <= 1
