@@ -75,6 +75,15 @@ def _renewal(cred: dict, incarnation: int) -> dict:
     return {**cred, INCARNATION_HEADER: str(incarnation)}
 
 
+async def _renewing_agent(h: Harness, name: str) -> tuple[dict, dict]:
+    """Register an agent and exchange twice: the first reply tells it to renew between
+    exchanges, the second says so (`renews_every`)."""
+    cred, beat = await h.register(name)
+    beat["renews_every"] = (await h.beat(cred, beat))["lease_interval"]
+    await h.beat(cred, beat)
+    return cred, beat
+
+
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
 def test_a_renewal_touches_no_database_and_the_flush_writes_the_short_lease(
     tmp_path: Path, db: str, request
@@ -174,9 +183,7 @@ def test_the_reaper_judges_a_renewing_agent_by_its_renewal_interval(
         grace = grace_period(2, h.ctx.config.agent_grace)
         agents = []
         for name in ("alive", "silent"):
-            cred, beat = await h.register(name)
-            beat["renews_every"] = (await h.beat(cred, beat))["lease_interval"]
-            await h.beat(cred, beat)
+            cred, beat = await _renewing_agent(h, name)
             agents.append((cred, beat))
         (alive_cred, alive), (_, silent) = agents
         start = h.t
@@ -225,9 +232,7 @@ def test_a_renewing_agent_refused_for_load_is_still_found_within_its_renewal_gra
         grace = grace_period(2, h.ctx.config.agent_grace)
         agents = []
         for name in ("waits", "dies"):
-            cred, beat = await h.register(name)
-            beat["renews_every"] = (await h.beat(cred, beat))["lease_interval"]
-            await h.beat(cred, beat)
+            cred, beat = await _renewing_agent(h, name)
             # news for it: its renewals now ask for an exchange first
             h.ctx.notifier.wake(instance_key(beat["instance_id"]))
             agents.append((cred, beat))
