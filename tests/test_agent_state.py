@@ -55,15 +55,38 @@ def acts(out: list) -> list:
 
 
 def test_registers_then_heartbeats_one_at_a_time():
-    st_, _ = running()  # its first heartbeat went at 0.0
+    st_, _ = running()  # its first heartbeat went at 0.0, not to be held (wait 0)
     assert step(st_, S.Tick(), 0.2) == []  # one heartbeat in flight at a time
-    assert step(st_, reply(), 0.3) == []  # idle and not held by the server: no spinning
-    assert step(st_, S.Tick(), 0.4) == []
-    hb = step(st_, S.Tick(), 0.5)  # IDLE_GAP after the last one went
+    # the reply to an exchange that asked not to be held: a held one follows at once
+    held = heartbeat_in(step(st_, reply(), 0.3))
+    assert held.wait > 0
+    # a held exchange the server answered early with nothing: no spinning
+    assert step(st_, reply(), 0.4) == []
+    assert step(st_, S.Tick(), 0.7) == []
+    hb = step(st_, S.Tick(), 0.8)  # IDLE_GAP after the last one went
     assert [type(i) for i in hb] == [S.SendHeartbeat] and hb[0].instance_id == "i-1"
     # a reply the server held (a long poll) is followed by the next heartbeat at once
     again = step(st_, reply(), 5.0)
     assert [type(i) for i in again] == [S.SendHeartbeat]
+
+
+def test_news_sent_unheld_leaves_no_window_without_a_held_exchange():
+    """An attempt that ends wakes an exchange carrying the news (wait 0); its reply comes
+    at once. The next exchange, the one the server holds and answers with the next order
+    for this instance, must go then, not IDLE_GAP later: an order placed meanwhile would
+    wait for no one (idle submit-to-start was 0.45 s for one job in five)."""
+    st_, _ = running()
+    step(st_, reply(), 0.1)  # the first exchange's answer; a held one goes out
+    step(st_, reply(start=[start(1, 1)]), 1.0)  # held, answered with an order
+    step(st_, S.AttemptStarted(1, 1), 1.01)
+    step(st_, reply(), 1.02)  # the exchange after the order, answered (nothing new)
+    step(st_, S.Tick(), 1.6)  # the next held exchange goes out
+    out = step(st_, S.RunnerExited(1, 1, report_lost=False, reason="exited 0"), 2.0)
+    assert out == []  # news waits for the held exchange in flight
+    news = heartbeat_in(step(st_, reply(), 2.1))  # the server ended the hold
+    assert news.wait == 0 and news.attempts == ()
+    after = step(st_, reply(), 2.11)
+    assert heartbeat_in(after).wait > 0  # held again at once
 
 
 def heartbeat_in(out: list) -> S.SendHeartbeat:
@@ -117,9 +140,11 @@ def test_no_install_of_what_is_installed_and_one_install_at_a_time():
 
 def test_a_failed_install_is_reported_with_its_target():
     st_, _ = running()
-    step(st_, reply(install=[install(SHAS[1])]))
-    out = step(st_, S.InstallFailed("runner", SHAS[1], "sha256 mismatch"), 1.0)
+    step(st_, reply(install=[install(SHAS[1])]))  # a held exchange goes at once
+    assert step(st_, S.InstallFailed("runner", SHAS[1], "sha256 mismatch"), 1.0) == []
+    out = step(st_, reply(), 1.1)  # the held exchange ends
     hb = next(i for i in out if isinstance(i, S.SendHeartbeat))  # at once, not after a wait
+    assert hb.wait == 0.0
     (comp,) = hb.components
     assert (comp.error, comp.error_sha256) == ("sha256 mismatch", SHAS[1])
 
@@ -204,12 +229,11 @@ def test_replicas_are_fetched_once_and_reported():
     st_, _ = running()
     f = Fetch(sha256=SHAS[2], size=1, name="o", sources=["http://p"], token="t")
     assert kinds(step(st_, reply(replicate=[f]))) == ["FetchObject"]
-    step(st_, S.Tick(), 1.0)
-    assert step(st_, reply(replicate=[f]), 1.0) == []
+    assert acts(step(st_, reply(replicate=[f]), 1.0)) == []  # being fetched: not again
     out = step(st_, S.TransferDone(SHAS[2]), 1.5)
     # reported at once on its own, and in the next heartbeat's object list
     assert kinds(out) == ["ReportCopies"] and out[0].sha256s == (SHAS[2],)
-    hb = next(i for i in out + step(st_, S.Tick(), 2.0) if isinstance(i, S.SendHeartbeat))
+    hb = heartbeat_in(step(st_, reply(), 2.0))  # after the held exchange in flight
     assert hb.objects == (SHAS[2],)
 
 
@@ -218,9 +242,9 @@ def test_a_copy_that_lands_while_a_heartbeat_is_held_is_reported_at_once():
     not wait for it (a drain waits on that report to retire its instance)."""
     st_, _ = running()
     f = Fetch(sha256=SHAS[2], size=1, name="o", sources=["http://p"], token="t")
-    step(st_, reply(replicate=[f]))
-    out = step(st_, S.Tick(), 1.0)
-    assert [type(i).__name__ for i in out] == ["SendHeartbeat"]  # held by the server
+    out = step(st_, reply(replicate=[f]))
+    assert kinds(out) == ["FetchObject"]
+    assert heartbeat_in(out).wait > 0  # held by the server
     out = step(st_, S.TransferDone(SHAS[2]), 1.5)
     assert [type(i).__name__ for i in out] == ["ReportCopies"]
     assert (out[0].instance_id, out[0].incarnation) == (st_.instance_id, st_.incarnation)
@@ -321,18 +345,17 @@ def test_a_held_heartbeat_does_not_stop_lease_renewals():
     st_, _ = running()
     out = step(st_, reply(lease_interval=0.5), 0.1)
     assert renewals(out) == []  # the heartbeat that went out at 0.0 renewed it
-    held = heartbeat_in(step(st_, S.Tick(), 0.5))  # the next exchange, held by the server
+    held = heartbeat_in(out)  # the next exchange, held by the server, went at 0.1
     assert held.renews_every == 0.5
-    assert renewals(step(st_, S.Tick(), 0.9)) == []
-    assert renewals(step(st_, S.Tick(), 1.0)) == [S.RenewLease("i-1", 1, 0.5)]
-    assert renewals(step(st_, S.Tick(), 1.6)) == []  # one renewal in flight at a time
-    assert renewals(step(st_, S.LeaseAnswered(renewed=True), 1.7)) == [S.RenewLease("i-1", 1, 0.5)]
+    assert renewals(step(st_, S.Tick(), 0.5)) == []
+    assert renewals(step(st_, S.Tick(), 0.6)) == [S.RenewLease("i-1", 1, 0.5)]
+    assert renewals(step(st_, S.Tick(), 1.2)) == []  # one renewal in flight at a time
+    assert renewals(step(st_, S.LeaseAnswered(renewed=True), 1.3)) == [S.RenewLease("i-1", 1, 0.5)]
 
 
 def test_a_renewal_refused_makes_the_next_heartbeat_go_at_once():
     st_, _ = running()
-    step(st_, reply(lease_interval=0.5), 0.1)
-    step(st_, S.Tick(), 0.5)  # a heartbeat held by the server
+    step(st_, reply(lease_interval=0.5), 0.1)  # a heartbeat held by the server goes
     step(st_, S.Tick(), 1.0)  # a renewal
     out = step(st_, S.LeaseAnswered(renewed=False, exchange=True), 1.1)
     assert out == []  # one heartbeat in flight at a time: it waits for the held one
@@ -384,12 +407,12 @@ def test_a_stray_reply_is_not_taken_for_the_heartbeat_in_flight():
     first = st_.in_flight
     assert isinstance(first, S.SendHeartbeat)
     out = step(st_, S.HeartbeatReplied(reply().reply, first.seq))
-    step(st_, S.Tick(), 1.0)
     second = st_.in_flight
+    assert [second] == out  # held by the server: the next exchange
     assert isinstance(second, S.SendHeartbeat) and second.seq == first.seq + 1
     # the first reply delivered again while the second heartbeat is out: ignored
     assert step(st_, S.HeartbeatReplied(reply(start=[start(1, 1)]).reply, first.seq), 1.0) == []
-    assert st_.in_flight is second and out == []
+    assert st_.in_flight is second
 
 
 def test_an_offload_order_for_an_object_not_held_is_answered_not_dropped():

@@ -652,8 +652,10 @@ class AgentState:
             else:  # never dropped in silence: the server waits on every order it gave
                 self.offload_errors[o.sha256] = "not held by this instance"
                 self.wake = True
-        # the server holds idle heartbeats; never spin if it did not
-        idle = self.sent_at + IDLE_GAP
+        # the server holds idle heartbeats; never spin if it did not. An exchange sent
+        # not to be held (it carried news) is followed by a held one at once: a gap
+        # here is a window in which an order for this instance waits for no one
+        idle = self.sent_at + IDLE_GAP if sent.wait > 0 else now
         self.next_contact_at = now if (reply.start or reply.kill) else max(now, idle)
         return out
 
