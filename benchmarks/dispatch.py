@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
 import json
 import re
@@ -40,9 +39,12 @@ from benchmarks.cpumeter import CgroupMeter, PgMeter, dbname_of
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
 from corral.api import JobView
-from corral.testing import Cluster, ServerProc, wait_for
+from corral.domain.jobs import FINAL_JOB_STATES
+from corral.testing import Cluster, ServerProc
 
 ACTIVE = ["queued", "locked", "running"]
+IDLE_FIRST_LOOK = 0.1  # seconds after an idle-phase submit (wait_ended)
+IDLE_LOOK_EVERY = 0.02
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -110,6 +112,25 @@ def per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dic
     }
 
 
+def wait_ended(client, job_id: int, timeout: float) -> JobView:
+    """One job, until it has ended. The idle phase's figure comes from the server's own
+    timestamps (created, started), so the wait must not load the server while the job
+    goes through it: a look every few milliseconds costs the server a request and a
+    read each, and the logs long-poll (as `Job.wait` waits) answers at each state change
+    and is asked again at once, both in the very window being measured. So: the first
+    look after IDLE_FIRST_LOOK (a trivial job has ended by then), then one every
+    IDLE_LOOK_EVERY."""
+    deadline = time.monotonic() + timeout
+    time.sleep(IDLE_FIRST_LOOK)
+    while True:
+        job = client.job(job_id)
+        if job.state in FINAL_JOB_STATES:
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"idle-phase job {job_id} still {job.state} after {timeout:g}s")
+        time.sleep(IDLE_LOOK_EVERY)
+
+
 def wait_finished(client, timeout: float, what: str) -> int:
     """Until no job is active, as a user waits for an array: the newest active job is
     about the last to end (the dispatcher takes queued jobs oldest first), so wait for
@@ -170,17 +191,11 @@ def run_corral(
         # idle: one job at a time
         idle: list[float] = []
 
-        def succeeded(job_id: int) -> JobView | None:
-            j = client.job(job_id)
-            return j if j.state == "succeeded" else None
-
         for _ in range(idle_jobs):
             job_id = client.submit(list(command)).id
-            ran = wait_for(
-                functools.partial(succeeded, job_id), 60, "an idle-phase job", interval=0.005
-            )
-            assert ran is not None
-            assert ran.started_at is not None
+            ran = wait_ended(client, job_id, 60)
+            if ran.state != "succeeded" or ran.started_at is None:
+                raise SystemExit(f"idle-phase job {job_id} ended {ran.state}: {ran.reason}")
             idle.append(ran.started_at - ran.created_at)
 
         # burst: N jobs at once
