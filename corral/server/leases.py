@@ -75,6 +75,16 @@ def instance_key(instance_id: str) -> tuple[str, str]:
     return ("instance", instance_id)
 
 
+def deliveries_key(instance_id: str) -> str:
+    """Woken together with `instance_key` when this server placed jobs on the instance,
+    and only then: a held exchange woken by placements alone looks only for them (see
+    corral.server.api.agents.woken_by_placements). A plain string, so it stays on this
+    server (corral.server.notify): another server's placement arrives as the instance's
+    key alone, and its exchange looks at everything, as does any wake-up whose cause it
+    cannot tell."""
+    return f"deliveries {instance_id}"
+
+
 @dataclass(frozen=True)
 class Pinger:
     """An agent this server lets renew its lease without an exchange: what its last

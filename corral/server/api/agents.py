@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 from fastapi import APIRouter, Depends, Request
 
@@ -38,6 +38,7 @@ from corral.server.leases import (
     Pinger,
     body_digest,
     current_pacing,
+    deliveries_key,
     instance_key,
     renews_meanwhile,
 )
@@ -214,12 +215,15 @@ async def heartbeat(
     told = told_interval(interval, body.instance_id, received)  # this reply's interval
     deadline = loop.time() + min(body.wait, told)
     key = instance_key(body.instance_id)
+    placed = deliveries_key(body.instance_id)
     digest = body_digest(body)
     first = True
+    only_placed = False  # woken by placements alone: only deliveries can be new
     uploaded = False
     exchanged_at: float | None = None
     while True:
         gen = ctx.notifier.generation(key)
+        placed_gen = ctx.notifier.generation(placed)
         if first:
             renewed = cheap_renewal(ctx, body, digest, gen, pace, grace, told)
             if renewed is not None:
@@ -239,6 +243,7 @@ async def heartbeat(
                 woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
                 if (not woken and held >= remaining) or await gone():
                     return renewed
+                only_placed = woken and woken_by_placements(ctx, key, gen, placed, placed_gen)
                 continue
             # its arrival proves the agent alive, whether the exchange below runs
             # at once, waits for the gate, or is refused (buffered: no database)
@@ -249,7 +254,7 @@ async def heartbeat(
             except Overloaded as exc:
                 raise refused_alive(ctx, body, renews, grace, exc, pace) from None
 
-        async def exchange(conn, first=first):
+        async def exchange(conn, first=first, only_placed=only_placed):
             nonlocal uploaded
             now = ctx.now()
             decision, row = await instances.heartbeat(
@@ -265,6 +270,16 @@ async def heartbeat(
                 return HeartbeatReply(action="exit", reason=decision.reason, interval=told)
             nonlocal exchanged_at
             exchanged_at = now
+            if only_placed:  # the rest was looked at before the wait, and not woken since
+                return HeartbeatReply(
+                    action="continue",
+                    interval=told,
+                    lease_interval=pace.lease,
+                    state=row["state"],
+                    start=await dispatch.deliver_attempts(
+                        conn, body.instance_id, now, ctx.config.url
+                    ),
+                )
             kills = await dispatch.kills_for(conn, body.instance_id, body.attempts)
             starts = await dispatch.deliver_attempts(conn, body.instance_id, now, ctx.config.url)
             installs = await components.sync(conn, row, body.components, now, ctx.install_policy)
@@ -338,6 +353,21 @@ async def heartbeat(
             # its agent is gone (killed while held): an order put in this reply would be
             # lost, and its attempt would wait out the start timeout
             return reply
+        only_placed = woken and woken_by_placements(ctx, key, gen, placed, placed_gen)
+
+
+def woken_by_placements(
+    ctx: ServerContext, key: Hashable, gen: int, placed: Hashable, placed_gen: int
+) -> bool:
+    """Whether every wake-up of the instance since `gen` came with a placement on it
+    by this server (its dispatcher wakes both keys at once; see
+    corral.server.leases.deliveries_key): then the held exchange looks again only for
+    the jobs placed, not at its components, objects, kills and offloads, which nothing
+    woke. Any other wake-up (a cancel, a drain order, a new version, another server's
+    placement, all waiters woken after the wake-up channel came back) moves only the
+    instance's key and makes the look a full one."""
+    n = ctx.notifier
+    return n.generation(key) - gen == n.generation(placed) - placed_gen
 
 
 def heard_alive(

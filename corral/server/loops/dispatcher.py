@@ -6,7 +6,7 @@ import time
 
 from corral.server import metrics
 from corral.server.context import ServerContext
-from corral.server.leases import instance_key
+from corral.server.leases import deliveries_key, instance_key
 from corral.store import dispatch
 
 BATCH = 200
@@ -20,5 +20,7 @@ async def dispatch_once(ctx: ServerContext) -> bool:
     metrics.DISPATCH_PASS.observe(time.perf_counter() - t0)
     metrics.PLACEMENTS.inc(len(placements))
     for p in placements:
-        ctx.notifier.wake(instance_key(p.instance_id), ("job", p.job_id))
+        ctx.notifier.wake(
+            instance_key(p.instance_id), deliveries_key(p.instance_id), ("job", p.job_id)
+        )
     return len(placements) == BATCH
