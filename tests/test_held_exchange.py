@@ -92,3 +92,68 @@ def test_a_placement_seen_from_another_server_makes_a_full_look(tmp_path: Path) 
         assert any(FULL_LOOK.search(s) for s, _ in h.counter.seen)
 
     asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+@pytest.mark.parametrize("report", ["taken", "not taken", "late"])
+def test_the_report_right_after_taking_starts_only_renews_the_lease(
+    db: str, report: str, tmp_path: Path, request
+) -> None:
+    """An agent handed starts reports at once, its attempts now among its own: that
+    report only renews the lease (no transaction; the token was issued once, nothing is
+    delivered again). A report without them (the reply was lost), or one later than
+    `heartbeat_full_every` after the last full exchange, runs the full exchange."""
+
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("taker")
+        await h.settle(cred, beat)
+        job_id = await _submit(h)
+        await dispatch_once(h.ctx)
+        h.t += 0.5
+        (start,) = (await h.beat(cred, beat))["start"]
+        assert start["job_id"] == job_id
+        if report != "not taken":
+            beat["attempts"] = [
+                {"job_id": job_id, "attempt": start["attempt"], "token": start["token"]}
+            ]
+        h.t += h.ctx.config.heartbeat_full_every if report == "late" else 0.01
+        h.transactions = 0
+        reply = await h.beat(cred, beat)
+        assert reply["start"] == [] and reply["kill"] == [], reply
+        if report == "taken":
+            assert h.transactions == 0
+            assert h.ctx.leases.is_pending(beat["instance_id"])
+        else:
+            assert h.transactions == 1
+            assert (await h.row(beat["instance_id"]))["last_heartbeat_at"] == h.t
+
+    asyncio.run(_with_server(tmp_path, _db_url(db, tmp_path, request), body))
+
+
+def test_looks_for_placements_alone_do_not_postpone_the_full_exchange(tmp_path: Path) -> None:
+    """A busy instance is handed jobs through looks for placements alone, each followed
+    by a report that only renews: the time of the last full exchange is kept through
+    them, so the report after `heartbeat_full_every` runs the full exchange all the same
+    (time-driven decisions, such as an install's backoff, are not starved)."""
+
+    async def body(h: Harness) -> None:
+        cred, beat = await h.register("busy")
+        await h.settle(cred, beat)  # the last full exchange, at t0
+        full_every = h.ctx.config.heartbeat_full_every
+        h.t += full_every - 1.0
+        task = await _held(h, cred, beat)  # renews only; then held
+        job_id = await _submit(h)
+        await dispatch_once(h.ctx)
+        (start,) = (await asyncio.wait_for(task, 10))["start"]
+        beat["attempts"] = [
+            {"job_id": job_id, "attempt": start["attempt"], "token": start["token"]}
+        ]
+        h.t += 0.5
+        h.transactions = 0
+        await h.beat(cred, beat)  # taken, within full_every of t0: renews only
+        assert h.transactions == 0
+        h.t += 1.0  # past full_every since t0, 1.5 s after the look that handed the job
+        await h.beat(cred, beat)
+        assert h.transactions == 1
+
+    asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))

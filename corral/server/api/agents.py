@@ -12,9 +12,11 @@ from fastapi import APIRouter, Depends, Request
 from corral.api import (
     HeartbeatReply,
     HeartbeatRequest,
+    ObservedAttempt,
     OffloadOrder,
     RegisterReply,
     RegisterRequest,
+    StartOrder,
 )
 from corral.domain.backoff import RETRY_AFTER_SPREAD
 from corral.domain.heartbeat import (
@@ -317,7 +319,7 @@ async def heartbeat(
         except Overloaded as exc:
             raise refused_alive(ctx, body, renews, grace, exc, pace) from None
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
-        remember(ctx, body.instance_id, reply, digest, gen)
+        remember(ctx, body, reply, digest, gen, full=not only_placed)
         if exchanged_at is not None:
             if first:  # it wrote the lease: the one buffered on arrival is moot
                 ctx.leases.written(body.instance_id, exchanged_at)
@@ -424,15 +426,44 @@ def ordered_nothing(reply: HeartbeatReply) -> bool:
 
 
 def remember(
-    ctx: ServerContext, instance_id: str, reply: HeartbeatReply, digest: bytes, gen: int
+    ctx: ServerContext,
+    body: HeartbeatRequest,
+    reply: HeartbeatReply,
+    digest: bytes,
+    gen: int,
+    full: bool,
 ) -> None:
-    """After a full exchange: one that ordered nothing lets the same report, heard
-    again soon with nothing woken meanwhile, skip the exchange; any other does not (its
-    orders are delivered again until the agent's report shows it acted on them)."""
-    if ordered_nothing(reply) and reply.state is not None:
-        ctx.leases.last[instance_id] = LastExchange(digest, gen, ctx.now(), reply.state)
+    """After an exchange: one that ordered nothing lets the same report, heard again
+    soon with nothing woken meanwhile, skip the exchange. One that ordered only starts
+    lets the report that adds exactly those attempts skip it: the agent's next report
+    right after taking them (a start's token is issued once, so nothing is delivered
+    again; the starts' own wake-ups came before `gen`). Any other does not (its orders
+    are delivered again until the agent's report shows it acted on them). `full`: the
+    exchange looked at everything; a look for placements only (woken_by_placements)
+    keeps the time of the last full one, so a busy instance still gets a full look
+    every `heartbeat_full_every` however many jobs it is handed meanwhile."""
+    last = ctx.leases.last.get(body.instance_id)
+    at = ctx.now() if full else (last.at if last is not None else None)
+    only_starts = reply.start and not (
+        reply.kill or reply.install or reply.replicate or reply.offload
+    )
+    if at is None or reply.state is None or reply.action != "continue":
+        ctx.leases.last.pop(body.instance_id, None)
+    elif ordered_nothing(reply):
+        ctx.leases.last[body.instance_id] = LastExchange(digest, gen, at, reply.state)
+    elif only_starts:
+        expected = taken_digest(body, reply.start)
+        ctx.leases.last[body.instance_id] = LastExchange(expected, gen, at, reply.state)
     else:
-        ctx.leases.last.pop(instance_id, None)
+        ctx.leases.last.pop(body.instance_id, None)
+
+
+def taken_digest(body: HeartbeatRequest, starts: list[StartOrder]) -> bytes:
+    """The digest of the report `body` becomes once its agent has taken `starts`: the
+    same, with those attempts among its own (which it lists by job and attempt)."""
+    taken = [ObservedAttempt(job_id=o.job_id, attempt=o.attempt, token=o.token) for o in starts]
+    attempts = sorted([*body.attempts, *taken], key=lambda a: (a.job_id, a.attempt))
+    return body_digest(body.model_copy(update={"attempts": attempts}))
 
 
 ADMISSION_MIN = 300.0
