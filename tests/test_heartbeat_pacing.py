@@ -20,9 +20,10 @@ from corral.domain.heartbeat import (
     FULL_EVERY_INTERVALS,
     INTERVAL_SPREAD,
     LastExchange,
+    Look,
     full_exchange_every,
     grace_period,
-    needs_exchange,
+    look_needed,
     objects_refresh,
     renewal_interval,
     told_interval,
@@ -84,9 +85,9 @@ def test_a_zero_full_exchange_period_turns_the_skipping_off() -> None:
 
 
 def test_a_listed_object_report_always_runs_the_exchange() -> None:
-    last = LastExchange(b"d", 3, 100.0, InstanceState.RUNNING)
-    assert not needs_exchange(last, b"d", 3, 105.0, 10.0)
-    assert needs_exchange(last, b"d", 3, 105.0, 10.0, lists_objects=True)
+    last = LastExchange(b"d", 3, 0, 100.0, InstanceState.RUNNING)
+    assert look_needed(last, b"d", 3, 0, 105.0, 10.0) is Look.NONE
+    assert look_needed(last, b"d", 3, 0, 105.0, 10.0, lists_objects=True) is Look.FULL
 
 
 def _replied(interval: float) -> S.HeartbeatReplied:

@@ -17,11 +17,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from corral.domain.heartbeat import LastExchange, needs_exchange
+from corral.domain.heartbeat import LastExchange, Look, look_needed
 from corral.domain.instances import InstanceState
 from corral.server.app import close_context, open_context
 from corral.server.config import ServerConfig
-from corral.server.leases import flush_leases
+from corral.server.leases import flush_leases, instance_key
 from corral.server.loops import reaper
 from corral.server.loops.dispatcher import dispatch_once
 from corral.server.loops.drainer import drain_once
@@ -195,11 +195,13 @@ def test_reaper_never_loses_an_agent_whose_renewal_is_only_buffered(
     asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
 
 
-@pytest.mark.parametrize("change", ["object", "attempt", "wake", "time"])
+@pytest.mark.parametrize("change", ["object", "attempt", "wake", "placement", "time"])
 def test_a_change_runs_the_full_exchange_at_once(change: str, tmp_path: Path) -> None:
     """A report that differs (a new object held, an attempt ended), a wake-up for
-    the instance (a job placed on it) or the time since the last full exchange: the
-    heartbeat runs the exchange (a write transaction), not a buffered renewal."""
+    the instance (as a cancel wakes it) or the time since the last full exchange: the
+    heartbeat runs the exchange (a write transaction), not a buffered renewal. A job
+    placed on it, and nothing else: a look for that job (a transaction that hands it
+    out), its lease renewal buffered (tests/test_held_exchange.py)."""
 
     async def body(h: Harness) -> None:
         cred, beat = await h.register("busy")
@@ -212,7 +214,9 @@ def test_a_change_runs_the_full_exchange_at_once(change: str, tmp_path: Path) ->
         expect_start = False
         if change == "object":
             beat["objects"] = ["c" * 64]
-        elif change == "attempt" or change == "wake":
+        elif change == "wake":
+            h.ctx.notifier.wake(instance_key(beat["instance_id"]))
+        elif change == "attempt" or change == "placement":
             admin = {"Authorization": f"Bearer {h.ctx.admin_token}"}
             r = await h.http.post("/api/v1/jobs", json={"command": ["true"]}, headers=admin)
             assert r.status_code in (200, 201), r.text
@@ -239,23 +243,36 @@ def test_a_change_runs_the_full_exchange_at_once(change: str, tmp_path: Path) ->
             h.t += h.ctx.config.heartbeat_full_every
         h.t += 1.0
         reply = await h.beat(cred, beat)
-        assert h.transactions >= 1, "the full exchange did not run"
+        assert h.transactions >= 1, "the exchange did not run"
+        assert bool(reply["start"]) is expect_start, reply
+        if change == "placement":
+            assert h.ctx.leases.is_pending(beat["instance_id"])
+            return
         assert not h.ctx.leases.is_pending(beat["instance_id"])
         assert (await h.row(beat["instance_id"]))["last_heartbeat_at"] == h.t
-        assert bool(reply["start"]) is expect_start, reply
 
     asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
 
 
-def test_needs_exchange_is_conservative() -> None:
-    last = LastExchange(b"d", 3, 100.0, InstanceState.RUNNING)
-    assert not needs_exchange(last, b"d", 3, 105.0, 10.0)
-    assert needs_exchange(None, b"d", 3, 105.0, 10.0)  # never answered here
-    assert needs_exchange(last, b"e", 3, 105.0, 10.0)  # a different report
-    assert needs_exchange(last, b"d", 4, 105.0, 10.0)  # woken since
-    assert needs_exchange(last, b"d", 3, 110.0, 10.0)  # too long ago
-    assert needs_exchange(last, b"d", 3, 99.0, 10.0)  # the clock went back
-    assert needs_exchange(last, b"d", 3, 105.0, 10.0, wakes_trusted=False)
+def test_the_look_needed_is_conservative() -> None:
+    last = LastExchange(b"d", 3, 7, 100.0, InstanceState.RUNNING)
+    full = Look.FULL
+    assert look_needed(last, b"d", 3, 7, 105.0, 10.0) is Look.NONE
+    assert look_needed(None, b"d", 3, 7, 105.0, 10.0) is full  # never answered here
+    assert look_needed(last, b"e", 3, 7, 105.0, 10.0) is full  # a different report
+    assert look_needed(last, b"d", 4, 7, 105.0, 10.0) is full  # woken since, not by a placement
+    assert look_needed(last, b"d", 3, 7, 110.0, 10.0) is full  # too long ago
+    assert look_needed(last, b"d", 3, 7, 99.0, 10.0) is full  # the clock went back
+    assert look_needed(last, b"d", 3, 7, 105.0, 10.0, wakes_trusted=False) is full
+    # woken since only by placements (each wakes both): those are all there is to see
+    assert look_needed(last, b"d", 5, 9, 105.0, 10.0) is Look.PLACEMENTS
+    # by placements and something else: everything
+    assert look_needed(last, b"d", 6, 9, 105.0, 10.0) is full
+    # placements, but the report differs, or the full look is due, or it lists objects
+    assert look_needed(last, b"e", 5, 9, 105.0, 10.0) is full
+    assert look_needed(last, b"d", 5, 9, 110.0, 10.0) is full
+    assert look_needed(last, b"d", 5, 9, 105.0, 10.0, lists_objects=True) is full
+    assert look_needed(last, b"d", 5, 9, 105.0, 10.0, wakes_trusted=False) is full
 
 
 def test_a_credentials_later_uses_are_recorded_by_the_flush(tmp_path: Path) -> None:

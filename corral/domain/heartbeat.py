@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from collections.abc import Sequence
@@ -228,37 +229,56 @@ class Observation:
 
 @dataclass(frozen=True)
 class LastExchange:
-    """What this server knows of an instance's last full exchange that ordered nothing:
-    the digest of the body it answered, the instance's wake generation before it ran,
-    when it ran, and the instance state it replied."""
+    """What this server knows of an instance's last exchange that ordered nothing, or
+    only starts: the digest of the report expected next (the one it answered, or that
+    one with the starts taken), the instance's wake generations before it ran (all
+    wake-ups, and those that came with a placement on it), when the last full look ran,
+    and the instance state it replied."""
 
     digest: bytes
     generation: int
+    placed_generation: int
     at: float
     state: InstanceState
 
 
-def needs_exchange(
+class Look(enum.Enum):
+    """What a heartbeat's exchange must look at."""
+
+    NONE = "none"  # nothing: its lease renewal is buffered, no transaction
+    PLACEMENTS = "placements"  # only the jobs placed on the instance since
+    FULL = "full"  # everything
+
+
+def look_needed(
     last: LastExchange | None,
     digest: bytes,
     generation: int,
+    placed_generation: int,
     now: float,
     full_every: float,
     wakes_trusted: bool = True,
     lists_objects: bool = False,
-) -> bool:
-    """Must this heartbeat run the full exchange, or may it only renew the lease?
+) -> Look:
+    """What must this heartbeat's exchange look at?
 
-    It may skip only when the agent reports exactly what it reported to the last full
-    exchange (same digest), that exchange ordered nothing, nothing woke the instance
-    since (every change for an instance wakes it, from any server while wake-ups cross
-    servers: `wakes_trusted`), and it ran less than `full_every` seconds ago (decisions
-    driven by time alone, such as an install's backoff, are taken at most that late).
-    A report that lists its objects (`lists_objects`: a first report or a refresh)
-    always runs it; one that says they are unchanged matches the last exchange's
-    (the digest leaves the object list out). Anything uncertain runs the exchange."""
-    if last is None or not wakes_trusted or lists_objects:
-        return True
-    if digest != last.digest or generation != last.generation:
-        return True
-    return not (0.0 <= now - last.at < full_every)
+    Nothing only when the agent reports exactly what the last exchange expected (same
+    digest), nothing woke the instance since (every change for an instance wakes it,
+    from any server while wake-ups cross servers: `wakes_trusted`), and the last full
+    look ran less than `full_every` seconds ago (decisions driven by time alone, such as
+    an install's backoff, are taken at most that late). The jobs placed on it only, when
+    the same holds but for wake-ups that each came with a placement by this server
+    (`placed_generation` moved as much as `generation`). A report that lists its objects
+    (`lists_objects`: a first report or a refresh) always gets the full look; one that
+    says they are unchanged matches the last exchange's (the digest leaves the object
+    list out). Anything uncertain gets the full look."""
+    if last is None or not wakes_trusted or lists_objects or digest != last.digest:
+        return Look.FULL
+    if not (0.0 <= now - last.at < full_every):
+        return Look.FULL
+    woken = generation - last.generation
+    if woken == 0:
+        return Look.NONE
+    if woken == placed_generation - last.placed_generation:
+        return Look.PLACEMENTS
+    return Look.FULL

@@ -1,6 +1,6 @@
 """Lease renewals batched in memory, flushed in one statement per tick.
 
-A heartbeat that changes nothing (see `corral.domain.heartbeat.needs_exchange`) does
+A heartbeat that changes nothing (see `corral.domain.heartbeat.look_needed`) does
 not open a write transaction: it records its renewal here, keyed by instance (a later
 renewal replaces an earlier one), and `flush_leases` writes every pending renewal in
 one UPDATE (an executemany) about once a second, before the reaper judges, and at

@@ -21,14 +21,15 @@ from corral.api import (
 from corral.domain.backoff import RETRY_AFTER_SPREAD
 from corral.domain.heartbeat import (
     LastExchange,
+    Look,
     Pacing,
     full_exchange_every,
     grace_period,
-    needs_exchange,
+    look_needed,
     renewal_interval,
     told_interval,
 )
-from corral.domain.instances import Admission
+from corral.domain.instances import Admission, InstanceState
 from corral.domain.presign import DurableStore
 from corral.domain.tokens import hash_secret
 from corral.server import metrics
@@ -226,27 +227,28 @@ async def heartbeat(
     while True:
         gen = ctx.notifier.generation(key)
         placed_gen = ctx.notifier.generation(placed)
+        look = Look.FULL
         if first:
-            renewed = cheap_renewal(ctx, body, digest, gen, pace, grace, told)
-            if renewed is not None:
-                admit_renewals(
-                    ctx,
-                    who.instance_id,
-                    who.credential_hash,
-                    body.incarnation,
-                    gen,
-                    ctx.now(),
-                    pace,
-                )
-                first = False  # the lease is renewed; a wake-up runs the full exchange
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return renewed
-                woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
-                if (not woken and held >= remaining) or await gone():
-                    return renewed
-                only_placed = woken and woken_by_placements(ctx, key, gen, placed, placed_gen)
-                continue
+            look, last_state = renew_unless_full(ctx, body, digest, gen, placed_gen, pace, grace)
+        if look is not Look.FULL:
+            admit_renewals(
+                ctx, who.instance_id, who.credential_hash, body.incarnation, gen, ctx.now(), pace
+            )
+            first = False  # the lease is renewed (buffered)
+        if look is Look.NONE:
+            renewed = HeartbeatReply(
+                action="continue", interval=told, lease_interval=pace.lease, state=last_state
+            )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return renewed
+            woken = await ctx.notifier.wait(key, gen, held := ctx.recheck(remaining))
+            if (not woken and held >= remaining) or await gone():
+                return renewed
+            only_placed = woken and woken_by_placements(ctx, key, gen, placed, placed_gen)
+            continue
+        only_placed = only_placed or look is Look.PLACEMENTS
+        if first:
             # its arrival proves the agent alive, whether the exchange below runs
             # at once, waits for the gate, or is refused (buffered: no database)
             heard_alive(ctx, body, renews, grace)
@@ -319,7 +321,7 @@ async def heartbeat(
         except Overloaded as exc:
             raise refused_alive(ctx, body, renews, grace, exc, pace) from None
         metrics.observe_heartbeat(time.perf_counter() - t0, ctx.now())
-        remember(ctx, body, reply, digest, gen, full=not only_placed)
+        remember(ctx, body, reply, digest, gen, placed_gen, full=not only_placed)
         if exchanged_at is not None:
             if first:  # it wrote the lease: the one buffered on arrival is moot
                 ctx.leases.written(body.instance_id, exchanged_at)
@@ -431,6 +433,7 @@ def remember(
     reply: HeartbeatReply,
     digest: bytes,
     gen: int,
+    placed_gen: int,
     full: bool,
 ) -> None:
     """After an exchange: one that ordered nothing lets the same report, heard again
@@ -450,10 +453,10 @@ def remember(
     if at is None or reply.state is None or reply.action != "continue":
         ctx.leases.last.pop(body.instance_id, None)
     elif ordered_nothing(reply):
-        ctx.leases.last[body.instance_id] = LastExchange(digest, gen, at, reply.state)
+        ctx.leases.last[body.instance_id] = LastExchange(digest, gen, placed_gen, at, reply.state)
     elif only_starts:
         expected = taken_digest(body, reply.start)
-        ctx.leases.last[body.instance_id] = LastExchange(expected, gen, at, reply.state)
+        ctx.leases.last[body.instance_id] = LastExchange(expected, gen, placed_gen, at, reply.state)
     else:
         ctx.leases.last.pop(body.instance_id, None)
 
@@ -501,25 +504,34 @@ def admit_renewals(
     ctx.leases.admit(instance_id, credential_hash, pinger)
 
 
-def cheap_renewal(
+def renew_unless_full(
     ctx: ServerContext,
     body: HeartbeatRequest,
     digest: bytes,
     gen: int,
+    placed_gen: int,
     pace: Pacing,
     grace: float,
-    told: float,
-) -> HeartbeatReply | None:
-    """The reply of a heartbeat whose exchange would change nothing: its lease renewal
-    is batched (corral.server.leases), no transaction. None: run the full exchange."""
+) -> tuple[Look, InstanceState | None]:
+    """What a heartbeat's exchange must look at (corral.domain.heartbeat.look_needed),
+    and the state its last exchange replied. Unless it is the full look, its lease
+    renewal is buffered (corral.server.leases) and the exchange writes none."""
     now = ctx.now()
     last = ctx.leases.last.get(body.instance_id)
     wakes_trusted = not ctx.db.is_postgres or ctx.notifier.cross_server
     full_every = full_exchange_every(pace.interval, ctx.config.heartbeat_full_every)
-    if last is None or needs_exchange(
-        last, digest, gen, now, full_every, wakes_trusted, lists_objects=body.objects is not None
-    ):
-        return None
+    look = look_needed(
+        last,
+        digest,
+        gen,
+        placed_gen,
+        now,
+        full_every,
+        wakes_trusted,
+        lists_objects=body.objects is not None,
+    )
+    if look is Look.FULL or last is None:
+        return Look.FULL, None
     ctx.leases.renew(
         instances.Renewal(
             body.instance_id,
@@ -530,9 +542,7 @@ def cheap_renewal(
         )
     )
     metrics.HEARTBEATS_BATCHED.inc()
-    return HeartbeatReply(
-        action="continue", interval=told, lease_interval=pace.lease, state=last.state
-    )
+    return look, last.state
 
 
 OFFLOAD_URL_TTL = 3600
