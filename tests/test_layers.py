@@ -24,8 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "sim": {"domain", "api", "store", "server", "agent"},
 }
 # modules of the package root every layer may use: the version and data-dir rule,
-# and logging set-up
-SHARED = {"corral", "corral.logsetup"}
+# and the long-lived processes' set-up (logging, the heap)
+SHARED = {"corral", "corral.logsetup", "corral.heap"}
 
 
 def _modules() -> dict[str, Path]:

@@ -83,6 +83,7 @@ from corral.agent.upstream_async import AsyncServer
 from corral.api import RegisterRequest, StartOrder
 from corral.domain.instances import AGENT_EXIT_RETIRED, AGENT_EXIT_SUPERSEDED
 from corral.domain.sandbox import DEFAULT_JOB_USER
+from corral.heap import settle_heap
 
 log = logging.getLogger("corral.agent")
 
@@ -218,6 +219,7 @@ class Agent:
         await self.start_relay()
         self.supervisor.adopt()
         self.load_state()
+        settle_heap()
         watchdog = asyncio.get_running_loop().create_task(self._watch_parent())
         try:
             return await self.drive()

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 
+from corral.heap import settle_heap
 from corral.server.app import close_context, create_app, open_context, write_server_file
 from corral.server.config import ServerConfig
 from corral.server.context import ServerContext
@@ -115,6 +116,8 @@ async def serve(
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
             await asyncio.sleep(0.05)
+        if server.started:
+            settle_heap()
         if server.started and on_ready is not None:
             on_ready(ctx)
         await serving
