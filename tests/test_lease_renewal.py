@@ -218,6 +218,24 @@ def _refuse_with(gate, seconds: float) -> None:
     gate.busy, gate.waiting, gate.mean_s = gate.slots, gate.queue, seconds
 
 
+async def _refused_then_silent(
+    h: Harness, cred: dict, beat: dict, horizon: float
+) -> tuple[float, float]:
+    """Its next exchange refused for load (503, told at most HEARTBEAT_RETRY_MAX), then
+    the agent silent for good: the Retry-After it was told, and how long after its
+    silence began it was declared lost (within `horizon` seconds)."""
+    _refuse_with(h.ctx.gate(), 100.0)
+    h.t += 1
+    r = await h.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
+    assert r.status_code == 503, r.text
+    retry = float(r.headers["retry-after"])
+    assert retry <= HEARTBEAT_RETRY_MAX
+    silent_from = h.t  # it never comes back
+    lost_at = await _reap_until_lost(h, beat["instance_id"], silent_from + horizon)
+    assert lost_at is not None
+    return retry, lost_at - silent_from
+
+
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
 def test_a_renewing_agent_refused_for_load_is_still_found_within_its_renewal_grace(
     tmp_path: Path, db: str, request
@@ -285,22 +303,13 @@ def test_an_agent_without_renewals_is_told_a_short_retry_and_found_soon_after(
     async def body(h: Harness) -> None:
         cfg = h.ctx.config
         cred, beat = await h.register("fresh")
-        iid = beat["instance_id"]
-        _refuse_with(h.ctx.gate(), 100.0)
-        h.t += 1
-        r = await h.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
-        assert r.status_code == 503, r.text
-        retry = float(r.headers["retry-after"])
-        assert retry <= HEARTBEAT_RETRY_MAX
-        silent_from = h.t  # it never comes back
-        lost_at = await _reap_until_lost(h, iid, silent_from + 60)
-        assert lost_at is not None
+        retry, lost_after = await _refused_then_silent(h, cred, beat, 60)
         # not lost while it could still come back as told (the agent waits up to
         # RETRY_AFTER_SPREAD more than the Retry-After)
-        assert lost_at - silent_from > retry * (1 + RETRY_AFTER_SPREAD)
+        assert lost_after > retry * (1 + RETRY_AFTER_SPREAD)
         # the loop above is the reaper's and the flush's once-a-second pace
         assert cfg.reaper_interval <= 1 and cfg.lease_flush_interval <= 1
-        assert lost_at - silent_from <= 15.0
+        assert lost_after <= 15.0
 
     asyncio.run(_with_server(tmp_path, str(tmp_path / "corral.db"), body))
 
@@ -353,20 +362,11 @@ def test_an_agent_that_only_exchanges_in_a_large_fleet_is_found_soon_after_a_ref
     async def body(h: Harness) -> None:
         cfg = h.ctx.config
         cred, beat = await h.register("old-style")
-        iid = beat["instance_id"]
         beat.pop("renews_every", None)  # it does not renew between exchanges
         await h.beat(cred, beat)
-        _refuse_with(h.ctx.gate(), 100.0)
-        h.t += 1
-        r = await h.http.post("/api/v1/agents/heartbeat", json=beat, headers=cred)
-        assert r.status_code == 503, r.text
-        retry = float(r.headers["retry-after"])
-        assert retry <= HEARTBEAT_RETRY_MAX
-        silent_from = h.t
-        lost_at = await _reap_until_lost(h, iid, silent_from + 90)
-        assert lost_at is not None
-        assert lost_at - silent_from > retry * (1 + RETRY_AFTER_SPREAD)
+        retry, lost_after = await _refused_then_silent(h, cred, beat, 90)
+        assert lost_after > retry * (1 + RETRY_AFTER_SPREAD)
         assert cfg.reaper_interval <= 1 and cfg.lease_flush_interval <= 1
-        assert lost_at - silent_from <= 15.0, f"found after {lost_at - silent_from:.0f} s"
+        assert lost_after <= 15.0, f"found after {lost_after:.0f} s"
 
     asyncio.run(_run(tmp_path, str(tmp_path / "corral.db"), body))
