@@ -279,6 +279,13 @@ def look_needed(
     woken = generation - last.generation
     if woken == 0:
         return Look.NONE
-    if woken == placed_generation - last.placed_generation:
+    if only_placements(woken, placed_generation - last.placed_generation):
         return Look.PLACEMENTS
     return Look.FULL
+
+
+def only_placements(woken: int, placed: int) -> bool:
+    """Whether `woken` wake-ups of an instance were all placements on it: the
+    dispatcher wakes both keys at once, anything else moves only the instance's, so
+    the two counts, taken over the same span, are equal exactly then."""
+    return woken == placed

@@ -26,6 +26,7 @@ from corral.domain.heartbeat import (
     full_exchange_every,
     grace_period,
     look_needed,
+    only_placements,
     renewal_interval,
     told_interval,
 )
@@ -371,7 +372,7 @@ def woken_by_placements(
     placement, all waiters woken after the wake-up channel came back) moves only the
     instance's key and makes the look a full one."""
     n = ctx.notifier
-    return n.generation(key) - gen == n.generation(placed) - placed_gen
+    return only_placements(n.generation(key) - gen, n.generation(placed) - placed_gen)
 
 
 def heard_alive(
