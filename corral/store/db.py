@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE_PG_CODES = {"40P01", "40001"}  # deadlock_detected, serialization_failure
+DEAD_ON_ARRIVAL_TRIES = 3  # the first dead one invalidates the pool: a second try gets a new one
 
 
 DatabaseError = sa.exc.SQLAlchemyError  # what the outer layers catch of the store's failures
@@ -104,7 +106,6 @@ class Database:
                 echo=echo,
                 pool_size=self.pool_size,
                 max_overflow=10,
-                pool_pre_ping=True,
                 pool_timeout=60,
                 execution_options=options,
             )
@@ -112,9 +113,16 @@ class Database:
         # every statement this process sent (a cursor hook; the /metrics counter)
         self.statements = 0
         event.listen(self.engine.sync_engine, "before_cursor_execute", self._count_statement)
+        # the connections (one per transaction or read) the database has answered on
+        self._answered: weakref.WeakSet[sa.engine.Connection] = weakref.WeakSet()
+        if self.is_postgres:
+            event.listen(self.engine.sync_engine, "after_cursor_execute", self._note_answered)
 
     def _count_statement(self, *_args: Any) -> None:
         self.statements += 1
+
+    def _note_answered(self, conn: sa.engine.Connection, *_args: Any) -> None:
+        self._answered.add(conn)
 
     @property
     def sqlite_path(self) -> str | None:
@@ -145,14 +153,20 @@ class Database:
                 yield conn
 
     async def transact(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Run `fn(conn, *args, **kwargs)` in one write transaction; retry on deadlock."""
+        """Run `fn(conn, *args, **kwargs)` in one write transaction; retry on deadlock,
+        and on a pooled connection found dead before anything of this transaction
+        reached the database (see `_dead_on_arrival`)."""
         attempt = 0
         while True:
+            used: list[sa.engine.Connection | None] = []
             try:
                 async with self._write_once() as conn:
+                    used.append(conn.sync_connection)
                     return await fn(conn, *args, **kwargs)
             except DBAPIError as exc:
                 attempt += 1
+                if self._dead_on_arrival(exc, used) and attempt < DEAD_ON_ARRIVAL_TRIES:
+                    continue
                 if self.is_postgres and _pg_code(exc) in _RETRYABLE_PG_CODES and attempt < 8:
                     log.debug("retrying transaction after %s", _pg_code(exc))
                     await asyncio.sleep(0.01 * 2**attempt)
@@ -161,18 +175,48 @@ class Database:
 
     async def query(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run `fn(conn, ...)` on a read connection."""
-        async with self.read() as conn:
-            return await fn(conn, *args, **kwargs)
+        return await self._read_with(False, fn, *args, **kwargs)
 
     async def query_one(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run `fn(conn, ...)` that sends at most one statement (a lone read, such as the
         credential lookup of every request) on a read connection. On SQLite it sends no
         BEGIN: a lone statement is a transaction of its own there (one statement and
         one trip to the database's thread less per request)."""
-        async with self.read() as conn:
-            if self.is_sqlite:
-                conn = await conn.execution_options(corral_lone=True)
-            return await fn(conn, *args, **kwargs)
+        return await self._read_with(self.is_sqlite, fn, *args, **kwargs)
+
+    async def _read_with(
+        self, lone: bool, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        attempt = 0
+        while True:
+            used: list[sa.engine.Connection | None] = []
+            try:
+                async with self.read() as conn:
+                    used.append(conn.sync_connection)
+                    if lone:
+                        conn = await conn.execution_options(corral_lone=True)
+                    return await fn(conn, *args, **kwargs)
+            except DBAPIError as exc:
+                attempt += 1
+                if self._dead_on_arrival(exc, used) and attempt < DEAD_ON_ARRIVAL_TRIES:
+                    continue
+                raise
+
+    def _dead_on_arrival(self, exc: DBAPIError, used: list[sa.engine.Connection | None]) -> bool:
+        """The error is a dead connection (PostgreSQL restarted, or ended it while it
+        sat in the pool) and no statement of this transaction was answered on it: the
+        database saw nothing of the transaction, so it may run again on a new
+        connection (SQLAlchemy has by then invalidated every connection pooled before
+        the error). This replaces a ping before every use (a BEGIN and a ROLLBACK:
+        two round trips per transaction). A transaction that was answered even once
+        is never run again here: a COMMIT lost with its connection may have landed."""
+        return (
+            self.is_postgres
+            and exc.connection_invalidated
+            and bool(used)
+            and used[0] is not None
+            and used[0] not in self._answered
+        )
 
     def claim(self, stmt: sa.Select) -> sa.Select:
         """Make a select claim its rows: on PostgreSQL skip rows another server holds."""
