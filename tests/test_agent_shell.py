@@ -145,6 +145,9 @@ def test_every_runner_started_or_killed_was_the_machines_instruction(cluster):
         client.cancel(long.id)
         wait_for(lambda: any(c[0] == "kill" for c in calls), 60, "the cancelled job's kill")
         wait_for(lambda: run.agent.supervisor.tracked == {}, 60, "no runner left")
+        # each forgotten attempt's directory went with it (the succeeded one's and the
+        # killed one's, whatever their runners left in them)
+        assert list(run.agent.supervisor.attempts_dir.iterdir()) == []
     assert run.code == 0
     journal = run.journal()
     assert {c[2][0] for c in calls if c[0] == "start"} == {done.id, long.id}

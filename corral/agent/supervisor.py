@@ -64,6 +64,30 @@ class Ended:
     reason: str
 
 
+ATTEMPT_FILES = ("spec.json", "runner.pid", "runner.log", "command.json", "done.json")
+
+
+def _remove_attempt_dir(d: Path) -> None:
+    """An ended attempt's directory (the agent's, never the job's), gone: the files a
+    runner leaves there unlinked by name, then the directory; a walk only when
+    something else is inside (a temporary file of a write cut short). Called for
+    every attempt on the agent's loop: a walk costs it a scan and a stat per file."""
+    top = str(d)
+    for name in ATTEMPT_FILES:
+        try:
+            os.unlink(os.path.join(top, name))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+    try:
+        os.rmdir(top)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -386,7 +410,7 @@ class Supervisor:
     def forget(self, job_id: int, attempt: int) -> None:
         t = self.tracked.pop((job_id, attempt), None)
         if t is not None:
-            shutil.rmtree(t.dir, ignore_errors=True)
+            _remove_attempt_dir(t.dir)
 
     def kill(self, job_id: int, attempt: int, reason: str) -> bool:
         """Kill the attempt's runner and its command's whole process tree; its result
