@@ -56,7 +56,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 _SAMPLE = re.compile(
-    r'^(corral_http_requests_total|corral_db_statements_total)(?:\{route="([^"]*)"\})? (\S+)$'
+    r"^(corral_http_requests_total|corral_db_statements_total|corral_dispatch_pass_seconds_count)"
+    r'(?:\{route="([^"]*)"\})? (\S+)$'
 )
 
 
@@ -94,7 +95,10 @@ def server_counts(servers: list[ServerProc]) -> dict[str, float]:
         for line in text.splitlines():
             m = _SAMPLE.match(line)
             if m:
-                key = f"requests:{m.group(2)}" if m.group(2) else "statements"
+                if m.group(2):
+                    key = f"requests:{m.group(2)}"
+                else:
+                    key = "passes" if m.group(1).startswith("corral_dispatch") else "statements"
                 out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
@@ -109,6 +113,7 @@ def per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dic
         "http_requests_per_job": round(sum(requests.values()), 3),
         "http_requests_per_job_by_route": dict(sorted(requests.items())),
         "db_statements_per_job": round(delta.get("statements", 0.0) / jobs, 2),
+        "dispatcher_passes_per_job": round(delta.get("passes", 0.0) / jobs, 3),
     }
 
 
