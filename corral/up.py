@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
 
-from corral import default_data_dir, logsetup
+from corral import default_data_dir, eventloop, logsetup
 from corral.backends.local import LocalBackend
 from corral.server.app import JOIN_TOKEN_FILE, StartupError
 from corral.server.cli import add_timing_options
@@ -113,7 +112,7 @@ def up(
         typer.echo("try: corral run -- echo hello        (Ctrl-C here stops everything)")
 
     try:
-        asyncio.run(serve(config, prepare=prepare, on_ready=ready))
+        eventloop.run(serve(config, prepare=prepare, on_ready=ready))
     except (StartupError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

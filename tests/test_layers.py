@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 # modules of the package root every layer may use: the version and data-dir rule,
 # and the long-lived processes' set-up (logging, the heap)
-SHARED = {"corral", "corral.logsetup", "corral.heap"}
+SHARED = {"corral", "corral.logsetup", "corral.heap", "corral.eventloop"}
 
 
 def _modules() -> dict[str, Path]:

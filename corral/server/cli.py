@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import typer
 
-from corral import default_data_dir, logsetup
+from corral import default_data_dir, eventloop, logsetup
 from corral.server.app import StartupError
 from corral.server.config import DEFAULT_PORT, ServerConfig
 from corral.server.context import ServerContext
@@ -172,7 +171,7 @@ def server(
             await hook(ctx)
 
     try:
-        asyncio.run(serve(config, prepare=prepare, on_ready=ready))
+        eventloop.run(serve(config, prepare=prepare, on_ready=ready))
     except (StartupError, DatabaseUrlError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
