@@ -632,7 +632,10 @@ class Proxy:
             headers = [
                 (n.decode(), v.decode())
                 for n, v in scope["headers"]
-                if n.lower() not in (b"host", b"content-length")
+                # the body is forwarded whole, with a length of its own: a client's
+                # chunked framing must not go with it (a request carrying both is
+                # refused as a smuggling attempt by a strict parser)
+                if n.lower() not in (b"host", b"content-length", b"transfer-encoding")
             ]
             try:
                 async with httpx.AsyncClient(timeout=120) as client:
