@@ -210,3 +210,29 @@ def test_database_errors_get_the_json_503(tmp_path: Path, pg_server_url: str):
             assert r.json()["error"]["code"] == "database_unavailable"
     finally:
         asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_a_request_framed_two_ways_is_refused(server: ServerProc):
+    """Content-Length and Transfer-Encoding: chunked on one request (the ambiguity of
+    request smuggling: a proxy in front may frame the body one way, the server the
+    other) get 400 and a closed connection, and nothing reaches the routes."""
+    auth = f"Authorization: Bearer {server.admin_token}\r\n"
+    body = b'{"command": ["true"]}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    head = (
+        "POST /api/v1/jobs HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{server.port}\r\n"
+        f"{auth}"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(chunked)}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    before = httpx.get(
+        server.url + "/api/v1/jobs", headers={"Authorization": auth.split(": ", 1)[1].strip()}
+    ).json()
+    raw = _raw_request(server, head, chunked)
+    assert raw.startswith("HTTP/1.1 400"), raw[:300] or "no answer within 5 s"
+    after = httpx.get(
+        server.url + "/api/v1/jobs", headers={"Authorization": auth.split(": ", 1)[1].strip()}
+    ).json()
+    assert len(after) == len(before)  # no job was submitted
