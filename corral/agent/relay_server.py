@@ -40,6 +40,7 @@ class RelayServer:
         self.wake = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.sender: asyncio.Task | None = None
+        self.serving: set[asyncio.Task] = set()  # one per connected runner
         self.batches = 0  # requests sent (tests and the journal read these)
         self.relayed = 0
 
@@ -72,6 +73,11 @@ class RelayServer:
             self.sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sender
+        # the connections of runners still attached end here, not when the loop is
+        # gone (their handlers would then be collected mid-wait, closing on a dead loop)
+        for task in list(self.serving):
+            task.cancel()
+        await asyncio.gather(*self.serving, return_exceptions=True)
         for _report, _size, fut in self.waiting:
             if not fut.done():
                 fut.set_result({"status": 0, "why": "the agent is stopping"})
@@ -80,6 +86,9 @@ class RelayServer:
             self.socket_file.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.serving.add(task)
         try:
             sock = writer.get_extra_info("socket")
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -97,6 +106,8 @@ class RelayServer:
             return  # a runner that went away, or sent a line too long: it goes direct
         finally:
             writer.close()
+            if task is not None:
+                self.serving.discard(task)
 
     async def _relay(self, line: bytes) -> dict:
         try:
