@@ -156,42 +156,30 @@ class Database:
         """Run `fn(conn, *args, **kwargs)` in one write transaction; retry on deadlock,
         and on a pooled connection found dead before anything of this transaction
         reached the database (see `_dead_on_arrival`)."""
-        attempt = 0
-        while True:
-            used: list[sa.engine.Connection | None] = []
-            try:
-                async with self._write_once() as conn:
-                    used.append(conn.sync_connection)
-                    return await fn(conn, *args, **kwargs)
-            except DBAPIError as exc:
-                attempt += 1
-                if self._dead_on_arrival(exc, used) and attempt < DEAD_ON_ARRIVAL_TRIES:
-                    continue
-                if self.is_postgres and _pg_code(exc) in _RETRYABLE_PG_CODES and attempt < 8:
-                    log.debug("retrying transaction after %s", _pg_code(exc))
-                    await asyncio.sleep(0.01 * 2**attempt)
-                    continue
-                raise
+        return await self._run(True, False, fn, *args, **kwargs)
 
     async def query(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run `fn(conn, ...)` on a read connection."""
-        return await self._read_with(False, fn, *args, **kwargs)
+        return await self._run(False, False, fn, *args, **kwargs)
 
     async def query_one(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run `fn(conn, ...)` that sends at most one statement (a lone read, such as the
         credential lookup of every request) on a read connection. On SQLite it sends no
         BEGIN: a lone statement is a transaction of its own there (one statement and
         one trip to the database's thread less per request)."""
-        return await self._read_with(self.is_sqlite, fn, *args, **kwargs)
+        return await self._run(False, self.is_sqlite, fn, *args, **kwargs)
 
-    async def _read_with(
-        self, lone: bool, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    async def _run(
+        self, write: bool, lone: bool, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
     ) -> T:
+        """`fn(conn, ...)` on a write transaction or a read connection (`lone`: without
+        BEGIN), run again on a connection found dead on arrival, and (writes) after a
+        deadlock or serialization failure on PostgreSQL."""
         attempt = 0
         while True:
             used: list[sa.engine.Connection | None] = []
             try:
-                async with self.read() as conn:
+                async with self._write_once() if write else self.read() as conn:
                     used.append(conn.sync_connection)
                     if lone:
                         conn = await conn.execution_options(corral_lone=True)
@@ -199,6 +187,11 @@ class Database:
             except DBAPIError as exc:
                 attempt += 1
                 if self._dead_on_arrival(exc, used) and attempt < DEAD_ON_ARRIVAL_TRIES:
+                    continue
+                code = _pg_code(exc) if write and self.is_postgres else None
+                if code in _RETRYABLE_PG_CODES and attempt < 8:
+                    log.debug("retrying transaction after %s", code)
+                    await asyncio.sleep(0.01 * 2**attempt)
                     continue
                 raise
 
