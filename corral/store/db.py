@@ -177,16 +177,16 @@ class Database:
         deadlock or serialization failure on PostgreSQL."""
         attempt = 0
         while True:
-            used: list[sa.engine.Connection | None] = []
+            sync: sa.engine.Connection | None = None
             try:
                 async with self._write_once() if write else self.read() as conn:
-                    used.append(conn.sync_connection)
+                    sync = conn.sync_connection
                     if lone:
                         conn = await conn.execution_options(corral_lone=True)
                     return await fn(conn, *args, **kwargs)
             except DBAPIError as exc:
                 attempt += 1
-                if self._dead_on_arrival(exc, used) and attempt < DEAD_ON_ARRIVAL_TRIES:
+                if self._dead_on_arrival(exc, sync) and attempt < DEAD_ON_ARRIVAL_TRIES:
                     continue
                 code = _pg_code(exc) if write and self.is_postgres else None
                 if code in _RETRYABLE_PG_CODES and attempt < 8:
@@ -195,7 +195,7 @@ class Database:
                     continue
                 raise
 
-    def _dead_on_arrival(self, exc: DBAPIError, used: list[sa.engine.Connection | None]) -> bool:
+    def _dead_on_arrival(self, exc: DBAPIError, sync: sa.engine.Connection | None) -> bool:
         """The error is a dead connection (PostgreSQL restarted, or ended it while it
         sat in the pool) and no statement of this transaction was answered on it: the
         database saw nothing of the transaction, so it may run again on a new
@@ -206,9 +206,8 @@ class Database:
         return (
             self.is_postgres
             and exc.connection_invalidated
-            and bool(used)
-            and used[0] is not None
-            and used[0] not in self._answered
+            and sync is not None
+            and sync not in self._answered
         )
 
     def claim(self, stmt: sa.Select) -> sa.Select:
