@@ -8,7 +8,6 @@ running instances, so it also passes alone.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -273,7 +272,7 @@ def test_ssh_partitioned_host_loses_its_attempts_and_its_stale_runner_is_refused
     wait_for((work / "started-1").exists, 60, "attempt 1 to start")
     cut = before[client.job(job.id).instance_id]
     host = fleet.host_of(cut)
-    attempt1 = host.data_dir(cut.name) / "attempts" / f"{job.id}-1"
+    agent_log = host.data_dir(cut.name) / "agent.log"
 
     host.partition()
     try:
@@ -284,16 +283,17 @@ def test_ssh_partitioned_host_loses_its_attempts_and_its_stale_runner_is_refused
         (work / "gate-1").touch()  # the cut-off attempt finishes and tries to report
     finally:
         host.heal()
-    done = wait_for(
-        lambda: (
-            (attempt1 / "done.json").exists() and json.loads((attempt1 / "done.json").read_text())
-        ),
+    # the agent logs how each attempt's runner ended (its done.json is removed with the
+    # attempt's directory as soon as the agent has reaped it)
+    ended = re.compile(rf"attempt {job.id}/1 ended: (\S+)(.*)")
+    status, reason = wait_for(
+        lambda: (m := ended.search(agent_log.read_text(errors="replace"))) and m.groups(),
         90,
         "the stale runner to hear its token is refused",
     )
     # stale: a server answered its token with a refusal (401/403/404/409), once healed
-    assert done["status"] == "stale", done
-    assert "409" in done["reason"] or "refused" in done["reason"], done
+    assert status == "stale", (status, reason)
+    assert "409" in reason or "refused" in reason, reason
     back = wait_for(
         lambda: (i := fleet.instance(cut.id)).state == "running" and not i.lost and i,
         60,

@@ -394,17 +394,21 @@ class Supervisor:
             self._end_attempt(t)
             if done is None:
                 code = t.popen.returncode if t.popen is not None else None
-                ended.append(
-                    Ended(
-                        t.job_id,
-                        t.attempt,
-                        t.token,
-                        True,
-                        f"runner exited unexpectedly (code {code})",
-                    )
-                )
+                reason = f"runner exited unexpectedly (code {code})"
+                log.warning("attempt %s/%s ended: %s", t.job_id, t.attempt, reason)
+                ended.append(Ended(t.job_id, t.attempt, t.token, True, reason))
             else:
-                ended.append(Ended(t.job_id, t.attempt, t.token, False, done.get("status", "")))
+                status = str(done.get("status", ""))
+                why = done.get("reason")
+                # the runner's own account, kept here once its directory is removed
+                log.info(
+                    "attempt %s/%s ended: %s%s",
+                    t.job_id,
+                    t.attempt,
+                    status,
+                    f" ({why})" if why else "",
+                )
+                ended.append(Ended(t.job_id, t.attempt, t.token, False, status))
         return ended
 
     def forget(self, job_id: int, attempt: int) -> None:
