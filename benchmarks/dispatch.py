@@ -195,6 +195,8 @@ def run_corral(
 
         # idle: one job at a time
         idle: list[float] = []
+        to_dispatch: list[float] = []  # submitted -> its attempt made (the server)
+        to_start: list[float] = []  # attempt made -> started (agent, zygote, runner)
 
         for _ in range(idle_jobs):
             job_id = client.submit(list(command)).id
@@ -202,6 +204,10 @@ def run_corral(
             if ran.state != "succeeded" or ran.started_at is None:
                 raise SystemExit(f"idle-phase job {job_id} ended {ran.state}: {ran.reason}")
             idle.append(ran.started_at - ran.created_at)
+            first = ran.attempts[0]
+            if first.started_at is not None:
+                to_dispatch.append(first.created_at - ran.created_at)
+                to_start.append(first.started_at - first.created_at)
 
         # burst: N jobs at once
         clients = [c.client(procs[k % servers]) for k in range(submitters)]
@@ -259,6 +265,8 @@ def run_corral(
                 "jobs": idle_jobs,
                 "submit_to_start_p50_s": round(percentile(idle, 50), 4),
                 "submit_to_start_p99_s": round(percentile(idle, 99), 4),
+                "submit_to_dispatch_p50_s": round(percentile(to_dispatch, 50), 4),
+                "dispatch_to_start_p50_s": round(percentile(to_start, 50), 4),
             },
             "burst": {
                 "jobs": jobs,

@@ -85,6 +85,11 @@ class Database:
         self.is_postgres = self.url.startswith("postgresql")
         self.is_sqlite = not self.is_postgres
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # a lone statement is a transaction of its own: on SQLite no BEGIN is sent (a
+        # hook below), on PostgreSQL no BEGIN and no ROLLBACK (two round trips)
+        self._lone_options: dict[str, Any] = (
+            {"corral_lone": True} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"}
+        )
         self.pool_size = 8 if self.is_sqlite else 10  # connections kept (more may overflow)
         if self.is_sqlite:
             path = self.sqlite_path
@@ -107,6 +112,7 @@ class Database:
                 pool_size=self.pool_size,
                 max_overflow=10,
                 pool_timeout=60,
+                pool_use_lifo=True,
                 execution_options=options,
             )
 
@@ -164,10 +170,11 @@ class Database:
 
     async def query_one(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run `fn(conn, ...)` that sends at most one statement (a lone read, such as the
-        credential lookup of every request) on a read connection. On SQLite it sends no
-        BEGIN: a lone statement is a transaction of its own there (one statement and
-        one trip to the database's thread less per request)."""
-        return await self._run(False, self.is_sqlite, fn, *args, **kwargs)
+        credential lookup of every request) on a read connection, as a transaction of
+        its own: no BEGIN (on SQLite one statement and one trip to the database's
+        thread less per request; on PostgreSQL neither BEGIN nor ROLLBACK, two round
+        trips less)."""
+        return await self._run(False, True, fn, *args, **kwargs)
 
     async def _run(
         self, write: bool, lone: bool, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
@@ -182,7 +189,7 @@ class Database:
                 async with self._write_once() if write else self.read() as conn:
                     sync = conn.sync_connection
                     if lone:
-                        conn = await conn.execution_options(corral_lone=True)
+                        conn = await conn.execution_options(**self._lone_options)
                     return await fn(conn, *args, **kwargs)
             except DBAPIError as exc:
                 attempt += 1
