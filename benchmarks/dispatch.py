@@ -204,10 +204,10 @@ def run_corral(
             if ran.state != "succeeded" or ran.started_at is None:
                 raise SystemExit(f"idle-phase job {job_id} ended {ran.state}: {ran.reason}")
             idle.append(ran.started_at - ran.created_at)
-            first = ran.attempts[0]
-            if first.started_at is not None:
-                to_dispatch.append(first.created_at - ran.created_at)
-                to_start.append(first.started_at - first.created_at)
+            attempt1 = ran.attempts[0]
+            if attempt1.started_at is not None:
+                to_dispatch.append(attempt1.created_at - ran.created_at)
+                to_start.append(attempt1.started_at - attempt1.created_at)
 
         # burst: N jobs at once
         clients = [c.client(procs[k % servers]) for k in range(submitters)]
