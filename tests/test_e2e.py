@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from corral.domain.sandbox import MINIMAL_PATH
 from corral.testing import Cluster, corral_cmd, job_python, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -103,9 +104,19 @@ def test_command_not_found_fails_the_attempt_with_a_reason(two_agents):
     assert r.returncode == 127
     (job,) = client.jobs()
     assert job.state == "failed"
-    assert job.reason == "command not found: no-such-command-xyz"
+    # it says where it looked and what to do (the job's PATH is a minimal one, not the
+    # submitter's: `python` is not there on a host that has only python3)
+    assert job.reason == (
+        "command not found: no-such-command-xyz (not on the job's PATH, "
+        f"{MINIMAL_PATH}; give its full path, or set PATH with -e)"
+    )
     r = cli(server, "job", str(job.id))
     assert "command not found: no-such-command-xyz" in r.stdout
+    r = cli(server, "run", "--", "/no/such/command", "arg")
+    assert r.returncode == 127
+    assert client.job(max(j.id for j in client.jobs())).reason == (
+        "command not found: /no/such/command (no such file)"
+    )
 
 
 def test_server_restart_while_a_job_runs(cluster: Cluster, db_url: str, jobfiles: Path):
@@ -224,3 +235,4 @@ def test_dashboard_needs_the_admin_token_and_shows_the_fleet(cluster: Cluster):
         fleets_html = browser.get("/fleets").text
     assert "a1" in html and f'<tr id="job-{job.id}">' in jobs_html
     assert "<h1>Fleets</h1>" in fleets_html and "<td>gpu</td>" in fleets_html
+

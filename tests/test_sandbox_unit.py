@@ -29,6 +29,7 @@ from corral.domain.sandbox import (
     describe,
     job_environment,
     log_marker,
+    not_found_reason,
     parse_flat_keyed,
     plan_limits,
     text_problem,
@@ -428,3 +429,18 @@ def test_without_cgroup_kill_a_group_is_frozen_killed_and_thawed(tmp_path: Path)
         assert found.attempts() == []
     finally:
         cgroups.cleanup_agent_groups(key)
+
+
+def test_a_missing_command_says_where_it_was_looked_for_but_never_a_path_the_job_set():
+    assert not_found_reason("python", MINIMAL_PATH) == (
+        f"command not found: python (not on the job's PATH, {MINIMAL_PATH}; "
+        "give its full path, or set PATH with -e)"
+    )
+    # a PATH the job set may have come from a secret: not repeated in the reason
+    secretish = "/opt/s3cr3t-token/bin:/usr/bin"
+    reason = not_found_reason("python", secretish)
+    assert secretish not in reason and "not on the job's PATH;" in reason
+    assert (
+        not_found_reason("./train.sh", MINIMAL_PATH)
+        == "command not found: ./train.sh (no such file)"
+    )

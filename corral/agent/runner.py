@@ -51,7 +51,12 @@ from corral.agent.sandbox.attempt import AttemptSandbox
 from corral.agent.sandbox.host import Host
 from corral.agent.transfer import TransferError
 from corral.agent.upstream import RETRY_STATUSES, Response, SyncServer, Unreachable
-from corral.domain.sandbox import DEFAULT_LOG_LIMIT, command_result, cut_log
+from corral.domain.sandbox import (
+    DEFAULT_LOG_LIMIT,
+    command_result,
+    cut_log,
+    not_found_reason,
+)
 
 ATTEMPT_TOKEN_HEADER = "X-Corral-Attempt-Token"
 CHUNK = 64 * 1024
@@ -460,7 +465,7 @@ class Runner:
         try:
             proc = self.sandbox.spawn(command, env)
         except FileNotFoundError:
-            return self._end_early(127, f"command not found: {command[0]}")
+            return self._end_early(127, not_found_reason(command[0], env.get("PATH", "")))
         except PermissionError:
             return self._end_early(126, f"permission denied: {command[0]}")
         except (OSError, subprocess.SubprocessError) as exc:

@@ -232,7 +232,7 @@ def run(
 ) -> None:
     """Submit a job. Without --detach, stream its output and exit with its exit code.
 
-    Example: corral run -w . --cpus 2 -- python train.py --epochs 3
+    Example: corral run -w . --cpus 2 -- python3 train.py --epochs 3
 
     -w ships your code: the job starts in a private copy of DIR (uploaded once; an
     unchanged tree is not uploaded again). Files the job writes to $CORRAL_OUTPUT_DIR

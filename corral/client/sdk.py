@@ -2,7 +2,7 @@
 
     from corral import Client
     with Client() as c:               # a context, CORRAL_SERVER / CORRAL_TOKEN, or ~/.corral
-        job = c.run(["python", "-c", "print(42)"], name="answer")   # waits by default
+        job = c.run(["python3", "-c", "print(42)"], name="answer")   # waits by default
         print(job.state, job.exit_code)
         for text in job.logs():           # follow=True streams until the job ends
             print(text, end="")

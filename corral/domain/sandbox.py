@@ -228,6 +228,15 @@ def oom_reason(limit_mb: int) -> str:
     return f"killed: out of memory (limit {limit_mb} MB)"
 
 
+def not_found_reason(command: str, path: str) -> str:
+    """Why a command did not start, and what to do. The job's PATH is shown only when it
+    is the minimal default (one the job set may have come from a secret)."""
+    if "/" in command:
+        return f"command not found: {command} (no such file)"
+    where = f"the job's PATH, {path}" if path == MINIMAL_PATH else "the job's PATH"
+    return f"command not found: {command} (not on {where}; give its full path, or set PATH with -e)"
+
+
 def command_result(returncode: int, oom_kills: int, memory_limit_mb: int) -> tuple[int, str | None]:
     """(exit code, reason) of a command from its wait status (negative: the signal
     that killed it) and the cgroup's OOM-kill count."""
