@@ -236,3 +236,14 @@ def test_dashboard_needs_the_admin_token_and_shows_the_fleet(cluster: Cluster):
     assert "a1" in html and f'<tr id="job-{job.id}">' in jobs_html
     assert "<h1>Fleets</h1>" in fleets_html and "<td>gpu</td>" in fleets_html
 
+
+def test_corral_up_prints_no_library_warnings_to_the_operator(cluster: Cluster):
+    """`corral up`'s terminal is the operator's: a job run through it (every body the
+    server validates on the way) leaves no Python warning there."""
+    server = cluster.up(agents=1)
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 1)
+    r = cli(server, "run", "--", "sh", "-c", "echo fine")
+    assert r.returncode == 0 and r.stdout.strip() == "fine", r.stderr
+    log = server.log()
+    assert "Warning" not in log and "warnings.warn" not in log, log[-3000:]

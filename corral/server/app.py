@@ -10,9 +10,11 @@ import os
 import secrets
 import socket
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pydantic.warnings
 from fastapi import FastAPI
 
 import corral
@@ -256,7 +258,20 @@ def start_wake_bus(ctx: ServerContext) -> asyncio.Task | None:
     return asyncio.get_running_loop().create_task(bus.run(), name="corral-wake-bus")
 
 
+def _quiet_body_alias_warning() -> None:
+    """FastAPI (0.165) hands pydantic an `alias` for each body parameter it validates,
+    which pydantic (2.12+) warns has no effect there, at the first request of each
+    route: noise on the operator's terminal about no setting of theirs or corral's."""
+    category = getattr(pydantic.warnings, "UnsupportedFieldAttributeWarning", None)
+    if category is not None:
+        warnings.filterwarnings(
+            "ignore", message=r"The 'alias' attribute with value", category=category
+        )
+
+
 def create_app(ctx: ServerContext) -> FastAPI:
+    _quiet_body_alias_warning()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = start_loops(ctx)
