@@ -21,7 +21,7 @@ from corral.domain.instances import (
     decide_heartbeat,
     decide_register,
 )
-from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
+from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place, waiting_reason
 
 P, RUN, D, RET, T = (
     InstanceState.PENDING,
@@ -220,3 +220,10 @@ def test_agents_and_runners_retry_within_the_ceiling_the_reaper_allows_for():
 
     assert RECONNECT.maximum <= AGENT_RETRY_CEILING
     assert RETRY.maximum <= AGENT_RETRY_CEILING
+
+
+def test_a_job_no_instance_could_hold_says_what_it_needs():
+    assert waiting_reason(JobDemand(1, 64, 0, None)) == "waiting: no running instance has 64 cpus"
+    assert waiting_reason(JobDemand(2, 0.5, 2048, "gpu")) == (
+        "waiting: no running instance in fleet 'gpu' has 0.5 cpus and 2048 MB memory"
+    )

@@ -457,7 +457,8 @@ def job(
     say(text((f"job {j.id}", "bold")), named, ": ", styled(j.state))
     say("  command   ", (shlex.join(j.command), ""))
     fleet = text(", fleet ", (j.fleet, "")) if j.fleet else ""
-    say(f"  needs     {j.cpus:g} cpus, {j.memory_mb} MB", fleet)
+    memory = f"{j.memory_mb} MB" if j.memory_mb else "memory not limited"
+    say(f"  needs     {j.cpus:g} cpus, {memory}", fleet)
     say(f"  attempts  {j.attempt} of max {j.max_attempts}")
     if j.exit_code is not None:
         say(f"  exit code {j.exit_code} (from attempt {j.result_attempt})")

@@ -48,6 +48,13 @@ def fits_anywhere(job: JobDemand, instances: list[Capacity]) -> bool:
     )
 
 
+def waiting_reason(job: JobDemand) -> str:
+    """Why a job that no instance could ever hold waits (memory 0: the job set none)."""
+    where = f"in fleet {job.fleet!r} " if job.fleet else ""
+    memory = f" and {job.memory_mb} MB memory" if job.memory_mb else ""
+    return f"waiting: no running instance {where}has {job.cpus:g} cpus{memory}"
+
+
 def place(jobs: list[JobDemand], instances: list[Capacity]) -> list[tuple[int, str]]:
     """Assign jobs (in the given priority order) to instances.
 

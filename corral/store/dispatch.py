@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from corral.api import KillOrder, ObservedAttempt, StartOrder
 from corral.domain.instances import InstanceState
 from corral.domain.jobs import LIVE_ATTEMPT_STATES, AttemptState, JobState
-from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place
+from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place, waiting_reason
 from corral.domain.sandbox import DEFAULT_LOG_LIMIT
 from corral.domain.tokens import hash_secret, same_hash
 from corral.store import jobs as jobs_repo
@@ -233,14 +233,7 @@ async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:
     for d in demands:
         if d.job_id in placed:
             continue
-        if capacities and fits_anywhere(d, capacities):
-            why = None
-        else:
-            where = f"in fleet {d.fleet!r} " if d.fleet else ""
-            why = (
-                f"waiting: no running instance {where}has {d.cpus:g} cpus and "
-                f"{d.memory_mb} MB memory"
-            )
+        why = None if capacities and fits_anywhere(d, capacities) else waiting_reason(d)
         if why != reasons.get(d.job_id) and (
             why or reasons.get(d.job_id, "").startswith("waiting")
         ):
