@@ -96,6 +96,9 @@ def test_cancel_kills_the_whole_process_tree(two_agents, jobfiles: Path):
     wait_for(lambda: not any(_alive(p) for p in pids), 30, f"processes {pids} to be killed")
     j = client.job(job.id)
     assert j.state == "cancelled" and j.attempts[0].state == "revoked"
+    r = cli(server, "cancel", str(job.id))  # again: an ended job is left as it is
+    assert r.returncode == 1
+    assert f"job {job.id} has already ended (cancelled): nothing to cancel" in r.stderr
 
 
 def test_command_not_found_fails_the_attempt_with_a_reason(two_agents):

@@ -322,7 +322,7 @@ async def _end_live_attempt(
 async def cancel(conn: AsyncConnection, job_id: int, now: float) -> sa.RowMapping:
     job = await require_job(conn, job_id)
     if job["state"] in FINAL_JOB_STATES:
-        raise JobConflict(f"job {job_id} is already {job['state']}")
+        raise JobConflict(f"job {job_id} has already ended ({job['state']}): nothing to cancel")
     result = await conn.execute(
         sa.update(jobs)
         .where(jobs.c.id == job_id, jobs.c.state.in_(_values(job_sources(JobState.CANCELLED))))
@@ -334,7 +334,7 @@ async def cancel(conn: AsyncConnection, job_id: int, now: float) -> sa.RowMappin
     row = result.mappings().first()
     if row is None:
         fresh = await require_job(conn, job_id)
-        raise JobConflict(f"job {job_id} is already {fresh['state']}")
+        raise JobConflict(f"job {job_id} has already ended ({fresh['state']}): nothing to cancel")
     if row["current_attempt"]:
         await _end_live_attempt(
             conn, job_id, row["current_attempt"], AttemptState.REVOKED, "job cancelled", now
