@@ -370,8 +370,8 @@ def test_a_workdir_over_the_limit_names_its_biggest_files(tmp_path: Path):
     with pytest.raises(packing.WorkdirError) as exc:
         packing.pack(root, max_bytes=4000)
     message = str(exc.value)
-    assert "over the 3.9 KB limit" in message
-    assert message.index("big.bin (2.9 KB)") < message.index("medium.bin (2.0 KB)")
+    assert "over the 3.9 KiB limit" in message
+    assert message.index("big.bin (2.9 KiB)") < message.index("medium.bin (2.0 KiB)")
     assert ".corralignore" in message
 
 

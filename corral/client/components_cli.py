@@ -28,6 +28,7 @@ from corral.client.render import (
     say,
     styled,
     table,
+    transfer_bar,
 )
 
 components_app = typer.Typer(
@@ -128,9 +129,6 @@ def publish(
 ) -> None:
     """Record a component version: an artifact URL and its sha256 (or --file to let
     the server store it). Versions are immutable."""
-    from rich.markup import escape
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
     from corral.client.sdk import CorralError
 
     if (file is None) == (url is None):
@@ -138,15 +136,8 @@ def publish(
     with client(server, token) as c:
         try:
             if file is not None:
-                total = file.stat().st_size
-                with Progress(
-                    "[progress.description]{task.description}",
-                    BarColumn(),
-                    DownloadColumn(),
-                    TransferSpeedColumn(),
-                    transient=True,
-                ) as bar:
-                    task = bar.add_task(escape(f"uploading {file.name}"), total=total)
+                bar, task = transfer_bar(f"uploading {file.name}", file.stat().st_size)
+                with bar:
                     stored = c.upload(file, on_progress=lambda n: bar.advance(task, n))
                 url, sha256, size = stored["url"], stored["sha256"], stored["size"]
             elif not sha256 or not url:

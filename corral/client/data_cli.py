@@ -21,6 +21,7 @@ from corral.client.cli import (
 )
 from corral.client.render import (
     Col,
+    human_size,
     output_format,
     print_data,
     print_json,
@@ -28,37 +29,11 @@ from corral.client.render import (
     styled,
     table,
     text,
+    transfer_bar,
 )
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
-    from rich.progress import Progress, TaskID
-
-
-def _bar(description: str, total: int | None) -> tuple[Progress, TaskID]:
-    from rich.markup import escape
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    from corral.client.render import err_console
-
-    description = escape(description)
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        transient=True,
-        console=err_console,
-    )
-    return bar, bar.add_task(description, total=total)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def output_path_problem(path: str) -> str | None:
@@ -120,7 +95,7 @@ def outputs(
                 [
                     (
                         o.path,
-                        human(o.size),
+                        human_size(o.size),
                         o.sha256 if fmt == "wide" else o.sha256[:16] + "…",
                         f"{o.copies} (1 durable)" if o.durable else o.copies,
                         styled(o.state),
@@ -150,7 +125,7 @@ def outputs(
             base = Path(dest) if dest else Path(f"job-{job_id}")
             target = {o.path: base / PurePosixPath(o.path) for o in files}
         total = sum(o.size for o in files)
-        bar, task = _bar(f"job {job_id} outputs", total)
+        bar, task = transfer_bar(f"job {job_id} outputs", total)
         with bar:
             for o in files:
                 try:
@@ -158,7 +133,7 @@ def outputs(
                 except CorralError as exc:
                     fail(f"{o.path}: {exc.message}")
     for o in files:
-        say((target[o.path], ""), f"  {human(o.size)}  sha256 ok")
+        say((target[o.path], ""), f"  {human_size(o.size)}  sha256 ok")
 
 
 @app.command()
@@ -172,14 +147,14 @@ def put(
     """Upload input data; prints its object id. It lives on the instances like job
     outputs; a job takes it with `corral run --input ID` (in $CORRAL_INPUT_DIR)."""
     with client(server, token) as c:
-        bar, task = _bar(f"uploading {file.name}", file.stat().st_size)
+        bar, task = transfer_bar(f"uploading {file.name}", file.stat().st_size)
         with bar:
             obj = c.put(file, name, lambda n: bar.advance(task, n))
     if as_json:
         return print_json(obj)
     placed = [r.instance_name for r in obj.replicas if r.state == "present"]
     say(
-        f"stored {human(obj.size)} as ",
+        f"stored {human_size(obj.size)} as ",
         (obj.name, ""),
         text(" on ", (", ".join(placed), "")) if placed else " (placement pending)",
         err=True,
@@ -216,7 +191,7 @@ def drain(
                 verb = "will be LOST" if force else "only it holds (copying them first)"
                 say(f"{len(view.at_risk)} object(s) {verb}:", err=force)
                 for a in view.at_risk[:50]:
-                    say(f"  {human(a.size):>9}  ", (", ".join(a.names), ""))
+                    say(f"  {human_size(a.size):>9}  ", (", ".join(a.names), ""))
         if wait:
             _wait_retired(c, view, timeout)
 
@@ -228,7 +203,7 @@ def _wait_retired(c, view, timeout: float) -> None:
     risky = {a.sha256: a.size for a in view.at_risk[:500]}
     copied: set[str] = set()
     deadline = time.monotonic() + timeout if timeout else None
-    bar, task = _bar(f"draining {i.name}", sum(risky.values()) or None)
+    bar, task = transfer_bar(f"draining {i.name}", sum(risky.values()) or None)
     state = i.state
     with bar:
         while state not in ("retired", "terminated"):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress, TaskID
     from rich.text import Text
 
     console: Console
@@ -333,3 +334,29 @@ def watch(draw: Callable[[], Any], interval: float, count: int) -> None:
             time.sleep(interval)
     except KeyboardInterrupt:
         return
+
+
+def human_size(n: float) -> str:
+    """Bytes for people, in binary units (as `--memory 2G` and `--workdir-limit 100M`
+    are read), the same units as the transfer bar's."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def transfer_bar(description: str, total: int | None) -> tuple[Progress, TaskID]:
+    """A progress bar for bytes on their way (on stderr, gone when done)."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        transient=True,
+        console=_console(err=True),
+    )
+    return bar, bar.add_task(escape(description), total=total)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pathspec
 
+from corral.client.render import human_size
+
 DEFAULT_MAX_BYTES = 100 * 2**20
 IGNORE_FILES = (".gitignore", ".corralignore")
 NEVER = {".git"}
@@ -49,14 +51,6 @@ class Packed:
     files: int
     bytes_in: int
     skipped: list[str] = field(default_factory=list)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 class _Ignores:
@@ -136,9 +130,9 @@ def pack(root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Packed:
     if total > max_bytes:
         biggest = sorted(files, key=lambda e: (-e.size, e.rel))[:5]
         raise WorkdirError(
-            f"--workdir {root}: {human(total)} to ship, over the {human(max_bytes)} limit "
-            f"(--workdir-limit); biggest: "
-            + ", ".join(f"{e.rel} ({human(e.size)})" for e in biggest)
+            f"--workdir {root}: {human_size(total)} to ship, over the "
+            f"{human_size(max_bytes)} limit (--workdir-limit); biggest: "
+            + ", ".join(f"{e.rel} ({human_size(e.size)})" for e in biggest)
             + "; add what the job does not need to .corralignore"
         )
     fd, name = tempfile.mkstemp(prefix="corral-workdir-", suffix=".tar.gz")
@@ -193,7 +187,7 @@ def ship(client, root: Path, max_bytes: int, on_note: Callable[[str], None]) -> 
             obj = client.object(packed.sha256)
             if obj.state == "live":
                 on_note(
-                    f"workdir {root}: {packed.files} files, {human(packed.size)} packed, "
+                    f"workdir {root}: {packed.files} files, {human_size(packed.size)} packed, "
                     f"already on the server (0 bytes uploaded)"
                 )
                 return packed.sha256
@@ -202,8 +196,8 @@ def ship(client, root: Path, max_bytes: int, on_note: Callable[[str], None]) -> 
                 raise
         client.put(packed.path, name=f"workdir-{Path(root).resolve().name}.tar.gz", wait=0)
         on_note(
-            f"workdir {root}: {packed.files} files, {human(packed.size)} packed, "
-            f"{packed.size} bytes uploaded"
+            f"workdir {root}: {packed.files} files, {human_size(packed.size)} packed, "
+            f"{human_size(packed.size)} uploaded"
         )
         return packed.sha256
     finally:
