@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from corral.agent.artifacts import Installer
+from corral.agent.dirs import remove_known_dir
 from corral.agent.identity import write_json_atomic
 from corral.agent.proctree import kill_tree, same_process
 from corral.agent.sandbox.host import Host
@@ -65,27 +66,6 @@ class Ended:
 
 
 ATTEMPT_FILES = ("spec.json", "runner.pid", "runner.log", "command.json", "done.json")
-
-
-def _remove_attempt_dir(d: Path) -> None:
-    """An ended attempt's directory (the agent's, never the job's), gone: the files a
-    runner leaves there unlinked by name, then the directory; a walk only when
-    something else is inside (a temporary file of a write cut short). Called for
-    every attempt on the agent's loop: a walk costs it a scan and a stat per file."""
-    top = str(d)
-    for name in ATTEMPT_FILES:
-        try:
-            os.unlink(os.path.join(top, name))
-        except FileNotFoundError:
-            pass
-        except OSError:
-            break
-    try:
-        os.rmdir(top)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -414,7 +394,7 @@ class Supervisor:
     def forget(self, job_id: int, attempt: int) -> None:
         t = self.tracked.pop((job_id, attempt), None)
         if t is not None:
-            _remove_attempt_dir(t.dir)
+            remove_known_dir(t.dir, ATTEMPT_FILES)
 
     def kill(self, job_id: int, attempt: int, reason: str) -> bool:
         """Kill the attempt's runner and its command's whole process tree; its result

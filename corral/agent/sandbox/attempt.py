@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from corral.agent.dirs import remove_known_dir
 from corral.agent.objects import ObjectStore
 from corral.agent.proctree import kill_tree
 from corral.agent.sandbox.cgroups import AttemptGroup, Stats
@@ -210,19 +211,4 @@ class AttemptSandbox:
         if self.group is not None:
             self.group.kill()
             self.group.remove()
-        _remove_dir(self.dir)
-
-
-def _remove_dir(top: Path) -> None:
-    """The attempt's directory, gone. Most jobs leave its subdirectories empty: an
-    rmdir each, no walk (rmdir never follows a link: a subdirectory the job replaced
-    by a link, or anything left inside, takes the safe walk of rmtree)."""
-    try:
-        for d in SUBDIRS:
-            try:
-                os.rmdir(os.path.join(top, d))
-            except FileNotFoundError:
-                pass
-        os.rmdir(top)
-    except OSError:
-        shutil.rmtree(top, ignore_errors=True)
+        remove_known_dir(self.dir, subdirs=SUBDIRS)
