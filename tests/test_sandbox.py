@@ -390,6 +390,61 @@ def test_a_job_past_its_memory_limit_is_killed_and_says_so(one):
     assert "out of memory (limit 64 MB)" in r.stdout and "cpu" in r.stdout.lower(), r.stdout
 
 
+# ---- a fork bomb ---------------------------------------------------------------------------
+
+# Forks children (each sleeps, marked by argv[1]) until the kernel refuses or 300 are
+# up; prints how many it got. Bounded: never a real bomb, even where nothing caps it.
+FORKER = textwrap.dedent("""
+    import os, sys, time
+    got = 0
+    for _ in range(300):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            print("refused:", exc.errno, flush=True)
+            break
+        if pid == 0:
+            time.sleep(120)
+            os._exit(0)
+        got += 1
+    print("forked", got, flush=True)
+""")
+
+
+def test_a_fork_bomb_is_stopped_at_its_attempts_ceiling(cluster: Cluster):
+    server = cluster.server()
+    cluster.agent(server, name="capped", extra=["--max-pids", "40"])
+    client = cluster.client(server)
+    (inst,) = cluster.wait_agents_running(client, 1)
+    if "pids" not in (inst.sandbox or ""):
+        why = f"no usable pids cgroup controller here: {inst.sandbox}"
+        if _in_ci():
+            pytest.fail(why)
+        pytest.skip(why)
+    marker = "fork-bomb-of-this-test"
+    job = client.submit([PY, "-c", FORKER, marker], max_attempts=1)
+    final = _final(client, job.id)
+    chunks: list[bytes] = []
+    client.follow(job.id, on_output=lambda _s, d: chunks.append(d))
+    out = b"".join(chunks).decode()
+    assert final.state == "succeeded", (final.reason, out)
+    assert "refused: 11" in out, out  # EAGAIN: the attempt's pids.max, not the host's
+    got = int(out.split("forked", 1)[1].split()[0])
+    assert 10 <= got < 40, out
+    # the attempt's end took every child with it
+    wait_for(
+        lambda: (
+            not any(marker in (p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+        ),
+        10,
+        "the forked children to be gone",
+    )
+    # and a job with a thread pool far below the ceiling is untouched
+    pool = "from concurrent.futures import ThreadPoolExecutor as P; list(P(20).map(abs, range(99)))"
+    ok = client.submit([PY, "-c", pool], max_attempts=1)
+    assert _final(client, ok.id).state == "succeeded"
+
+
 # ---- a full disk ---------------------------------------------------------------------------
 
 

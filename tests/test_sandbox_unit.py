@@ -20,6 +20,7 @@ from corral.client import workdir as packing
 from corral.domain.drain import Holder, ObjectInfo, at_risk
 from corral.domain.instances import InstanceState
 from corral.domain.sandbox import (
+    DEFAULT_MAX_PIDS,
     MINIMAL_PATH,
     LimitPlan,
     SandboxFacts,
@@ -31,6 +32,7 @@ from corral.domain.sandbox import (
     log_marker,
     not_found_reason,
     parse_flat_keyed,
+    pids_ceilings,
     plan_limits,
     text_problem,
 )
@@ -42,8 +44,9 @@ HYBRID_MOUNTS = """\
 32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
 33 30 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
 34 30 0:30 / /sys/fs/cgroup/cpu\\040acct rw - cgroup cgroup rw,cpuacct
+35 30 0:31 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
 """
-HYBRID_SELF = "4:memory:/process_api/abc\n2:cpuacct:/\n1:cpu:/\n9:name=systemd:/\n0::/\n"
+HYBRID_SELF = "4:memory:/process_api/abc\n2:cpuacct:/\n1:cpu:/\n8:pids:/\n9:name=systemd:/\n0::/\n"
 UNIFIED_MOUNTS = "25 24 0:23 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n"
 UNIFIED_SELF = "0::/system.slice/corral-agent.service\n"
 
@@ -54,6 +57,7 @@ def test_cgroup_layout_of_a_hybrid_and_a_unified_host():
     assert dict(hybrid.v1_dirs) == {
         "memory": "/sys/fs/cgroup/memory/process_api/abc",
         "cpu": "/sys/fs/cgroup/cpu",
+        "pids": "/sys/fs/cgroup/pids",
     }
     assert hybrid.hybrid
     unified = cgroup_layout(UNIFIED_MOUNTS, UNIFIED_SELF)
@@ -70,12 +74,27 @@ def test_limits_go_through_v2_first_then_v1_else_are_recorded_as_not_enforced():
     assert LimitPlan(None, "v1").enforced(2048, 1) == "cpu"
     assert LimitPlan(None, None).enforced(2048, 1).startswith("none: ")
     assert LimitPlan(None, None).enforced(0, 0) == "none requested"
+    # the pids ceiling is every attempt's, not asked for: it goes the same way
+    assert plan_limits(frozenset({"pids"}), frozenset({"memory", "cpu", "pids"})) == LimitPlan(
+        "v1", "v1", "v2"
+    )
+    assert plan_limits(frozenset(), frozenset({"pids"})).enforced(0, 0) == "none requested"
+
+
+def test_the_host_keeps_half_its_process_ids_whatever_the_attempts_do():
+    assert pids_ceilings(32768, DEFAULT_MAX_PIDS) == (16384, 4096)
+    assert pids_ceilings(4_194_304, 100) == (2_097_152, 100)
+    assert pids_ceilings(32768, 0) == (16384, 16384)  # 0: the agent's whole share
+    assert pids_ceilings(1000, 4096) == (500, 500)  # never more than the agent's share
 
 
 def test_the_description_says_once_what_the_host_cannot_isolate():
-    full = SandboxFacts(root=True, cgroup=True, limits=LimitPlan("v1", "v1"), job_user="cj")
+    full = SandboxFacts(root=True, cgroup=True, limits=LimitPlan("v1", "v1", "v1"), job_user="cj")
     text, warnings = describe(full)
-    assert text == "cgroup v2; limits memory v1,cpu v1; user cj" and warnings == []
+    assert text == "cgroup v2; limits memory v1,cpu v1,pids v1; user cj" and warnings == []
+    no_pids = SandboxFacts(root=True, cgroup=True, limits=LimitPlan("v1", "v1"), job_user="cj")
+    (warning,) = describe(no_pids)[1]
+    assert "no usable pids cgroup controller" in warning and "fork bomb" in warning
     bare = SandboxFacts(root=False, cgroup=False, cgroup_error="no cgroup v2 hierarchy")
     text, warnings = describe(bare)
     assert text == "subreaper; limits off"

@@ -17,7 +17,7 @@ from corral import default_data_dir, logsetup
 from corral.agent.daemon import Agent, AgentConfig
 from corral.agent.datadir_lock import DataDirInUse, lock_data_dir
 from corral.api import NAME_PATTERN
-from corral.domain.sandbox import DEFAULT_JOB_USER
+from corral.domain.sandbox import DEFAULT_JOB_USER, DEFAULT_MAX_PIDS
 
 
 def default_name() -> str:
@@ -110,6 +110,12 @@ def agent(
     hide: list[Path] = typer.Option(
         [], "--hide", help="a path jobs must not see (namespaces; repeatable)"
     ),
+    max_pids: int = typer.Option(
+        DEFAULT_MAX_PIDS,
+        min=0,
+        help="processes and threads one attempt may have at once (its pids cgroup; 0: "
+        "only the cap on all attempts together, half of the host's pid_max)",
+    ),
     ca: Path | None = typer.Option(
         None,
         "--ca",
@@ -159,6 +165,7 @@ def agent(
             p.expanduser().resolve()
             for p in [*hide, *([join_token_file] if join_token_file else [])]
         ],
+        max_pids=max_pids,
     )
     if cpus is not None:
         config.cpus = cpus

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LOG_LIMIT = 64 * 2**20
 DEFAULT_JOB_USER = "corral-job"
-LIMIT_CONTROLLERS = ("memory", "cpu")
+LIMIT_CONTROLLERS = ("memory", "cpu")  # the limits a job asks for (--memory, --cpus)
+# and the one every attempt gets: a ceiling on its processes and threads, so a fork
+# bomb takes down its own attempt, not the host (the agent's own group has one too)
+PIDS = "pids"
+CGROUP_CONTROLLERS = (*LIMIT_CONTROLLERS, PIDS)
+DEFAULT_MAX_PIDS = 4096  # per attempt: threads count (PyTorch's pools included)
 CPU_PERIOD_US = 100_000
 
 
@@ -101,7 +106,7 @@ def cgroup_layout(mountinfo: str | list[Mount], proc_cgroup: str) -> CgroupLayou
         if m.fstype == "cgroup2" and v2_dir is None and "" in own:
             v2_dir = _join(m.mountpoint, own[""])
         elif m.fstype == "cgroup":
-            for c in LIMIT_CONTROLLERS:
+            for c in CGROUP_CONTROLLERS:
                 if c in m.super_options and c in own and c not in v1:
                     v1[c] = _join(m.mountpoint, own[c])
     return CgroupLayout(v2_dir, v1)
@@ -118,6 +123,7 @@ class LimitPlan:
 
     memory: str | None
     cpu: str | None
+    pids: str | None = None
 
     def enforced(self, memory_mb: int, cpus: float) -> str:
         """What an attempt asking for `memory_mb` and `cpus` actually gets, for its
@@ -145,7 +151,15 @@ def plan_limits(v2_enabled: frozenset[str], v1_usable: frozenset[str]) -> LimitP
             return "v1"
         return None
 
-    return LimitPlan(memory=pick("memory"), cpu=pick("cpu"))
+    return LimitPlan(memory=pick("memory"), cpu=pick("cpu"), pids=pick(PIDS))
+
+
+def pids_ceilings(pid_max: int, per_attempt: int) -> tuple[int, int]:
+    """(all of an agent's attempts together, one attempt): the host keeps half of its
+    process ids whatever the jobs do; an attempt gets `per_attempt` of them, or the
+    agent's whole share when `per_attempt` is 0 or more than that."""
+    total = max(1, pid_max // 2)
+    return total, min(per_attempt, total) if per_attempt > 0 else total
 
 
 # ---- how the sandbox is described ------------------------------------------------------------
@@ -173,7 +187,7 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
         parts.append("cgroup v2" if f.cgroup_kill else "cgroup v2 (freeze+kill)")
     else:
         parts.append("subreaper")
-    limits = [f"{c} {getattr(f.limits, c)}" for c in LIMIT_CONTROLLERS if getattr(f.limits, c)]
+    limits = [f"{c} {getattr(f.limits, c)}" for c in CGROUP_CONTROLLERS if getattr(f.limits, c)]
     parts.append("limits " + (",".join(limits) if limits else "off"))
     if f.job_user:
         parts.append(f"user {f.job_user}")
@@ -197,6 +211,11 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
         warnings.append(
             f"--{' and --'.join('memory' if c == 'memory' else 'cpus' for c in missing)} "
             f"not enforced: no usable {' or '.join(missing)} cgroup controller"
+        )
+    if f.cgroup and not f.limits.pids:
+        warnings.append(
+            "no usable pids cgroup controller: an attempt's processes are not capped "
+            "(a fork bomb can use up this host's process ids)"
         )
     if not f.root and not f.namespaces:
         warnings.append(

@@ -5,7 +5,9 @@ In the v2 tree (a unified host's /sys/fs/cgroup, or a hybrid host's
 freeze + SIGKILL + thaw where that file is absent) and what counts its CPU time.
 Limits go through whichever controllers the host lets the agent use: v2 `memory.max`
 and `cpu.max` when the agent can enable them for its subtree, else the v1 `memory`
-and `cpu` hierarchies of a hybrid host (a group of the same name in each). Every
+and `cpu` hierarchies of a hybrid host (a group of the same name in each); the same
+for the `pids` ceiling every attempt gets (and the agent's parent group, so the host
+keeps process ids of its own whatever the attempts do). Every
 path is derived from the agent's data dir, so an agent that restarts finds its
 attempts' groups again and adopts or kills them.
 """
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from corral.domain.sandbox import (
-    LIMIT_CONTROLLERS,
+    CGROUP_CONTROLLERS,
+    DEFAULT_MAX_PIDS,
+    PIDS,
     CgroupLayout,
     LimitPlan,
     Mount,
@@ -34,6 +38,7 @@ from corral.domain.sandbox import (
     parse_controllers,
     parse_flat_keyed,
     parse_mountinfo,
+    pids_ceilings,
     plan_limits,
 )
 
@@ -107,6 +112,7 @@ class Cgroups:
     v1: dict[str, str] = field(default_factory=dict)  # controller -> parent group
     limits: LimitPlan = field(default_factory=lambda: LimitPlan(None, None))
     kill_file: bool = True
+    pids_max: int = 0  # each attempt's ceiling on its processes and threads (0: none)
 
     def to_json(self) -> dict:
         return {
@@ -114,14 +120,22 @@ class Cgroups:
             "v1": self.v1,
             "memory": self.limits.memory,
             "cpu": self.limits.cpu,
+            "pids": self.limits.pids,
             "kill_file": self.kill_file,
+            "pids_max": self.pids_max,
         }
 
     @classmethod
     def from_json(cls, d: dict | None) -> Cgroups | None:
         if not d:
             return None
-        return cls(d["v2"], d["v1"], LimitPlan(d["memory"], d["cpu"]), d["kill_file"])
+        return cls(
+            d["v2"],
+            d["v1"],
+            LimitPlan(d["memory"], d["cpu"], d.get("pids")),  # an older agent's spec: none
+            d["kill_file"],
+            d.get("pids_max", 0),
+        )
 
     def attempt(self, job_id: int, attempt: int) -> AttemptGroup:
         return AttemptGroup(self, attempt_name(job_id, attempt))
@@ -148,9 +162,10 @@ class Cgroups:
                     os.rmdir(parent)
 
 
-def detect(key: str) -> tuple[Cgroups | None, str | None]:
+def detect(key: str, max_pids: int = DEFAULT_MAX_PIDS) -> tuple[Cgroups | None, str | None]:
     """Create (or find) this agent's parent groups. Returns (cgroups, why not): the
-    v2 group is what contains attempts; without it there are no cgroups at all."""
+    v2 group is what contains attempts; without it there are no cgroups at all.
+    `max_pids`: each attempt's ceiling on its processes (0: only the agent's own)."""
     try:
         layout = cgroup_layout(
             Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
@@ -167,23 +182,35 @@ def detect(key: str) -> tuple[Cgroups | None, str | None]:
     enabled = _enable_v2_controllers(Path(layout.v2_dir), v2)
     v1 = _v1_parents(layout, key, skip=enabled)
     plan = plan_limits(enabled, frozenset(v1))
+    v1 = {c: p for c, p in v1.items() if getattr(plan, c) == "v1"}
+    per_attempt = 0
+    if plan.pids:
+        total, per_attempt = pids_ceilings(_pid_max(), max_pids)
+        try:
+            _write(Path(v2 if plan.pids == "v2" else v1[PIDS]) / "pids.max", str(total))
+        except OSError:  # no ceiling can be set here: say so rather than pretend
+            plan = LimitPlan(plan.memory, plan.cpu, None)
+            v1.pop(PIDS, None)
+            per_attempt = 0
     return (
-        Cgroups(
-            str(v2),
-            {c: p for c, p in v1.items() if getattr(plan, c) == "v1"},
-            plan,
-            kill_file=(v2 / "cgroup.kill").exists(),
-        ),
+        Cgroups(str(v2), v1, plan, kill_file=(v2 / "cgroup.kill").exists(), pids_max=per_attempt),
         None,
     )
 
 
+def _pid_max() -> int:
+    try:
+        return int(_read("/proc/sys/kernel/pid_max").strip())
+    except ValueError:
+        return 32768  # the kernel's default
+
+
 def _enable_v2_controllers(base: Path, parent: Path) -> frozenset[str]:
-    """Enable memory and cpu for the attempts under `parent`, if the host has them
+    """Enable memory, cpu and pids for the attempts under `parent`, if the host has them
     there. The agent's own group must pass them down first, which cgroup v2 allows
     only when that group holds no process (the root group excepted)."""
     want = [
-        c for c in LIMIT_CONTROLLERS if c in parse_controllers(_read(base / "cgroup.controllers"))
+        c for c in CGROUP_CONTROLLERS if c in parse_controllers(_read(base / "cgroup.controllers"))
     ]
     if not want:
         return frozenset()
@@ -275,6 +302,9 @@ class AttemptGroup:
             _write(self.v2 / "cpu.max", cpu_max_v2(cpus))
         elif cpus and plan.cpu == "v1":
             _write(self.v1["cpu"] / "cpu.cfs_quota_us", str(cpu_quota_v1(cpus)))
+        pids = self.v2 if plan.pids == "v2" else self.v1.get(PIDS)
+        if pids is not None and self.cgroups.pids_max:
+            _write(pids / "pids.max", str(self.cgroups.pids_max))
         return plan.enforced(memory_mb, cpus)
 
     def open_for_joining(self) -> list[int]:

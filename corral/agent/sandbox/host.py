@@ -14,7 +14,7 @@ from pathlib import Path
 
 from corral.agent.sandbox import cgroups
 from corral.agent.sandbox.jobuser import ensure_job_user
-from corral.domain.sandbox import DEFAULT_JOB_USER, SandboxFacts, describe
+from corral.domain.sandbox import DEFAULT_JOB_USER, DEFAULT_MAX_PIDS, SandboxFacts, describe
 
 JOBS_TMP = Path("/var/tmp")  # noqa: S108 - a root-owned 0711 directory is made in it
 
@@ -189,10 +189,11 @@ def detect(
     job_user: str = DEFAULT_JOB_USER,
     jobs_dir: Path | None = None,
     hide: list[Path] | None = None,
+    max_pids: int = DEFAULT_MAX_PIDS,
 ) -> Host:
     root = os.geteuid() == 0
     os.chmod(data_dir, 0o700)  # nothing of the agent is for jobs to read
-    cg, cg_error = cgroups.detect(cgroups.agent_key(data_dir))
+    cg, cg_error = cgroups.detect(cgroups.agent_key(data_dir), max_pids)
     jobs = jobs_dir or default_jobs_dir(data_dir, root)
     if root:
         try:
