@@ -189,3 +189,58 @@ def test_a_refused_heartbeat_stops_the_watch(tmp_path, monkeypatch):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_each_live_attempt_claims_a_job_user_of_its_own(root_host: Host, tmp_path: Path):
+    """Two attempts at once run as two users; a user whose attempt is gone is claimed
+    again (the lowest free one), and the command runs as the attempt's user."""
+    root_host.user_slots = str(tmp_path / "slots")
+    first = AttemptSandbox(
+        root_host, 3, 1, Path(root_host.jobs_dir) / f"3-1-{secrets.token_hex(6)}"
+    )
+    second = AttemptSandbox(
+        root_host, 4, 1, Path(root_host.jobs_dir) / f"4-1-{secrets.token_hex(6)}"
+    )
+    try:
+        first.claim_user()
+        second.claim_user()
+        assert first.user == f"{root_host.user}-0" and second.user == f"{root_host.user}-1"
+        assert len({first.uid, second.uid, root_host.uid}) == 3
+        assert 0 not in (first.uid, first.gid, second.uid, second.gid)
+        second.prepare(0, 0)
+        proc = second.spawn(["cat", "/proc/self/status"], second.environment({}, {}))
+        out, _err = proc.communicate(timeout=30)
+        st = _status(out.decode())
+        assert st["Uid"].split() == [str(second.uid)] * 4
+        assert st["Gid"].split() == [str(second.gid)] * 4
+        assert os.stat(second.dir).st_uid == second.uid
+        assert second.environment({}, {})["USER"] == second.user
+    finally:
+        second.kill()
+        second.remove()
+    first.release_user()
+    third = AttemptSandbox(
+        root_host, 5, 1, Path(root_host.jobs_dir) / f"5-1-{secrets.token_hex(6)}"
+    )
+    third.claim_user()
+    try:
+        assert third.user == f"{root_host.user}-0"  # the lowest free one again
+    finally:
+        third.release_user()
+
+
+def test_the_job_users_lock_dir_must_be_the_agents_own(root_host: Host, tmp_path: Path):
+    from corral.agent.sandbox.jobuser import JobUserError, claim_job_user
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "slots"
+    link.symlink_to(target)
+    with pytest.raises(JobUserError):
+        claim_job_user(root_host.user, str(link))
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    _user, fd = claim_job_user(root_host.user, str(open_dir))
+    os.close(fd)
+    assert open_dir.stat().st_mode & 0o777 == 0o700

@@ -390,6 +390,61 @@ def test_a_job_past_its_memory_limit_is_killed_and_says_so(one):
     assert "out of memory (limit 64 MB)" in r.stdout and "cpu" in r.stdout.lower(), r.stdout
 
 
+# ---- jobs side by side -----------------------------------------------------------------------
+
+# Waits for its gate, marking that it runs; its secret is in its environment.
+GATED_VICTIM = textwrap.dedent("""
+    import os, sys, time
+    open(sys.argv[1], "w").close()
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    print("victim survived", flush=True)
+""")
+# Looks for the victim's secret in every process's environment, then signals every
+# process it may (Linux spares the caller itself).
+NOSY = textwrap.dedent("""
+    import os, signal, sys
+    seen = 0
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/environ", "rb") as f:
+                    seen += sys.argv[1].encode() in f.read()
+            except OSError:
+                pass
+    print("secret seen", seen, flush=True)
+    try:  # 0 even when every process it met refused (EPERM): the victim's fate tells
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    print("kill -9 -1 sent", flush=True)
+""")
+
+
+def test_a_job_cannot_read_or_kill_another_job_on_its_instance(one, jobfiles: Path):
+    """Two attempts on one instance at once: neither runs as the other's user, so the
+    one cannot read the other's environment (its secrets) nor signal its processes
+    (`kill -9 -1` ended every job on the machine when all ran as one user)."""
+    _c, _server, _agent, client = one
+    started, gate = jobfiles / "victim-started", jobfiles / "victim-gate"
+    secret = "victims-secret-" + base64.b32encode(os.urandom(10)).decode()
+    victim = client.submit(
+        [PY, "-c", GATED_VICTIM, str(started), str(gate)],
+        secret_env={"VICTIM_KEY": secret},
+        max_attempts=1,
+    )
+    wait_for(started.exists, 30, "the victim to run")
+    nosy = _final(client, client.submit([PY, "-c", NOSY, secret], max_attempts=1).id)
+    chunks: list[bytes] = []
+    client.follow(nosy.id, on_output=lambda _s, d: chunks.append(d))
+    out = b"".join(chunks).decode()
+    assert nosy.state == "succeeded", (nosy.reason, out)
+    assert "secret seen 0" in out and "kill -9 -1 sent" in out, out
+    gate.touch()
+    final = _final(client, victim.id)
+    assert final.state == "succeeded", final.reason  # not killed by the nosy job
+
+
 # ---- a fork bomb ---------------------------------------------------------------------------
 
 # Forks children (each sleeps, marked by argv[1]) until the kernel refuses or 300 are

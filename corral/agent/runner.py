@@ -49,6 +49,7 @@ from corral.agent.objects import ObjectStore
 from corral.agent.relay import NotRelayed, RelayClient
 from corral.agent.sandbox.attempt import AttemptSandbox
 from corral.agent.sandbox.host import Host
+from corral.agent.sandbox.jobuser import JobUserError
 from corral.agent.transfer import TransferError
 from corral.agent.upstream import RETRY_STATUSES, Response, SyncServer, Unreachable
 from corral.domain.sandbox import (
@@ -436,8 +437,9 @@ class Runner:
 
     def _run_started(self) -> int:
         try:
+            self.sandbox.claim_user()
             self.sandbox.prepare(self.spec.get("cpus") or 0, self.spec.get("memory_mb") or 0)
-        except OSError as exc:
+        except (OSError, JobUserError) as exc:
             return self._lost(f"cannot prepare the attempt's sandbox: {exc}")
         if self.spec.get("inputs") or self.spec.get("workdir"):
             self.start_shipper()  # it heartbeats the attempt while inputs arrive

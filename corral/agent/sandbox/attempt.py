@@ -23,7 +23,7 @@ from corral.agent.proctree import kill_tree
 from corral.agent.sandbox.cgroups import AttemptGroup, Stats
 from corral.agent.sandbox.collect import Collected, collect_outputs
 from corral.agent.sandbox.host import Host, namespace_args, setpriv_args
-from corral.agent.sandbox.jobuser import give_tree
+from corral.agent.sandbox.jobuser import claim_job_user, give_tree
 from corral.domain.sandbox import job_environment
 
 SUBDIRS = ("work", "outputs", "inputs", "tmp")
@@ -44,6 +44,10 @@ class AttemptSandbox:
         )
         self.limits_enforced = "none requested"
         self.proc: subprocess.Popen | None = None
+        # who the command runs as: the host's job user until claim_user gives the
+        # attempt one of its own
+        self.user, self.uid, self.gid = host.user, host.uid, host.gid
+        self._user_lock: int | None = None
 
     # -- where things are -------------------------------------------------------------------
 
@@ -65,6 +69,20 @@ class AttemptSandbox:
 
     # -- prepare ------------------------------------------------------------------------------
 
+    def claim_user(self) -> None:
+        """A root agent's attempt runs as a job user no other live attempt on this host
+        has (held until `remove`): jobs cannot read each other's environment, signal
+        each other or open each other's private files."""
+        if not self.as_job_user or not self.host.user_slots or self._user_lock is not None:
+            return
+        user, self._user_lock = claim_job_user(self.host.user, self.host.user_slots)
+        self.user, self.uid, self.gid = user.name, user.uid, user.gid
+
+    def release_user(self) -> None:
+        if self._user_lock is not None:
+            os.close(self._user_lock)
+            self._user_lock = None
+
     def prepare(self, cpus: float, memory_mb: int) -> None:
         """The private directory (0700, the job's) and the cgroup with its limits."""
         top = str(self.dir)
@@ -76,7 +94,7 @@ class AttemptSandbox:
             # the job's from here on: what was just made, no walk (the top last, so
             # nothing of the job's can be inside before)
             for d in [*subdirs, top]:
-                os.lchown(d, self.host.uid, self.host.gid)
+                os.lchown(d, self.uid, self.gid)
         if self.group is not None:
             self.limits_enforced = self.group.create(cpus, memory_mb)
         elif memory_mb or cpus:
@@ -85,10 +103,10 @@ class AttemptSandbox:
     def give(self, path: Path) -> None:
         """Hand a tree this process made to the job user."""
         if self.as_job_user:
-            give_tree(path, self.host.uid, self.host.gid)
+            give_tree(path, self.uid, self.gid)
 
     def environment(self, job_env: Mapping[str, str], corral_vars: Mapping[str, str]) -> dict:
-        return job_environment(job_env, corral_vars, home=str(self.dir), user=self.host.user)
+        return job_environment(job_env, corral_vars, home=str(self.dir), user=self.user)
 
     # -- run ----------------------------------------------------------------------------------
 
@@ -126,7 +144,7 @@ class AttemptSandbox:
             if self.as_job_user and setpriv is not None:
                 # setpriv would report a missing command as its own failure
                 self._check_runnable(command[0], env.get("PATH", ""))
-                command = [*setpriv_args(setpriv, self.host.uid, self.host.gid), *command]
+                command = [*setpriv_args(setpriv, self.uid, self.gid), *command]
             group = self.group
             self.proc = group.spawn_inside(lambda: subprocess.Popen(command, **popen))
             return self.proc
@@ -138,7 +156,7 @@ class AttemptSandbox:
 
         user: dict = {}
         if self.as_job_user:
-            user = {"user": self.host.uid, "group": self.host.gid, "extra_groups": []}
+            user = {"user": self.uid, "group": self.gid, "extra_groups": []}
         try:
             self.proc = subprocess.Popen(
                 command,
@@ -203,12 +221,11 @@ class AttemptSandbox:
 
     def collect(self, store: ObjectStore) -> Collected:
         """Call only after `kill`: the job can no longer change what is read."""
-        return collect_outputs(
-            self.dir, store, self.host.uid, may_rename=self.contained, name="outputs"
-        )
+        return collect_outputs(self.dir, store, self.uid, may_rename=self.contained, name="outputs")
 
     def remove(self) -> None:
         if self.group is not None:
             self.group.kill()
             self.group.remove()
         remove_known_dir(self.dir, subdirs=SUBDIRS)
+        self.release_user()  # nothing of the attempt is left to run as it

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.agent.sandbox import cgroups
-from corral.agent.sandbox.jobuser import ensure_job_user
+from corral.agent.sandbox.jobuser import USER_SLOTS_DIR, ensure_job_user
 from corral.domain.sandbox import DEFAULT_JOB_USER, DEFAULT_MAX_PIDS, SandboxFacts, describe
 
 JOBS_TMP = Path("/var/tmp")  # noqa: S108 - a root-owned 0711 directory is made in it
@@ -34,6 +34,9 @@ class Host:
     bwrap: str | None = None
     hide: list[str] = field(default_factory=list)
     setpriv: str | None = None  # util-linux setpriv, checked to drop to the job user
+    # where each attempt claims a job user of its own (`user`-N, jobuser.claim_job_user);
+    # None: every attempt runs as `user`
+    user_slots: str | None = None
     description: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -48,6 +51,7 @@ class Host:
             "bwrap": self.bwrap,
             "hide": self.hide,
             "setpriv": self.setpriv,
+            "user_slots": self.user_slots,
         }
 
     @classmethod
@@ -62,6 +66,7 @@ class Host:
             bwrap=d.get("bwrap"),
             hide=list(d.get("hide") or []),
             setpriv=d.get("setpriv"),
+            user_slots=d.get("user_slots"),
         )
 
     def close(self) -> None:
@@ -203,12 +208,13 @@ def detect(
         _own_dir(jobs, 0o711)  # the job user may enter its own directory, list nothing
         host = Host("user", str(jobs), user.name, user.uid, user.gid, cg)
         host.setpriv = probe_setpriv(user.uid, user.gid)
+        host.user_slots = USER_SLOTS_DIR
         facts = SandboxFacts(
             root=True,
             cgroup=cg is not None,
             cgroup_kill=cg.kill_file if cg else True,
             limits=cg.limits if cg else cgroups.LimitPlan(None, None),
-            job_user=user.name,
+            job_user=f"{user.name}-N",
             cgroup_error=cg_error,
         )
     else:

@@ -1,15 +1,25 @@
-"""The unprivileged user a root agent runs jobs as (`--job-user`, default corral-job),
-created as a system user with no home, no shell and no password if it is missing."""
+"""The unprivileged users a root agent runs jobs as, created as system users with no
+home, no shell and no password if they are missing: `--job-user` (default corral-job)
+and, for each attempt, one of its numbered twins (`corral-job-0`, `corral-job-1`, ...)
+that no other live attempt on the host has. Jobs of one user could read each other's
+environment (their secrets) in /proc, signal each other (`kill -9 -1` ended every job
+on the machine) and open each other's private files in /tmp and /dev/shm."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# Host-wide (every root agent's runners claim their users here), root-only.
+USER_SLOTS_DIR = "/run/corral-job-users"
+MAX_USER_SLOTS = 4096
 
 
 class JobUserError(Exception):
@@ -70,3 +80,46 @@ def give_tree(root: Path, uid: int, gid: int) -> None:
     for d, dirs, files in os.walk(root):
         for n in dirs + files:
             os.lchown(os.path.join(d, n), uid, gid)
+
+
+def claim_job_user(base: str, slots_dir: str = USER_SLOTS_DIR) -> tuple[JobUser, int]:
+    """A job user no other live attempt on this host runs as: `{base}-{n}` for the
+    lowest `n` whose lock file this process can lock (created if missing). Returns the
+    user and the locked fd: the user is this caller's until that fd is closed (by
+    itself, or by the kernel when the process is gone). The fd is close-on-exec: the
+    job never holds it."""
+    _root_only_dir(slots_dir)
+    for n in range(MAX_USER_SLOTS):
+        name = f"{base}-{n}"
+        fd = os.open(
+            os.path.join(slots_dir, f"{name}.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            return ensure_job_user(name), fd
+        except BaseException:
+            os.close(fd)
+            raise
+    raise JobUserError(f"all {MAX_USER_SLOTS} job users {base}-N are in use on this host")
+
+
+def _root_only_dir(path: str) -> None:
+    """`path` as a directory of this (root) process's own, mode 0700, never a link."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise JobUserError(f"{path} is not a directory of the agent's own")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise JobUserError(f"cannot make {path} private: {exc}") from None
