@@ -113,6 +113,11 @@ def test_kernel_counters_and_the_oom_reason():
     assert parse_flat_keyed("usage_usec 1500000\nuser_usec 1\n")["usage_usec"] == 1_500_000
     assert command_result(-9, 1, 2048) == (137, "killed: out of memory (limit 2048 MB)")
     assert command_result(-9, 0, 2048) == (137, "killed by signal SIGKILL")
+    # no limit of its own: the host's memory ran out, and the kernel chose the job
+    assert command_result(-9, 1, 0) == (
+        137,
+        "killed: out of memory (the host's: the job set no --memory)",
+    )
     assert command_result(0, 1, 2048) == (0, None)  # a child was killed; the job coped
     assert command_result(3, 0, 0) == (3, None)
 

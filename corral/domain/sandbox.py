@@ -262,6 +262,8 @@ def command_result(returncode: int, oom_kills: int, memory_limit_mb: int) -> tup
     code = returncode if returncode >= 0 else 128 - returncode
     if oom_kills and memory_limit_mb and code != 0:
         return code, oom_reason(memory_limit_mb)
+    if oom_kills and code != 0:  # the kernel's OOM killer, for the host's memory
+        return code, "killed: out of memory (the host's: the job set no --memory)"
     if returncode < 0:
         return code, f"killed by signal {signal_name(-returncode)}"
     return code, None
