@@ -213,64 +213,46 @@ async def submit_once(
 ) -> tuple[int, bool]:
     """Submit under an idempotency key: the first request with (principal, key) creates
     the job, a retry of it gets that job again (created False), and another request
-    under the same key is refused. Of two racing first requests, one inserts the key;
-    the other's insert fails on its primary key, its savepoint (its job included) rolls
-    back, and it answers with the first one's job."""
+    under the same key is refused. The job goes in, then its key unless the key is
+    taken (ON CONFLICT DO NOTHING: of two racing first requests the second waits for
+    the first to commit, then finds the key taken); a request that finds its key taken
+    takes its job out again and answers with the first request's job. Two statements
+    for a first request (there was a read first, and a savepoint around the inserts on
+    PostgreSQL: three round trips more); retries, which are rare, pay the difference."""
     digest = request_sha256(spec)
-
-    async def first_job() -> int | None:
-        row = (
-            (
-                await conn.execute(
-                    sa.select(submit_keys).where(
-                        submit_keys.c.principal == principal, submit_keys.c.key == key
-                    )
-                )
-            )
-            .mappings()
-            .first()
-        )
-        if row is None:
-            return None
-        if row["request_sha256"] != digest:
-            raise IdempotencyConflict(
-                f"Idempotency-Key {key!r} was used for another request (job {row['job_id']}); "
-                "use a new key for a new job"
-            )
-        return int(row["job_id"])
-
-    job_id = await first_job()
-    if job_id is not None:
-        return job_id, False
-    if holds_sqlite_write_lock(conn):
-        # the database's one write lock was taken before the read above: no other
-        # request can insert the key between that read and these inserts, so no
-        # savepoint is needed (two statements less)
-        job_id = await submit(conn, spec, now)
+    job_id = await submit(conn, spec, now)
+    stored = (
         await conn.execute(
-            sa.insert(submit_keys).values(
+            insert_ignoring_duplicates(conn, submit_keys)
+            .values(
                 principal=principal, key=key, request_sha256=digest, job_id=job_id, created_at=now
             )
+            .on_conflict_do_nothing(index_elements=[submit_keys.c.principal, submit_keys.c.key])
+            .returning(submit_keys.c.job_id)
         )
+    ).first()
+    if stored is not None:
         return job_id, True
-    try:
-        async with conn.begin_nested():  # a concurrent first request may take the key
-            job_id = await submit(conn, spec, now)
+    await conn.execute(sa.delete(jobs).where(jobs.c.id == job_id))
+    row = (
+        (
             await conn.execute(
-                sa.insert(submit_keys).values(
-                    principal=principal,
-                    key=key,
-                    request_sha256=digest,
-                    job_id=job_id,
-                    created_at=now,
+                sa.select(submit_keys).where(
+                    submit_keys.c.principal == principal, submit_keys.c.key == key
                 )
             )
-    except sa.exc.IntegrityError:
-        job_id = await first_job()  # it did: its job, and no second one
-        if job_id is None:
-            raise
-        return job_id, False
-    return job_id, True
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:  # taken, then gone again: cannot be, short of a hand in the database
+        raise RuntimeError(f"Idempotency-Key {key!r} was taken and is gone")
+    if row["request_sha256"] != digest:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {key!r} was used for another request (job {row['job_id']}); "
+            "use a new key for a new job"
+        )
+    return int(row["job_id"]), False
 
 
 _TOP_JOB_ID = sa.select(sa.func.max(jobs.c.id))
