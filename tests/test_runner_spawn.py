@@ -244,3 +244,41 @@ def test_the_job_users_lock_dir_must_be_the_agents_own(root_host: Host, tmp_path
     _user, fd = claim_job_user(root_host.user, str(open_dir))
     os.close(fd)
     assert open_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_user_whose_runner_died_is_not_given_out_while_its_attempt_runs(
+    root_host: Host, tmp_path: Path
+):
+    """A runner SIGKILLed before it released its user leaves its attempt's processes
+    running as that user until the agent kills them: that user is passed over until
+    its group is empty, then given out again."""
+    root_host.user_slots = str(tmp_path / "slots")
+    job_dir = Path(root_host.jobs_dir) / f"6-1-{secrets.token_hex(6)}"
+    dead = AttemptSandbox(root_host, 6, 1, job_dir)
+    dead.claim_user()
+    dead.prepare(0, 0)
+    assert dead.group is not None
+    proc = dead.spawn(["sleep", "60"], dead.environment({}, {}))
+    try:
+        # the runner dies: the kernel closes its lock, nothing is released
+        assert dead._user_lock is not None
+        os.close(dead._user_lock)
+        dead._user_lock = None
+        other = AttemptSandbox(
+            root_host, 7, 1, Path(root_host.jobs_dir) / f"7-1-{secrets.token_hex(6)}"
+        )
+        other.claim_user()
+        assert other.user != dead.user, "a user whose processes still run was given out"
+        other.release_user()
+    finally:
+        dead.kill()  # what the agent does when it reaps the dead runner's attempt
+        proc.wait(timeout=10)
+        dead.remove()
+    again = AttemptSandbox(
+        root_host, 8, 1, Path(root_host.jobs_dir) / f"8-1-{secrets.token_hex(6)}"
+    )
+    again.claim_user()
+    try:
+        assert again.user == dead.user  # its group is gone: free again
+    finally:
+        again.release_user()

@@ -23,7 +23,7 @@ from corral.agent.proctree import kill_tree
 from corral.agent.sandbox.cgroups import AttemptGroup, Stats
 from corral.agent.sandbox.collect import Collected, collect_outputs
 from corral.agent.sandbox.host import Host, namespace_args, setpriv_args
-from corral.agent.sandbox.jobuser import claim_job_user, give_tree
+from corral.agent.sandbox.jobuser import claim_job_user, give_tree, release_job_user
 from corral.domain.sandbox import job_environment
 
 SUBDIRS = ("work", "outputs", "inputs", "tmp")
@@ -75,13 +75,20 @@ class AttemptSandbox:
         each other or open each other's private files."""
         if not self.as_job_user or not self.host.user_slots or self._user_lock is not None:
             return
-        user, self._user_lock = claim_job_user(self.host.user, self.host.user_slots)
+        user, self._user_lock = claim_job_user(
+            self.host.user, self.host.user_slots, self._group_dir
+        )
         self.user, self.uid, self.gid = user.name, user.uid, user.gid
 
     def release_user(self) -> None:
         if self._user_lock is not None:
-            os.close(self._user_lock)
+            release_job_user(self._user_lock, self._group_dir)
             self._user_lock = None
+
+    @property
+    def _group_dir(self) -> str:
+        """The attempt's v2 group (where its processes are counted), or ""."""
+        return str(self.group.v2) if self.group is not None and self.group.v2 else ""
 
     def prepare(self, cpus: float, memory_mb: int) -> None:
         """The private directory (0700, the job's) and the cgroup with its limits."""

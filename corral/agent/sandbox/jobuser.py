@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.domain.sandbox import parse_flat_keyed
+
 # Host-wide (every root agent's runners claim their users here), root-only.
 USER_SLOTS_DIR = "/run/corral-job-users"
 MAX_USER_SLOTS = 4096
@@ -82,12 +84,19 @@ def give_tree(root: Path, uid: int, gid: int) -> None:
             os.lchown(os.path.join(d, n), uid, gid)
 
 
-def claim_job_user(base: str, slots_dir: str = USER_SLOTS_DIR) -> tuple[JobUser, int]:
+def claim_job_user(
+    base: str, slots_dir: str = USER_SLOTS_DIR, group: str = ""
+) -> tuple[JobUser, int]:
     """A job user no other live attempt on this host runs as: `{base}-{n}` for the
     lowest `n` whose lock file this process can lock (created if missing). Returns the
-    user and the locked fd: the user is this caller's until that fd is closed (by
-    itself, or by the kernel when the process is gone). The fd is close-on-exec: the
-    job never holds it."""
+    user and the locked fd: the user is this caller's until `release_job_user(fd)`, or
+    until the kernel closes the fd with a process that died. The fd is close-on-exec:
+    the job never holds it.
+
+    `group`: the attempt's cgroup (v2) directory, written into the lock file. A lock
+    that is free but still names a group (its runner died before releasing it) is
+    passed over while that group has processes: the agent kills a dead runner's
+    attempt when it next reaps, and until then its processes still run as that user."""
     _root_only_dir(slots_dir)
     for n in range(MAX_USER_SLOTS):
         name = f"{base}-{n}"
@@ -98,15 +107,40 @@ def claim_job_user(base: str, slots_dir: str = USER_SLOTS_DIR) -> tuple[JobUser,
         )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if left and _populated(left):
+                raise BlockingIOError(f"{name}: its last attempt still has processes")
         except BlockingIOError:
             os.close(fd)
             continue
         try:
-            return ensure_job_user(name), fd
+            user = ensure_job_user(name)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, group.encode(), 0)
         except BaseException:
             os.close(fd)
             raise
+        return user, fd
     raise JobUserError(f"all {MAX_USER_SLOTS} job users {base}-N are in use on this host")
+
+
+def release_job_user(fd: int, group: str = "") -> None:
+    """The attempt that claimed this user is over. Its lock file forgets its group only
+    once that group has no process left (else the next claimers pass the user over)."""
+    try:
+        if not (group and _populated(group)):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _populated(group: str) -> bool:
+    """Whether the cgroup at `group` (a v2 directory) still has a process."""
+    try:
+        with open(os.path.join(group, "cgroup.events")) as f:
+            return parse_flat_keyed(f.read()).get("populated", 0) == 1
+    except OSError:
+        return False  # gone: nothing of it is left
 
 
 def _root_only_dir(path: str) -> None:
