@@ -83,6 +83,11 @@ def _read(path: Path | str) -> str:
         os.close(fd)
 
 
+def v2_populated(group: Path | str) -> bool:
+    """Whether the v2 group at `group` has a process in it or below (False once gone)."""
+    return parse_flat_keyed(_read(Path(group) / "cgroup.events")).get("populated", 0) == 1
+
+
 def _write(path: Path | str, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -369,7 +374,7 @@ class AttemptGroup:
 
     def populated(self) -> bool:
         if self.v2 is not None and self.v2.exists():
-            return parse_flat_keyed(_read(self.v2 / "cgroup.events")).get("populated", 0) == 1
+            return v2_populated(self.v2)
         return bool(self.pids())
 
     def kill(self, grace: float = 0.0) -> bool:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.domain.sandbox import parse_flat_keyed
+from corral.agent.sandbox.cgroups import v2_populated
 
 # Host-wide (every root agent's runners claim their users here), root-only.
 USER_SLOTS_DIR = "/run/corral-job-users"
@@ -108,7 +108,7 @@ def claim_job_user(
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-            if left and _populated(left):
+            if left and v2_populated(left):
                 raise BlockingIOError(f"{name}: its last attempt still has processes")
         except BlockingIOError:
             os.close(fd)
@@ -128,19 +128,10 @@ def release_job_user(fd: int, group: str = "") -> None:
     """The attempt that claimed this user is over. Its lock file forgets its group only
     once that group has no process left (else the next claimers pass the user over)."""
     try:
-        if not (group and _populated(group)):
+        if not (group and v2_populated(group)):
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-
-
-def _populated(group: str) -> bool:
-    """Whether the cgroup at `group` (a v2 directory) still has a process."""
-    try:
-        with open(os.path.join(group, "cgroup.events")) as f:
-            return parse_flat_keyed(f.read()).get("populated", 0) == 1
-    except OSError:
-        return False  # gone: nothing of it is left
 
 
 def _root_only_dir(path: str) -> None:
