@@ -441,6 +441,15 @@ class TestBed:
         for host in self.hosts:
             _kill_in(host.ns)
             _ip("netns", "del", host.ns, check=False)
+        # the agents killed with their hosts leave their attempts' cgroups and their
+        # root-owned jobs directories outside the bed (/var/tmp)
+        from corral.testing import remove_agent_sandbox
+
+        for host in self.hosts:
+            if host.data_root.is_dir():
+                for d in host.data_root.iterdir():
+                    if d.is_dir():
+                        remove_agent_sandbox(d, keep_under=host.data_root)
         for link in _link_names():
             if link.startswith(self.tag):
                 _ip("link", "del", link, check=False)

@@ -458,16 +458,21 @@ class Cluster:
         self._remove_sandboxes()
 
     def _remove_sandboxes(self) -> None:
-        """Agents that were killed leave their attempts' cgroups and job directories:
-        kill what is in them and remove them."""
-        from corral.agent.sandbox.cgroups import agent_key, cleanup_agent_groups
-        from corral.agent.sandbox.host import default_jobs_dir
-
         for d in self.agent_dirs():
-            cleanup_agent_groups(agent_key(d))
-            jobs = default_jobs_dir(d, os.geteuid() == 0)
-            if jobs.is_dir() and not jobs.is_relative_to(self.base):
-                shutil.rmtree(jobs, ignore_errors=True)
+            remove_agent_sandbox(d, keep_under=self.base)
+
+
+def remove_agent_sandbox(data_dir: Path, keep_under: Path | None = None) -> None:
+    """What an agent that was killed leaves outside its data dir: its attempts'
+    cgroups (what is in them killed) and its jobs directory (unless it lies under
+    `keep_under`, removed with it)."""
+    from corral.agent.sandbox.cgroups import agent_key, cleanup_agent_groups
+    from corral.agent.sandbox.host import default_jobs_dir
+
+    cleanup_agent_groups(agent_key(data_dir))
+    jobs = default_jobs_dir(data_dir, os.geteuid() == 0)
+    if jobs.is_dir() and not (keep_under is not None and jobs.is_relative_to(keep_under)):
+        shutil.rmtree(jobs, ignore_errors=True)
 
 
 class ArtifactServer:
