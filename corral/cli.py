@@ -169,16 +169,19 @@ def _group_module(group: Any) -> str:
     return _module_of(group.typer_instance.registered_commands[0].callback)
 
 
+APP_OPTIONS = ("--ca", "--server", "--token")  # the app's own options that take a value
+
+
 def command_name(args: list[str]) -> str | None:
     """The command `corral ARGS` runs: the first argument after the app's own options
-    (--ca FILE); None when there is none or another app option comes first (--help,
-    --version, completion): those need the whole app."""
+    (--ca FILE, --server URL, --token T); None when there is none or another app option
+    comes first (--help, --version, completion): those need the whole app."""
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--ca":
+        if arg in APP_OPTIONS:
             i += 2
-        elif arg.startswith("--ca="):
+        elif arg.startswith(tuple(f"{o}=" for o in APP_OPTIONS)):
             i += 1
         elif arg.startswith("-"):
             return None

@@ -470,6 +470,8 @@ def test_one_command_app_answers_as_the_whole_app_does():
         (["--version", "jobs"], None),
         ([], None),
         (["--ca"], None),
+        (["--server", "http://a:8470", "--token", "t", "jobs"], "jobs"),
+        (["--server=http://a:8470", "run", "--", "true"], "run"),
     ],
 )
 def test_command_name(args, name):

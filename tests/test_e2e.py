@@ -3,6 +3,7 @@ the `corral` CLI, runners and the commands they run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import textwrap
@@ -99,6 +100,40 @@ def test_cancel_kills_the_whole_process_tree(two_agents, jobfiles: Path):
     r = cli(server, "cancel", str(job.id))  # again: an ended job is left as it is
     assert r.returncode == 1
     assert f"job {job.id} has already ended (cancelled): nothing to cancel" in r.stderr
+
+
+def test_server_and_token_may_come_before_the_command(two_agents):
+    """`corral --server URL --token T jobs`, as other CLIs take their global options;
+    a command's own --server wins."""
+    server, client = two_agents
+    job = client.submit(["true"])
+    env = {k: v for k, v in os.environ.items() if k not in ("CORRAL_SERVER", "CORRAL_TOKEN")}
+    env["HOME"] = str(server.data_dir / "nohome")  # no context, no `corral up` to find
+    r = subprocess.run(
+        corral_cmd("--server", server.url, "--token", server.admin_token, "jobs", "-o", "json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [j["id"] for j in json.loads(r.stdout)] == [job.id]
+    r = subprocess.run(
+        corral_cmd(
+            "--server",
+            "http://127.0.0.1:1",
+            "--token",
+            server.admin_token,
+            "jobs",
+            "--server",
+            server.url,
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def test_command_not_found_fails_the_attempt_with_a_reason(two_agents):

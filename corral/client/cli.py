@@ -114,10 +114,25 @@ def _main(
         show_envvar=True,
         help="trust this CA (PEM) for https to the server, besides the system's",
     ),
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        help="server URL for the command that follows (its own --server wins) [env: CORRAL_SERVER]",
+    ),
+    token: str | None = typer.Option(
+        None, "--token", help="admin token for the command that follows [env: CORRAL_TOKEN]"
+    ),
 ) -> None:
     """corral: run batch and ML jobs on a fleet of machines."""
     if ca is not None:
         os.environ["CORRAL_CA"] = str(ca.expanduser().resolve())  # what Client() reads
+    if server is not None or token is not None:
+        from corral.client import config as client_config
+
+        # what the command's client uses when the command is given none of its own
+        client_config.app_options.update(
+            {k: v for k, v in (("server", server), ("token", token)) if v is not None}
+        )
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -1,12 +1,13 @@
 """Where the server is and which token to use.
 
-Server: --server, then CORRAL_SERVER, then the current context, then the file `corral up`
+Server: --server (the command's, then the app's: `corral --server URL jobs`), then
+CORRAL_SERVER, then the current context, then the file `corral up`
 / `corral server` writes in the data dir, then http://127.0.0.1:8470. Several URLs
 (comma-separated) are tried in turn when one cannot be reached.
 
-Token: --token, then CORRAL_TOKEN, then the current context's token file, then the
-admin token file in the data dir. The client remembers which one it used, so an error
-about a bad token can say where that token came from.
+Token: --token (the command's, then the app's), then CORRAL_TOKEN, then the current
+context's token file, then the admin token file in the data dir. The client remembers
+which one it used, so an error about a bad token can say where that token came from.
 
 Contexts live in $XDG_CONFIG_HOME/corral/config.json (default ~/.config/corral), mode
 0600. A context names server URL(s) and a token *file*; the token itself is not copied.
@@ -99,9 +100,16 @@ def current_context() -> tuple[str, dict] | None:
     return name, ctx
 
 
+# `corral --server URL --token T COMMAND`: the app's own options, used by the command's
+# client when the command is given none of its own
+app_options: dict[str, str] = {}
+
+
 def resolve(
     server: str | None = None, token: str | None = None, ca: str | None = None
 ) -> ClientConfig:
+    server = server or app_options.get("server")
+    token = token or app_options.get("token")
     d = default_data_dir()
     ca = ca or os.environ.get("CORRAL_CA") or None
     ctx = None
