@@ -11,9 +11,8 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 
-from corral.store.db import Database
 from tests.test_store import open_db
-from tests.test_store_reconnect import POOLED, _end_pooled_connections, _warm
+from tests.test_store_reconnect import POOLED, _warm
 
 pytestmark = pytest.mark.postgres
 
@@ -59,21 +58,6 @@ def test_work_done_one_after_another_reuses_the_last_connection(pg_url):
                 used.add(await db.transact(_backend))
             assert len(used) == 1, used
         finally:
-            await db.dispose()
-
-    asyncio.run(main())
-
-
-def test_a_lone_read_survives_connections_ended_while_pooled(pg_url):
-    async def main():
-        db = await open_db(pg_url)
-        admin = Database(pg_url)
-        try:
-            await _warm(db)
-            assert await _end_pooled_connections(db, admin) >= POOLED
-            assert await db.query_one(_own_transaction)
-        finally:
-            await admin.dispose()
             await db.dispose()
 
     asyncio.run(main())

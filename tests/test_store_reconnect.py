@@ -50,6 +50,10 @@ async def _end_pooled_connections(db: Database, admin: Database) -> int:
     return int(ended)
 
 
+async def _count_jobs(conn) -> int:
+    return int((await conn.execute(sa.select(sa.func.count()).select_from(jobs))).scalar_one())
+
+
 def test_transactions_and_reads_survive_connections_ended_while_pooled(pg_url):
     async def main():
         db = await open_db(pg_url)
@@ -60,7 +64,7 @@ def test_transactions_and_reads_survive_connections_ended_while_pooled(pg_url):
             # every pooled connection is dead: each call below meets one first
             job_id = await db.transact(repo.submit, JobSubmit(command=["true"]), NOW)
             async with db.read() as conn:
-                count = (await conn.execute(sa.select(sa.func.count()).select_from(jobs))).scalar()
+                count = await _count_jobs(conn)
             assert count == 1
             await _end_pooled_connections(db, admin)
             got = await db.query(repo.get_job, job_id)
@@ -71,8 +75,11 @@ def test_transactions_and_reads_survive_connections_ended_while_pooled(pg_url):
             )
             assert len(set(many)) == 6
             async with db.read() as conn:
-                count = (await conn.execute(sa.select(sa.func.count()).select_from(jobs))).scalar()
+                count = await _count_jobs(conn)
             assert count == 7  # each submit written once
+            await _end_pooled_connections(db, admin)
+            # a lone read (the credential lookup of every request: no BEGIN) too
+            assert await db.query_one(_count_jobs) == 7
         finally:
             await admin.dispose()
             await db.dispose()
