@@ -4,10 +4,12 @@ tests that must pass on both SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -53,6 +55,45 @@ async def _drop(url: str, name: str) -> None:
 def _with_db(url: str, name: str) -> str:
     base, _, _ = url.rpartition("/")
     return f"{base}/{name}"
+
+
+_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+_HOST_NET = pytest.StashKey[tuple[bool, "str | None"]]()
+
+
+def _nft_table_exists() -> bool:
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if nft is None:
+        return False
+    r = subprocess.run([nft, "list", "table", "inet", "corral_jobs"], capture_output=True)
+    return r.returncode == 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """What root agents change on this host for their jobs' networks (the nftables
+    table, IPv4 forwarding) is noted before the run (by the controller, not each
+    worker: the workers' agents share the host) and put back after it."""
+    if hasattr(config, "workerinput") or os.geteuid() != 0:
+        return
+    try:
+        forward = Path(_IP_FORWARD).read_text().strip()
+    except OSError:
+        forward = None
+    config.stash[_HOST_NET] = (_nft_table_exists(), forward)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    before = config.stash.get(_HOST_NET, None)
+    if before is None:
+        return
+    had_table, forward = before
+    if not had_table:
+        from corral.agent.sandbox.network import remove_host_rules
+
+        remove_host_rules()
+    if forward is not None:
+        with contextlib.suppress(OSError):
+            Path(_IP_FORWARD).write_text(forward)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

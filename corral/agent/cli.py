@@ -17,7 +17,12 @@ from corral import default_data_dir, logsetup
 from corral.agent.daemon import Agent, AgentConfig
 from corral.agent.datadir_lock import DataDirInUse, lock_data_dir
 from corral.api import NAME_PATTERN
-from corral.domain.sandbox import DEFAULT_JOB_USER, DEFAULT_MAX_PIDS
+from corral.domain.sandbox import (
+    DEFAULT_JOB_NETWORK,
+    DEFAULT_JOB_USER,
+    DEFAULT_MAX_PIDS,
+    JOB_NETWORKS,
+)
 
 
 def default_name() -> str:
@@ -116,6 +121,12 @@ def agent(
         help="processes and threads one attempt may have at once (its pids cgroup; 0: "
         "only the cap on all attempts together, half of the host's pid_max)",
     ),
+    job_network: str = typer.Option(
+        DEFAULT_JOB_NETWORK,
+        help="a root agent's jobs: 'isolated' (a network namespace each: their own "
+        "loopback, other machines through this host's NAT, never this host's own "
+        "addresses) or 'host' (this host's network, everything listening on it in reach)",
+    ),
     ca: Path | None = typer.Option(
         None,
         "--ca",
@@ -141,6 +152,8 @@ def agent(
         except (OSError, ssl.SSLError) as exc:
             raise typer.BadParameter(f"--ca {ca}: not a PEM CA certificate ({exc})") from None
         os.environ["CORRAL_CA"] = str(ca)  # runners and a re-executed build inherit it
+    if job_network not in JOB_NETWORKS:
+        raise typer.BadParameter(f"--job-network {job_network!r}: use {' or '.join(JOB_NETWORKS)}")
     if join_token_file is not None:
         join_token = read_token_file(join_token_file)
     name = name or default_name()
@@ -166,6 +179,7 @@ def agent(
             for p in [*hide, *([join_token_file] if join_token_file else [])]
         ],
         max_pids=max_pids,
+        job_network=job_network,
     )
     if cpus is not None:
         config.cpus = cpus

@@ -82,7 +82,7 @@ from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
 from corral.api import RegisterRequest, StartOrder
 from corral.domain.instances import AGENT_EXIT_RETIRED, AGENT_EXIT_SUPERSEDED
-from corral.domain.sandbox import DEFAULT_JOB_USER, DEFAULT_MAX_PIDS
+from corral.domain.sandbox import DEFAULT_JOB_NETWORK, DEFAULT_JOB_USER, DEFAULT_MAX_PIDS
 from corral.heap import settle_heap
 
 log = logging.getLogger("corral.agent")
@@ -115,6 +115,7 @@ class AgentConfig:
     jobs_dir: Path | None = None  # where attempts' private directories go
     hide: list[Path] = field(default_factory=list)  # more paths jobs must not see
     max_pids: int = DEFAULT_MAX_PIDS  # each attempt's processes and threads (0: no own cap)
+    job_network: str = DEFAULT_JOB_NETWORK  # a root agent's attempts: "isolated" | "host"
 
     def argv(self) -> list[str]:
         """The options that start this same agent again (after a switch of builds)."""
@@ -148,6 +149,8 @@ class AgentConfig:
             args += ["--hide", str(path)]
         if self.max_pids != DEFAULT_MAX_PIDS:  # (a build from before the option starts too)
             args += ["--max-pids", str(self.max_pids)]
+        if self.job_network != DEFAULT_JOB_NETWORK:
+            args += ["--job-network", self.job_network]
         return [*args, "--switch-timeout", str(self.switch_timeout)]
 
 
@@ -210,6 +213,7 @@ class Agent:
                 self.config.jobs_dir,
                 self.config.hide,
                 self.config.max_pids,
+                self.config.job_network,
             )
         except (sandbox_host.SandboxError, OSError) as exc:
             log.error("cannot set up the attempt sandbox: %s", exc)

@@ -18,6 +18,10 @@ LIMIT_CONTROLLERS = ("memory", "cpu")  # the limits a job asks for (--memory, --
 PIDS = "pids"
 CGROUP_CONTROLLERS = (*LIMIT_CONTROLLERS, PIDS)
 DEFAULT_MAX_PIDS = 4096  # per attempt: threads count (PyTorch's pools included)
+# a root agent's attempts: "isolated" (a network namespace each, other machines through
+# the host's NAT, never the host itself) or "host" (the host's own network)
+JOB_NETWORKS = ("isolated", "host")
+DEFAULT_JOB_NETWORK = "isolated"
 CPU_PERIOD_US = 100_000
 
 
@@ -177,6 +181,8 @@ class SandboxFacts:
     namespaces: bool = False  # user, mount and pid namespaces (bubblewrap)
     cgroup_error: str | None = None
     namespace_error: str | None = None
+    network: str | None = None  # "isolated": a namespace per attempt | "host" (root agents)
+    network_error: str | None = None  # why attempts share the host's network
 
 
 def describe(f: SandboxFacts) -> tuple[str, list[str]]:
@@ -193,6 +199,8 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
         parts.append(f"user {f.job_user}")
     if f.namespaces:
         parts.append("namespaces")
+    if f.network:
+        parts.append(f"network {f.network}")
     warnings = []
     if not f.cgroup:
         warnings.append(
@@ -223,6 +231,13 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
             + (f" ({f.namespace_error})" if f.namespace_error else "")
             + ": a job can read the agent's data dir (its credential, other attempts' "
             "tokens and outputs) and see and signal its processes"
+        )
+    if f.network == "host":
+        warnings.append(
+            "jobs share the host's network"
+            + (f" ({f.network_error})" if f.network_error else " (--job-network host)")
+            + ": what listens on this host (its database, the server, other jobs) is "
+            "within a job's reach"
         )
     return "; ".join(parts), warnings
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from corral.agent.sandbox.cgroups import AttemptGroup, Stats
 from corral.agent.sandbox.collect import Collected, collect_outputs
 from corral.agent.sandbox.host import Host, namespace_args, setpriv_args
 from corral.agent.sandbox.jobuser import claim_job_user, give_tree, release_job_user
+from corral.agent.sandbox.network import AttemptNetwork, NetworkError
 from corral.domain.sandbox import job_environment
 
 SUBDIRS = ("work", "outputs", "inputs", "tmp")
@@ -48,6 +49,8 @@ class AttemptSandbox:
         # attempt one of its own
         self.user, self.uid, self.gid = host.user, host.uid, host.gid
         self._user_lock: int | None = None
+        self.slot: int | None = None  # the claimed user's number: the attempt's addresses
+        self.network: AttemptNetwork | None = None
 
     # -- where things are -------------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class AttemptSandbox:
             self.host.user, self.host.user_slots, self._group_dir
         )
         self.user, self.uid, self.gid = user.name, user.uid, user.gid
+        self.slot = int(user.name.rsplit("-", 1)[1])
 
     def release_user(self) -> None:
         if self._user_lock is not None:
@@ -91,7 +95,8 @@ class AttemptSandbox:
         return str(self.group.v2) if self.group is not None and self.group.v2 else ""
 
     def prepare(self, cpus: float, memory_mb: int) -> None:
-        """The private directory (0700, the job's) and the cgroup with its limits."""
+        """The private directory (0700, the job's), the cgroup with its limits and,
+        on an isolated host, the attempt's network (NetworkError: it must not run)."""
         top = str(self.dir)
         os.mkdir(top, 0o700)
         subdirs = [os.path.join(top, d) for d in SUBDIRS]
@@ -106,6 +111,11 @@ class AttemptSandbox:
             self.limits_enforced = self.group.create(cpus, memory_mb)
         elif memory_mb or cpus:
             self.limits_enforced = "none: no cgroup for attempts on this host"
+        if self.host.network == "isolated":
+            if self.slot is None:
+                raise NetworkError("an isolated attempt needs a job user of its own")
+            self.network = AttemptNetwork(self.slot)
+            self.network.create()
 
     def give(self, path: Path) -> None:
         """Hand a tree this process made to the job user."""
@@ -153,7 +163,9 @@ class AttemptSandbox:
                 self._check_runnable(command[0], env.get("PATH", ""))
                 command = [*setpriv_args(setpriv, self.uid, self.gid), *command]
             group = self.group
-            self.proc = group.spawn_inside(lambda: subprocess.Popen(command, **popen))
+            self.proc = group.spawn_inside(
+                lambda: self._in_network(lambda: subprocess.Popen(command, **popen))
+            )
             return self.proc
         fds = self.group.open_for_joining() if self.group is not None else []
 
@@ -165,16 +177,28 @@ class AttemptSandbox:
         if self.as_job_user:
             user = {"user": self.uid, "group": self.gid, "extra_groups": []}
         try:
-            self.proc = subprocess.Popen(
-                command,
-                preexec_fn=enter_cgroup if fds else None,  # noqa: PLW1509 - only os.write
-                **popen,
-                **user,
+            self.proc = self._in_network(
+                lambda: subprocess.Popen(
+                    command,
+                    preexec_fn=enter_cgroup if fds else None,  # noqa: PLW1509 - only os.write
+                    **popen,
+                    **user,
+                )
             )
         finally:
             for fd in fds:
                 os.close(fd)
         return self.proc
+
+    def _in_network(self, start: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+        """Start the command in the attempt's network namespace (when it has one); the
+        runner lets go of the namespace then: it lives as long as the command's tree."""
+        if self.network is None:
+            return start()
+        try:
+            return self.network.run_inside(start)
+        finally:
+            self.network.close()
 
     def _spawns_inside(self) -> bool:
         """Whether `spawn` may start the command by stepping into its groups (root,
@@ -234,5 +258,7 @@ class AttemptSandbox:
         if self.group is not None:
             self.group.kill()
             self.group.remove()
+        if self.network is not None:
+            self.network.close()
         remove_known_dir(self.dir, subdirs=SUBDIRS)
         self.release_user()  # nothing of the attempt is left to run as it

@@ -12,9 +12,15 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corral.agent.sandbox import cgroups
+from corral.agent.sandbox import cgroups, network
 from corral.agent.sandbox.jobuser import USER_SLOTS_DIR, ensure_job_user
-from corral.domain.sandbox import DEFAULT_JOB_USER, DEFAULT_MAX_PIDS, SandboxFacts, describe
+from corral.domain.sandbox import (
+    DEFAULT_JOB_NETWORK,
+    DEFAULT_JOB_USER,
+    DEFAULT_MAX_PIDS,
+    SandboxFacts,
+    describe,
+)
 
 JOBS_TMP = Path("/var/tmp")  # noqa: S108 - a root-owned 0711 directory is made in it
 
@@ -37,6 +43,9 @@ class Host:
     # where each attempt claims a job user of its own (`user`-N, jobuser.claim_job_user);
     # None: every attempt runs as `user`
     user_slots: str | None = None
+    # "isolated": each attempt in a network namespace of its own (network.AttemptNetwork,
+    # needs user_slots); "host": the host's network
+    network: str = "host"
     description: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -52,6 +61,7 @@ class Host:
             "hide": self.hide,
             "setpriv": self.setpriv,
             "user_slots": self.user_slots,
+            "network": self.network,
         }
 
     @classmethod
@@ -67,6 +77,7 @@ class Host:
             hide=list(d.get("hide") or []),
             setpriv=d.get("setpriv"),
             user_slots=d.get("user_slots"),
+            network=d.get("network") or "host",
         )
 
     def close(self) -> None:
@@ -195,6 +206,7 @@ def detect(
     jobs_dir: Path | None = None,
     hide: list[Path] | None = None,
     max_pids: int = DEFAULT_MAX_PIDS,
+    job_network: str = DEFAULT_JOB_NETWORK,
 ) -> Host:
     root = os.geteuid() == 0
     os.chmod(data_dir, 0o700)  # nothing of the agent is for jobs to read
@@ -209,6 +221,8 @@ def detect(
         host = Host("user", str(jobs), user.name, user.uid, user.gid, cg)
         host.setpriv = probe_setpriv(user.uid, user.gid)
         host.user_slots = USER_SLOTS_DIR
+        net_error = network.setup_host() if job_network == "isolated" else None
+        host.network = "isolated" if job_network == "isolated" and net_error is None else "host"
         facts = SandboxFacts(
             root=True,
             cgroup=cg is not None,
@@ -216,6 +230,8 @@ def detect(
             limits=cg.limits if cg else cgroups.LimitPlan(None, None),
             job_user=f"{user.name}-N",
             cgroup_error=cg_error,
+            network=host.network,
+            network_error=net_error,
         )
     else:
         _own_dir(jobs, 0o700)

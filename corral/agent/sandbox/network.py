@@ -1,0 +1,235 @@
+"""Each attempt's own network (a root agent's, `--job-network isolated`, the default
+where the kernel and nftables allow it): a network namespace of the attempt's own,
+with its own loopback, reaching other machines through a veth pair and the host's
+NAT, and never the host itself.
+
+Without it, a job reached everything that listens on the host: a PostgreSQL with
+`trust` authentication on 127.0.0.1 (corral's own database, in the default set-up),
+the server's API, the agent's ports and any other job's. In its namespace, 127.0.0.1
+is the job's own; the host's addresses are behind an nftables rule that drops what
+comes in from a job's veth, and jobs on one host cannot reach each other.
+
+The namespace belongs to the attempt's processes, not to a name: no file or mount
+names it, so it (and both ends of its veth pair) goes away with the attempt's last
+process, however the runner or the agent ends. Each attempt's addresses come from its
+job user's slot (`jobuser.claim_job_user`: no two live attempts on the host share
+one): slot N is the /30 at 10.213.0.0 + 4N, the host's end .1, the job's .2."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+JOB_SUBNET = ipaddress.IPv4Network("10.213.0.0/16")
+TABLE = "corral_jobs"  # the nftables table (family inet) on each host the agent runs on
+LINK_PREFIX = "cj-"  # the host's end of an attempt's veth pair: cj-<slot>
+JOB_LINK = "eth0"  # the attempt's end, inside its namespace
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(OSError):
+    """The attempt's network could not be made (the attempt must not run without it)."""
+
+
+def slot_addresses(slot: int, subnet: ipaddress.IPv4Network = JOB_SUBNET) -> tuple[str, str, int]:
+    """(the host's end, the job's end, prefix length) of slot's /30 in `subnet`."""
+    base = int(subnet.network_address) + 4 * slot
+    if slot < 0 or base + 3 > int(subnet.broadcast_address):
+        raise ValueError(f"slot {slot} is outside {subnet}")
+    return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2)), 30
+
+
+def host_link(slot: int) -> str:
+    return f"{LINK_PREFIX}{slot}"
+
+
+def ruleset(subnet: ipaddress.IPv4Network = JOB_SUBNET) -> str:
+    """The host's rules, as one nft transaction (replacing the table atomically): what
+    a job sends to any of the host's own addresses is dropped, jobs cannot reach each
+    other, and what they send elsewhere leaves with the host's address."""
+    jobs = f'"{LINK_PREFIX}*"'
+    return f"""
+table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname {jobs} drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname {jobs} oifname {jobs} drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {subnet} oifname != {jobs} masquerade
+    }}
+}}
+"""
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _own_netns() -> int:
+    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextmanager
+def _inside(target: int) -> Iterator[None]:
+    """This thread in the namespace `target` for the block, then back home. A thread
+    that cannot get back must not go on (its next request would leave from the job's
+    namespace): the process ends."""
+    home = _own_netns()
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            try:
+                _setns(home)
+            except OSError:
+                os._exit(70)
+    finally:
+        os.close(home)
+
+
+def _new_netns() -> int:
+    """A new, empty network namespace, held by the returned fd only."""
+    home = _own_netns()
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        try:
+            return _own_netns()
+        finally:
+            try:
+                _setns(home)
+            except OSError:
+                os._exit(70)
+    finally:
+        os.close(home)
+
+
+class AttemptNetwork:
+    """One attempt's namespace: made by `create` (in the runner, before the command),
+    entered by `run_inside` while the command is started, let go by `close`."""
+
+    def __init__(self, slot: int, subnet: ipaddress.IPv4Network = JOB_SUBNET):
+        self.slot = slot
+        self.host_ip, self.job_ip, self.prefix = slot_addresses(slot, subnet)
+        self.link = host_link(slot)
+        self.fd: int | None = None
+
+    def create(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        fd = _new_netns()
+        try:
+            with IPRoute() as ip:
+                for old in ip.link_lookup(ifname=self.link):
+                    # the end of an earlier attempt of this slot whose namespace the
+                    # kernel has not torn down yet (its processes are gone: the slot
+                    # was free)
+                    ip.link("del", index=old)
+                ip.link(
+                    "add",
+                    ifname=self.link,
+                    kind="veth",
+                    peer={"ifname": JOB_LINK, "net_ns_fd": fd},
+                )
+                (index,) = ip.link_lookup(ifname=self.link)
+                ip.addr("add", index=index, address=self.host_ip, prefixlen=self.prefix)
+                ip.link("set", index=index, state="up")
+            with _inside(fd), IPRoute() as ip:
+                (lo,) = ip.link_lookup(ifname="lo")
+                ip.link("set", index=lo, state="up")
+                (eth,) = ip.link_lookup(ifname=JOB_LINK)
+                ip.addr("add", index=eth, address=self.job_ip, prefixlen=self.prefix)
+                ip.link("set", index=eth, state="up")
+                ip.route("add", dst="0.0.0.0/0", gateway=self.host_ip)
+        except (NetlinkError, OSError, ValueError) as exc:
+            os.close(fd)
+            raise NetworkError(f"cannot make the attempt's network: {exc}") from None
+        self.fd = fd
+
+    def run_inside(self, start: Callable[[], T]) -> T:
+        """Call `start` (which starts the command) with this thread in the attempt's
+        namespace: the command is born in it."""
+        if self.fd is None:
+            raise NetworkError("the attempt's network was not made")
+        with _inside(self.fd):
+            return start()
+
+    def close(self) -> None:
+        """The runner lets go; the namespace lives on while the attempt's processes do."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def setup_host(subnet: ipaddress.IPv4Network = JOB_SUBNET) -> str | None:
+    """Make this host ready for isolated attempts (root; once at agent start): the
+    nftables table, IPv4 forwarding, and a trial namespace with a veth pair. Returns
+    None when attempts can be isolated, else why not."""
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if nft is None:
+        return "nftables (nft) is not installed"
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return "the pyroute2 package is not installed"
+    try:
+        r = subprocess.run(
+            [nft, "-f", "-"],
+            input=ruleset(subnet),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nft does not run: {exc}"
+    if r.returncode != 0:
+        return f"nft refuses the rules: {r.stderr.strip()[:300]}"
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+    except OSError as exc:
+        return f"cannot turn on IPv4 forwarding: {exc}"
+    trial = AttemptNetwork(_trial_slot(subnet), subnet)
+    trial.link = f"{LINK_PREFIX}t{os.getpid() % 10**8}"
+    try:
+        trial.create()
+    except NetworkError as exc:
+        return str(exc)
+    finally:
+        trial.close()
+    return None
+
+
+def _trial_slot(subnet: ipaddress.IPv4Network) -> int:
+    """The subnet's last /30, which no job user's slot reaches (MAX_USER_SLOTS)."""
+    return subnet.num_addresses // 4 - 1
+
+
+def remove_host_rules() -> None:
+    """Remove the nftables table (tests, and hosts that give up isolated attempts)."""
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if nft is not None:
+        subprocess.run([nft, "delete", "table", "inet", TABLE], capture_output=True, check=False)

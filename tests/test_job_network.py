@@ -1,0 +1,259 @@
+"""A root agent's attempts each have a network of their own: their own loopback,
+other machines through the host's NAT, never the host itself, never each other.
+
+The report: a job of a root agent reached everything listening on its host. On a
+`corral up` with PostgreSQL (trust authentication on 127.0.0.1, as on this project's
+own machines), `psql -h 127.0.0.1` from a job could rewrite the fleet's database.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+from netkit import listener
+
+from corral.agent.sandbox.network import JOB_SUBNET, LINK_PREFIX, ruleset, slot_addresses
+from corral.testing import Cluster, job_python, wait_for
+
+PY = job_python()
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# ---- the addresses and the rules (pure) ---------------------------------------------------
+
+
+def test_each_slot_has_its_own_slash_30_inside_the_job_subnet():
+    seen: set[ipaddress.IPv4Address] = set()
+    for slot in (0, 1, 2, 4095):
+        host, job, prefix = slot_addresses(slot)
+        net = ipaddress.ip_interface(f"{host}/{prefix}").network
+        assert prefix == 30 and net.subnet_of(JOB_SUBNET)
+        assert ipaddress.ip_address(job) in net and host != job
+        assert not {ipaddress.ip_address(host), ipaddress.ip_address(job)} & seen
+        seen |= {ipaddress.ip_address(host), ipaddress.ip_address(job)}
+    assert slot_addresses(1)[0] == "10.213.0.5"
+    with pytest.raises(ValueError):
+        slot_addresses(JOB_SUBNET.num_addresses // 4)
+    with pytest.raises(ValueError):
+        slot_addresses(-1)
+
+
+def test_the_rules_drop_what_jobs_send_the_host_and_each_other():
+    rules = ruleset()
+    jobs = f'"{LINK_PREFIX}*"'
+    assert f"iifname {jobs} drop" in rules  # input: the host's own addresses
+    assert f"iifname {jobs} oifname {jobs} drop" in rules  # forward: job to job
+    assert f"ip saddr {JOB_SUBNET} oifname != {jobs} masquerade" in rules
+    # one transaction that replaces the table: a second agent's start changes nothing
+    assert rules.index("delete table") < rules.index("chain input")
+
+
+# ---- real agents ---------------------------------------------------------------------------
+
+e2e = pytest.mark.e2e
+
+# Tries each host:port given (2 s each) and says what happened; then proves its own
+# loopback works: listens on 127.0.0.1 and connects to itself.
+PROBE = textwrap.dedent("""
+    import socket, sys
+    for target in sys.argv[1:]:
+        host, port = target.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            print(target, "connected", flush=True)
+        except OSError as exc:
+            print(target, "unreachable", type(exc).__name__, flush=True)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    c = socket.create_connection(srv.getsockname(), timeout=2)
+    a, _ = srv.accept()
+    c.sendall(b"own loopback")
+    print(a.recv(100).decode(), "works", flush=True)
+""")
+
+
+def _require_isolated(inst) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a root agent's job network: run the tests as root")
+    if "network isolated" not in (inst.sandbox or ""):
+        why = f"attempts are not isolated here: {inst.sandbox}"
+        if _in_ci():
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def _output(client, job_id: int) -> str:
+    chunks: list[bytes] = []
+    client.follow(job_id, on_output=lambda _s, d: chunks.append(d))
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _final(client, job_id: int, timeout: float = 60):
+    return wait_for(
+        lambda: (j := client.job(job_id)).state in ("succeeded", "failed", "cancelled") and j,
+        timeout,
+        f"job {job_id} to end",
+    )
+
+
+def _host_addresses() -> list[str]:
+    """This host's own IPv4 addresses (jobs' veth ends aside)."""
+    return sorted(
+        a.address
+        for name, addrs in psutil.net_if_addrs().items()
+        if not name.startswith(LINK_PREFIX)
+        for a in addrs
+        if a.family == socket.AF_INET
+    )
+
+
+def _job_links() -> list[str]:
+    return [n for n in psutil.net_if_addrs() if n.startswith(LINK_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("jobnet") / "c") as c:
+        server = c.server()
+        c.agent(server, name="iso")
+        client = c.client(server)
+        (inst,) = c.wait_agents_running(client, 1)
+        yield c, server, client, inst
+
+
+@e2e
+def test_a_job_reaches_nothing_listening_on_its_host_but_its_own_loopback_works(isolated):
+    _c, server, client, inst = isolated
+    _require_isolated(inst)
+    with listener("0.0.0.0") as (port, peers):
+        targets = [f"{addr}:{port}" for addr in _host_addresses()]
+        server_port = server.url.rsplit(":", 1)[1].rstrip("/")
+        targets.append(f"127.0.0.1:{server_port}")  # the corral server itself
+        pg = urlsplit(os.environ.get("CORRAL_TEST_PG_URL") or "")
+        if pg.hostname:  # a PostgreSQL with trust authentication on 127.0.0.1
+            targets.append(f"{pg.hostname}:{pg.port or 5432}")
+        job = client.submit([PY, "-c", PROBE, *targets], max_attempts=1)
+        final = _final(client, job.id)
+        out = _output(client, job.id)
+        assert final.state == "succeeded", (final.reason, out)
+        for target in targets:
+            assert f"{target} unreachable" in out, out
+        assert "own loopback works" in out, out
+        assert peers == []  # nothing of the job arrived
+    # the attempt's namespace and its veth pair went with its processes
+    wait_for(lambda: not _job_links(), 20, "the attempt's veth pair to go")
+
+
+@e2e
+def test_a_job_reaches_another_machine_through_its_hosts_address(isolated):
+    """Another machine: a network namespace of this test's own behind a veth pair."""
+    _c, _server, client, inst = isolated
+    _require_isolated(inst)
+    ns = f"corral-t-{secrets.token_hex(3)}"
+    outer, inner = f"ct{secrets.token_hex(3)}a", f"ct{secrets.token_hex(3)}b"
+    here, there = "192.168.213.1", "192.168.213.2"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", ns)
+    server = None
+    try:
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
+        ip("addr", "add", f"{here}/30", "dev", outer)
+        ip("link", "set", outer, "up")
+        ip("-n", ns, "addr", "add", f"{there}/30", "dev", inner)
+        ip("-n", ns, "link", "set", inner, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        # the other machine's service: says who connected, once
+        server = subprocess.Popen(
+            [
+                "ip", "netns", "exec", ns, sys.executable, "-c",
+                "import socket; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
+                "print(s.getsockname()[1], flush=True); c, a = s.accept(); "
+                "c.sendall(a[0].encode()); c.close()",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        talk = (
+            "import socket, sys; "
+            "c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); "
+            "print('seen as', c.recv(100).decode())"
+        )
+        job = client.submit([PY, "-c", talk, there, str(port)], max_attempts=1)
+        final = _final(client, job.id)
+        out = _output(client, job.id)
+        assert final.state == "succeeded", (final.reason, out)
+        assert f"seen as {here}" in out, out  # the host's address: NAT
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=30)
+
+
+# Listens on every address of its namespace, says where (the address its packets to
+# the world would leave from), and waits for its gate.
+LISTENING = textwrap.dedent("""
+    import os, socket, sys, time
+    s = socket.socket(); s.bind(("0.0.0.0", 0)); s.listen()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(("192.0.2.99", 9))
+    print(f"{u.getsockname()[0]}:{s.getsockname()[1]}", flush=True)
+    open(sys.argv[1], "w").write(f"{u.getsockname()[0]}:{s.getsockname()[1]}")
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+""")
+
+
+@e2e
+def test_jobs_on_one_host_cannot_reach_each_other(isolated, jobfiles: Path):
+    _c, _server, client, inst = isolated
+    _require_isolated(inst)
+    where, gate = jobfiles / "where", jobfiles / "gate"
+    listening = client.submit([PY, "-c", LISTENING, str(where), str(gate)], max_attempts=1)
+    try:
+        wait_for(lambda: where.exists() and where.read_text(), 30, "the listening job")
+        target = where.read_text()
+        assert ipaddress.ip_address(target.split(":")[0]) in JOB_SUBNET
+        probe = client.submit([PY, "-c", PROBE, target], max_attempts=1)
+        final = _final(client, probe.id)
+        out = _output(client, probe.id)
+        assert final.state == "succeeded", (final.reason, out)
+        assert f"{target} unreachable" in out, out
+    finally:
+        gate.touch()
+    assert _final(client, listening.id).state == "succeeded"
+
+
+@e2e
+def test_the_host_network_when_the_operator_asks_for_it(cluster: Cluster):
+    server = cluster.server()
+    cluster.agent(server, name="hostnet", extra=["--job-network", "host"])
+    client = cluster.client(server)
+    (inst,) = cluster.wait_agents_running(client, 1)
+    assert "network isolated" not in (inst.sandbox or ""), inst.sandbox
+    with listener("127.0.0.1") as (port, peers):
+        job = client.submit([PY, "-c", PROBE, f"127.0.0.1:{port}"], max_attempts=1)
+        final = _final(client, job.id)
+        out = _output(client, job.id)
+        assert final.state == "succeeded", (final.reason, out)
+        assert f"127.0.0.1:{port} connected" in out, out
+        wait_for(lambda: [p for p, _ in peers] == ["127.0.0.1"], 10, "the job's connection")
