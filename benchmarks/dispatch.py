@@ -171,6 +171,7 @@ def run_corral(
     timeout: float = 1800,
     command: tuple[str, ...] = ("true",),
     submit: str = "each",
+    job_network: str = "isolated",
 ) -> dict:
     """One corral cluster (servers, agents) on SQLite or a throwaway PostgreSQL
     database: the idle and burst phases, CPU per process tree."""
@@ -189,7 +190,9 @@ def run_corral(
             p.wait_ready()
         for k in range(agents):
             with meter.inside("agents"):
-                c.agent(procs, name=f"bench{k + 1}", cpus=slots)
+                c.agent(
+                    procs, name=f"bench{k + 1}", cpus=slots, extra=["--job-network", job_network]
+                )
         client = c.client(procs[0])
         c.wait_agents_running(client, agents)
 
@@ -312,6 +315,13 @@ def main() -> None:
         default="each",
         help="burst: one request per job (default) or one array (`corral run --array`)",
     )
+    ap.add_argument(
+        "--job-network",
+        choices=["isolated", "host"],
+        default="isolated",
+        help="the agents' --job-network (root agents: a network namespace per attempt, "
+        "the default, or the host's)",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument(
         "--command", default="true", help="each job's command (default `true`; e.g. 'echo hi')"
@@ -332,9 +342,11 @@ def main() -> None:
         timeout=args.timeout,
         command=tuple(shlex.split(args.command)),
         submit=args.submit,
+        job_network=args.job_network,
     )
     result = {
         "benchmark": "dispatch",
+        "job_network": args.job_network,
         **corral_result,
         "bare": bare,
         "ratio_to_bare": round(

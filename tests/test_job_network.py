@@ -56,6 +56,7 @@ def test_the_rules_drop_what_jobs_send_the_host_and_each_other():
     jobs = f'"{LINK_PREFIX}*"'
     assert f"iifname {jobs} drop" in rules  # input: the host's own addresses
     assert f"iifname {jobs} oifname {jobs} drop" in rules  # forward: job to job
+    assert f"iifname {jobs} ip daddr 169.254.0.0/16 drop" in rules  # instance metadata
     assert f"ip saddr {JOB_SUBNET} oifname != {jobs} masquerade" in rules
     # one transaction that replaces the table: a second agent's start changes nothing
     assert rules.index("delete table") < rules.index("chain input")
@@ -159,13 +160,17 @@ def test_a_job_reaches_nothing_listening_on_its_host_but_its_own_loopback_works(
 
 
 @e2e
-def test_a_job_reaches_another_machine_through_its_hosts_address(isolated):
-    """Another machine: a network namespace of this test's own behind a veth pair."""
+def test_a_job_reaches_another_machine_through_its_hosts_address_but_no_metadata_service(
+    isolated,
+):
+    """Another machine: a network namespace of this test's own behind a veth pair, which
+    also answers at 169.254.169.254 (where a cloud's instance metadata service hands out
+    the machine's credentials), routed through it."""
     _c, _server, client, inst = isolated
     _require_isolated(inst)
     ns = f"corral-t-{secrets.token_hex(3)}"
     outer, inner = f"ct{secrets.token_hex(3)}a", f"ct{secrets.token_hex(3)}b"
-    here, there = "192.168.213.1", "192.168.213.2"
+    here, there, metadata = "192.168.213.1", "192.168.213.2", "169.254.169.254"
 
     def ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
@@ -176,38 +181,54 @@ def test_a_job_reaches_another_machine_through_its_hosts_address(isolated):
         ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
         ip("addr", "add", f"{here}/30", "dev", outer)
         ip("link", "set", outer, "up")
+        ip("route", "add", f"{metadata}/32", "via", there)  # goes with the link
         ip("-n", ns, "addr", "add", f"{there}/30", "dev", inner)
+        ip("-n", ns, "addr", "add", f"{metadata}/32", "dev", inner)
         ip("-n", ns, "link", "set", inner, "up")
         ip("-n", ns, "link", "set", "lo", "up")
-        # the other machine's service: says who connected, once
+        # the other machine's service: tells each caller the address it came from
         server = subprocess.Popen(
             [
                 "ip", "netns", "exec", ns, sys.executable, "-c",
                 "import socket; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
-                "print(s.getsockname()[1], flush=True); c, a = s.accept(); "
-                "c.sendall(a[0].encode()); c.close()",
+                "print(s.getsockname()[1], flush=True)\n"
+                "while True:\n"
+                "    c, a = s.accept(); c.sendall(a[0].encode()); c.close()",
             ],
             stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        talk = (
-            "import socket, sys; "
-            "c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); "
-            "print('seen as', c.recv(100).decode())"
-        )
-        job = client.submit([PY, "-c", talk, there, str(port)], max_attempts=1)
+        # the host itself reaches both addresses
+        for addr in (there, metadata):
+            with socket.create_connection((addr, port), timeout=10) as c:
+                assert c.recv(100).decode() == here
+        job = client.submit([PY, "-c", PROBE_SEEN, there, metadata, str(port)], max_attempts=1)
         final = _final(client, job.id)
         out = _output(client, job.id)
         assert final.state == "succeeded", (final.reason, out)
-        assert f"seen as {here}" in out, out  # the host's address: NAT
+        assert f"{there} seen as {here}" in out, out  # the host's address: NAT
+        assert f"{metadata} unreachable" in out, out
     finally:
         if server is not None:
             server.kill()
             server.wait(10)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=30)
+
+
+# Connects to each address (the port last) and prints what the service says of it.
+PROBE_SEEN = textwrap.dedent("""
+    import socket, sys
+    *addrs, port = sys.argv[1:]
+    for addr in addrs:
+        try:
+            c = socket.create_connection((addr, int(port)), timeout=3)
+            print(addr, "seen as", c.recv(100).decode(), flush=True)
+        except OSError as exc:
+            print(addr, "unreachable", type(exc).__name__, flush=True)
+""")
 
 
 # Listens on every address of its namespace, says where (the address its packets to

@@ -29,12 +29,13 @@ def _in_ci() -> bool:
 
 @pytest.fixture
 def root_host(tmp_path: Path):
-    """A root agent's host facts (job user, cgroups) for a throwaway data dir."""
+    """A root agent's host facts (job user, cgroups) for a throwaway data dir, its jobs
+    on the host's network (each attempt's own network is test_job_network's)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (the job user, cgroups)")
     data = tmp_path / "data"
     data.mkdir()
-    host = detect(data)
+    host = detect(data, job_network="host")
     if host.cgroups is None:
         host.close()
         if _in_ci():

@@ -30,6 +30,7 @@ from corral.domain.sandbox import (
     describe,
     job_environment,
     log_marker,
+    loopback_resolvers,
     not_found_reason,
     parse_flat_keyed,
     pids_ceilings,
@@ -103,6 +104,52 @@ def test_the_description_says_once_what_the_host_cannot_isolate():
     assert any("can read the agent's data dir" in w for w in warnings)
     ns = SandboxFacts(root=False, cgroup=False, namespaces=True)
     assert not any("data dir" in w for w in describe(ns)[1])
+
+
+def test_the_description_says_whether_jobs_share_the_hosts_network():
+    plan = LimitPlan("v1", "v1", "v1")
+    iso = SandboxFacts(root=True, cgroup=True, limits=plan, job_user="cj", network="isolated")
+    text, warnings = describe(iso)
+    assert text.endswith("; network isolated") and warnings == []
+    chosen = SandboxFacts(root=True, cgroup=True, limits=plan, job_user="cj", network="host")
+    (warning,) = describe(chosen)[1]
+    assert "share the host's network (--job-network host)" in warning
+    assert "its database" in warning
+    fallback = SandboxFacts(
+        root=True,
+        cgroup=True,
+        limits=plan,
+        job_user="cj",
+        network="host",
+        network_error="nftables (nft) is not installed",
+    )
+    (warning,) = describe(fallback)[1]
+    assert "(nftables (nft) is not installed)" in warning
+    no_dns = SandboxFacts(
+        root=True,
+        cgroup=True,
+        limits=plan,
+        job_user="cj",
+        network="isolated",
+        loopback_resolvers=("127.0.0.53",),
+    )
+    (warning,) = describe(no_dns)[1]
+    assert "cannot resolve names" in warning and "127.0.0.53" in warning
+
+
+@pytest.mark.parametrize(
+    ("conf", "expected"),
+    [
+        ("nameserver 127.0.0.53\noptions edns0 trust-ad\n", ("127.0.0.53",)),
+        ("# generated\nnameserver ::1\nnameserver 127.0.0.1 # local\n", ("::1", "127.0.0.1")),
+        ("nameserver 127.0.0.53\nnameserver 10.0.0.2\n", ()),  # one reachable is enough
+        ("nameserver 10.255.255.53\n", ()),
+        ("search example.org\n", ()),  # none at all: the resolver's default, not ours to say
+        ("nameserver not-an-address\n", ()),
+    ],
+)
+def test_a_resolv_conf_of_loopback_resolvers_only_is_noticed(conf: str, expected):
+    assert loopback_resolvers(conf) == expected
 
 
 def test_kernel_counters_and_the_oom_reason():

@@ -6,6 +6,7 @@ their text in."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -183,6 +184,8 @@ class SandboxFacts:
     namespace_error: str | None = None
     network: str | None = None  # "isolated": a namespace per attempt | "host" (root agents)
     network_error: str | None = None  # why attempts share the host's network
+    # the host's resolvers, when every one is on its loopback (out of an isolated job's reach)
+    loopback_resolvers: tuple[str, ...] = ()
 
 
 def describe(f: SandboxFacts) -> tuple[str, list[str]]:
@@ -239,7 +242,32 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
             + ": what listens on this host (its database, the server, other jobs) is "
             "within a job's reach"
         )
+    if f.network == "isolated" and f.loopback_resolvers:
+        warnings.append(
+            "jobs cannot resolve names: /etc/resolv.conf names only resolvers on this "
+            f"host's loopback ({', '.join(f.loopback_resolvers)}), which an isolated job "
+            "cannot reach; name the upstream resolvers there (e.g. systemd-resolved's "
+            "/run/systemd/resolve/resolv.conf) or use --job-network host"
+        )
     return "; ".join(parts), warnings
+
+
+def loopback_resolvers(resolv_conf: str) -> tuple[str, ...]:
+    """The nameservers of a resolv.conf when all of them are loopback addresses (an
+    isolated job's 127.0.0.1 is its own), else ()."""
+    import ipaddress
+
+    servers = []
+    for line in resolv_conf.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            servers.append(fields[1])
+    try:
+        if servers and all(ipaddress.ip_address(s.split("%")[0]).is_loopback for s in servers):
+            return tuple(servers)
+    except ValueError:
+        return ()
+    return ()
 
 
 # ---- what the kernel says about an attempt ---------------------------------------------------

@@ -20,6 +20,7 @@ from corral.domain.sandbox import (
     DEFAULT_MAX_PIDS,
     SandboxFacts,
     describe,
+    loopback_resolvers,
 )
 
 JOBS_TMP = Path("/var/tmp")  # noqa: S108 - a root-owned 0711 directory is made in it
@@ -200,6 +201,13 @@ def _own_dir(path: Path, mode: int) -> None:
     os.chmod(path, mode)
 
 
+def _loopback_resolvers() -> tuple[str, ...]:
+    try:
+        return loopback_resolvers(Path("/etc/resolv.conf").read_text())
+    except OSError:
+        return ()
+
+
 def detect(
     data_dir: Path,
     job_user: str = DEFAULT_JOB_USER,
@@ -232,6 +240,7 @@ def detect(
             cgroup_error=cg_error,
             network=host.network,
             network_error=net_error,
+            loopback_resolvers=_loopback_resolvers() if host.network == "isolated" else (),
         )
     else:
         _own_dir(jobs, 0o700)

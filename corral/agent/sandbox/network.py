@@ -56,7 +56,9 @@ def host_link(slot: int) -> str:
 def ruleset(subnet: ipaddress.IPv4Network = JOB_SUBNET) -> str:
     """The host's rules, as one nft transaction (replacing the table atomically): what
     a job sends to any of the host's own addresses is dropped, jobs cannot reach each
-    other, and what they send elsewhere leaves with the host's address."""
+    other nor a link-local address (a cloud's instance metadata service, which hands
+    out the machine's credentials, at 169.254.169.254), and what they send elsewhere
+    leaves with the host's address."""
     jobs = f'"{LINK_PREFIX}*"'
     return f"""
 table inet {TABLE}
@@ -69,6 +71,7 @@ table inet {TABLE} {{
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
         iifname {jobs} oifname {jobs} drop
+        iifname {jobs} ip daddr 169.254.0.0/16 drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
