@@ -167,7 +167,7 @@ class Zygote:
         from corral.agent.sandbox import cgroups
 
         with contextlib.suppress(ImportError):  # each isolated attempt's netlink (150 ms)
-            import pyroute2.iproute  # noqa: F401
+            import pyroute2.iproute
             import pyroute2.netlink.exceptions  # noqa: F401
 
         with contextlib.suppress(OSError):

@@ -255,8 +255,6 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
 def loopback_resolvers(resolv_conf: str) -> tuple[str, ...]:
     """The nameservers of a resolv.conf when all of them are loopback addresses (an
     isolated job's 127.0.0.1 is its own), else ()."""
-    import ipaddress
-
     servers = []
     for line in resolv_conf.splitlines():
         fields = line.split("#", 1)[0].split()
