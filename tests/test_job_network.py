@@ -22,7 +22,13 @@ import psutil
 import pytest
 from netkit import listener
 
-from corral.agent.sandbox.network import JOB_SUBNET, LINK_PREFIX, ruleset, slot_addresses
+from corral.agent.sandbox.network import (
+    JOB_SUBNET,
+    LINK_PREFIX,
+    AttemptNetwork,
+    ruleset,
+    slot_addresses,
+)
 from corral.testing import Cluster, job_python, wait_for
 
 PY = job_python()
@@ -278,3 +284,61 @@ def test_the_host_network_when_the_operator_asks_for_it(cluster: Cluster):
         assert final.state == "succeeded", (final.reason, out)
         assert f"127.0.0.1:{port} connected" in out, out
         wait_for(lambda: [p for p, _ in peers] == ["127.0.0.1"], 10, "the job's connection")
+
+
+# ---- one attempt's network, made and let go (root) -----------------------------------------
+
+
+def _ip_in(fd: int, *args: str) -> str:
+    """`ip ARGS` run in the namespace held by this process's fd."""
+    return subprocess.run(
+        ["nsenter", f"--net=/proc/{os.getpid()}/fd/{fd}", "ip", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
+@pytest.fixture
+def slot() -> int:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and veth pairs: run the tests as root")
+    return 4000 + os.getpid() % 90  # far above the slots the e2e tests' agents claim
+
+
+def test_an_attempts_network_is_its_own_and_goes_when_let_go(slot: int):
+    net = AttemptNetwork(slot)
+    net.create()
+    try:
+        assert net.fd is not None
+        inside = _ip_in(net.fd, "-4", "-o", "addr")
+        assert f"{net.job_ip}/30" in inside and "127.0.0.1/8" in inside
+        assert "default via " + net.host_ip in _ip_in(net.fd, "route")
+        assert "state UP" in _ip_in(net.fd, "link", "show", "eth0")
+        here = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "dev", net.link],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"{net.host_ip}/30" in here
+    finally:
+        net.close()
+    # nothing holds the namespace now: it goes, and the host's end with it
+    wait_for(lambda: net.link not in _job_links(), 20, "the host's end to go")
+
+
+def test_a_slots_leftover_link_is_replaced(slot: int):
+    """The host's end of a slot's earlier namespace that the kernel has not torn down
+    yet must not stop the slot's next attempt."""
+    first, second = AttemptNetwork(slot), AttemptNetwork(slot)
+    first.create()
+    try:
+        second.create()  # the first's link is still there: replaced
+        assert second.fd is not None
+        assert f"{second.job_ip}/30" in _ip_in(second.fd, "-4", "-o", "addr")
+    finally:
+        first.close()
+        second.close()
+    wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")

@@ -166,10 +166,6 @@ class Zygote:
         import corral.agent.sandbox.workdir  # noqa: F401
         from corral.agent.sandbox import cgroups
 
-        with contextlib.suppress(ImportError):  # each isolated attempt's netlink (150 ms)
-            import pyroute2.iproute
-            import pyroute2.netlink.exceptions  # noqa: F401
-
         with contextlib.suppress(OSError):
             cgroups.cgroup_mounts()  # read by each runner's spawn otherwise
 

@@ -17,6 +17,7 @@ one): slot N is the /30 at 10.213.0.0 + 4N, the host's end .1, the job's .2."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -26,12 +27,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from corral.agent.sandbox.netlink import Netlink
+
 T = TypeVar("T")
 
 JOB_SUBNET = ipaddress.IPv4Network("10.213.0.0/16")
 TABLE = "corral_jobs"  # the nftables table (family inet) on each host the agent runs on
 LINK_PREFIX = "cj-"  # the host's end of an attempt's veth pair: cj-<slot>
 JOB_LINK = "eth0"  # the attempt's end, inside its namespace
+LOOPBACK_INDEX = 1  # always, in a new namespace
 CLONE_NEWNET = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -110,24 +114,6 @@ def _inside(target: int) -> Iterator[None]:
         os.close(home)
 
 
-def _new_netns() -> int:
-    """A new, empty network namespace, held by the returned fd only."""
-    home = _own_netns()
-    try:
-        if _libc.unshare(CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-        try:
-            return _own_netns()
-        finally:
-            try:
-                _setns(home)
-            except OSError:
-                os._exit(70)
-    finally:
-        os.close(home)
-
-
 class AttemptNetwork:
     """One attempt's namespace: made by `create` (in the runner, before the command),
     entered by `run_inside` while the command is started, let go by `close`."""
@@ -139,37 +125,64 @@ class AttemptNetwork:
         self.fd: int | None = None
 
     def create(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        fd = _new_netns()
         try:
-            with IPRoute() as ip:
-                for old in ip.link_lookup(ifname=self.link):
+            fd, inner = self._new_netns()
+        except OSError as exc:
+            raise NetworkError(f"cannot make the attempt's network: {exc}") from None
+        try:
+            with inner, Netlink() as outer:
+                try:
+                    outer.add_veth(self.link, JOB_LINK, fd)
+                except FileExistsError:
                     # the end of an earlier attempt of this slot whose namespace the
                     # kernel has not torn down yet (its processes are gone: the slot
                     # was free)
-                    ip.link("del", index=old)
-                ip.link(
-                    "add",
-                    ifname=self.link,
-                    kind="veth",
-                    peer={"ifname": JOB_LINK, "net_ns_fd": fd},
-                )
-                (index,) = ip.link_lookup(ifname=self.link)
-                ip.addr("add", index=index, address=self.host_ip, prefixlen=self.prefix)
-                ip.link("set", index=index, state="up")
-            with _inside(fd), IPRoute() as ip:
-                (lo,) = ip.link_lookup(ifname="lo")
-                ip.link("set", index=lo, state="up")
-                (eth,) = ip.link_lookup(ifname=JOB_LINK)
-                ip.addr("add", index=eth, address=self.job_ip, prefixlen=self.prefix)
-                ip.link("set", index=eth, state="up")
-                ip.route("add", dst="0.0.0.0/0", gateway=self.host_ip)
-        except (NetlinkError, OSError, ValueError) as exc:
+                    outer.delete_link(self.link)
+                    outer.add_veth(self.link, JOB_LINK, fd)
+                index = outer.index(self.link)
+                outer.add_address(index, self.host_ip, self.prefix)
+                outer.set_up(index)
+                job_index = inner.index(JOB_LINK)
+                inner.add_address(job_index, self.job_ip, self.prefix)
+                inner.set_up(job_index)
+                inner.add_default_route(self.host_ip, job_index)
+        except OSError as exc:
             os.close(fd)
             raise NetworkError(f"cannot make the attempt's network: {exc}") from None
         self.fd = fd
+
+    @staticmethod
+    def _new_netns() -> tuple[int, Netlink]:
+        """A new network namespace, held by the returned fd only, with its loopback up
+        and no IPv6 on links made in it; and a netlink socket of its own (a socket
+        stays in the namespace it was made in: one trip of this thread there)."""
+        home = _own_netns()
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            try:
+                fd = _own_netns()
+                inner = Netlink()
+                try:
+                    inner.set_up(LOOPBACK_INDEX)
+                    with (
+                        contextlib.suppress(OSError),  # no IPv6 in this kernel
+                        open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as f,
+                    ):
+                        f.write("1")
+                except OSError:
+                    inner.close()
+                    os.close(fd)
+                    raise
+                return fd, inner
+            finally:
+                try:
+                    _setns(home)
+                except OSError:
+                    os._exit(70)
+        finally:
+            os.close(home)
 
     def run_inside(self, start: Callable[[], T]) -> T:
         """Call `start` (which starts the command) with this thread in the attempt's
@@ -193,10 +206,6 @@ def setup_host(subnet: ipaddress.IPv4Network = JOB_SUBNET) -> str | None:
     nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     if nft is None:
         return "nftables (nft) is not installed"
-    try:
-        import pyroute2  # noqa: F401
-    except ImportError:
-        return "the pyroute2 package is not installed"
     try:
         r = subprocess.run(
             [nft, "-f", "-"],
