@@ -59,7 +59,8 @@ def host_link(slot: int) -> str:
 
 def ruleset(subnet: ipaddress.IPv4Network = JOB_SUBNET) -> str:
     """The host's rules, as one nft transaction (replacing the table atomically): what
-    a job sends to any of the host's own addresses is dropped, jobs cannot reach each
+    a job sends to any of the host's own addresses is dropped (but its answers to what
+    the host itself opened, e.g. an operator's curl to a job's server), jobs cannot reach each
     other nor a link-local address (a cloud's instance metadata service, which hands
     out the machine's credentials, at 169.254.169.254), and what they send elsewhere
     leaves with the host's address."""
@@ -70,6 +71,7 @@ delete table inet {TABLE}
 table inet {TABLE} {{
     chain input {{
         type filter hook input priority filter - 10; policy accept;
+        iifname {jobs} ct state established,related accept
         iifname {jobs} drop
     }}
     chain forward {{
