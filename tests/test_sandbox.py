@@ -390,6 +390,31 @@ def test_a_job_past_its_memory_limit_is_killed_and_says_so(one):
     assert "out of memory (limit 64 MB)" in r.stdout and "cpu" in r.stdout.lower(), r.stdout
 
 
+def test_a_job_without_memory_limit_is_held_to_what_its_agent_offers(cluster: Cluster):
+    """A job that set no --memory used to be bounded by the host alone: its OOM killer
+    then chose among the job, the agent, the server and the database. All of an
+    agent's attempts together are held to the memory it offers (`--memory`)."""
+    server = cluster.server()
+    cluster.agent(server, name="small", extra=["--memory", "300"])
+    client = cluster.client(server)
+    (inst,) = cluster.wait_agents_running(client, 1)
+    if "limits memory" not in (inst.sandbox or ""):
+        why = f"no usable memory controller here: {inst.sandbox}"
+        if _in_ci():
+            pytest.fail(why)
+        pytest.skip(why)
+    hog = "blocks = [bytes([i % 251]) * 2**20 for i in range(600)]; print('survived')"
+    job = client.submit([PY, "-c", hog], max_attempts=1)
+    final = _final(client, job.id)
+    assert final.state == "failed", (final.state, final.reason)
+    assert final.reason == (
+        "killed: out of memory (the job set no --memory; this instance's jobs share 300 MB)"
+    ), final.reason
+    # the agent lives on and runs the next job
+    ok = client.submit([PY, "-c", "print('after')"], max_attempts=1)
+    assert _final(client, ok.id).state == "succeeded"
+
+
 # ---- jobs side by side -----------------------------------------------------------------------
 
 # Waits for its gate, marking that it runs; its secret is in its environment.

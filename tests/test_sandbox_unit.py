@@ -24,6 +24,7 @@ from corral.domain.sandbox import (
     MINIMAL_PATH,
     LimitPlan,
     SandboxFacts,
+    attempts_memory_ceiling,
     cgroup_layout,
     command_result,
     cut_log,
@@ -106,11 +107,35 @@ def test_the_description_says_once_what_the_host_cannot_isolate():
     assert not any("data dir" in w for w in describe(ns)[1])
 
 
+def test_all_attempts_are_held_to_what_the_agent_offers_and_the_host_keeps_a_reserve():
+    assert attempts_memory_ceiling(24_000, 300) == 300
+    assert attempts_memory_ceiling(24_000, 24_000) == 21_600  # a tenth kept
+    assert attempts_memory_ceiling(24_000, 0) == 21_600  # nothing offered: the host's
+    assert attempts_memory_ceiling(2_048, 2_048) == 1_536  # at least 512 MB kept
+    assert attempts_memory_ceiling(256, 256) == 64  # never nothing
+
+
+def test_an_oom_kill_says_which_memory_ran_out():
+    assert command_result(-9, 1, 64) == (137, "killed: out of memory (limit 64 MB)")
+    assert command_result(-9, 1, 0, 300) == (
+        137,
+        "killed: out of memory (the job set no --memory; this instance's jobs share 300 MB)",
+    )
+    assert command_result(-9, 1, 0) == (
+        137,
+        "killed: out of memory (the host's: the job set no --memory)",
+    )
+    assert command_result(-9, 0, 0, 300) == (137, "killed by signal SIGKILL")
+    assert command_result(0, 1, 0, 300) == (0, None)  # a child killed, the job went on
+
+
 def test_the_description_says_whether_jobs_share_the_hosts_network():
     plan = LimitPlan("v1", "v1", "v1")
     iso = SandboxFacts(root=True, cgroup=True, limits=plan, job_user="cj", network="isolated")
     text, warnings = describe(iso)
     assert text.endswith("; network isolated") and warnings == []
+    shared = SandboxFacts(root=True, cgroup=True, limits=plan, shared_memory_mb=300)
+    assert describe(shared)[0] == "cgroup v2; limits memory v1,cpu v1,pids v1; jobs share 300 MB"
     chosen = SandboxFacts(root=True, cgroup=True, limits=plan, job_user="cj", network="host")
     (warning,) = describe(chosen)[1]
     assert "share the host's network (--job-network host)" in warning

@@ -214,6 +214,7 @@ class Agent:
                 self.config.hide,
                 self.config.max_pids,
                 self.config.job_network,
+                self.config.memory_mb,
             )
         except (sandbox_host.SandboxError, OSError) as exc:
             log.error("cannot set up the attempt sandbox: %s", exc)

@@ -515,7 +515,10 @@ class Runner:
             self.done("stale", reason="the server refused this attempt's token")
             return EXIT_STALE
         stats = self.sandbox.stats()
-        code, reason = command_result(returncode, stats.oom_kills, self.spec.get("memory_mb") or 0)
+        shared = self.host.cgroups.memory_mb if self.host.cgroups else 0
+        code, reason = command_result(
+            returncode, stats.oom_kills, self.spec.get("memory_mb") or 0, shared
+        )
         measured = {
             "cpu_seconds": stats.cpu_seconds,
             "peak_memory_mb": stats.peak_memory_mb,

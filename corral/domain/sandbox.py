@@ -167,6 +167,16 @@ def pids_ceilings(pid_max: int, per_attempt: int) -> tuple[int, int]:
     return total, min(per_attempt, total) if per_attempt > 0 else total
 
 
+def attempts_memory_ceiling(host_mb: int, offered_mb: int) -> int:
+    """What all of an agent's attempts together may use (MB): the memory the agent
+    offers to jobs (`--memory`), and never more than the host less what its own
+    processes need (a tenth, at least 512 MB): a job that set no --memory is OOM-killed
+    inside the attempts' group instead of the host's OOM killer choosing among the
+    agent, the server and the database."""
+    keep = max(512, host_mb // 10)
+    return max(64, min(offered_mb or host_mb, host_mb - keep))
+
+
 # ---- how the sandbox is described ------------------------------------------------------------
 
 
@@ -178,6 +188,7 @@ class SandboxFacts:
     cgroup: bool  # an agent-owned v2 group with one child per attempt
     cgroup_kill: bool = True  # cgroup.kill exists (else freeze, SIGKILL, thaw)
     limits: LimitPlan = LimitPlan(None, None)
+    shared_memory_mb: int = 0  # all attempts together (attempts_memory_ceiling)
     job_user: str | None = None
     namespaces: bool = False  # user, mount and pid namespaces (bubblewrap)
     cgroup_error: str | None = None
@@ -198,6 +209,8 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
         parts.append("subreaper")
     limits = [f"{c} {getattr(f.limits, c)}" for c in CGROUP_CONTROLLERS if getattr(f.limits, c)]
     parts.append("limits " + (",".join(limits) if limits else "off"))
+    if f.shared_memory_mb:
+        parts.append(f"jobs share {f.shared_memory_mb} MB")
     if f.job_user:
         parts.append(f"user {f.job_user}")
     if f.namespaces:
@@ -297,12 +310,20 @@ def not_found_reason(command: str, path: str) -> str:
     return f"command not found: {command} (not on {where}; give its full path, or set PATH with -e)"
 
 
-def command_result(returncode: int, oom_kills: int, memory_limit_mb: int) -> tuple[int, str | None]:
+def command_result(
+    returncode: int, oom_kills: int, memory_limit_mb: int, shared_mb: int = 0
+) -> tuple[int, str | None]:
     """(exit code, reason) of a command from its wait status (negative: the signal
-    that killed it) and the cgroup's OOM-kill count."""
+    that killed it) and the cgroup's OOM-kill count. `shared_mb`: what all of the
+    agent's attempts together may use (0: nothing caps them but the host)."""
     code = returncode if returncode >= 0 else 128 - returncode
     if oom_kills and memory_limit_mb and code != 0:
         return code, oom_reason(memory_limit_mb)
+    if oom_kills and code != 0 and shared_mb:
+        return code, (
+            f"killed: out of memory (the job set no --memory; this instance's jobs "
+            f"share {shared_mb} MB)"
+        )
     if oom_kills and code != 0:  # the kernel's OOM killer, for the host's memory
         return code, "killed: out of memory (the host's: the job set no --memory)"
     if returncode < 0:

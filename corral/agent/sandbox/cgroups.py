@@ -32,6 +32,7 @@ from corral.domain.sandbox import (
     CgroupLayout,
     LimitPlan,
     Mount,
+    attempts_memory_ceiling,
     cgroup_layout,
     cpu_max_v2,
     cpu_quota_v1,
@@ -118,6 +119,7 @@ class Cgroups:
     limits: LimitPlan = field(default_factory=lambda: LimitPlan(None, None))
     kill_file: bool = True
     pids_max: int = 0  # each attempt's ceiling on its processes and threads (0: none)
+    memory_mb: int = 0  # all attempts together (attempts_memory_ceiling; 0: none set)
 
     def to_json(self) -> dict:
         return {
@@ -128,6 +130,7 @@ class Cgroups:
             "pids": self.limits.pids,
             "kill_file": self.kill_file,
             "pids_max": self.pids_max,
+            "memory_mb": self.memory_mb,
         }
 
     @classmethod
@@ -140,6 +143,7 @@ class Cgroups:
             LimitPlan(d["memory"], d["cpu"], d.get("pids")),  # an older agent's spec: none
             d["kill_file"],
             d.get("pids_max", 0),
+            d.get("memory_mb", 0),
         )
 
     def attempt(self, job_id: int, attempt: int) -> AttemptGroup:
@@ -167,10 +171,14 @@ class Cgroups:
                     os.rmdir(parent)
 
 
-def detect(key: str, max_pids: int = DEFAULT_MAX_PIDS) -> tuple[Cgroups | None, str | None]:
+def detect(
+    key: str, max_pids: int = DEFAULT_MAX_PIDS, memory_mb: int = 0
+) -> tuple[Cgroups | None, str | None]:
     """Create (or find) this agent's parent groups. Returns (cgroups, why not): the
     v2 group is what contains attempts; without it there are no cgroups at all.
-    `max_pids`: each attempt's ceiling on its processes (0: only the agent's own)."""
+    `max_pids`: each attempt's ceiling on its processes (0: only the agent's own);
+    `memory_mb`: what the agent offers to jobs (all its attempts' ceiling with the
+    host's own reserve, attempts_memory_ceiling)."""
     try:
         layout = cgroup_layout(
             Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
@@ -197,10 +205,32 @@ def detect(key: str, max_pids: int = DEFAULT_MAX_PIDS) -> tuple[Cgroups | None, 
             plan = LimitPlan(plan.memory, plan.cpu, None)
             v1.pop(PIDS, None)
             per_attempt = 0
-    return (
-        Cgroups(str(v2), v1, plan, kill_file=(v2 / "cgroup.kill").exists(), pids_max=per_attempt),
-        None,
+    shared = 0
+    if plan.memory:
+        shared = attempts_memory_ceiling(_host_memory_mb(), memory_mb)
+        parent = v2 if plan.memory == "v2" else Path(v1["memory"])
+        try:
+            _write(
+                parent / ("memory.max" if plan.memory == "v2" else "memory.limit_in_bytes"),
+                str(shared * 2**20),
+            )
+        except OSError:  # not settable here: nothing but the host caps them
+            shared = 0
+    groups = Cgroups(
+        str(v2),
+        v1,
+        plan,
+        kill_file=(v2 / "cgroup.kill").exists(),
+        pids_max=per_attempt,
+        memory_mb=shared,
     )
+    return groups, None
+
+
+def _host_memory_mb() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total // 2**20)
 
 
 def _pid_max() -> int:

@@ -215,10 +215,11 @@ def detect(
     hide: list[Path] | None = None,
     max_pids: int = DEFAULT_MAX_PIDS,
     job_network: str = DEFAULT_JOB_NETWORK,
+    memory_mb: int = 0,
 ) -> Host:
     root = os.geteuid() == 0
     os.chmod(data_dir, 0o700)  # nothing of the agent is for jobs to read
-    cg, cg_error = cgroups.detect(cgroups.agent_key(data_dir), max_pids)
+    cg, cg_error = cgroups.detect(cgroups.agent_key(data_dir), max_pids, memory_mb)
     jobs = jobs_dir or default_jobs_dir(data_dir, root)
     if root:
         try:
@@ -236,6 +237,7 @@ def detect(
             cgroup=cg is not None,
             cgroup_kill=cg.kill_file if cg else True,
             limits=cg.limits if cg else cgroups.LimitPlan(None, None),
+            shared_memory_mb=cg.memory_mb if cg else 0,
             job_user=f"{user.name}-N",
             cgroup_error=cg_error,
             network=host.network,
@@ -264,6 +266,7 @@ def detect(
             cgroup=cg is not None,
             cgroup_kill=cg.kill_file if cg else True,
             limits=cg.limits if cg else cgroups.LimitPlan(None, None),
+            shared_memory_mb=cg.memory_mb if cg else 0,
             namespaces=bwrap is not None,
             cgroup_error=cg_error,
             namespace_error=ns_error,
