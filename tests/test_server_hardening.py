@@ -7,6 +7,7 @@ server was started with --public-metrics."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -236,3 +237,29 @@ def test_a_request_framed_two_ways_is_refused(server: ServerProc):
         server.url + "/api/v1/jobs", headers={"Authorization": auth.split(": ", 1)[1].strip()}
     ).json()
     assert len(after) == len(before)  # no job was submitted
+
+
+def test_a_database_password_on_the_command_line_is_found():
+    from corral.server.config import password_in_arguments
+
+    url = "postgresql://corral:pw-123@db.internal:5432/corral"
+    assert password_in_arguments(url, ["server", "--db", url])
+    assert password_in_arguments(url, [f"--db={url}"])
+    assert not password_in_arguments(url, ["server"])  # from CORRAL_DB: not on it
+    assert not password_in_arguments("postgresql://corral@db/corral", ["--db", "x"])
+    assert not password_in_arguments("sqlite:////var/lib/corral.db", ["--db", "sqlite:///x"])
+
+
+@pytest.mark.postgres
+def test_a_server_given_its_database_password_on_the_command_line_warns(
+    tmp_path: Path, pg_url: str
+):
+    """Every process on the host (a job's too) reads a command line in /proc."""
+    secret = "pw-" + os.urandom(6).hex()  # trust authentication accepts any password
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@", 1)
+    assert secret in url
+    with Cluster(tmp_path / "c") as c:
+        server = c.server(db_url=url)
+        log = server.log()
+    assert "the database password is on this server's command line" in log, log
+    assert secret not in log  # the URL it shows hides the password

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import typer
 
 from corral import default_data_dir, eventloop, logsetup
 from corral.server.app import StartupError
-from corral.server.config import DEFAULT_PORT, ServerConfig
+from corral.server.config import DEFAULT_PORT, ServerConfig, password_in_arguments
 from corral.server.context import ServerContext
 from corral.store.db import DatabaseUrlError
 
@@ -123,6 +125,13 @@ def server(
     """
     logsetup.setup(log_level)
     from corral.server.main import serve
+
+    if db and password_in_arguments(db, sys.argv[1:]):
+        logging.getLogger("corral.server").warning(
+            "the database password is on this server's command line (--db), which every "
+            "process on this host can read in /proc: give the URL in CORRAL_DB instead, "
+            "or keep the password in a PGPASSFILE"
+        )
 
     try:
         config = ServerConfig(

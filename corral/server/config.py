@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import corral
 from corral import default_data_dir
@@ -116,3 +117,13 @@ class ServerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+
+
+def password_in_arguments(db_url: str, argv: list[str]) -> bool:
+    """Whether the password of `db_url` appears on a command line (argv), which any
+    process on the host may read."""
+    try:
+        password = urlsplit(db_url).password
+    except ValueError:
+        return False
+    return password is not None and password != "" and any(password in arg for arg in argv)
