@@ -170,13 +170,14 @@ def test_a_job_reaches_another_machine_through_its_hosts_address_but_no_metadata
     isolated,
 ):
     """Another machine: a network namespace of this test's own behind a veth pair, which
-    also answers at 169.254.169.254 (where a cloud's instance metadata service hands out
-    the machine's credentials), routed through it."""
+    also answers at a link-local address routed through it, as a cloud's instance
+    metadata service answers at 169.254.169.254 with the machine's credentials (not that
+    address itself: the machine running the tests may need its own)."""
     _c, _server, client, inst = isolated
     _require_isolated(inst)
     ns = f"corral-t-{secrets.token_hex(3)}"
     outer, inner = f"ct{secrets.token_hex(3)}a", f"ct{secrets.token_hex(3)}b"
-    here, there, metadata = "192.168.213.1", "192.168.213.2", "169.254.169.254"
+    here, there, metadata = "192.168.213.1", "192.168.213.2", "169.254.213.2"
 
     def ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
