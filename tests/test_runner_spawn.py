@@ -283,3 +283,65 @@ def test_a_user_whose_runner_died_is_not_given_out_while_its_attempt_runs(
         assert again.user == dead.user  # its group is gone: free again
     finally:
         again.release_user()
+
+
+def test_what_a_job_user_left_in_shared_places_is_removed_and_nothing_else(tmp_path: Path):
+    """Files, directories and links owned by the user go, from the shared places and the
+    world-writable directories inside them; another user's files, a link's target and
+    what lies in a directory the user could not write stay."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (files of another user)")
+    from corral.agent.sandbox.jobuser import remove_files_of
+
+    uid, other = 64990, 64991
+    shared = tmp_path / "tmp"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    target = tmp_path / "precious"
+    target.write_text("root's")
+
+    def owned(path: Path, who: int, text: str | None = "x") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            path.mkdir()
+        else:
+            path.write_text(text)
+        os.lchown(path, who, who)
+        return path
+
+    mine = [
+        owned(shared / "secret", uid),
+        owned(shared / "cache", uid, None),
+        owned(shared / "cache" / "deep", uid),
+    ]
+    link = shared / "link"
+    link.symlink_to(target)
+    os.lchown(link, uid, uid)
+    opened = shared / "x11"  # world-writable, not the user's: searched inside
+    opened.mkdir()
+    opened.chmod(0o1777)
+    owned(opened / "socket-file", uid)
+    closed = shared / "roots"  # the user could not have written here
+    closed.mkdir(mode=0o755)
+    kept = [owned(shared / "theirs", other), owned(closed / "not-theirs", uid), target]
+
+    assert remove_files_of(uid, roots=(str(shared),)) == 4  # secret, cache, link, socket-file
+    assert not any(p.exists() for p in [*mine, opened / "socket-file"]) and not link.is_symlink()
+    assert all(p.exists() for p in kept) and target.read_text() == "root's"
+    with pytest.raises(ValueError):
+        remove_files_of(0, roots=(str(shared),))
+
+
+def test_the_ipc_objects_of_a_user_are_found_by_owner_or_creator():
+    from corral.agent.sandbox.jobuser import owned_ipc_ids
+
+    shm = (
+        "       key      shmid perms     size  cpid  lpid nattch   uid   gid  cuid  cgid\n"
+        "   1433715          4   600       56  2225 12227      5   101   104   101   104\n"
+        "  13393994         18   600     4096  9001  9001      0   995   995   995   995\n"
+        "         0         19   600     4096  9002  9002      0     0     0   995   995\n"
+    )
+    assert owned_ipc_ids(shm, 995) == [18, 19]  # made by 995 and given to root: still its
+    assert owned_ipc_ids(shm, 101) == [4]
+    assert owned_ipc_ids(shm, 7) == []
+    assert owned_ipc_ids("", 995) == []

@@ -470,6 +470,59 @@ def test_a_job_cannot_read_or_kill_another_job_on_its_instance(one, jobfiles: Pa
     assert final.state == "succeeded", final.reason  # not killed by the nosy job
 
 
+# Leaves a private file where every user may write (what a program's temporary file
+# or a cache does), then exits.
+LEAVES = textwrap.dedent("""
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.shmget(int(os.environ["SHM_KEY"]), 4096, 0o1000 | 0o600) < 0:  # IPC_CREAT
+        sys.exit("shmget: " + os.strerror(ctypes.get_errno()))
+    for path in sys.argv[1:]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"left by the first job")
+        os.close(fd)
+    print("left", len(sys.argv) - 1, "as", os.getuid(), flush=True)
+""")
+
+# Tries to read each path given.
+READS = textwrap.dedent("""
+    import ctypes, os, sys
+    print("reading as", os.getuid(), flush=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    found = libc.shmget(int(os.environ["SHM_KEY"]), 0, 0)
+    print("segment", "found" if found >= 0 else os.strerror(ctypes.get_errno()), flush=True)
+    for path in sys.argv[1:]:
+        try:
+            print(path, "read:", open(path).read(), flush=True)
+        except OSError as exc:
+            print(path, "not readable:", type(exc).__name__, flush=True)
+""")
+
+
+def test_what_a_job_leaves_in_tmp_is_gone_before_its_user_is_given_to_another(one):
+    """Attempts one after another get the same job user (the lowest free one): a 0600
+    file the first left in /tmp or /dev/shm, or a System V shared memory segment, was
+    the next job's to read."""
+    _c, _server, _agent, client = one
+    marker = "corral-left-" + base64.b32encode(os.urandom(5)).decode().lower()
+    paths = [f"/tmp/{marker}", f"/dev/shm/{marker}", f"/var/tmp/{marker}/nested/file"]
+    env = {"SHM_KEY": str(int.from_bytes(os.urandom(3), "big") + 1)}
+    first = _final(client, client.submit([PY, "-c", LEAVES, *paths], env=env, max_attempts=1).id)
+    left = _log_text(client, first.id)
+    assert first.state == "succeeded", (first.reason, left)
+    second = _final(client, client.submit([PY, "-c", READS, *paths], env=env, max_attempts=1).id)
+    out = _log_text(client, second.id)
+    assert second.state == "succeeded", (second.reason, out)
+    # the second job was given the first one's user (the case this test is about)
+    assert left.split(" as ")[1].strip() == out.split("reading as ")[1].split()[0], (left, out)
+    assert "read:" not in out and "segment found" not in out, out
+    assert "segment No such file or directory" in out, out
+    for path in paths:
+        assert f"{path} not readable: FileNotFoundError" in out, out
+    assert not os.path.exists(f"/var/tmp/{marker}")
+
+
 # ---- a fork bomb ---------------------------------------------------------------------------
 
 # Forks children (each sleeps, marked by argv[1]) until the kernel refuses or 300 are

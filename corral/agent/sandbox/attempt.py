@@ -86,7 +86,7 @@ class AttemptSandbox:
 
     def release_user(self) -> None:
         if self._user_lock is not None:
-            release_job_user(self._user_lock, self._group_dir)
+            release_job_user(self._user_lock, self._group_dir, self.uid)
             self._user_lock = None
 
     @property

@@ -22,6 +22,10 @@ from corral.agent.sandbox.cgroups import v2_populated
 # Host-wide (every root agent's runners claim their users here), root-only.
 USER_SLOTS_DIR = "/run/corral-job-users"
 MAX_USER_SLOTS = 4096
+# Where every user may write (sticky, world-writable): what a job user leaves there is
+# removed before its user is given to another attempt
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")  # noqa: S108
+SHARED_DEPTH = 3  # world-writable directories inside those are searched this deep
 
 
 class JobUserError(Exception):
@@ -115,6 +119,8 @@ def claim_job_user(
             continue
         try:
             user = ensure_job_user(name)
+            if left:  # its last attempt's runner died before it could clean up
+                remove_files_of(user.uid)
             os.ftruncate(fd, 0)
             os.pwrite(fd, group.encode(), 0)
         except BaseException:
@@ -124,14 +130,103 @@ def claim_job_user(
     raise JobUserError(f"all {MAX_USER_SLOTS} job users {base}-N are in use on this host")
 
 
-def release_job_user(fd: int, group: str = "") -> None:
-    """The attempt that claimed this user is over. Its lock file forgets its group only
-    once that group has no process left (else the next claimers pass the user over)."""
+def release_job_user(fd: int, group: str = "", uid: int | None = None) -> None:
+    """The attempt that claimed this user is over. Once its group has no process left,
+    what the user left where every user may write is removed (the next attempt given
+    this user must not find it: a file of mode 0600 in /tmp would be its to read) and
+    the lock file forgets the group (else the next claimers pass the user over, and the
+    one that takes it at last cleans up)."""
     try:
         if not (group and v2_populated(group)):
+            if uid is not None:
+                remove_files_of(uid)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def remove_files_of(
+    uid: int, roots: tuple[str, ...] = SHARED_WRITABLE, depth: int = SHARED_DEPTH
+) -> int:
+    """Remove every file, directory (with what is in it) and link owned by `uid` in
+    `roots` and in the world-writable directories below them (`depth` levels), never
+    following a link, and its System V IPC objects. Call only when nothing runs as
+    `uid`. Returns how many were removed."""
+    if uid == 0:
+        raise ValueError("never the files of root")
+    removed = 0
+    for root in roots:
+        removed += _remove_owned(root, uid, depth)
+    return removed + remove_ipc_of(uid)
+
+
+def remove_ipc_of(uid: int, proc: str = "/proc/sysvipc") -> int:
+    """Remove the System V shared memory segments, message queues and semaphore sets
+    that `uid` owns or made (they outlive their processes, as a file in /tmp does)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ipc_rmid = 0
+    removers = {
+        "shm": lambda i: libc.shmctl(i, ipc_rmid, None),
+        "msg": lambda i: libc.msgctl(i, ipc_rmid, None),
+        "sem": lambda i: libc.semctl(i, 0, ipc_rmid),
+    }
+    removed = 0
+    for kind, remove in removers.items():
+        for ident in owned_ipc_ids(_read_or_empty(os.path.join(proc, kind)), uid):
+            if remove(ident) == 0:
+                removed += 1
+    return removed
+
+
+def owned_ipc_ids(table: str, uid: int) -> list[int]:
+    """The ids (second column) of a /proc/sysvipc table's rows whose uid or cuid is
+    `uid`."""
+    lines = table.splitlines()
+    if not lines:
+        return []
+    header = lines[0].split()
+    cols = [header.index(c) for c in ("uid", "cuid") if c in header]
+    ids = []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) == len(header) and any(fields[c] == str(uid) for c in cols):
+            ids.append(int(fields[1]))
+    return ids
+
+
+def _read_or_empty(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _remove_owned(directory: str, uid: int, depth: int) -> int:
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_uid == uid:
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+        elif stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and depth > 1:
+            removed += _remove_owned(entry.path, uid, depth - 1)
+    return removed
 
 
 def _root_only_dir(path: str) -> None:
