@@ -9,6 +9,7 @@ own machines), `psql -h 127.0.0.1` from a job could rewrite the fleet's database
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -29,6 +30,7 @@ from corral.agent.sandbox.network import (
     ruleset,
     slot_addresses,
 )
+from corral.domain.sandbox import SandboxFacts, describe
 from corral.testing import Cluster, job_python, wait_for
 
 PY = job_python()
@@ -350,3 +352,58 @@ def test_a_slots_leftover_link_is_replaced(slot: int):
         first.close()
         second.close()
     wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
+
+
+# ---- another firewall that drops forwarded packets (Docker's FORWARD policy) --------------
+
+
+def test_forward_chains_that_drop_by_default_are_found_in_nfts_listing():
+    from corral.agent.sandbox.network import TABLE, dropping_forward_chains
+
+    listing = json.dumps(
+        {
+            "nftables": [
+                {"metainfo": {"version": "1.0.6"}},
+                {"chain": {"family": "ip", "table": "filter", "name": "FORWARD",
+                           "hook": "forward", "policy": "drop", "prio": 0}},
+                {"chain": {"family": "ip", "table": "filter", "name": "DOCKER-USER"}},
+                {"chain": {"family": "inet", "table": "fw", "name": "fwd",
+                           "hook": "forward", "policy": "accept", "prio": 0}},
+                {"chain": {"family": "inet", "table": TABLE, "name": "forward",
+                           "hook": "forward", "policy": "drop", "prio": -10}},
+            ]
+        }
+    )  # fmt: skip
+    assert dropping_forward_chains(listing) == ["ip filter FORWARD"]
+    assert dropping_forward_chains("not json") == []
+    facts = SandboxFacts(root=True, cgroup=True, network="isolated", forward_blocked_by=("x",))
+    assert any("may reach no other machine" in w for w in describe(facts)[1])
+
+
+def test_a_dropping_forward_chain_on_the_host_is_found(slot: int):
+    """In a namespace of this test's own: its firewall is its own."""
+    ns = f"corral-t-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+
+    def blockers() -> list[str]:
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c",
+             "import json; from corral.agent.sandbox.network import forward_blockers; "
+             "print(json.dumps(forward_blockers()))"],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return json.loads(r.stdout)
+
+    try:
+        assert blockers() == []
+        rules = (  # Docker's: the FORWARD policy of iptables (nft backend) is DROP
+            "table ip filter {\n chain FORWARD {\n"
+            "  type filter hook forward priority 0; policy drop;\n }\n}\n"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True,
+            check=True, timeout=30,
+        )  # fmt: skip
+        assert blockers() == ["ip filter FORWARD"]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

@@ -197,6 +197,8 @@ class SandboxFacts:
     network_error: str | None = None  # why attempts share the host's network
     # the host's resolvers, when every one is on its loopback (out of an isolated job's reach)
     loopback_resolvers: tuple[str, ...] = ()
+    # other firewalls' forward chains that drop by default (isolated jobs' traffic out)
+    forward_blocked_by: tuple[str, ...] = ()
 
 
 def describe(f: SandboxFacts) -> tuple[str, list[str]]:
@@ -261,6 +263,12 @@ def describe(f: SandboxFacts) -> tuple[str, list[str]]:
             f"host's loopback ({', '.join(f.loopback_resolvers)}), which an isolated job "
             "cannot reach; name the upstream resolvers there (e.g. systemd-resolved's "
             "/run/systemd/resolve/resolv.conf) or use --job-network host"
+        )
+    if f.network == "isolated" and f.forward_blocked_by:
+        warnings.append(
+            "jobs may reach no other machine: another firewall drops forwarded packets by "
+            f"default ({', '.join(f.forward_blocked_by)}, e.g. Docker's); accept what comes "
+            "in from the jobs' links there (interfaces cj-*) or use --job-network host"
         )
     return "; ".join(parts), warnings
 

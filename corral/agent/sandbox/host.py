@@ -243,6 +243,9 @@ def detect(
             network=host.network,
             network_error=net_error,
             loopback_resolvers=_loopback_resolvers() if host.network == "isolated" else (),
+            forward_blocked_by=(
+                tuple(network.forward_blockers()) if host.network == "isolated" else ()
+            ),
         )
     else:
         _own_dir(jobs, 0o700)

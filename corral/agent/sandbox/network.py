@@ -237,6 +237,49 @@ def setup_host(subnet: ipaddress.IPv4Network = JOB_SUBNET) -> str | None:
     return None
 
 
+def forward_blockers() -> list[str]:
+    """The host's other firewalls that drop forwarded packets by default (Docker sets
+    its FORWARD policy to DROP): what an isolated job sends other machines is forwarded,
+    and a drop in any table's forward hook is final whatever this agent's table says."""
+    found: list[str] = []
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if nft is not None:
+        r = subprocess.run(
+            [nft, "-j", "list", "chains"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if r.returncode == 0:
+            found += dropping_forward_chains(r.stdout)
+    iptables = shutil.which("iptables-legacy") or shutil.which(
+        "iptables-legacy", path="/usr/sbin:/sbin"
+    )
+    if iptables is not None:  # a legacy (xtables) FORWARD chain, which nft does not list
+        r = subprocess.run(
+            [iptables, "-S", "FORWARD"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if r.returncode == 0 and "-P FORWARD DROP" in r.stdout.splitlines():
+            found.append("iptables-legacy FORWARD")
+    return found
+
+
+def dropping_forward_chains(nft_json: str) -> list[str]:
+    """`family table chain` of each base chain on the forward hook whose policy is drop,
+    from `nft -j list chains` (this agent's own table aside)."""
+    import json
+
+    try:
+        items = json.loads(nft_json).get("nftables", [])
+    except (ValueError, AttributeError):
+        return []
+    out = []
+    for item in items:
+        chain = item.get("chain") if isinstance(item, dict) else None
+        if not isinstance(chain, dict) or chain.get("table") == TABLE:
+            continue
+        if chain.get("hook") == "forward" and chain.get("policy") == "drop":
+            out.append(f"{chain.get('family')} {chain.get('table')} {chain.get('name')}")
+    return out
+
+
 def _trial_slot(subnet: ipaddress.IPv4Network) -> int:
     """The subnet's last /30, which no job user's slot reaches (MAX_USER_SLOTS)."""
     return subnet.num_addresses // 4 - 1
