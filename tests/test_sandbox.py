@@ -627,3 +627,84 @@ def test_a_full_disk_fails_the_attempt_cleanly_and_the_agent_goes_on(
         assert not client.instances()[0].lost
         ok = _final(client, client.submit(["sh", "-c", "echo fine"]).id)
         assert ok.state == "succeeded" and ok.instance_id == inst.id
+
+
+# ---- a job that fills the disk -------------------------------------------------------------
+
+# Writes its working directory full (1 MiB at a time, at most 64), then holds what it
+# wrote (a job that keeps a disk full), 20 s at most.
+HOG = textwrap.dedent("""
+    import errno, os, sys, time
+    written = 0
+    with open("fill.bin", "wb") as f:
+        try:
+            for _ in range(64):
+                f.write(b"x" * 2**20)
+                f.flush()
+                written += 1
+        except OSError as exc:
+            print("stopped:", errno.errorcode.get(exc.errno), flush=True)
+    print("wrote", written, "MiB; holding it", flush=True)
+    time.sleep(20)
+""")
+
+# Writes 2 MiB, waits for its gate, writes 2 MiB more.
+NEIGHBOR = textwrap.dedent("""
+    import os, sys, time
+    open("a.bin", "wb").write(b"n" * 2 * 2**20)
+    open(sys.argv[1], "w").close()
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    open("b.bin", "wb").write(b"n" * 2 * 2**20)
+    print("neighbor done", flush=True)
+""")
+
+
+@pytest.fixture
+def small_jobs_disk():
+    """A 32 MiB filesystem the job users may enter (tmpfs, mode 0711)."""
+    d = Path(f"/var/tmp/corral-test-disk-{os.urandom(4).hex()}")
+    d.mkdir(mode=0o711)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0711", "corral-test", str(d)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        d.rmdir()
+        why = f"cannot mount a 32 MiB tmpfs here: {r.stderr.strip() or r.returncode}"
+        if _in_ci():
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "--lazy", str(d)], check=False)
+        d.rmdir()
+
+
+def test_a_job_filling_the_disk_is_killed_before_its_neighbours_are_starved(
+    small_jobs_disk: Path, cluster: Cluster, jobfiles: Path
+):
+    if os.geteuid() != 0:
+        pytest.skip("the jobs directory on a filesystem of the test's own: run as root")
+    server = cluster.server()
+    cluster.agent(
+        server,
+        name="smalldisk",
+        extra=["--jobs-dir", str(small_jobs_disk / "jobs"), "--disk-reserve", "8"],
+    )
+    client = cluster.client(server)
+    cluster.wait_agents_running(client, 1)
+    started, gate = jobfiles / "neighbor-started", jobfiles / "neighbor-gate"
+    neighbor = client.submit([PY, "-c", NEIGHBOR, str(started), str(gate)], max_attempts=1)
+    wait_for(started.exists, 30, "the neighbour's first write")
+    hog = _final(client, client.submit([PY, "-c", HOG], max_attempts=1).id, timeout=90)
+    out = _log_text(client, hog.id)
+    assert hog.state == "failed", (hog.state, hog.reason, out)
+    assert (hog.reason or "").startswith("killed: the disk was nearly full ("), hog.reason
+    assert "kept free); this attempt held" in hog.reason, hog.reason
+    gate.touch()  # the neighbour writes again, in the space the hog held
+    final = _final(client, neighbor.id)
+    assert final.state == "succeeded", (final.reason, _log_text(client, neighbor.id))
+    assert "neighbor done" in _log_text(client, neighbor.id)

@@ -127,6 +127,13 @@ def agent(
         "loopback, other machines through this host's NAT, never this host's own "
         "addresses) or 'host' (this host's network, everything listening on it in reach)",
     ),
+    disk_reserve: int | None = typer.Option(
+        None,
+        min=0,
+        help="MB kept free on the filesystem of the jobs' directories: below it, the "
+        "attempt holding the most there (its directory and its user's files in /tmp) is "
+        "killed and fails saying so (default: 5% of that filesystem, at most 2048; 0: off)",
+    ),
     ca: Path | None = typer.Option(
         None,
         "--ca",
@@ -180,6 +187,7 @@ def agent(
         ],
         max_pids=max_pids,
         job_network=job_network,
+        disk_reserve_mb=disk_reserve,
     )
     if cpus is not None:
         config.cpus = cpus

@@ -33,6 +33,7 @@ import psutil
 import corral
 from corral.agent import executors, server_calls
 from corral.agent.artifacts import ArtifactCache, Installer
+from corral.agent.diskguard import DiskGuard
 from corral.agent.identity import (
     Identity,
     join_key,
@@ -116,6 +117,7 @@ class AgentConfig:
     hide: list[Path] = field(default_factory=list)  # more paths jobs must not see
     max_pids: int = DEFAULT_MAX_PIDS  # each attempt's processes and threads (0: no own cap)
     job_network: str = DEFAULT_JOB_NETWORK  # a root agent's attempts: "isolated" | "host"
+    disk_reserve_mb: int | None = None  # kept free where jobs write (None: 5%, at most 2 GiB)
 
     def argv(self) -> list[str]:
         """The options that start this same agent again (after a switch of builds)."""
@@ -151,6 +153,8 @@ class AgentConfig:
             args += ["--max-pids", str(self.max_pids)]
         if self.job_network != DEFAULT_JOB_NETWORK:
             args += ["--job-network", self.job_network]
+        if self.disk_reserve_mb is not None:
+            args += ["--disk-reserve", str(self.disk_reserve_mb)]
         return [*args, "--switch-timeout", str(self.switch_timeout)]
 
 
@@ -177,6 +181,7 @@ class Agent:
             self.data_dir, self.installer, config.argv(), config.switch_timeout
         )
         self.sandbox: sandbox_host.Host | None = None
+        self.disk_guard: DiskGuard | None = None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.journal: deque[tuple[Event, tuple[Instruction, ...]]] = deque(maxlen=JOURNAL)
         self.tasks: set[asyncio.Task] = set()  # register, heartbeat, transfers, installs
@@ -220,6 +225,7 @@ class Agent:
             log.error("cannot set up the attempt sandbox: %s", exc)
             return 2
         self.supervisor.host = self.sandbox
+        self.disk_guard = DiskGuard(self.sandbox.jobs_dir, self.config.disk_reserve_mb)
         log.info("attempt sandbox: %s", self.sandbox.description)
         for warning in self.sandbox.warnings:
             log.warning("attempt sandbox: %s", warning)
@@ -243,6 +249,16 @@ class Agent:
             if self.relay is not None:
                 await self.relay.stop()
             await self.server.close()
+
+    def guard_disk(self) -> None:
+        """Free space where jobs write fell below the reserve: the attempt holding the
+        most is ended, as its job's failure (blocking: off the event loop)."""
+        if self.disk_guard is None:
+            return
+        found = self.disk_guard.check(self.supervisor.job_dirs)
+        if found is not None:
+            (job_id, attempt), reason = found
+            self.supervisor.evict(job_id, attempt, reason)
 
     def load_state(self) -> None:
         """What the machine starts from is what this process finds on disk: the
@@ -300,6 +316,8 @@ class Agent:
 
     async def tick(self) -> None:
         self.selfupdate.check_deadline()  # a trial build that never heartbeat rolls back
+        if self.disk_guard is not None:
+            await asyncio.to_thread(self.guard_disk)
         ended = await asyncio.to_thread(self.supervisor.reap)
         held = await asyncio.to_thread(self.objects.list)
         events: list[Event] = []

@@ -48,6 +48,7 @@ from corral.agent.identity import write_json_atomic
 from corral.agent.objects import ObjectStore
 from corral.agent.relay import NotRelayed, RelayClient
 from corral.agent.sandbox.attempt import AttemptSandbox
+from corral.agent.sandbox.cgroups import Stats
 from corral.agent.sandbox.host import Host
 from corral.agent.sandbox.jobuser import JobUserError
 from corral.agent.transfer import TransferError
@@ -64,7 +65,8 @@ CHUNK = 64 * 1024
 MAX_BATCH_BYTES = 512 * 1024
 MAX_BATCH_CHUNKS = 1000  # what a LogBatch (and a finish) takes
 LOG_LINGER = 0.1  # new output waits this long for more, or for the command's end
-POLL = 0.2  # how often the runner looks at its stale and terminated flags
+POLL = 0.2  # how often the runner looks at its stale, terminated and evicted flags
+EVICTED = "killed by its agent"
 MAX_BUFFERED = 64 * 1024 * 1024  # past this, the command blocks on its pipe
 HEARTBEAT_EVERY = 5.0
 LOCK_WAIT = 60.0
@@ -198,6 +200,7 @@ class Runner:
         self.logs = LogBuffer(self.spec.get("log_limit") or DEFAULT_LOG_LIMIT)
         self.stale = threading.Event()
         self.terminated = threading.Event()
+        self.evicted = threading.Event()  # the agent ends the attempt (evict.json says why)
         self.lock_fd: int | None = None
         self.host = Host.from_json(self.spec["sandbox"])
         self.sandbox = AttemptSandbox(
@@ -488,6 +491,9 @@ class Runner:
                 durable=False,
             )
         returncode = self._watch(proc)
+        evicted_only = not (self.stale.is_set() or self.terminated.is_set())
+        if returncode is None and self.evicted.is_set() and evicted_only:
+            return self._evicted(proc)
         if returncode is None:  # stale or terminated while the command ran
             self.sandbox.kill(KILL_GRACE)
             for pipe in (proc.stdout, proc.stderr):
@@ -519,11 +525,7 @@ class Runner:
         code, reason = command_result(
             returncode, stats.oom_kills, self.spec.get("memory_mb") or 0, shared
         )
-        measured = {
-            "cpu_seconds": stats.cpu_seconds,
-            "peak_memory_mb": stats.peak_memory_mb,
-            "limits_enforced": self.sandbox.limits_enforced,
-        }
+        measured = self._measured(stats)
         try:
             collected = self.sandbox.collect(self.store)
         except OSError as exc:
@@ -553,7 +555,7 @@ class Runner:
             paused = False  # past MAX_BUFFERED the pipes wait (and so does the command)
             waiting: float | None = None  # since when output waits for a shipper
             while True:
-                if self.stale.is_set() or self.terminated.is_set():
+                if self.stale.is_set() or self.terminated.is_set() or self.evicted.is_set():
                     return None
                 if proc.poll() is not None:
                     return proc.returncode
@@ -610,6 +612,30 @@ class Runner:
         for pipe, stream in ((proc.stdout, "out"), (proc.stderr, "err")):
             if pipe is not None and not pipe.closed:
                 self.read_stream(pipe, stream)
+
+    def _evicted(self, proc: subprocess.Popen) -> int:
+        """The agent ends the attempt (its disk ran low and this attempt held the most):
+        the command dies at once and the attempt fails with the agent's reason; its
+        outputs are not collected (they would go to the disk that is full)."""
+        self.sandbox.kill(0)
+        self._drain(proc)
+        try:
+            note = json.loads((self.dir / "evict.json").read_text())
+            reason = str(note.get("reason") or EVICTED)
+        except (OSError, ValueError, AttributeError):
+            reason = EVICTED
+        self.join_shipper()
+        return self.finish(
+            128 + signal.SIGKILL, reason, measured=self._measured(self.sandbox.stats())
+        )
+
+    def _measured(self, stats: Stats) -> dict:
+        """What the attempt's cgroup counted, for its result."""
+        return {
+            "cpu_seconds": stats.cpu_seconds,
+            "peak_memory_mb": stats.peak_memory_mb,
+            "limits_enforced": self.sandbox.limits_enforced,
+        }
 
     def _end_early(self, code: int | None, reason: str) -> int:
         """The command never ran: say why, as the attempt's result."""
@@ -684,8 +710,12 @@ def main(argv: list[str] | None = None, pid_noted: bool = False) -> int:
     def _terminate(signum, _frame):
         runner.terminated.set()
 
+    def _evict(signum, _frame):
+        runner.evicted.set()
+
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
+    signal.signal(signal.SIGUSR1, _evict)
     return runner.run(pid_noted)
 
 

@@ -65,7 +65,14 @@ class Ended:
     reason: str
 
 
-ATTEMPT_FILES = ("spec.json", "runner.pid", "runner.log", "command.json", "done.json")
+ATTEMPT_FILES = (
+    "spec.json",
+    "runner.pid",
+    "runner.log",
+    "command.json",
+    "done.json",
+    "evict.json",
+)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -395,6 +402,36 @@ class Supervisor:
         t = self.tracked.pop((job_id, attempt), None)
         if t is not None:
             remove_known_dir(t.dir, ATTEMPT_FILES)
+
+    def job_dirs(self) -> dict[tuple[int, int], str]:
+        """Each live attempt's private directory (from its spec)."""
+        out = {}
+        for key, t in list(self.tracked.items()):
+            spec = _read_json(t.dir / "spec.json")
+            if spec and spec.get("job_dir"):
+                out[key] = str(spec["job_dir"])
+        return out
+
+    def evict(self, job_id: int, attempt: int, reason: str) -> bool:
+        """End the attempt as the job's failure, with `reason`: its runner kills the
+        command and reports the result (SIGUSR1, the reason in evict.json); a runner
+        that is gone is killed as by `kill`. Blocking: call it off the event loop."""
+        t = self.tracked.get((job_id, attempt))
+        if t is None:
+            return False
+        note = t.dir / "evict.json"
+        if note.exists():
+            return True  # asked already; its runner is on it
+        runner = self._runner(t)
+        if runner is None:
+            return self.kill(job_id, attempt, reason)
+        try:
+            write_json_atomic(note, {"reason": reason}, 0o600, durable=False)
+            runner.send_signal(signal.SIGUSR1)
+        except (OSError, psutil.Error):
+            return self.kill(job_id, attempt, reason)
+        log.warning("evicting attempt %s/%s: %s", job_id, attempt, reason)
+        return True
 
     def kill(self, job_id: int, attempt: int, reason: str) -> bool:
         """Kill the attempt's runner and its command's whole process tree; its result

@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,9 +156,70 @@ def remove_files_of(
     if uid == 0:
         raise ValueError("never the files of root")
     removed = 0
-    for root in roots:
-        removed += _remove_owned(root, uid, depth)
+    for path, st in list(owned_entries(uid, roots, depth)):
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
     return removed + remove_ipc_of(uid)
+
+
+def owned_entries(
+    uid: int, roots: tuple[str, ...] = SHARED_WRITABLE, depth: int = SHARED_DEPTH
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Each file, directory or link owned by `uid` in `roots` and in the world-writable
+    directories below them (`depth` levels), not looking inside what it owns, never
+    following a link."""
+    for root in roots:
+        yield from _owned_in(root, uid, depth)
+
+
+def _owned_in(directory: str, uid: int, depth: int) -> Iterator[tuple[str, os.stat_result]]:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_uid == uid:
+            yield entry.path, st
+        elif stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and depth > 1:
+            yield from _owned_in(entry.path, uid, depth - 1)
+
+
+def disk_usage(path: str, device: int) -> int:
+    """Bytes the tree at `path` takes on `device` (its blocks; no link followed, no
+    other filesystem entered)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if st.st_dev != device:
+        return 0
+    total = st.st_blocks * 512
+    if not stat.S_ISDIR(st.st_mode):
+        return total
+    for d, dirs, files in os.walk(path):  # a link to a directory is never descended
+        inside = []
+        for name in dirs + files:
+            try:
+                child = os.lstat(os.path.join(d, name))
+            except OSError:
+                continue
+            if child.st_dev != device:  # another filesystem mounted in the tree
+                continue
+            total += child.st_blocks * 512
+            if stat.S_ISDIR(child.st_mode):
+                inside.append(name)
+        dirs[:] = inside
+    return total
 
 
 def remove_ipc_of(uid: int, proc: str = "/proc/sysvipc") -> int:
@@ -202,31 +264,6 @@ def _read_or_empty(path: str) -> str:
             return f.read()
     except OSError:
         return ""
-
-
-def _remove_owned(directory: str, uid: int, depth: int) -> int:
-    removed = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if st.st_uid == uid:
-            try:
-                if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed += 1
-            except OSError:
-                pass
-        elif stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and depth > 1:
-            removed += _remove_owned(entry.path, uid, depth - 1)
-    return removed
 
 
 def _root_only_dir(path: str) -> None:
