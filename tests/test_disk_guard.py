@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from corral.agent.diskguard import DiskGuard
 from corral.domain.disk import MiB, choose_eviction, disk_reserve_bytes, eviction_reason
 
@@ -23,6 +21,10 @@ def test_the_attempt_holding_the_most_goes_once_free_space_is_below_the_reserve(
     assert choose_eviction(9 * MiB, 8 * MiB, usage) is None  # enough free
     assert choose_eviction(7 * MiB, 8 * MiB, usage) == "b"
     assert choose_eviction(7 * MiB, 8 * MiB, {"c": 0}) is None  # nobody holds anything
+    # the disk filled by something else: a job holding less than a quarter of the
+    # reserve is not the cause, and killing it would give nothing back
+    assert choose_eviction(MiB, 8 * MiB, {"a": 2 * MiB - 1}) is None
+    assert choose_eviction(MiB, 8 * MiB, {"a": 2 * MiB}) == "a"
     assert choose_eviction(7 * MiB, 8 * MiB, {}) is None
     assert choose_eviction(0, 0, usage) is None  # reserve 0: the guard is off
     reason = eviction_reason(20 * MiB, 7 * MiB, 8 * MiB)
@@ -55,10 +57,7 @@ def test_the_guard_asks_for_the_attempts_only_when_space_is_low(tmp_path: Path):
     assert DiskGuard(str(tmp_path), 0).check(attempts) is None
     assert asked == []
     st = os.statvfs(tmp_path)
-    everything = st.f_blocks * st.f_frsize // MiB + 1
-    (tmp_path / "held").write_bytes(os.urandom(MiB))
-    found = DiskGuard(str(tmp_path), everything).check(attempts)
-    if found is None:
-        pytest.fail("a reserve larger than the filesystem must find the attempt")
-    assert found[0] == "a" and found[1].startswith("killed: the disk was nearly full")
+    everything = st.f_blocks * st.f_frsize // MiB + 1  # more than is free, always
+    # low: the attempts are measured (this one holds too little to be the cause)
+    assert DiskGuard(str(tmp_path), everything).check(attempts) is None
     assert asked == [True]

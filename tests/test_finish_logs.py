@@ -173,6 +173,7 @@ def _runner(server: FakeServer, tmp_path) -> Runner:
     r.logs = LogBuffer()
     r.stale = threading.Event()
     r.terminated = threading.Event()
+    r.evicted = threading.Event()
     return r
 
 

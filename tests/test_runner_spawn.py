@@ -287,8 +287,9 @@ def test_a_user_whose_runner_died_is_not_given_out_while_its_attempt_runs(
 
 def test_what_a_job_user_left_in_shared_places_is_removed_and_nothing_else(tmp_path: Path):
     """Files, directories and links owned by the user go, from the shared places and the
-    world-writable directories inside them; another user's files, a link's target and
-    what lies in a directory the user could not write stay."""
+    sticky, world-writable directories inside them; another user's files, a link's
+    target, what lies in a directory the user could not write and what it wrote to a
+    directory shared on purpose stay."""
     if os.geteuid() != 0:
         pytest.skip("needs root (files of another user)")
     from corral.agent.sandbox.jobuser import remove_files_of
@@ -323,7 +324,15 @@ def test_what_a_job_user_left_in_shared_places_is_removed_and_nothing_else(tmp_p
     owned(opened / "socket-file", uid)
     closed = shared / "roots"  # the user could not have written here
     closed.mkdir(mode=0o755)
-    kept = [owned(shared / "theirs", other), owned(closed / "not-theirs", uid), target]
+    results = shared / "results"  # shared on purpose (no sticky bit): results stay
+    results.mkdir()
+    results.chmod(0o777)
+    kept = [
+        owned(shared / "theirs", other),
+        owned(closed / "not-theirs", uid),
+        owned(results / "result.txt", uid),
+        target,
+    ]
 
     assert remove_files_of(uid, roots=(str(shared),)) == 4  # secret, cache, link, socket-file
     assert not any(p.exists() for p in [*mine, opened / "socket-file"]) and not link.is_symlink()

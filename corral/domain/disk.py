@@ -29,11 +29,13 @@ def disk_reserve_bytes(total_bytes: int, configured_mb: int | None) -> int:
 
 def choose_eviction(free_bytes: int, reserve_bytes: int, usage: Mapping[K, int]) -> K | None:
     """The attempt to end now: the one holding the most, once free space is below the
-    reserve; None while it is not, or when no attempt holds anything."""
+    reserve, if it holds a real part of it (a quarter of the reserve at least: a disk
+    filled by something else is no job's fault, and killing a job holding kilobytes
+    would give nothing back); None otherwise."""
     if free_bytes >= reserve_bytes or not usage:
         return None
     victim = max(usage, key=lambda k: usage[k])
-    return victim if usage[victim] > 0 else None
+    return victim if usage[victim] >= max(1, reserve_bytes // 4) else None
 
 
 def eviction_reason(held_bytes: int, free_bytes: int, reserve_bytes: int) -> str:

@@ -23,8 +23,9 @@ from corral.agent.sandbox.cgroups import v2_populated
 # Host-wide (every root agent's runners claim their users here), root-only.
 USER_SLOTS_DIR = "/run/corral-job-users"
 MAX_USER_SLOTS = 4096
-# Where every user may write (sticky, world-writable): what a job user leaves there is
-# removed before its user is given to another attempt
+# Where every user may write (sticky, world-writable): what a job user leaves there (and
+# in the sticky, world-writable directories inside) is removed before its user is given
+# to another attempt
 SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")  # noqa: S108
 SHARED_DEPTH = 3  # world-writable directories inside those are searched this deep
 
@@ -150,8 +151,8 @@ def remove_files_of(
     uid: int, roots: tuple[str, ...] = SHARED_WRITABLE, depth: int = SHARED_DEPTH
 ) -> int:
     """Remove every file, directory (with what is in it) and link owned by `uid` in
-    `roots` and in the world-writable directories below them (`depth` levels), never
-    following a link, and its System V IPC objects. Call only when nothing runs as
+    `roots` and in the sticky, world-writable directories below them (`depth` levels),
+    never following a link, and its System V IPC objects. Call only when nothing runs as
     `uid`. Returns how many were removed."""
     if uid == 0:
         raise ValueError("never the files of root")
@@ -171,9 +172,9 @@ def remove_files_of(
 def owned_entries(
     uid: int, roots: tuple[str, ...] = SHARED_WRITABLE, depth: int = SHARED_DEPTH
 ) -> Iterator[tuple[str, os.stat_result]]:
-    """Each file, directory or link owned by `uid` in `roots` and in the world-writable
-    directories below them (`depth` levels), not looking inside what it owns, never
-    following a link."""
+    """Each file, directory or link owned by `uid` in `roots` and in the sticky,
+    world-writable directories below them (`depth` levels), not looking inside what it
+    owns, never following a link."""
     for root in roots:
         yield from _owned_in(root, uid, depth)
 
@@ -190,8 +191,15 @@ def _owned_in(directory: str, uid: int, depth: int) -> Iterator[tuple[str, os.st
             continue
         if st.st_uid == uid:
             yield entry.path, st
-        elif stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and depth > 1:
+        elif stat.S_ISDIR(st.st_mode) and _shared_scratch(st.st_mode) and depth > 1:
             yield from _owned_in(entry.path, uid, depth - 1)
+
+
+def _shared_scratch(mode: int) -> bool:
+    """A directory every user may write and none may remove another's files from
+    (sticky, like /tmp itself: /tmp/.X11-unix). A world-writable directory without the
+    sticky bit is a place someone shared on purpose (results go there): left alone."""
+    return bool(mode & stat.S_IWOTH and mode & stat.S_ISVTX)
 
 
 def disk_usage(path: str, device: int) -> int:
