@@ -165,7 +165,11 @@ class AttemptNetwork:
                 raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
             try:
                 fd = _own_netns()
-                inner = Netlink()
+                try:
+                    inner = Netlink()
+                except OSError:
+                    os.close(fd)
+                    raise
                 try:
                     inner.set_up(LOOPBACK_INDEX)
                     with (
