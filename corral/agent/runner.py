@@ -26,7 +26,6 @@ output has waited LOG_LINGER, or the attempt has run about a second.
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
 import fcntl
 import json
@@ -45,6 +44,7 @@ import psutil
 
 from corral.agent import transfer
 from corral.agent.identity import write_json_atomic
+from corral.agent.libc import libc
 from corral.agent.objects import ObjectStore
 from corral.agent.relay import NotRelayed, RelayClient
 from corral.agent.sandbox.attempt import AttemptSandbox
@@ -690,7 +690,7 @@ def _become_subreaper() -> None:
     the runner can always find and kill the whole tree (Linux only)."""
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+            libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
         except (OSError, AttributeError):
             pass
 

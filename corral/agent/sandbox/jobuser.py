@@ -7,9 +7,7 @@ on the machine) and open each other's private files in /tmp and /dev/shm."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
-import functools
 import os
 import pwd
 import shutil
@@ -20,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.agent.libc import libc
 from corral.agent.sandbox.cgroups import v2_populated
 
 # Host-wide (every root agent's runners claim their users here), root-only.
@@ -235,7 +234,6 @@ def disk_usage(path: str, device: int) -> int:
 def remove_ipc_of(uid: int, proc: str = "/proc/sysvipc") -> int:
     """Remove the System V shared memory segments, message queues and semaphore sets
     that `uid` owns or made (they outlive their processes, as a file in /tmp does)."""
-    libc = _libc()
     ipc_rmid = 0
     removers = {
         "shm": lambda i: libc.shmctl(i, ipc_rmid, None),
@@ -248,11 +246,6 @@ def remove_ipc_of(uid: int, proc: str = "/proc/sysvipc") -> int:
             if remove(ident) == 0:
                 removed += 1
     return removed
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def owned_ipc_ids(table: str, uid: int) -> list[int]:

@@ -18,7 +18,6 @@ one): slot N is the /30 at 10.213.0.0 + 4N, the host's end .1, the job's .2."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import os
 import shutil
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from corral.agent.libc import errno_error, libc
 from corral.agent.sandbox.netlink import Netlink
 
 T = TypeVar("T")
@@ -37,8 +37,6 @@ LINK_PREFIX = "cj-"  # the host's end of an attempt's veth pair: cj-<slot>
 JOB_LINK = "eth0"  # the attempt's end, inside its namespace
 LOOPBACK_INDEX = 1  # always, in a new namespace
 CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetworkError(OSError):
@@ -88,9 +86,8 @@ table inet {TABLE} {{
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise errno_error("setns")
 
 
 def _own_netns() -> int:
@@ -160,9 +157,8 @@ class AttemptNetwork:
         stays in the namespace it was made in: one trip of this thread there)."""
         home = _own_netns()
         try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            if libc.unshare(CLONE_NEWNET) != 0:
+                raise errno_error("unshare(CLONE_NEWNET)")
             try:
                 fd = _own_netns()
                 try:
