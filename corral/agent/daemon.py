@@ -316,8 +316,7 @@ class Agent:
 
     async def tick(self) -> None:
         self.selfupdate.check_deadline()  # a trial build that never heartbeat rolls back
-        if self.disk_guard is not None:
-            await asyncio.to_thread(self.guard_disk)
+        await asyncio.to_thread(self.guard_disk)
         ended = await asyncio.to_thread(self.supervisor.reap)
         held = await asyncio.to_thread(self.objects.list)
         events: list[Event] = []

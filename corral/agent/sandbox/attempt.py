@@ -82,7 +82,7 @@ class AttemptSandbox:
             self.host.user, self.host.user_slots, self._group_dir
         )
         self.user, self.uid, self.gid = user.name, user.uid, user.gid
-        self.slot = int(user.name.rsplit("-", 1)[1])
+        self.slot = user.slot
 
     def release_user(self) -> None:
         if self._user_lock is not None:

@@ -7,6 +7,7 @@ on the machine) and open each other's private files in /tmp and /dev/shm."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import pwd
@@ -40,6 +41,7 @@ class JobUser:
     name: str
     uid: int
     gid: int
+    slot: int | None = None  # N of a claimed `{base}-N` (claim_job_user)
 
 
 def ensure_job_user(name: str, create: bool = True) -> JobUser:
@@ -121,7 +123,7 @@ def claim_job_user(
             os.close(fd)
             continue
         try:
-            user = ensure_job_user(name)
+            user = dataclasses.replace(ensure_job_user(name), slot=n)
             if left:  # its last attempt's runner died before it could clean up
                 remove_files_of(user.uid)
             os.ftruncate(fd, 0)
