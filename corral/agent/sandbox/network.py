@@ -96,21 +96,25 @@ def _own_netns() -> int:
 
 @contextmanager
 def _inside(target: int) -> Iterator[None]:
-    """This thread in the namespace `target` for the block, then back home. A thread
-    that cannot get back must not go on (its next request would leave from the job's
-    namespace): the process ends."""
+    """This thread in the namespace `target` for the block, then back home."""
     home = _own_netns()
     try:
         _setns(target)
         try:
             yield
         finally:
-            try:
-                _setns(home)
-            except OSError:
-                os._exit(70)
+            _go_home(home)
     finally:
         os.close(home)
+
+
+def _go_home(home: int) -> None:
+    """Back to this thread's own namespace; a thread that cannot get back must not go
+    on (its next request would leave from the job's namespace): the process ends."""
+    try:
+        _setns(home)
+    except OSError:
+        os._exit(70)
 
 
 class AttemptNetwork:
@@ -179,10 +183,7 @@ class AttemptNetwork:
                     raise
                 return fd, inner
             finally:
-                try:
-                    _setns(home)
-                except OSError:
-                    os._exit(70)
+                _go_home(home)
         finally:
             os.close(home)
 
