@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
+from jobkit import ended, output, unavailable
 from netkit import listener
 
 from corral.agent.sandbox.network import (
@@ -34,10 +35,6 @@ from corral.domain.sandbox import SandboxFacts, describe
 from corral.testing import Cluster, job_python, wait_for
 
 PY = job_python()
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 # ---- the addresses and the rules (pure) ---------------------------------------------------
@@ -99,24 +96,7 @@ def _require_isolated(inst) -> None:
     if os.geteuid() != 0:
         pytest.skip("a root agent's job network: run the tests as root")
     if "network isolated" not in (inst.sandbox or ""):
-        why = f"attempts are not isolated here: {inst.sandbox}"
-        if _in_ci():
-            pytest.fail(why)
-        pytest.skip(why)
-
-
-def _output(client, job_id: int) -> str:
-    chunks: list[bytes] = []
-    client.follow(job_id, on_output=lambda _s, d: chunks.append(d))
-    return b"".join(chunks).decode(errors="replace")
-
-
-def _final(client, job_id: int, timeout: float = 60):
-    return wait_for(
-        lambda: (j := client.job(job_id)).state in ("succeeded", "failed", "cancelled") and j,
-        timeout,
-        f"job {job_id} to end",
-    )
+        unavailable(f"attempts are not isolated here: {inst.sandbox}")
 
 
 def _host_addresses() -> list[str]:
@@ -156,8 +136,8 @@ def test_a_job_reaches_nothing_listening_on_its_host_but_its_own_loopback_works(
         if pg.hostname:  # a PostgreSQL with trust authentication on 127.0.0.1
             targets.append(f"{pg.hostname}:{pg.port or 5432}")
         job = client.submit([PY, "-c", PROBE, *targets], max_attempts=1)
-        final = _final(client, job.id)
-        out = _output(client, job.id)
+        final = ended(client, job.id)
+        out = output(client, job.id)
         assert final.state == "succeeded", (final.reason, out)
         for target in targets:
             assert f"{target} unreachable" in out, out
@@ -214,8 +194,8 @@ def test_a_job_reaches_another_machine_through_its_hosts_address_but_no_metadata
             with socket.create_connection((addr, port), timeout=10) as c:
                 assert c.recv(100).decode() == here
         job = client.submit([PY, "-c", PROBE_SEEN, there, metadata, str(port)], max_attempts=1)
-        final = _final(client, job.id)
-        out = _output(client, job.id)
+        final = ended(client, job.id)
+        out = output(client, job.id)
         assert final.state == "succeeded", (final.reason, out)
         assert f"{there} seen as {here}" in out, out  # the host's address: NAT
         assert f"{metadata} unreachable" in out, out
@@ -266,8 +246,8 @@ def test_jobs_on_one_host_cannot_reach_each_other_but_the_host_reaches_them(
         target = where.read_text()
         assert ipaddress.ip_address(target.split(":")[0]) in JOB_SUBNET
         probe = client.submit([PY, "-c", PROBE, target], max_attempts=1)
-        final = _final(client, probe.id)
-        out = _output(client, probe.id)
+        final = ended(client, probe.id)
+        out = output(client, probe.id)
         assert final.state == "succeeded", (final.reason, out)
         assert f"{target} unreachable" in out, out
         # while the host itself reaches a job's server (an operator's curl to it): the
@@ -277,7 +257,7 @@ def test_jobs_on_one_host_cannot_reach_each_other_but_the_host_reaches_them(
             pass
     finally:
         gate.touch()
-    assert _final(client, listening.id).state == "succeeded"
+    assert ended(client, listening.id).state == "succeeded"
 
 
 @e2e
@@ -289,8 +269,8 @@ def test_the_host_network_when_the_operator_asks_for_it(cluster: Cluster):
     assert "network isolated" not in (inst.sandbox or ""), inst.sandbox
     with listener("127.0.0.1") as (port, peers):
         job = client.submit([PY, "-c", PROBE, f"127.0.0.1:{port}"], max_attempts=1)
-        final = _final(client, job.id)
-        out = _output(client, job.id)
+        final = ended(client, job.id)
+        out = output(client, job.id)
         assert final.state == "succeeded", (final.reason, out)
         assert f"127.0.0.1:{port} connected" in out, out
         wait_for(lambda: [p for p, _ in peers] == ["127.0.0.1"], 10, "the job's connection")
