@@ -21,7 +21,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_sandbox import HOSTILE, VICTIM, _assert_nothing_leaked, _final, _in_ci, _log_chunks, cli
+from jobkit import ended, unavailable
+from test_sandbox import HOSTILE, VICTIM, _assert_nothing_leaked, _log_chunks, cli
 
 import corral
 from corral.testing import JOB_PATH, AgentProc, Cluster, job_python, wait_for
@@ -71,9 +72,7 @@ def _start_agent(c: Cluster, server, base: Path, name: str) -> AgentProc:
 def nonroot():
     why = _unavailable()
     if why:
-        if _in_ci():
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(why)
     probe = subprocess.run(
         [PY, "-c", "import corral.agent.cli"],
         env={
@@ -88,9 +87,7 @@ def nonroot():
     )
     if probe.returncode != 0:
         why = f"the system Python cannot import corral as nobody: {probe.stderr[-300:]}"
-        if _in_ci():
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(why)
     base = Path(tempfile.mkdtemp(prefix="corral-nonroot-", dir="/var/tmp"))
     base.chmod(0o755)
     try:
@@ -147,7 +144,7 @@ def test_a_hostile_job_of_an_agent_that_is_not_root_finds_no_secret(nonroot):
         )
         gate.touch()
         client.cancel(victim.id)
-        assert _final(client, job.id).state == "succeeded"
+        assert ended(client, job.id).state == "succeeded"
         report = json.loads(text)
         report["uid"] = report["uid"] or -1  # the agent's own user here, not root
         _assert_nothing_leaked(report, secrets, [str(ident), f"/proc/{agent.pid}/environ"])
@@ -191,7 +188,7 @@ def test_a_daemon_in_the_namespace_dies_with_its_runner(nonroot):
     os.kill(runner_pid, signal.SIGKILL)
     wait_for(lambda: not _daemons(job.id), 15, "the daemon to die with its runner's namespace")
     agent.start()
-    final = _final(client, job.id, timeout=60)
+    final = ended(client, job.id, timeout=60)
     assert (final.state, final.attempt) == ("succeeded", 2), final
     assert {a.instance_id for a in final.attempts} == {inst.id}
     r = cli(server, "job", str(job.id))
