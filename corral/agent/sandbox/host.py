@@ -5,6 +5,7 @@ attempt's spec, so a runner never detects anything itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -220,6 +221,14 @@ def detect(
     root = os.geteuid() == 0
     os.chmod(data_dir, 0o700)  # nothing of the agent is for jobs to read
     cg, cg_error = cgroups.detect(cgroups.agent_key(data_dir), max_pids, memory_mb)
+    contained = SandboxFacts(  # what the cgroups give, whoever the agent runs as
+        root=root,
+        cgroup=cg is not None,
+        cgroup_kill=cg.kill_file if cg else True,
+        limits=cg.limits if cg else cgroups.LimitPlan(None, None),
+        shared_memory_mb=cg.memory_mb if cg else 0,
+        cgroup_error=cg_error,
+    )
     jobs = jobs_dir or default_jobs_dir(data_dir, root)
     if root:
         try:
@@ -232,20 +241,14 @@ def detect(
         host.user_slots = USER_SLOTS_DIR
         net_error = network.setup_host() if job_network == "isolated" else None
         host.network = "isolated" if job_network == "isolated" and net_error is None else "host"
-        facts = SandboxFacts(
-            root=True,
-            cgroup=cg is not None,
-            cgroup_kill=cg.kill_file if cg else True,
-            limits=cg.limits if cg else cgroups.LimitPlan(None, None),
-            shared_memory_mb=cg.memory_mb if cg else 0,
+        isolated = host.network == "isolated"
+        facts = dataclasses.replace(
+            contained,
             job_user=f"{user.name}-N",
-            cgroup_error=cg_error,
             network=host.network,
             network_error=net_error,
-            loopback_resolvers=_loopback_resolvers() if host.network == "isolated" else (),
-            forward_blocked_by=(
-                tuple(network.forward_blockers()) if host.network == "isolated" else ()
-            ),
+            loopback_resolvers=_loopback_resolvers() if isolated else (),
+            forward_blocked_by=tuple(network.forward_blockers()) if isolated else (),
         )
     else:
         _own_dir(jobs, 0o700)
@@ -264,14 +267,9 @@ def detect(
             bwrap=bwrap,
             hide=hidden,
         )
-        facts = SandboxFacts(
-            root=False,
-            cgroup=cg is not None,
-            cgroup_kill=cg.kill_file if cg else True,
-            limits=cg.limits if cg else cgroups.LimitPlan(None, None),
-            shared_memory_mb=cg.memory_mb if cg else 0,
+        facts = dataclasses.replace(
+            contained,
             namespaces=bwrap is not None,
-            cgroup_error=cg_error,
             namespace_error=ns_error,
         )
     host.description, host.warnings = describe(facts)
