@@ -373,16 +373,23 @@ def test_a_job_past_its_memory_limit_is_killed_and_says_so(one):
     assert "out of memory (limit 64 MB)" in r.stdout and "cpu" in r.stdout.lower(), r.stdout
 
 
+def _agent_that_can(cluster: Cluster, options: list[str], shows: str, controller: str):
+    """A server and one agent started with `options`, whose sandbox description shows
+    `shows` (else the machine lacks the cgroup controller); its client."""
+    server = cluster.server()
+    cluster.agent(server, name="limited", extra=options)
+    client = cluster.client(server)
+    (inst,) = cluster.wait_agents_running(client, 1)
+    if shows not in (inst.sandbox or ""):
+        unavailable(f"no usable {controller} cgroup controller here: {inst.sandbox}")
+    return client
+
+
 def test_a_job_without_memory_limit_is_held_to_what_its_agent_offers(cluster: Cluster):
     """A job that set no --memory used to be bounded by the host alone: its OOM killer
     then chose among the job, the agent, the server and the database. All of an
     agent's attempts together are held to the memory it offers (`--memory`)."""
-    server = cluster.server()
-    cluster.agent(server, name="small", extra=["--memory", "300"])
-    client = cluster.client(server)
-    (inst,) = cluster.wait_agents_running(client, 1)
-    if "limits memory" not in (inst.sandbox or ""):
-        unavailable(f"no usable memory controller here: {inst.sandbox}")
+    client = _agent_that_can(cluster, ["--memory", "300"], "limits memory", "memory")
     hog = "blocks = [bytes([i % 251]) * 2**20 for i in range(600)]; print('survived')"
     job = client.submit([PY, "-c", hog], max_attempts=1)
     final = ended(client, job.id)
@@ -540,12 +547,7 @@ FORKER = textwrap.dedent("""
 
 
 def test_a_fork_bomb_is_stopped_at_its_attempts_ceiling(cluster: Cluster):
-    server = cluster.server()
-    cluster.agent(server, name="capped", extra=["--max-pids", "40"])
-    client = cluster.client(server)
-    (inst,) = cluster.wait_agents_running(client, 1)
-    if "pids" not in (inst.sandbox or ""):
-        unavailable(f"no usable pids cgroup controller here: {inst.sandbox}")
+    client = _agent_that_can(cluster, ["--max-pids", "40"], "pids", "pids")
     marker = "fork-bomb-of-this-test"
     job = client.submit([PY, "-c", FORKER, marker], max_attempts=1)
     final = ended(client, job.id)

@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,29 +137,13 @@ def test_the_description_says_whether_jobs_share_the_hosts_network():
     assert text.endswith("; network isolated") and warnings == []
     shared = SandboxFacts(root=True, cgroup=True, limits=plan, shared_memory_mb=300)
     assert describe(shared)[0] == "cgroup v2; limits memory v1,cpu v1,pids v1; jobs share 300 MB"
-    chosen = SandboxFacts(root=True, cgroup=True, limits=plan, job_user="cj", network="host")
-    (warning,) = describe(chosen)[1]
+    (warning,) = describe(replace(iso, network="host"))[1]
     assert "share the host's network (--job-network host)" in warning
     assert "its database" in warning
-    fallback = SandboxFacts(
-        root=True,
-        cgroup=True,
-        limits=plan,
-        job_user="cj",
-        network="host",
-        network_error="nftables (nft) is not installed",
-    )
+    fallback = replace(iso, network="host", network_error="nftables (nft) is not installed")
     (warning,) = describe(fallback)[1]
     assert "(nftables (nft) is not installed)" in warning
-    no_dns = SandboxFacts(
-        root=True,
-        cgroup=True,
-        limits=plan,
-        job_user="cj",
-        network="isolated",
-        loopback_resolvers=("127.0.0.53",),
-    )
-    (warning,) = describe(no_dns)[1]
+    (warning,) = describe(replace(iso, loopback_resolvers=("127.0.0.53",)))[1]
     assert "cannot resolve names" in warning and "127.0.0.53" in warning
 
 
