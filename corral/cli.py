@@ -54,7 +54,6 @@ SERVER_PACKAGES = (
     "uvicorn",
     "sqlalchemy",
     "alembic",
-    "aiosqlite",
     "asyncpg",
     "prometheus_client",
     "jinja2",

@@ -17,7 +17,7 @@ from unittest import mock
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_STACK = ("fastapi", "sqlalchemy", "alembic", "asyncpg", "uvicorn", "aiosqlite", "jinja2")
+SERVER_STACK = ("fastapi", "sqlalchemy", "alembic", "asyncpg", "uvicorn", "jinja2")
 
 # runs `corral ARGS` in-process (as the entry point does), then reports which of the
 # server modules got imported
@@ -110,9 +110,9 @@ def test_packaging_keeps_the_server_in_an_extra():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = {_name(d) for d in project["dependencies"]}
     assert {"httpx", "typer", "rich", "pydantic"} <= base
-    assert not base & {"fastapi", "uvicorn", "sqlalchemy", "alembic", "asyncpg", "aiosqlite"}
+    assert not base & {"fastapi", "uvicorn", "sqlalchemy", "alembic", "asyncpg"}
     server = {_name(d) for d in project["optional-dependencies"]["server"]}
-    assert {"fastapi", "uvicorn", "sqlalchemy", "alembic", "asyncpg", "aiosqlite"} <= server
+    assert {"fastapi", "uvicorn", "sqlalchemy", "alembic", "asyncpg"} <= server
     # what CI installs (.[dev]) and the test extra still bring the server
     for extra in ("dev", "test"):
         deps = project["optional-dependencies"][extra]

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from corral.sim import invariants
-from corral.sim.inline_sqlite import inline
 from corral.sim.world import Settings, World
 
 __all__ = ["Settings", "run"]
@@ -25,8 +24,7 @@ QUIET_TICKS = 3  # a run ends once it has been quiet this many ticks in a row
 async def run(settings: Settings, data_dir: Path | None = None) -> dict:
     """Run one seed to the end; the report lists every invariant violation seen."""
     started = time.monotonic()
-    with inline():
-        return await _run(settings, data_dir, started)
+    return await _run(settings, data_dir, started)
 
 
 async def _run(settings: Settings, data_dir: Path | None, started: float) -> dict:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,8 +20,11 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from corral.store import sqlite_inline
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class Database:
             {"corral_lone": True} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"}
         )
         self.pool_size = 8 if self.is_sqlite else 10  # connections kept (more may overflow)
+        self._checkpointer: sqlite_inline.Checkpointer | None = None
         if self.is_sqlite:
             path = self.sqlite_path
             if path is not None:
@@ -103,8 +108,12 @@ class Database:
                 max_overflow=8,
                 pool_timeout=60,
                 execution_options=options,
+                module=AsyncAdapt_aiosqlite_dbapi(sqlite_inline, sqlite3),
             )
             _install_sqlite_hooks(self.engine)
+            if path is not None:
+                self._checkpointer = sqlite_inline.Checkpointer(path)
+                self._checkpointer.start()
         else:
             self.engine = create_async_engine(
                 self.url,
@@ -231,6 +240,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
 
 
 def _private_file(path: str) -> None:
@@ -272,6 +283,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's thread does it
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()

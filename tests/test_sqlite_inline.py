@@ -1,0 +1,127 @@
+"""The server's SQLite driver runs each statement on the event loop's own thread (no
+thread hop per call), and a thread of its own writes the write-ahead log back."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from corral.store import sqlite_inline
+from corral.store.db import Database
+
+
+def test_statements_run_on_the_loop_thread_and_errors_keep_their_kind(tmp_path):
+    async def main():
+        db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+        try:
+            seen: list[int] = []
+
+            async def where(conn):
+                raw = await conn.get_raw_connection()
+                raw.driver_connection._connection.create_function(
+                    "whose_thread", 0, lambda: seen.append(threading.get_ident()) or 1
+                )
+                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+                await conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
+                return (await conn.execute(sa.text("SELECT whose_thread()"))).scalar()
+
+            assert await db.transact(where) == 1
+            assert seen == [threading.get_ident()]
+
+            async def duplicate(conn):
+                await conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
+
+            with pytest.raises(sa.exc.IntegrityError):
+                await db.transact(duplicate)
+
+            async def count(conn):
+                return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
+
+            assert await db.query(count) == 1  # the refused write left nothing
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
+
+
+def test_a_write_transaction_that_fails_midway_leaves_nothing(tmp_path):
+    async def main():
+        db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+        try:
+
+            async def create(conn):
+                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+
+            await db.transact(create)
+
+            async def half(conn):
+                await conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
+                raise RuntimeError("midway")
+
+            with pytest.raises(RuntimeError):
+                await db.transact(half)
+
+            async def count(conn):
+                return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
+
+            assert await db.query(count) == 0
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
+
+
+def test_the_checkpointer_writes_the_log_back_and_the_server_connections_do_not(tmp_path):
+    path = tmp_path / "c.db"
+
+    async def main():
+        db = Database(f"sqlite:///{path}")
+        try:
+
+            async def autocheckpoint(conn):
+                return (await conn.execute(sa.text("PRAGMA wal_autocheckpoint"))).scalar()
+
+            assert await db.query(autocheckpoint) == 0
+
+            async def fill(conn):
+                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+                for i in range(200):
+                    await conn.execute(
+                        sa.text("INSERT INTO t (id, v) VALUES (:i, :v)"), {"i": i, "v": "x" * 500}
+                    )
+
+            await db.transact(fill)
+            # the rows reach the database file itself (not only its log) by the
+            # checkpointer's thread, without another write
+            deadline = time.monotonic() + 10
+            while True:
+                plain = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+                try:
+                    rows = plain.execute("SELECT count(*) FROM t").fetchone()[0]
+                except sqlite3.OperationalError:
+                    rows = 0  # the table is still only in the log
+                finally:
+                    plain.close()
+                if rows == 200:
+                    break
+                assert time.monotonic() < deadline, f"{rows} rows in the file after 10 s"
+                await asyncio.sleep(0.05)
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
+
+
+def test_a_connection_used_after_close_says_so():
+    async def main():
+        conn = await sqlite_inline.connect(":memory:")
+        await conn.close()
+        with pytest.raises(ValueError, match="no active connection"):
+            conn.cursor()
+
+    asyncio.run(main())
