@@ -15,9 +15,10 @@ from sqlalchemy import event
 
 from corral.api import JobSubmit
 from corral.domain.jobs import AttemptState, JobState
-from corral.store import dispatch
+from corral.store import dispatch, fleets
 from corral.store import jobs as repo
 from corral.store.schema import job_attempts, jobs
+from tests.storekit import register
 from tests.test_store import NOW, add_instance, open_db
 
 
@@ -229,3 +230,115 @@ def test_an_array_is_inserted_with_a_bounded_number_of_statements_ids_in_order(d
             await db.dispose()
 
     asyncio.run(main())
+
+
+def _queue_reads(counter: Counted) -> int:
+    """The most queued rows the counted statements could have read (their LIMITs)."""
+    return sum(limit for _statement, limit in counter.queue_limits)
+
+
+class QueueReads(Counted):
+    """Also the LIMIT of each read of the queue."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.queue_limits: list[tuple[str, int]] = []
+
+    def _hook(self, conn, cursor, statement, params, context, many) -> None:
+        super()._hook(conn, cursor, statement, params, context, many)
+        flat = " ".join(statement.split())
+        if self.on and flat.startswith("SELECT jobs.id, jobs.cpus, jobs.memory_mb"):
+            values = list(params.values()) if isinstance(params, dict) else list(params)
+            limit = values[-2] if " OFFSET " in flat else values[-1]  # SQLite adds OFFSET 0
+            self.queue_limits.append((flat, int(limit)))
+
+    def __enter__(self):
+        self.queue_limits.clear()
+        return super().__enter__()
+
+
+def test_a_pass_with_one_slot_free_reads_a_page_of_the_queue_not_the_batch(db_url):
+    async def main():
+        db = await open_db(db_url)
+        try:
+            inst = await add_instance(db, name="one-slot", cpus=1)
+            await db.transact(repo.submit_many, [JobSubmit(command=["true"])] * 150, NOW)
+            counter = QueueReads(db.engine)
+            with counter:
+                placed = await db.transact(dispatch.lock_jobs, db, NOW + 1, explain=False)
+            assert [p.instance_id for p in placed] == [inst]
+            assert 0 < _queue_reads(counter) <= 8
+            with counter:  # full now: a pass reads nothing of the queue
+                assert await db.transact(dispatch.lock_jobs, db, NOW + 2, explain=False) == []
+            assert _queue_reads(counter) == 0
+            with counter:  # a pass that explains reads the whole batch, as it did
+                await db.transact(dispatch.lock_jobs, db, NOW + 3, explain=True, batch=200)
+            assert _queue_reads(counter) == 200
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
+
+
+SCENARIOS = {
+    # instances (name, cpus, fleet), then the queue in order (cpus, fleet) x count
+    "half a cpu free behind a head of one-cpu jobs": (
+        [("a", 0.5, None), ("b", 1, None)],
+        [(1, None)] * 30 + [(0.5, None)] * 3,
+    ),
+    "room only in a fleet the head of the queue does not ask for": (
+        [("g", 4, "gpu"), ("c", 1, "cpu")],
+        [(1, "cpu")] * 40 + [(1, "gpu")] * 10,
+    ),
+    "mixed sizes on instances of several sizes": (
+        [("x", 3, None), ("y", 5.5, None), ("z", 16, None)],
+        [(c, None) for c in [1, 2, 0.5, 8, 4, 1, 1, 3, 64, 0.25] * 12],
+    ),
+    "more room than the batch": ([("big", 400, None)], [(1, None)] * 260),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_a_paged_pass_places_what_one_read_of_the_batch_places(tmp_path, scenario):
+    fleet_of, queue = SCENARIOS[scenario]
+
+    async def one(path, explain: bool) -> list[tuple[int, str]]:
+        db = await open_db(f"sqlite:///{path}")
+        try:
+            names = {}
+            for k, (name, cpus, fleet) in enumerate(fleet_of):
+                if fleet is not None:
+                    await db.transact(
+                        fleets.upsert_fleet,
+                        name=fleet,
+                        backend="local",
+                        min_size=0,
+                        max_size=10,
+                        target_size=0,
+                        now=NOW,
+                    )
+                reg = await register(  # created one after another: the same order in both
+                    db,
+                    name,
+                    NOW + k,
+                    cpus=cpus,
+                    memory_mb=8000,
+                    host="h",
+                    agent_version="t",
+                    fleet=fleet,
+                )
+                names[reg.instance["id"]] = name
+            await db.transact(
+                repo.submit_many,
+                [JobSubmit(command=["true"], cpus=c, fleet=f) for c, f in queue],
+                NOW,
+            )
+            placed = await db.transact(dispatch.lock_jobs, db, NOW + 10, explain=explain, batch=200)
+            return [(p.job_id, names[p.instance_id]) for p in placed]
+        finally:
+            await db.dispose()
+
+    whole = asyncio.run(one(tmp_path / "whole.db", True))
+    paged = asyncio.run(one(tmp_path / "paged.db", False))
+    assert whole  # each scenario places something
+    assert paged == whole

@@ -21,7 +21,15 @@ from corral.domain.instances import (
     decide_heartbeat,
     decide_register,
 )
-from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place, waiting_reason
+from corral.domain.placement import (
+    Capacity,
+    JobDemand,
+    first_page,
+    fits_anywhere,
+    has_room,
+    place,
+    waiting_reason,
+)
 
 P, RUN, D, RET, T = (
     InstanceState.PENDING,
@@ -227,3 +235,16 @@ def test_a_job_no_instance_could_hold_says_what_it_needs():
     assert waiting_reason(JobDemand(2, 0.5, 2048, "gpu")) == (
         "waiting: no running instance in fleet 'gpu' has 0.5 cpus and 2048 MB memory"
     )
+
+
+def test_a_pass_reads_a_first_page_sized_to_the_room_and_stops_when_none_is_left():
+    full = Capacity("a", None, cpus=16, memory_mb=1000, used_cpus=16)
+    one_free = Capacity("b", None, cpus=16, memory_mb=1000, used_cpus=15)
+    idle = Capacity("c", None, cpus=64, memory_mb=1000)
+    assert not has_room([full])
+    assert has_room([full, one_free])
+    assert has_room([Capacity("d", None, cpus=1, memory_mb=0, used_cpus=0.75)])
+    assert first_page([full], 200) == 8  # never less than a few
+    assert first_page([full, one_free], 200) == 8
+    assert first_page([idle], 200) == 129  # twice the one-cpu jobs that fit, and one
+    assert first_page([idle, idle, idle, idle], 200) == 200  # never more than the batch

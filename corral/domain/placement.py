@@ -48,6 +48,20 @@ def fits_anywhere(job: JobDemand, instances: list[Capacity]) -> bool:
     )
 
 
+def has_room(instances: list[Capacity]) -> bool:
+    """Could any job at all start on one of these now? (Every job asks for some cpu.)"""
+    return any(c.free_cpus > 1e-9 for c in instances)
+
+
+def first_page(instances: list[Capacity], batch: int) -> int:
+    """How many queued jobs a dispatcher pass reads first: about twice as many one-cpu
+    jobs as there is room for now, at least 8, at most `batch`. A full fleet with one
+    slot free reads 8 jobs, not `batch`; the pass reads on, each page twice the last,
+    while room is left (see `corral.store.dispatch`)."""
+    room = sum(max(0.0, c.free_cpus) for c in instances)
+    return max(8, min(batch, int(room * 2) + 1))
+
+
 def waiting_reason(job: JobDemand) -> str:
     """Why a job that no instance could ever hold waits (memory 0: the job set none)."""
     where = f"in fleet {job.fleet!r} " if job.fleet else ""

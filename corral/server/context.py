@@ -48,6 +48,7 @@ class ServerContext:
     leases: Leases = field(default_factory=Leases)  # renewals not yet written (leases.py)
     drains_seen: set[str] = field(default_factory=set)  # draining instances woken once
     issued_tokens: IssuedTokens = field(default_factory=IssuedTokens)  # known to the guard
+    explained_at: float = float("-inf")  # the dispatcher's last pass that explained waits
 
     def gate(self) -> LoadGate:
         if self.agent_gate is None:

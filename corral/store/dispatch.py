@@ -15,7 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from corral.api import KillOrder, ObservedAttempt, StartOrder
 from corral.domain.instances import InstanceState
 from corral.domain.jobs import LIVE_ATTEMPT_STATES, AttemptState, JobState
-from corral.domain.placement import Capacity, JobDemand, fits_anywhere, place, waiting_reason
+from corral.domain.placement import (
+    Capacity,
+    JobDemand,
+    first_page,
+    fits_anywhere,
+    has_room,
+    place,
+    waiting_reason,
+)
 from corral.domain.sandbox import DEFAULT_LOG_LIMIT
 from corral.domain.tokens import hash_secret, same_hash
 from corral.store import jobs as jobs_repo
@@ -30,7 +38,7 @@ _LIVE = sorted(s.value for s in LIVE_ATTEMPT_STATES)
 # parameters for what varies; an `expanding` one for a list).
 _QUEUED = (
     sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
-    .where(jobs.c.state == JobState.QUEUED)
+    .where(jobs.c.state == JobState.QUEUED, jobs.c.id > sa.bindparam("q_after"))
     .order_by(jobs.c.id)
     .limit(sa.bindparam("q_batch"))
 )
@@ -108,27 +116,31 @@ class Placement:
 
 
 async def lock_jobs(
-    conn: AsyncConnection, db: Database, now: float, *, batch: int = 200
+    conn: AsyncConnection, db: Database, now: float, *, batch: int = 200, explain: bool = True
 ) -> list[Placement]:
     """Lock up to `batch` queued jobs onto instances with room for them.
 
     Each lock bumps the job's attempt number and creates the attempt row; its token
-    is issued later, when the instance's agent collects it (see deliver_attempts)."""
-    queued = (await conn.execute(db.claim(_QUEUED), {"q_batch": batch})).mappings().all()
-    if not queued:
-        return []
-    demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
+    is issued later, when the instance's agent collects it (see deliver_attempts).
+
+    `explain`: also read the first `batch` queued jobs whatever the room, and give a
+    job no instance could ever hold its reason (the dispatcher does it once a second;
+    in between a pass reads only as much of the queue as the room can take)."""
     # Plan on every running instance, read without locks: an instance a heartbeat
     # holds for a moment is busy, not full. Then lock only the instances the plan
     # uses (waiting for them, in id order), re-read their room and plan again on
     # those: another server's dispatcher may have filled them meanwhile, and a drain
     # or retirement waits for this transaction, so no job lands on a leaving instance.
     everyone = await _capacities(conn, None)
+    queued = await _queue_head(conn, db, everyone, batch, whole=explain)
+    if not queued:
+        return []
+    demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
     # one writer at a time on SQLite, and this transaction has been it since its first
     # read: the room read above cannot change before it commits (no lock to take,
     # nothing to read again; `place` updates what it is given, so plan on a copy)
     unchanged = [replace(c) for c in everyone] if holds_sqlite_write_lock(conn) else None
-    chosen = sorted({i for _j, i in place(demands, everyone)})
+    chosen = sorted({i for _j, i in place(demands, [replace(c) for c in everyone])})
     capacities = []
     if chosen and unchanged is not None:
         capacities = [c for c in unchanged if c.instance_id in chosen]
@@ -144,8 +156,42 @@ async def lock_jobs(
         ).all()
         capacities = await _capacities(conn, [r.id for r in locked])
     placements = await _lock_planned(conn, place(demands, capacities), now)
-    await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
+    if explain:
+        await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
     return placements
+
+
+async def _queue_head(
+    conn: AsyncConnection, db: Database, room: list[Capacity], batch: int, *, whole: bool
+) -> list:
+    """The queued jobs a pass looks at, in queue order (claimed on PostgreSQL): the
+    first `batch` when `whole`; otherwise a page at a time (`first_page`, then each
+    twice the last) while a plan on a copy of `room` leaves room, up to `batch` in
+    all. A pass places what the one read of `batch` jobs would place: a job read
+    past the point where no room is left could not have been placed either."""
+    if whole:
+        return list(
+            (await conn.execute(db.claim(_QUEUED), {"q_after": 0, "q_batch": batch}))
+            .mappings()
+            .all()
+        )
+    scratch = [replace(c) for c in room]
+    rows: list = []
+    size = first_page(room, batch)
+    while len(rows) < batch and has_room(scratch):
+        want = min(size, batch - len(rows))
+        after = rows[-1]["id"] if rows else 0
+        page = (
+            (await conn.execute(db.claim(_QUEUED), {"q_after": after, "q_batch": want}))
+            .mappings()
+            .all()
+        )
+        rows.extend(page)
+        place([JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in page], scratch)
+        if len(page) < want:
+            break  # the queue ends here
+        size *= 2
+    return rows
 
 
 async def _lock_planned(

@@ -10,13 +10,20 @@ from corral.server.leases import deliveries_key, instance_key
 from corral.store import dispatch
 
 BATCH = 200
+EXPLAIN_EVERY = 1.0  # seconds between passes that also explain jobs no instance can hold
 
 
 async def dispatch_once(ctx: ServerContext) -> bool:
     if ctx.stopping:
         return False
     t0 = time.perf_counter()
-    placements = await ctx.db.transact(dispatch.lock_jobs, ctx.db, ctx.now(), batch=BATCH)
+    now = ctx.now()
+    explain = not now - EXPLAIN_EVERY < ctx.explained_at <= now
+    placements = await ctx.db.transact(
+        dispatch.lock_jobs, ctx.db, now, batch=BATCH, explain=explain
+    )
+    if explain:
+        ctx.explained_at = now
     metrics.DISPATCH_PASS.observe(time.perf_counter() - t0)
     metrics.PLACEMENTS.inc(len(placements))
     for p in placements:
