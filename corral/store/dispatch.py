@@ -199,7 +199,7 @@ async def _lock_planned(
 ) -> list[Placement]:
     """Lock the planned (job, instance) pairs with two statements whatever their number:
     one UPDATE of the jobs (each gets its planned instance; a job no longer queued is
-    left alone and not returned) and one multi-row INSERT of their attempts."""
+    left alone and not returned) and one INSERT of their attempts."""
     if not plan:
         return []
     where = dict(plan)
@@ -228,22 +228,23 @@ async def _lock_planned(
         if job_id in locked
     ]
     if placements:
+        # parameters as a list (executemany), not a multi-row VALUES: a statement of
+        # one shape, compiled once, whatever the number of rows
         await conn.execute(
-            sa.insert(job_attempts).values(
-                [
-                    {
-                        "job_id": p.job_id,
-                        "number": p.attempt,
-                        "instance_id": p.instance_id,
-                        "state": AttemptState.ISSUED,
-                        "cpus": locked[p.job_id].cpus,
-                        "memory_mb": locked[p.job_id].memory_mb,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for p in placements
-                ]
-            )
+            sa.insert(job_attempts),
+            [
+                {
+                    "job_id": p.job_id,
+                    "number": p.attempt,
+                    "instance_id": p.instance_id,
+                    "state": AttemptState.ISSUED,
+                    "cpus": locked[p.job_id].cpus,
+                    "memory_mb": locked[p.job_id].memory_mb,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for p in placements
+            ],
         )
     return placements
 
