@@ -71,8 +71,9 @@ def _nft_table_exists() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     """What root agents change on this host for their jobs' networks (the nftables
-    table, IPv4 forwarding) is noted before the run (by the controller, not each
-    worker: the workers' agents share the host) and put back after it."""
+    table, IPv4 forwarding, the slots' kept namespaces) is noted before the run (by the
+    controller, not each worker: the workers' agents share the host) and put back after
+    it."""
     if hasattr(config, "workerinput") or os.geteuid() != 0:
         return
     try:
@@ -86,6 +87,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     before = config.stash.get(_HOST_NET, None)
     if before is None:
         return
+    from corral.agent.sandbox.network import forget_kept
+
+    forget_kept()  # the job slots' namespaces the run's agents kept (bind mounts)
     had_table, forward = before
     if not had_table:
         from corral.agent.sandbox.network import remove_host_rules

@@ -28,6 +28,7 @@ from corral.agent.sandbox.network import (
     JOB_SUBNET,
     LINK_PREFIX,
     AttemptNetwork,
+    forget_kept,
     ruleset,
     slot_addresses,
 )
@@ -135,16 +136,17 @@ def test_a_job_reaches_nothing_listening_on_its_host_but_its_own_loopback_works(
         pg = urlsplit(os.environ.get("CORRAL_TEST_PG_URL") or "")
         if pg.hostname:  # a PostgreSQL with trust authentication on 127.0.0.1
             targets.append(f"{pg.hostname}:{pg.port or 5432}")
-        job = client.submit([PY, "-c", PROBE, *targets], max_attempts=1)
-        final = ended(client, job.id)
-        out = output(client, job.id)
-        assert final.state == "succeeded", (final.reason, out)
-        for target in targets:
-            assert f"{target} unreachable" in out, out
-        assert "own loopback works" in out, out
-        assert peers == []  # nothing of the job arrived
-    # the attempt's namespace and its veth pair went with its processes
-    wait_for(lambda: not _job_links(), 20, "the attempt's veth pair to go")
+        # the second job takes the namespace the first one's slot kept: no less isolated
+        for _ in range(2):
+            job = client.submit([PY, "-c", PROBE, *targets], max_attempts=1)
+            final = ended(client, job.id)
+            out = output(client, job.id)
+            assert final.state == "succeeded", (final.reason, out)
+            for target in targets:
+                assert f"{target} unreachable" in out, out
+            assert "own loopback works" in out, out
+            assert _job_links(), "the slot's namespace (and its veth pair) is kept"
+        assert peers == []  # nothing of either job arrived
 
 
 @e2e
@@ -317,6 +319,54 @@ def test_an_attempts_network_is_its_own_and_goes_when_let_go(slot: int):
         net.close()
     # nothing holds the namespace now: it goes, and the host's end with it
     wait_for(lambda: net.link not in _job_links(), 20, "the host's end to go")
+
+
+def test_a_slots_namespace_is_kept_for_its_next_attempt_until_forgotten(slot: int, tmp_path):
+    kept = str(tmp_path / "kept")
+    first = AttemptNetwork(slot, kept_dir=kept)
+    try:
+        first.create()
+        assert first.fd is not None and not first.reused
+        made = os.fstat(first.fd).st_ino
+        first.close()  # nothing runs in it now: kept all the same
+        second = AttemptNetwork(slot, kept_dir=kept)
+        second.create()
+        try:
+            assert second.fd is not None and second.reused
+            assert os.fstat(second.fd).st_ino == made
+            assert f"{second.job_ip}/30" in _ip_in(second.fd, "-4", "-o", "addr")
+            assert "default via " + second.host_ip in _ip_in(second.fd, "route")
+        finally:
+            second.close()
+    finally:
+        assert forget_kept(kept, [slot]) == 1
+    wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
+    assert os.listdir(kept) == []
+
+
+def test_a_kept_namespace_that_is_not_whole_is_made_anew(slot: int, tmp_path):
+    kept = str(tmp_path / "kept")
+    first = AttemptNetwork(slot, kept_dir=kept)
+    try:
+        first.create()
+        made = os.fstat(first.fd).st_ino
+        first.close()
+        # someone removed the host's end (and with it the pair): the kept one is broken
+        subprocess.run(["ip", "link", "del", first.link], check=True, timeout=30)
+        second = AttemptNetwork(slot, kept_dir=kept)
+        second.create()
+        try:
+            assert not second.reused and os.fstat(second.fd).st_ino != made
+            assert f"{second.job_ip}/30" in _ip_in(second.fd, "-4", "-o", "addr")
+        finally:
+            second.close()
+        third = AttemptNetwork(slot, kept_dir=kept)
+        third.create()  # and the new one is kept in its place
+        third.close()
+        assert third.reused
+    finally:
+        forget_kept(kept, [slot])
+    wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
 
 
 def test_a_slots_leftover_link_is_replaced(slot: int):

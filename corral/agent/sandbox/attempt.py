@@ -24,7 +24,7 @@ from corral.agent.sandbox.cgroups import AttemptGroup, Stats
 from corral.agent.sandbox.collect import Collected, collect_outputs
 from corral.agent.sandbox.host import Host, namespace_args, setpriv_args
 from corral.agent.sandbox.jobuser import claim_job_user, give_tree, release_job_user
-from corral.agent.sandbox.network import AttemptNetwork, NetworkError
+from corral.agent.sandbox.network import KEPT_DIR, AttemptNetwork, NetworkError
 from corral.domain.sandbox import job_environment
 
 SUBDIRS = ("work", "outputs", "inputs", "tmp")
@@ -114,7 +114,10 @@ class AttemptSandbox:
         if self.host.network == "isolated":
             if self.slot is None:
                 raise NetworkError("an isolated attempt needs a job user of its own")
-            self.network = AttemptNetwork(self.slot)
+            # kept for the slot's next attempt only where a claim proves the last
+            # attempt's processes are gone (its v2 group is empty: `claim_job_user`)
+            kept = KEPT_DIR if self.group is not None and self.group.v2 else None
+            self.network = AttemptNetwork(self.slot, kept_dir=kept)
             self.network.create()
 
     def give(self, path: Path) -> None:
