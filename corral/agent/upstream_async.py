@@ -95,11 +95,12 @@ class AsyncServer:
         headers: dict[str, str],
         timeout: float | None,
     ) -> Response:
+        parts = urllib.parse.urlsplit(base)
         async with asyncio.timeout(self.timeout if timeout is None else timeout):
             while True:
-                conn = await self._take(base)
+                conn = await self._take(base, parts)
                 try:
-                    resp = await self._exchange(conn, base, method, path, body, headers)
+                    resp = await self._exchange(conn, parts, method, path, body, headers)
                 except ConnectionFailed as exc:
                     self._drop(conn)
                     if conn.reused and not exc.answered:
@@ -111,7 +112,7 @@ class AsyncServer:
                 self._give_back(base, conn)
                 return resp
 
-    async def _take(self, base: str) -> _Connection:
+    async def _take(self, base: str, parts: urllib.parse.SplitResult) -> _Connection:
         idle = self._idle.get(base)
         while idle:
             conn = idle.pop()
@@ -119,7 +120,6 @@ class AsyncServer:
                 conn.reused = True
                 return conn
             self._drop(conn)
-        parts = urllib.parse.urlsplit(base)
         secure = parts.scheme == "https"
         reader, writer = await asyncio.open_connection(
             parts.hostname,
@@ -134,13 +134,12 @@ class AsyncServer:
     async def _exchange(
         self,
         conn: _Connection,
-        base: str,
+        parts: urllib.parse.SplitResult,
         method: str,
         path: str,
         body: bytes | None,
         headers: dict[str, str],
     ) -> Response:
-        parts = urllib.parse.urlsplit(base)
         fields = [("Host", parts.netloc), *headers.items()]
         if body is not None:
             fields += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]

@@ -7,6 +7,7 @@ several servers' dispatchers and reapers never process one job or instance at on
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
@@ -135,7 +136,7 @@ async def lock_jobs(
     queued = await _queue_head(conn, db, everyone, batch, whole=explain)
     if not queued:
         return []
-    demands = [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in queued]
+    demands = _demands(queued)
     # one writer at a time on SQLite, and this transaction has been it since its first
     # read: the room read above cannot change before it commits (no lock to take,
     # nothing to read again; `place` updates what it is given, so plan on a copy)
@@ -159,6 +160,10 @@ async def lock_jobs(
     if explain:
         await _explain_waiting(conn, demands, everyone, {p.job_id for p in placements}, queued)
     return placements
+
+
+def _demands(rows: Sequence) -> list[JobDemand]:
+    return [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in rows]
 
 
 async def _queue_head(
@@ -187,7 +192,7 @@ async def _queue_head(
             .all()
         )
         rows.extend(page)
-        place([JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in page], scratch)
+        place(_demands(page), scratch)
         if len(page) < want:
             break  # the queue ends here
         size *= 2

@@ -163,11 +163,10 @@ class Connection:
         self._live().create_function(*args, **kwargs)
 
     async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.stop()
 
     def stop(self) -> None:
+        """Close at once (SQLAlchemy's forced close, outside the event loop too)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
