@@ -125,3 +125,45 @@ def test_a_connection_used_after_close_says_so():
             conn.cursor()
 
     asyncio.run(main())
+
+
+def test_a_lock_held_by_another_process_is_waited_for_without_holding_the_loop(tmp_path):
+    """An operator's `sqlite3` shell in the middle of a write transaction: the server's
+    write waits for it, and meanwhile the event loop still serves reads."""
+    path = tmp_path / "c.db"
+
+    async def main():
+        db = Database(f"sqlite:///{path}")
+        try:
+
+            async def create(conn):
+                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+
+            await db.transact(create)
+            other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO t (id) VALUES (1)")
+            try:
+
+                async def insert(conn):
+                    await conn.execute(sa.text("INSERT INTO t (id) VALUES (2)"))
+
+                write = asyncio.create_task(db.transact(insert))
+
+                async def count(conn):
+                    return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
+
+                # the loop is free: reads go on (they see neither uncommitted row)
+                for _ in range(5):
+                    assert await asyncio.wait_for(db.query(count), 5) == 0
+                    await asyncio.sleep(0.05)
+                assert not write.done()  # still waiting for the other process
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            await asyncio.wait_for(write, 10)
+            assert await db.query(count) == 2
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())

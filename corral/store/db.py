@@ -1,8 +1,10 @@
 """The database handle: one way to read, one way to write, one way to claim rows.
 
-SQLite (the embedded default) gets WAL, a busy timeout, and write transactions that
-start with BEGIN IMMEDIATE behind an in-process lock, so a single server never sees
-"database is locked". PostgreSQL gets row claims with FOR UPDATE SKIP LOCKED so
+SQLite (the embedded default) gets WAL, and write transactions that start with BEGIN
+IMMEDIATE behind an in-process lock, so a single server never sees "database is
+locked"; when another process holds the file's lock, a transaction waits for it here,
+asynchronously (its statements run on the event loop's thread: `sqlite_inline`).
+PostgreSQL gets row claims with FOR UPDATE SKIP LOCKED so
 several servers never process one row at once, and deadlock retries.
 """
 
@@ -13,6 +15,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,6 +35,11 @@ T = TypeVar("T")
 
 _RETRYABLE_PG_CODES = {"40P01", "40001"}  # deadlock_detected, serialization_failure
 DEAD_ON_ARRIVAL_TRIES = 3  # the first dead one invalidates the pool: a second try gets a new one
+# How long a SQLite transaction waits for another process's lock on the file (an
+# operator's open `sqlite3` transaction, a VACUUM): asynchronously, in steps, so the
+# event loop serves reads meanwhile (SQLite's own busy timeout would hold the loop)
+SQLITE_BUSY_WAIT = 30.0
+SQLITE_BUSY = 5  # SQLite's primary result code for "database is locked"
 
 
 DatabaseError = sa.exc.SQLAlchemyError  # what the outer layers catch of the store's failures
@@ -67,6 +75,13 @@ def normalize_url(url: str) -> str:
             f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
         )
     return "sqlite+aiosqlite:///" + str(Path(url).expanduser().resolve())
+
+
+def _sqlite_busy(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == SQLITE_BUSY
+    return "database is locked" in str(exc.orig)
 
 
 def _pg_code(exc: BaseException) -> str | None:
@@ -192,16 +207,27 @@ class Database:
         BEGIN), run again on a connection found dead on arrival, and (writes) after a
         deadlock or serialization failure on PostgreSQL."""
         attempt = 0
+        busy_since: float | None = None
         while True:
             sync: sa.engine.Connection | None = None
+            began = False
             try:
                 async with self._write_once() if write else self.read() as conn:
                     sync = conn.sync_connection
                     if lone:
                         conn = await conn.execution_options(**self._lone_options)
+                    began = True
                     return await fn(conn, *args, **kwargs)
             except DBAPIError as exc:
                 attempt += 1
+                # another process holds the SQLite file's lock: a write that could not
+                # begin (nothing of it ran) or a read waits for it, without the loop
+                if self.is_sqlite and _sqlite_busy(exc) and not (write and began):
+                    now = time.monotonic()
+                    busy_since = now if busy_since is None else busy_since
+                    if now - busy_since < SQLITE_BUSY_WAIT:
+                        await asyncio.sleep(min(0.25, 0.005 * 2 ** min(attempt, 6)))
+                        continue
                 if self._dead_on_arrival(exc, sync) and attempt < DEAD_ON_ARRIVAL_TRIES:
                     continue
                 code = _pg_code(exc) if write and self.is_postgres else None
@@ -284,7 +310,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's thread does it
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA busy_timeout=0")  # waits happen in Database._run, not here
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

@@ -15,10 +15,10 @@ is kept off it:
 
 - the write-ahead log is written back to the database file (a checkpoint, with its
   fsync) by `Checkpointer` on a thread of its own, not by the committing connection;
-- a write waiting for another process's write lock (SQLite's busy timeout): corral's
-  server is the only writer of its SQLite file (a second server needs PostgreSQL),
-  and its own writers queue on an asyncio lock before BEGIN IMMEDIATE
-  (`corral.store.db`), so within one server a write never waits inside SQLite.
+- waiting for a lock on the file: the server's own writers queue on an asyncio lock
+  before BEGIN IMMEDIATE, and SQLite's busy timeout is 0, so a transaction that finds
+  another process's lock (an operator's open `sqlite3` transaction) fails at once and
+  `corral.store.db` waits and tries again asynchronously, the loop serving meanwhile.
 """
 
 from __future__ import annotations
