@@ -167,3 +167,20 @@ def test_a_lock_held_by_another_process_is_waited_for_without_holding_the_loop(t
             await db.dispose()
 
     asyncio.run(main())
+
+
+def test_a_handle_dropped_without_dispose_leaves_no_checkpoint_thread(tmp_path):
+    import gc
+
+    def threads() -> int:
+        return sum(t.name == "sqlite-checkpoint" for t in threading.enumerate())
+
+    before = threads()
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    assert threads() == before + 1
+    del db
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while threads() > before:
+        assert time.monotonic() < deadline, "the checkpoint thread outlived its handle"
+        time.sleep(0.02)

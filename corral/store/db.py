@@ -129,6 +129,8 @@ class Database:
             if path is not None:
                 self._checkpointer = sqlite_inline.Checkpointer(path)
                 self._checkpointer.start()
+                # a handle dropped without dispose() does not leave its thread behind
+                weakref.finalize(self, self._checkpointer.stop)
         else:
             self.engine = create_async_engine(
                 self.url,
