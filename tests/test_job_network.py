@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,7 +25,9 @@ import pytest
 from jobkit import ended, output, unavailable
 from netkit import listener
 
+from corral.agent.libc import libc
 from corral.agent.sandbox.network import (
+    CLONE_NEWNET,
     JOB_SUBNET,
     LINK_PREFIX,
     AttemptNetwork,
@@ -365,6 +368,57 @@ def test_a_kept_namespace_that_is_not_whole_is_made_anew(slot: int, tmp_path):
         third.close()
         assert third.reused
     finally:
+        forget_kept(kept, [slot])
+    wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
+
+
+def _listening_inside(netns_fd: int) -> socket.socket:
+    """A TCP listener on 127.0.0.1 of the namespace held by `netns_fd` (made on a thread
+    of its own that enters it: the socket stays there, the thread ends)."""
+    made: list[socket.socket] = []
+
+    def inside() -> None:
+        if libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            raise OSError("setns failed")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        made.append(s)
+
+    t = threading.Thread(target=inside)
+    t.start()
+    t.join(timeout=10)
+    (listener,) = made
+    return listener
+
+
+def test_a_kept_namespace_where_a_socket_is_still_open_is_not_handed_on(slot: int, tmp_path):
+    """A job may hand a socket of its namespace to a process outside its cgroup (another
+    job's, over a unix socket), to listen on the loopback of whoever gets the slot next:
+    such a namespace is never handed on."""
+    kept = str(tmp_path / "kept")
+    first = AttemptNetwork(slot, kept_dir=kept)
+    listener = None
+    try:
+        first.create()
+        made = os.fstat(first.fd).st_ino
+        listener = _listening_inside(first.fd)  # what another process was handed
+        first.close()
+        second = AttemptNetwork(slot, kept_dir=kept)
+        second.create()
+        second.close()
+        assert not second.reused
+        (pin,) = os.listdir(kept)
+        assert os.stat(os.path.join(kept, pin)).st_ino != made  # a new one is kept
+        listener.close()
+        listener = None
+        third = AttemptNetwork(slot, kept_dir=kept)
+        third.create()  # the new one, with nothing open in it, is handed on
+        third.close()
+        assert third.reused
+    finally:
+        if listener is not None:
+            listener.close()
         forget_kept(kept, [slot])
     wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
 

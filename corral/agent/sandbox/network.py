@@ -21,7 +21,8 @@ kernel more to tear it down again. Reuse is as clean as a new one: a slot is cla
 last attempt's cgroup has no process left (so nothing of it holds a socket there), and
 what outlives processes in a namespace (links, addresses, routes, rules, sysctls)
 needs CAP_NET_ADMIN over it, which no job has. A kept namespace is checked before use
-(both ends of its veth pair there) and made anew when it is not whole. Without a v2
+(both ends of its veth pair there, no socket in it held by any process: a job could hand
+one to a process outside its cgroup) and made anew when it is not so. Without a v2
 cgroup for the attempt (no proof its processes are gone), the namespace is the
 attempt's own and goes with its last process. `forget_kept` unpins them (the agent
 does not: a kept namespace holds a veth pair and nothing else)."""
@@ -163,13 +164,17 @@ class AttemptNetwork:
 
     def _kept(self, pin: str) -> int | None:
         """The slot's kept namespace when it is whole (both ends of its veth pair are
-        there), else None (and a broken one is unpinned)."""
+        there) and no socket in it is open (an earlier job may have handed one to a
+        process outside its cgroup, to listen on the next job's loopback); else None,
+        and the kept one is unpinned (it goes once that socket is closed)."""
         try:
             fd = os.open(pin, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         try:
             with _inside(fd):
+                if _sockets_held():
+                    raise OSError("a socket of an earlier attempt is still open in it")
                 inner = Netlink()  # its sockets stay in the kept namespace
             with inner, Netlink() as outer:
                 inner.index(JOB_LINK)
@@ -254,6 +259,29 @@ class AttemptNetwork:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+# what a job can open without privilege, as this thread's namespace lists them; an
+# entry whose inode is 0 is held by no process (TIME_WAIT, an orphan closing down)
+SOCKET_TABLES = {
+    "tcp": 9, "tcp6": 9, "udp": 9, "udp6": 9, "udplite": 9, "udplite6": 9,
+    "icmp": 9, "icmp6": 9, "unix": 6,
+}  # fmt: skip
+
+
+def _sockets_held() -> bool:
+    """Whether any process holds a socket in this thread's network namespace."""
+    for table, inode_field in SOCKET_TABLES.items():
+        try:
+            with open(f"/proc/thread-self/net/{table}", "rb") as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:  # a protocol this kernel lacks
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > inode_field and fields[inode_field] != b"0":
+                return True
+    return False
 
 
 def _pin_path(kept_dir: str, slot: int) -> str:
