@@ -16,7 +16,7 @@ host's end .1, the job's .2.
 A slot's namespace is kept for the slot's next attempt (pinned by a bind mount in
 KEPT_DIR, root's only, named by the host's own network namespace and the slot, as
 `ip netns` pins one): making a namespace, its veth pair, addresses and route cost the
-runner about 2.3 ms of CPU per attempt (0.4 ms to check and enter a kept one), and the
+runner about 2.3 ms of CPU per attempt (0.8 ms to check and enter a kept one), and the
 kernel more to tear it down again. Reuse is as clean as a new one: a slot is claimed only once the
 last attempt's cgroup has no process left (so nothing of it holds a socket there), and
 what outlives processes in a namespace (links, addresses, routes, rules, sysctls)
