@@ -15,6 +15,14 @@ from corral.store import sqlite_inline
 from corral.store.db import Database
 
 
+async def create_table(conn) -> None:
+    await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+
+
+async def count(conn) -> int:
+    return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
+
+
 def test_statements_run_on_the_loop_thread_and_errors_keep_their_kind(tmp_path):
     async def main():
         db = Database(f"sqlite:///{tmp_path / 'c.db'}")
@@ -26,7 +34,7 @@ def test_statements_run_on_the_loop_thread_and_errors_keep_their_kind(tmp_path):
                 raw.driver_connection._connection.create_function(
                     "whose_thread", 0, lambda: seen.append(threading.get_ident()) or 1
                 )
-                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+                await create_table(conn)
                 await conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
                 return (await conn.execute(sa.text("SELECT whose_thread()"))).scalar()
 
@@ -39,9 +47,6 @@ def test_statements_run_on_the_loop_thread_and_errors_keep_their_kind(tmp_path):
             with pytest.raises(sa.exc.IntegrityError):
                 await db.transact(duplicate)
 
-            async def count(conn):
-                return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
-
             assert await db.query(count) == 1  # the refused write left nothing
         finally:
             await db.dispose()
@@ -53,11 +58,7 @@ def test_a_write_transaction_that_fails_midway_leaves_nothing(tmp_path):
     async def main():
         db = Database(f"sqlite:///{tmp_path / 'c.db'}")
         try:
-
-            async def create(conn):
-                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
-
-            await db.transact(create)
+            await db.transact(create_table)
 
             async def half(conn):
                 await conn.execute(sa.text("INSERT INTO t (id) VALUES (1)"))
@@ -65,9 +66,6 @@ def test_a_write_transaction_that_fails_midway_leaves_nothing(tmp_path):
 
             with pytest.raises(RuntimeError):
                 await db.transact(half)
-
-            async def count(conn):
-                return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
 
             assert await db.query(count) == 0
         finally:
@@ -135,11 +133,7 @@ def test_a_lock_held_by_another_process_is_waited_for_without_holding_the_loop(t
     async def main():
         db = Database(f"sqlite:///{path}")
         try:
-
-            async def create(conn):
-                await conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
-
-            await db.transact(create)
+            await db.transact(create_table)
             other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             other.execute("BEGIN IMMEDIATE")
             other.execute("INSERT INTO t (id) VALUES (1)")
@@ -149,9 +143,6 @@ def test_a_lock_held_by_another_process_is_waited_for_without_holding_the_loop(t
                     await conn.execute(sa.text("INSERT INTO t (id) VALUES (2)"))
 
                 write = asyncio.create_task(db.transact(insert))
-
-                async def count(conn):
-                    return (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar()
 
                 # the loop is free: reads go on (they see neither uncommitted row)
                 for _ in range(5):
