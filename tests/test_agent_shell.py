@@ -169,3 +169,27 @@ def test_every_runner_started_or_killed_was_the_machines_instruction(cluster):
     # stopping is the machine's decision too: Stop in, Exit(0) out
     stop = [out for event, out in journal if isinstance(event, Stop)]
     assert stop and isinstance(stop[0][-1], Exit) and stop[0][-1].code == 0
+
+
+def test_an_attempt_stays_tracked_until_its_directory_is_gone(tmp_path, monkeypatch):
+    """Whoever sees an attempt no longer tracked (another thread of the agent, the test
+    above) must find its directory gone: the directory goes first."""
+    from corral.agent import supervisor as supervisor_module
+    from corral.agent.supervisor import Supervisor, Tracked
+
+    sup = Supervisor(tmp_path / "agent", ["http://127.0.0.1:9"], zygote=False)
+    d = sup.attempts_dir / "7-1"
+    d.mkdir()
+    (d / "spec.json").write_text("{}")
+    sup.tracked[(7, 1)] = Tracked(7, 1, "t", d)
+    seen: list[bool] = []
+    removing = supervisor_module.remove_known_dir
+
+    def remove(top, files=(), subdirs=()):
+        seen.append((7, 1) in sup.tracked)
+        removing(top, files, subdirs)
+
+    monkeypatch.setattr(supervisor_module, "remove_known_dir", remove)
+    sup.forget(7, 1)
+    assert seen == [True]
+    assert sup.tracked == {} and not d.exists()

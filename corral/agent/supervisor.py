@@ -399,9 +399,12 @@ class Supervisor:
         return ended
 
     def forget(self, job_id: int, attempt: int) -> None:
-        t = self.tracked.pop((job_id, attempt), None)
+        """The attempt's directory goes, then its tracking: whoever sees an attempt no
+        longer tracked (another thread of the agent, a test) finds its directory gone."""
+        t = self.tracked.get((job_id, attempt))
         if t is not None:
             remove_known_dir(t.dir, ATTEMPT_FILES)
+            self.tracked.pop((job_id, attempt), None)
 
     def job_dirs(self) -> dict[tuple[int, int], str]:
         """Each live attempt's private directory (from its spec)."""
