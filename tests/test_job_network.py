@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ from corral.agent.sandbox.network import (
     forget_kept,
     ruleset,
     slot_addresses,
+    sockets_open,
 )
 from corral.domain.sandbox import SandboxFacts, describe
 from corral.testing import Cluster, job_python, wait_for
@@ -285,14 +287,19 @@ def test_the_host_network_when_the_operator_asks_for_it(cluster: Cluster):
 
 
 def _ip_in(fd: int, *args: str) -> str:
-    """`ip ARGS` run in the namespace held by this process's fd."""
-    return subprocess.run(
+    """`ip ARGS` run in the namespace held by this process's fd. Its netlink socket
+    counts in the namespace until the kernel frees it (an RCU grace period after
+    `ip` closed it): waited for, so that it does not keep the namespace from being
+    handed on."""
+    out = subprocess.run(
         ["nsenter", f"--net=/proc/{os.getpid()}/fd/{fd}", "ip", *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=30,
     ).stdout
+    wait_for(lambda: not sockets_open(fd), 10, "ip's netlink socket to be freed")
+    return out
 
 
 @pytest.fixture
@@ -372,37 +379,58 @@ def test_a_kept_namespace_that_is_not_whole_is_made_anew(slot: int, tmp_path):
     wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
 
 
-def _listening_inside(netns_fd: int) -> socket.socket:
-    """A TCP listener on 127.0.0.1 of the namespace held by `netns_fd` (made on a thread
-    of its own that enters it: the socket stays there, the thread ends)."""
+def _tcp_listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+def _udp_bound() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def _abstract_unix_listener() -> socket.socket:
+    # an abstract name belongs to the network namespace: the next job could connect to it
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(f"\0corral-test-{os.getpid()}")
+    s.listen(1)
+    return s
+
+
+def _open_inside(netns_fd: int, make: Callable[[], socket.socket]) -> socket.socket:
+    """A socket made by `make` in the namespace held by `netns_fd` (on a thread of its
+    own that enters it: the socket stays there, the thread ends)."""
     made: list[socket.socket] = []
 
     def inside() -> None:
         if libc.setns(netns_fd, CLONE_NEWNET) != 0:
             raise OSError("setns failed")
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        s.listen(1)
-        made.append(s)
+        made.append(make())
 
     t = threading.Thread(target=inside)
     t.start()
     t.join(timeout=10)
-    (listener,) = made
-    return listener
+    (sock,) = made
+    return sock
 
 
-def test_a_kept_namespace_where_a_socket_is_still_open_is_not_handed_on(slot: int, tmp_path):
+@pytest.mark.parametrize("make", [_tcp_listener, _udp_bound, _abstract_unix_listener])
+def test_a_kept_namespace_where_a_socket_is_still_open_is_not_handed_on(
+    slot: int, tmp_path, make: Callable[[], socket.socket]
+):
     """A job may hand a socket of its namespace to a process outside its cgroup (another
     job's, over a unix socket), to listen on the loopback of whoever gets the slot next:
     such a namespace is never handed on."""
     kept = str(tmp_path / "kept")
     first = AttemptNetwork(slot, kept_dir=kept)
-    listener = None
+    held = None
     try:
         first.create()
         made = os.fstat(first.fd).st_ino
-        listener = _listening_inside(first.fd)  # what another process was handed
+        held = _open_inside(first.fd, make)  # what another process was handed
         first.close()
         second = AttemptNetwork(slot, kept_dir=kept)
         second.create()
@@ -410,15 +438,15 @@ def test_a_kept_namespace_where_a_socket_is_still_open_is_not_handed_on(slot: in
         assert not second.reused
         (pin,) = os.listdir(kept)
         assert os.stat(os.path.join(kept, pin)).st_ino != made  # a new one is kept
-        listener.close()
-        listener = None
+        held.close()
+        held = None
         third = AttemptNetwork(slot, kept_dir=kept)
         third.create()  # the new one, with nothing open in it, is handed on
         third.close()
         assert third.reused
     finally:
-        if listener is not None:
-            listener.close()
+        if held is not None:
+            held.close()
         forget_kept(kept, [slot])
     wait_for(lambda: first.link not in _job_links(), 20, "the host's end to go")
 

@@ -21,8 +21,8 @@ kernel more to tear it down again. Reuse is as clean as a new one: a slot is cla
 last attempt's cgroup has no process left (so nothing of it holds a socket there), and
 what outlives processes in a namespace (links, addresses, routes, rules, sysctls)
 needs CAP_NET_ADMIN over it, which no job has. A kept namespace is checked before use
-(both ends of its veth pair there, no socket in it held by any process: a job could hand
-one to a process outside its cgroup) and made anew when it is not so. Without a v2
+(both ends of its veth pair there, no socket left in it by the kernel's count: a job
+could hand one to a process outside its cgroup) and made anew when it is not so. Without a v2
 cgroup for the attempt (no proof its processes are gone), the namespace is the
 attempt's own and goes with its last process. `forget_kept` unpins them (the agent
 does not: a kept namespace holds a veth pair and nothing else)."""
@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from corral.agent.libc import errno_error, libc
+from corral.agent.sandbox.ifioctl import LinkIoctl
 from corral.agent.sandbox.netlink import Netlink
 
 T = TypeVar("T")
@@ -47,7 +48,7 @@ JOB_SUBNET = ipaddress.IPv4Network("10.213.0.0/16")
 TABLE = "corral_jobs"  # the nftables table (family inet) on each host the agent runs on
 LINK_PREFIX = "cj-"  # the host's end of an attempt's veth pair: cj-<slot>
 JOB_LINK = "eth0"  # the attempt's end, inside its namespace
-LOOPBACK_INDEX = 1  # always, in a new namespace
+LOOPBACK = "lo"
 CLONE_NEWNET = 0x40000000
 KEPT_DIR = "/run/corral-job-netns"  # root's (0700): one bind mount per kept namespace
 MS_BIND = 0x1000
@@ -172,11 +173,11 @@ class AttemptNetwork:
         except OSError:
             return None
         try:
+            if sockets_open(fd):
+                raise OSError("a socket of an earlier attempt is still open in it")
             with _inside(fd):
-                if _sockets_held():
-                    raise OSError("a socket of an earlier attempt is still open in it")
-                inner = Netlink()  # its sockets stay in the kept namespace
-            with inner, Netlink() as outer:
+                inner = LinkIoctl()  # its socket stays in the kept namespace
+            with inner, LinkIoctl() as outer:
                 inner.index(JOB_LINK)
                 outer.index(self.link)
             return fd
@@ -191,32 +192,30 @@ class AttemptNetwork:
         except OSError as exc:
             raise NetworkError(f"cannot make the attempt's network: {exc}") from None
         try:
-            with inner, Netlink() as outer:
+            with inner, Netlink() as rtnl, LinkIoctl() as outer:
                 try:
-                    outer.add_veth(self.link, JOB_LINK, fd)
+                    rtnl.add_veth(self.link, JOB_LINK, fd)
                 except FileExistsError:
                     # the end of an earlier attempt of this slot whose namespace the
                     # kernel has not torn down yet (its processes are gone: the slot
                     # was free)
-                    outer.delete_link(self.link)
-                    outer.add_veth(self.link, JOB_LINK, fd)
-                index = outer.index(self.link)
-                outer.add_address(index, self.host_ip, self.prefix)
-                outer.set_up(index)
-                job_index = inner.index(JOB_LINK)
-                inner.add_address(job_index, self.job_ip, self.prefix)
-                inner.set_up(job_index)
-                inner.add_default_route(self.host_ip, job_index)
+                    rtnl.delete_link(self.link)
+                    rtnl.add_veth(self.link, JOB_LINK, fd)
+                outer.add_address(self.link, self.host_ip, self.prefix)
+                outer.set_up(self.link)
+                inner.add_address(JOB_LINK, self.job_ip, self.prefix)
+                inner.set_up(JOB_LINK)
+                inner.add_default_route(self.host_ip)
         except OSError as exc:
             os.close(fd)
             raise NetworkError(f"cannot make the attempt's network: {exc}") from None
         self.fd = fd
 
     @staticmethod
-    def _new_netns() -> tuple[int, Netlink]:
+    def _new_netns() -> tuple[int, LinkIoctl]:
         """A new network namespace, held by the returned fd only, with its loopback up
-        and no IPv6 on links made in it; and a netlink socket of its own (a socket
-        stays in the namespace it was made in: one trip of this thread there)."""
+        and no IPv6 on links made in it; and a socket of its own for the links' set-up
+        (a socket stays in the namespace it was made in: one trip of this thread there)."""
         home = _own_netns()
         try:
             if libc.unshare(CLONE_NEWNET) != 0:
@@ -224,12 +223,12 @@ class AttemptNetwork:
             try:
                 fd = _own_netns()
                 try:
-                    inner = Netlink()
+                    inner = LinkIoctl()
                 except OSError:
                     os.close(fd)
                     raise
                 try:
-                    inner.set_up(LOOPBACK_INDEX)
+                    inner.set_up(LOOPBACK)
                     with (
                         contextlib.suppress(OSError),  # no IPv6 in this kernel
                         open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as f,
@@ -261,27 +260,17 @@ class AttemptNetwork:
             self.fd = None
 
 
-# what a job can open without privilege, as this thread's namespace lists them; an
-# entry whose inode is 0 is held by no process (TIME_WAIT, an orphan closing down)
-SOCKET_TABLES = {
-    "tcp": 9, "tcp6": 9, "udp": 9, "udp6": 9, "udplite": 9, "udplite6": 9,
-    "icmp": 9, "icmp6": 9, "unix": 6,
-}  # fmt: skip
-
-
-def _sockets_held() -> bool:
-    """Whether any process holds a socket in this thread's network namespace."""
-    for table, inode_field in SOCKET_TABLES.items():
-        try:
-            with open(f"/proc/thread-self/net/{table}", "rb") as f:
-                rows = f.read().splitlines()[1:]
-        except FileNotFoundError:  # a protocol this kernel lacks
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) > inode_field and fields[inode_field] != b"0":
-                return True
-    return False
+def sockets_open(netns_fd: int) -> bool:
+    """Whether any socket exists in the network namespace held by `netns_fd`: the kernel
+    counts the sockets of each namespace (`sockets: used` of its sockstat), held by a
+    process or closing down (a netlink socket counts until an RCU grace period after
+    its close). Listing the socket tables instead costs milliseconds: reading them walks
+    the host's whole TCP hash table, however few sockets the namespace has."""
+    with _inside(netns_fd), open("/proc/thread-self/net/sockstat", "rb") as f:
+        first = f.readline().split()  # b"sockets: used N"
+    if first[:2] != [b"sockets:", b"used"]:
+        raise OSError(f"unexpected sockstat line: {b' '.join(first)!r}")
+    return int(first[2]) != 0
 
 
 def _pin_path(kept_dir: str, slot: int) -> str:
