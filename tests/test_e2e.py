@@ -102,6 +102,27 @@ def test_cancel_kills_the_whole_process_tree(two_agents, jobfiles: Path):
     assert f"job {job.id} has already ended (cancelled): nothing to cancel" in r.stderr
 
 
+def test_an_agent_keeps_no_file_per_job_it_ran(cluster: Cluster, two_agents):
+    """Each job's lock on an agent is a file; it goes with the attempt, or the locks
+    directory of a long-lived agent grows by a file for every job it ever ran."""
+    _server, client = two_agents
+    ids = [client.submit(["true"]).id for _ in range(4)]
+    ids.append(client.submit(["false"]).id)
+    sleeper = client.submit(["sleep", "300"])
+    wait_for(lambda: client.job(sleeper.id).state == "running", 30, "the sleeper to start")
+    client.cancel(sleeper.id)
+    ended = ("succeeded", "failed", "cancelled")
+    wait_for(lambda: all(client.job(i).state in ended for i in [*ids, sleeper.id]), 60, "the jobs")
+
+    def lock_files() -> list[str]:
+        return [
+            str(f) for d in cluster.agent_dirs() if (d / "locks").is_dir()
+            for f in (d / "locks").iterdir()
+        ]  # fmt: skip
+
+    wait_for(lambda: lock_files() == [], 30, "the jobs' lock files to go")
+
+
 def test_server_and_token_may_come_before_the_command(two_agents):
     """`corral --server URL --token T jobs`, as other CLIs take their global options;
     a command's own --server wins."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import fcntl
 import json
 import os
 import selectors
@@ -42,7 +41,7 @@ from typing import IO
 
 import psutil
 
-from corral.agent import transfer
+from corral.agent import joblock, transfer
 from corral.agent.identity import write_json_atomic
 from corral.agent.libc import libc
 from corral.agent.objects import ObjectStore
@@ -262,25 +261,24 @@ class Runner:
     # -- the pieces ---------------------------------------------------------------------------
 
     def acquire_job_lock(self) -> bool:
-        path = Path(self.spec["job_lock"])
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:  # the first job on this agent: the locks dir is new
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.spec.get("lock_wait", LOCK_WAIT)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, 0)
-                os.write(fd, f"attempt {self.attempt} runner pid {os.getpid()}\n".encode())
-                self.lock_fd = fd
-                return True
-            except BlockingIOError:
-                if time.monotonic() > deadline or self.terminated.is_set():
-                    os.close(fd)
-                    return False
-                time.sleep(0.1)
+        fd = joblock.acquire(
+            Path(self.spec["job_lock"]),
+            self.spec.get("lock_wait", LOCK_WAIT),
+            give_up=self.terminated.is_set,
+        )
+        if fd is None:
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"attempt {self.attempt} runner pid {os.getpid()}\n".encode())
+        self.lock_fd = fd
+        return True
+
+    def release_job_lock(self) -> None:
+        """The attempt is over here (its processes gone, its result reported or
+        refused): the lock's file goes with the lock."""
+        if self.lock_fd is not None:
+            joblock.release(Path(self.spec["job_lock"]), self.lock_fd)
+            self.lock_fd = None
 
     def end_earlier_attempts(self) -> None:
         """With the job's lock held, no runner of another attempt of this job lives
@@ -414,17 +412,20 @@ class Runner:
             # never started and the reaper requeues it after the start timeout.
             self.done("lock_timeout", reason="another runner of this job holds its lock")
             return EXIT_STALE
-        self.end_earlier_attempts()
         try:
-            self.call("start")
-        except (Stale, Unreachable) as exc:
-            self.done("stale", reason=str(exc))
-            return EXIT_STALE
-        self.started_at = time.monotonic()
-        try:
-            return self._run_started()
+            self.end_earlier_attempts()
+            try:
+                self.call("start")
+            except (Stale, Unreachable) as exc:
+                self.done("stale", reason=str(exc))
+                return EXIT_STALE
+            self.started_at = time.monotonic()
+            try:
+                return self._run_started()
+            finally:
+                self.sandbox.remove()
         finally:
-            self.sandbox.remove()
+            self.release_job_lock()
 
     def _lost(self, reason: str) -> int:
         """The attempt could not run here (not the job's fault): report it lost so

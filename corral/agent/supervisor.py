@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from corral.agent import joblock
 from corral.agent.artifacts import Installer
 from corral.agent.dirs import remove_known_dir
 from corral.agent.identity import write_json_atomic
@@ -301,7 +302,7 @@ class Supervisor:
                 "data_dir": str(self.data_dir),
                 "inputs": [i.model_dump() for i in order.inputs],
                 "workdir": order.workdir.model_dump() if order.workdir else None,
-                "job_lock": str(self.locks_dir / f"job-{order.job_id}.lock"),
+                "job_lock": str(self._job_lock(order.job_id)),
                 "job_dir": str(job_dir),
                 "sandbox": self.host.to_json(),
             },
@@ -398,6 +399,9 @@ class Supervisor:
                 ended.append(Ended(t.job_id, t.attempt, t.token, False, status))
         return ended
 
+    def _job_lock(self, job_id: int) -> Path:
+        return self.locks_dir / f"job-{job_id}.lock"
+
     def forget(self, job_id: int, attempt: int) -> None:
         """The attempt's directory goes, then its tracking: whoever sees an attempt no
         longer tracked (another thread of the agent, a test) finds its directory gone."""
@@ -405,6 +409,9 @@ class Supervisor:
         if t is not None:
             remove_known_dir(t.dir, ATTEMPT_FILES)
             self.tracked.pop((job_id, attempt), None)
+            # a runner that was killed left the job's lock file (a runner that ended
+            # removed it; one of a later attempt of the job holds it: kept)
+            joblock.sweep(self._job_lock(job_id))
 
     def job_dirs(self) -> dict[tuple[int, int], str]:
         """Each live attempt's private directory (from its spec)."""
