@@ -139,3 +139,46 @@ def test_a_finish_after_its_start_is_not_looked_up_again_by_the_guard(tmp_path: 
     # a server that never saw the start looks the token up first, as before
     assert len(_token_reads(out["other"])) == 1, out["other"]
     assert not _token_reads(out["retried"]), out["retried"]
+
+
+def _what(statement: str) -> str:
+    """'INSERT jobs', 'SELECT tokens', 'UPDATE jobs': the kind of a statement and its table."""
+    words = statement.split()
+    if words[0].upper() == "INSERT":
+        return f"INSERT {words[2]}"
+    if words[0].upper() == "UPDATE":
+        return f"UPDATE {words[1]}"
+    return f"{words[0]} {words[words.index('FROM') + 1]}"
+
+
+async def _submit(tmp_path: Path, db_url: str, key: str | None) -> tuple[list[str], dict, dict]:
+    ctx = await open_context(ServerConfig(data_dir=tmp_path / "srv", db_url=db_url))
+    counter = Statements(ctx.db.engine)
+    try:
+        async with appkit.client(ctx) as http:
+            admin = {"Authorization": f"Bearer {ctx.admin_token}"}
+            r = await http.get("/api/v1/jobs", headers=admin)  # the token's first use is noted
+            assert r.status_code == 200, r.text
+            headers = {**admin, **({"Idempotency-Key": key} if key else {})}
+            body = {"command": ["true"], "name": "n", "env": {"A": "1"}, "cpus": 0.5}
+            counter.on = True
+            r = await http.post("/api/v1/jobs", json=body, headers=headers)
+            counter.on = False
+            assert r.status_code == 201, r.text
+            got = await http.get(f"/api/v1/jobs/{r.json()['id']}", headers=admin)
+            assert got.status_code == 200, got.text
+            seen = [s for s in counter.seen if not s.lstrip().upper().startswith(TX)]
+            return [_what(s) for s in seen], r.json(), got.json()
+    finally:
+        await close_context(ctx)
+
+
+def test_a_submit_answers_with_the_row_it_wrote_and_reads_nothing_back(tmp_path: Path, db_url: str):
+    """A submit is the credential's lookup and the job's INSERT (with its idempotency
+    key's), answered from the INSERT's RETURNING: the same as a GET of the new job."""
+    seen, reply, got = asyncio.run(_submit(tmp_path / "plain", db_url, None))
+    assert seen == ["SELECT tokens", "INSERT jobs"]
+    assert reply == got
+    seen, reply, got = asyncio.run(_submit(tmp_path / "keyed", db_url, "k-1"))
+    assert seen == ["SELECT tokens", "INSERT jobs", "INSERT submit_keys"]
+    assert reply == got

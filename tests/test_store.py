@@ -279,13 +279,14 @@ def test_a_submit_retried_with_its_idempotency_key_is_the_same_job(db_url):
         spec = JobSubmit(command=["true"])
         first, created = await db.transact(repo.submit_once, spec, NOW, "tok1", "key-1")
         again, created_again = await db.transact(repo.submit_once, spec, NOW + 1, "tok1", "key-1")
-        assert (again, created, created_again) == (first, True, False)
+        assert created is not None and created["id"] == first and created["state"] == "queued"
+        assert (again, created_again) == (first, None)
         # the same key with another body is a conflict, and writes nothing
         with pytest.raises(repo.IdempotencyConflict, match="Idempotency-Key"):
             await db.transact(repo.submit_once, JobSubmit(command=["false"]), NOW, "tok1", "key-1")
         # keys belong to the principal that sent them
         other, created = await db.transact(repo.submit_once, spec, NOW, "tok2", "key-1")
-        assert created and other != first
+        assert created is not None and other != first
         assert len(await db.query(repo.list_jobs)) == 2
         await db.dispose()
 
@@ -301,7 +302,7 @@ def test_racing_submits_with_one_idempotency_key_make_one_job(pg_url):
             *(db.transact(repo.submit_once, spec, NOW, "tok", "same") for _ in range(8))
         )
         assert len({job_id for job_id, _ in results}) == 1
-        assert sum(created for _, created in results) == 1
+        assert sum(created is not None for _, created in results) == 1
         assert len(await db.query(repo.list_jobs)) == 1
         await db.dispose()
 
@@ -413,7 +414,7 @@ def test_a_keyed_submit_is_two_statements_and_a_retry_gets_the_first_job(db_url)
         first = await db.transact(repo.submit_once, spec, NOW, "tok", "k1")
         writes = [s for s in seen if s not in ("BEGIN", "COMMIT", "ROLLBACK")]
         again = await db.transact(repo.submit_once, spec, NOW, "tok", "k1")
-        assert first[1] is True and again == (first[0], False)
+        assert first[1] is not None and again == (first[0], None)
         assert writes == ["INSERT", "INSERT"], writes
         assert [j["id"] for j in await db.query(repo.list_jobs)] == [first[0]]
         await db.dispose()

@@ -195,11 +195,17 @@ def _job_row(conn: AsyncConnection, spec: JobSubmit, now: float) -> dict:
     )
 
 
-async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
+async def submit_row(conn: AsyncConnection, spec: JobSubmit, now: float) -> sa.RowMapping:
+    """The new job's whole row, as it went in (what a submit answers with: no read
+    after the write)."""
     result = await conn.execute(
-        sa.insert(jobs).values(**_job_row(conn, spec, now)).returning(jobs.c.id)
+        sa.insert(jobs).values(**_job_row(conn, spec, now)).returning(*jobs.c)
     )
-    return result.scalar_one()
+    return result.mappings().one()
+
+
+async def submit(conn: AsyncConnection, spec: JobSubmit, now: float) -> int:
+    return int((await submit_row(conn, spec, now))["id"])
 
 
 def request_sha256(spec: JobSubmit) -> str:
@@ -210,9 +216,10 @@ def request_sha256(spec: JobSubmit) -> str:
 
 async def submit_once(
     conn: AsyncConnection, spec: JobSubmit, now: float, principal: str, key: str
-) -> tuple[int, bool]:
+) -> tuple[int, sa.RowMapping | None]:
     """Submit under an idempotency key: the first request with (principal, key) creates
-    the job, a retry of it gets that job again (created False), and another request
+    the job (its row is returned with its id), a retry of it gets that job's id again
+    (and no row), and another request
     under the same key is refused. The job goes in, then its key unless the key is
     taken (ON CONFLICT DO NOTHING: of two racing first requests the second waits for
     the first to commit, then finds the key taken); a request that finds its key taken
@@ -220,7 +227,8 @@ async def submit_once(
     for a first request (there was a read first, and a savepoint around the inserts on
     PostgreSQL: three round trips more); retries, which are rare, pay the difference."""
     digest = request_sha256(spec)
-    job_id = await submit(conn, spec, now)
+    created = await submit_row(conn, spec, now)
+    job_id = int(created["id"])
     stored = (
         await conn.execute(
             insert_ignoring_duplicates(conn, submit_keys)
@@ -232,7 +240,7 @@ async def submit_once(
         )
     ).first()
     if stored is not None:
-        return job_id, True
+        return job_id, created
     await conn.execute(sa.delete(jobs).where(jobs.c.id == job_id))
     row = (
         (
@@ -252,7 +260,7 @@ async def submit_once(
             f"Idempotency-Key {key!r} was used for another request (job {row['job_id']}); "
             "use a new key for a new job"
         )
-    return int(row["job_id"]), False
+    return int(row["job_id"]), None
 
 
 _TOP_JOB_ID = sa.select(sa.func.max(jobs.c.id))

@@ -125,7 +125,7 @@ async def submit(
 ) -> JobView:
     await _check_objects(ctx, [spec])
     if idempotency_key is None:
-        job_id, created = await ctx.db.transact(repo.submit, spec, ctx.now()), True
+        row = await ctx.db.transact(repo.submit_row, spec, ctx.now())
     else:
         if not _KEY.match(idempotency_key):
             raise ApiError(
@@ -140,13 +140,14 @@ async def submit(
             )
         except repo.IdempotencyConflict as exc:
             raise ApiError(409, "idempotency_conflict", str(exc)) from None
-        if not created:
+        if created is None:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
-    if created:
-        metrics.JOBS_SUBMITTED.labels(spec.fleet or "").inc()
+            return await _view(ctx, job_id)  # as it is now: it may have run since
+        row = created
+    metrics.JOBS_SUBMITTED.labels(spec.fleet or "").inc()
     ctx.notifier.wake("dispatch")
-    return await _view(ctx, job_id)
+    return job_view(row)  # as it went in: a new job has no attempt yet
 
 
 @router.post(
