@@ -325,7 +325,7 @@ class Runner:
                 if self.stale.is_set() or self.terminated.is_set():
                     return
             except RuntimeError as exc:
-                print(f"runner: {exc}", file=sys.stderr)
+                print(f"runner of attempt {self.job_id}/{self.attempt}: {exc}", file=sys.stderr)
                 time.sleep(1)
 
     def start_shipper(self) -> None:

@@ -34,7 +34,14 @@ from corral.agent.dirs import remove_known_dir
 from corral.agent.identity import write_json_atomic
 from corral.agent.proctree import kill_tree, same_process
 from corral.agent.sandbox.host import Host
-from corral.agent.zygote import LOG_NAME, PID_NAME, ZygoteClient, ZygoteUnavailable, fingerprint
+from corral.agent.zygote import (
+    LOG_NAME,
+    PID_NAME,
+    ZygoteClient,
+    ZygoteUnavailable,
+    fingerprint,
+    open_runners_log,
+)
 from corral.api import ObservedAttempt, StartOrder
 
 log = logging.getLogger("corral.agent.supervisor")
@@ -69,7 +76,6 @@ class Ended:
 ATTEMPT_FILES = (
     "spec.json",
     "runner.pid",
-    "runner.log",
     "command.json",
     "done.json",
     "evict.json",
@@ -314,7 +320,7 @@ class Supervisor:
                 self.tracked[key] = Tracked(order.job_id, order.attempt, order.token, d)
                 log.info("forked runner for attempt %s/%s (pid %d)", *key, pid)
                 return
-        with open(d / "runner.log", "ab") as out:
+        with open(open_runners_log(self.data_dir), "ab") as out:
             popen = subprocess.Popen(
                 [*self.runner_command(), str(d)],
                 stdin=subprocess.DEVNULL,

@@ -5,7 +5,7 @@ start-up and imports, the largest part of a trivial job's cost. The zygote pays 
 once: it imports the runner's code, then waits on a unix socket in the agent's data
 dir (0600, in the 0700 data dir, and it checks its peer's uid). Asked to start an
 attempt, it forks; the child leaves the zygote behind (its own session, the socket
-closed, signal handlers reset, stdio on the attempt's runner.log) and runs exactly
+closed, signal handlers reset, stdio on the agent's runners.log) and runs exactly
 what `python -m corral.agent.runner ATTEMPT_DIR` runs (`runner.main`), so the
 sandbox, the per-job lock, fencing and logs behave as with a spawned runner.
 
@@ -50,6 +50,9 @@ log = logging.getLogger("corral.agent.zygote")
 SOCKET_NAME = "zygote.sock"
 PID_NAME = "zygote.pid"
 LOG_NAME = "zygote.log"
+# what runners print (a crash's traceback): one file in the data dir for them all, so
+# that it outlives the attempt's directory (and an attempt creates no file for it)
+RUNNERS_LOG = "runners.log"
 ORPHAN_GRACE = 60.0
 OWNER_CHECK_EVERY = 1.0
 REQUEST_TIMEOUT = 3.0  # the agent waits this long at most before spawning instead
@@ -136,6 +139,13 @@ class ZygoteClient:
 # -- the zygote --------------------------------------------------------------------------------
 
 
+def open_runners_log(data_dir: Path) -> int:
+    """The runners' shared output file (appended to, the agent's only)."""
+    return os.open(
+        data_dir / RUNNERS_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+
+
 def _set_comm(name: bytes) -> None:
     """The process's short name in ps/top (the command line stays the zygote's)."""
     with contextlib.suppress(OSError):
@@ -155,6 +165,7 @@ class Zygote:
         self.owner_gone_since: float | None = None
         self.owner_checked_at = 0.0
         self.inode: int | None = None
+        self.runners_log: int | None = None
 
     # -- start-up and the loop --------------------------------------------------------------
 
@@ -192,6 +203,7 @@ class Zygote:
 
         self.preload()
         listener = self.bind()
+        self.runners_log = open_runners_log(self.data_dir)
         signal.signal(signal.SIGCHLD, self._on_sigchld)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -374,7 +386,11 @@ class Zygote:
             random.seed()  # also done by Python's at-fork hook; never shared state
             logging.root.handlers.clear()  # as a spawned runner: no log config
             _set_comm(b"corral-runner")
-            out = os.open(attempt_dir / "runner.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            out = (
+                self.runners_log
+                if self.runners_log is not None
+                else os.open(os.devnull, os.O_WRONLY)
+            )
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(out, 1)
@@ -388,6 +404,7 @@ class Zygote:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
             with contextlib.suppress(Exception):
+                print(f"runner of attempt {attempt_dir.name} crashed:", file=sys.stderr)
                 traceback.print_exc()
         finally:
             for stream in (sys.stdout, sys.stderr):
