@@ -16,8 +16,8 @@ host's end .1, the job's .2.
 A slot's namespace is kept for the slot's next attempt (pinned by a bind mount in
 KEPT_DIR, root's only, named by the host's own network namespace and the slot, as
 `ip netns` pins one): making a namespace, its veth pair, addresses and route cost the
-runner about 2.3 ms of CPU per attempt (0.8 ms to check and enter a kept one), and the
-kernel more to tear it down again. Reuse is as clean as a new one: a slot is claimed only once the
+runner about 2.3 ms of CPU per attempt (well under 1 ms to check and enter a kept one),
+and the kernel more to tear it down again. Reuse is as clean as a new one: a slot is claimed only once the
 last attempt's cgroup has no process left (so nothing of it holds a socket there), and
 what outlives processes in a namespace (links, addresses, routes, rules, sysctls)
 needs CAP_NET_ADMIN over it, which no job has. A kept namespace is checked before use
