@@ -18,14 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 RETRY_EVERY = 0.1
+OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _open(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        return os.open(path, OPEN_FLAGS, 0o600)
     except FileNotFoundError:  # the first job on this agent: the locks dir is new
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        return os.open(path, OPEN_FLAGS, 0o600)
 
 
 def _still_there(fd: int, path: Path) -> bool:

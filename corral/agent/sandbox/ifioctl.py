@@ -5,7 +5,7 @@ IPv4 datagram socket, which the kernel frees the moment it is closed.
 Why not rtnetlink here, as on the host's side (`netlink.Netlink`): a netlink socket
 is freed only after an RCU grace period (16–30 ms measured), and until then the
 namespace's socket count (`sockets: used` in its sockstat) still includes it. A kept
-namespace is handed on only when that count is 0 (`network._sockets_held`), so a
+namespace is handed on only when that count is 0 (`network.sockets_open`), so a
 netlink socket opened inside would make the slot's next attempt remake a namespace
 that is clean. The ioctls are the kernel's stable ABI, as the netlink messages are."""
 
