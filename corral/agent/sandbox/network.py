@@ -14,18 +14,18 @@ two live attempts on the host share one): slot N is the /30 at 10.213.0.0 + 4N, 
 host's end .1, the job's .2.
 
 A slot's namespace is kept for the slot's next attempt (pinned by a bind mount in
-KEPT_DIR, root's only, named by the host's own network namespace and the slot, as
-`ip netns` pins one): making a namespace, its veth pair, addresses and route cost the
-runner about 2.3 ms of CPU per attempt (well under 1 ms to check and enter a kept one),
-and the kernel more to tear it down again. Reuse is as clean as a new one: a slot is claimed only once the
-last attempt's cgroup has no process left (so nothing of it holds a socket there), and
-what outlives processes in a namespace (links, addresses, routes, rules, sysctls)
-needs CAP_NET_ADMIN over it, which no job has. A kept namespace is checked before use
-(both ends of its veth pair there, no socket left in it by the kernel's count: a job
-could hand one to a process outside its cgroup) and made anew when it is not so. Without a v2
-cgroup for the attempt (no proof its processes are gone), the namespace is the
-attempt's own and goes with its last process. `forget_kept` unpins them (the agent
-does not: a kept namespace holds a veth pair and nothing else)."""
+KEPT_DIR, root's only, named by the host's own network namespace and the slot, as `ip
+netns` pins one): making a namespace, its veth pair, addresses and route cost the runner
+about 2.3 ms of CPU per attempt (well under 1 ms to check and enter a kept one), and the
+kernel more to tear it down again. Reuse is as clean as a new one: a slot is claimed
+only once the last attempt's cgroup has no process left (so nothing of it holds a socket
+there), and what outlives processes in a namespace (links, addresses, routes, rules,
+sysctls) needs CAP_NET_ADMIN over it, which no job has. A kept namespace is checked
+before use (both ends of its veth pair there, no socket left in it by the kernel's
+count: a job could hand one to a process outside its cgroup) and made anew when it is
+not so. Without a v2 cgroup for the attempt (no proof its processes are gone), the
+namespace is the attempt's own and goes with its last process. `forget_kept` unpins them
+(the agent does not: a kept namespace holds a veth pair and nothing else)."""
 
 from __future__ import annotations
 
