@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import textwrap
 from pathlib import Path
 
@@ -15,7 +14,15 @@ import psutil
 import pytest
 
 from corral.agent.proctree import same_process
-from corral.agent.zygote import PID_NAME, SOCKET_NAME, Zygote, ZygoteClient, ZygoteUnavailable
+from corral.agent.runner import EXIT_STALE
+from corral.agent.zygote import (
+    PID_NAME,
+    RUNNER_EXITS,
+    SOCKET_NAME,
+    Zygote,
+    ZygoteClient,
+    ZygoteUnavailable,
+)
 from corral.testing import Cluster, job_python, wait_for
 
 # The job: record that it started (attempt, pid, parent), wait for the gate, record
@@ -111,9 +118,13 @@ def test_an_attempt_forked_by_the_zygote_runs_and_records_its_result(
         lambda: (j := client.job(job2.id)).state in ("succeeded", "failed") and j, 30, "job 2"
     )
     assert (final2.state, final2.attempt) == ("succeeded", 1)
-    zlog = (agent.data_dir / "zygote.log").read_text()
-    assert re.search(rf"\[{zygote.pid}\]: forked runner \d+ for {job2.id}-1$", zlog, re.M), zlog
+    restarted_log = agent.log().split(f"attached to zygote {zygote.pid}", 1)[1]
+    assert f"forked runner for attempt {job2.id}/1" in restarted_log
     assert _zygote(agent) is not None and _zygote(agent).pid == zygote.pid
+    # the zygote's own log does not grow by a line per attempt
+    zlog = (agent.data_dir / "zygote.log").read_text()
+    assert "forked runner" not in zlog and "exited" not in zlog, zlog
+    assert RUNNER_EXITS == (0, EXIT_STALE)
 
 
 @pytest.mark.e2e

@@ -58,6 +58,7 @@ OWNER_CHECK_EVERY = 1.0
 REQUEST_TIMEOUT = 3.0  # the agent waits this long at most before spawning instead
 MAX_REQUEST = 64 * 1024
 EXIT_CHILD_CRASHED = 70
+RUNNER_EXITS = (0, 75)  # how a runner ends as runners do: done, or stale (runner.EXIT_STALE)
 
 
 class ZygoteUnavailable(Exception):
@@ -247,7 +248,11 @@ class Zygote:
     def _log_exited(self) -> None:
         while self.exited:
             pid, status = self.exited.pop(0)
-            log.info("runner %d exited (code %s)", pid, os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            # a line per attempt would grow zygote.log without end (the agent's own log
+            # has each attempt's start); only a runner that did not end as runners do
+            level = logging.DEBUG if code in RUNNER_EXITS else logging.WARNING
+            log.log(level, "runner %d exited (code %s)", pid, code)
 
     def _check_owner(self) -> None:
         """At most once a second (the loop comes here after every request)."""
@@ -367,7 +372,7 @@ class Zygote:
                 raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        log.info("forked runner %d for %s", pid, attempt_dir.name)
+        log.debug("forked runner %d for %s", pid, attempt_dir.name)
         return pid
 
     def _child(self, attempt_dir: Path, conn: socket.socket, mask: set) -> None:
