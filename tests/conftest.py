@@ -69,11 +69,22 @@ def _nft_table_exists() -> bool:
     return r.returncode == 0
 
 
+FAST_LANE_EXAMPLES = 25  # hypothesis's default, 100, in the full suite (what CI runs)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """What root agents change on this host for their jobs' networks (the nftables
+    """The fast lane (`-m "not slow"`) tries fewer examples in each property test: it is
+    for feedback while working; the full suite tries them all.
+
+    What root agents change on this host for their jobs' networks (the nftables
     table, IPv4 forwarding, the slots' kept namespaces) is noted before the run (by the
     controller, not each worker: the workers' agents share the host) and put back after
     it."""
+    if config.getoption("markexpr", "") == "not slow":
+        from hypothesis import settings
+
+        settings.register_profile("fast-lane", max_examples=FAST_LANE_EXAMPLES)
+        settings.load_profile("fast-lane")
     if hasattr(config, "workerinput") or os.geteuid() != 0:
         return
     try:

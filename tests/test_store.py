@@ -343,6 +343,7 @@ def test_a_retried_registration_with_the_same_join_key_gets_the_same_instance(db
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # seconds of racing dispatchers
 def test_concurrent_dispatchers_never_lock_a_job_twice(pg_url):
     """Several dispatchers on one PostgreSQL claim with SKIP LOCKED: every job is
     locked exactly once and no instance is overcommitted."""

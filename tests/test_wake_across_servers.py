@@ -110,5 +110,6 @@ async def _until(predicate) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow  # two servers' contexts and a held exchange: seconds
 def test_a_hold_on_one_server_is_woken_by_another(tmp_path: Path, pg_url: str) -> None:
     asyncio.run(_two_servers(tmp_path, pg_url))
