@@ -173,9 +173,9 @@ class AttemptNetwork:
         except OSError:
             return None
         try:
-            if sockets_open(fd):
-                raise OSError("a socket of an earlier attempt is still open in it")
-            with _inside(fd):
+            with _inside(fd):  # one trip there: the count, then a socket of its own
+                if _sockets_here():
+                    raise OSError("a socket of an earlier attempt is still open in it")
                 inner = LinkIoctl()  # its socket stays in the kept namespace
             with inner, LinkIoctl() as outer:
                 inner.index(JOB_LINK)
@@ -261,12 +261,18 @@ class AttemptNetwork:
 
 
 def sockets_open(netns_fd: int) -> bool:
-    """Whether any socket exists in the network namespace held by `netns_fd`: the kernel
-    counts the sockets of each namespace (`sockets: used` of its sockstat), held by a
-    process or closing down (a netlink socket counts until an RCU grace period after
-    its close). Listing the socket tables instead costs milliseconds: reading them walks
+    """Whether any socket exists in the network namespace held by `netns_fd`."""
+    with _inside(netns_fd):
+        return _sockets_here()
+
+
+def _sockets_here() -> bool:
+    """Whether any socket exists in this thread's network namespace: the kernel counts
+    the sockets of each namespace (`sockets: used` of its sockstat), held by a process
+    or closing down (a netlink socket counts until an RCU grace period after its
+    close). Listing the socket tables instead costs milliseconds: reading them walks
     the host's whole TCP hash table, however few sockets the namespace has."""
-    with _inside(netns_fd), open("/proc/thread-self/net/sockstat", "rb") as f:
+    with open("/proc/thread-self/net/sockstat", "rb") as f:
         first = f.readline().split()  # b"sockets: used N"
     if first[:2] != [b"sockets:", b"used"]:
         raise OSError(f"unexpected sockstat line: {b' '.join(first)!r}")
