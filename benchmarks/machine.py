@@ -7,6 +7,8 @@ import platform
 
 import psutil
 
+from corral.domain.sandbox import parse_mountinfo, slow_group_moves
+
 
 def describe() -> dict:
     cpu = platform.processor() or platform.machine()
@@ -26,4 +28,18 @@ def describe() -> dict:
         "python": platform.python_version(),
         # the machine may be shared: how busy it was when the figures were taken
         "loadavg_1m": round(os.getloadavg()[0], 2),
+        # whether moving a command into its attempt's cgroups may wait for the kernel
+        # (README, "How fast a command starts")
+        "cgroup2_favordynmods": _favordynmods(),
     }
+
+
+def _favordynmods() -> bool | None:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = parse_mountinfo(f.read())
+    except OSError:
+        return None
+    if not any(m.fstype == "cgroup2" for m in mounts):
+        return None
+    return not slow_group_moves(mounts)

@@ -35,8 +35,10 @@ from corral.domain.sandbox import (
     loopback_resolvers,
     not_found_reason,
     parse_flat_keyed,
+    parse_mountinfo,
     pids_ceilings,
     plan_limits,
+    slow_group_moves,
     text_problem,
 )
 
@@ -67,6 +69,16 @@ def test_cgroup_layout_of_a_hybrid_and_a_unified_host():
     assert unified.v2_dir == "/sys/fs/cgroup/system.slice/corral-agent.service"
     assert not unified.v1_dirs and not unified.hybrid
     assert cgroup_layout("", "1:cpu:/\n").v2_dir is None
+
+
+def test_cgroup_moves_are_slow_unless_cgroup2_favors_dynamic_changes():
+    assert slow_group_moves(parse_mountinfo(HYBRID_MOUNTS))
+    assert slow_group_moves(parse_mountinfo(UNIFIED_MOUNTS))
+    favoring = UNIFIED_MOUNTS.replace("rw,nsdelegate", "rw,nsdelegate,favordynmods")
+    assert not slow_group_moves(parse_mountinfo(favoring))
+    hybrid_favoring = HYBRID_MOUNTS.replace("cgroup2 rw", "cgroup2 rw,favordynmods")
+    assert not slow_group_moves(parse_mountinfo(hybrid_favoring))
+    assert not slow_group_moves([])  # no cgroup2: no group moves to speak of
 
 
 def test_limits_go_through_v2_first_then_v1_else_are_recorded_as_not_enforced():

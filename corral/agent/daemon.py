@@ -46,6 +46,7 @@ from corral.agent.objects import ObjectStore
 from corral.agent.peer import PeerServer
 from corral.agent.relay_server import SEND_WITHIN, RelayServer
 from corral.agent.sandbox import host as sandbox_host
+from corral.agent.sandbox.cgroups import cgroup_mounts
 from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
 from corral.agent.state import (
     RECONNECT,
@@ -83,7 +84,12 @@ from corral.agent.upstream import Unreachable
 from corral.agent.upstream_async import AsyncServer
 from corral.api import RegisterRequest, StartOrder
 from corral.domain.instances import AGENT_EXIT_RETIRED, AGENT_EXIT_SUPERSEDED
-from corral.domain.sandbox import DEFAULT_JOB_NETWORK, DEFAULT_JOB_USER, DEFAULT_MAX_PIDS
+from corral.domain.sandbox import (
+    DEFAULT_JOB_NETWORK,
+    DEFAULT_JOB_USER,
+    DEFAULT_MAX_PIDS,
+    slow_group_moves,
+)
 from corral.heap import settle_heap
 
 log = logging.getLogger("corral.agent")
@@ -229,6 +235,12 @@ class Agent:
         log.info("attempt sandbox: %s", self.sandbox.description)
         for warning in self.sandbox.warnings:
             log.warning("attempt sandbox: %s", warning)
+        if self.sandbox.cgroups is not None and slow_group_moves(cgroup_mounts()):
+            log.info(
+                "attempt sandbox: each command waits for the kernel to move it into its "
+                "cgroup (8-30 ms after a quiet spell); mounting cgroup2 with "
+                "`favordynmods` (Linux 6.0+) makes that well under a millisecond"
+            )
         self.identity = load_identity(self.data_dir)
         await self.start_peer()
         await self.start_relay()
