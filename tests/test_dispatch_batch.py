@@ -145,11 +145,11 @@ def test_a_job_no_longer_queued_is_skipped(db_url, monkeypatch):
             ids = await db.transact(repo.submit_many, [JobSubmit(command=["true"])] * 3, NOW)
             real = dispatch._capacities
 
-            async def cancel_one_then(conn, which):
+            async def cancel_one_then(conn, which, **kw):
                 await conn.execute(
                     sa.update(jobs).where(jobs.c.id == ids[1]).values(state=JobState.CANCELLED)
                 )
-                return await real(conn, which)
+                return await real(conn, which, **kw)
 
             monkeypatch.setattr(dispatch, "_capacities", cancel_one_then)
             placed = await db.transact(dispatch.lock_jobs, db, NOW + 1)
@@ -342,3 +342,76 @@ def test_a_paged_pass_places_what_one_read_of_the_batch_places(tmp_path, scenari
     paged = asyncio.run(one(tmp_path / "paged.db", False))
     assert whole  # each scenario places something
     assert paged == whole
+
+
+def test_a_pass_over_an_empty_queue_reads_no_instance(db_url):
+    """A pass runs on every wake (each registration, each attempt's end); with nothing
+    queued it must not read every instance's room, a read that grows with the fleet
+    (measured: 12-16% of one server's CPU through a storm of 1,000 registrations)."""
+
+    async def main():
+        db = await open_db(db_url)
+        try:
+            for k in range(3):
+                await add_instance(db, name=f"idle{k}", cpus=4)
+            counter = Counted(db.engine)
+            with counter:
+                placed = await db.transact(dispatch.lock_jobs, db, NOW + 1)
+            empty = list(counter.seen)
+            await db.transact(repo.submit_many, [JobSubmit(command=["true"])], NOW)
+            with counter:
+                again = await db.transact(dispatch.lock_jobs, db, NOW + 2)
+            return placed, empty, again
+        finally:
+            await db.dispose()
+
+    placed, empty, again = asyncio.run(main())
+    assert placed == []
+    assert len(empty) == 1 and "instances" not in empty[0], empty
+    assert len(again) == 1 and again[0].job_id  # a queued job is still placed
+
+
+def test_a_pass_that_does_not_explain_reads_only_instances_with_room(db_url):
+    """Placement can use only instances with cpu left (every job asks for some), so a
+    pass reads only those (in a busy fleet, few of them), and places as before; the
+    pass that explains waiting jobs reads all (a job that fits a full instance waits
+    for room, not for an instance big enough)."""
+
+    async def main():
+        db = await open_db(db_url)
+        try:
+            small = await add_instance(db, name="small", cpus=1)
+            big = await add_instance(db, name="big", cpus=2)
+
+            async def one_pass(n_jobs: int, explain: bool = False) -> list[str]:
+                if n_jobs:
+                    await db.transact(repo.submit_many, [JobSubmit(command=["true"])] * n_jobs, NOW)
+                placed = await db.transact(dispatch.lock_jobs, db, NOW + 1, explain=explain)
+                return [p.instance_id for p in placed]
+
+            async def with_room() -> list[str]:
+                async with db.read() as conn:
+                    caps = await dispatch._capacities(conn, None, room_left_only=True)
+                return [c.instance_id for c in caps]
+
+            steps = [(await one_pass(1), await with_room())]
+            steps.append((await one_pass(2), await with_room()))
+            steps.append((await one_pass(1), await with_room()))
+            blocked = await one_pass(0, explain=True)
+            async with db.read() as conn:
+                waiting = (
+                    (await conn.execute(sa.select(jobs.c.reason).where(jobs.c.state == "queued")))
+                    .scalars()
+                    .all()
+                )
+            return small, big, steps, blocked, waiting
+        finally:
+            await db.dispose()
+
+    small, big, steps, blocked, waiting = asyncio.run(main())
+    assert steps == [
+        ([small], [big]),  # idle instances first, the tightest fit among them
+        ([big, big], []),
+        ([], []),  # every instance full: nothing read, nothing placed
+    ]
+    assert blocked == [] and waiting == [None]  # it would fit: it waits for room

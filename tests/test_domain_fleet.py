@@ -113,6 +113,52 @@ def test_place_never_overcommits():
     assert sum(1 for _, i in out if i == "a") == 2
 
 
+def _place_by_trying_everything(jobs, instances):
+    """The specification `place` must match: every instance tried for every job."""
+    out = []
+    for job in jobs:
+        candidates = [c for c in instances if c.fits(job)]
+        if not candidates:
+            continue
+        best = min(
+            candidates,
+            key=lambda c: (c.running > 0, c.free_cpus - job.cpus, c.order, c.instance_id),
+        )
+        best.used_cpus += job.cpus
+        best.used_memory_mb += job.memory_mb
+        best.running += 1
+        out.append((job.job_id, best.instance_id))
+    return out
+
+
+_fleet = st.sampled_from([None, "a", "b"])
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.25, 0.5, 1, 2, 3]), st.sampled_from([0, 100, 900]), _fleet),
+        max_size=60,
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from([1, 2, 4]), st.sampled_from([0, 1000]), _fleet, st.integers(0, 4)
+        ),
+        max_size=8,
+    ),
+)
+def test_place_chooses_as_trying_every_instance_for_every_job(jobs, insts):
+    def capacities():
+        return [
+            Capacity(f"i{k}", f, c, m, used_cpus=min(c, used / 2), running=used, order=(k % 3,))
+            for k, (c, m, f, used) in enumerate(insts)
+        ]
+
+    demands = [JobDemand(k, c, m, f) for k, (c, m, f) in enumerate(jobs)]
+    fast, slow = capacities(), capacities()
+    assert place(demands, fast) == _place_by_trying_everything(demands, slow)
+    assert fast == slow  # the same room left on every instance
+
+
 def test_fits_anywhere_ignores_current_load():
     busy = cap("a", cpus=2, used=2, running=2)
     assert fits_anywhere(JobDemand(1, 2, 0), [busy])

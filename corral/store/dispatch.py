@@ -43,6 +43,7 @@ _QUEUED = (
     .order_by(jobs.c.id)
     .limit(sa.bindparam("q_batch"))
 )
+_ANY_QUEUED = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED).limit(1)
 # running instances with what their live attempts use: one statement, one snapshot
 _LIVE_ON = sa.and_(job_attempts.c.instance_id == instances.c.id, job_attempts.c.state.in_(_LIVE))
 _ROOM = (
@@ -65,6 +66,11 @@ _ROOM = (
         instances.c.created_at,
     )
     .order_by(instances.c.created_at, instances.c.id)
+)
+# those with cpu left: all a placement can use (every job asks for some cpu), and in a
+# busy fleet few of its instances, not all of them turned into objects each pass
+_ROOM_LEFT = _ROOM.having(
+    instances.c.cpus - sa.func.coalesce(sa.func.sum(job_attempts.c.cpus), 0) > 0
 )
 _ROOM_OF = _ROOM.where(instances.c.id.in_(sa.bindparam("c_ids", expanding=True)))
 _UNDELIVERED = (
@@ -132,7 +138,10 @@ async def lock_jobs(
     # uses (waiting for them, in id order), re-read their room and plan again on
     # those: another server's dispatcher may have filled them meanwhile, and a drain
     # or retirement waits for this transaction, so no job lands on a leaving instance.
-    everyone = await _capacities(conn, None)
+    if (await conn.execute(_ANY_QUEUED)).first() is None:
+        return []  # passes run on every wake: an empty queue reads no instance's room
+    # an explaining pass needs every instance (could the job run were they idle?)
+    everyone = await _capacities(conn, None, room_left_only=not explain)
     queued = await _queue_head(conn, db, everyone, batch, whole=explain)
     if not queued:
         return []
@@ -254,11 +263,13 @@ async def _lock_planned(
     return placements
 
 
-async def _capacities(conn: AsyncConnection, ids: list[str] | None) -> list[Capacity]:
-    """Running instances (all, or those of `ids`) with the room their live attempts
-    leave."""
+async def _capacities(
+    conn: AsyncConnection, ids: list[str] | None, *, room_left_only: bool = False
+) -> list[Capacity]:
+    """Running instances (all, those with cpu left, or those of `ids`) with the room
+    their live attempts leave."""
     if ids is None:
-        result = await conn.execute(_ROOM)
+        result = await conn.execute(_ROOM_LEFT if room_left_only else _ROOM)
     else:
         result = await conn.execute(_ROOM_OF, {"c_ids": ids})
     out = []
@@ -282,10 +293,14 @@ async def _explain_waiting(conn, demands, capacities, placed, queued) -> None:
     """A job no instance could ever hold says so in its reason, instead of waiting mutely."""
     reasons = {q["id"]: q["reason"] for q in queued}
     changes: dict[str | None, list[int]] = {}
+    fits: dict[tuple, bool] = {}  # per shape: queued jobs are mostly of a few
     for d in demands:
         if d.job_id in placed:
             continue
-        why = None if capacities and fits_anywhere(d, capacities) else waiting_reason(d)
+        shape = (d.fleet, d.cpus, d.memory_mb)
+        if shape not in fits:
+            fits[shape] = fits_anywhere(d, capacities)
+        why = None if fits[shape] else waiting_reason(d)
         if why != reasons.get(d.job_id) and (
             why or reasons.get(d.job_id, "").startswith("waiting")
         ):

@@ -270,6 +270,8 @@ TOP_ROWID = 2**63 - 1
 
 async def submit_many(conn: AsyncConnection, specs: list[JobSubmit], now: float) -> list[int]:
     """Insert many jobs at once (multi-row INSERTs); their ids in the order given."""
+    if not specs:
+        return []  # an INSERT of no rows would insert one of defaults
     rows = [_job_row(conn, spec, now) for spec in specs]
     if len({frozenset(r) for r in rows}) > 1:  # some with secrets: their rows differ in keys
         return [await submit(conn, spec, now) for spec in specs]
