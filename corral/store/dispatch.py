@@ -37,13 +37,13 @@ _LIVE = sorted(s.value for s in LIVE_ATTEMPT_STATES)
 
 # Statements run per dispatcher pass and per agent exchange, built once (bind
 # parameters for what varies; an `expanding` one for a list).
+FIRST_LOOK = 8  # queued jobs a pass reads before it reads the instances' room
 _QUEUED = (
     sa.select(jobs.c.id, jobs.c.cpus, jobs.c.memory_mb, jobs.c.fleet, jobs.c.reason)
     .where(jobs.c.state == JobState.QUEUED, jobs.c.id > sa.bindparam("q_after"))
     .order_by(jobs.c.id)
     .limit(sa.bindparam("q_batch"))
 )
-_ANY_QUEUED = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED).limit(1)
 # running instances with what their live attempts use: one statement, one snapshot
 _LIVE_ON = sa.and_(job_attempts.c.instance_id == instances.c.id, job_attempts.c.state.in_(_LIVE))
 _ROOM = (
@@ -138,13 +138,18 @@ async def lock_jobs(
     # uses (waiting for them, in id order), re-read their room and plan again on
     # those: another server's dispatcher may have filled them meanwhile, and a drain
     # or retirement waits for this transaction, so no job lands on a leaving instance.
-    if (await conn.execute(_ANY_QUEUED)).first() is None:
-        return []  # passes run on every wake: an empty queue reads no instance's room
-    # an explaining pass needs every instance (could the job run were they idle?)
-    everyone = await _capacities(conn, None, room_left_only=not explain)
-    queued = await _queue_head(conn, db, everyone, batch, whole=explain)
+    # The queue first: passes run on every wake, and an empty queue then costs one
+    # indexed read, no instance's room. An explaining pass reads the first `batch`
+    # and every instance (could a job run were they idle?); the others read a first
+    # look, then only instances with cpu left (all a placement can use), then more of
+    # the queue while the room lasts.
+    look = batch if explain else min(FIRST_LOOK, batch)
+    queued = await _queue_page(conn, db, 0, look)
     if not queued:
         return []
+    everyone = await _capacities(conn, None, room_left_only=not explain)
+    if len(queued) == look < batch:  # more may wait
+        queued = await _queue_more(conn, db, everyone, batch, queued)
     demands = _demands(queued)
     # one writer at a time on SQLite, and this transaction has been it since its first
     # read: the room read above cannot change before it commits (no lock to take,
@@ -175,31 +180,30 @@ def _demands(rows: Sequence) -> list[JobDemand]:
     return [JobDemand(q["id"], q["cpus"], q["memory_mb"], q["fleet"]) for q in rows]
 
 
-async def _queue_head(
-    conn: AsyncConnection, db: Database, room: list[Capacity], batch: int, *, whole: bool
+async def _queue_page(conn: AsyncConnection, db: Database, after: int, size: int) -> list:
+    """Up to `size` queued jobs after id `after`, in queue order (claimed on PostgreSQL)."""
+    return list(
+        (await conn.execute(db.claim(_QUEUED), {"q_after": after, "q_batch": size}))
+        .mappings()
+        .all()
+    )
+
+
+async def _queue_more(
+    conn: AsyncConnection, db: Database, room: list[Capacity], batch: int, rows: list
 ) -> list:
-    """The queued jobs a pass looks at, in queue order (claimed on PostgreSQL): the
-    first `batch` when `whole`; otherwise a page at a time (`first_page`, then each
-    twice the last) while a plan on a copy of `room` leaves room, up to `batch` in
-    all. A pass places what the one read of `batch` jobs would place: a job read
-    past the point where no room is left could not have been placed either."""
-    if whole:
-        return list(
-            (await conn.execute(db.claim(_QUEUED), {"q_after": 0, "q_batch": batch}))
-            .mappings()
-            .all()
-        )
+    """The first look at the queue (`rows`) and, while a plan on a copy of `room`
+    leaves room, further pages (about as many one-cpu jobs as there is room for, then
+    each twice the last), up to `batch` in all. A pass places what the one read of
+    `batch` jobs would place: a job read past the point where no room is left could
+    not have been placed either."""
+    rows = list(rows)
     scratch = [replace(c) for c in room]
-    rows: list = []
-    size = first_page(room, batch)
+    place(_demands(rows), scratch)
+    size = max(len(rows), first_page(room, batch) - len(rows))
     while len(rows) < batch and has_room(scratch):
         want = min(size, batch - len(rows))
-        after = rows[-1]["id"] if rows else 0
-        page = (
-            (await conn.execute(db.claim(_QUEUED), {"q_after": after, "q_batch": want}))
-            .mappings()
-            .all()
-        )
+        page = await _queue_page(conn, db, rows[-1]["id"], want)
         rows.extend(page)
         place(_demands(page), scratch)
         if len(page) < want:
