@@ -401,9 +401,10 @@ class Cluster:
         return dirs
 
     def zygotes(self) -> list[psutil.Process]:
-        """The live zygotes of this cluster's agents (one per agent data dir at most)."""
+        """The live zygotes of this cluster's agents (one per agent data dir at most),
+        and the spare runner each keeps forked (waiting for an attempt)."""
         from corral.agent.proctree import same_process
-        from corral.agent.zygote import PID_NAME
+        from corral.agent.zygote import PID_NAME, spares
 
         out = []
         for d in self.agent_dirs():
@@ -414,6 +415,7 @@ class Cluster:
             p = same_process(info["pid"], info.get("create_time"))
             if p is not None:
                 out.append(p)
+                out.extend(spares(p))
         return out
 
     def leftovers(self, zygotes: bool = False) -> list[psutil.Process]:

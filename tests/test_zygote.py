@@ -5,6 +5,7 @@ agent and zygote can both die under running attempts without losing or doubling 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import textwrap
@@ -303,3 +304,61 @@ def _pings(client: ZygoteClient) -> bool:
         return True
     except ZygoteUnavailable:
         return False
+
+
+def test_the_zygote_hands_an_attempt_to_a_spare_forked_ahead(tmp_path: Path):
+    """The zygote keeps one runner forked ahead (its own session, waiting on a pipe):
+    a start request hands it the attempt, and a new spare follows. When the zygote
+    dies its spare exits instead of lingering; a spare killed while waiting costs
+    nothing (the next attempt gets a child forked then)."""
+    from corral.agent.zygote import spares
+
+    data = tmp_path / "d"
+    (data / "attempts").mkdir(parents=True, mode=0o700)
+    dirs = []
+    for k in range(2):
+        d = data / "attempts" / f"{k + 1}-1"
+        d.mkdir(mode=0o700)
+        (d / "spec.json").write_text("{}")  # no job: each runner fails at once
+        dirs.append(d)
+
+    with _zygote_process(data) as (client, zygote):
+        first = wait_for(lambda: spares(zygote), 30, "a spare")[0]
+        assert os.getsid(first.pid) == first.pid  # its own session, as a runner's
+        assert client.start(dirs[0]) == first.pid
+        second = wait_for(
+            lambda: [s for s in spares(zygote) if s.pid != first.pid], 30, "the next spare"
+        )[0]
+        zygote.kill()
+        wait_for(lambda: _dead(second), 10, "the spare to exit with its zygote")
+
+    with _zygote_process(data) as (client, zygote):
+        spare = wait_for(lambda: spares(zygote), 30, "a spare")[0]
+        spare.kill()  # it dies waiting
+        wait_for(lambda: not spares(zygote), 10, "the killed spare to be collected")
+        pid = client.start(dirs[1])  # forked then
+        assert pid != spare.pid
+        assert json.loads((dirs[1] / "runner.pid").read_text())["pid"] == pid
+    # both attempts' runners ran (no job: each crashed, and said so)
+    log = data / "runners.log"
+    wait_for(lambda: log.read_text().count("crashed:") == 2, 30, "both runners' ends")
+
+
+@contextlib.contextmanager
+def _zygote_process(data: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.agent.zygote", str(data)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = ZygoteClient(data, timeout=5)
+        wait_for(lambda: _pings(client), 30, "the zygote to listen")
+        yield client, psutil.Process(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
