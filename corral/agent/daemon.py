@@ -48,6 +48,7 @@ from corral.agent.relay_server import SEND_WITHIN, RelayServer
 from corral.agent.sandbox import host as sandbox_host
 from corral.agent.sandbox.cgroups import cgroup_mounts
 from corral.agent.selfupdate import VERSION_ENV, SelfUpdate
+from corral.agent.startreports import StartReports
 from corral.agent.state import (
     RECONNECT,
     AgentState,
@@ -180,6 +181,7 @@ class Agent:
         self.peer_url: str | None = None
         self.relay: RelayServer | None = None
         self.relay_refused_until = 0.0  # a server without the relay route: not asked again soon
+        self.start_reports = StartReports()  # the next exchange lets them go first
         self.fetch_slots = asyncio.Semaphore(4)  # copies streaming at once
         self.fetch_ahead = asyncio.Semaphore(4)  # and opening their source meanwhile
         self.supervisor = Supervisor(self.data_dir, config.servers, installer=self.installer)
@@ -470,6 +472,7 @@ class Agent:
             return LeaseAnswered(renewed=False)
 
     async def _heartbeat(self, hb: SendHeartbeat) -> list[Event]:
+        await self.start_reports.settled()
         try:
             event = await server_calls.heartbeat(
                 self.server, hb, self.me.credential, self.state.interval
@@ -501,6 +504,8 @@ class Agent:
         except OSError as exc:  # e.g. a full disk: that attempt cannot run here
             log.warning("cannot start attempt %s/%s: %s", order.job_id, order.attempt, exc)
             return StartFailed(order.job_id, order.attempt, f"the agent cannot start it: {exc}")
+        if self.relay is not None:
+            self.start_reports.started(order.job_id, order.attempt)
         return AttemptStarted(order.job_id, order.attempt)
 
     async def _report(self, order: ReportLost, within: float) -> None:
@@ -594,10 +599,14 @@ class Agent:
 
     async def relay_reports(self, reports: list[dict]) -> list[dict] | None:
         if self.identity is None or time.monotonic() < self.relay_refused_until:
+            self.start_reports.relayed(reports)
             return None
-        answers, status = await server_calls.relay_reports(
-            self.server, reports, self.identity.credential, SEND_WITHIN
-        )
+        try:
+            answers, status = await server_calls.relay_reports(
+                self.server, reports, self.identity.credential, SEND_WITHIN
+            )
+        finally:
+            self.start_reports.relayed(reports)
         if status in (404, 405):  # a server from before the relay: runners go direct
             self.relay_refused_until = time.monotonic() + 300
             log.info(
