@@ -33,6 +33,20 @@ class Capacity:
     def free_memory_mb(self) -> int:
         return self.memory_mb - self.used_memory_mb
 
+    def copy(self) -> Capacity:
+        """A copy to plan on (`place` changes what it is given); dataclasses.replace
+        costs three times as much, and a pass copies every instance with room."""
+        return Capacity(
+            self.instance_id,
+            self.fleet,
+            self.cpus,
+            self.memory_mb,
+            self.used_cpus,
+            self.used_memory_mb,
+            self.running,
+            self.order,
+        )
+
     def fits(self, job: JobDemand) -> bool:
         if job.fleet is not None and job.fleet != self.fleet:
             return False
@@ -106,6 +120,10 @@ def place(jobs: list[JobDemand], instances: list[Capacity]) -> list[tuple[int, s
 _Entry = tuple[tuple[int, ...], str, int, Capacity]
 
 
+def _rank_in_bucket(e: _Entry) -> tuple[tuple[int, ...], str, int]:
+    return e[:3]
+
+
 class _Room:
     """The instances `place` may still use, in buckets of equal rank for any one job:
     per fleet, by (busy, free cpus), each bucket in (order, id, position) order. The
@@ -116,17 +134,23 @@ class _Room:
         self.smallest = smallest  # no job of this pass asks for less cpu
         self.fleets: dict[str | None, dict[tuple[bool, float], list[_Entry]]] = {}
         for position, c in enumerate(instances):
-            self._add(c, position)
+            if self._usable(c):
+                self._bucket(c).append((c.order, c.instance_id, position, c))
+        for buckets in self.fleets.values():
+            for members in buckets.values():
+                members.sort(key=_rank_in_bucket)
+
+    def _usable(self, c: Capacity) -> bool:
+        return self.smallest <= c.free_cpus + 1e-9  # as Capacity.fits: some job may fit
+
+    def _bucket(self, c: Capacity) -> list[_Entry]:
+        return self.fleets.setdefault(c.fleet, {}).setdefault((c.running > 0, c.free_cpus), [])
 
     def _add(self, c: Capacity, position: int) -> None:
-        if self.smallest > c.free_cpus + 1e-9:  # as Capacity.fits: no job fits it now
-            return
-        buckets = self.fleets.setdefault(c.fleet, {})
-        bisect.insort(
-            buckets.setdefault((c.running > 0, c.free_cpus), []),
-            (c.order, c.instance_id, position, c),
-            key=lambda e: e[:3],
-        )
+        if self._usable(c):
+            bisect.insort(
+                self._bucket(c), (c.order, c.instance_id, position, c), key=_rank_in_bucket
+            )
 
     def best_for(self, job: JobDemand) -> Capacity | None:
         fleets = self.fleets.values() if job.fleet is None else [self.fleets.get(job.fleet, {})]

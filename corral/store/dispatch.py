@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -153,9 +153,11 @@ async def lock_jobs(
     demands = _demands(queued)
     # one writer at a time on SQLite, and this transaction has been it since its first
     # read: the room read above cannot change before it commits (no lock to take,
-    # nothing to read again; `place` updates what it is given, so plan on a copy)
-    unchanged = [replace(c) for c in everyone] if holds_sqlite_write_lock(conn) else None
-    chosen = sorted({i for _j, i in place(demands, [replace(c) for c in everyone])})
+    # nothing to read again; `place` updates what it is given, so keep a copy). The
+    # plan is made on `everyone` itself: after it, only the explanation reads it, and
+    # that asks what each instance could hold when idle
+    unchanged = [c.copy() for c in everyone] if holds_sqlite_write_lock(conn) else None
+    chosen = sorted({i for _j, i in place(demands, everyone)})
     capacities = []
     if chosen and unchanged is not None:
         capacities = [c for c in unchanged if c.instance_id in chosen]
@@ -198,7 +200,7 @@ async def _queue_more(
     `batch` jobs would place: a job read past the point where no room is left could
     not have been placed either."""
     rows = list(rows)
-    scratch = [replace(c) for c in room]
+    scratch = [c.copy() for c in room]
     place(_demands(rows), scratch)
     size = max(len(rows), first_page(room, batch) - len(rows))
     while len(rows) < batch and has_room(scratch):
