@@ -29,32 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import describe
 from benchmarks.pg import throwaway_database
 from corral.api import JobSubmit
-from corral.domain.placement import Capacity, JobDemand, place
+from corral.domain.placement import Capacity, JobDemand, place, place_exhaustively
 from corral.store import dispatch, instances
 from corral.store import jobs as repo
 from corral.store.db import Database
 from corral.store.migrate import migrate
 
 NOW = 1_800_000_000.0
-
-
-def place_by_trying_everything(jobs: list[JobDemand], room: list[Capacity]) -> list:
-    """The specification `place` keeps (and how it worked before): every instance
-    tried for every job."""
-    out = []
-    for job in jobs:
-        candidates = [c for c in room if c.fits(job)]
-        if not candidates:
-            continue
-        best = min(
-            candidates,
-            key=lambda c: (c.running > 0, c.free_cpus - job.cpus, c.order, c.instance_id),
-        )
-        best.used_cpus += job.cpus
-        best.used_memory_mb += job.memory_mb
-        best.running += 1
-        out.append((job.job_id, best.instance_id))
-    return out
 
 
 def _ms(fn: Callable[[], object], runs: int) -> float:
@@ -83,7 +64,7 @@ def placement(n: int, runs: int) -> dict:
             return place(jobs, room(used))
 
         def spec_run(used: float = used, jobs: list[JobDemand] = jobs) -> object:
-            return place_by_trying_everything(jobs, room(used))
+            return place_exhaustively(jobs, room(used))
 
         assert fast_run() == spec_run()
         fast, spec = _ms(fast_run, runs), _ms(spec_run, runs)

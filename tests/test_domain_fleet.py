@@ -28,6 +28,7 @@ from corral.domain.placement import (
     fits_anywhere,
     has_room,
     place,
+    place_exhaustively,
     waiting_reason,
 )
 
@@ -113,24 +114,6 @@ def test_place_never_overcommits():
     assert sum(1 for _, i in out if i == "a") == 2
 
 
-def _place_by_trying_everything(jobs, instances):
-    """The specification `place` must match: every instance tried for every job."""
-    out = []
-    for job in jobs:
-        candidates = [c for c in instances if c.fits(job)]
-        if not candidates:
-            continue
-        best = min(
-            candidates,
-            key=lambda c: (c.running > 0, c.free_cpus - job.cpus, c.order, c.instance_id),
-        )
-        best.used_cpus += job.cpus
-        best.used_memory_mb += job.memory_mb
-        best.running += 1
-        out.append((job.job_id, best.instance_id))
-    return out
-
-
 _fleet = st.sampled_from([None, "a", "b"])
 
 
@@ -155,7 +138,7 @@ def test_place_chooses_as_trying_every_instance_for_every_job(jobs, insts):
 
     demands = [JobDemand(k, c, m, f) for k, (c, m, f) in enumerate(jobs)]
     fast, slow = capacities(), capacities()
-    assert place(demands, fast) == _place_by_trying_everything(demands, slow)
+    assert place(demands, fast) == place_exhaustively(demands, slow)
     assert fast == slow  # the same room left on every instance
 
 

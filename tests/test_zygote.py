@@ -267,9 +267,6 @@ def test_a_runners_crash_is_kept_in_the_agents_runners_log(tmp_path: Path):
     """What a runner prints (its traceback when it crashes) goes to the agent's
     runners.log, which outlives the attempt's directory: the attempt creates no file
     of its own for it."""
-    import subprocess
-    import sys
-
     from corral.agent.zygote import RUNNERS_LOG
 
     data = tmp_path / "d"
@@ -277,15 +274,7 @@ def test_a_runners_crash_is_kept_in_the_agents_runners_log(tmp_path: Path):
     attempt = data / "attempts" / "9-1"
     attempt.mkdir(mode=0o700)
     (attempt / "spec.json").write_text("{}")  # no job: the runner fails at once
-    zygote = subprocess.Popen(
-        [sys.executable, "-m", "corral.agent.zygote", str(data)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = ZygoteClient(data, timeout=5)
-        wait_for(lambda: _pings(client), 30, "the zygote to listen")
+    with _zygote_process(data) as (client, _zygote):
         pid = client.start(attempt)
         wait_for(lambda: not psutil.pid_exists(pid) or _dead(psutil.Process(pid)), 30, "the runner")
         log = data / RUNNERS_LOG
@@ -293,9 +282,6 @@ def test_a_runners_crash_is_kept_in_the_agents_runners_log(tmp_path: Path):
         assert "runner of attempt 9-1 crashed:" in log.read_text()
         assert sorted(p.name for p in attempt.iterdir()) == ["runner.pid", "spec.json"]
         assert log.stat().st_mode & 0o777 == 0o600
-    finally:
-        zygote.kill()
-        zygote.wait(timeout=10)
 
 
 def _pings(client: ZygoteClient) -> bool:

@@ -116,6 +116,25 @@ def place(jobs: list[JobDemand], instances: list[Capacity]) -> list[tuple[int, s
     return out
 
 
+def place_exhaustively(jobs: list[JobDemand], instances: list[Capacity]) -> list[tuple[int, str]]:
+    """The specification `place` keeps, and how it worked before: every instance tried
+    for every job (jobs x instances). For the tests and benchmarks that compare them."""
+    out: list[tuple[int, str]] = []
+    for job in jobs:
+        candidates = [c for c in instances if c.fits(job)]
+        if not candidates:
+            continue
+        best = min(
+            candidates,
+            key=lambda c: (c.running > 0, c.free_cpus - job.cpus, c.order, c.instance_id),
+        )
+        best.used_cpus += job.cpus
+        best.used_memory_mb += job.memory_mb
+        best.running += 1
+        out.append((job.job_id, best.instance_id))
+    return out
+
+
 # a bucket's entry: (order, instance_id, position in the pass's list, the instance)
 _Entry = tuple[tuple[int, ...], str, int, Capacity]
 
