@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -375,19 +376,21 @@ class Zygote:
 
         spare = self._hand_over(attempt_dir)
         if spare is not None:
-            try:
-                write_json_atomic(
-                    attempt_dir / "runner.pid",
-                    {"pid": spare.pid, "create_time": spare.create_time},
-                    mode=0o600,
-                    durable=False,
-                )
-            except Exception:
-                os.kill(spare.pid, signal.SIGKILL)  # never a runner the agent cannot find
-                raise
-            log.debug("handed runner %d %s", spare.pid, attempt_dir.name)
-            return spare.pid
-        return self._fork_now(attempt_dir, conn)
+            pid, created = spare.pid, spare.create_time
+        else:
+            pid, created = self._forked(lambda mask: self._child(attempt_dir, conn, mask))
+        try:
+            write_json_atomic(
+                attempt_dir / "runner.pid",
+                {"pid": pid, "create_time": created},
+                mode=0o600,
+                durable=False,
+            )
+        except Exception:
+            os.kill(pid, signal.SIGKILL)  # never a runner the agent cannot find
+            raise
+        log.debug("runner %d for %s (%s)", pid, attempt_dir.name, "spare" if spare else "forked")
+        return pid
 
     def _hand_over(self, attempt_dir: Path) -> Spare | None:
         """Give the spare its attempt; None when there is no live spare to give it."""
@@ -418,28 +421,19 @@ class Zygote:
             return
         import psutil
 
-        if threading.active_count() != 1:
-            return
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+
+        def in_child(mask: set) -> None:
+            os.close(write_end)
+            self._spare_child(read_end, mask)  # never returns
+
         try:
-            pid = os.fork()
-            if pid == 0:
-                os.close(write_end)
-                self._spare_child(read_end, blocked)  # never returns
-            os.close(read_end)
-            self.children.add(pid)
-            try:
-                created = psutil.Process(pid).create_time()
-            except psutil.Error:
-                os.kill(pid, signal.SIGKILL)
-                os.close(write_end)
-                return
+            pid, created = self._forked(in_child)
+        except (RuntimeError, OSError, psutil.Error):
+            os.close(write_end)
+            return
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(read_end)  # the parent's copy (the child never gets here)
         self.spare = Spare(pid, created, write_end)
 
     def _drop_spare(self) -> None:
@@ -447,39 +441,30 @@ class Zygote:
             os.close(self.spare.pipe)
             self.spare = None
 
-    def _fork_now(self, attempt_dir: Path, conn: socket.socket) -> int:
+    def _forked(self, in_child: Callable[[set], None]) -> tuple[int, float]:
+        """Fork a child that runs `in_child(signal mask)` and never returns; its pid and
+        start time, read before its exit can be collected (SIGCHLD is blocked until
+        then), so that runner.pid can name it even if it is already gone."""
         import psutil
-
-        from corral.agent.identity import write_json_atomic
 
         if threading.active_count() != 1:
             raise RuntimeError("the zygote has threads; it does not fork")
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        # until runner.pid is written, the child's exit is not collected (its start
-        # time stays readable)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
             pid = os.fork()
             if pid == 0:
-                self._child(attempt_dir, conn, blocked)  # never returns
+                in_child(blocked)  # never returns
             self.children.add(pid)
             try:
-                created = psutil.Process(pid).create_time()
-                write_json_atomic(
-                    attempt_dir / "runner.pid",
-                    {"pid": pid, "create_time": created},
-                    mode=0o600,
-                    durable=False,
-                )
-            except Exception:
-                os.kill(pid, signal.SIGKILL)  # never a runner the agent cannot find
+                return pid, psutil.Process(pid).create_time()
+            except psutil.Error:
+                os.kill(pid, signal.SIGKILL)
                 raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        log.debug("forked runner %d for %s", pid, attempt_dir.name)
-        return pid
 
     def _child(self, attempt_dir: Path, conn: socket.socket, mask: set) -> None:
         """In the forked child: become an independent runner, run it, exit."""
